@@ -1,0 +1,87 @@
+"""sagellm-kv-cache: the KV-cache layer of an LLM inference engine.
+
+Public names are imported lazily, so ``import sagellm_kv_cache`` stays light
+(no torch, no polars) until a part that needs them is used.
+
+    from sagellm_kv_cache import KVPool, PrefixCache, KVHandle
+    from sagellm_kv_cache.pool import KVPool          # seed import path
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_LAZY: dict[str, str] = {
+    # core
+    "KVPool": "pool",
+    "KVHandle": "handle",
+    "HandleState": "handle",
+    "MemoryTier": "handle",
+    "KVLayout": "handle",
+    "PrefixCache": "prefix_cache",
+    "BlockPool": "block_pool",
+    "KVStorage": "storage",
+    "ModelShape": "storage",
+    "PoolHook": "hooks",
+    "compute_block_hashes": "hashing",
+    "compute_block_hash": "hashing",
+    # eviction
+    "EvictionPolicy": "eviction",
+    "make_policy": "eviction",
+    "list_policies": "eviction",
+    "EvictionManager": "eviction.manager",
+    "EvictionStrategy": "eviction.manager",
+    "LRUEviction": "eviction.manager",
+    "FIFOEviction": "eviction.manager",
+    # profiling / observability
+    "AccessStatsCollector": "profiling",
+    "MetricsCollector": "observability",
+    "MetricsHook": "observability",
+    # transfer
+    "KVTransferEngine": "transfer",
+    # tiers and scheduling
+    "KVOffloadManager": "offload",
+    "SchedulerBridge": "scheduler",
+    "SchedulerPlan": "scheduler",
+    "KVCacheManager": "scheduler",
+}
+
+_ERRORS = (
+    "KVCacheError",
+    "KVBudgetExceededError",
+    "KVPoolFullError",
+    "KVInvalidHandleError",
+    "KVDoubleFreeError",
+    "KVHandlePinnedError",
+    "KVRefCountUnderflowError",
+    "KVCacheMissError",
+    "KVPrefixTooLongError",
+    "KVNoVictimError",
+    "KVTransferFailedError",
+    "KVTransferTimeoutError",
+    "KVChecksumMismatchError",
+    "KVConfigError",
+    "KVInvalidInputError",
+    "KVInvalidTypeError",
+    "KVTraceFormatError",
+)
+_LAZY.update(dict.fromkeys(_ERRORS, "errors"))
+
+__all__ = ["__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sagellm_kv_cache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,346 @@
+"""The block pool: the mechanism under every cache in this package.
+
+A fixed number of blocks, each ``block_size`` token slots, addressed by an
+integer id. Block metadata lives in flat per-field lists created once
+(``ref_counts[b]``, ``pin_counts[b]``, ``block_hashes[b]``...), so the hot path
+indexes lists and allocates no object per block.
+
+Every block is in exactly one of three states::
+
+      +--------+  allocate()   +--------+  release() to ref 0, has hash  +-----------+
+      |  FREE  | ------------> | IN USE | -----------------------------> | EVICTABLE |
+      | no hash|               | ref > 0|  <---------------------------- | ref 0     |
+      +--------+               | or pin |        touch() (a cache hit)   | cached    |
+          ^   ^                +--------+                                +-----------+
+          |   |  release() to ref 0, no hash  |                                |
+          |   +-------------------------------+           evict() / invalidate |
+          +----------------------------------------------------------------------+
+                       (allocate() takes FREE blocks first, then evicts in policy order,
+                        handing the evicted block straight to the new owner)
+
+* FREE blocks sit in ``free_queue`` (a deque: O(1) at both ends; initial
+  order 0, 1, 2, ...; released blocks go to the back).
+* EVICTABLE blocks are owned by the eviction policy (``eviction/``), which
+  alone decides the order in which they are given up.
+* ``cached`` maps block hash -> block id for every block that has a hash
+  (IN USE or EVICTABLE). One block per hash: a second block computed for a
+  hash that is already cached is not registered and returns to FREE when
+  released.
+
+The pool is not thread-safe; ``KVPool`` wraps it in a lock. Errors raised
+here leave the pool unchanged (checks come before mutations).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+
+from .errors import KVInvalidInputError, KVPoolFullError, KVRefCountUnderflowError
+from .eviction import EvictionPolicy, make_policy
+
+__all__ = ["BlockPool"]
+
+
+class BlockPool:
+    """Fixed set of KV blocks with ref counts, pins, a hash map and a policy.
+
+    Args:
+        num_blocks: number of blocks (>= 1).
+        block_size: token slots per block.
+        policy: eviction policy name, enum, class or instance (default ``"lru"``).
+        enable_caching: when False no block is ever registered under a hash.
+        clock: monotonic seconds; the simulator injects its simulated clock.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int = 16,
+        policy: str | EvictionPolicy = "lru",
+        *,
+        enable_caching: bool = True,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if num_blocks < 1:
+            raise KVInvalidInputError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.clock = clock or time.monotonic
+        self.policy = make_policy(policy, self.clock)
+        self._policy_tracks_hits = self.policy.tracks_hits
+        self.hooks: list = []
+        self.ref_counts: list[int] = [0] * num_blocks
+        self.pin_counts: list[int] = [0] * num_blocks
+        self.block_hashes: list[Hashable | None] = [None] * num_blocks
+        self.parent_ids: list[int] = [-1] * num_blocks
+        self.free_queue: deque[int] = deque(range(num_blocks))
+        self.cached: dict[Hashable, int] = {}
+        # counters (monotonic until reset)
+        self.num_evictions = 0
+        self.num_cached_total = 0
+
+    # -- sizes ---------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        """Blocks with no owner and no hash."""
+        return len(self.free_queue)
+
+    @property
+    def num_evictable(self) -> int:
+        """Cached blocks with ref count 0 and no pin."""
+        return len(self.policy)
+
+    @property
+    def num_available(self) -> int:
+        """Blocks an allocation could get now (free + evictable)."""
+        return len(self.free_queue) + len(self.policy)
+
+    @property
+    def num_used(self) -> int:
+        """Blocks in use (referenced or pinned)."""
+        return self.num_blocks - len(self.free_queue) - len(self.policy)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks registered under a hash (in use or evictable)."""
+        return len(self.cached)
+
+    # -- prefix lookup -------------------------------------------------------
+    def match_prefix(self, block_hashes: Sequence[Hashable]) -> list[int]:
+        """Ids of the leading run of cached blocks (stops at the first miss). No side effect."""
+        cached_get = self.cached.get
+        out: list[int] = []
+        for h in block_hashes:
+            b = cached_get(h)
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def num_evictable_among(self, block_ids: Sequence[int]) -> int:
+        """How many of ``block_ids`` are evictable now (a hit on them shrinks the pool's supply)."""
+        ref = self.ref_counts
+        pins = self.pin_counts
+        return sum(1 for b in block_ids if not ref[b] and not pins[b])
+
+    def touch(self, block_ids: Sequence[int]) -> None:
+        """Take a reference on each (cached) block; evictable ones leave the policy."""
+        ref = self.ref_counts
+        pins = self.pin_counts
+        evictable = [b for b in block_ids if not ref[b] and not pins[b]]
+        if evictable:
+            self.policy.remove_many(evictable)
+        for b in block_ids:
+            ref[b] += 1
+        if self._policy_tracks_hits:
+            on_hit = self.policy.on_hit
+            for b in block_ids:
+                on_hit(b)
+
+    # -- allocation ----------------------------------------------------------
+    def allocate(self, num_blocks: int) -> list[int]:
+        """``num_blocks`` blocks with ref count 1: free ones first, then evicted ones.
+
+        Raises:
+            KVPoolFullError: not enough free + evictable blocks (nothing changed).
+        """
+        free_q = self.free_queue
+        num_free = len(free_q)
+        if num_blocks <= num_free:
+            out = [free_q.popleft() for _ in range(num_blocks)]
+        else:
+            if num_blocks > num_free + len(self.policy):
+                raise KVPoolFullError(
+                    f"need {num_blocks} blocks, only {num_free} free + "
+                    f"{len(self.policy)} evictable of {self.num_blocks}",
+                    needed=num_blocks,
+                    free=num_free,
+                    evictable=len(self.policy),
+                )
+            out = list(free_q)
+            free_q.clear()
+            evict = self._evict_one
+            out.extend(evict("capacity") for _ in range(num_blocks - num_free))
+        ref = self.ref_counts
+        for b in out:
+            ref[b] = 1
+        return out
+
+    def _evict_one(self, reason: str) -> int:
+        b = self.policy.pop_victim()
+        h = self.block_hashes[b]
+        del self.cached[h]
+        self.block_hashes[b] = None
+        self.parent_ids[b] = -1
+        self.policy.on_evicted(b, h)
+        self.num_evictions += 1
+        if self.hooks:
+            now = self.clock()
+            for hook in self.hooks:
+                hook.on_evict(b, h, reason, now)
+        return b
+
+    def evict(self, num_blocks: int, reason: str = "explicit") -> list[int]:
+        """Evict up to ``num_blocks`` evictable blocks into the free queue; their ids in order."""
+        n = min(num_blocks, len(self.policy))
+        out = [self._evict_one(reason) for _ in range(n)]
+        self.free_queue.extend(out)
+        return out
+
+    def release(self, block_ids: Sequence[int]) -> None:
+        """Drop one reference on each block, tail-first.
+
+        Blocks reaching ref 0 become evictable when cached (in release order,
+        so a request's last block is the first a recency policy gives up) and
+        free otherwise.
+        """
+        ref = self.ref_counts
+        pins = self.pin_counts
+        hashes = self.block_hashes
+        for b in block_ids:
+            if ref[b] <= 0:
+                raise KVRefCountUnderflowError(f"block {b} released with ref count {ref[b]}")
+        free_append = self.free_queue.append
+        evictable: list[int] = []
+        for b in reversed(block_ids):
+            r = ref[b] - 1
+            ref[b] = r
+            if r == 0 and not pins[b]:
+                if hashes[b] is None:
+                    free_append(b)
+                else:
+                    evictable.append(b)
+        if evictable:
+            self.policy.add_many(evictable)
+
+    # -- caching -------------------------------------------------------------
+    def cache_blocks(
+        self, block_ids: Sequence[int], block_hashes: Sequence[Hashable], start: int = 0
+    ) -> int:
+        """Register ``block_ids[i]`` under ``block_hashes[i]`` for ``i >= start``.
+
+        The blocks must be in use (their KV written). A hash that is already
+        cached keeps its block (one block per hash). Returns how many blocks
+        were newly registered.
+        """
+        if not self.enable_caching:
+            return 0
+        cached = self.cached
+        hashes = self.block_hashes
+        parents = self.parent_ids
+        on_cached = self.policy.on_cached
+        hooks = self.hooks
+        n = 0
+        prev = block_ids[start - 1] if start > 0 else -1
+        for i in range(start, len(block_hashes)):
+            b = block_ids[i]
+            h = block_hashes[i]
+            if hashes[b] is None and h not in cached:
+                cached[h] = b
+                hashes[b] = h
+                parents[b] = prev
+                on_cached(b, h, prev)
+                n += 1
+                if hooks:
+                    now = self.clock()
+                    ph = block_hashes[i - 1] if i > 0 else None
+                    for hook in hooks:
+                        hook.on_block_cached(b, h, ph, now)
+            prev = b
+        self.num_cached_total += n
+        return n
+
+    def uncache(self, block_id: int, reason: str = "explicit") -> bool:
+        """Drop ``block_id``'s hash (invalidate). An evictable block becomes free."""
+        h = self.block_hashes[block_id]
+        if h is None:
+            return False
+        if block_id in self.policy:
+            self.policy.remove(block_id)
+            self.free_queue.append(block_id)
+        del self.cached[h]
+        self.block_hashes[block_id] = None
+        self.parent_ids[block_id] = -1
+        self.policy.on_removed(block_id, h)
+        if self.hooks:
+            now = self.clock()
+            for hook in self.hooks:
+                hook.on_evict(block_id, h, reason, now)
+        return True
+
+    # -- pins ----------------------------------------------------------------
+    def pin(self, block_ids: Sequence[int]) -> None:
+        """Pin blocks: a pinned block is never evicted, even at ref count 0."""
+        pins = self.pin_counts
+        ref = self.ref_counts
+        for b in block_ids:
+            if not pins[b] and not ref[b] and self.block_hashes[b] is None:
+                raise KVInvalidInputError(
+                    f"block {b} is free; only held or cached blocks can be pinned"
+                )
+        for b in block_ids:
+            if not pins[b] and not ref[b]:
+                self.policy.remove(b)
+            pins[b] += 1
+
+    def unpin(self, block_ids: Sequence[int]) -> None:
+        pins = self.pin_counts
+        for b in block_ids:
+            if pins[b] <= 0:
+                raise KVRefCountUnderflowError(f"block {b} unpinned more often than pinned")
+        for b in block_ids:
+            pins[b] -= 1
+            if not pins[b] and not self.ref_counts[b]:
+                if self.block_hashes[b] is None:
+                    self.free_queue.append(b)
+                else:
+                    self.policy.add(b)
+
+    # -- whole pool ----------------------------------------------------------
+    def reset(self) -> None:
+        """Everything free, nothing cached, counters zeroed."""
+        n = self.num_blocks
+        self.ref_counts[:] = [0] * n
+        self.pin_counts[:] = [0] * n
+        self.block_hashes[:] = [None] * n
+        self.parent_ids[:] = [-1] * n
+        self.free_queue = deque(range(n))
+        self.cached.clear()
+        self.policy.reset()
+        self.num_evictions = 0
+        self.num_cached_total = 0
+        if self.hooks:
+            now = self.clock()
+            for hook in self.hooks:
+                hook.on_cleared(now)
+
+    def check_invariants(self) -> None:
+        """Assert the structural invariants (O(num_blocks); for tests and debug mode)."""
+        free = set(self.free_queue)
+        assert len(free) == len(self.free_queue), "a block is twice in the free queue"
+        evictable = {b for b in range(self.num_blocks) if b in self.policy}
+        assert len(evictable) == len(self.policy), "policy holds unknown block ids"
+        assert not free & evictable, f"blocks both free and evictable: {free & evictable}"
+        for b in range(self.num_blocks):
+            r, p, h = self.ref_counts[b], self.pin_counts[b], self.block_hashes[b]
+            assert r >= 0 and p >= 0, f"block {b}: negative count ref={r} pin={p}"
+            if b in free:
+                assert r == 0 and p == 0 and h is None, (
+                    f"free block {b} has ref={r} pin={p} hash={h!r}"
+                )
+            elif b in evictable:
+                assert r == 0 and p == 0 and h is not None, f"evictable block {b}: ref={r} pin={p}"
+            else:
+                assert r > 0 or p > 0, f"block {b} is in no state (ref 0, not free, not evictable)"
+            if h is not None:
+                assert self.cached.get(h) == b, f"block {b} hash not mapped back to it"
+        assert len(self.cached) == sum(h is not None for h in self.block_hashes)
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockPool(blocks={self.num_blocks}, free={self.num_free}, "
+            f"evictable={self.num_evictable}, used={self.num_used}, policy={self.policy.name})"
+        )

@@ -1,0 +1,175 @@
+"""Typed errors of sagellm-kv-cache.
+
+Every error carries a stable ``code`` (a short upper-case string that never
+changes between releases) so callers, logs and metrics can match on it without
+parsing messages. Errors that are also caller mistakes subclass the matching
+builtin too, so ``except ValueError`` keeps working::
+
+    KVCacheError                      KV_ERROR
+    +-- KVBudgetExceededError         KV_BUDGET_EXCEEDED     (also MemoryError)
+    |   +-- KVPoolFullError           KV_POOL_FULL
+    +-- KVInvalidHandleError          KV_INVALID_HANDLE      (also ValueError)
+    |   +-- KVDoubleFreeError         KV_DOUBLE_FREE
+    +-- KVHandlePinnedError           KV_HANDLE_PINNED
+    +-- KVRefCountUnderflowError      KV_REFCOUNT_UNDERFLOW
+    +-- KVCacheMissError              KV_CACHE_MISS          (also KeyError)
+    +-- KVPrefixTooLongError          KV_PREFIX_TOO_LONG     (also ValueError)
+    +-- KVNoVictimError               KV_NO_VICTIM
+    +-- KVTransferFailedError         KV_TRANSFER_FAILED
+    |   +-- KVTransferTimeoutError    KV_TRANSFER_TIMEOUT    (also TimeoutError)
+    |   +-- KVChecksumMismatchError   KV_CHECKSUM_MISMATCH
+    +-- KVConfigError                 KV_CONFIG_INVALID      (also ValueError)
+    +-- KVInvalidInputError           KV_INVALID_INPUT       (also ValueError)
+    +-- KVInvalidTypeError            KV_INVALID_TYPE        (also TypeError)
+    +-- KVTraceFormatError            KV_TRACE_FORMAT        (also ValueError)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ERROR_CODES",
+    "KVBudgetExceededError",
+    "KVCacheError",
+    "KVCacheMissError",
+    "KVChecksumMismatchError",
+    "KVConfigError",
+    "KVDoubleFreeError",
+    "KVHandlePinnedError",
+    "KVInvalidHandleError",
+    "KVInvalidInputError",
+    "KVInvalidTypeError",
+    "KVNoVictimError",
+    "KVPoolFullError",
+    "KVPrefixTooLongError",
+    "KVRefCountUnderflowError",
+    "KVTraceFormatError",
+    "KVTransferFailedError",
+    "KVTransferTimeoutError",
+]
+
+
+class KVCacheError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+    code: str = "KV_ERROR"
+
+    def __init__(self, message: str = "", **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return f"[{self.code}] {self.message}"
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "message": self.message, "details": dict(self.details)}
+
+
+class KVBudgetExceededError(KVCacheError, MemoryError):
+    """The request needs more blocks than the budget can give, even after eviction."""
+
+    code = "KV_BUDGET_EXCEEDED"
+
+
+class KVPoolFullError(KVBudgetExceededError):
+    """No free or evictable block is left in the pool."""
+
+    code = "KV_POOL_FULL"
+
+
+class KVInvalidHandleError(KVCacheError, ValueError):
+    """The handle is unknown to this pool (never allocated here, or from another pool)."""
+
+    code = "KV_INVALID_HANDLE"
+
+
+class KVDoubleFreeError(KVInvalidHandleError):
+    """The handle was already freed."""
+
+    code = "KV_DOUBLE_FREE"
+
+
+class KVHandlePinnedError(KVCacheError):
+    """The handle is pinned; unpin it before freeing it."""
+
+    code = "KV_HANDLE_PINNED"
+
+
+class KVRefCountUnderflowError(KVCacheError):
+    """A reference or pin count would drop below zero."""
+
+    code = "KV_REFCOUNT_UNDERFLOW"
+
+
+class KVCacheMissError(KVCacheError, KeyError):
+    """A block hash or handle id is not in the cache."""
+
+    code = "KV_CACHE_MISS"
+
+
+class KVPrefixTooLongError(KVCacheError, ValueError):
+    """A prefix is longer than the cache can ever hold."""
+
+    code = "KV_PREFIX_TOO_LONG"
+
+
+class KVNoVictimError(KVCacheError):
+    """Eviction was asked for but every candidate is in use or pinned."""
+
+    code = "KV_NO_VICTIM"
+
+
+class KVTransferFailedError(KVCacheError):
+    """A KV transfer did not complete; nothing of it is visible on the receiver."""
+
+    code = "KV_TRANSFER_FAILED"
+
+
+class KVTransferTimeoutError(KVTransferFailedError, TimeoutError):
+    """A KV transfer did not complete within its timeout."""
+
+    code = "KV_TRANSFER_TIMEOUT"
+
+
+class KVChecksumMismatchError(KVTransferFailedError):
+    """Received KV bytes do not match the checksum sent with them."""
+
+    code = "KV_CHECKSUM_MISMATCH"
+
+
+class KVConfigError(KVCacheError, ValueError):
+    """A configuration value is invalid (unknown device, dtype, policy, bad size...)."""
+
+    code = "KV_CONFIG_INVALID"
+
+
+class KVInvalidInputError(KVCacheError, ValueError):
+    """An argument has the right type but a wrong value (zero/negative tokens, length mismatch)."""
+
+    code = "KV_INVALID_INPUT"
+
+
+class KVInvalidTypeError(KVCacheError, TypeError):
+    """An argument has the wrong type (e.g. a float token count, a str token)."""
+
+    code = "KV_INVALID_TYPE"
+
+
+class KVTraceFormatError(KVCacheError, ValueError):
+    """A trace record is malformed; the message names file, line and field."""
+
+    code = "KV_TRACE_FORMAT"
+
+
+def _all_error_classes() -> list[type[KVCacheError]]:
+    out: list[type[KVCacheError]] = []
+    todo: list[type[KVCacheError]] = [KVCacheError]
+    while todo:
+        cls = todo.pop()
+        out.append(cls)
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+#: code -> error class, for clients that receive a code over the wire.
+ERROR_CODES: dict[str, type[KVCacheError]] = {c.code: c for c in _all_error_classes()}

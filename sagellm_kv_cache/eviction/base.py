@@ -1,0 +1,105 @@
+"""The eviction policy interface: the pool does the moving, a policy decides the order.
+
+The block pool (``block_pool.py``) owns every block's state. A policy only
+sees the events below and answers one question, "which evictable block goes
+next?". Evictable means: cached (has a hash), ref count 0, not pinned.
+
+Event order for one block's life in the cache::
+
+    on_cached(b, h, parent)   block registered under hash h (it is in use now)
+    on_hit(b)                 a lookup hit it (any state)          [if tracks_hits]
+    add(b)                    it became evictable (released to ref 0)
+    remove(b)                 it stopped being evictable without eviction (hit, pin)
+    pop_victim() -> b         the pool asks for a victim; the policy forgets b as evictable
+    on_evicted(b, h)          the pool dropped b's hash after eviction
+    on_removed(b, h)          b's hash was dropped without eviction (invalidate, clear)
+
+A request's blocks are released tail-first (``add`` is called for its last
+block first), so a recency policy evicts a request's suffix before its prefix.
+
+Every event must be O(1) or O(log n); no policy may scan all blocks per
+eviction. Block ids are small non-negative ints but a policy must not assume
+an upper bound (standalone prefix caches grow).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Iterable
+
+from ..errors import KVNoVictimError
+
+__all__ = ["EvictionPolicy"]
+
+
+class EvictionPolicy:
+    """Base class of block eviction policies.
+
+    Subclasses implement ``add``, ``remove``, ``pop_victim``, ``__len__`` and
+    ``__contains__`` and may override the other hooks (no-ops here).
+
+    Attributes:
+        name: registry name (``"lru"``...).
+        tracks_hits: when False the pool skips ``on_hit`` calls entirely (a
+            policy that only orders by release time needs no hit events).
+        clock: seconds, monotonic; the pool passes its own (simulated) clock.
+    """
+
+    name: str = "base"
+    description: str = ""
+    tracks_hits: bool = False
+
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self.clock = clock or time.monotonic
+
+    # -- evictable set -------------------------------------------------------
+    def add(self, block_id: int) -> None:
+        raise NotImplementedError
+
+    def add_many(self, block_ids: Iterable[int]) -> None:
+        """``add`` for each id in order (subclasses may batch)."""
+        for b in block_ids:
+            self.add(b)
+
+    def remove(self, block_id: int) -> None:
+        raise NotImplementedError
+
+    def remove_many(self, block_ids: Iterable[int]) -> None:
+        for b in block_ids:
+            self.remove(b)
+
+    def pop_victim(self) -> int:
+        raise NotImplementedError
+
+    def peek_victims(self, n: int) -> list[int]:
+        """Up to ``n`` ids in the order they would be evicted now (no side effect)."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __contains__(self, block_id: object) -> bool:
+        raise NotImplementedError
+
+    # -- lifecycle hooks (optional) ------------------------------------------
+    def on_cached(self, block_id: int, block_hash: Hashable, parent_block_id: int) -> None:
+        """Block registered in the cache; ``parent_block_id`` is -1 for a first block."""
+
+    def on_hit(self, block_id: int) -> None:
+        """A lookup hit this block (called only when ``tracks_hits``)."""
+
+    def on_evicted(self, block_id: int, block_hash: Hashable) -> None:
+        """The pool evicted ``block_id`` (already returned by ``pop_victim``)."""
+
+    def on_removed(self, block_id: int, block_hash: Hashable) -> None:
+        """The block's hash was dropped without eviction (it is not evictable now)."""
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    # -- helpers -------------------------------------------------------------
+    def _no_victim(self) -> KVNoVictimError:
+        return KVNoVictimError(f"{self.name}: no evictable block (all in use or pinned)")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(evictable={len(self)})"

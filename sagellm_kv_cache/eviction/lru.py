@@ -1,0 +1,58 @@
+"""Least recently used, ordered by release time (vLLM v1's free-queue order).
+
+A block enters the order when it is released to ref count 0; a request's
+blocks are released tail-first, so the suffix is evicted before the prefix.
+A hit takes a block out of the order; its next release puts it at the most
+recent end. Backed by an ``OrderedDict`` (a C doubly linked list): add,
+remove and pop are O(1).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from itertools import islice
+
+from .base import EvictionPolicy
+
+__all__ = ["LRUPolicy"]
+
+
+class LRUPolicy(EvictionPolicy):
+    name = "lru"
+    description = "least recently released first; a request's blocks released tail-first (vLLM v1)"
+
+    def __init__(self, clock=None) -> None:
+        super().__init__(clock)
+        self._order: OrderedDict[int, None] = OrderedDict()
+
+    def add(self, block_id: int) -> None:
+        self._order[block_id] = None
+
+    def add_many(self, block_ids: Iterable[int]) -> None:
+        self._order.update(dict.fromkeys(block_ids))
+
+    def remove(self, block_id: int) -> None:
+        del self._order[block_id]
+
+    def remove_many(self, block_ids: Iterable[int]) -> None:
+        order = self._order
+        for b in block_ids:
+            del order[b]
+
+    def pop_victim(self) -> int:
+        if not self._order:
+            raise self._no_victim()
+        return self._order.popitem(last=False)[0]
+
+    def peek_victims(self, n: int) -> list[int]:
+        return list(islice(self._order, n))
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, block_id: object) -> bool:
+        return block_id in self._order
+
+    def reset(self) -> None:
+        self._order.clear()

@@ -1,0 +1,50 @@
+"""Policies by name: ``make_policy("lru")``, ``list_policies()``."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+
+from ..errors import KVConfigError
+from .base import EvictionPolicy
+from .lru import LRUPolicy
+
+__all__ = ["POLICIES", "EvictionPolicyName", "list_policies", "make_policy", "register_policy"]
+
+#: name -> policy class
+POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy}
+
+
+class EvictionPolicyName(enum.StrEnum):
+    LRU = "lru"
+
+
+def register_policy(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
+    """Class decorator: make ``cls`` selectable by ``cls.name``."""
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def make_policy(
+    policy: str | EvictionPolicy | type[EvictionPolicy] | enum.Enum,
+    clock: Callable[[], float] | None = None,
+    **kwargs,
+) -> EvictionPolicy:
+    """A fresh policy instance from a name, enum, class or instance."""
+    if isinstance(policy, EvictionPolicy):
+        return policy
+    if isinstance(policy, type) and issubclass(policy, EvictionPolicy):
+        return policy(clock=clock, **kwargs)
+    name = policy.value if isinstance(policy, enum.Enum) else policy
+    if isinstance(name, str):
+        name = name.lower().replace("-", "").replace("_", "")
+        aliases = {p.replace("_", ""): p for p in POLICIES}
+        cls = POLICIES.get(aliases.get(name, ""))
+        if cls is not None:
+            return cls(clock=clock, **kwargs)
+    raise KVConfigError(f"unknown eviction policy {policy!r}; choose one of {sorted(POLICIES)}")
+
+
+def list_policies() -> dict[str, str]:
+    """name -> one-line description, for ``--help`` and docs."""
+    return {name: cls.description for name, cls in sorted(POLICIES.items())}

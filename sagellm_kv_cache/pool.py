@@ -1,0 +1,677 @@
+"""``KVPool``: the facade an engine holds (seed API), over the block pool.
+
+::
+
+    engine / scheduler / simulator
+          |  alloc, alloc_with_prefix, cache_blocks, free, pin, write_kv, read_kv
+          v
+    KVPool  (lock, handles, validation, stats, hooks)      <- this module
+          |
+          +-- BlockPool  (ref counts, free queue, hash map)  block_pool.py
+          |       +-- EvictionPolicy (victim order)           eviction/
+          +-- KVStorage  (torch tensors; absent when metadata-only) storage.py
+
+Typical engine-facing use::
+
+    pool = KVPool(max_tokens=65536, model_shape=ModelShape(32, 8, 128, "bfloat16"))
+    handle, num_hit_tokens = pool.alloc_with_prefix(prompt_token_ids)
+    # compute KV for tokens [num_hit_tokens:], then
+    pool.write_kv(handle, kv_new, start_token=num_hit_tokens)
+    pool.cache_blocks(handle)          # its full blocks become reusable
+    ...
+    pool.free(handle)                  # blocks stay cached, evictable
+
+Budget: the pool never holds more than ``num_blocks`` blocks; tokens are
+accounted in whole blocks (``get_allocated_tokens()`` is blocks in use x
+``block_size``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+from .block_pool import BlockPool
+from .errors import (
+    KVBudgetExceededError,
+    KVConfigError,
+    KVDoubleFreeError,
+    KVHandlePinnedError,
+    KVInvalidHandleError,
+    KVInvalidInputError,
+    KVInvalidTypeError,
+    KVRefCountUnderflowError,
+)
+from .eviction import EvictionPolicy
+from .handle import HandleState, KVHandle, KVLayout, MemoryTier, normalize_dtype
+from .hashing import compute_block_hashes, get_hash_fn, root_hash
+from .storage import KVStorage, ModelShape, normalize_device
+
+__all__ = ["KVPool", "check_num_tokens"]
+
+
+def check_num_tokens(num_tokens: Any, name: str = "num_tokens") -> int:
+    """A positive int, or a typed error (bools and floats are refused, not rounded)."""
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+        raise KVInvalidTypeError(
+            f"{name} must be an int, got {type(num_tokens).__name__} ({num_tokens!r})"
+        )
+    if num_tokens <= 0:
+        raise KVInvalidInputError(f"{name} must be positive, got {num_tokens}")
+    return num_tokens
+
+
+class KVPool:
+    """A budgeted pool of paged KV blocks with prefix caching.
+
+    Size it with exactly one of ``max_tokens``, ``num_blocks`` or ``max_bytes``
+    (the last needs ``model_shape``). With a ``model_shape`` the pool holds
+    real KV tensors on ``device``; without one (or with ``metadata_only=True``)
+    it runs the same bookkeeping with no tensors (trace replay).
+
+    Args:
+        max_tokens: token budget (rounded down to whole blocks).
+        block_size: tokens per block (default 16).
+        num_blocks: block budget, instead of ``max_tokens``.
+        max_bytes: byte budget, instead of ``max_tokens``; needs ``model_shape``.
+        model_shape: ``ModelShape`` or a name from ``ModelShape.named``.
+        device: ``"cpu"`` or ``"cuda:N"``.
+        dtype: KV dtype; defaults to the model shape's (``"float16"`` otherwise).
+        layout: ``"NHD"`` or ``"HND"`` block layout of the storage.
+        eviction_policy: policy name (``"lru"``...), enum, class or instance.
+        enable_prefix_caching: register full blocks under their hashes.
+        hash_fn: ``"sha256"`` (default), ``"blake2b"`` or ``"xxh3_128"``.
+        extra_keys: salt / namespace mixed into every request's first block hash.
+        metadata_only: force no tensors even with a model shape.
+        pin_memory: page-lock CPU storage when CUDA is present.
+        clock: monotonic seconds for policies and hooks (a simulator's clock).
+        debug: check all invariants after every mutating call (slow).
+
+    Thread safety: one re-entrant lock covers every public method, so the
+    budget check and the allocation are atomic and handle/block state is
+    consistent between calls; ``write_kv``/``read_kv`` hold it while they
+    copy, so a block cannot be freed and reused under a copy in flight.
+    """
+
+    def __init__(
+        self,
+        max_tokens: int | None = None,
+        *,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_bytes: int | None = None,
+        model_shape: ModelShape | str | None = None,
+        device: str = "cpu",
+        dtype: str | None = None,
+        layout: str = "NHD",
+        eviction_policy: str | EvictionPolicy = "lru",
+        enable_prefix_caching: bool = True,
+        hash_fn: str = "sha256",
+        extra_keys: Any = None,
+        metadata_only: bool | None = None,
+        pin_memory: bool = False,
+        clock: Callable[[], float] | None = None,
+        debug: bool = False,
+        tier: str | None = None,
+    ) -> None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise KVConfigError(f"block_size must be a positive int, got {block_size!r}")
+        if isinstance(model_shape, str):
+            model_shape = ModelShape.named(model_shape)
+        self.block_size = block_size
+        self.device = normalize_device(device)
+        self.dtype = normalize_dtype(dtype or (model_shape.dtype if model_shape else "float16"))
+        if model_shape is not None and self.dtype != model_shape.dtype:
+            model_shape = ModelShape(
+                model_shape.num_layers, model_shape.num_kv_heads, model_shape.head_dim, self.dtype
+            )
+        try:
+            self.layout = KVLayout(str(layout).upper()).value
+        except ValueError:
+            raise KVConfigError(f"unknown layout {layout!r}; use 'NHD' or 'HND'") from None
+        self.model_shape = model_shape
+        given = [
+            n
+            for n, v in (
+                ("max_tokens", max_tokens),
+                ("num_blocks", num_blocks),
+                ("max_bytes", max_bytes),
+            )
+            if v is not None
+        ]
+        if len(given) != 1:
+            raise KVConfigError(
+                f"size the pool with exactly one of max_tokens, num_blocks, max_bytes (got {given or 'none'})"
+            )
+        if max_tokens is not None:
+            check = check_num_tokens(max_tokens, "max_tokens")
+            n_blocks = check // block_size
+        elif num_blocks is not None:
+            n_blocks = check_num_tokens(num_blocks, "num_blocks")
+        else:
+            check_num_tokens(max_bytes, "max_bytes")
+            if model_shape is None:
+                raise KVConfigError("max_bytes needs a model_shape to convert bytes into blocks")
+            n_blocks = max_bytes // model_shape.bytes_per_block(block_size)
+        if n_blocks < 1:
+            raise KVConfigError(f"budget holds no full block of {block_size} tokens")
+        self.num_blocks = n_blocks
+        self.max_tokens = n_blocks * block_size
+        if metadata_only is None:
+            metadata_only = model_shape is None
+        if not metadata_only and model_shape is None:
+            raise KVConfigError(
+                "a pool with KV tensors needs a model_shape (layers, KV heads, head dim)"
+            )
+        self.metadata_only = metadata_only
+        self.tier = tier or (
+            MemoryTier.GPU.value if self.device.startswith("cuda") else MemoryTier.CPU.value
+        )
+        self.pool_id = str(uuid.uuid4())
+        self.enable_prefix_caching = enable_prefix_caching
+        self.hash_fn_name = hash_fn
+        self._hash_fn = get_hash_fn(hash_fn)
+        self.extra_keys = extra_keys
+        self._root = root_hash(extra_keys, self._hash_fn)
+        self.clock = clock or time.monotonic
+        self.debug = debug
+        self._lock = threading.RLock()
+        self._blocks = BlockPool(
+            n_blocks,
+            block_size,
+            eviction_policy,
+            enable_caching=enable_prefix_caching,
+            clock=self.clock,
+        )
+        self.storage: KVStorage | None = None
+        if not metadata_only:
+            self.storage = KVStorage(
+                n_blocks, block_size, model_shape, self.device, self.layout, pin_memory=pin_memory
+            )
+        self._handles: dict[str, KVHandle] = {}
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        self._num_allocs = 0
+        self._num_frees = 0
+        self._prefix_requests = 0
+        self._prefix_hit_requests = 0
+        self._prefix_query_tokens = 0
+        self._prefix_hit_tokens = 0
+        self._prefix_query_blocks = 0
+        self._prefix_hit_blocks = 0
+
+    # -- introspection -------------------------------------------------------
+    @property
+    def block_pool(self) -> BlockPool:
+        """The mechanism underneath (read-only use: tests, policies, simulators)."""
+        return self._blocks
+
+    @property
+    def policy(self) -> EvictionPolicy:
+        return self._blocks.policy
+
+    @property
+    def hooks(self) -> list:
+        return self._blocks.hooks
+
+    def add_hook(self, hook: Any) -> None:
+        """Attach an observer (see ``hooks.PoolHook``)."""
+        with self._lock:
+            self._blocks.hooks.append(hook)
+
+    def remove_hook(self, hook: Any) -> None:
+        with self._lock:
+            self._blocks.hooks.remove(hook)
+
+    def get_handle(self, handle_id: str) -> KVHandle:
+        with self._lock:
+            try:
+                return self._handles[handle_id]
+            except KeyError:
+                raise KVInvalidHandleError(f"no live handle {handle_id!r} in this pool") from None
+
+    @property
+    def handles(self) -> list[KVHandle]:
+        with self._lock:
+            return list(self._handles.values())
+
+    def _num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- validation ----------------------------------------------------------
+    def _check_attrs(self, device: Any, dtype: Any, layout: Any) -> tuple[str, str, str]:
+        dev = self.device if device is None else normalize_device(device)
+        dt = self.dtype if dtype is None else normalize_dtype(dtype)
+        lay = self.layout
+        if layout is not None:
+            try:
+                lay = KVLayout(str(getattr(layout, "value", layout)).upper()).value
+            except ValueError:
+                raise KVConfigError(f"unknown layout {layout!r}; use 'NHD' or 'HND'") from None
+        if not self.metadata_only and (dev, dt, lay) != (self.device, self.dtype, self.layout):
+            raise KVConfigError(
+                f"this pool stores {self.dtype} KV in layout {self.layout} on {self.device}; "
+                f"got device={dev}, dtype={dt}, layout={lay}"
+            )
+        return dev, dt, lay
+
+    def _check_handle(self, handle: Any) -> KVHandle:
+        if not isinstance(handle, KVHandle):
+            raise KVInvalidTypeError(f"expected a KVHandle, got {type(handle).__name__}")
+        if handle.pool_id != self.pool_id:
+            raise KVInvalidHandleError(f"handle {handle.handle_id} belongs to another pool")
+        if handle.state is HandleState.FREED:
+            raise KVDoubleFreeError(f"handle {handle.handle_id} was already freed")
+        if self._handles.get(handle.handle_id) is not handle:
+            raise KVInvalidHandleError(
+                f"handle {handle.handle_id} is not live in this pool (reset?)"
+            )
+        return handle
+
+    def _after(self) -> None:
+        if self.debug:
+            self._blocks.check_invariants()
+
+    # -- allocation ----------------------------------------------------------
+    def alloc(
+        self,
+        num_tokens: int,
+        device: str | None = None,
+        dtype: Any = None,
+        layout: Any = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> KVHandle:
+        """Allocate blocks for ``num_tokens`` tokens (no prefix reuse).
+
+        Raises:
+            KVInvalidTypeError / KVInvalidInputError: bad ``num_tokens``.
+            KVConfigError: unknown device/dtype/layout, or not this pool's.
+            KVBudgetExceededError: more than the pool could ever hold.
+            KVPoolFullError: not enough free + evictable blocks now.
+        """
+        check_num_tokens(num_tokens)
+        dev, dt, lay = self._check_attrs(device, dtype, layout)
+        n = self._num_blocks_for(num_tokens)
+        with self._lock:
+            if n > self.num_blocks:
+                raise KVBudgetExceededError(
+                    f"{num_tokens} tokens need {n} blocks; the pool has {self.num_blocks}",
+                    needed=n,
+                    total=self.num_blocks,
+                )
+            block_ids = self._blocks.allocate(n)
+            handle = KVHandle(
+                num_tokens=num_tokens,
+                block_ids=block_ids,
+                block_size=self.block_size,
+                dtype=dt,
+                layout=lay,
+                device=dev,
+                tier=self.tier,
+                metadata=dict(metadata) if metadata else {},
+                pool_id=self.pool_id,
+            )
+            self._handles[handle.handle_id] = handle
+            self._num_allocs += 1
+            if self._blocks.hooks:
+                now = self.clock()
+                for hook in self._blocks.hooks:
+                    hook.on_alloc(handle, now)
+            self._after()
+            return handle
+
+    def compute_block_hashes(self, tokens: Any, extra_keys: Any = None) -> list[bytes]:
+        """This pool's chained hashes of the full blocks of ``tokens``."""
+        root = self._root if extra_keys is None else root_hash(extra_keys, self._hash_fn)
+        return compute_block_hashes(
+            tokens, self.block_size, parent_hash=root, hash_fn=self._hash_fn
+        )
+
+    def _prompt_hashes(self, tokens, block_hashes, num_tokens, extra_keys) -> tuple[int, list]:
+        if tokens is not None:
+            if block_hashes is not None:
+                raise KVInvalidInputError("give tokens or block_hashes, not both")
+            hashes = self.compute_block_hashes(tokens, extra_keys)
+            n = len(tokens)
+            if num_tokens is not None and num_tokens != n:
+                raise KVInvalidInputError(f"num_tokens={num_tokens} but {n} tokens given")
+            check_num_tokens(n, "len(tokens)")
+            return n, hashes
+        if block_hashes is None or num_tokens is None:
+            raise KVInvalidInputError(
+                "alloc_with_prefix needs tokens, or block_hashes and num_tokens"
+            )
+        check_num_tokens(num_tokens)
+        full = num_tokens // self.block_size
+        if len(block_hashes) > -(-num_tokens // self.block_size) or len(block_hashes) < full:
+            raise KVInvalidInputError(
+                f"{len(block_hashes)} block hashes do not fit {num_tokens} tokens at block size "
+                f"{self.block_size} (expected {full} or {-(-num_tokens // self.block_size)})"
+            )
+        return num_tokens, list(block_hashes[:full])
+
+    def alloc_with_prefix(
+        self,
+        tokens: Any = None,
+        *,
+        block_hashes: Sequence[Hashable] | None = None,
+        num_tokens: int | None = None,
+        extra_keys: Any = None,
+        metadata: dict[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> tuple[KVHandle, int]:
+        """The engine-facing path: reuse the cached prefix, allocate the rest.
+
+        Pass the prompt's ``tokens`` (hashed here), or precomputed
+        ``block_hashes`` of its full blocks plus ``num_tokens`` (trace replay).
+        The returned handle's leading blocks are the cache hits (ref counted:
+        never evicted while the handle lives), the rest are fresh blocks.
+
+        Returns:
+            ``(handle, num_hit_tokens)``; ``num_hit_tokens`` is a multiple of
+            ``block_size`` and may equal the prompt length when every block hit.
+
+        Raises:
+            KVBudgetExceededError: the request cannot fit even after evicting
+                every evictable block (the pool is unchanged).
+        """
+        num_tokens, hashes = self._prompt_hashes(tokens, block_hashes, num_tokens, extra_keys)
+        bs = self.block_size
+        n_total = -(-num_tokens // bs)
+        with self._lock:
+            bp = self._blocks
+            hit = bp.match_prefix(hashes) if self.enable_prefix_caching else []
+            n_new = n_total - len(hit)
+            if n_total > self.num_blocks or n_new > bp.num_available - bp.num_evictable_among(hit):
+                raise KVBudgetExceededError(
+                    f"request of {num_tokens} tokens needs {n_new} new blocks beyond its "
+                    f"{len(hit)} cached ones; {bp.num_available - bp.num_evictable_among(hit)} obtainable",
+                    needed=n_new,
+                    hit=len(hit),
+                )
+            if hit:
+                bp.touch(hit)
+            block_ids = hit + bp.allocate(n_new)
+            handle = KVHandle(
+                num_tokens=num_tokens,
+                block_ids=block_ids,
+                block_size=bs,
+                dtype=self.dtype,
+                layout=self.layout,
+                device=self.device,
+                tier=self.tier,
+                block_hashes=hashes,
+                num_cached_tokens=len(hit) * bs,
+                metadata=dict(metadata) if metadata else {},
+                pool_id=self.pool_id,
+            )
+            if request_id is not None:
+                handle.metadata["request_id"] = request_id
+            self._handles[handle.handle_id] = handle
+            self._num_allocs += 1
+            self._prefix_requests += 1
+            self._prefix_query_tokens += num_tokens
+            self._prefix_query_blocks += len(hashes)
+            if hit:
+                self._prefix_hit_requests += 1
+                self._prefix_hit_tokens += len(hit) * bs
+                self._prefix_hit_blocks += len(hit)
+            if bp.hooks:
+                now = self.clock()
+                for hook in bp.hooks:
+                    hook.on_lookup(request_id, block_ids, len(hit), n_total, now)
+                    hook.on_alloc(handle, now)
+            self._after()
+            return handle, len(hit) * bs
+
+    def cache_blocks(
+        self,
+        handle: KVHandle,
+        *,
+        tokens: Any = None,
+        block_hashes: Sequence[Hashable] | None = None,
+        num_tokens: int | None = None,
+    ) -> int:
+        """Register ``handle``'s full blocks in the prefix cache (their KV is written).
+
+        Hashes come from the handle (``alloc_with_prefix``) or are given here
+        (``tokens`` or ``block_hashes``) for a handle from ``alloc``. With
+        ``num_tokens`` only the first ``num_tokens // block_size`` blocks are
+        cached (chunked prefill). Returns the number of newly cached blocks.
+        """
+        with self._lock:
+            self._check_handle(handle)
+            if tokens is not None or block_hashes is not None:
+                if tokens is not None:
+                    hashes = self.compute_block_hashes(tokens)
+                else:
+                    hashes = list(block_hashes)
+                if len(hashes) > handle.num_tokens // self.block_size:
+                    raise KVInvalidInputError(
+                        f"{len(hashes)} block hashes for a handle of {handle.num_tokens} tokens "
+                        f"({handle.num_tokens // self.block_size} full blocks)"
+                    )
+                handle.block_hashes = hashes
+            hashes = handle.block_hashes
+            if num_tokens is not None:
+                hashes = hashes[: num_tokens // self.block_size]
+            n = self._blocks.cache_blocks(
+                handle.block_ids, hashes, handle.num_cached_tokens // self.block_size
+            )
+            if hashes:
+                handle.state = HandleState.CACHED
+            self._after()
+            return n
+
+    def free(self, handle: KVHandle) -> None:
+        """Release a handle. Its cached blocks stay reusable until evicted.
+
+        Raises:
+            KVDoubleFreeError: already freed. KVInvalidHandleError: not this pool's.
+            KVHandlePinnedError: pinned (unpin first).
+        """
+        with self._lock:
+            self._check_handle(handle)
+            if handle.pin_count:
+                raise KVHandlePinnedError(
+                    f"handle {handle.handle_id} is pinned {handle.pin_count}x; unpin it first"
+                )
+            self._blocks.release(handle.block_ids)
+            handle.state = HandleState.FREED
+            handle.ref_count = 0
+            del self._handles[handle.handle_id]
+            self._num_frees += 1
+            if self._blocks.hooks:
+                now = self.clock()
+                for hook in self._blocks.hooks:
+                    hook.on_free(handle, now)
+            self._after()
+
+    def pin(self, handle: KVHandle) -> None:
+        """Pin a handle: it cannot be freed and its blocks are never evicted until unpinned."""
+        with self._lock:
+            self._check_handle(handle)
+            self._blocks.pin(handle.block_ids)
+            handle.pin_count += 1
+            self._after()
+
+    def unpin(self, handle: KVHandle) -> None:
+        with self._lock:
+            self._check_handle(handle)
+            if handle.pin_count <= 0:
+                raise KVRefCountUnderflowError(f"handle {handle.handle_id} is not pinned")
+            self._blocks.unpin(handle.block_ids)
+            handle.pin_count -= 1
+            self._after()
+
+    # -- prefix cache --------------------------------------------------------
+    def match_prefix(
+        self, tokens: Any = None, *, block_hashes: Sequence[Hashable] | None = None
+    ) -> tuple[list[int], int]:
+        """Peek: ids of the cached leading blocks and their token count. Takes no reference."""
+        if tokens is not None:
+            block_hashes = self.compute_block_hashes(tokens)
+        if block_hashes is None:
+            raise KVInvalidInputError("match_prefix needs tokens or block_hashes")
+        with self._lock:
+            hit = self._blocks.match_prefix(block_hashes) if self.enable_prefix_caching else []
+            return hit, len(hit) * self.block_size
+
+    def evict(self, num_blocks: int) -> list[int]:
+        """Evict up to ``num_blocks`` evictable blocks now, in policy order; their ids."""
+        check_num_tokens(num_blocks, "num_blocks")
+        with self._lock:
+            out = self._blocks.evict(num_blocks)
+            self._after()
+            return out
+
+    def invalidate(self, block_hashes: Sequence[Hashable]) -> int:
+        """Drop these hashes from the cache (blocks in use stay allocated). Returns count dropped."""
+        with self._lock:
+            n = 0
+            for h in block_hashes:
+                b = self._blocks.cached.get(h)
+                if b is not None:
+                    n += self._blocks.uncache(b)
+            self._after()
+            return n
+
+    # -- KV data -------------------------------------------------------------
+    def _require_storage(self) -> KVStorage:
+        if self.storage is None:
+            raise KVConfigError(
+                "this pool is metadata-only (no model_shape): it holds no KV tensors"
+            )
+        return self.storage
+
+    def write_kv(self, handle: KVHandle, kv: Any, start_token: int = 0) -> None:
+        """Write ``kv`` (``[num_layers, 2, T, num_kv_heads, head_dim]``) into the
+        handle's token slots ``start_token .. start_token + T``."""
+        storage = self._require_storage()
+        with self._lock:
+            self._check_handle(handle)
+            shape = tuple(getattr(kv, "shape", ()))
+            if len(shape) == 5 and (
+                start_token < 0 or shape[2] == 0 or start_token + shape[2] > handle.num_tokens
+            ):
+                raise KVInvalidInputError(
+                    f"writing {shape} at token {start_token} does not fit a handle of {handle.num_tokens} tokens"
+                )
+            storage.write_tokens(handle.block_ids, kv, start_token)  # validates type, shape, dtype
+            handle.last_access_at = time.time()
+
+    def read_kv(self, handle: KVHandle, num_tokens: int | None = None, start_token: int = 0):
+        """The handle's KV as ``[num_layers, 2, T, num_kv_heads, head_dim]`` on the pool's device."""
+        storage = self._require_storage()
+        with self._lock:
+            self._check_handle(handle)
+            n = handle.num_tokens - start_token if num_tokens is None else num_tokens
+            if n <= 0 or start_token < 0 or start_token + n > handle.num_tokens:
+                raise KVInvalidInputError(
+                    f"reading tokens [{start_token}, {start_token + n}) of a handle of {handle.num_tokens}"
+                )
+            handle.last_access_at = time.time()
+            return storage.read_tokens(handle.block_ids, n, start_token)
+
+    def copy_blocks(self, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]) -> None:
+        """Copy KV block by block (copy-on-write, transfer staging)."""
+        storage = self._require_storage()
+        for b in (*src_block_ids, *dst_block_ids):
+            if not 0 <= b < self.num_blocks:
+                raise KVInvalidInputError(f"block id {b} out of range [0, {self.num_blocks})")
+        with self._lock:
+            storage.copy_blocks(list(src_block_ids), list(dst_block_ids))
+
+    # -- budget --------------------------------------------------------------
+    def can_admit(self, num_tokens: int) -> bool:
+        """Would ``alloc(num_tokens)`` succeed now (counting evictable blocks)?"""
+        check_num_tokens(num_tokens)
+        with self._lock:
+            return self._num_blocks_for(num_tokens) <= self._blocks.num_available
+
+    def get_allocated_tokens(self) -> int:
+        """Token slots in blocks that are in use (held or pinned)."""
+        with self._lock:
+            return self._blocks.num_used * self.block_size
+
+    def get_available_tokens(self) -> int:
+        """Token slots an allocation could get now: free plus evictable blocks."""
+        with self._lock:
+            return self._blocks.num_available * self.block_size
+
+    def get_stats(self) -> dict[str, Any]:
+        """A snapshot of sizes and counters (a new dict; safe to keep)."""
+        with self._lock:
+            bp = self._blocks
+            q_tok = self._prefix_query_tokens
+            return {
+                "max_tokens": self.max_tokens,
+                "block_size": self.block_size,
+                "total_blocks": self.num_blocks,
+                "free_blocks": bp.num_free,
+                "evictable_blocks": bp.num_evictable,
+                "used_blocks": bp.num_used,
+                "cached_blocks": bp.num_cached,
+                "allocated_tokens": bp.num_used * self.block_size,
+                "available_tokens": bp.num_available * self.block_size,
+                "usage": bp.num_used / self.num_blocks,
+                "num_handles": len(self._handles),
+                "num_allocs": self._num_allocs,
+                "num_frees": self._num_frees,
+                "num_evictions": bp.num_evictions,
+                "num_blocks_cached_total": bp.num_cached_total,
+                "prefix_requests": self._prefix_requests,
+                "prefix_query_tokens": q_tok,
+                "prefix_hit_tokens": self._prefix_hit_tokens,
+                "prefix_query_blocks": self._prefix_query_blocks,
+                "prefix_hit_blocks": self._prefix_hit_blocks,
+                "token_hit_rate": self._prefix_hit_tokens / q_tok if q_tok else 0.0,
+                "block_hit_rate": (
+                    self._prefix_hit_blocks / self._prefix_query_blocks
+                    if self._prefix_query_blocks
+                    else 0.0
+                ),
+                "request_hit_rate": (
+                    self._prefix_hit_requests / self._prefix_requests
+                    if self._prefix_requests
+                    else 0.0
+                ),
+                "eviction_policy": bp.policy.name,
+                "device": self.device,
+                "dtype": self.dtype,
+                "metadata_only": self.metadata_only,
+                "kv_bytes": self.storage.nbytes if self.storage is not None else 0,
+            }
+
+    def reset(self) -> None:
+        """Free every handle (they become invalid), drop the cache, zero the counters."""
+        with self._lock:
+            for h in self._handles.values():
+                h.state = HandleState.FREED
+                h.ref_count = 0
+                h.pin_count = 0
+            self._handles.clear()
+            self._blocks.reset()
+            self._reset_counters()
+
+    def check_invariants(self) -> None:
+        """Assert structural invariants, including that live handles hold their blocks."""
+        with self._lock:
+            bp = self._blocks
+            bp.check_invariants()
+            refs = [0] * self.num_blocks
+            for h in self._handles.values():
+                for b in h.block_ids:
+                    refs[b] += 1
+            assert refs == bp.ref_counts, "block ref counts differ from live handles' references"
+
+    def __repr__(self) -> str:
+        return (
+            f"KVPool(blocks={self.num_blocks}x{self.block_size}, used={self._blocks.num_used}, "
+            f"evictable={self._blocks.num_evictable}, device={self.device}, "
+            f"{'metadata-only' if self.metadata_only else self.dtype})"
+        )

@@ -1,0 +1,932 @@
+"""Columnar collector of KV-block accesses.
+
+One access is one row of a column store; nothing is allocated per event
+beyond the array slot::
+
+    column       buffer           meaning
+    block        array('q')       interned block id (code into ``block_keys``)
+    timestamp    array('d')       seconds (collector clock, or the caller's clock)
+    is_hit       array('b')       1 hit, 0 miss
+    request      array('q')       interned request id, -1 none
+    position     array('q')       block position in the prompt, -1 none
+    tier         array('b')       interned tier name ("gpu", "cpu"...), -1 none
+    size_bytes   array('q')       bytes of the block, -1 none
+
+``array.array`` grows geometrically, so appends are amortised O(1). Block,
+request and tier ids are interned through a dict (``dict.get`` on the hot
+path), so a block id may be a ``str`` (``"block_001"``), an ``int`` (pool
+block ids) or ``bytes`` (block hashes).
+
+Export formats (:meth:`AccessStatsCollector.export_stats`):
+
+* ``.json``: ``{"format": "sagellm-kv-access-stats", "version": 1,
+  "block_id_type": "int" | "str" | "bytes" | "mixed", "summary": {...},
+  "time_windows": {...}, "accesses": {column: [values...]},
+  "evictions": {"block_id": [...], "timestamp": [...], "reason": [...],
+  "block_hash": [...]}}``. Columns are lists of equal length; ``null`` marks
+  a missing value. Block ids are written as JSON ints or strings; ``bytes``
+  ids (and block hashes) as lowercase hex strings, restored to ``bytes`` on
+  load when ``block_id_type`` is ``"bytes"``. ``summary`` and
+  ``time_windows`` are informational: :meth:`AccessStatsCollector.load`
+  recomputes them from ``accesses``.
+* ``.parquet``: the event table of :meth:`to_polars` (columns ``timestamp``,
+  ``block_id``, ``is_hit``, ``request_id``, ``position``, ``tier``,
+  ``size_bytes``; ``block_code`` is recomputed on load) with the format
+  name, version, ``block_id_type``, time windows and evictions as JSON in the
+  schema metadata key ``sagellm_kv_cache.access_stats``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from array import array
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import KVInvalidInputError, KVTraceFormatError
+from .reuse import previous_access_index, reuse_distances, reuse_times
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "TIME_WINDOWS",
+    "AccessEvent",
+    "AccessStatsCollector",
+    "EvictionEvent",
+    "position_bucket_edges",
+]
+
+#: Window sizes of the per-window statistics: name -> seconds.
+TIME_WINDOWS: dict[str, float] = {"1s": 1.0, "10s": 10.0, "60s": 60.0}
+FORMAT_NAME = "sagellm-kv-access-stats"
+FORMAT_VERSION = 1
+_PARQUET_META_KEY = b"sagellm_kv_cache.access_stats"
+_NUM_HOTTEST = 10
+_PERCENTILES = (50, 90, 99)
+_ACCESS_COLUMNS = (
+    "block_id",
+    "timestamp",
+    "is_hit",
+    "request_id",
+    "position",
+    "tier",
+    "size_bytes",
+)
+
+BlockId = str | int | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AccessEvent:
+    """One recorded access (built on demand by :meth:`AccessStatsCollector.iter_events`)."""
+
+    block_id: BlockId
+    timestamp: float
+    is_hit: bool
+    request_id: str | int | None = None
+    position: int | None = None
+    tier: str | None = None
+    size_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionEvent:
+    """One recorded eviction."""
+
+    block_id: BlockId
+    timestamp: float
+    reason: str
+    block_hash: bytes | int | None = None
+
+
+def position_bucket_edges(max_position: int) -> list[int]:
+    """Lower edges of the power-of-two position buckets ``0, 1, 2-3, 4-7, ...``.
+
+    Args:
+        max_position: the largest position to cover.
+
+    Returns:
+        ``[0, 1, 2, 4, 8, ...]`` up to the bucket holding ``max_position``.
+    """
+    edges = [0]
+    lo = 1
+    while lo <= max_position:
+        edges.append(lo)
+        lo *= 2
+    return edges
+
+
+def _bucket_label(lo: int, hi: int) -> str:
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def _id_to_json(key: Any) -> Any:
+    if isinstance(key, bytes):
+        return key.hex()
+    if isinstance(key, (int, np.integer)):
+        return int(key)
+    return key if isinstance(key, str) else str(key)
+
+
+def _kind_of(keys: Sequence[Any]) -> str:
+    kinds = {
+        ("bytes" if isinstance(k, bytes) else "int" if isinstance(k, int) else "str") for k in keys
+    }
+    if not kinds:
+        return "str"
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+class AccessStatsCollector:
+    """Collects KV-block accesses in columnar buffers and summarises them.
+
+    Example::
+
+        collector = AccessStatsCollector()
+        collector.record_access("block_001", is_hit=True)
+        collector.record_access("block_002", is_hit=False)
+        collector.get_stats_summary()["hit_rate"]   # 0.5
+        collector.export_stats("stats.json")
+
+    Appends are thread-safe (one lock around the row append). Analyses
+    (:meth:`get_stats_summary`, :meth:`to_polars`) work on a snapshot.
+
+    Args:
+        clock: returns seconds; default ``time.monotonic``. Timestamps not
+            given to :meth:`record_access` are ``clock() - clock_at_start``.
+        time_windows: window name -> seconds for the per-window statistics;
+            default :data:`TIME_WINDOWS`.
+    """
+
+    __slots__ = (
+        "_block",
+        "_block_codes",
+        "_block_keys",
+        "_clock",
+        "_evict_block",
+        "_evict_hash",
+        "_evict_reason",
+        "_evict_ts",
+        "_is_hit",
+        "_lock",
+        "_position",
+        "_request",
+        "_request_codes",
+        "_request_keys",
+        "_size_bytes",
+        "_t0",
+        "_tier",
+        "_tier_codes",
+        "_tier_keys",
+        "_timestamp",
+        "time_windows",
+    )
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        time_windows: dict[str, float] | None = None,
+    ) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        windows = dict(TIME_WINDOWS if time_windows is None else time_windows)
+        for name, seconds in windows.items():
+            if not seconds > 0:
+                raise KVInvalidInputError(
+                    f"time window {name!r} must be > 0 seconds, got {seconds!r}"
+                )
+        self.time_windows = windows
+        self.reset()
+
+    # ------------------------------------------------------------------ recording
+    def reset(self) -> None:
+        """Drop every recorded access and eviction and restart the clock."""
+        with self._lock:
+            self._t0 = self._clock()
+            self._block = array("q")
+            self._timestamp = array("d")
+            self._is_hit = array("b")
+            self._request = array("q")
+            self._position = array("q")
+            self._tier = array("b")
+            self._size_bytes = array("q")
+            self._block_codes: dict[Any, int] = {}
+            self._block_keys: list[Any] = []
+            self._request_codes: dict[Any, int] = {}
+            self._request_keys: list[Any] = []
+            self._tier_codes: dict[Any, int] = {}
+            self._tier_keys: list[Any] = []
+            self._evict_block = array("q")
+            self._evict_ts = array("d")
+            self._evict_reason: list[str] = []
+            self._evict_hash: list[Any] = []
+
+    def record_access(
+        self,
+        block_id: BlockId,
+        is_hit: bool = False,
+        *,
+        timestamp: float | None = None,
+        request_id: str | int | None = None,
+        position: int | None = None,
+        tier: str | None = None,
+        size_bytes: int | None = None,
+    ) -> None:
+        """Record one access to ``block_id``.
+
+        Args:
+            block_id: the block (``str``, ``int`` or ``bytes``).
+            is_hit: whether the block was found in the cache.
+            timestamp: seconds; default now on the collector clock.
+            request_id: the request that touched the block.
+            position: the block's index in the request's prompt (0 = first block).
+            tier: where the block lives ("gpu", "cpu", ...).
+            size_bytes: the block's size.
+        """
+        code = self._block_codes.get(block_id)
+        if code is None:
+            code = self._intern(self._block_codes, self._block_keys, block_id)
+        if timestamp is None:
+            timestamp = self._clock() - self._t0
+        req = -1
+        if request_id is not None:
+            req = self._request_codes.get(request_id)
+            if req is None:
+                req = self._intern(self._request_codes, self._request_keys, request_id)
+        tier_code = -1
+        if tier is not None:
+            tier_code = self._tier_codes.get(tier)
+            if tier_code is None:
+                tier_code = self._intern(self._tier_codes, self._tier_keys, tier)
+        with self._lock:
+            self._block.append(code)
+            self._timestamp.append(timestamp)
+            self._is_hit.append(1 if is_hit else 0)
+            self._request.append(req)
+            self._position.append(-1 if position is None else position)
+            self._tier.append(tier_code)
+            self._size_bytes.append(-1 if size_bytes is None else size_bytes)
+
+    def record_many(
+        self,
+        block_ids: Sequence[BlockId] | np.ndarray,
+        is_hit: Sequence[bool] | np.ndarray | bool,
+        *,
+        timestamps: Sequence[float] | np.ndarray | float | None = None,
+        request_ids: Sequence[str | int | None] | str | int | None = None,
+        positions: Sequence[int] | np.ndarray | int | None = None,
+        tiers: Sequence[str | None] | str | None = None,
+        size_bytes: Sequence[int] | np.ndarray | int | None = None,
+    ) -> None:
+        """Record many accesses at once (vectorised :meth:`record_access`).
+
+        Every argument but ``block_ids`` may be a scalar (applied to all) or a
+        sequence of the same length; ``None`` / ``-1`` entries mean missing.
+
+        Raises:
+            KVInvalidInputError: a sequence has the wrong length.
+        """
+        n = len(block_ids)
+        if n == 0:
+            return
+        codes = self._intern_many(self._block_codes, self._block_keys, block_ids)
+        if timestamps is None:
+            ts = np.full(n, self._clock() - self._t0, dtype=np.float64)
+        else:
+            ts = self._column(timestamps, n, np.float64, "timestamps")
+        hits = self._column(is_hit, n, np.int8, "is_hit")
+        reqs = self._interned_column(
+            request_ids, n, self._request_codes, self._request_keys, "request_ids"
+        )
+        tier_codes = self._interned_column(tiers, n, self._tier_codes, self._tier_keys, "tiers")
+        pos = self._column(-1 if positions is None else positions, n, np.int64, "positions")
+        sizes = self._column(-1 if size_bytes is None else size_bytes, n, np.int64, "size_bytes")
+        with self._lock:
+            self._block.frombytes(codes.astype(np.int64).tobytes())
+            self._timestamp.frombytes(ts.tobytes())
+            self._is_hit.frombytes((hits != 0).astype(np.int8).tobytes())
+            self._request.frombytes(reqs.astype(np.int64).tobytes())
+            self._position.frombytes(pos.tobytes())
+            self._tier.frombytes(tier_codes.astype(np.int8).tobytes())
+            self._size_bytes.frombytes(sizes.tobytes())
+
+    def record_eviction(
+        self,
+        block_id: BlockId,
+        reason: str = "capacity",
+        *,
+        timestamp: float | None = None,
+        block_hash: bytes | int | None = None,
+    ) -> None:
+        """Record that ``block_id`` was evicted (for ``reason``: "capacity", "lru", ...)."""
+        code = self._block_codes.get(block_id)
+        if code is None:
+            code = self._intern(self._block_codes, self._block_keys, block_id)
+        if timestamp is None:
+            timestamp = self._clock() - self._t0
+        with self._lock:
+            self._evict_block.append(code)
+            self._evict_ts.append(timestamp)
+            self._evict_reason.append(reason)
+            self._evict_hash.append(block_hash)
+
+    def _intern(self, codes: dict[Any, int], keys: list[Any], key: Any) -> int:
+        # Slow path, first sight of a key: recheck under the lock so two
+        # threads never give one key two codes.
+        with self._lock:
+            code = codes.get(key)
+            if code is None:
+                code = len(keys)
+                keys.append(key)
+                codes[key] = code
+            return code
+
+    def _intern_many(self, codes: dict[Any, int], keys: list[Any], values: Any) -> np.ndarray:
+        if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
+            uniq, inverse = np.unique(values, return_inverse=True)
+            get = codes.get
+            mapped = [get(int(u)) for u in uniq.tolist()]
+            mapped = [
+                m if m is not None else self._intern(codes, keys, int(u))
+                for m, u in zip(mapped, uniq.tolist())
+            ]
+            return np.asarray(mapped, dtype=np.int64)[inverse.reshape(-1)]
+        if isinstance(values, np.ndarray):
+            values = values.tolist()
+        get = codes.get
+        out = [get(v) for v in values]
+        if None in out:
+            out = [
+                c if c is not None else self._intern(codes, keys, v) for c, v in zip(out, values)
+            ]
+        return np.asarray(out, dtype=np.int64)
+
+    def _interned_column(
+        self, values: Any, n: int, codes: dict, keys: list, name: str
+    ) -> np.ndarray:
+        if values is None:
+            return np.full(n, -1, dtype=np.int64)
+        if isinstance(values, (str, int, bytes)):
+            code = codes.get(values)
+            if code is None:
+                code = self._intern(codes, keys, values)
+            return np.full(n, code, dtype=np.int64)
+        if len(values) != n:
+            raise KVInvalidInputError(f"{name} has {len(values)} entries, expected {n}")
+        values = values.tolist() if isinstance(values, np.ndarray) else list(values)
+        get = codes.get
+        out = [-1 if v is None else get(v) for v in values]
+        if None in out:
+            out = [
+                c if c is not None else self._intern(codes, keys, v) for c, v in zip(out, values)
+            ]
+        return np.asarray(out, dtype=np.int64)
+
+    @staticmethod
+    def _column(values: Any, n: int, dtype: Any, name: str) -> np.ndarray:
+        arr = np.asarray(values)
+        if arr.ndim == 0:
+            return np.full(n, arr, dtype=dtype)
+        if len(arr) != n:
+            raise KVInvalidInputError(f"{name} has {len(arr)} entries, expected {n}")
+        if arr.dtype == object:  # None entries mean missing
+            arr = np.asarray([-1 if v is None else v for v in arr.tolist()])
+        return arr.astype(dtype, copy=False)
+
+    # ------------------------------------------------------------------ reading
+    def __len__(self) -> int:
+        return len(self._block)
+
+    @property
+    def num_evictions(self) -> int:
+        """Number of recorded evictions."""
+        return len(self._evict_block)
+
+    def _snapshot(self) -> dict[str, Any]:
+        """Copies of the buffers as numpy arrays, taken under the lock."""
+        with self._lock:
+            n = len(self._block)
+            snap = {
+                "block": np.frombuffer(self._block, dtype=np.int64, count=n).copy(),
+                "timestamp": np.frombuffer(self._timestamp, dtype=np.float64, count=n).copy(),
+                "is_hit": np.frombuffer(self._is_hit, dtype=np.int8, count=n).astype(bool),
+                "request": np.frombuffer(self._request, dtype=np.int64, count=n).copy(),
+                "position": np.frombuffer(self._position, dtype=np.int64, count=n).copy(),
+                "tier": np.frombuffer(self._tier, dtype=np.int8, count=n).astype(np.int64),
+                "size_bytes": np.frombuffer(self._size_bytes, dtype=np.int64, count=n).copy(),
+                "block_keys": list(self._block_keys),
+                "request_keys": list(self._request_keys),
+                "tier_keys": list(self._tier_keys),
+                "evict_block": np.frombuffer(self._evict_block, dtype=np.int64).copy(),
+                "evict_ts": np.frombuffer(self._evict_ts, dtype=np.float64).copy(),
+                "evict_reason": list(self._evict_reason),
+                "evict_hash": list(self._evict_hash),
+            }
+        return snap
+
+    def iter_events(self) -> Iterator[AccessEvent]:
+        """Yield every access as an :class:`AccessEvent` (slow; for small collections and tests)."""
+        s = self._snapshot()
+        for b, t, h, r, p, tr, sz in zip(
+            s["block"].tolist(),
+            s["timestamp"].tolist(),
+            s["is_hit"].tolist(),
+            s["request"].tolist(),
+            s["position"].tolist(),
+            s["tier"].tolist(),
+            s["size_bytes"].tolist(),
+        ):
+            yield AccessEvent(
+                block_id=s["block_keys"][b],
+                timestamp=t,
+                is_hit=h,
+                request_id=None if r < 0 else s["request_keys"][r],
+                position=None if p < 0 else p,
+                tier=None if tr < 0 else s["tier_keys"][tr],
+                size_bytes=None if sz < 0 else sz,
+            )
+
+    def iter_evictions(self) -> Iterator[EvictionEvent]:
+        """Yield every recorded eviction as an :class:`EvictionEvent`."""
+        s = self._snapshot()
+        for b, t, reason, h in zip(
+            s["evict_block"].tolist(), s["evict_ts"].tolist(), s["evict_reason"], s["evict_hash"]
+        ):
+            yield EvictionEvent(
+                block_id=s["block_keys"][b], timestamp=t, reason=reason, block_hash=h
+            )
+
+    @property
+    def block_id_type(self) -> str:
+        """``"int"``, ``"str"``, ``"bytes"`` or ``"mixed"``: the kind of the block ids seen."""
+        with self._lock:
+            keys = list(self._block_keys)
+        return _kind_of(keys)
+
+    # ------------------------------------------------------------------ summary
+    def get_stats_summary(self) -> dict[str, Any]:
+        """Summary of everything recorded so far (JSON-serialisable).
+
+        Returns:
+            A dict with
+
+            * ``total_accesses``, ``hits``, ``misses``, ``hit_rate`` (block
+              hit ratio: hits / accesses, 0.0 when empty), ``unique_blocks``,
+              ``unique_requests``, ``start_s``, ``end_s``, ``duration_s``,
+              ``accesses_per_s``;
+            * ``time_windows``: per window name, ``window_s``, ``num_windows``,
+              and per-window lists ``start_s``, ``accesses``, ``hits``,
+              ``hit_rate`` (windows start at the first access);
+            * ``reuse_distance``: ``count`` (reuses), ``cold`` (first
+              accesses), ``mean``, ``percentiles`` {"p50", "p90", "p99"} and a
+              power-of-two ``histogram`` {"bin_lo", "bin_hi", "count"};
+            * ``reuse_time_s``: ``count``, ``mean``, ``percentiles``;
+            * ``hottest_blocks``: the 10 most accessed blocks, each
+              {"block_id", "accesses", "hits"};
+            * ``hit_rate_by_position``: power-of-two prompt position buckets,
+              each {"bucket", "position_lo", "position_hi", "accesses", "hits",
+              "hit_rate"};
+            * ``evictions``: {"total", "by_reason"}.
+        """
+        return _summarize(self._snapshot(), self.time_windows)
+
+    # ------------------------------------------------------------------ tables
+    def to_polars(self) -> Any:
+        """The event table as a ``polars.DataFrame``.
+
+        Columns: ``timestamp`` (Float64, s), ``block_id`` (Int64 when every
+        block id is an int, else String; bytes as hex), ``block_code``
+        (Int64, first-seen order), ``is_hit`` (Boolean), ``request_id``
+        (String, null), ``position`` (Int64, null), ``tier`` (String, null),
+        ``size_bytes`` (Int64, null).
+        """
+        import polars as pl
+
+        return _to_polars(self._snapshot(), pl)
+
+    def to_pandas(self) -> Any:
+        """The event table of :meth:`to_polars` as a ``pandas.DataFrame`` (nullable dtypes)."""
+        return self.to_polars().to_pandas(use_pyarrow_extension_array=False)
+
+    def evictions_to_polars(self) -> Any:
+        """Evictions as a ``polars.DataFrame``: ``timestamp``, ``block_id``, ``reason``, ``block_hash``."""
+        import polars as pl
+
+        s = self._snapshot()
+        keys = s["block_keys"]
+        return pl.DataFrame(
+            {
+                "timestamp": s["evict_ts"],
+                "block_id": [_id_to_json(keys[b]) for b in s["evict_block"].tolist()]
+                if _kind_of(keys) != "int"
+                else [keys[b] for b in s["evict_block"].tolist()],
+                "reason": s["evict_reason"],
+                "block_hash": [None if h is None else str(_id_to_json(h)) for h in s["evict_hash"]],
+            },
+            schema_overrides={
+                "timestamp": pl.Float64,
+                "reason": pl.String,
+                "block_hash": pl.String,
+            },
+        )
+
+    # ------------------------------------------------------------------ export / load
+    def export_stats(self, path: str | Path) -> Path:
+        """Write accesses, evictions and the summary to ``path``.
+
+        The suffix picks the format: ``.json`` or ``.parquet`` (see the module
+        docstring for both layouts).
+
+        Returns:
+            The path written.
+
+        Raises:
+            KVInvalidInputError: the suffix is neither ``.json`` nor ``.parquet``.
+        """
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix == ".json":
+            doc = self.to_json_dict()
+            with path.open("w", encoding="utf-8") as f:
+                json.dump(doc, f, separators=(",", ":"))
+            return path
+        if suffix == ".parquet":
+            self._write_parquet(path)
+            return path
+        raise KVInvalidInputError(
+            f"{path}: unknown export format {path.suffix!r}; use .json or .parquet"
+        )
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The document :meth:`export_stats` writes for ``.json``."""
+        s = self._snapshot()
+        summary = _summarize(s, self.time_windows)
+        windows = summary.pop("time_windows")
+        keys = s["block_keys"]
+        block_json = [_id_to_json(k) for k in keys]
+        req_json = [_id_to_json(k) for k in s["request_keys"]]
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "block_id_type": _kind_of(keys),
+            "summary": summary,
+            "time_windows": windows,
+            "accesses": {
+                "block_id": [block_json[b] for b in s["block"].tolist()],
+                "timestamp": s["timestamp"].tolist(),
+                "is_hit": s["is_hit"].tolist(),
+                "request_id": [None if r < 0 else req_json[r] for r in s["request"].tolist()],
+                "position": [None if p < 0 else p for p in s["position"].tolist()],
+                "tier": [None if t < 0 else s["tier_keys"][t] for t in s["tier"].tolist()],
+                "size_bytes": [None if b < 0 else b for b in s["size_bytes"].tolist()],
+            },
+            "evictions": _evictions_json(s),
+        }
+
+    def _write_parquet(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        s = self._snapshot()
+        table = _to_polars(s, __import__("polars")).drop("block_code").to_arrow()
+        meta = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "block_id_type": _kind_of(s["block_keys"]),
+            "time_windows": self.time_windows,
+            "evictions": _evictions_json(s),
+        }
+        table = table.replace_schema_metadata({_PARQUET_META_KEY: json.dumps(meta).encode()})
+        pq.write_table(table, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> AccessStatsCollector:
+        """Read a ``.json`` or ``.parquet`` export back into a collector.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            KVTraceFormatError: the file is not a valid export; the message
+                names the file and what is wrong.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        if path.suffix.lower() == ".parquet":
+            return cls._load_parquet(path)
+        return cls._load_json(path)
+
+    @classmethod
+    def _load_json(cls, path: Path) -> AccessStatsCollector:
+        try:
+            with path.open("r", encoding="utf-8") as f:
+                doc = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            line = getattr(exc, "lineno", None)
+            raise KVTraceFormatError(
+                f"{path}: not valid JSON ({exc})", path=str(path), line=line
+            ) from None
+        if not isinstance(doc, dict):
+            raise KVTraceFormatError(
+                f"{path}: expected a JSON object at the top level", path=str(path)
+            )
+        if doc.get("version") != FORMAT_VERSION:
+            raise KVTraceFormatError(
+                f"{path}: field 'version' is {doc.get('version')!r}, expected {FORMAT_VERSION}",
+                path=str(path),
+                field="version",
+            )
+        accesses = doc.get("accesses")
+        if not isinstance(accesses, dict):
+            raise KVTraceFormatError(
+                f"{path}: field 'accesses' is missing or not an object",
+                path=str(path),
+                field="accesses",
+            )
+        cols = {}
+        for name in _ACCESS_COLUMNS:
+            col = accesses.get(name)
+            if col is None and name not in ("block_id", "timestamp", "is_hit"):
+                continue
+            if not isinstance(col, list):
+                raise KVTraceFormatError(
+                    f"{path}: field 'accesses.{name}' is missing or not a list",
+                    path=str(path),
+                    field=f"accesses.{name}",
+                )
+            cols[name] = col
+        n = len(cols["block_id"])
+        for name, col in cols.items():
+            if len(col) != n:
+                raise KVTraceFormatError(
+                    f"{path}: field 'accesses.{name}' has {len(col)} entries, 'accesses.block_id' has {n}",
+                    path=str(path),
+                    field=f"accesses.{name}",
+                )
+        windows = doc.get("time_windows")
+        window_sizes = None
+        if isinstance(windows, dict) and all(
+            isinstance(v, dict) and "window_s" in v for v in windows.values()
+        ):
+            window_sizes = {k: float(v["window_s"]) for k, v in windows.items()}
+        kind = doc.get("block_id_type")
+        evictions = doc.get("evictions") or {}
+        return cls._from_columns(path, cols, kind, window_sizes, evictions)
+
+    @classmethod
+    def _load_parquet(cls, path: Path) -> AccessStatsCollector:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise KVTraceFormatError(
+                f"{path}: not a readable Parquet file ({exc})", path=str(path)
+            ) from None
+        raw = (table.schema.metadata or {}).get(_PARQUET_META_KEY)
+        meta = {}
+        if raw is not None:
+            try:
+                meta = json.loads(raw)
+            except json.JSONDecodeError:
+                raise KVTraceFormatError(
+                    f"{path}: corrupt access-stats metadata", path=str(path)
+                ) from None
+        missing = [c for c in ("block_id", "timestamp", "is_hit") if c not in table.column_names]
+        if missing:
+            raise KVTraceFormatError(
+                f"{path}: missing column(s) {', '.join(missing)}", path=str(path), field=missing[0]
+            )
+        cols = {c: table.column(c).to_pylist() for c in _ACCESS_COLUMNS if c in table.column_names}
+        return cls._from_columns(
+            path,
+            cols,
+            meta.get("block_id_type"),
+            meta.get("time_windows"),
+            meta.get("evictions") or {},
+        )
+
+    @classmethod
+    def _from_columns(
+        cls,
+        path: Path,
+        cols: dict[str, list],
+        kind: str | None,
+        window_sizes: dict[str, float] | None,
+        evictions: dict[str, list],
+    ) -> AccessStatsCollector:
+        def restore(ids: list) -> list:
+            if kind == "bytes":
+                try:
+                    return [bytes.fromhex(b) for b in ids]
+                except (TypeError, ValueError):
+                    raise KVTraceFormatError(
+                        f"{path}: block ids are not hex strings", path=str(path), field="block_id"
+                    ) from None
+            return ids
+
+        block_ids = restore(cols["block_id"])
+        bad = next(
+            (b for b in block_ids if not isinstance(b, (str, int, bytes)) or isinstance(b, bool)),
+            None,
+        )
+        if bad is not None:
+            raise KVTraceFormatError(
+                f"{path}: block id {bad!r} is not a string or integer",
+                path=str(path),
+                field="block_id",
+            )
+        collector = cls(clock=lambda: 0.0, time_windows=window_sizes)
+        try:
+            collector.record_many(
+                block_ids,
+                np.asarray(cols["is_hit"], dtype=bool),
+                timestamps=np.asarray(cols["timestamp"], dtype=np.float64),
+                request_ids=cols.get("request_id"),
+                positions=cols.get("position"),
+                tiers=cols.get("tier"),
+                size_bytes=cols.get("size_bytes"),
+            )
+            ev_ids = restore(evictions.get("block_id", []))
+            for b, t, reason, h in zip(
+                ev_ids,
+                evictions.get("timestamp", []),
+                evictions.get("reason", []),
+                evictions.get("block_hash", []),
+            ):
+                collector.record_eviction(b, reason, timestamp=float(t), block_hash=h)
+        except (TypeError, ValueError) as exc:
+            raise KVTraceFormatError(
+                f"{path}: bad value in accesses ({exc})", path=str(path)
+            ) from None
+        return collector
+
+
+# ---------------------------------------------------------------------- helpers
+def _evictions_json(s: dict[str, Any]) -> dict[str, list]:
+    keys = s["block_keys"]
+    return {
+        "block_id": [_id_to_json(keys[b]) for b in s["evict_block"].tolist()],
+        "timestamp": s["evict_ts"].tolist(),
+        "reason": list(s["evict_reason"]),
+        "block_hash": [None if h is None else _id_to_json(h) for h in s["evict_hash"]],
+    }
+
+
+def _to_polars(s: dict[str, Any], pl: Any) -> Any:
+    keys = s["block_keys"]
+    if _kind_of(keys) == "int":
+        labels = pl.Series("block_id", keys, dtype=pl.Int64)
+    else:
+        labels = pl.Series("block_id", [str(_id_to_json(k)) for k in keys], dtype=pl.String)
+    req_labels = pl.Series(
+        [str(_id_to_json(k)) for k in s["request_keys"]] + [None], dtype=pl.String
+    )
+    tier_labels = pl.Series([str(k) for k in s["tier_keys"]] + [None], dtype=pl.String)
+    codes = pl.Series("block_code", s["block"], dtype=pl.Int64)
+    # -1 (missing) gathers the trailing null of the label series
+    req_idx = np.where(s["request"] < 0, len(s["request_keys"]), s["request"])
+    tier_idx = np.where(s["tier"] < 0, len(s["tier_keys"]), s["tier"])
+    pos = s["position"]
+    size = s["size_bytes"]
+    return pl.DataFrame(
+        [
+            pl.Series("timestamp", s["timestamp"], dtype=pl.Float64),
+            labels.gather(codes) if len(codes) else labels.clear(),
+            codes,
+            pl.Series("is_hit", s["is_hit"], dtype=pl.Boolean),
+            req_labels.gather(req_idx).alias("request_id"),
+            pl.Series("position", pos, dtype=pl.Int64).set(pl.Series(pos < 0), None),
+            tier_labels.gather(tier_idx).alias("tier"),
+            pl.Series("size_bytes", size, dtype=pl.Int64).set(pl.Series(size < 0), None),
+        ]
+    )
+
+
+def _percentiles(values: np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return {f"p{q}": 0.0 for q in _PERCENTILES}
+    return {f"p{q}": float(v) for q, v in zip(_PERCENTILES, np.percentile(values, _PERCENTILES))}
+
+
+def _summarize(s: dict[str, Any], time_windows: dict[str, float]) -> dict[str, Any]:
+    blocks, ts, hits = s["block"], s["timestamp"], s["is_hit"]
+    n = len(blocks)
+    num_hits = int(hits.sum())
+    start = float(ts.min()) if n else 0.0
+    end = float(ts.max()) if n else 0.0
+    duration = end - start
+    unique_blocks = len(np.unique(blocks)) if n else 0
+    summary: dict[str, Any] = {
+        "total_accesses": n,
+        "hits": num_hits,
+        "misses": n - num_hits,
+        "hit_rate": num_hits / n if n else 0.0,
+        "unique_blocks": unique_blocks,
+        "unique_requests": len(np.unique(s["request"][s["request"] >= 0])) if n else 0,
+        "start_s": start,
+        "end_s": end,
+        "duration_s": duration,
+        "accesses_per_s": n / duration if duration > 0 else 0.0,
+    }
+
+    windows = {}
+    for name, width in time_windows.items():
+        if n:
+            idx = ((ts - start) // width).astype(np.int64)
+            num = int(idx.max()) + 1
+            acc = np.bincount(idx, minlength=num)
+            hit = np.bincount(idx, weights=hits, minlength=num).astype(np.int64)
+        else:
+            num, acc, hit = 0, np.zeros(0, np.int64), np.zeros(0, np.int64)
+        rate = np.divide(hit, acc, out=np.zeros(len(acc)), where=acc > 0)
+        windows[name] = {
+            "window_s": float(width),
+            "num_windows": num,
+            "start_s": (start + width * np.arange(num)).tolist(),
+            "accesses": acc.tolist(),
+            "hits": hit.tolist(),
+            "hit_rate": rate.tolist(),
+        }
+    summary["time_windows"] = windows
+
+    prev = previous_access_index(blocks)
+    dist = reuse_distances(blocks, prev)
+    reused = dist[dist >= 0]
+    hist = {"bin_lo": [], "bin_hi": [], "count": []}
+    if len(reused):
+        # bins [0], [1], [2,3], [4,7], ...
+        bin_idx = np.where(
+            reused == 0, 0, np.floor(np.log2(np.maximum(reused, 1))).astype(np.int64) + 1
+        )
+        counts = np.bincount(bin_idx)
+        lo = [0] + [2 ** (k - 1) for k in range(1, len(counts))]
+        hi = [0] + [2**k - 1 for k in range(1, len(counts))]
+        hist = {"bin_lo": lo, "bin_hi": hi, "count": counts.tolist()}
+    summary["reuse_distance"] = {
+        "count": len(reused),
+        "cold": int(n - len(reused)),
+        "mean": float(reused.mean()) if len(reused) else 0.0,
+        "percentiles": _percentiles(reused),
+        "histogram": hist,
+    }
+    rt = reuse_times(ts, prev)
+    rt = rt[~np.isnan(rt)]
+    summary["reuse_time_s"] = {
+        "count": len(rt),
+        "mean": float(rt.mean()) if len(rt) else 0.0,
+        "percentiles": _percentiles(rt),
+    }
+
+    hottest = []
+    if n:
+        counts = np.bincount(blocks)
+        hit_counts = np.bincount(blocks, weights=hits, minlength=len(counts)).astype(np.int64)
+        top = np.argsort(-counts, kind="stable")[:_NUM_HOTTEST]
+        hottest = [
+            {
+                "block_id": _id_to_json(s["block_keys"][b]),
+                "accesses": int(counts[b]),
+                "hits": int(hit_counts[b]),
+            }
+            for b in top.tolist()
+            if counts[b] > 0
+        ]
+    summary["hottest_blocks"] = hottest
+
+    by_pos = []
+    pos = s["position"]
+    has_pos = pos >= 0
+    if has_pos.any():
+        p = pos[has_pos]
+        h = hits[has_pos]
+        edges = position_bucket_edges(int(p.max()))
+        bucket = np.searchsorted(np.asarray(edges), p, side="right") - 1
+        acc = np.bincount(bucket, minlength=len(edges))
+        hit = np.bincount(bucket, weights=h, minlength=len(edges)).astype(np.int64)
+        for k, lo in enumerate(edges):
+            hi = edges[k + 1] - 1 if k + 1 < len(edges) else max(lo, 2 * lo - 1)
+            by_pos.append(
+                {
+                    "bucket": _bucket_label(lo, hi),
+                    "position_lo": lo,
+                    "position_hi": hi,
+                    "accesses": int(acc[k]),
+                    "hits": int(hit[k]),
+                    "hit_rate": float(hit[k] / acc[k]) if acc[k] else 0.0,
+                }
+            )
+    summary["hit_rate_by_position"] = by_pos
+
+    summary["evictions"] = {
+        "total": len(s["evict_reason"]),
+        "by_reason": dict(sorted(Counter(s["evict_reason"]).items())),
+    }
+    return summary

@@ -1,0 +1,71 @@
+"""``AccessStatsHook``: feeds pool / prefix-cache events into a collector.
+
+Attach it with ``pool.add_hook(AccessStatsHook(collector))``. One lookup of
+a request with ``num_blocks`` prompt blocks becomes ``num_blocks`` accesses::
+
+    position   0    1    2    3    4
+    block_ids  7    3    12   40   41      num_hit_blocks = 3
+    is_hit     hit  hit  hit  miss miss    (misses: the blocks newly allocated)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+
+from ..hooks import PoolHook
+from .collector import AccessStatsCollector
+
+__all__ = ["AccessStatsHook"]
+
+
+class AccessStatsHook(PoolHook):
+    """Pool hook that records every looked-up block and every eviction.
+
+    Args:
+        collector: where to record; a new :class:`AccessStatsCollector` if omitted.
+        tier: tier name stored with every access (e.g. ``"gpu"``), or None.
+        block_size_bytes: size stored with every access, or None.
+    """
+
+    __slots__ = ("block_size_bytes", "collector", "tier")
+
+    def __init__(
+        self,
+        collector: AccessStatsCollector | None = None,
+        *,
+        tier: str | None = None,
+        block_size_bytes: int | None = None,
+    ) -> None:
+        self.collector = AccessStatsCollector() if collector is None else collector
+        self.tier = tier
+        self.block_size_bytes = block_size_bytes
+
+    def on_lookup(
+        self,
+        request_id: str | None,
+        block_ids: Sequence[int],
+        num_hit_blocks: int,
+        num_blocks: int,
+        timestamp: float,
+    ) -> None:
+        """Record ``block_ids[:num_hit_blocks]`` as hits and the rest as misses, positions 0.."""
+        n = min(len(block_ids), num_blocks) if num_blocks else len(block_ids)
+        if n == 0:
+            return
+        positions = np.arange(n, dtype=np.int64)
+        self.collector.record_many(
+            np.asarray(block_ids[:n], dtype=np.int64),
+            positions < num_hit_blocks,
+            timestamps=float(timestamp),
+            request_ids=request_id,
+            positions=positions,
+            tiers=self.tier,
+            size_bytes=self.block_size_bytes,
+        )
+
+    def on_evict(self, block_id: int, block_hash: Hashable, reason: str, timestamp: float) -> None:
+        """Record the eviction of ``block_id``."""
+        h = block_hash if isinstance(block_hash, (bytes, int)) else None
+        self.collector.record_eviction(block_id, reason, timestamp=float(timestamp), block_hash=h)

@@ -1,0 +1,97 @@
+"""Reuse distance and reuse time of an access sequence (numpy only).
+
+The *reuse distance* (LRU stack distance) of an access is the number of
+distinct other blocks accessed since the previous access to the same block;
+a first access has none (reported as ``-1``)::
+
+    position   0  1  2  3  4  5
+    block      A  B  A  C  B  A
+    distance  -1 -1  1 -1  2  2      (A@2 saw {B}; B@4 saw {A, C}; A@5 saw {C, B})
+
+An LRU cache of ``c`` blocks hits exactly the accesses whose distance is
+below ``c``, so the distribution is the miss-ratio curve of every LRU size.
+
+How it is computed, O(n log n): keep one marker per block at its last
+access. The distance of access ``i`` whose previous access is ``p`` is the
+number of markers strictly between ``p`` and ``i``; markers are only ever
+added at the right end, so that count is ``distinct_seen - (p + 1) +
+removed(<= p)`` where ``removed`` counts positions whose marker already moved
+on. Only ``removed`` needs a Fenwick tree (one query and one update per
+reuse); everything else is vectorised.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["previous_access_index", "reuse_distances", "reuse_times"]
+
+
+def previous_access_index(codes: np.ndarray) -> np.ndarray:
+    """Index of the previous access to the same block, ``-1`` for a first access.
+
+    Args:
+        codes: integer block codes, one per access, in access order.
+
+    Returns:
+        int64 array of the same length.
+    """
+    codes = np.asarray(codes)
+    prev = np.full(len(codes), -1, dtype=np.int64)
+    if len(codes) < 2:
+        return prev
+    order = np.argsort(codes, kind="stable")  # stable: equal codes stay in access order
+    same = codes[order[1:]] == codes[order[:-1]]
+    prev[order[1:][same]] = order[:-1][same]
+    return prev
+
+
+def reuse_distances(codes: np.ndarray, prev: np.ndarray | None = None) -> np.ndarray:
+    """Reuse (stack) distance of every access, ``-1`` for first accesses.
+
+    Args:
+        codes: integer block codes in access order.
+        prev: ``previous_access_index(codes)`` when already computed.
+
+    Returns:
+        int64 array of the same length as ``codes``.
+    """
+    if prev is None:
+        prev = previous_access_index(codes)
+    n = len(prev)
+    out = np.full(n, -1, dtype=np.int64)
+    reuse_at = np.flatnonzero(prev >= 0)
+    if len(reuse_at) == 0:
+        return out
+    distinct_seen = np.cumsum(prev < 0)  # distinct blocks among accesses 0..i
+    prevs = prev[reuse_at]
+    removed = _removed_before(prevs.tolist(), n)
+    # distinct blocks before i (block of i already seen, so cumsum at i equals it)
+    out[reuse_at] = distinct_seen[reuse_at] - (prevs + 1) + removed
+    return out
+
+
+def _removed_before(prevs: list[int], n: int) -> np.ndarray:
+    """For each reuse in order, how many earlier reuses had a previous index <= its own."""
+    tree = [0] * (n + 1)
+    res = [0] * len(prevs)
+    for k, p in enumerate(prevs):
+        s = 0
+        j = p + 1
+        while j > 0:
+            s += tree[j]
+            j &= j - 1
+        res[k] = s
+        j = p + 1
+        while j <= n:
+            tree[j] += 1
+            j += j & -j
+    return np.asarray(res, dtype=np.int64)
+
+
+def reuse_times(timestamps: np.ndarray, prev: np.ndarray) -> np.ndarray:
+    """Seconds since the previous access to the same block; NaN for first accesses."""
+    out = np.full(len(prev), np.nan, dtype=np.float64)
+    m = prev >= 0
+    out[m] = timestamps[m] - timestamps[prev[m]]
+    return out
