@@ -71,6 +71,10 @@ class BlockPool:
         self.clock = clock or time.monotonic
         self.policy = make_policy(policy, self.clock)
         self._policy_tracks_hits = self.policy.tracks_hits
+        # hooks a policy does not override are skipped on the hot path
+        kind = type(self.policy)
+        self._policy_on_cached = kind.on_cached is not EvictionPolicy.on_cached
+        self._policy_on_evicted = kind.on_evicted is not EvictionPolicy.on_evicted
         self.hooks: list = []
         self.ref_counts: list[int] = [0] * num_blocks
         self.pin_counts: list[int] = [0] * num_blocks
@@ -78,6 +82,7 @@ class BlockPool:
         self.parent_ids: list[int] = [-1] * num_blocks
         self.free_queue: deque[int] = deque(range(num_blocks))
         self.cached: dict[Hashable, int] = {}
+        self._num_pinned = 0  # blocks with pin count > 0 (release skips pin checks at 0)
         # counters (monotonic until reset)
         self.num_evictions = 0
         self.num_cached_total = 0
@@ -162,31 +167,40 @@ class BlockPool:
                 )
             out = list(free_q)
             free_q.clear()
-            evict = self._evict_one
-            out.extend(evict("capacity") for _ in range(num_blocks - num_free))
+            out += self._evict_many(num_blocks - num_free, "capacity")
         ref = self.ref_counts
         for b in out:
             ref[b] = 1
         return out
 
-    def _evict_one(self, reason: str) -> int:
-        b = self.policy.pop_victim()
-        h = self.block_hashes[b]
-        del self.cached[h]
-        self.block_hashes[b] = None
-        self.parent_ids[b] = -1
-        self.policy.on_evicted(b, h)
-        self.num_evictions += 1
+    def _evict_many(self, n: int, reason: str) -> list[int]:
+        """Pop ``n`` victims in policy order and drop their hashes (caller checked ``n``)."""
+        if n <= 0:
+            return []
+        victims = self.policy.pop_victims(n)
+        cached = self.cached
+        hashes = self.block_hashes
+        parents = self.parent_ids
+        evicted_hashes = [hashes[b] for b in victims]
+        for b, h in zip(victims, evicted_hashes):
+            del cached[h]
+            hashes[b] = None
+            parents[b] = -1
+        self.num_evictions += n
+        if self._policy_on_evicted:
+            on_evicted = self.policy.on_evicted
+            for b, h in zip(victims, evicted_hashes):
+                on_evicted(b, h)
         if self.hooks:
             now = self.clock()
             for hook in self.hooks:
-                hook.on_evict(b, h, reason, now)
-        return b
+                for b, h in zip(victims, evicted_hashes):
+                    hook.on_evict(b, h, reason, now)
+        return victims
 
     def evict(self, num_blocks: int, reason: str = "explicit") -> list[int]:
         """Evict up to ``num_blocks`` evictable blocks into the free queue; their ids in order."""
-        n = min(num_blocks, len(self.policy))
-        out = [self._evict_one(reason) for _ in range(n)]
+        out = self._evict_many(min(num_blocks, len(self.policy)), reason)
         self.free_queue.extend(out)
         return out
 
@@ -198,21 +212,25 @@ class BlockPool:
         free otherwise.
         """
         ref = self.ref_counts
-        pins = self.pin_counts
         hashes = self.block_hashes
-        for b in block_ids:
-            if ref[b] <= 0:
-                raise KVRefCountUnderflowError(f"block {b} released with ref count {ref[b]}")
         free_append = self.free_queue.append
         evictable: list[int] = []
+        ev_append = evictable.append
+        pins = self.pin_counts if self._num_pinned else None
         for b in reversed(block_ids):
             r = ref[b] - 1
             ref[b] = r
-            if r == 0 and not pins[b]:
-                if hashes[b] is None:
-                    free_append(b)
-                else:
-                    evictable.append(b)
+            if r:
+                if r < 0:  # only reachable through a bookkeeping bug: KVPool validates handles
+                    ref[b] = 0
+                    raise KVRefCountUnderflowError(f"block {b} released with ref count 0")
+                continue
+            if pins is not None and pins[b]:
+                continue
+            if hashes[b] is None:
+                free_append(b)
+            else:
+                ev_append(b)
         if evictable:
             self.policy.add_many(evictable)
 
@@ -231,7 +249,7 @@ class BlockPool:
         cached = self.cached
         hashes = self.block_hashes
         parents = self.parent_ids
-        on_cached = self.policy.on_cached
+        on_cached = self.policy.on_cached if self._policy_on_cached else None
         hooks = self.hooks
         n = 0
         prev = block_ids[start - 1] if start > 0 else -1
@@ -242,7 +260,8 @@ class BlockPool:
                 cached[h] = b
                 hashes[b] = h
                 parents[b] = prev
-                on_cached(b, h, prev)
+                if on_cached is not None:
+                    on_cached(b, h, prev)
                 n += 1
                 if hooks:
                     now = self.clock()
@@ -282,8 +301,10 @@ class BlockPool:
                     f"block {b} is free; only held or cached blocks can be pinned"
                 )
         for b in block_ids:
-            if not pins[b] and not ref[b]:
-                self.policy.remove(b)
+            if not pins[b]:
+                self._num_pinned += 1
+                if not ref[b]:
+                    self.policy.remove(b)
             pins[b] += 1
 
     def unpin(self, block_ids: Sequence[int]) -> None:
@@ -293,6 +314,8 @@ class BlockPool:
                 raise KVRefCountUnderflowError(f"block {b} unpinned more often than pinned")
         for b in block_ids:
             pins[b] -= 1
+            if not pins[b]:
+                self._num_pinned -= 1
             if not pins[b] and not self.ref_counts[b]:
                 if self.block_hashes[b] is None:
                     self.free_queue.append(b)
@@ -309,6 +332,7 @@ class BlockPool:
         self.parent_ids[:] = [-1] * n
         self.free_queue = deque(range(n))
         self.cached.clear()
+        self._num_pinned = 0
         self.policy.reset()
         self.num_evictions = 0
         self.num_cached_total = 0

@@ -71,6 +71,11 @@ class EvictionPolicy:
     def pop_victim(self) -> int:
         raise NotImplementedError
 
+    def pop_victims(self, n: int) -> list[int]:
+        """``n`` victims in order (the pool checked ``n <= len(self)``; subclasses may batch)."""
+        pop = self.pop_victim
+        return [pop() for _ in range(n)]
+
     def peek_victims(self, n: int) -> list[int]:
         """Up to ``n`` ids in the order they would be evicted now (no side effect)."""
         raise NotImplementedError

@@ -45,6 +45,12 @@ class LRUPolicy(EvictionPolicy):
             raise self._no_victim()
         return self._order.popitem(last=False)[0]
 
+    def pop_victims(self, n: int) -> list[int]:
+        if n > len(self._order):
+            raise self._no_victim()
+        popitem = self._order.popitem
+        return [popitem(last=False)[0] for _ in range(n)]
+
     def peek_victims(self, n: int) -> list[int]:
         return list(islice(self._order, n))
 

@@ -1,0 +1,44 @@
+"""Shared factories for the tests (STYLE.md: make_pool, make_request...)."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # tests run from a checkout even before `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from sagellm_kv_cache.pool import KVPool  # noqa: E402
+from sagellm_kv_cache.storage import ModelShape  # noqa: E402
+
+TINY = ModelShape(num_layers=2, num_kv_heads=2, head_dim=4, dtype="float16")
+
+
+def make_pool(num_blocks: int = 8, block_size: int = 4, **kwargs) -> KVPool:
+    """A small metadata-only pool unless a model_shape is given."""
+    return KVPool(num_blocks=num_blocks, block_size=block_size, **kwargs)
+
+
+def make_tokens(n: int, seed: int = 0, prefix: list[int] | None = None) -> list[int]:
+    rng = random.Random(seed)
+    body = [rng.randrange(32000) for _ in range(n - len(prefix or []))]
+    return list(prefix or []) + body
+
+
+@pytest.fixture
+def pool() -> KVPool:
+    return make_pool()
+
+
+@pytest.fixture
+def tensor_pool() -> KVPool:
+    return make_pool(num_blocks=8, block_size=4, model_shape=TINY)

@@ -1,0 +1,127 @@
+"""The mechanism: exact free-queue order, tail-first release, eviction, pins."""
+
+from __future__ import annotations
+
+import pytest
+
+from sagellm_kv_cache.block_pool import BlockPool
+from sagellm_kv_cache.errors import KVInvalidInputError, KVPoolFullError, KVRefCountUnderflowError
+
+
+def run_request(bp: BlockPool, hashes: list, *, keep: bool = False) -> list[int]:
+    """Lookup, take hits, allocate the rest, cache, release (unless keep)."""
+    hit = bp.match_prefix(hashes)
+    bp.touch(hit)
+    ids = hit + bp.allocate(len(hashes) - len(hit))
+    bp.cache_blocks(ids, hashes, len(hit))
+    if not keep:
+        bp.release(ids)
+    return ids
+
+
+def test_fresh_pool_allocates_in_id_order():
+    bp = BlockPool(6)
+    assert bp.allocate(2) == [0, 1]
+    assert bp.allocate(3) == [2, 3, 4]
+    assert list(bp.free_queue) == [5]
+
+
+def test_uncached_blocks_return_to_back_of_free_queue_tail_first():
+    bp = BlockPool(6)
+    ids = bp.allocate(3)
+    bp.release(ids)
+    assert list(bp.free_queue) == [3, 4, 5, 2, 1, 0]
+
+
+def test_tail_first_release_evicts_suffix_before_prefix():
+    bp = BlockPool(4)
+    ids = run_request(bp, ["a", "b", "c"])
+    assert ids == [0, 1, 2]
+    # evictable order (LRU first): c, b, a -- the request's tail goes first
+    assert bp.policy.peek_victims(10) == [2, 1, 0]
+    # one free block left (3); a 3-block request takes it, then evicts c (2) and b (1)
+    assert bp.allocate(3) == [3, 2, 1]
+    assert "a" in bp.cached and "b" not in bp.cached and "c" not in bp.cached
+    assert bp.num_evictions == 2
+
+
+def test_hit_blocks_leave_the_evictable_set_and_come_back_most_recent():
+    bp = BlockPool(8)
+    run_request(bp, ["a", "b"])  # blocks 0, 1
+    run_request(bp, ["x", "y"])  # blocks 2, 3
+    assert bp.policy.peek_victims(10) == [1, 0, 3, 2]
+    ids = run_request(bp, ["a", "b", "c"], keep=True)
+    assert ids == [0, 1, 4]
+    assert bp.ref_counts[0] == bp.ref_counts[1] == 1
+    assert bp.policy.peek_victims(10) == [3, 2]
+    bp.release(ids)
+    assert bp.policy.peek_victims(10) == [3, 2, 4, 1, 0]
+
+
+def test_one_block_per_hash_duplicate_goes_back_free():
+    bp = BlockPool(8)
+    first = bp.allocate(1)
+    second = bp.allocate(1)
+    assert bp.cache_blocks(first, ["h"]) == 1
+    assert bp.cache_blocks(second, ["h"]) == 0
+    assert bp.cached == {"h": first[0]}
+    bp.release(second)
+    assert bp.free_queue[-1] == second[0]
+    assert bp.block_hashes[second[0]] is None
+
+
+def test_pool_full_raises_and_changes_nothing():
+    bp = BlockPool(3)
+    held = bp.allocate(2)
+    before = (list(bp.free_queue), list(bp.ref_counts), dict(bp.cached))
+    with pytest.raises(KVPoolFullError) as err:
+        bp.allocate(2)
+    assert err.value.code == "KV_POOL_FULL"
+    assert (list(bp.free_queue), list(bp.ref_counts), dict(bp.cached)) == before
+    assert held == [0, 1]
+
+
+def test_pinned_cached_block_is_never_evicted():
+    bp = BlockPool(3)
+    run_request(bp, ["a", "b", "c"])
+    bp.pin([0])
+    assert bp.num_evictable == 2
+    assert bp.allocate(2) == [2, 1]
+    with pytest.raises(KVPoolFullError):
+        bp.allocate(1)
+    bp.unpin([0])
+    assert bp.allocate(1) == [0]
+    with pytest.raises(KVRefCountUnderflowError):
+        bp.unpin([0])
+
+
+def test_pinning_a_free_block_is_refused():
+    bp = BlockPool(2)
+    with pytest.raises(KVInvalidInputError):
+        bp.pin([1])
+    assert bp.pin_counts == [0, 0]
+
+
+def test_explicit_evict_and_uncache():
+    bp = BlockPool(4)
+    run_request(bp, ["a", "b", "c"])
+    assert bp.evict(2) == [2, 1]
+    assert list(bp.free_queue) == [3, 2, 1]
+    assert bp.uncache(0) is True
+    assert bp.uncache(0) is False
+    assert bp.cached == {} and bp.num_free == 4
+    bp.check_invariants()
+
+
+def test_release_underflow_is_reported():
+    bp = BlockPool(2)
+    with pytest.raises(KVRefCountUnderflowError):
+        bp.release([0])
+
+
+def test_reset_restores_initial_state():
+    bp = BlockPool(4)
+    run_request(bp, ["a", "b"], keep=True)
+    bp.reset()
+    assert list(bp.free_queue) == [0, 1, 2, 3] and bp.cached == {} and bp.ref_counts == [0] * 4
+    bp.check_invariants()
