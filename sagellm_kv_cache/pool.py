@@ -171,6 +171,8 @@ class KVPool:
             MemoryTier.GPU.value if self.device.startswith("cuda") else MemoryTier.CPU.value
         )
         self.pool_id = str(uuid.uuid4())
+        self._handle_prefix = str(uuid.uuid4())[:24]  # "xxxxxxxx-xxxx-4xxx-yxxx-"
+        self._handle_counter = 0
         self.enable_prefix_caching = enable_prefix_caching
         self.hash_fn_name = hash_fn
         self._hash_fn = get_hash_fn(hash_fn)
@@ -243,7 +245,18 @@ class KVPool:
         return -(-num_tokens // self.block_size)
 
     # -- validation ----------------------------------------------------------
+    def _next_handle_id(self) -> str:
+        """A UUID4-formatted id: this pool's random 80-bit prefix + a 48-bit counter.
+
+        Unique across pools (random prefix) and within one (counter), and about
+        10x cheaper than ``uuid.uuid4()`` on the allocation path.
+        """
+        self._handle_counter += 1
+        return f"{self._handle_prefix}{self._handle_counter & 0xFFFFFFFFFFFF:012x}"
+
     def _check_attrs(self, device: Any, dtype: Any, layout: Any) -> tuple[str, str, str]:
+        if device is None and dtype is None and layout is None:
+            return self.device, self.dtype, self.layout
         dev = self.device if device is None else normalize_device(device)
         dt = self.dtype if dtype is None else normalize_dtype(dtype)
         lay = self.layout
@@ -305,6 +318,7 @@ class KVPool:
                 )
             block_ids = self._blocks.allocate(n)
             handle = KVHandle(
+                handle_id=self._next_handle_id(),
                 num_tokens=num_tokens,
                 block_ids=block_ids,
                 block_size=self.block_size,
@@ -397,6 +411,7 @@ class KVPool:
                 bp.touch(hit)
             block_ids = hit + bp.allocate(n_new)
             handle = KVHandle(
+                handle_id=self._next_handle_id(),
                 num_tokens=num_tokens,
                 block_ids=block_ids,
                 block_size=bs,

@@ -93,6 +93,7 @@ class PrefixCache:
         if pool is None:
             self._policy = make_policy(eviction_policy)
             self._tracks_hits = self._policy.tracks_hits
+            self._policy_on_cached = type(self._policy).on_cached is not EvictionPolicy.on_cached
             self._index: dict[Hashable, int] = {}  # hash -> slot
             self._slot_hash: list[Hashable | None] = []
             self._slot_block: list[Any] = []
@@ -239,49 +240,57 @@ class PrefixCache:
 
     def _insert_standalone(self, hashes: list, blocks: Sequence[Any], handle_id: Any) -> int:
         index = self._index
+        index_get = index.get
         policy = self._policy
         # take this prefix's existing entries out of the evictable order so that
         # making room never evicts part of the prefix being inserted
-        slots: list[int | None] = [index.get(h) for h in hashes]
-        policy.remove_many(dict.fromkeys(s for s in slots if s is not None))
-        n_new = 0
-        for i, s in enumerate(slots):
-            if s is not None:
-                continue
-            h = hashes[i]
-            s = index.get(h)  # a hash repeated inside this insert
-            if s is None:
-                s = self._new_slot()
-                blk = blocks[i]
-                hid = handle_id
-                if hid is None and isinstance(blk, dict):
-                    hid = blk.get("handle_id")
-                index[h] = s
-                self._slot_hash[s] = h
-                self._slot_block[s] = blk
-                self._slot_handle[s] = hid
-                if hid is not None:
-                    self._by_handle.setdefault(hid, set()).add(s)
-                policy.on_cached(s, h, slots[i - 1] if i else -1)
-                n_new += 1
-            slots[i] = s
-        order = dict.fromkeys(reversed(slots))  # tail first, prefix most recent, no duplicates
-        policy.add_many(order)
+        slots: list[int | None] = [index_get(h) for h in hashes]
+        existing = dict.fromkeys(s for s in slots if s is not None)
+        if existing:
+            policy.remove_many(existing)
+        n_new = len(slots) - len(existing) if None in slots else 0
+        if n_new:
+            slot_hash, slot_block, slot_handle = (
+                self._slot_hash,
+                self._slot_block,
+                self._slot_handle,
+            )
+            free_slots = self._free_slots
+            capacity = self.max_cached_blocks
+            on_cached = policy.on_cached if self._policy_on_cached else None
+            n_new = 0
+            for i, s in enumerate(slots):
+                if s is not None:
+                    continue
+                h = hashes[i]
+                s = index_get(h)  # a hash repeated inside this insert
+                if s is None:
+                    if free_slots:
+                        s = free_slots.pop()
+                    elif capacity is not None and len(index) >= capacity:
+                        self._drop(policy.pop_victim(), evicted=True)
+                        self._evictions += 1
+                        s = free_slots.pop()
+                    else:
+                        s = len(slot_hash)
+                        slot_hash.append(None)
+                        slot_block.append(None)
+                        slot_handle.append(None)
+                    blk = blocks[i]
+                    hid = blk.get("handle_id", handle_id) if type(blk) is dict else handle_id
+                    index[h] = s
+                    slot_hash[s] = h
+                    slot_block[s] = blk
+                    if hid is not None:
+                        slot_handle[s] = hid
+                        self._by_handle.setdefault(hid, set()).add(s)
+                    if on_cached is not None:
+                        on_cached(s, h, slots[i - 1] if i else -1)
+                    n_new += 1
+                slots[i] = s
+        policy.add_many(dict.fromkeys(reversed(slots)))  # tail first: the prefix is most recent
         self._insertions += n_new
         return n_new
-
-    def _new_slot(self) -> int:
-        if self._free_slots:
-            return self._free_slots.pop()
-        if self.max_cached_blocks is not None and len(self._index) >= self.max_cached_blocks:
-            s = self._policy.pop_victim()
-            self._drop(s, evicted=True)
-            self._evictions += 1
-            return self._free_slots.pop()
-        self._slot_hash.append(None)
-        self._slot_block.append(None)
-        self._slot_handle.append(None)
-        return len(self._slot_hash) - 1
 
     def _drop(self, s: int, *, evicted: bool) -> None:
         h = self._slot_hash[s]

@@ -142,7 +142,7 @@ class PoolMachine(RuleBasedStateMachine):
         # a block referenced by a live handle is never evicted or overwritten
         for h, kv in self.live.values():
             assert torch.equal(pool.read_kv(h), kv)
-            for b, hh in zip(h.block_ids, h.block_hashes):
+            for b in h.block_ids:
                 if bp.block_hashes[b] is not None:
                     assert bp.cached[bp.block_hashes[b]] == b
 

@@ -1,0 +1,192 @@
+"""Prefix-cache benchmark (the core issue's goals).
+
+Requests of 1536 tokens: a shared 1024-token prefix plus 512 random tokens,
+block size 16. Per request, through the seed API: ``compute_block_hashes`` +
+``lookup`` + ``insert``. Measured in one run, next to:
+
+* a bare loop that only chains sha256 over packed tokens and fills a dict
+  (the floor any Python implementation pays);
+* optionally the ``isagellm-kv-cache`` 0.5.4.15 package this project
+  reimagines (``--seed-package DIR``: a directory holding that wheel unpacked
+  with its ``isagellm-*`` dependencies; run in a subprocess because it shares
+  the import name);
+* per-request cost as the cache grows to 100k blocks (flatness).
+
+    python benchmarks/bench_prefix_cache.py [--requests 600] [--seed-package /tmp/isag/site]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import subprocess
+import sys
+import time
+from array import array
+
+from _util import ROOT, print_table, write_json
+
+PREFIX_TOKENS, SUFFIX_TOKENS, BLOCK = 1024, 512, 16
+
+
+def make_requests(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    prefix = [rng.randrange(32000) for _ in range(PREFIX_TOKENS)]
+    return [prefix + [rng.randrange(32000) for _ in range(SUFFIX_TOKENS)] for _ in range(n)]
+
+
+SEED_API_LOOP = """
+def run(reqs, PrefixCache):
+    cache = PrefixCache(block_size=16)
+    for tokens in reqs:
+        hashes = cache.compute_block_hashes(tokens)
+        hit, n = cache.lookup(hashes)
+        cache.insert(hashes, [{"block_id": i} for i in range(len(hashes))])
+    return cache
+"""
+
+
+def seed_api(reqs):
+    from sagellm_kv_cache import PrefixCache
+
+    ns: dict = {}
+    exec(SEED_API_LOOP, ns)
+    return ns["run"](reqs, PrefixCache)
+
+
+def bare_loop(reqs):
+    """Chain sha256 over packed tokens, fill a dict: no lookup semantics at all."""
+    d: dict = {}
+    sha = hashlib.sha256
+    for tokens in reqs:
+        data = array("q", tokens).tobytes()
+        parent = b"\0" * 32
+        for off in range(0, len(data), BLOCK * 8):
+            parent = sha(parent + data[off : off + BLOCK * 8]).digest()
+            d[parent] = off
+    return d
+
+
+def timed(fn, reqs, repeat=3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn(reqs)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def seed_package(reqs_n: int, path: str) -> dict:
+    code = (
+        "import json, random, sys, time\n"
+        f"sys.path.insert(0, {path!r})\n"
+        "from sagellm_kv_cache.prefix_cache import PrefixCache\n"
+        f"exec({SEED_API_LOOP!r})\n"
+        f"rng = random.Random(0); P = [rng.randrange(32000) for _ in range({PREFIX_TOKENS})]\n"
+        f"reqs = [P + [rng.randrange(32000) for _ in range({SUFFIX_TOKENS})] for _ in range({reqs_n})]\n"
+        "t0 = time.perf_counter(); run(reqs, PrefixCache); dt = time.perf_counter() - t0\n"
+        "print(json.dumps({'seconds': dt}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        env={"PYTHONPATH": path},
+    )
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def flatness(sizes=(1_000, 10_000, 100_000), probe=200) -> list[dict]:
+    """Per-request cost of the seed-API path with the cache already holding N blocks."""
+    from sagellm_kv_cache import PrefixCache
+
+    rows = []
+    for size in sizes:
+        cache = PrefixCache(block_size=BLOCK)
+        rng = random.Random(size)
+        while len(cache) < size:  # fill with unrelated 1536-token requests
+            toks = [rng.randrange(32000) for _ in range(1536)]
+            h = cache.compute_block_hashes(toks)
+            cache.insert(h, list(range(len(h))))
+        reqs = make_requests(probe, seed=size + 1)
+        t0 = time.perf_counter()
+        for tokens in reqs:
+            hashes = cache.compute_block_hashes(tokens)
+            cache.lookup(hashes)
+            cache.insert(hashes, [{"block_id": i} for i in range(len(hashes))])
+        dt = (time.perf_counter() - t0) / probe
+        rows.append({"cached_blocks": len(cache), "us_per_request": dt * 1e6})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--requests", type=int, default=600)
+    ap.add_argument(
+        "--seed-package", default=None, help="dir with isagellm-kv-cache 0.5.4.15 unpacked"
+    )
+    args = ap.parse_args()
+    reqs = make_requests(args.requests)
+    tokens = args.requests * (PREFIX_TOKENS + SUFFIX_TOKENS)
+    t_ours = timed(seed_api, reqs)
+    t_bare = timed(bare_loop, reqs)
+    rows = [
+        {
+            "implementation": "sagellm-kv-cache (seed API)",
+            "seconds": t_ours,
+            "Mtokens_per_s": tokens / t_ours / 1e6,
+            "vs_ours": 1.0,
+        },
+        {
+            "implementation": "bare sha256 chain + dict",
+            "seconds": t_bare,
+            "Mtokens_per_s": tokens / t_bare / 1e6,
+            "vs_ours": t_ours / t_bare,
+        },
+    ]
+    result = {
+        "requests": args.requests,
+        "tokens": tokens,
+        "ours_s": t_ours,
+        "bare_s": t_bare,
+        "ours_over_bare_speed": t_bare / t_ours,
+    }
+    if args.seed_package:
+        seed = seed_package(args.requests, args.seed_package)
+        if "seconds" in seed:
+            rows.append(
+                {
+                    "implementation": "isagellm-kv-cache 0.5.4.15",
+                    "seconds": seed["seconds"],
+                    "Mtokens_per_s": tokens / seed["seconds"] / 1e6,
+                    "vs_ours": t_ours / seed["seconds"],
+                }
+            )
+            result["seed_package_s"] = seed["seconds"]
+            result["speedup_vs_seed_package"] = seed["seconds"] / t_ours
+        else:
+            result["seed_package_error"] = seed["error"]
+    print_table(
+        rows, f"prefix path: {args.requests} requests x 1536 tokens (1024 shared), block 16"
+    )
+    flat = flatness()
+    print_table(flat, "per-request cost as the cache grows")
+    result["flatness"] = flat
+    print(f"\nours / bare loop speed: {result['ours_over_bare_speed']:.2f} (goal >= 0.5)")
+    if "speedup_vs_seed_package" in result:
+        print(
+            f"speed-up over isagellm-kv-cache 0.5.4.15: {result['speedup_vs_seed_package']:.0f}x (goal >= 200x)"
+        )
+    write_json("prefix_cache", result)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
