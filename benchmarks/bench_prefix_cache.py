@@ -7,9 +7,12 @@ block size 16. Per request, through the seed API: ``compute_block_hashes`` +
 * a bare loop that only chains sha256 over packed tokens and fills a dict
   (the floor any Python implementation pays);
 * optionally the ``isagellm-kv-cache`` 0.5.4.15 package this project
-  reimagines (``--seed-package DIR``: a directory holding that wheel unpacked
-  with its ``isagellm-*`` dependencies; run in a subprocess because it shares
-  the import name);
+  reimagines (``--fetch-seed-package DIR`` downloads and unpacks it with its
+  ``isagellm-*`` dependencies; ``--seed-package DIR/site`` reuses that; it
+  runs in a subprocess because it shares the import name);
+
+Both caches are bounded (``max_cached_blocks=100_000``), as in the seed Quick
+Start: that is where the seed package's per-request cost grows with the cache.
 * per-request cost as the cache grows to 100k blocks (flatness).
 
     python benchmarks/bench_prefix_cache.py [--requests 600] [--seed-package /tmp/isag/site]
@@ -37,9 +40,11 @@ def make_requests(n: int, seed: int = 0) -> list[list[int]]:
     return [prefix + [rng.randrange(32000) for _ in range(SUFFIX_TOKENS)] for _ in range(n)]
 
 
+CAPACITY = 100_000  # blocks: a bounded cache, as in the seed Quick Start
+
 SEED_API_LOOP = """
-def run(reqs, PrefixCache):
-    cache = PrefixCache(block_size=16)
+def run(reqs, PrefixCache, max_cached_blocks=100_000):
+    cache = PrefixCache(block_size=16, max_cached_blocks=max_cached_blocks, enable_lru=True)
     for tokens in reqs:
         hashes = cache.compute_block_hashes(tokens)
         hit, n = cache.lookup(hashes)
@@ -48,12 +53,16 @@ def run(reqs, PrefixCache):
 """
 
 
-def seed_api(reqs):
+def seed_api(reqs, max_cached_blocks=CAPACITY):
     from sagellm_kv_cache import PrefixCache
 
     ns: dict = {}
     exec(SEED_API_LOOP, ns)
-    return ns["run"](reqs, PrefixCache)
+    return ns["run"](reqs, PrefixCache, max_cached_blocks)
+
+
+def seed_api_unbounded(reqs):
+    return seed_api(reqs, None)
 
 
 def bare_loop(reqs):
@@ -76,6 +85,32 @@ def timed(fn, reqs, repeat=3) -> float:
         fn(reqs)
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def fetch_seed_package(dest: str) -> str:
+    """Download isagellm-kv-cache 0.5.4.15 and its isagellm-* dependencies (wheels) and
+    unpack them into ``dest`` (used only by this benchmark; nothing of it is committed)."""
+    import pathlib
+    import zipfile
+
+    d = pathlib.Path(dest)
+    wheels = d / "wheels"
+    site = d / "site"
+    wheels.mkdir(parents=True, exist_ok=True)
+    specs = [
+        "isagellm-kv-cache==0.5.4.15",
+        "isagellm-protocol>=0.5.4.0,<0.6.0",
+        "isagellm-backend>=0.5.4.0,<0.6.0",
+        "isagellm-comm>=0.5.4.0,<0.6.0",
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(wheels), *specs],
+        check=True,
+        timeout=600,
+    )
+    for whl in wheels.glob("*.whl"):
+        zipfile.ZipFile(whl).extractall(site)
+    return str(site)
 
 
 def seed_package(reqs_n: int, path: str) -> dict:
@@ -107,9 +142,9 @@ def flatness(sizes=(1_000, 10_000, 100_000), probe=200) -> list[dict]:
 
     rows = []
     for size in sizes:
-        cache = PrefixCache(block_size=BLOCK)
+        cache = PrefixCache(block_size=BLOCK, max_cached_blocks=CAPACITY)
         rng = random.Random(size)
-        while len(cache) < size:  # fill with unrelated 1536-token requests
+        while len(cache) < min(size, CAPACITY - 200):  # fill with unrelated 1536-token requests
             toks = [rng.randrange(32000) for _ in range(1536)]
             h = cache.compute_block_hashes(toks)
             cache.insert(h, list(range(len(h))))
@@ -133,6 +168,8 @@ def main() -> None:
         "--seed-package", default=None, help="dir with isagellm-kv-cache 0.5.4.15 unpacked"
     )
     args = ap.parse_args()
+    if args.fetch_seed_package:
+        args.seed_package = fetch_seed_package(args.fetch_seed_package)
     reqs = make_requests(args.requests)
     tokens = args.requests * (PREFIX_TOKENS + SUFFIX_TOKENS)
     t_ours = timed(seed_api, reqs)

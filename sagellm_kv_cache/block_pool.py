@@ -134,12 +134,15 @@ class BlockPool:
     def touch(self, block_ids: Sequence[int]) -> None:
         """Take a reference on each (cached) block; evictable ones leave the policy."""
         ref = self.ref_counts
-        pins = self.pin_counts
-        evictable = [b for b in block_ids if not ref[b] and not pins[b]]
+        pins = self.pin_counts if self._num_pinned else None
+        evictable: list[int] = []
+        for b in block_ids:
+            r = ref[b]
+            if not r and (pins is None or not pins[b]):
+                evictable.append(b)
+            ref[b] = r + 1
         if evictable:
             self.policy.remove_many(evictable)
-        for b in block_ids:
-            ref[b] += 1
         if self._policy_tracks_hits:
             on_hit = self.policy.on_hit
             for b in block_ids:

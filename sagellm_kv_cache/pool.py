@@ -400,10 +400,14 @@ class KVPool:
             bp = self._blocks
             hit = bp.match_prefix(hashes) if self.enable_prefix_caching else []
             n_new = n_total - len(hit)
-            if n_total > self.num_blocks or n_new > bp.num_available - bp.num_evictable_among(hit):
+            # hit blocks that are evictable now stop counting as obtainable once taken
+            if n_new > bp.num_free and (
+                n_total > self.num_blocks or n_new > bp.num_available - bp.num_evictable_among(hit)
+            ):
+                obtainable = bp.num_available - bp.num_evictable_among(hit)
                 raise KVBudgetExceededError(
                     f"request of {num_tokens} tokens needs {n_new} new blocks beyond its "
-                    f"{len(hit)} cached ones; {bp.num_available - bp.num_evictable_among(hit)} obtainable",
+                    f"{len(hit)} cached ones; {obtainable} obtainable",
                     needed=n_new,
                     hit=len(hit),
                 )
