@@ -1,0 +1,63 @@
+"""Observability: Prometheus metrics and a KV-event stream for a ``KVPool``.
+
+Two hooks (``hooks.PoolHook`` subclasses) turn pool events into outputs::
+
+    KVPool --hook calls--> MetricsHook  --plain ints, scrape-time fold--> MetricsCollector
+                                                                          (own CollectorRegistry)
+                                                                               |
+                                                       start_metrics_server / collector.render()
+    KVPool --hook calls--> KVEventStream --BlockStored/BlockRemoved/AllBlocksCleared-->
+                           ring buffer (events_since), subscribers, JSON lines, replay()
+
+Quick use::
+
+    from sagellm_kv_cache.observability import instrument, start_metrics_server
+    collector = instrument(pool, name="gpu0")          # attaches a MetricsHook
+    server = start_metrics_server(9400, registry=collector.registry)
+    ...
+    server.shutdown()
+
+``prometheus_client`` is imported only when the metrics part is used; the
+event stream needs nothing beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY: dict[str, str] = {
+    "MetricsCollector": "metrics",
+    "MetricsHook": "metrics",
+    "instrument": "metrics",
+    "DEFAULT_SECONDS_BUCKETS": "metrics",
+    "start_metrics_server": "server",
+    "MetricsServer": "server",
+    "KVEventStream": "events",
+    "KVEvent": "events",
+    "BlockStored": "events",
+    "BlockRemoved": "events",
+    "AllBlocksCleared": "events",
+    "KVEventGapError": "events",
+    "CacheIndex": "events",
+    "replay": "events",
+    "event_to_dict": "events",
+    "event_from_dict": "events",
+    "events_to_jsonl": "events",
+    "events_from_jsonl": "events",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

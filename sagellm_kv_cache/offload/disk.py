@@ -1,0 +1,328 @@
+"""Crash-safe block files: the byte store under the disk tier.
+
+One file per block, named after the block hash, in one directory::
+
+    <dir>/.lock                  flock'ed by the one store that owns the directory
+    <dir>/b3fa9...e1.kvb         a visible block (bytes hash: "b" + hex)
+    <dir>/i-1234.kvb             a visible block (integer hash, e.g. a Mooncake id: "i" + int)
+    <dir>/.tmp-....part          a write in progress (or torn by a crash): never served
+
+    file = header (64 B) | key bytes | zero padding to 64 B | payload
+    header, little-endian:
+        magic  "SKVB" | version u16 | key kind u8 (0 bytes, 1 int) | pad u8
+        key length u32 | payload length u64 | crc32 of payload u32 | pad u32
+        geometry digest (16 B: blake2b of dtype and block shape) | 20 B zero
+
+Visibility is all or nothing: a block is written to a temporary name,
+``fsync``'ed, renamed over its final name with ``os.replace`` (atomic on
+POSIX) and the directory is ``fsync``'ed. A writer killed at any point leaves
+either no final file or a complete one; temporaries are deleted when the
+store is (re)opened. Reads are memory-mapped and check the payload's crc32
+(and on open the header, the size and, by default, the checksum), so a block
+whose bytes do not match what was written is never served.
+
+Nothing here is unpickled: the header is a fixed ``struct`` and the payload
+raw tensor bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import struct
+import uuid
+import zlib
+from collections.abc import Callable, Hashable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import KVChecksumMismatchError, KVConfigError, KVInvalidInputError
+
+__all__ = ["DiskBlockStore", "block_file_name", "parse_block_file_name"]
+
+_MAGIC = b"SKVB"
+_VERSION = 1
+_HEADER = struct.Struct("<4sHBBIQII16s20s")  # 64 bytes
+assert _HEADER.size == 64
+_ALIGN = 64
+_SUFFIX = ".kvb"
+_TMP_PREFIX = ".tmp-"
+_CHUNK_BYTES = 8 << 20
+
+
+def block_file_name(key: Hashable) -> str:
+    """File name of the block with hash ``key`` (bytes or int)."""
+    if isinstance(key, bytes):
+        return f"b{key.hex()}{_SUFFIX}"
+    if isinstance(key, int) and not isinstance(key, bool):
+        return f"i{key}{_SUFFIX}"
+    raise KVInvalidInputError(f"disk tier keys must be bytes or int, got {type(key).__name__}")
+
+
+def parse_block_file_name(name: str) -> Hashable | None:
+    """Inverse of ``block_file_name``; ``None`` for any other name."""
+    if not name.endswith(_SUFFIX) or len(name) < len(_SUFFIX) + 2:
+        return None
+    body = name[1 : -len(_SUFFIX)]
+    try:
+        if name[0] == "b":
+            return bytes.fromhex(body)
+        if name[0] == "i":
+            return int(body)
+    except ValueError:
+        return None
+    return None
+
+
+def _key_bytes(key: Hashable) -> tuple[int, bytes]:
+    if isinstance(key, bytes):
+        return 0, key
+    return 1, str(key).encode()
+
+
+def _payload_offset(key_len: int) -> int:
+    return -(-(_HEADER.size + key_len) // _ALIGN) * _ALIGN
+
+
+class DiskBlockStore:
+    """Block files in one directory, owned by one store at a time.
+
+    Args:
+        directory: where the files live (created if missing).
+        geometry: a string naming dtype and block shape; files written with
+            another geometry are ignored (and removed) on open.
+        block_nbytes: payload size of one block.
+        fsync: sync file and directory before a block becomes visible
+            (turn off only for throwaway benchmarks).
+        verify_on_open: check every file's crc32 when opening (else only its
+            header and size; the checksum is always checked on read).
+
+    Raises:
+        KVConfigError: another live store holds the directory.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        geometry: str,
+        block_nbytes: int,
+        *,
+        fsync: bool = True,
+        verify_on_open: bool = True,
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.geometry = geometry
+        self._geometry_digest = hashlib.blake2b(geometry.encode(), digest_size=16).digest()
+        self.block_nbytes = block_nbytes
+        self.fsync = fsync
+        self.verify_on_open = verify_on_open
+        self._lock_fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise KVConfigError(
+                f"disk tier directory {self.directory} is in use by another store"
+            ) from None
+        self.num_dropped_on_open = 0
+
+    # -- lifecycle -----------------------------------------------------------
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def __enter__(self) -> DiskBlockStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def path_of(self, key: Hashable) -> Path:
+        return self.directory / block_file_name(key)
+
+    def scan(self) -> list[Hashable]:
+        """Keys of the valid blocks on disk, oldest (by mtime) first.
+
+        Removes temporaries of torn writes and files that fail validation.
+        """
+        found: list[tuple[int, str, Hashable]] = []
+        for entry in os.scandir(self.directory):
+            name = entry.name
+            if name.startswith(_TMP_PREFIX):
+                os.unlink(entry.path)  # a write that never completed
+                continue
+            key = parse_block_file_name(name)
+            if key is None:
+                continue
+            if self._valid(entry.path, key, check_payload=self.verify_on_open):
+                found.append((entry.stat().st_mtime_ns, name, key))
+            else:
+                os.unlink(entry.path)
+                self.num_dropped_on_open += 1
+        found.sort(key=lambda t: (t[0], t[1]))
+        return [k for _, _, k in found]
+
+    def _read_header(self, fd: int, key: Hashable) -> tuple[int, int] | None:
+        """(payload offset, crc32) when the header matches ``key`` and this geometry."""
+        raw = os.pread(fd, _HEADER.size, 0)
+        if len(raw) != _HEADER.size:
+            return None
+        magic, version, kind, _, key_len, payload_len, crc, _, geom, _ = _HEADER.unpack(raw)
+        want_kind, want_key = _key_bytes(key)
+        if (
+            magic != _MAGIC
+            or version != _VERSION
+            or kind != want_kind
+            or key_len != len(want_key)
+            or payload_len != self.block_nbytes
+            or geom != self._geometry_digest
+        ):
+            return None
+        if os.pread(fd, key_len, _HEADER.size) != want_key:
+            return None
+        return _payload_offset(key_len), crc
+
+    def _valid(self, path: str, key: Hashable, *, check_payload: bool) -> bool:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            head = self._read_header(fd, key)
+            if head is None:
+                return False
+            off, crc = head
+            if os.fstat(fd).st_size != off + self.block_nbytes:
+                return False
+            if check_payload:
+                crc_now = 0
+                pos = off
+                end = off + self.block_nbytes
+                while pos < end:
+                    chunk = os.pread(fd, min(_CHUNK_BYTES, end - pos), pos)
+                    if not chunk:
+                        return False
+                    crc_now = zlib.crc32(chunk, crc_now)
+                    pos += len(chunk)
+                return crc_now == crc
+            return True
+        finally:
+            os.close(fd)
+
+    # -- write ---------------------------------------------------------------
+    def write(
+        self,
+        key: Hashable,
+        payload: Any,
+        *,
+        _after_chunk: Callable[[int], None] | None = None,
+    ) -> None:
+        """Write one block atomically (visible only once complete and synced).
+
+        Args:
+            key: block hash (bytes or int).
+            payload: ``block_nbytes`` bytes (bytes, memoryview, numpy array, or
+                a contiguous CPU tensor).
+            _after_chunk: test hook called with the bytes written so far after
+                every chunk (crash tests kill the writer from there).
+        """
+        view = _as_bytes_view(payload)
+        if view.nbytes != self.block_nbytes:
+            raise KVInvalidInputError(
+                f"block payload has {view.nbytes} bytes, the store expects {self.block_nbytes}"
+            )
+        kind, kb = _key_bytes(key)
+        crc = zlib.crc32(view)
+        header = _HEADER.pack(
+            _MAGIC, _VERSION, kind, 0, len(kb), view.nbytes, crc, 0, self._geometry_digest, b""
+        )
+        prefix = header + kb
+        prefix += b"\0" * (_payload_offset(len(kb)) - len(prefix))
+        final = self.path_of(key)
+        tmp = self.directory / f"{_TMP_PREFIX}{uuid.uuid4().hex}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(fd, memoryview(prefix))
+            done = 0
+            for pos in range(0, view.nbytes, _CHUNK_BYTES):
+                _write_all(fd, view[pos : pos + _CHUNK_BYTES])
+                done = min(view.nbytes, pos + _CHUNK_BYTES)
+                if _after_chunk is not None:
+                    _after_chunk(done)
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, final)
+        if self.fsync:
+            dfd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+    # -- read ----------------------------------------------------------------
+    def read(self, key: Hashable, *, verify: bool = True):
+        """The payload of ``key`` as a writable (copy-on-write) ``numpy.memmap`` of uint8.
+
+        Raises:
+            KVCacheMissError-like ``FileNotFoundError``: no such block.
+            KVChecksumMismatchError: the bytes do not match the header's crc32.
+        """
+        import numpy as np
+
+        path = self.path_of(key)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            head = self._read_header(fd, key)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        if head is None or size != head[0] + self.block_nbytes:
+            raise KVChecksumMismatchError(f"block file {path.name} is malformed", key=str(key))
+        off, crc = head
+        mm = np.memmap(path, dtype=np.uint8, mode="c", offset=off, shape=(self.block_nbytes,))
+        if verify and zlib.crc32(mm) != crc:
+            raise KVChecksumMismatchError(
+                f"block file {path.name}: payload crc32 does not match its header", key=str(key)
+            )
+        return mm
+
+    def delete(self, key: Hashable) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path_of(key))
+
+    def keys(self) -> Iterator[Hashable]:
+        """Keys of the visible block files (no validation)."""
+        for entry in os.scandir(self.directory):
+            key = parse_block_file_name(entry.name)
+            if key is not None:
+                yield key
+
+    def __repr__(self) -> str:
+        return f"DiskBlockStore({str(self.directory)!r}, block_nbytes={self.block_nbytes})"
+
+
+def _as_bytes_view(payload: Any) -> memoryview:
+    mod = type(payload).__module__
+    if mod.startswith("torch"):
+        t = payload.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        payload = t.contiguous().reshape(-1).view(__import__("torch").uint8).numpy()
+    view = memoryview(payload)
+    if not view.contiguous:
+        raise KVInvalidInputError("block payload must be contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data.nbytes:
+        n = os.write(fd, data)
+        data = data[n:]

@@ -1,0 +1,564 @@
+"""The scheduler's view of the KV cache: ``KVCacheManager`` and ``SchedulerBridge``.
+
+::
+
+    scheduler (batching, priorities)
+        |  plan(requests) -> SchedulerPlan      what can run now, and what it costs
+        |  allocate_request / free_request      what the engine then does
+        v
+    SchedulerBridge  (seed API)
+        v
+    KVCacheManager   (the facade an engine holds: request id -> allocation)
+        v
+    KVOffloadManager (device pool + host / disk tiers)      offload/
+        v
+    KVPool -> BlockPool -> EvictionPolicy                    pool.py ...
+
+``plan()`` changes nothing. It walks the requests in order over a shadow of
+the device pool (free blocks, the policy's victim order, blocks the earlier
+requests of the plan take or evict) and answers, per request: hit blocks per
+tier, new device blocks to allocate, blocks to onboard from lower tiers,
+device blocks its allocation would evict, and, for a request that must wait,
+why. Executing the plan in order (``execute``) does exactly that on the
+device: the admitted set and the device block counts are exact. The split of
+lower-tier hits is exact too unless a lower tier itself overflows during the
+plan (a spill pushing a block the plan counts as a hit further down).
+
+Wait reasons: ``"too_large"`` (more blocks than the device has: it can never
+run), ``"no_blocks"`` (not enough free + evictable device blocks now),
+``"max_num_seqs"``, ``"token_budget"`` (uncached tokens over
+``max_num_batched_tokens``), ``"blocked"`` (FCFS: an earlier request waits).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import KVCacheMissError, KVConfigError, KVInvalidInputError, KVInvalidTypeError
+from .handle import KVHandle
+from .offload import KVOffloadManager, OffloadAllocation, OffloadLookup, TierConfig
+from .pool import KVPool, check_num_tokens
+from .storage import ModelShape
+
+__all__ = [
+    "WAIT_REASONS",
+    "KVCacheManager",
+    "RequestPlan",
+    "SchedRequest",
+    "SchedulerBridge",
+    "SchedulerPlan",
+]
+
+WAIT_REASONS = ("too_large", "no_blocks", "max_num_seqs", "token_budget", "blocked")
+
+
+@dataclass(slots=True)
+class SchedRequest:
+    """A request as the scheduler sees it.
+
+    Args:
+        request_id: unique id.
+        num_tokens: prompt tokens to hold KV for.
+        tokens: token ids (hashed with the pool's hash) ...
+        block_hashes: ... or precomputed hashes of its full blocks (trace replay).
+    """
+
+    request_id: str
+    num_tokens: int
+    tokens: Any = None
+    block_hashes: Sequence[Hashable] | None = None
+
+
+@dataclass(slots=True)
+class RequestPlan:
+    """One request's line of a ``SchedulerPlan``.
+
+    Attributes:
+        hit_blocks_per_tier: tier -> leading blocks found there (device first).
+        blocks_to_allocate: new device blocks (onboarded + computed + partial);
+            set for waiting requests too (what they would need now).
+        blocks_to_onboard: blocks copied up from lower tiers (a subset of the above).
+        blocks_to_evict: device blocks its allocation evicts (spilled down).
+        evict_hashes: their hashes, in eviction order.
+        reason: why it waits (``None`` when admitted).
+    """
+
+    request_id: str
+    num_tokens: int
+    num_blocks: int
+    hit_blocks_per_tier: dict[str, int]
+    block_size: int
+    blocks_to_allocate: int = 0
+    blocks_to_onboard: int = 0
+    blocks_to_evict: int = 0
+    evict_hashes: list = field(default_factory=list)
+    admitted: bool = False
+    reason: str | None = None
+
+    @property
+    def num_hit_blocks(self) -> int:
+        return sum(self.hit_blocks_per_tier.values())
+
+    @property
+    def num_hit_tokens(self) -> int:
+        return min(self.num_hit_blocks * self.block_size, self.num_tokens)
+
+    @property
+    def hit_tokens_per_tier(self) -> dict[str, int]:
+        return {t: n * self.block_size for t, n in self.hit_blocks_per_tier.items()}
+
+    @property
+    def num_uncached_tokens(self) -> int:
+        return self.num_tokens - self.num_hit_tokens
+
+
+@dataclass(slots=True)
+class SchedulerPlan:
+    """What running ``requests`` now would take (see module docstring)."""
+
+    requests: list[RequestPlan]
+    device_free_blocks_after: int
+    device_evictable_blocks_after: int
+
+    @property
+    def admitted(self) -> list[RequestPlan]:
+        return [r for r in self.requests if r.admitted]
+
+    @property
+    def waiting(self) -> list[RequestPlan]:
+        return [r for r in self.requests if not r.admitted]
+
+    @property
+    def admitted_ids(self) -> list[str]:
+        return [r.request_id for r in self.requests if r.admitted]
+
+    @property
+    def wait_reasons(self) -> dict[str, str]:
+        return {r.request_id: r.reason for r in self.requests if not r.admitted}
+
+    @property
+    def blocks_to_allocate(self) -> int:
+        return sum(r.blocks_to_allocate for r in self.requests if r.admitted)
+
+    @property
+    def blocks_to_onboard(self) -> int:
+        return sum(r.blocks_to_onboard for r in self.requests if r.admitted)
+
+    @property
+    def blocks_to_evict(self) -> int:
+        return sum(r.blocks_to_evict for r in self.requests if r.admitted)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "admitted": self.admitted_ids,
+            "waiting": self.wait_reasons,
+            "blocks_to_allocate": self.blocks_to_allocate,
+            "blocks_to_onboard": self.blocks_to_onboard,
+            "blocks_to_evict": self.blocks_to_evict,
+            "requests": [
+                {
+                    "request_id": r.request_id,
+                    "admitted": r.admitted,
+                    "reason": r.reason,
+                    "hit_tokens_per_tier": r.hit_tokens_per_tier,
+                    "blocks_to_allocate": r.blocks_to_allocate,
+                    "blocks_to_onboard": r.blocks_to_onboard,
+                    "blocks_to_evict": r.blocks_to_evict,
+                }
+                for r in self.requests
+            ],
+        }
+
+
+class KVCacheManager:
+    """The single KV-cache facade an engine holds: request ids over the tiered cache.
+
+    Args:
+        offload: the ``KVOffloadManager`` (device pool + lower tiers) to drive.
+    """
+
+    def __init__(self, offload: KVOffloadManager) -> None:
+        self.offload = offload
+        self._requests: dict[str, OffloadAllocation] = {}
+
+    @property
+    def pool(self) -> KVPool:
+        """The device pool (``write_kv`` / ``read_kv`` on a request's handle)."""
+        return self.offload.device
+
+    @property
+    def block_size(self) -> int:
+        return self.offload.block_size
+
+    def block_hashes_of(self, tokens: Any = None, block_hashes: Any = None) -> list | None:
+        if tokens is not None:
+            return self.pool.compute_block_hashes(tokens)
+        return None if block_hashes is None else list(block_hashes)
+
+    def lookup(self, tokens: Any = None, *, block_hashes: Any = None) -> OffloadLookup:
+        """Where the cached prefix of a prompt lives (no side effect)."""
+        hashes = self.block_hashes_of(tokens, block_hashes)
+        if hashes is None:
+            raise KVInvalidInputError("lookup needs tokens or block_hashes")
+        return self.offload.lookup(hashes)
+
+    def allocate(
+        self,
+        request_id: str,
+        num_tokens: int | None = None,
+        *,
+        tokens: Any = None,
+        block_hashes: Sequence[Hashable] | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> OffloadAllocation:
+        """Allocate KV for a request (prefix reuse across tiers when hashes or tokens are given).
+
+        Raises:
+            KVInvalidInputError: ``request_id`` already holds an allocation.
+            KVBudgetExceededError: it does not fit the device now (nothing changed).
+        """
+        if not isinstance(request_id, str):
+            raise KVInvalidTypeError(f"request_id must be a str, got {type(request_id).__name__}")
+        if request_id in self._requests:
+            raise KVInvalidInputError(f"request {request_id!r} already holds KV blocks")
+        if tokens is not None and num_tokens is None:
+            num_tokens = len(tokens)
+        check_num_tokens(num_tokens)
+        alloc = self.offload.allocate(
+            tokens, block_hashes=block_hashes, num_tokens=num_tokens, request_id=request_id
+        )
+        self._requests[request_id] = alloc
+        if wait:
+            alloc.wait(timeout)
+        return alloc
+
+    def get_allocation(self, request_id: str) -> OffloadAllocation:
+        try:
+            return self._requests[request_id]
+        except KeyError:
+            raise KVCacheMissError(f"no allocation for request {request_id!r}") from None
+
+    def get_handle(self, request_id: str) -> KVHandle:
+        return self.get_allocation(request_id).handle
+
+    def cache(self, request_id: str, num_tokens: int | None = None) -> int:
+        """Register the request's computed full blocks (their KV is written)."""
+        handle = self.get_handle(request_id)
+        kwargs = {} if num_tokens is None else {"num_tokens": num_tokens}
+        return self.offload.cache_blocks(handle, **kwargs)
+
+    def free(self, request_id: str, *, cache: bool = True) -> None:
+        """Release a request; with ``cache`` its full blocks are registered first."""
+        alloc = self.get_allocation(request_id)
+        if cache and alloc.handle.block_hashes:
+            self.offload.cache_blocks(alloc.handle)
+        self.offload.free(alloc.handle)
+        del self._requests[request_id]
+
+    @property
+    def running(self) -> list[str]:
+        return list(self._requests)
+
+    def get_stats(self) -> dict[str, Any]:
+        out = self.offload.get_stats()
+        out["device_pool"] = self.pool.get_stats()
+        out["running_requests"] = len(self._requests)
+        return out
+
+    def reset(self) -> None:
+        self._requests.clear()
+        self.offload.reset()
+
+    def close(self) -> None:
+        self.offload.close()
+
+    def check_invariants(self) -> None:
+        self.offload.check_invariants()
+
+
+class SchedulerBridge:
+    """Bridge between a scheduler and the (tiered) KV cache (seed API).
+
+    Args:
+        max_tokens: device KV budget in tokens (rounded down to whole blocks).
+        block_size: tokens per block.
+        enable_prefix_cache: reuse cached prefixes across requests.
+        eviction_policy: policy of every tier.
+        model_shape: KV geometry; ``None`` for metadata-only planning.
+        device: device of the device tier.
+        host_max_tokens / disk_max_tokens: lower-tier budgets (0: no such tier).
+        disk_dir: folder of the disk tier (needed with a ``model_shape``).
+        write_policy / admit_after_hits / promote_on_hit / async_copies:
+            see ``KVOffloadManager``.
+        max_num_seqs: at most this many requests admitted per plan.
+        max_num_batched_tokens: at most this many uncached tokens per plan.
+        fcfs: stop admitting at the first request that must wait.
+    """
+
+    def __init__(
+        self,
+        max_tokens: int,
+        block_size: int = 16,
+        enable_prefix_cache: bool = True,
+        eviction_policy: str = "lru",
+        *,
+        model_shape: ModelShape | str | None = None,
+        device: str = "cpu",
+        host_max_tokens: int = 0,
+        disk_max_tokens: int = 0,
+        disk_dir: str | None = None,
+        write_policy: str = "write_back",
+        admit_after_hits: int = 0,
+        promote_on_hit: bool = True,
+        async_copies: bool = True,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        fcfs: bool = True,
+        hash_fn: str = "sha256",
+        extra_keys: Any = None,
+        clock=None,
+    ) -> None:
+        pool = KVPool(
+            max_tokens,
+            block_size=block_size,
+            model_shape=model_shape,
+            device=device,
+            eviction_policy=eviction_policy,
+            enable_prefix_caching=enable_prefix_cache,
+            hash_fn=hash_fn,
+            extra_keys=extra_keys,
+            clock=clock,
+        )
+        tiers = []
+        for name, kind, budget in (
+            ("cpu", "host", host_max_tokens),
+            ("disk", "disk", disk_max_tokens),
+        ):
+            if budget:
+                n = check_num_tokens(budget, f"{name}_max_tokens") // block_size
+                if n < 1:
+                    raise KVConfigError(f"{name} tier budget holds no full block")
+                tiers.append(
+                    TierConfig(
+                        name,
+                        n,
+                        kind,
+                        eviction_policy,
+                        directory=disk_dir if kind == "disk" and model_shape is not None else None,
+                    )
+                )
+        offload = KVOffloadManager(
+            pool,
+            tiers,
+            write_policy=write_policy,
+            admit_after_hits=admit_after_hits,
+            promote_on_hit=promote_on_hit,
+            async_copies=async_copies,
+            device_tier_name="gpu" if pool.device.startswith("cuda") else "device",
+        )
+        self.manager = KVCacheManager(offload)
+        self.max_tokens = pool.max_tokens
+        self.block_size = block_size
+        self.enable_prefix_cache = enable_prefix_cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.fcfs = fcfs
+
+    @property
+    def offload(self) -> KVOffloadManager:
+        return self.manager.offload
+
+    @property
+    def pool(self) -> KVPool:
+        return self.manager.pool
+
+    # -- planning ------------------------------------------------------------
+    def _as_request(self, r: Any) -> SchedRequest:
+        if isinstance(r, SchedRequest):
+            req = r
+        elif isinstance(r, Mapping):
+            req = SchedRequest(**r)
+        else:
+            raise KVInvalidTypeError(
+                f"expected a SchedRequest or a mapping, got {type(r).__name__}"
+            )
+        n = req.num_tokens
+        if n is None and req.tokens is not None:
+            n = len(req.tokens)
+            req = SchedRequest(req.request_id, n, req.tokens, req.block_hashes)
+        check_num_tokens(n)
+        return req
+
+    def plan(self, requests: Iterable[SchedRequest | Mapping[str, Any]]) -> SchedulerPlan:
+        """What allocating ``requests`` in order would do now (changes nothing).
+
+        Returns:
+            a ``SchedulerPlan``: the admitted requests with their hit blocks per
+            tier and the blocks to allocate, onboard and evict; the others with
+            their wait reason.
+        """
+        off = self.offload
+        with off._lock:
+            return self._plan([self._as_request(r) for r in requests])
+
+    def _plan(self, requests: list[SchedRequest]) -> SchedulerPlan:
+        off = self.offload
+        bp = self.pool.block_pool
+        bs = self.block_size
+        dev_name = off.device_name
+        dev_cached = bp.cached if self.enable_prefix_cache else {}
+        ref, pins = bp.ref_counts, bp.pin_counts
+        free = bp.num_free
+        order: list[int] | None = None  # the policy's victim order, fetched when needed
+        cursor = 0
+        touched: set[int] = set()  # evictable blocks the plan's hits take
+        evicted: dict[Hashable, None] = {}  # hashes the plan evicts from the device
+        onboarded: set[Hashable] = set()  # hashes the plan brings onto the device
+        plan_hits: Counter = Counter()
+        evictable_left = bp.num_evictable
+        spill_tier = off.tiers[0].name if off.tiers else None
+        lower = [(t.name, t.pool.cached) for t in off.tiers]
+        out: list[RequestPlan] = []
+        n_admitted = 0
+        token_budget = self.max_num_batched_tokens
+        blocked = False
+        for req in requests:
+            hashes = self.manager.block_hashes_of(req.tokens, req.block_hashes) or []
+            hashes = hashes[: req.num_tokens // bs] if self.enable_prefix_cache else []
+            n_total = -(-req.num_tokens // bs)
+            per = dict.fromkeys(off.tier_names, 0)
+            dev_run = True
+            d = 0
+            run_ids: list[int] = []
+            for h in hashes:
+                b = dev_cached.get(h)
+                if h in onboarded or (b is not None and h not in evicted):
+                    if dev_run:
+                        d += 1
+                        if b is not None and h not in onboarded:
+                            run_ids.append(b)
+                    per[dev_name] += 1
+                    continue
+                dev_run = False
+                where = None
+                for name, cached in lower:
+                    if h in cached:
+                        where = name
+                        break
+                if where is None and h in evicted and spill_tier is not None:
+                    hits = off._hits.get(h, 0) + plan_hits[h]
+                    if hits >= off.admit_after_hits:
+                        where = spill_tier
+                if where is None:
+                    break
+                per[where] += 1
+            rp = RequestPlan(req.request_id, req.num_tokens, n_total, per, bs)
+            out.append(rp)
+            n_hit = sum(per.values())
+            n_new = n_total - d
+            rp.blocks_to_allocate = n_new  # what it needs, admitted or not
+            rp.blocks_to_onboard = n_hit - d
+            take = [b for b in run_ids if b not in touched and not ref[b] and not pins[b]]
+            obtainable = free + evictable_left - len(take)
+            if blocked:
+                rp.reason = "blocked"
+            elif n_total > bp.num_blocks:
+                rp.reason = "too_large"
+            elif n_new > obtainable:
+                rp.reason = "no_blocks"
+            elif self.max_num_seqs is not None and n_admitted >= self.max_num_seqs:
+                rp.reason = "max_num_seqs"
+            elif token_budget is not None and rp.num_uncached_tokens > token_budget:
+                rp.reason = "token_budget"
+            if rp.reason is not None:
+                blocked = blocked or self.fcfs
+                continue
+            # admitted: take its hits, then free blocks, then victims in policy order
+            rp.admitted = True
+            n_admitted += 1
+            if token_budget is not None:
+                token_budget -= rp.num_uncached_tokens
+            touched.update(take)
+            evictable_left -= len(take)
+            from_free = min(free, n_new)
+            free -= from_free
+            need = n_new - from_free
+            if need:
+                if order is None:
+                    order = bp.policy.peek_victims(len(bp.policy))
+                while need:
+                    b = order[cursor]
+                    cursor += 1
+                    if b in touched:
+                        continue
+                    h = bp.block_hashes[b]
+                    evicted[h] = None
+                    rp.evict_hashes.append(h)
+                    need -= 1
+                evictable_left -= len(rp.evict_hashes)
+            rp.blocks_to_evict = len(rp.evict_hashes)
+            for h in hashes[:n_hit]:
+                plan_hits[h] += 1
+            onboarded.update(hashes[d:n_hit])
+        return SchedulerPlan(out, free, evictable_left)
+
+    def schedule(
+        self, requests: Iterable[SchedRequest | Mapping[str, Any]], *, wait: bool = False
+    ) -> tuple[SchedulerPlan, list[OffloadAllocation]]:
+        """``plan`` then allocate the admitted requests; returns both."""
+        reqs = [self._as_request(r) for r in requests]
+        with self.offload._lock:
+            plan = self._plan(reqs)
+            by_id = {r.request_id: r for r in reqs}
+            allocs = [
+                self.allocate_request(
+                    rp.request_id,
+                    rp.num_tokens,
+                    tokens=by_id[rp.request_id].tokens,
+                    block_hashes=by_id[rp.request_id].block_hashes,
+                    wait=wait,
+                )
+                for rp in plan.admitted
+            ]
+        return plan, allocs
+
+    # -- per request (seed API) -----------------------------------------------
+    def allocate_request(
+        self,
+        request_id: str,
+        num_tokens: int | None = None,
+        *,
+        tokens: Any = None,
+        block_hashes: Sequence[Hashable] | None = None,
+        wait: bool = False,
+    ) -> OffloadAllocation:
+        """Allocate KV for one request (see ``KVCacheManager.allocate``)."""
+        return self.manager.allocate(
+            request_id, num_tokens, tokens=tokens, block_hashes=block_hashes, wait=wait
+        )
+
+    def free_request(self, request_id: str, *, cache: bool = True) -> None:
+        """Release a request's KV (its full blocks stay cached unless ``cache=False``)."""
+        self.manager.free(request_id, cache=cache)
+
+    def get_stats(self) -> dict[str, Any]:
+        stats = self.manager.get_stats()
+        stats["max_tokens"] = self.max_tokens
+        stats["block_size"] = self.block_size
+        return stats
+
+    def reset(self) -> None:
+        self.manager.reset()
+
+    def close(self) -> None:
+        self.manager.close()
+
+    def __enter__(self) -> SchedulerBridge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,200 @@
+"""SchedulerBridge / SchedulerPlan / KVCacheManager: exact plans and budget-safe execution."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sagellm_kv_cache.errors import (
+    KVBudgetExceededError,
+    KVCacheMissError,
+    KVInvalidInputError,
+)
+from sagellm_kv_cache.scheduler import SchedRequest, SchedulerBridge
+
+BS = 4
+
+
+def make_bridge(device_blocks=8, cpu_blocks=0, **kwargs) -> SchedulerBridge:
+    return SchedulerBridge(
+        device_blocks * BS, block_size=BS, host_max_tokens=cpu_blocks * BS, **kwargs
+    )
+
+
+def make_request(rid: str, prefix: int, num_blocks: int, extra_tokens: int = 0) -> SchedRequest:
+    """Prompt ``prefix``'s first ``num_blocks`` full blocks plus ``extra_tokens`` tokens."""
+    tokens = [prefix * 1000 + t for t in range(num_blocks * BS + extra_tokens)]
+    return SchedRequest(rid, len(tokens), tokens=tokens)
+
+
+def run_and_free(bridge: SchedulerBridge, req: SchedRequest) -> None:
+    bridge.allocate_request(req.request_id, req.num_tokens, tokens=req.tokens, wait=True)
+    bridge.free_request(req.request_id)
+
+
+def test_plan_on_an_empty_pool_admits_fcfs_until_blocks_run_out():
+    bridge = make_bridge(device_blocks=8)
+    reqs = [
+        make_request("a", 1, 3),  # 3 blocks
+        make_request("b", 2, 2, extra_tokens=1),  # 3 blocks (one partial)
+        make_request("c", 3, 3),  # 3 blocks: only 2 left
+        make_request("d", 4, 1),  # fits, but FCFS stops at c
+    ]
+    plan = bridge.plan(reqs)
+    assert plan.admitted_ids == ["a", "b"]
+    assert plan.wait_reasons == {"c": "no_blocks", "d": "blocked"}
+    assert [r.blocks_to_allocate for r in plan.requests] == [3, 3, 3, 1]
+    assert plan.blocks_to_allocate == 6
+    assert plan.blocks_to_evict == 0
+    assert plan.device_free_blocks_after == 2
+    assert bridge.pool.get_stats()["free_blocks"] == 8  # plan changed nothing
+
+
+def test_plan_without_fcfs_skips_a_waiting_request():
+    bridge = make_bridge(device_blocks=8, fcfs=False)
+    reqs = [make_request("a", 1, 5), make_request("b", 2, 4), make_request("c", 3, 3)]
+    plan = bridge.plan(reqs)
+    assert plan.admitted_ids == ["a", "c"]
+    assert plan.wait_reasons == {"b": "no_blocks"}
+
+
+def test_plan_reasons_too_large_max_seqs_and_token_budget():
+    bridge = make_bridge(device_blocks=8, max_num_seqs=2, max_num_batched_tokens=20, fcfs=False)
+    reqs = [
+        make_request("huge", 1, 9),
+        make_request("a", 2, 2),  # 8 uncached tokens
+        make_request("b", 3, 3),  # 12 -> 20 total: at the budget
+        make_request("c", 4, 1),  # third request
+    ]
+    plan = bridge.plan(reqs)
+    assert plan.admitted_ids == ["a", "b"]
+    assert plan.wait_reasons == {"huge": "too_large", "c": "max_num_seqs"}
+    bridge2 = make_bridge(device_blocks=8, max_num_batched_tokens=12, fcfs=False)
+    plan2 = bridge2.plan(reqs[1:])
+    assert plan2.admitted_ids == ["a", "c"]
+    assert plan2.wait_reasons == {"b": "token_budget"}  # 8 + 12 > 12; then 8 + 4 fits
+
+
+def test_plan_counts_prefix_hits_and_exact_evictions():
+    bridge = make_bridge(device_blocks=8)
+    run_and_free(bridge, make_request("x", 1, 4))  # cached, evictable: x0..x3
+    run_and_free(bridge, make_request("y", 2, 2))  # cached, evictable: y0, y1
+    # z shares x's first two blocks, then needs 4 new ones; free = 2 so 2 evictions:
+    # the LRU order is x3, x2, x1, x0, y1, y0 minus z's hits (x0, x1) -> x3, x2
+    z = make_request("z", 1, 2)
+    z.tokens = z.tokens + [7_000 + t for t in range(4 * BS)]
+    z.num_tokens = len(z.tokens)
+    plan = bridge.plan([z])
+    (rp,) = plan.requests
+    assert rp.admitted
+    assert rp.hit_blocks_per_tier == {"device": 2}
+    assert rp.blocks_to_allocate == 4
+    assert rp.blocks_to_evict == 2
+    x_hashes = bridge.pool.compute_block_hashes(make_request("x", 1, 4).tokens)
+    assert rp.evict_hashes == [x_hashes[3], x_hashes[2]]
+    _plan_exec, allocs = bridge.schedule([z])
+    assert allocs[0].evicted_hashes == rp.evict_hashes
+    assert allocs[0].num_hit_tokens == 2 * BS
+
+
+def test_plan_reports_lower_tier_hits_and_onboarding():
+    bridge = make_bridge(device_blocks=4, cpu_blocks=8)
+    run_and_free(bridge, make_request("x", 1, 2))
+    run_and_free(bridge, make_request("y", 2, 2))
+    run_and_free(bridge, make_request("w", 3, 2))  # evicts x to the cpu tier
+    again = make_request("x2", 1, 2, extra_tokens=3)
+    plan = bridge.plan([again])
+    (rp,) = plan.requests
+    assert rp.hit_blocks_per_tier == {"device": 0, "cpu": 2}
+    assert rp.hit_tokens_per_tier == {"device": 0, "cpu": 8}
+    assert rp.blocks_to_allocate == 3
+    assert rp.blocks_to_onboard == 2
+    # no free block: 3 victims in LRU order (each request released tail first)
+    y = bridge.pool.compute_block_hashes(make_request("y", 2, 2).tokens)
+    w = bridge.pool.compute_block_hashes(make_request("w", 3, 2).tokens)
+    assert rp.evict_hashes == [y[1], y[0], w[1]]
+    _, (alloc,) = bridge.schedule([again], wait=True)
+    assert alloc.lookup.hits_per_tier == {"device": 0, "cpu": 2}
+    assert alloc.evicted_hashes == rp.evict_hashes
+    stats = bridge.get_stats()
+    assert stats["tiers"]["cpu"]["hit_blocks"] == 2
+    assert stats["running_requests"] == 1
+
+
+def test_later_requests_in_a_plan_hit_what_earlier_ones_onboard():
+    bridge = make_bridge(device_blocks=6, cpu_blocks=8)
+    run_and_free(bridge, make_request("x", 1, 2))
+    run_and_free(bridge, make_request("y", 2, 3))
+    run_and_free(bridge, make_request("w", 3, 3))  # x -> cpu
+    a = make_request("a", 1, 2, extra_tokens=1)
+    b = make_request("b", 1, 2, extra_tokens=2)
+    plan = bridge.plan([a, b])
+    assert [r.hit_blocks_per_tier for r in plan.requests] == [
+        {"device": 0, "cpu": 2},
+        {"device": 2, "cpu": 0},
+    ]
+    assert [r.blocks_to_allocate for r in plan.requests] == [3, 1]
+    _, allocs = bridge.schedule([a, b], wait=True)
+    assert [al.lookup.hits_per_tier for al in allocs] == [
+        r.hit_blocks_per_tier for r in plan.requests
+    ]
+
+
+def test_request_lifecycle_errors_and_reset():
+    bridge = make_bridge(device_blocks=8)
+    bridge.allocate_request("r1", 10)
+    with pytest.raises(KVInvalidInputError):
+        bridge.allocate_request("r1", 10)
+    with pytest.raises(KVBudgetExceededError):
+        bridge.allocate_request("r2", 40)
+    assert bridge.get_stats()["device_pool"]["used_blocks"] == 3
+    bridge.free_request("r1")
+    with pytest.raises(KVCacheMissError):
+        bridge.free_request("r1")
+    bridge.allocate_request("r3", 4)
+    bridge.reset()
+    stats = bridge.get_stats()
+    assert stats["running_requests"] == 0 and stats["device_pool"]["used_blocks"] == 0
+    assert stats["max_tokens"] == 32
+
+
+requests_strategy = st.lists(
+    st.lists(
+        st.tuples(st.integers(0, 4), st.integers(1, 4), st.integers(0, 3)),
+        min_size=1,
+        max_size=5,
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rounds=requests_strategy, fcfs=st.booleans())
+def test_executing_any_plan_matches_it_and_never_exceeds_a_budget(rounds, fcfs):
+    bridge = make_bridge(device_blocks=8, cpu_blocks=5, fcfs=fcfs, async_copies=False)
+    n = 0
+    for batch in rounds:
+        reqs = []
+        for prefix, nb, extra in batch:
+            n += 1
+            reqs.append(make_request(f"r{n}", prefix, nb, extra))
+        plan = bridge.plan(reqs)
+        _, allocs = bridge.schedule(reqs)
+        assert [a.handle.metadata["request_id"] for a in allocs] == plan.admitted_ids
+        for rp, a in zip(plan.admitted, allocs):
+            assert rp.blocks_to_allocate == len(a.handle.block_ids) - a.lookup.num_device_hit_blocks
+            assert rp.evict_hashes == a.evicted_hashes
+            assert rp.num_hit_blocks == a.lookup.num_hit_blocks
+        waiting = plan.waiting
+        if waiting and waiting[0].reason in ("no_blocks", "too_large"):
+            w = next(r for r in reqs if r.request_id == waiting[0].request_id)
+            with pytest.raises(KVBudgetExceededError):
+                bridge.allocate_request(w.request_id, w.num_tokens, tokens=w.tokens)
+        bridge.manager.check_invariants()
+        for t in bridge.offload.tiers:
+            assert t.pool.num_cached <= t.num_blocks
+        for a in allocs:
+            bridge.free_request(a.handle.metadata["request_id"])
+    bridge.close()
