@@ -1,0 +1,40 @@
+"""KV transfer between pools, processes and nodes (``KVTransferEngine``).
+
+    from sagellm_kv_cache.transfer import KVTransferEngine
+
+    # in-process: device pool -> host pool
+    engine = KVTransferEngine("inprocess")
+    engine.register_pool(gpu_pool, rank=0)
+    engine.register_pool(cpu_pool, rank=1)
+    tid = engine.transfer_kv_handle(handle, src_rank=0, dst_rank=1)
+
+    # across processes (torch.distributed: gloo on CPU, NCCL on CUDA)
+    engine = KVTransferEngine("torch", timeout_s=10)
+    engine.register_pool(pool)
+    engine.transfer_kv_handle(handle, src_rank=0, dst_rank=1)   # on rank 0
+    engine.receive(pool)                                        # on rank 1
+
+See ``engine.py`` for the protocol, ``wire.py`` for the wire format,
+``backends.py`` for transports and ``launcher.py`` for
+starting local ranks in tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+from .backends import InProcessBackend, TorchDistBackend, TransferBackend, make_backend
+from .engine import KVTransferEngine, ReceivedTransfer, TransferRecord, TransferStatus
+from .wire import TransferHeader, decode_header, encode_header
+
+__all__ = [
+    "InProcessBackend",
+    "KVTransferEngine",
+    "ReceivedTransfer",
+    "TorchDistBackend",
+    "TransferBackend",
+    "TransferHeader",
+    "TransferRecord",
+    "TransferStatus",
+    "decode_header",
+    "encode_header",
+    "make_backend",
+]
