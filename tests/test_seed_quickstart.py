@@ -71,3 +71,10 @@ def test_import_is_light():
         "print(heavy)"
     )
     assert out == "[]\n"
+
+
+def test_every_advertised_public_name_resolves():
+    import sagellm_kv_cache as pkg
+
+    for name in pkg.__all__:
+        assert getattr(pkg, name) is not None, name
