@@ -163,6 +163,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    ap.add_argument(
+        "--fetch-seed-package",
+        default=None,
+        metavar="DIR",
+        help="download and unpack it into DIR first",
+    )
     ap.add_argument("--requests", type=int, default=600)
     ap.add_argument(
         "--seed-package", default=None, help="dir with isagellm-kv-cache 0.5.4.15 unpacked"

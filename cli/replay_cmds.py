@@ -35,6 +35,11 @@ def _capacities(text: str) -> list[int]:
     help="Capacities (blocks) of the hit-ratio-vs-capacity figure.",
 )
 @click.option(
+    "--tiers",
+    default=None,
+    help="Tiered replay instead: capacities in blocks per tier, e.g. gpu=2000,cpu=8000,disk=100000.",
+)
+@click.option(
     "--skip-bad", is_flag=True, help="Skip and count malformed records instead of stopping."
 )
 @click.option(
@@ -47,7 +52,7 @@ def _capacities(text: str) -> list[int]:
 @click.option(
     "--progress/--no-progress", default=True, show_default=True, help="Show progress bars."
 )
-def replay(trace, fmt, capacity, policy, curve_caps, skip_bad, out_dir, progress):
+def replay(trace, fmt, capacity, policy, curve_caps, tiers, skip_bad, out_dir, progress):
     """Replay a request trace through the real block pool and prefix cache.
 
     Sequential mode: each request looks up its leading cached blocks, allocates
@@ -60,6 +65,7 @@ def replay(trace, fmt, capacity, policy, curve_caps, skip_bad, out_dir, progress
       sage-kv-stats replay                               # bundled Mooncake trace
       sage-kv-stats replay trace.jsonl --capacity 30000 --out run1
       sage-kv-stats replay --capacity inf --curve 500,2000,8000
+      sage-kv-stats replay --tiers gpu=2000,cpu=8000     # GPU + CPU tiers, TTFT model
     """
     import polars as pl
 
@@ -69,6 +75,9 @@ def replay(trace, fmt, capacity, policy, curve_caps, skip_bad, out_dir, progress
     trace = trace or DEFAULT_TRACE
     if not Path(trace).exists():
         raise click.FileError(str(trace), hint="trace file not found")
+    if tiers:
+        _replay_tiers(trace, fmt, tiers, policy, skip_bad, out_dir)
+        return
     cap = None if str(capacity).lower() in ("inf", "infinite") else _capacities(str(capacity))[0]
     stats: dict = {}
     try:
@@ -105,6 +114,41 @@ def replay(trace, fmt, capacity, policy, curve_caps, skip_bad, out_dir, progress
     click.echo(
         f"wrote {out_dir}/summary.json, records.parquet, config.json, hit_ratio_vs_capacity.png"
     )
+
+
+def _parse_tiers(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"expected NAME=BLOCKS, got {part!r}", param_hint="--tiers")
+        try:
+            out[name.strip()] = int(float(value))
+        except ValueError:
+            raise click.BadParameter(
+                f"{value!r} is not a block count", param_hint="--tiers"
+            ) from None
+    return out
+
+
+def _replay_tiers(trace, fmt, tiers, policy, skip_bad, out_dir) -> None:
+    from types import SimpleNamespace
+
+    from sim.tiered import replay_tiered
+    from traces import read_trace
+
+    spec = _parse_tiers(tiers)
+    try:
+        table = read_trace(trace, fmt, skip_bad=skip_bad)
+        config = SimpleNamespace(
+            block_size=int(table["block_size"][0]), sequential=True, policy=policy
+        )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        summary = replay_tiered(table, tiers=spec, config=config, out_dir=out_dir)
+    except KVCacheError as err:
+        raise click.ClickException(err.message) from None
+    click.echo(json.dumps(summary, indent=2, default=str)[:4000])
+    click.echo(f"wrote {out_dir}/summary.json and the TTFT figure")
 
 
 def _plot_curve(curve: list[dict], result, path: Path) -> None:

@@ -136,3 +136,18 @@ def test_every_command_has_help_with_examples():
     for name in cli.commands:
         res = CliRunner().invoke(cli, [name, "--help"])
         assert res.exit_code == 0 and "Example" in res.output, name
+
+
+def test_cli_tiered_replay_sums_to_one_pool(tmp_path):
+    out = tmp_path / "tiers"
+    res = CliRunner().invoke(
+        cli, ["replay", "--tiers", "gpu=2000,cpu=8000", "--no-progress", "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    per = summary["per_tier"]
+    assert per["gpu"]["hit_blocks"] + per["cpu"]["hit_blocks"] == 18254 + 34696
+    assert round(per["gpu"]["block_hit_ratio"] + per["cpu"]["block_hit_ratio"], 4) == 0.4492
+    assert (out / "ttft.png").stat().st_size > 0
+    bad = CliRunner().invoke(cli, ["replay", "--tiers", "gpu=lots", "--out", str(out)])
+    assert bad.exit_code == 2 and "--tiers" in bad.output
