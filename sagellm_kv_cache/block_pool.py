@@ -70,6 +70,7 @@ class BlockPool:
         self.enable_caching = enable_caching
         self.clock = clock or time.monotonic
         self.policy = make_policy(policy, self.clock)
+        self.policy.set_capacity(num_blocks)
         self._policy_tracks_hits = self.policy.tracks_hits
         # hooks a policy does not override are skipped on the hot path
         kind = type(self.policy)
@@ -168,9 +169,12 @@ class BlockPool:
                     free=num_free,
                     evictable=len(self.policy),
                 )
+            # evict first: a policy that cannot give enough victims (a leaf-only
+            # constraint) raises KVNoVictimError with the free queue untouched
+            victims = self._evict_many(num_blocks - num_free, "capacity")
             out = list(free_q)
             free_q.clear()
-            out += self._evict_many(num_blocks - num_free, "capacity")
+            out += victims
         ref = self.ref_counts
         for b in out:
             ref[b] = 1

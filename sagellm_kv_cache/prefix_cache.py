@@ -92,6 +92,7 @@ class PrefixCache:
         self._lock = threading.RLock() if pool is None else pool._lock
         if pool is None:
             self._policy = make_policy(eviction_policy)
+            self._policy.set_capacity(max_cached_blocks)
             self._tracks_hits = self._policy.tracks_hits
             self._policy_on_cached = type(self._policy).on_cached is not EvictionPolicy.on_cached
             self._index: dict[Hashable, int] = {}  # hash -> slot

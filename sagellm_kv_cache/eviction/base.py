@@ -51,6 +51,15 @@ class EvictionPolicy:
 
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         self.clock = clock or time.monotonic
+        self.capacity: int | None = None
+
+    def set_capacity(self, num_blocks: int | None) -> None:
+        """The pool's size in blocks (called once by the pool; None for unbounded caches).
+
+        Policies with size-relative parameters (S3-FIFO's small queue, ARC's
+        target, SLRU's protected segment) size them from this.
+        """
+        self.capacity = num_blocks
 
     # -- evictable set -------------------------------------------------------
     def add(self, block_id: int) -> None:
