@@ -209,8 +209,8 @@ def make_backend(spec: Any, **options: Any) -> TransferBackend:
     """A backend from a name or an object that already implements the interface.
 
     Names: ``"torch"`` (also ``"torch.distributed"``, ``"gloo"``, ``"nccl"``),
-    ``"inprocess"`` (also ``"local"``); ``"nixl"`` is reserved (not implemented). ``options`` go to the
-    backend's constructor.
+    ``"inprocess"`` (also ``"local"``), ``"nixl"`` (``nixl_backend.NixlBackend``,
+    imported only then). ``options`` go to the backend's constructor.
     """
     if spec is None:
         spec = "torch"
@@ -224,11 +224,9 @@ def make_backend(spec: Any, **options: Any) -> TransferBackend:
             options.setdefault("enable_nccl", True)
         return TorchDistBackend(**options)
     if name == "nixl":
-        # Not built yet: nixl_cu12 1.5.1 imports and moves bytes over UCX here, but no
-        # expose/fetch adapter exists. Say so instead of failing with an ImportError.
-        raise KVConfigError(
-            "the NIXL backend is not implemented yet; use 'torch' (gloo/NCCL) or 'inprocess'"
-        )
+        from .nixl_backend import NixlBackend  # lazy: nixl_cu12 loads UCX
+
+        return NixlBackend(**options)
     if name in ("inprocess", "local", "in-process"):
         if options:
             raise KVConfigError(f"the in-process backend takes no options, got {sorted(options)}")

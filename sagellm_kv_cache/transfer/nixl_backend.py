@@ -1,0 +1,421 @@
+"""NIXL transport for ``KVTransferEngine``: one-sided READs over UCX.
+
+The engine's ``expose``/``fetch`` pair maps onto NIXL like this::
+
+    sender (rank s)                                  receiver (rank d)
+    expose(d, tag, buf)                              fetch(s, tag, out)
+      register buf's storage (once, cached)            register out's storage (once)
+      notif "D" (tag, addr, nbytes, dev, id) ------>   descriptor arrives in the inbox
+        [+ the agent's metadata if new memory]         READ out <- (addr, nbytes) of s
+                                                       with completion notif id
+      wait: notif "C" id arrives  <-----------------   wait: READ state DONE
+
+* Memory is registered once per tensor storage (a pool's whole KV tensor, a
+  reused staging buffer) and stays registered until ``close()``; a sender
+  that registered new memory sends its refreshed agent metadata to each peer
+  in front of the next descriptor, so the peer can address it.
+* First contact between two ranks exchanges agent metadata through the
+  control store (``<root>/md/<rank>``), waited on with the caller's timeout.
+  After that the data plane needs no store round trip: descriptors and
+  completions travel as NIXL notifications, which are ordered per pair.
+* Every wait is bounded by the caller's remaining time. A READ in state
+  ``ERR`` raises ``KVTransferFailedError``; a descriptor or completion that
+  does not arrive in time raises ``KVTransferTimeoutError`` (a killed peer
+  shows up this way: NIXL does not report dead peers to the other side).
+  A timed-out READ may still land later, so its buffer and request are kept
+  (never released while the transport may touch them) until ``close()``.
+
+``nixl_cu12`` is imported when the backend is constructed, never by
+``import sagellm_kv_cache``; without it the constructor raises
+``KVConfigError`` naming the import error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import struct
+import threading
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from ..errors import KVConfigError, KVTransferFailedError, KVTransferTimeoutError
+from .backends import TransferBackend
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["NixlBackend", "nixl_unavailable_reason"]
+
+_KEY_ROOT = "skvx-nixl"
+# kind u8 | tag u32 | addr u64 | nbytes u64 | dev_id u32 | mem (0 DRAM, 1 VRAM) u8 | id u64 | md_len u32
+_DESC = struct.Struct("<BIQQIBQI")
+_KIND_DESC, _KIND_DONE = ord("D"), ord("C")
+_DONE = struct.Struct("<BQ")  # kind u8 | id u64
+_MEM_TYPES = ("DRAM", "VRAM")
+
+
+def nixl_unavailable_reason() -> str | None:
+    """Why the NIXL backend cannot run here (``None`` when it can): the import
+    error of ``nixl_cu12``, or the error creating an agent with the UCX plugin."""
+    try:
+        from nixl_cu12 import nixl_agent, nixl_agent_config
+    except Exception as exc:  # ImportError, or a missing shared library
+        return f"import nixl_cu12 failed: {type(exc).__name__}: {exc}"
+    try:
+        agent = nixl_agent(
+            f"skvx-probe-{os.getpid()}", nixl_agent_config(backends=["UCX"], num_threads=0)
+        )
+        if "UCX" not in agent.backends:
+            return "nixl_cu12 has no UCX plugin"
+        del agent
+    except Exception as exc:
+        return f"creating a NIXL agent with UCX failed: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _store_wait(store: Any, key: str, timeout_s: float, what: str) -> bytes:
+    try:
+        store.wait([key], timedelta(seconds=max(timeout_s, 0.001)))
+    except Exception as exc:
+        text = str(exc).lower()
+        if "timeout" in text or "timed out" in text:
+            raise KVTransferTimeoutError(
+                f"{what}: not published within {timeout_s:.3f} s"
+            ) from None
+        raise KVTransferFailedError(f"{what}: control store failed: {exc}") from None
+    return bytes(store.get(key))
+
+
+class _Sleeper:
+    """Polling backoff: 50 us doubling to 2 ms (a busy spin would starve the transport)."""
+
+    __slots__ = ("pause",)
+
+    def __init__(self) -> None:
+        self.pause = 0.00005
+
+    def __call__(self) -> None:
+        time.sleep(self.pause)
+        self.pause = min(self.pause * 2, 0.002)
+
+
+class _ExposeWork:
+    """Sender side: done when the peer's completion notification arrives."""
+
+    __slots__ = ("backend", "done", "id", "peer", "tag", "tensor")
+
+    def __init__(self, backend: NixlBackend, peer: int, tag: int, xid: int, tensor: Any) -> None:
+        self.backend = backend
+        self.peer = peer
+        self.tag = tag
+        self.id = xid
+        self.tensor = tensor  # alive until the peer has read it
+        self.done = False
+
+    def wait(self, timeout_s: float) -> None:
+        if self.done:
+            return
+        deadline = time.monotonic() + max(timeout_s, 0.0)
+        sleep = _Sleeper()
+        b = self.backend
+        while True:
+            with b._lock:
+                b._poll_locked()
+                if self.id in b._completed:
+                    b._completed.discard(self.id)
+                    self.done = True
+                    return
+            if time.monotonic() >= deadline:
+                b._abandon(self)
+                raise KVTransferTimeoutError(
+                    f"rank {self.peer} did not read message {self.tag:#x} within {timeout_s:.3f} s",
+                    peer=self.peer,
+                )
+            sleep()
+
+
+class _FetchWork:
+    """Receiver side: a READ posted as soon as the sender's descriptor is here."""
+
+    __slots__ = ("backend", "done", "handle", "local", "out", "peer", "tag")
+
+    def __init__(self, backend: NixlBackend, peer: int, tag: int, out: Any, local: Any) -> None:
+        self.backend = backend
+        self.peer = peer
+        self.tag = tag
+        self.out = out  # alive until the READ is done (or close())
+        self.local = local  # the local transfer descriptor list
+        self.handle = None
+        self.done = False
+
+    def wait(self, timeout_s: float) -> None:
+        if self.done:
+            return
+        deadline = time.monotonic() + max(timeout_s, 0.0)
+        sleep = _Sleeper()
+        b = self.backend
+        while True:
+            with b._lock:
+                b._poll_locked()
+                if self.handle is None:
+                    b._try_post_locked(self)
+                if self.handle is not None:
+                    state = b._agent.check_xfer_state(self.handle)
+                    if state == "DONE":
+                        b._pending.pop((self.peer, self.tag), None)
+                        with contextlib.suppress(Exception):
+                            b._agent.release_xfer_handle(self.handle)
+                        self.handle = None
+                        self.done = True
+                        return
+                    if state == "ERR":
+                        b._pending.pop((self.peer, self.tag), None)
+                        b._abandon(self)
+                        raise KVTransferFailedError(
+                            f"NIXL READ of message {self.tag:#x} from rank {self.peer} failed",
+                            peer=self.peer,
+                        )
+            if time.monotonic() >= deadline:
+                with b._lock:
+                    b._pending.pop((self.peer, self.tag), None)
+                    b._abandon(self)
+                what = "no descriptor" if self.handle is None else "the READ did not complete"
+                raise KVTransferTimeoutError(
+                    f"message {self.tag:#x} from rank {self.peer}: {what} within {timeout_s:.3f} s",
+                    peer=self.peer,
+                )
+            sleep()
+
+
+class NixlBackend(TransferBackend):
+    """Engine transport over NIXL (UCX): the receiver READs the sender's memory.
+
+    Args:
+        store: control store for the metadata exchange and the engine's
+            control plane (default: the default process group's store).
+        rank / world_size: this process's place (default: from
+            ``torch.distributed``); needed when no process group exists.
+        agent_name: NIXL agent name (default: unique per rank and process).
+        connect_timeout_s: bound on waiting for a peer's first metadata.
+        num_threads: UCX worker threads (0: NIXL's default).
+
+    The network interface is UCX's choice; restrict it with ``UCX_NET_DEVICES``
+    (the launcher and tests set ``lo``). CUDA tensors are handed to NIXL as
+    VRAM, which is not exercised here (no GPU); the engine then keeps its
+    staged path for them (``direct_cuda`` is False).
+    """
+
+    name = "nixl"
+    direct_cuda = False
+
+    def __init__(
+        self,
+        *,
+        store: Any = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        agent_name: str | None = None,
+        connect_timeout_s: float = 30.0,
+        num_threads: int = 0,
+    ) -> None:
+        try:
+            from nixl_cu12 import nixl_agent, nixl_agent_config
+        except Exception as exc:
+            raise KVConfigError(
+                f"the NIXL backend needs nixl_cu12 (pip install 'sagellm-kv-cache[nixl]'): "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        if rank is None or world_size is None or store is None:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise KVConfigError(
+                    "the NIXL backend needs rank=, world_size= and store=, "
+                    "or an initialised torch.distributed process group"
+                )
+            rank = dist.get_rank() if rank is None else rank
+            world_size = dist.get_world_size() if world_size is None else world_size
+            if store is None:
+                from .backends import _default_store
+
+                store = _default_store()
+        if not 0 <= rank < world_size:
+            raise KVConfigError(f"rank {rank} is outside world size {world_size}")
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.store = store
+        self.connect_timeout_s = float(connect_timeout_s)
+        self.agent_name = agent_name or f"skvx-r{rank}-p{os.getpid()}-{id(self):x}"
+        try:
+            self._agent = nixl_agent(
+                self.agent_name, nixl_agent_config(backends=["UCX"], num_threads=num_threads)
+            )
+        except Exception as exc:
+            raise KVConfigError(f"creating the NIXL agent failed: {exc}") from None
+        if "UCX" not in self._agent.backends:
+            raise KVConfigError("nixl_cu12 has no UCX plugin here")
+        self._lock = threading.RLock()
+        # registered storages: (start, end, reg_descs, storage kept alive)
+        self._regs: list[tuple[int, int, Any, Any]] = []
+        self._md_version = 0
+        self._md_sent: dict[int, int] = {}  # peer -> metadata version it has from us
+        self._peer_names: dict[int, str] = {}
+        self._name_to_rank: dict[str, int] = {}
+        self._descs: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}
+        self._pending: dict[tuple[int, int], _FetchWork] = {}
+        self._completed: set[int] = set()
+        self._abandoned: list[Any] = []
+        self._ids = itertools.count(1)
+        self._closed = False
+        store.set(f"{_KEY_ROOT}/md/{self.rank}", self._agent.get_agent_metadata())
+
+    # -- connections ---------------------------------------------------------
+    def check_peer(self, peer: int) -> None:
+        if not 0 <= peer < self.world_size or peer == self.rank:
+            raise KVTransferFailedError(
+                f"rank {peer} is not a peer of rank {self.rank} (world size {self.world_size})"
+            )
+        if self._closed:
+            raise KVTransferFailedError("the NIXL backend is closed")
+
+    def _connect_locked(self, peer: int) -> str:
+        name = self._peer_names.get(peer)
+        if name is None:
+            md = _store_wait(
+                self.store,
+                f"{_KEY_ROOT}/md/{peer}",
+                self.connect_timeout_s,
+                f"NIXL metadata of rank {peer}",
+            )
+            name = self._agent.add_remote_agent(md)
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            self._peer_names[peer] = name
+            self._name_to_rank[name] = peer
+        return name
+
+    # -- registration ----------------------------------------------------------
+    def _register_locked(self, tensor: torch.Tensor) -> tuple[int, int, int]:
+        """Register ``tensor``'s whole storage once; returns (addr, nbytes, mem code)."""
+        if not tensor.is_contiguous():
+            raise KVTransferFailedError("NIXL moves contiguous tensors only")
+        addr = tensor.data_ptr()
+        nbytes = tensor.numel() * tensor.element_size()
+        mem = 1 if tensor.is_cuda else 0
+        for start, end, _, _ in self._regs:
+            if start <= addr and addr + nbytes <= end:
+                return addr, nbytes, mem
+        storage = tensor.untyped_storage()
+        start = storage.data_ptr()
+        dev = tensor.get_device() if tensor.is_cuda else 0
+        descs = self._agent.register_memory([(start, storage.nbytes(), dev, "")], _MEM_TYPES[mem])
+        self._regs.append((start, start + storage.nbytes(), descs, storage))
+        self._md_version += 1
+        return addr, nbytes, mem
+
+    # -- notifications -----------------------------------------------------------
+    def _poll_locked(self) -> None:
+        notifs = self._agent.get_new_notifs()
+        if not notifs:
+            return
+        for name, msgs in notifs.items():
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            for msg in msgs:
+                self._on_notif_locked(name, bytes(msg))
+        for fw in list(self._pending.values()):
+            if fw.handle is None:
+                self._try_post_locked(fw)
+
+    def _on_notif_locked(self, name: str, msg: bytes) -> None:
+        if not msg:
+            return
+        if msg[0] == _KIND_DONE and len(msg) == _DONE.size:
+            self._completed.add(_DONE.unpack(msg)[1])
+            return
+        if msg[0] != _KIND_DESC or len(msg) < _DESC.size:
+            return  # not ours: ignore
+        _, tag, addr, nbytes, dev, mem, xid, md_len = _DESC.unpack_from(msg)
+        if md_len:  # the sender registered new memory: refresh what we know of it
+            self._agent.add_remote_agent(msg[_DESC.size : _DESC.size + md_len])
+        peer = self._name_to_rank.get(name)
+        if peer is None:
+            return  # a sender we never connected to cannot be addressed
+        self._descs[(peer, tag)] = (addr, nbytes, dev, mem, xid)
+
+    def _try_post_locked(self, fw: _FetchWork) -> None:
+        desc = self._descs.pop((fw.peer, fw.tag), None)
+        if desc is None:
+            return
+        addr, nbytes, dev, mem, xid = desc
+        want = fw.out.numel() * fw.out.element_size()
+        if nbytes != want:
+            raise KVTransferFailedError(
+                f"message {fw.tag:#x} from rank {fw.peer} has {nbytes} bytes, expected {want}"
+            )
+        remote = self._agent.get_xfer_descs([(addr, nbytes, dev)], _MEM_TYPES[mem])
+        handle = self._agent.initialize_xfer(
+            "READ", fw.local, remote, self._peer_names[fw.peer], _DONE.pack(_KIND_DONE, xid)
+        )
+        state = self._agent.transfer(handle)
+        fw.handle = handle
+        if state == "ERR":
+            raise KVTransferFailedError(
+                f"posting the NIXL READ of message {fw.tag:#x} from rank {fw.peer} failed"
+            )
+
+    def _abandon(self, work: Any) -> None:
+        with self._lock:
+            self._abandoned.append(work)
+
+    # -- the engine's interface ------------------------------------------------
+    def expose(self, peer: int, tag: int, tensor: torch.Tensor) -> _ExposeWork:
+        self.check_peer(peer)
+        with self._lock:
+            name = self._connect_locked(peer)
+            addr, nbytes, mem = self._register_locked(tensor)
+            dev = tensor.get_device() if tensor.is_cuda else 0
+            xid = next(self._ids)
+            md = b""
+            if self._md_sent.get(peer, 0) < self._md_version:
+                md = self._agent.get_agent_metadata()
+                self._md_sent[peer] = self._md_version
+            msg = _DESC.pack(_KIND_DESC, tag, addr, nbytes, dev, mem, xid, len(md)) + md
+            self._agent.send_notif(name, msg)
+            return _ExposeWork(self, peer, tag, xid, tensor)
+
+    def fetch(self, peer: int, tag: int, out: torch.Tensor) -> _FetchWork:
+        self.check_peer(peer)
+        with self._lock:
+            self._connect_locked(peer)
+            self._register_locked(out)
+            fw = _FetchWork(self, peer, tag, out, self._agent.get_xfer_descs(out))
+            self._pending[(peer, tag)] = fw
+            self._poll_locked()
+            if fw.handle is None:
+                self._try_post_locked(fw)
+            return fw
+
+    def close(self) -> None:
+        """Deregister memory and drop the agent; READs that timed out may still be
+        in flight, so their buffers are released only here."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for w in self._abandoned:
+                h = getattr(w, "handle", None)
+                if h is not None:
+                    with contextlib.suppress(Exception):
+                        self._agent.release_xfer_handle(h)
+            for name in self._peer_names.values():
+                with contextlib.suppress(Exception):
+                    self._agent.remove_remote_agent(name)
+            for _, _, descs, _ in self._regs:
+                with contextlib.suppress(Exception):
+                    self._agent.deregister_memory(descs)
+            self._regs.clear()
+            self._abandoned.clear()
+            self._pending.clear()
+            self._descs.clear()
