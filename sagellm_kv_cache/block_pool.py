@@ -199,11 +199,44 @@ class BlockPool:
             for b, h in zip(victims, evicted_hashes):
                 on_evicted(b, h)
         if self.hooks:
-            now = self.clock()
-            for hook in self.hooks:
-                for b, h in zip(victims, evicted_hashes):
-                    hook.on_evict(b, h, reason, now)
+            self._emit_evicted(victims, evicted_hashes, reason)
         return victims
+
+    def _emit_evicted(self, block_ids: list[int], hashes: list, reason: str) -> None:
+        """One ``on_evict_many`` per hook (per-block ``on_evict`` for hooks without it)."""
+        now = self.clock()
+        for hook in self.hooks:
+            many = getattr(hook, "on_evict_many", None)
+            if many is not None:
+                many(block_ids, hashes, reason, now)
+            else:
+                for b, h in zip(block_ids, hashes):
+                    hook.on_evict(b, h, reason, now)
+
+    def _emit_cached(self, block_ids: Sequence[int], block_hashes: Sequence, new: list) -> None:
+        """``on_blocks_cached`` once per run of consecutive newly cached positions."""
+        now = self.clock()
+        runs = []
+        a = prev = new[0]
+        for i in new[1:]:
+            if i != prev + 1:
+                runs.append((a, prev + 1))
+                a = i
+            prev = i
+        runs.append((a, prev + 1))
+        for a, z in runs:
+            ids = list(block_ids[a:z])
+            hs = list(block_hashes[a:z])
+            parent = block_hashes[a - 1] if a > 0 else None
+            for hook in self.hooks:
+                many = getattr(hook, "on_blocks_cached", None)
+                if many is not None:
+                    many(ids, hs, parent, now)
+                else:
+                    ph = parent
+                    for b, h in zip(ids, hs):
+                        hook.on_block_cached(b, h, ph, now)
+                        ph = h
 
     def evict(self, num_blocks: int, reason: str = "explicit") -> list[int]:
         """Evict up to ``num_blocks`` evictable blocks into the free queue; their ids in order."""
@@ -257,7 +290,7 @@ class BlockPool:
         hashes = self.block_hashes
         parents = self.parent_ids
         on_cached = self.policy.on_cached if self._policy_on_cached else None
-        hooks = self.hooks
+        new: list[int] | None = [] if self.hooks else None
         n = 0
         prev = block_ids[start - 1] if start > 0 else -1
         for i in range(start, len(block_hashes)):
@@ -270,13 +303,12 @@ class BlockPool:
                 if on_cached is not None:
                     on_cached(b, h, prev)
                 n += 1
-                if hooks:
-                    now = self.clock()
-                    ph = block_hashes[i - 1] if i > 0 else None
-                    for hook in hooks:
-                        hook.on_block_cached(b, h, ph, now)
+                if new is not None:
+                    new.append(i)
             prev = b
         self.num_cached_total += n
+        if new:
+            self._emit_cached(block_ids, block_hashes, new)
         return n
 
     def uncache(self, block_id: int, reason: str = "explicit") -> bool:
@@ -292,9 +324,7 @@ class BlockPool:
         self.parent_ids[block_id] = -1
         self.policy.on_removed(block_id, h)
         if self.hooks:
-            now = self.clock()
-            for hook in self.hooks:
-                hook.on_evict(block_id, h, reason, now)
+            self._emit_evicted([block_id], [h], reason)
         return True
 
     # -- pins ----------------------------------------------------------------

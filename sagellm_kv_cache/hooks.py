@@ -2,7 +2,11 @@
 
 Attach any object with some of these methods (subclass ``PoolHook`` for
 no-op defaults) with ``pool.add_hook(hook)``. With no hook attached the pool
-pays one ``if`` per operation, not per block.
+pays one ``if`` per operation, not per block. Block-level events arrive in
+batches (``on_blocks_cached``, ``on_evict_many``: one call per request's run
+of blocks); ``PoolHook``'s defaults fan them out to the per-block methods, so
+a hook may implement either form (a hook that is not a ``PoolHook`` and lacks
+the batched methods gets per-block calls).
 
 Timestamps are the pool's clock (``time.monotonic`` unless a simulator
 injected its own).
@@ -47,6 +51,34 @@ class PoolHook:
     def on_evict(self, block_id: int, block_hash: Hashable, reason: str, timestamp: float) -> None:
         """A cached block was dropped; ``reason`` is ``"capacity"`` (evicted to make
         room), ``"explicit"`` (evict_by_count / invalidate) or ``"clear"``."""
+
+    # -- batched forms: what the pool calls (one call per batch, not per block) --
+    def on_blocks_cached(
+        self,
+        block_ids: Sequence[int],
+        block_hashes: Sequence[Hashable],
+        parent_hash: Hashable | None,
+        timestamp: float,
+    ) -> None:
+        """A chain of blocks was registered: ``block_hashes[i]``'s parent is
+        ``block_hashes[i - 1]``, the first one's is ``parent_hash`` (None for a
+        first block). The default calls :meth:`on_block_cached` per block."""
+        ph = parent_hash
+        for b, h in zip(block_ids, block_hashes):
+            self.on_block_cached(b, h, ph, timestamp)
+            ph = h
+
+    def on_evict_many(
+        self,
+        block_ids: Sequence[int],
+        block_hashes: Sequence[Hashable],
+        reason: str,
+        timestamp: float,
+    ) -> None:
+        """Blocks dropped together, in eviction order. The default calls
+        :meth:`on_evict` per block."""
+        for b, h in zip(block_ids, block_hashes):
+            self.on_evict(b, h, reason, timestamp)
 
     def on_cleared(self, timestamp: float) -> None:
         """The whole cache was cleared (reset)."""

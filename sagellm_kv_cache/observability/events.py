@@ -34,7 +34,7 @@ import json
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar
 
@@ -207,6 +207,40 @@ class KVEventStream(PoolHook):
             self._ts = timestamp
         self._hashes.append(block_hash)
         self._ids.append(block_id)
+
+    def on_blocks_cached(
+        self,
+        block_ids: Sequence[int],
+        block_hashes: Sequence[Hashable],
+        parent_hash: Hashable | None,
+        timestamp: float,
+    ) -> None:
+        if not block_ids:
+            return
+        if self._kind != _STORED or parent_hash != self._hashes[-1]:  # not the same chain
+            self._flush_locked()
+            self._kind = _STORED
+            self._parent = parent_hash
+            self._ts = timestamp
+        self._hashes.extend(block_hashes)
+        self._ids.extend(block_ids)
+
+    def on_evict_many(
+        self,
+        block_ids: Sequence[int],
+        block_hashes: Sequence[Hashable],
+        reason: str,
+        timestamp: float,
+    ) -> None:
+        if not block_ids:
+            return
+        if self._kind != _REMOVED or reason != self._reason or timestamp != self._ts:
+            self._flush_locked()
+            self._kind = _REMOVED
+            self._reason = reason
+            self._ts = timestamp
+        self._hashes.extend(block_hashes)
+        self._ids.extend(block_ids)
 
     def on_cleared(self, timestamp: float) -> None:
         self._flush_locked()

@@ -330,6 +330,48 @@ class MetricsHook(PoolHook):
         if released >= self._last_access[block_id] and not (self._refs and self._refs[block_id]):
             self._idle_values.append(timestamp - released)
 
+    def on_blocks_cached(
+        self,
+        block_ids: Sequence[int],
+        block_hashes: Sequence[Hashable],
+        parent_hash: Hashable | None,
+        timestamp: float,
+    ) -> None:
+        self._blocks_cached += len(block_ids)
+        if self._growable:
+            self._grow(max(block_ids))
+        cached_at = self._cached_at
+        last = self._last_access
+        for b in block_ids:
+            cached_at[b] = timestamp
+            last[b] = timestamp
+
+    def on_evict_many(
+        self,
+        block_ids: Sequence[int],
+        block_hashes: Sequence[Hashable],
+        reason: str,
+        timestamp: float,
+    ) -> None:
+        try:
+            self._evictions[reason] += len(block_ids)
+        except KeyError:
+            self._evictions[reason] = len(block_ids)
+        cached_at = self._cached_at
+        if self._growable:  # pool-less mode: blocks cached before attach are unknown
+            block_ids = [b for b in block_ids if b < len(cached_at)]
+        self._lifetime_values.extend([timestamp - cached_at[b] for b in block_ids])
+        released = self._last_release
+        last = self._last_access
+        refs = self._refs
+        if refs:
+            idle = [
+                timestamp - released[b] for b in block_ids if released[b] >= last[b] and not refs[b]
+            ]
+        else:
+            idle = [timestamp - released[b] for b in block_ids if released[b] >= last[b]]
+        self._idle_values.extend(idle)
+
     def on_cleared(self, timestamp: float) -> None:
         # every hash is gone; counters and histograms keep their history
         for values in (self._cached_at, self._last_access, self._last_release):

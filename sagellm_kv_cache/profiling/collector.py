@@ -50,6 +50,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,7 @@ class AccessStatsCollector:
         self._tier_codes: dict[Any, int] = {}
         self._tier_keys: list[Any] = []
         self._evictions: list[tuple[int, float, str, Any]] = []
+        self._pending: list[tuple] = []  # queued record_prompt calls (see _flush_pending)
         # The hot path, specialised once: an instance attribute shadows the
         # documented method below.
         self.record_access = self._make_record_access()
@@ -224,6 +226,7 @@ class AccessStatsCollector:
     def reset(self) -> None:
         """Drop every recorded access and eviction and restart the clock."""
         with self._lock:
+            del self._pending[:]
             del self._rows[:]
             self._origin[0] = self._clock()
             for container in (
@@ -285,6 +288,8 @@ class AccessStatsCollector:
         origin = self._origin
         append_row = self._rows.extend
         pack = _ROW.pack
+        pending = self._pending
+        flush = self._flush_pending
 
         def record_access(
             block_id: BlockId,
@@ -296,6 +301,8 @@ class AccessStatsCollector:
             tier: str | None = None,
             size_bytes: int | None = None,
         ) -> None:
+            if pending:  # rows keep call order
+                flush()
             code = block_get(block_id)
             if code is None:
                 code = intern(block_codes, block_keys, block_id)
@@ -349,6 +356,8 @@ class AccessStatsCollector:
         n = len(block_ids)
         if n == 0:
             return
+        if self._pending:
+            self._flush_pending()
         rows = np.empty(n, dtype=ROW_DTYPE)
         rows["block"] = self._intern_many(self._block_codes, self._block_keys, block_ids)
         if timestamps is None:
@@ -368,6 +377,112 @@ class AccessStatsCollector:
         )
         self._rows.extend(rows.tobytes())
 
+    def record_prompt(
+        self,
+        block_ids: Sequence[BlockId],
+        num_hit_blocks: int,
+        *,
+        timestamp: float,
+        request_id: str | int | None = None,
+        tier: str | None = None,
+        size_bytes: int | None = None,
+    ) -> None:
+        """One request's prompt blocks: ``block_ids[i]`` at position ``i``, the first
+        ``num_hit_blocks`` hits and the rest misses (what :class:`AccessStatsHook` records
+        per lookup).
+
+        The call only queues the request (one list append, O(1) however long
+        the prompt); queued requests become rows in one vectorised step when
+        anything reads the collector or records through another method, or
+        every 4096 requests, so the order of rows is the order of calls.
+        """
+        if block_ids:
+            self._pending.append(
+                (list(block_ids), num_hit_blocks, timestamp, request_id, tier, size_bytes)
+            )
+            if len(self._pending) >= 4096:
+                self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        """Turn queued prompt / eviction batches into records, in call order."""
+        pending = self._pending
+        n = len(pending)
+        if not n:
+            return
+        with self._lock:
+            batch = pending[:n]
+            del pending[:n]  # appends racing this call land after index n and stay
+            i = 0
+            while i < n:  # consecutive runs of one kind, so code order is call order
+                j = i
+                is_ev = batch[i][1] is None
+                while j < n and (batch[j][1] is None) == is_ev:
+                    j += 1
+                if is_ev:
+                    self._flush_evictions_locked(batch[i:j])
+                else:
+                    self._flush_prompts_locked(batch[i:j])
+                i = j
+
+    def _codes_locked(self, ids: list) -> list[int]:
+        get = self._block_codes.get
+        codes = [get(b) for b in ids]
+        if None in codes:
+            codes = [
+                c if c is not None else self._intern_locked(self._block_codes, self._block_keys, b)
+                for c, b in zip(codes, ids)
+            ]
+        return codes
+
+    def _flush_evictions_locked(self, batch: list[tuple]) -> None:
+        out = self._evictions
+        for ids, _, ts, reason, hashes, _ in batch:
+            codes = self._codes_locked(ids)
+            if hashes is None:
+                out.extend([(c, ts, reason, None) for c in codes])
+            else:
+                out.extend(
+                    [
+                        (c, ts, reason, h if isinstance(h, (bytes, int)) else None)
+                        for c, h in zip(codes, hashes)
+                    ]
+                )
+
+    def _flush_prompts_locked(self, batch: list[tuple]) -> None:
+        n_req = len(batch)
+        lens = np.fromiter((len(p[0]) for p in batch), dtype=np.int64, count=n_req)
+        total = int(lens.sum())
+        codes = self._codes_locked(list(chain.from_iterable(p[0] for p in batch)))
+        intern = self._intern_locked
+        reqs = [
+            -1 if p[3] is None else intern(self._request_codes, self._request_keys, p[3])
+            for p in batch
+        ]
+        tiers = [
+            -1 if p[4] is None else intern(self._tier_codes, self._tier_keys, p[4]) for p in batch
+        ]
+        positions = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+        rows = np.empty(total, dtype=ROW_DTYPE)
+        rows["block"] = codes
+        rows["timestamp"] = np.repeat(np.asarray([p[2] for p in batch], dtype=np.float64), lens)
+        rows["request"] = np.repeat(np.asarray(reqs, dtype=np.int64), lens)
+        rows["position"] = positions
+        rows["size_bytes"] = np.repeat(
+            np.asarray([-1 if p[5] is None else p[5] for p in batch], dtype=np.int64), lens
+        )
+        rows["tier"] = np.repeat(np.asarray(tiers, dtype=np.int16), lens)
+        hits = np.repeat(np.asarray([p[1] for p in batch], dtype=np.int64), lens)
+        rows["is_hit"] = positions < hits
+        self._rows += rows.data
+
+    def _intern_locked(self, codes: dict[Any, int], keys: list[Any], key: Any) -> int:
+        code = codes.get(key)
+        if code is None:
+            code = len(keys)
+            keys.append(key)
+            codes[key] = code
+        return code
+
     def record_eviction(
         self,
         block_id: BlockId,
@@ -377,6 +492,8 @@ class AccessStatsCollector:
         block_hash: bytes | int | None = None,
     ) -> None:
         """Record that ``block_id`` was evicted (for ``reason``: "capacity", "explicit", ...)."""
+        if self._pending:
+            self._flush_pending()
         code = self._block_codes.get(block_id)
         if code is None:
             code = self._intern(self._block_codes, self._block_keys, block_id)
@@ -384,6 +501,40 @@ class AccessStatsCollector:
             timestamp = self._clock() - self._origin[0]
         with self._lock:
             self._evictions.append((code, float(timestamp), str(reason), block_hash))
+
+    def record_evictions(
+        self,
+        block_ids: Sequence[BlockId],
+        reason: str = "capacity",
+        *,
+        timestamp: float | None = None,
+        block_hashes: Sequence[bytes | int | None] | None = None,
+    ) -> None:
+        """:meth:`record_eviction` for many blocks evicted together.
+
+        Queued like :meth:`record_prompt` (O(1) per call) and recorded, after
+        the queued prompts, at the next read.
+        """
+        if not block_ids:
+            return
+        if block_hashes is not None and len(block_hashes) != len(block_ids):
+            raise KVInvalidInputError(
+                f"block_hashes has {len(block_hashes)} entries for {len(block_ids)} block ids"
+            )
+        if timestamp is None:
+            timestamp = self._clock() - self._origin[0]
+        self._pending.append(
+            (
+                list(block_ids),
+                None,  # marks an eviction batch
+                float(timestamp),
+                str(reason),
+                None if block_hashes is None else list(block_hashes),
+                None,
+            )
+        )
+        if len(self._pending) >= 4096:
+            self._flush_pending()
 
     def _intern(self, codes: dict[Any, int], keys: list[Any], key: Any) -> int:
         # Slow path, first sight of a key: recheck under the lock so two
@@ -450,15 +601,21 @@ class AccessStatsCollector:
 
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
+        if self._pending:
+            self._flush_pending()
         return len(self._rows) // ROW_DTYPE.itemsize
 
     @property
     def num_evictions(self) -> int:
         """Number of recorded evictions."""
+        if self._pending:
+            self._flush_pending()
         return len(self._evictions)
 
     def _snapshot(self) -> dict[str, Any]:
         """Column copies of the buffers as numpy arrays, taken under the lock."""
+        if self._pending:
+            self._flush_pending()
         with self._lock:
             raw = bytes(self._rows)  # a copy: the bytearray never stays exported
             keys = (list(self._block_keys), list(self._request_keys), list(self._tier_keys))

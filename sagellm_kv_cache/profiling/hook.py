@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
-import numpy as np
-
 from ..hooks import PoolHook
 from .collector import AccessStatsCollector
 
@@ -54,15 +52,25 @@ class AccessStatsHook(PoolHook):
         n = min(len(block_ids), num_blocks) if num_blocks else len(block_ids)
         if n == 0:
             return
-        positions = np.arange(n, dtype=np.int64)
-        self.collector.record_many(
-            np.asarray(block_ids[:n], dtype=np.int64),
-            positions < num_hit_blocks,
-            timestamps=float(timestamp),
-            request_ids=request_id,
-            positions=positions,
-            tiers=self.tier,
+        self.collector.record_prompt(
+            block_ids[:n] if n < len(block_ids) else block_ids,
+            num_hit_blocks,
+            timestamp=float(timestamp),
+            request_id=request_id,
+            tier=self.tier,
             size_bytes=self.block_size_bytes,
+        )
+
+    def on_evict_many(
+        self,
+        block_ids: Sequence[int],
+        block_hashes: Sequence[Hashable],
+        reason: str,
+        timestamp: float,
+    ) -> None:
+        """Record the eviction of ``block_ids`` (one collector call per batch)."""
+        self.collector.record_evictions(
+            block_ids, reason, timestamp=float(timestamp), block_hashes=block_hashes
         )
 
     def on_evict(self, block_id: int, block_hash: Hashable, reason: str, timestamp: float) -> None:
