@@ -22,6 +22,7 @@ builtin too, so ``except ValueError`` keeps working::
     +-- KVInvalidInputError           KV_INVALID_INPUT       (also ValueError)
     +-- KVInvalidTypeError            KV_INVALID_TYPE        (also TypeError)
     +-- KVTraceFormatError            KV_TRACE_FORMAT        (also ValueError)
+    +-- KVEventGapError               KV_EVENT_GAP
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "KVChecksumMismatchError",
     "KVConfigError",
     "KVDoubleFreeError",
+    "KVEventGapError",
     "KVHandlePinnedError",
     "KVInvalidHandleError",
     "KVInvalidInputError",
@@ -159,6 +161,13 @@ class KVTraceFormatError(KVCacheError, ValueError):
     """A trace record is malformed; the message names file, line and field."""
 
     code = "KV_TRACE_FORMAT"
+
+
+class KVEventGapError(KVCacheError):
+    """Events a consumer has not seen are gone (ring buffer overflow, or a hole
+    in a replayed sequence); it must resynchronise from a full snapshot."""
+
+    code = "KV_EVENT_GAP"
 
 
 def _all_error_classes() -> list[type[KVCacheError]]:

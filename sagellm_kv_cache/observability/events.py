@@ -38,7 +38,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar
 
-from ..errors import KVCacheError, KVInvalidInputError, KVInvalidTypeError
+from ..errors import KVEventGapError, KVInvalidInputError, KVInvalidTypeError
 from ..hooks import PoolHook
 
 __all__ = [
@@ -57,13 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class KVEventGapError(KVCacheError):
-    """Events a consumer has not seen are gone (ring buffer overflow, or a hole
-    in a replayed sequence); it must resynchronise from a full snapshot."""
-
-    code = "KV_EVENT_GAP"
 
 
 @dataclass(frozen=True, slots=True)

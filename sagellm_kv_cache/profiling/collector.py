@@ -406,10 +406,10 @@ class AccessStatsCollector:
     def _flush_pending(self) -> None:
         """Turn queued prompt / eviction batches into records, in call order."""
         pending = self._pending
-        n = len(pending)
-        if not n:
-            return
         with self._lock:
+            n = len(pending)
+            if not n:
+                return
             batch = pending[:n]
             del pending[:n]  # appends racing this call land after index n and stay
             i = 0

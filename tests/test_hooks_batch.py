@@ -1,0 +1,176 @@
+"""Batched hook events: what the pool sends, per-block fallback, queued collector records."""
+
+from __future__ import annotations
+
+import threading
+
+from sagellm_kv_cache.block_pool import BlockPool
+from sagellm_kv_cache.hooks import PoolHook
+from sagellm_kv_cache.profiling import AccessStatsCollector
+from sagellm_kv_cache.profiling.hook import AccessStatsHook
+
+
+class Batched(PoolHook):
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def on_blocks_cached(self, block_ids, block_hashes, parent_hash, timestamp):
+        self.calls.append(("cached", list(block_ids), list(block_hashes), parent_hash))
+
+    def on_evict_many(self, block_ids, block_hashes, reason, timestamp):
+        self.calls.append(("evicted", list(block_ids), list(block_hashes), reason))
+
+
+class PerBlock(PoolHook):
+    """Implements only the per-block methods: PoolHook's defaults fan batches out."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def on_block_cached(self, block_id, block_hash, parent_hash, timestamp):
+        self.calls.append(("cached", block_id, block_hash, parent_hash))
+
+    def on_evict(self, block_id, block_hash, reason, timestamp):
+        self.calls.append(("evicted", block_id, block_hash, reason))
+
+
+class DuckTyped:
+    """Not a PoolHook and no batched methods: the pool calls per-block methods."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def on_block_cached(self, block_id, block_hash, parent_hash, timestamp):
+        self.calls.append(("cached", block_id, block_hash, parent_hash))
+
+    def on_evict(self, block_id, block_hash, reason, timestamp):
+        self.calls.append(("evicted", block_id, block_hash, reason))
+
+
+def _drive(hooks) -> BlockPool:
+    bp = BlockPool(4, block_size=2, clock=lambda: 1.0)
+    bp.hooks.extend(hooks)
+    a = bp.allocate(3)  # blocks 0, 1, 2
+    assert a == [0, 1, 2]
+    bp.cache_blocks(a, ["h0", "h1", "h2"])
+    bp.release(a)  # evictable, tail-first: 2, 1, 0
+    b = bp.allocate(1)  # block 3 (free)
+    # "h1" is already cached (block 1): position 1 is skipped, two runs result
+    bp.cache_blocks([b[0], 1, 3], ["x0", "h1", "x2"])  # an odd, hand-made id list
+    bp.release(b)
+    bp.allocate(4)  # evicts everything in LRU order
+    return bp
+
+
+def test_pool_sends_one_call_per_run_and_batch():
+    hook = Batched()
+    _drive([hook])
+    assert hook.calls == [
+        ("cached", [0, 1, 2], ["h0", "h1", "h2"], None),
+        ("cached", [3], ["x0"], None),  # position 0; position 2 reuses block 3: not new
+        # LRU victims: released tail-first 2, 1, 0, then block 3
+        ("evicted", [2, 1, 0, 3], ["h2", "h1", "h0", "x0"], "capacity"),
+    ]
+
+
+def test_runs_split_where_a_hash_was_already_cached():
+    hook = Batched()
+    bp = BlockPool(8, block_size=2)
+    bp.hooks.append(hook)
+    first = bp.allocate(1)
+    bp.cache_blocks(first, ["b"])
+    ids = bp.allocate(4)
+    bp.cache_blocks(ids, ["a", "b", "c", "d"])  # "b" is cached on another block
+    assert hook.calls[1:] == [
+        ("cached", [ids[0]], ["a"], None),
+        ("cached", [ids[2], ids[3]], ["c", "d"], "b"),  # parent: the hash before the run
+    ]
+
+
+def test_per_block_hooks_see_the_same_events_in_order():
+    batched, per_block, duck = Batched(), PerBlock(), DuckTyped()
+    _drive([batched, per_block, duck])
+    expanded = []
+    for kind, ids, hashes, extra in batched.calls:
+        parent = extra
+        for b, h in zip(ids, hashes):
+            if kind == "cached":
+                expanded.append(("cached", b, h, parent))
+                parent = h
+            else:
+                expanded.append(("evicted", b, h, extra))
+    assert per_block.calls == expanded
+    assert duck.calls == expanded
+
+
+def test_record_prompt_equals_record_access_rows():
+    queued = AccessStatsCollector()
+    direct = AccessStatsCollector()
+    queued.record_prompt([5, 6, 7], 2, timestamp=3.0, request_id="r", tier="gpu", size_bytes=64)
+    queued.record_prompt([5, 9], 0, timestamp=4.0)
+    for i, b in enumerate([5, 6, 7]):
+        direct.record_access(
+            b, i < 2, timestamp=3.0, request_id="r", position=i, tier="gpu", size_bytes=64
+        )
+    for i, b in enumerate([5, 9]):
+        direct.record_access(b, False, timestamp=4.0, position=i)
+    assert list(queued.iter_events()) == list(direct.iter_events())
+    assert queued.to_polars().equals(direct.to_polars())
+
+
+def test_queued_and_direct_records_keep_call_order():
+    c = AccessStatsCollector()
+    c.record_prompt(["a", "b"], 1, timestamp=1.0)
+    c.record_evictions(["b"], "capacity", timestamp=1.5, block_hashes=[b"\x01"])
+    c.record_access("z", True, timestamp=2.0)  # flushes what was queued first
+    c.record_prompt(["c"], 0, timestamp=3.0)
+    c.record_eviction("a", "explicit", timestamp=4.0)  # flushes too
+    assert [(e.block_id, e.timestamp, e.is_hit) for e in c.iter_events()] == [
+        ("a", 1.0, True),
+        ("b", 1.0, False),
+        ("z", 2.0, True),
+        ("c", 3.0, False),
+    ]
+    assert [(e.block_id, e.reason) for e in c.iter_evictions()] == [
+        ("b", "capacity"),
+        ("a", "explicit"),
+    ]
+    assert c.num_evictions == 2
+    # block codes follow first appearance: the queued prompt came before "z"
+    assert c.to_polars()["block_code"].to_list() == [0, 1, 2, 3]
+
+
+def test_reset_drops_queued_records():
+    c = AccessStatsCollector()
+    c.record_prompt([1, 2], 1, timestamp=0.0)
+    c.record_evictions([1], timestamp=0.0)
+    c.reset()
+    assert len(c) == 0 and c.num_evictions == 0
+
+
+def test_hook_with_many_requests_crosses_the_flush_threshold():
+    hook = AccessStatsHook()
+    for r in range(5000):
+        hook.on_lookup(f"r{r}", [r, r + 1], 1, 2, float(r))
+    df = hook.collector.to_polars()
+    assert df.height == 10_000
+    assert df["block_id"].to_list()[:6] == [0, 1, 1, 2, 2, 3]
+    assert df["position"].to_list()[:4] == [0, 1, 0, 1]
+    assert df["is_hit"].sum() == 5000
+
+
+def test_concurrent_record_prompt_loses_nothing():
+    c = AccessStatsCollector()
+
+    def work(k: int) -> None:
+        for _ in range(3000):
+            c.record_prompt([k, k + 100], 1, timestamp=float(k), request_id=f"t{k}")
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    df = c.to_polars()
+    assert df.height == 4 * 3000 * 2
+    assert sorted(df.group_by("request_id").len()["len"].to_list()) == [6000] * 4
