@@ -7,16 +7,27 @@ from collections.abc import Callable
 
 from ..errors import KVConfigError
 from .base import EvictionPolicy
+from .fifo import FIFOPolicy
+from .lfu import LFUPolicy
 from .lru import LRUPolicy
+from .mru import MRUPolicy
+from .priority import PriorityPolicy
+from .ttl import TTLPolicy
 
 __all__ = ["POLICIES", "EvictionPolicyName", "list_policies", "make_policy", "register_policy"]
 
 #: name -> policy class
 POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy}
+POLICIES.update((c.name, c) for c in (FIFOPolicy, MRUPolicy, LFUPolicy, PriorityPolicy, TTLPolicy))
 
 
 class EvictionPolicyName(enum.StrEnum):
     LRU = "lru"
+    FIFO = "fifo"
+    MRU = "mru"
+    LFU = "lfu"
+    PRIORITY = "priority"
+    TTL = "ttl"
 
 
 def register_policy(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
