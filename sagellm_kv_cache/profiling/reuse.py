@@ -16,8 +16,9 @@ access. The distance of access ``i`` whose previous access is ``p`` is the
 number of markers strictly between ``p`` and ``i``; markers are only ever
 added at the right end, so that count is ``distinct_seen - (p + 1) +
 removed(<= p)`` where ``removed`` counts positions whose marker already moved
-on. Only ``removed`` needs a Fenwick tree (one query and one update per
-reuse); everything else is vectorised.
+on. ``removed`` is a dominance count (earlier reuses with a smaller previous
+index), computed bit level by bit level with vectorised sorts and cumsums;
+everything is numpy, no Python loop per access.
 """
 
 from __future__ import annotations
@@ -65,28 +66,44 @@ def reuse_distances(codes: np.ndarray, prev: np.ndarray | None = None) -> np.nda
         return out
     distinct_seen = np.cumsum(prev < 0)  # distinct blocks among accesses 0..i
     prevs = prev[reuse_at]
-    removed = _removed_before(prevs.tolist(), n)
+    removed = _removed_before(prevs, n)
     # distinct blocks before i (block of i already seen, so cumsum at i equals it)
     out[reuse_at] = distinct_seen[reuse_at] - (prevs + 1) + removed
     return out
 
 
-def _removed_before(prevs: list[int], n: int) -> np.ndarray:
-    """For each reuse in order, how many earlier reuses had a previous index <= its own."""
-    tree = [0] * (n + 1)
-    res = [0] * len(prevs)
-    for k, p in enumerate(prevs):
-        s = 0
-        j = p + 1
-        while j > 0:
-            s += tree[j]
-            j &= j - 1
-        res[k] = s
-        j = p + 1
-        while j <= n:
-            tree[j] += 1
-            j += j & -j
-    return np.asarray(res, dtype=np.int64)
+def _removed_before(prevs: list[int] | np.ndarray, n: int) -> np.ndarray:
+    """For each reuse in order, how many earlier reuses had a previous index <= its own.
+
+    Previous indices are distinct (an access is the previous access of at most
+    one later access), so this is "how many earlier values are smaller",
+    counted one bit level at a time from the most significant bit, all
+    vectorised: an earlier value ``v_j`` is smaller than ``v_k`` exactly when,
+    at the first bit where they differ, ``v_j`` has 0 and ``v_k`` has 1. At
+    each level the values are grouped by their higher bits (keeping access
+    order inside a group) and every value whose bit is 1 counts the earlier
+    0s of its group: ``bit_length`` sorts of the reuses in all, O(n log n)
+    without a Python-level loop per access.
+    """
+    v = np.asarray(prevs, dtype=np.int64)
+    m = len(v)
+    res = np.zeros(m, dtype=np.int64)
+    if m < 2:
+        return res
+    idx = np.arange(m, dtype=np.int64)
+    bits = int(v.max()).bit_length()
+    for shift in range(bits - 1, -1, -1):
+        prefix = v >> (shift + 1)
+        order = np.sort(prefix * m + idx) % m  # by higher bits, then access order
+        pre = prefix[order]
+        one = ((v[order] >> shift) & 1).astype(bool)
+        zeros_incl = np.cumsum(~one)  # 0-bits up to and including each position
+        starts = np.flatnonzero(np.r_[True, pre[1:] != pre[:-1]])
+        sizes = np.diff(np.r_[starts, m])
+        # 0-bits before the group's first position, repeated over the group
+        base = np.repeat(zeros_incl[starts] - (~one[starts]), sizes)
+        res[order[one]] += (zeros_incl - base)[one]
+    return res
 
 
 def reuse_times(timestamps: np.ndarray, prev: np.ndarray) -> np.ndarray:
