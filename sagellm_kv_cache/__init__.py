@@ -33,6 +33,10 @@ _LAZY: dict[str, str] = {
     "EvictionPolicy": "eviction",
     "make_policy": "eviction",
     "list_policies": "eviction",
+    "EvictionManager": "eviction.manager",
+    "EvictionStrategy": "eviction.manager",
+    "LRUEviction": "eviction.manager",
+    "FIFOEviction": "eviction.manager",
     # profiling / observability
     "AccessStatsCollector": "profiling",
     "MetricsCollector": "observability",
