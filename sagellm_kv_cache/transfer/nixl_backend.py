@@ -15,7 +15,10 @@ The engine's ``expose``/``fetch`` pair maps onto NIXL like this::
   that registered new memory sends its refreshed agent metadata to each peer
   in front of the next descriptor, so the peer can address it.
 * First contact between two ranks exchanges agent metadata through the
-  control store (``<root>/md/<rank>``), waited on with the caller's timeout.
+  control store, waited on with ``connect_timeout_s``. The n-th backend a
+  process builds talks to the n-th backend of each peer (key
+  ``<root>/md/<rank>/<n>``), so ranks build their NIXL backends in the same
+  order, as with ``torch.distributed.new_group``.
   After that the data plane needs no store round trip: descriptors and
   completions travel as NIXL notifications, which are ordered per pair.
 * Every wait is bounded by the caller's remaining time. A READ in state
@@ -41,7 +44,7 @@ import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from ..errors import KVConfigError, KVTransferFailedError, KVTransferTimeoutError
+from ..errors import KVCacheError, KVConfigError, KVTransferFailedError, KVTransferTimeoutError
 from .backends import TransferBackend
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,6 +58,9 @@ _DESC = struct.Struct("<BIQQIBQI")
 _KIND_DESC, _KIND_DONE = ord("D"), ord("C")
 _DONE = struct.Struct("<BQ")  # kind u8 | id u64
 _MEM_TYPES = ("DRAM", "VRAM")
+#: backends constructed in this process; the n-th one of rank r publishes its
+#: metadata under ``md/<r>/<n>`` and connects to the n-th one of its peers
+_GENERATIONS = itertools.count()
 
 
 def nixl_unavailable_reason() -> str | None:
@@ -87,6 +93,20 @@ def _store_wait(store: Any, key: str, timeout_s: float, what: str) -> bytes:
             ) from None
         raise KVTransferFailedError(f"{what}: control store failed: {exc}") from None
     return bytes(store.get(key))
+
+
+@contextlib.contextmanager
+def _typed(what: str, peer: int):
+    """NIXL raises its own exception types (``nixlRemoteDisconnectError``...);
+    the engine's callers get ``KVTransferFailedError`` with the NIXL status."""
+    try:
+        yield
+    except KVCacheError:
+        raise
+    except Exception as exc:
+        raise KVTransferFailedError(
+            f"{what}: {type(exc).__name__}: {str(exc)[:300]}", peer=peer
+        ) from None
 
 
 class _Sleeper:
@@ -122,7 +142,7 @@ class _ExposeWork:
         sleep = _Sleeper()
         b = self.backend
         while True:
-            with b._lock:
+            with b._lock, _typed(f"waiting for rank {self.peer}", self.peer):
                 b._poll_locked()
                 if self.id in b._completed:
                     b._completed.discard(self.id)
@@ -158,7 +178,7 @@ class _FetchWork:
         sleep = _Sleeper()
         b = self.backend
         while True:
-            with b._lock:
+            with b._lock, _typed(f"reading from rank {self.peer}", self.peer):
                 b._poll_locked()
                 if self.handle is None:
                     b._try_post_locked(self)
@@ -270,7 +290,11 @@ class NixlBackend(TransferBackend):
         self._abandoned: list[Any] = []
         self._ids = itertools.count(1)
         self._closed = False
-        store.set(f"{_KEY_ROOT}/md/{self.rank}", self._agent.get_agent_metadata())
+        self.generation = next(_GENERATIONS)
+        store.set(self._md_key(self.rank), self._agent.get_agent_metadata())
+
+    def _md_key(self, rank: int) -> str:
+        return f"{_KEY_ROOT}/md/{rank}/{self.generation}"
 
     # -- connections ---------------------------------------------------------
     def check_peer(self, peer: int) -> None:
@@ -286,7 +310,7 @@ class NixlBackend(TransferBackend):
         if name is None:
             md = _store_wait(
                 self.store,
-                f"{_KEY_ROOT}/md/{peer}",
+                self._md_key(peer),
                 self.connect_timeout_s,
                 f"NIXL metadata of rank {peer}",
             )
@@ -372,7 +396,7 @@ class NixlBackend(TransferBackend):
     # -- the engine's interface ------------------------------------------------
     def expose(self, peer: int, tag: int, tensor: torch.Tensor) -> _ExposeWork:
         self.check_peer(peer)
-        with self._lock:
+        with self._lock, _typed(f"exposing message {tag:#x} to rank {peer}", peer):
             name = self._connect_locked(peer)
             addr, nbytes, mem = self._register_locked(tensor)
             dev = tensor.get_device() if tensor.is_cuda else 0
@@ -387,7 +411,7 @@ class NixlBackend(TransferBackend):
 
     def fetch(self, peer: int, tag: int, out: torch.Tensor) -> _FetchWork:
         self.check_peer(peer)
-        with self._lock:
+        with self._lock, _typed(f"fetching message {tag:#x} from rank {peer}", peer):
             self._connect_locked(peer)
             self._register_locked(out)
             fw = _FetchWork(self, peer, tag, out, self._agent.get_xfer_descs(out))
