@@ -87,6 +87,8 @@ class BlockPool:
         # counters (monotonic until reset)
         self.num_evictions = 0
         self.num_cached_total = 0
+        #: hashes dropped, by reason ("capacity", "explicit", "invalidate", "clear"...)
+        self.evictions_by_reason: dict[str, int] = {}
 
     # -- sizes ---------------------------------------------------------------
     @property
@@ -194,6 +196,8 @@ class BlockPool:
             hashes[b] = None
             parents[b] = -1
         self.num_evictions += n
+        by = self.evictions_by_reason
+        by[reason] = by.get(reason, 0) + n
         if self._policy_on_evicted:
             on_evicted = self.policy.on_evicted
             for b, h in zip(victims, evicted_hashes):
@@ -323,6 +327,8 @@ class BlockPool:
         self.block_hashes[block_id] = None
         self.parent_ids[block_id] = -1
         self.policy.on_removed(block_id, h)
+        by = self.evictions_by_reason
+        by[reason] = by.get(reason, 0) + 1
         if self.hooks:
             self._emit_evicted([block_id], [h], reason)
         return True
@@ -373,6 +379,7 @@ class BlockPool:
         self.policy.reset()
         self.num_evictions = 0
         self.num_cached_total = 0
+        self.evictions_by_reason = {}
         if self.hooks:
             now = self.clock()
             for hook in self.hooks:

@@ -642,6 +642,7 @@ class KVPool:
                 "num_allocs": self._num_allocs,
                 "num_frees": self._num_frees,
                 "num_evictions": bp.num_evictions,
+                "evictions_by_reason": dict(bp.evictions_by_reason),
                 "num_blocks_cached_total": bp.num_cached_total,
                 "prefix_requests": self._prefix_requests,
                 "prefix_query_tokens": q_tok,

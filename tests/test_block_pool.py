@@ -125,3 +125,18 @@ def test_reset_restores_initial_state():
     bp.reset()
     assert list(bp.free_queue) == [0, 1, 2, 3] and bp.cached == {} and bp.ref_counts == [0] * 4
     bp.check_invariants()
+
+
+def test_evictions_are_counted_by_reason():
+    bp = BlockPool(4, block_size=2)
+    ids = bp.allocate(3)
+    bp.cache_blocks(ids, ["a", "b", "c"])
+    bp.release(ids)
+    bp.allocate(2)  # 1 free block + 1 capacity eviction
+    assert bp.evictions_by_reason == {"capacity": 1}
+    bp.evict(1)
+    assert bp.uncache(ids[0], reason="invalidate")
+    assert bp.evictions_by_reason == {"capacity": 1, "explicit": 1, "invalidate": 1}
+    assert bp.num_evictions == 2  # invalidation is not an eviction
+    bp.reset()
+    assert bp.evictions_by_reason == {}
