@@ -1,0 +1,332 @@
+"""One-pass LRU miss-ratio curve: sequential-LRU hit counts at every capacity.
+
+The sequential replay (``sim.replay.replay_sequential`` with ``policy="lru"``)
+serves each request, then releases its blocks tail-first, so after request
+``i`` with blocks ``h0 h1 ... hn-1`` the LRU order (most recent first) reads::
+
+    h0  h1  ...  hn-1  | the blocks of earlier requests, in their previous order
+    ^ released last       (minus h0..hn-1)
+
+Call this sequence the *global recency stack*: it depends on the trace only,
+not on the capacity. By induction over requests, a pool of ``C`` blocks holds
+exactly the top ``C`` entries of the stack after every request, provided that
+
+* ``C >= max_request_blocks`` (no request is skipped as too large), and
+* block ids are *prefix-chained* (an id always follows the same id, as
+  Mooncake hash ids do): then a parent is always above its child in the stack,
+  the cache is prefix-closed, a request's missing blocks are never cached
+  elsewhere, and every block a request names ends up cached after it.
+
+Inductive step: a request with ``k`` leading hits and ``n`` blocks allocates
+``n - k`` blocks, taking free blocks first, then the least recent evictable
+ones; what remains is its ``n`` blocks plus the most recent ``C - n`` others,
+which is the top ``C`` of the new stack. Hence a block of a request hits at
+capacity ``C`` iff its *stack depth* before the request (0 = most recent)
+is ``< C``; the leading-run rule is applied by taking the running maximum of
+depths along the request (with chained ids depths already increase along a
+request, so the maximum changes nothing there). A block never seen before
+has infinite depth (a cold miss).
+
+Depths come from one pass with a Fenwick tree: every block access gets a
+position (the request's last block the smallest, its first block the
+largest, matching the release order); a block's depth is the number of
+positions after its own latest position that are still the latest position
+of their block. Positions are handed out in increasing order, so the tree only
+records *superseded* positions: depth = (positions after p) - (superseded
+positions after p). First accesses cost no tree operation, a re-access one
+prefix query and one point update: O(total blocks x log total blocks).
+
+Below ``max_request_blocks`` the figures are an approximation, neither a
+lower nor an upper bound: requests larger than ``C`` count as misses as in
+the replay, but their blocks still enter the recency stack here, whereas a
+direct replay skips them entirely (they cache nothing and refresh nothing).
+``MRCResult.hit_ratios`` marks those rows ``exact=False``. For traces whose
+ids are not prefix-chained (``MRCResult.prefix_chained`` is False) the
+one-pass figures are the stack model's, not necessarily the replay's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sagellm_kv_cache.errors import KVInvalidInputError
+
+__all__ = ["MRCResult", "lru_mrc"]
+
+_INF = 1 << 62  # depth of a cold miss: above every capacity
+_REQUIRED = ("input_length", "block_hashes")
+
+
+@dataclass
+class MRCResult:
+    """Stack depths of one trace and the sequential-LRU hit ratios they give at any capacity.
+
+    Ratios have the definitions of ``sim.replay.ReplayResult``:
+    ``token_hit_ratio`` = hit blocks x block_size / sum of input_length,
+    ``block_hit_ratio`` = hit blocks / full blocks, ``request_hit_ratio`` =
+    requests with at least one hit block / requests.
+    """
+
+    block_size: int
+    num_requests: int
+    full_blocks: int  # sum over requests of input_length // block_size
+    prompt_tokens: int  # sum of input_length
+    max_request_blocks: int  # largest request in full blocks; exact for capacities >= this
+    distinct_blocks: int  # distinct ids among full blocks
+    infinite_capacity_blocks: int  # what replay_sequential(table, None) uses: distinct ids
+    prefix_chained: bool  # every id always follows the same id (exactness needs it)
+    # per full block, in trace order: running-max stack depth (_INF: cold miss)
+    _depths: np.ndarray = field(repr=False)
+    # per full block: its request's number of full blocks
+    _request_blocks_per_block: np.ndarray = field(repr=False)
+    # per request: running-max depth of its first block (_INF: none or cold), its full blocks
+    _first_depths: np.ndarray = field(repr=False)
+    _request_blocks: np.ndarray = field(repr=False)
+    _sorted_depths: np.ndarray = field(repr=False)
+    _sorted_first_depths: np.ndarray = field(repr=False)
+
+    # -- per-block view -------------------------------------------------------
+    @property
+    def stack_depths(self) -> np.ndarray:
+        """Per full block in trace order: the running-max stack depth, -1 for a cold miss.
+
+        The block hits at capacity ``C >= max_request_blocks`` iff ``0 <= depth < C``.
+        """
+        d = self._depths.copy()
+        d[d == _INF] = -1
+        return d
+
+    # -- counts ---------------------------------------------------------------
+    def _capacities(self, capacities) -> np.ndarray:
+        out = []
+        for c in capacities:
+            if c is None:
+                out.append(self.infinite_capacity_blocks)
+                continue
+            if isinstance(c, bool) or not isinstance(c, int | np.integer):
+                raise KVInvalidInputError(f"capacity must be an integer or None, got {c!r}")
+            if c < 1:
+                raise KVInvalidInputError(f"capacity must be >= 1 block, got {c}")
+            out.append(int(c))
+        return np.asarray(out, dtype=np.int64)
+
+    def _counts(self, caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(hit blocks, hit requests) at each capacity in ``caps`` (validated)."""
+        hit_blocks = np.searchsorted(self._sorted_depths, caps, side="left").astype(np.int64)
+        hit_reqs = np.searchsorted(self._sorted_first_depths, caps, side="left").astype(np.int64)
+        # below the largest request, requests larger than C are misses (as in the replay)
+        for i in np.flatnonzero(caps < self.max_request_blocks):
+            c = caps[i]
+            hit_blocks[i] = np.count_nonzero(
+                (self._depths < c) & (self._request_blocks_per_block <= c)
+            )
+            hit_reqs[i] = np.count_nonzero((self._first_depths < c) & (self._request_blocks <= c))
+        return hit_blocks, hit_reqs
+
+    def hit_blocks(self, capacities) -> np.ndarray:
+        """Hit blocks at each capacity (an int, or None for infinite), as an int64 array."""
+        return self._counts(self._capacities(capacities))[0]
+
+    def hit_ratios(self, capacities):
+        """Hit ratios at each capacity (blocks; None means infinite) as a polars DataFrame.
+
+        Columns: ``capacity_blocks``, ``token_hit_ratio``, ``block_hit_ratio``,
+        ``request_hit_ratio``, ``hit_blocks``, ``hit_requests`` and ``exact``
+        (``capacity_blocks >= max_request_blocks`` and prefix-chained ids: the
+        row equals a direct ``replay_sequential(table, C, "lru")``). Rows in
+        the order given.
+
+        Raises:
+            KVInvalidInputError: a capacity that is not an integer >= 1 or None.
+        """
+        import polars as pl
+
+        caps = self._capacities(capacities)
+        hit_blocks, hit_reqs = self._counts(caps)
+        tok = (
+            hit_blocks * self.block_size / self.prompt_tokens
+            if self.prompt_tokens
+            else np.zeros(len(caps))
+        )
+        blk = hit_blocks / self.full_blocks if self.full_blocks else np.zeros(len(caps))
+        req = hit_reqs / self.num_requests if self.num_requests else np.zeros(len(caps))
+        return pl.DataFrame(
+            {
+                "capacity_blocks": pl.Series(caps, dtype=pl.Int64),
+                "token_hit_ratio": pl.Series(tok, dtype=pl.Float64),
+                "block_hit_ratio": pl.Series(blk, dtype=pl.Float64),
+                "request_hit_ratio": pl.Series(req, dtype=pl.Float64),
+                "hit_blocks": pl.Series(hit_blocks, dtype=pl.Int64),
+                "hit_requests": pl.Series(hit_reqs, dtype=pl.Int64),
+                "exact": pl.Series(
+                    (caps >= self.max_request_blocks) & self.prefix_chained, dtype=pl.Boolean
+                ),
+            }
+        )
+
+    def breakpoints(self) -> np.ndarray:
+        """Every capacity at which the curve changes value, ascending.
+
+        The curve is a step function: constant from one breakpoint up to the
+        next; the last breakpoint's value is the infinite-capacity one. A
+        block with depth ``d`` starts to hit at ``C = d + 1``; below
+        ``max_request_blocks`` a request's blocks may also start to count at
+        ``C`` = its size.
+        """
+        finite = self._sorted_depths[self._sorted_depths < _INF]
+        pts = np.concatenate([finite + 1, self._request_blocks[self._request_blocks > 0]])
+        pts = np.unique(pts)
+        return pts[pts >= 1] if len(pts) else np.asarray([1], dtype=np.int64)
+
+    def curve(self):
+        """``hit_ratios`` at every breakpoint (see ``breakpoints``)."""
+        return self.hit_ratios([int(c) for c in self.breakpoints()])
+
+    # -- infinite capacity ----------------------------------------------------
+    @property
+    def infinite_hit_blocks(self) -> int:
+        return int(np.count_nonzero(self._depths < _INF))
+
+    @property
+    def infinite_token_hit_ratio(self) -> float:
+        h = self.infinite_hit_blocks
+        return h * self.block_size / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def infinite_block_hit_ratio(self) -> float:
+        return self.infinite_hit_blocks / self.full_blocks if self.full_blocks else 0.0
+
+    @property
+    def infinite_request_hit_ratio(self) -> float:
+        if not self.num_requests:
+            return 0.0
+        return int(np.count_nonzero(self._first_depths < _INF)) / self.num_requests
+
+    def infinite(self) -> dict:
+        """The infinite-capacity (every re-use hits) ratios and hit blocks."""
+        return {
+            "capacity_blocks": self.infinite_capacity_blocks,
+            "token_hit_ratio": self.infinite_token_hit_ratio,
+            "block_hit_ratio": self.infinite_block_hit_ratio,
+            "request_hit_ratio": self.infinite_request_hit_ratio,
+            "hit_blocks": self.infinite_hit_blocks,
+        }
+
+
+def _check_table(table) -> None:
+    cols = getattr(table, "columns", None)
+    if cols is None:
+        raise KVInvalidInputError(f"expected a canonical trace table, got {type(table).__name__}")
+    missing = [c for c in _REQUIRED if c not in cols]
+    if missing:
+        raise KVInvalidInputError(f"trace table lacks column(s) {missing}; has {list(cols)}")
+
+
+def lru_mrc(table, *, progress: bool = False) -> MRCResult:
+    """Sequential-LRU hit counts at every capacity from one pass over ``table``.
+
+    Args:
+        table: a canonical trace table (``traces`` package docstring); only
+            ``input_length``, ``block_hashes`` and ``block_size`` are read.
+        progress: show a tqdm progress bar over requests.
+
+    Returns:
+        An ``MRCResult``; ``result.hit_ratios([1000, 10000, None])`` gives the
+        figures ``replay_sequential(table, C, "lru")`` would, exactly for
+        ``C >= result.max_request_blocks`` on prefix-chained ids (module docstring).
+
+    Raises:
+        KVInvalidInputError: ``table`` lacks a needed column.
+    """
+    _check_table(table)
+    hashes_col = table["block_hashes"].to_list()
+    lengths = table["input_length"].to_list()
+    n = len(lengths)
+    block_size = int(table["block_size"][0]) if n and "block_size" in table.columns else 512
+    fulls = [length // block_size for length in lengths]
+    total = sum(fulls)
+
+    # Fenwick tree over positions 1..total counting superseded positions
+    tree = [0] * (total + 1)
+    pos: dict = {}  # id -> its latest position (0-based)
+    pos_get = pos.get
+    parent: dict = {}  # id -> the id before it (None for a first block)
+    parent_setdefault = parent.setdefault
+    chained = True
+    depths: list[int] = []
+    push = depths.append
+    t = 0  # next free position
+    superseded = 0
+
+    it = range(n)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="lru mrc", unit="req")
+    for i in it:
+        full = fulls[i]
+        if not full:
+            continue
+        hs = hashes_col[i][:full]
+        # depths against the stack before this request
+        m = -1
+        prev = None
+        for h in hs:
+            if parent_setdefault(h, prev) != prev:
+                chained = False
+            prev = h
+            if m == _INF:
+                push(_INF)
+                continue
+            p = pos_get(h)
+            if p is None:
+                m = _INF
+            else:
+                j = p + 1
+                s = 0
+                while j:
+                    s += tree[j]
+                    j &= j - 1
+                d = t - p - 1 - (superseded - s)
+                if d > m:
+                    m = d
+            push(m)
+        # release tail-first: hn-1 gets position t, ..., h0 gets t + full - 1
+        new = t + full - 1
+        for h in hs:
+            p = pos_get(h)
+            if p is not None:
+                j = p + 1
+                while j <= total:
+                    tree[j] += 1
+                    j += j & -j
+                superseded += 1
+            pos[h] = new
+            new -= 1
+        t += full
+
+    req_blocks = np.asarray(fulls, dtype=np.int64)
+    d_arr = np.asarray(depths, dtype=np.int64)
+    first = np.full(n, _INF, dtype=np.int64)
+    has = req_blocks > 0
+    starts = np.concatenate([[0], np.cumsum(req_blocks)[:-1]]) if n else req_blocks
+    first[has] = d_arr[starts[has]]
+    distinct_all = len({h for hs in hashes_col for h in hs})
+    return MRCResult(
+        block_size=block_size,
+        num_requests=n,
+        full_blocks=total,
+        prompt_tokens=int(sum(lengths)),
+        max_request_blocks=int(req_blocks.max()) if n else 0,
+        distinct_blocks=len(pos),
+        infinite_capacity_blocks=max(1, distinct_all),
+        prefix_chained=chained,
+        _depths=d_arr,
+        _request_blocks_per_block=np.repeat(req_blocks, req_blocks),
+        _first_depths=first,
+        _request_blocks=req_blocks,
+        _sorted_depths=np.sort(d_arr),
+        _sorted_first_depths=np.sort(first),
+    )
