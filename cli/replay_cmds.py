@@ -1,4 +1,8 @@
-"""``sage-kv-stats replay``: replay a trace through the library's pool (sequential mode)."""
+"""``sage-kv-stats replay``: replay a trace through the library's pool (sequential or concurrent).
+
+Option defaults and help come from ``sim.config.ReplayConfig`` (``field_help``);
+every run writes the resolved config as ``config.json`` next to its output.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +11,164 @@ from pathlib import Path
 
 import click
 
-from sagellm_kv_cache.errors import KVCacheError
+from sagellm_kv_cache.errors import KVCacheError, KVConfigError
+from sim.config import LinearCostModel, ReplayConfig, field_help, parse_capacity
+
+_DEFAULTS = ReplayConfig.__dataclass_fields__
 
 
-def _capacities(text: str) -> list[int]:
+def _default(name: str):
+    return _DEFAULTS[name].default
+
+
+class PolicyName(click.ParamType):
+    """An eviction policy registered at run time (``list_policies()``), aliases allowed."""
+
+    name = "policy"
+
+    def get_metavar(self, param, ctx=None) -> str:  # click 8.2+ passes ctx
+        from sagellm_kv_cache.eviction import list_policies
+
+        return "[" + "|".join(list_policies()) + "]"
+
+    def convert(self, value, param, ctx):
+        from sagellm_kv_cache.eviction import make_policy
+
+        try:
+            return make_policy(str(value)).name
+        except KVConfigError as err:
+            self.fail(err.message, param, ctx)
+
+
+def _capacity_cb(ctx, param, value):
     try:
-        caps = [int(float(x)) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated block counts, got {text!r}") from None
-    if not caps or min(caps) < 1:
-        raise click.BadParameter("capacities must be positive block counts")
-    return caps
+        parse_capacity(value)
+        return str(value).strip()
+    except KVConfigError as err:
+        raise click.BadParameter(err.message) from None
+
+
+def _cost_cb(ctx, param, value):
+    try:
+        return LinearCostModel.parse(value)
+    except KVConfigError as err:
+        raise click.BadParameter(err.message) from None
+
+
+def _model_shape_cb(ctx, param, value):
+    if value is None:
+        return None
+    from sagellm_kv_cache.storage import ModelShape
+
+    try:
+        ModelShape.named(value)
+    except KVConfigError as err:
+        raise click.BadParameter(err.message) from None
+    return value
+
+
+def _curve_cb(ctx, param, value):
+    items = [x.strip() for x in str(value).split(",") if x.strip()]
+    if not items:
+        raise click.BadParameter("give at least one capacity, e.g. 1000,10000")
+    out = []
+    for x in items:
+        try:
+            cap = parse_capacity(x)
+        except KVConfigError as err:
+            raise click.BadParameter(err.message) from None
+        if cap.is_infinite:
+            raise click.BadParameter(
+                "the infinite-capacity line is always drawn; list finite sizes"
+            )
+        out.append(cap)
+    return out
+
+
+def _resolve_blocks(cap, block_size: int, model_shape, option: str) -> int | None:
+    try:
+        return parse_capacity(cap).to_blocks(block_size, model_shape)
+    except KVConfigError as err:
+        raise click.BadParameter(err.message, param_hint=option) from None
+
+
+_COST_EXAMPLE = "prefill_s_per_token=6e-5,decode_s_per_token=0.012"
+
+
+def _cost_defaults() -> str:
+    import dataclasses
+
+    m = LinearCostModel()
+    return ", ".join(f"{f.name}={getattr(m, f.name):g}" for f in dataclasses.fields(m))
 
 
 @click.command()
 @click.argument("trace", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", default="auto", show_default=True, help="Trace format (mooncake).")
 @click.option(
-    "--capacity", default="10000", show_default=True, help="Cache capacity in blocks, or 'inf'."
+    "--mode",
+    type=click.Choice(["sequential", "concurrent"]),
+    default=_default("mode"),
+    show_default=True,
+    help="sequential: each request is released before the next arrives (the setting of "
+    "published hit ratios); concurrent: overlapping requests on a simulated clock.",
 )
-@click.option("--policy", default="lru", show_default=True, help="Eviction policy name.")
+@click.option(
+    "--format", "fmt", default=_default("format"), show_default=True, help="Trace format."
+)
+@click.option(
+    "--capacity",
+    default=_default("capacity"),
+    show_default=True,
+    callback=_capacity_cb,
+    help="Cache size: 10000 or 10000b (blocks), 5.12Mt or tokens:512k (tokens, rounded down "
+    "to whole blocks), 40GiB or 512MB (bytes; needs --model-shape), inf (never evicts).",
+)
+@click.option(
+    "--model-shape",
+    default=None,
+    callback=_model_shape_cb,
+    help="Model KV geometry that turns byte capacities into blocks: llama-3-8b (128 KiB "
+    "per token in bf16), llama-3-70b, qwen2.5-7b, qwen2.5-72b, mistral-7b.",
+)
+@click.option(
+    "--policy",
+    type=PolicyName(),
+    default=_default("policy"),
+    show_default=True,
+    help="Eviction policy (any registered in sagellm_kv_cache.eviction).",
+)
+@click.option(
+    "--block-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tokens per block. Default: the trace's. Formats with fixed hash ids (mooncake: 512) "
+    "accept only their own; formats that can re-hash are read at this size.",
+)
+@click.option(
+    "--cost-model",
+    "cost",
+    default=None,
+    metavar="NAME=VALUE,...",
+    callback=_cost_cb,
+    help="Concurrent mode: prefill_s = prefill_overhead_s + prefill_s_per_token x uncached "
+    "tokens; decode_s = decode_overhead_s + decode_s_per_token x output tokens. Give "
+    f"NAME=VALUE pairs, e.g. {_COST_EXAMPLE}; unnamed terms keep their defaults "
+    f"({_cost_defaults()}).",
+)
+@click.option(
+    "--max-num-seqs",
+    type=click.IntRange(min=1),
+    default=None,
+    help=field_help("max_num_seqs").replace("concurrent mode: most", "Concurrent mode: most") + ".",
+)
 @click.option(
     "--curve",
     "curve_caps",
-    default="1000,3000,10000,30000",
+    default=_default("curve"),
     show_default=True,
-    help="Capacities (blocks) of the hit-ratio-vs-capacity figure.",
+    callback=_curve_cb,
+    help="Capacities of the hit-ratio-vs-capacity figure (sequential replays), comma-separated; "
+    "same units as --capacity.",
 )
 @click.option(
     "--tiers",
@@ -45,65 +181,138 @@ def _capacities(text: str) -> list[int]:
 @click.option(
     "--out",
     "out_dir",
-    default="kv_replay_out",
+    default=_default("out_dir"),
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
+    help="Output directory.",
 )
 @click.option(
     "--progress/--no-progress", default=True, show_default=True, help="Show progress bars."
 )
-def replay(trace, fmt, capacity, policy, curve_caps, tiers, skip_bad, out_dir, progress):
+@click.pass_context
+def replay(
+    ctx,
+    trace,
+    mode,
+    fmt,
+    capacity,
+    model_shape,
+    policy,
+    block_size,
+    cost,
+    max_num_seqs,
+    curve_caps,
+    tiers,
+    skip_bad,
+    out_dir,
+    progress,
+):
     """Replay a request trace through the real block pool and prefix cache.
 
-    Sequential mode: each request looks up its leading cached blocks, allocates
-    the rest (evicting by POLICY when full), caches its full blocks and is
-    released before the next arrives. Writes config.json, records.parquet,
-    summary.json and hit_ratio_vs_capacity.png into --out.
+    Sequential mode (default): each request looks up its leading cached
+    blocks, allocates the rest (evicting by POLICY when full), caches its full
+    blocks and is released before the next arrives.
+
+    Concurrent mode: requests arrive at their trace times on a simulated clock,
+    hold their blocks through prefill and decode (times from --cost-model),
+    queue in FIFO order when the cache cannot give them their blocks, and are
+    rejected when larger than the whole cache. Blocks become hittable when
+    their prefill ends.
+
+    Writes config.json (the resolved settings), records.parquet (one row per
+    request), summary.json and hit_ratio_vs_capacity.png into --out; concurrent
+    mode adds timeline.parquet and queue_ttft.png.
 
     \b
     Examples:
       sage-kv-stats replay                               # bundled Mooncake trace
       sage-kv-stats replay trace.jsonl --capacity 30000 --out run1
+      sage-kv-stats replay --capacity 5.12Mt --policy lru
+      sage-kv-stats replay --capacity 40GiB --model-shape llama-3-8b
       sage-kv-stats replay --capacity inf --curve 500,2000,8000
+      sage-kv-stats replay --mode concurrent --capacity 2000 --max-num-seqs 16
+      sage-kv-stats replay --mode concurrent \\
+          --cost-model prefill_s_per_token=5e-5,decode_s_per_token=0.01
       sage-kv-stats replay --tiers gpu=2000,cpu=8000     # GPU + CPU tiers, TTFT model
     """
     import polars as pl
 
     from sim.replay import hit_ratio_curve, replay_sequential
-    from traces import DEFAULT_TRACE, read_trace
+    from traces import DEFAULT_TRACE
 
     trace = trace or DEFAULT_TRACE
     if not Path(trace).exists():
         raise click.FileError(str(trace), hint="trace file not found")
+    if parse_capacity(capacity).unit == "bytes" and model_shape is None:
+        raise click.BadParameter(
+            f"{capacity} needs a model shape to become blocks: add --model-shape (e.g. llama-3-8b)",
+            param_hint="--capacity",
+        )
+    src = ctx.get_parameter_source
+    explicit_cost = src("cost") == click.core.ParameterSource.COMMANDLINE
+    if mode == "sequential" and not tiers:
+        for opt, name in (("--cost-model", "cost"), ("--max-num-seqs", "max_num_seqs")):
+            if src(name) == click.core.ParameterSource.COMMANDLINE:
+                click.echo(f"note: {opt} only applies to --mode concurrent; ignored", err=True)
     if tiers:
-        _replay_tiers(trace, fmt, tiers, policy, skip_bad, out_dir)
+        _replay_tiers(
+            trace, fmt, tiers, policy, skip_bad, out_dir, mode, model_shape, explicit_cost, cost
+        )
         return
-    cap = None if str(capacity).lower() in ("inf", "infinite") else _capacities(str(capacity))[0]
     stats: dict = {}
     try:
-        table = read_trace(trace, fmt, skip_bad=skip_bad, stats=stats)
-        result = replay_sequential(table, cap, policy, progress=progress)
-        curve = hit_ratio_curve(table, _capacities(curve_caps), (policy,), progress=progress)
+        table = _read(trace, fmt, block_size, skip_bad, stats)
+    except KVCacheError as err:
+        raise click.ClickException(err.message) from None
+    bs = int(table["block_size"][0]) if len(table) else (block_size or 512)
+    cap_blocks = _resolve_blocks(capacity, bs, model_shape, "--capacity")
+    curve_blocks = [_resolve_blocks(c, bs, model_shape, "--curve") for c in curve_caps]
+    try:
+        cfg = ReplayConfig(
+            trace=str(trace),
+            format=fmt,
+            capacity=capacity,
+            policy=policy,
+            block_size=bs,
+            mode=mode,
+            model_shape=model_shape,
+            max_num_seqs=max_num_seqs,
+            cost=cost,
+            curve=",".join(str(c) for c in curve_blocks),
+            skip_bad=skip_bad,
+            progress=progress,
+            out_dir=str(out_dir),
+        )
+        if mode == "sequential":
+            result = replay_sequential(table, cap_blocks, policy, progress=progress)
+            records = pl.DataFrame(
+                {k: list(v) if v.dtype == object else v for k, v in result.records.items()}
+            )
+        else:
+            from sim.engine import replay_concurrent
+
+            result = replay_concurrent(table, cfg)
+            records = result.records
+        curve = hit_ratio_curve(table, curve_blocks, (policy,), progress=progress)
     except KVCacheError as err:
         raise click.ClickException(err.message) from None
     out_dir.mkdir(parents=True, exist_ok=True)
     config = {
-        "trace": str(trace),
-        "format": fmt,
+        **cfg.to_dict(),
         "capacity_blocks": result.capacity_blocks,
-        "policy": policy,
-        "block_size": result.block_size,
-        "mode": "sequential",
-        "curve_capacities": _capacities(curve_caps),
-        "skip_bad": skip_bad,
+        "curve_capacities": curve_blocks,
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    pl.DataFrame(
-        {k: list(v) if v.dtype == object else v for k, v in result.records.items()}
-    ).write_parquet(out_dir / "records.parquet")
-    summary = {**result.summary(), "skipped_records": stats.get("skipped", 0), "curve": curve}
+    records.write_parquet(out_dir / "records.parquet")
+    summary = {
+        "mode": mode,
+        **result.summary(),
+        "skipped_records": stats.get("skipped", 0),
+        "curve": curve,
+    }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    _plot_curve(curve, result, out_dir / "hit_ratio_vs_capacity.png")
+    _plot_curve(curve, result, out_dir / "hit_ratio_vs_capacity.png", mode)
+    files = "summary.json, records.parquet, config.json, hit_ratio_vs_capacity.png"
     click.echo(f"trace              {trace}")
     click.echo(f"requests           {result.num_requests}")
     click.echo(f"capacity (blocks)  {result.capacity_blocks}  policy {policy}")
@@ -111,9 +320,60 @@ def replay(trace, fmt, capacity, policy, curve_caps, tiers, skip_bad, out_dir, p
     click.echo(f"block_hit_ratio    {result.block_hit_ratio:.4f}")
     click.echo(f"request_hit_ratio  {result.request_hit_ratio:.4f}")
     click.echo(f"evictions          {result.evictions}")
-    click.echo(
-        f"wrote {out_dir}/summary.json, records.parquet, config.json, hit_ratio_vs_capacity.png"
-    )
+    if mode == "concurrent":
+        import matplotlib.pyplot as plt
+
+        from sim.engine import plot_queue_ttft
+
+        result.timeline.write_parquet(out_dir / "timeline.parquet")
+        fig = plot_queue_ttft(result.records, result.timeline, result.capacity_blocks)
+        fig.savefig(out_dir / "queue_ttft.png", dpi=120)
+        plt.close(fig)
+        files += ", timeline.parquet, queue_ttft.png"
+        click.echo(f"rejected           {result.num_rejected}")
+        click.echo(
+            f"queue_s            mean {result.queue_mean_s:.4f}  p50 {result.queue_p50_s:.4f}"
+            f"  p99 {result.queue_p99_s:.4f}"
+        )
+        click.echo(
+            f"ttft_s             mean {result.ttft_mean_s:.4f}  p50 {result.ttft_p50_s:.4f}"
+            f"  p99 {result.ttft_p99_s:.4f}"
+        )
+        click.echo(f"makespan_s         {result.makespan_s:.3f}")
+        click.echo(f"peak blocks in use {result.peak_blocks_in_use}")
+    click.echo(f"wrote {out_dir}/{files}")
+
+
+def _read(trace, fmt, block_size, skip_bad, stats):
+    """The canonical table; ``block_size`` goes to readers that accept it (re-hashing)."""
+    from traces import read_trace
+
+    if block_size is None:
+        return read_trace(trace, fmt, skip_bad=skip_bad, stats=stats)
+    try:
+        table = read_trace(trace, fmt, skip_bad=skip_bad, stats=stats, block_size=block_size)
+    except TypeError as err:  # a reader without re-hashing
+        if "block_size" not in str(err):
+            raise
+        stats.clear()
+        table = read_trace(trace, fmt, skip_bad=skip_bad, stats=stats)
+    except KVCacheError as err:
+        # blame --block-size only when the file reads fine at its own block size
+        try:
+            read_trace(trace, fmt, skip_bad=skip_bad)
+        except KVCacheError:
+            raise err from None
+        raise click.BadParameter(
+            f"{Path(trace).name} cannot be read at block size {block_size}: {err.message}",
+            param_hint="--block-size",
+        ) from None
+    if len(table) and int(table["block_size"][0]) != block_size:
+        raise click.BadParameter(
+            f"{Path(trace).name} has fixed {int(table['block_size'][0])}-token blocks and "
+            f"cannot be re-hashed at block size {block_size}",
+            param_hint="--block-size",
+        )
+    return table
 
 
 def _parse_tiers(text: str) -> dict[str, int]:
@@ -131,7 +391,9 @@ def _parse_tiers(text: str) -> dict[str, int]:
     return out
 
 
-def _replay_tiers(trace, fmt, tiers, policy, skip_bad, out_dir) -> None:
+def _replay_tiers(
+    trace, fmt, tiers, policy, skip_bad, out_dir, mode, model_shape, explicit_cost, cost
+) -> None:
     from types import SimpleNamespace
 
     from sim.tiered import replay_tiered
@@ -141,8 +403,17 @@ def _replay_tiers(trace, fmt, tiers, policy, skip_bad, out_dir) -> None:
     try:
         table = read_trace(trace, fmt, skip_bad=skip_bad)
         config = SimpleNamespace(
-            block_size=int(table["block_size"][0]), sequential=True, policy=policy
+            block_size=int(table["block_size"][0]),
+            sequential=mode == "sequential",
+            policy=policy,
         )
+        if model_shape:
+            config.model = model_shape
+        if explicit_cost:  # otherwise the tiered model keeps its own defaults
+            config.prefill_tokens_per_s = (
+                1.0 / cost.prefill_s_per_token if cost.prefill_s_per_token else float("inf")
+            )
+            config.decode_s_per_token = cost.decode_s_per_token
         out_dir.mkdir(parents=True, exist_ok=True)
         summary = replay_tiered(table, tiers=spec, config=config, out_dir=out_dir)
     except KVCacheError as err:
@@ -151,7 +422,7 @@ def _replay_tiers(trace, fmt, tiers, policy, skip_bad, out_dir) -> None:
     click.echo(f"wrote {out_dir}/summary.json and the TTFT figure")
 
 
-def _plot_curve(curve: list[dict], result, path: Path) -> None:
+def _plot_curve(curve: list[dict], result, path: Path, mode: str = "sequential") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +439,11 @@ def _plot_curve(curve: list[dict], result, path: Path) -> None:
     if inf:
         ax.axhline(inf[0]["token_hit_ratio"], color="grey", ls="--", label="infinite capacity")
     ax.scatter(
-        [result.capacity_blocks], [result.token_hit_ratio], color="red", zorder=5, label="this run"
+        [result.capacity_blocks],
+        [result.token_hit_ratio],
+        color="red",
+        zorder=5,
+        label="this run" if mode == "sequential" else f"this run ({mode})",
     )
     ax.set_xscale("log")
     ax.set_xlabel(f"cache capacity (blocks of {result.block_size} tokens)")

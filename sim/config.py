@@ -68,6 +68,15 @@ class LinearCostModel:
         return self.decode_overhead_s + self.decode_s_per_token * output_tokens
 
     @classmethod
+    def zero(cls) -> LinearCostModel:
+        """Every request takes no simulated time (concurrent replay then equals sequential)."""
+        return cls(0.0, 0.0, 0.0, 0.0)
+
+    def to_text(self) -> str:
+        """The ``name=value,...`` form ``parse`` reads back."""
+        return ",".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+
+    @classmethod
     def parse(cls, text: str | None) -> LinearCostModel:
         """``"prefill_s_per_token=5e-5,decode_s_per_token=0.01"`` -> a cost model."""
         if not text:
@@ -91,6 +100,8 @@ class LinearCostModel:
 _COUNT_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
 _BYTE_UNITS = {
     "b": 1,
+    "byte": 1,
+    "bytes": 1,
     "kb": 10**3,
     "mb": 10**6,
     "gb": 10**9,
@@ -225,10 +236,16 @@ class ReplayConfig:
     )
     mode: str = _f("sequential", "sequential (one request at a time) or concurrent (clocked)")
     model_shape: str | None = _f(None, "model shape for byte capacities (e.g. llama-3-8b)")
-    max_running: int | None = _f(None, "concurrent mode: most requests running at once")
+    max_num_seqs: int | None = _f(
+        None, "concurrent mode: most requests running at once (default: no limit but the cache)"
+    )
     cost: LinearCostModel = field(
         default_factory=LinearCostModel,
         metadata={"help": "cost model, e.g. prefill_s_per_token=5e-5,decode_s_per_token=0.01"},
+    )
+    curve: str = _f(
+        "1000,3000,10000,30000",
+        "capacities of the hit-ratio-vs-capacity figure (sequential replays), comma-separated",
     )
     skip_bad: bool = _f(False, "skip malformed trace records instead of failing")
     progress: bool = _f(True, "show progress bars")
@@ -237,13 +254,41 @@ class ReplayConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("sequential", "concurrent"):
             raise KVConfigError(f"mode must be 'sequential' or 'concurrent', got {self.mode!r}")
-        if isinstance(self.cost, str):
+        if self.cost is None or isinstance(self.cost, str):
             self.cost = LinearCostModel.parse(self.cost)
-        if isinstance(self.cost, dict):
+        elif isinstance(self.cost, dict):
             self.cost = LinearCostModel(**self.cost)
+        elif not isinstance(self.cost, LinearCostModel):
+            raise KVConfigError(
+                f"cost must be a LinearCostModel, dict or string, got {self.cost!r}"
+            )
+        # canonical capacity text: None means infinite, ints and Capacity objects become text
+        if self.capacity is None:
+            self.capacity = "inf"
+        elif isinstance(self.capacity, int) and not isinstance(self.capacity, bool):
+            self.capacity = str(self.capacity)
+        elif not isinstance(self.capacity, str):
+            self.capacity = str(parse_capacity(self.capacity))
         parse_capacity(self.capacity)  # fail early
-        if self.max_running is not None and self.max_running < 1:
-            raise KVConfigError(f"max_running must be >= 1, got {self.max_running}")
+        for name in ("block_size", "max_num_seqs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise KVConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.model_shape is not None:
+            from sagellm_kv_cache.storage import ModelShape
+
+            ModelShape.named(self.model_shape)  # fail early, names the known shapes
+        from sagellm_kv_cache.eviction import make_policy
+
+        make_policy(self.policy)  # fail early, names the registered policies
+
+    def capacity_blocks(self, block_size: int) -> int | None:
+        """The capacity in whole blocks of ``block_size`` tokens (``None``: infinite).
+
+        Raises:
+            KVConfigError: bytes without ``model_shape``, or less than one block.
+        """
+        return parse_capacity(self.capacity).to_blocks(block_size, self.model_shape)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
