@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from . import profiling_cmds, replay_cmds
+from . import profiling_cmds, replay_cmds, sweep_cmds
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -26,7 +26,7 @@ def cli() -> None:
     """
 
 
-for _module in (profiling_cmds, replay_cmds):
+for _module in (profiling_cmds, replay_cmds, sweep_cmds):
     for _cmd in _module.COMMANDS:
         cli.add_command(_cmd)
 

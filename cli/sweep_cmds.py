@@ -1,0 +1,277 @@
+"""``sage-kv-stats sweep``: hit ratio vs capacity for several policies and traces, with bounds.
+
+``plot_sweep`` draws a ``sim.sweep.sweep`` table (one panel per trace) and is
+what the command and notebook 02 use.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sagellm_kv_cache.errors import KVCacheError
+
+__all__ = ["COMMANDS", "parse_capacities", "parse_policies", "plot_sweep", "sweep_cmd"]
+
+
+def parse_capacities(text: str) -> list[int]:
+    """``"1000,3000,10k"`` -> ``[1000, 3000, 10000]`` (block counts; ``k``/``M`` suffixes).
+
+    Raises:
+        click.BadParameter: empty, unparseable, non-block or non-positive entries.
+    """
+    from sim.config import parse_capacity
+
+    caps: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            cap = parse_capacity(part)
+        except KVCacheError as err:
+            raise click.BadParameter(err.message, param_hint="--capacities") from None
+        if cap.unit != "blocks":
+            raise click.BadParameter(
+                f"{part!r} is not a block count (the infinite bound is drawn anyway;"
+                " give sizes in blocks, e.g. 1000,3000,10k)",
+                param_hint="--capacities",
+            )
+        caps.append(int(cap.amount))
+    if not caps:
+        raise click.BadParameter(
+            f"expected comma-separated block counts, got {text!r}", param_hint="--capacities"
+        )
+    return caps
+
+
+def parse_policies(text: str) -> list[str]:
+    """``"lru,fifo"`` -> ``["lru", "fifo"]``; ``"all"`` -> every registered policy.
+
+    Raises:
+        click.BadParameter: an unknown name (the message lists the known ones).
+    """
+    from sagellm_kv_cache.eviction.registry import list_policies, make_policy
+
+    known = list(list_policies())
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if names == ["all"]:
+        return known
+    if not names:
+        raise click.BadParameter("no policy given", param_hint="--policies")
+    for name in names:
+        try:
+            make_policy(name)
+        except KVCacheError:
+            raise click.BadParameter(
+                f"unknown policy {name!r}; known: {', '.join(known)} (or 'all')",
+                param_hint="--policies",
+            ) from None
+    return names
+
+
+def plot_sweep(df: Any, *, title: str | None = None, panel_size: tuple[float, float] = (7, 4.5)):
+    """Token hit ratio vs capacity (log x), one panel per trace; returns the Figure.
+
+    Policies are solid lines with markers; the OPT bound (rows with policy
+    ``"opt"``) a dashed black curve; the infinite-capacity bound a dashed grey
+    horizontal line. ``df`` is a ``sim.sweep.sweep`` table (polars or pandas).
+    """
+    import polars as pl
+
+    if "matplotlib.pyplot" not in sys.modules:
+        import matplotlib
+
+        matplotlib.use("Agg")  # headless unless a notebook chose a backend
+    import matplotlib.pyplot as plt
+
+    df = df if isinstance(df, pl.DataFrame) else pl.from_pandas(df)
+    trace_names = df["trace"].unique(maintain_order=True).to_list() or ["(no data)"]
+    n = len(trace_names)
+    fig, axes = plt.subplots(
+        1, n, figsize=(panel_size[0] * n, panel_size[1]), squeeze=False, layout="constrained"
+    )
+    for ax, name in zip(axes[0], trace_names):
+        sub = df.filter(pl.col("trace") == name)
+        if sub.height == 0:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        for policy in sub.filter(pl.col("kind") == "policy")["policy"].unique(maintain_order=True):
+            pts = sub.filter(pl.col("policy") == policy).sort("capacity_blocks")
+            ax.plot(pts["capacity_blocks"], pts["token_hit_ratio"], marker="o", label=policy)
+        opt = sub.filter(pl.col("policy") == "opt").sort("capacity_blocks")
+        if opt.height:
+            ax.plot(
+                opt["capacity_blocks"],
+                opt["token_hit_ratio"],
+                color="black",
+                ls="--",
+                marker="x",
+                label="OPT (offline optimal)",
+            )
+        inf = sub.filter(pl.col("policy") == "infinite")
+        if inf.height:
+            ax.axhline(inf["token_hit_ratio"][0], color="grey", ls="--", label="infinite capacity")
+        block_size = int(sub["block_size"][0])
+        ax.set_xscale("log")
+        top = float(sub["token_hit_ratio"].max() or 0.0)
+        ax.set_ylim(0, min(1.0, max(0.05, top * 1.15)))
+        ax.set_xlabel(f"cache capacity (blocks of {block_size} tokens, log scale)")
+        ax.set_ylabel("token hit ratio")
+        ax.set_title(name)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(loc="best", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+@click.command("sweep")
+@click.argument("traces", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--capacities",
+    default="1000,3000,10000,30000",
+    show_default=True,
+    help="Cache sizes in blocks, comma-separated (10k = 10000).",
+)
+@click.option(
+    "--policies",
+    default="lru",
+    show_default=True,
+    help="Eviction policies, comma-separated, or 'all' for every registered one.",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["process", "serial", "ray"]),
+    default="process",
+    show_default=True,
+    help="Where replays run: local processes, this process, or Ray.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes (or Ray CPUs of a local instance). [default: all cores]",
+)
+@click.option("--ray-address", default=None, help="Ray cluster address (default: a local Ray).")
+@click.option(
+    "--format", "fmt", default="auto", show_default=True, help="Trace format of every TRACE."
+)
+@click.option("--skip-bad", is_flag=True, help="Skip malformed trace records instead of failing.")
+@click.option(
+    "--bounds/--no-bounds",
+    default=True,
+    show_default=True,
+    help="Add the infinite-capacity bound and OPT (when sim.opt is available).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    default="kv_sweep_out",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output directory.",
+)
+@click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar."
+)
+def sweep_cmd(
+    traces,
+    capacities,
+    policies,
+    executor,
+    workers,
+    ray_address,
+    fmt,
+    skip_bad,
+    bounds,
+    out_dir,
+    progress,
+):
+    """Sequential replays of every TRACE x policy x capacity, run in parallel.
+
+    Each replay drives the real block pool (see `sage-kv-stats replay`). With
+    --bounds (default) each trace also gets its infinite-capacity hit ratio (no
+    policy can beat it) and, where sim.opt is available, the offline-optimal
+    (OPT) hit ratio at each capacity (no policy can beat it at that size).
+    Without TRACE the bundled Mooncake trace is used.
+
+    Writes into --out: sweep.parquet and sweep.csv (one row per trace x
+    policy x capacity, plus bound rows), sweep.png (token hit ratio vs
+    capacity, one panel per trace, bounds dashed) and config.json.
+
+    \b
+    Examples:
+      sage-kv-stats sweep traces/data/mooncake_synthetic_trace.jsonl
+      sage-kv-stats sweep a.jsonl b.jsonl --capacities 1000,3000,10k --policies all
+      sage-kv-stats sweep --executor serial --no-bounds --out run1
+      sage-kv-stats sweep t.jsonl --executor ray --ray-address auto
+    """
+    import polars as pl
+
+    from sim.sweep import opt_available, sweep
+    from traces import DEFAULT_TRACE, read_trace
+
+    caps = parse_capacities(capacities)
+    pols = parse_policies(policies)
+    paths = list(traces) or [Path(DEFAULT_TRACE)]
+    items = []
+    for path in paths:
+        try:
+            items.append((path.name, read_trace(path, fmt, skip_bad=skip_bad)))
+        except FileNotFoundError:
+            raise click.FileError(str(path), hint="trace file not found") from None
+        except KVCacheError as err:
+            raise click.FileError(str(path), hint=err.message) from None
+    try:
+        df = sweep(
+            items,
+            caps,
+            pols,
+            executor=executor,
+            workers=workers,
+            bounds=bounds,
+            progress=progress,
+            ray_address=ray_address,
+        )
+    except KVCacheError as err:
+        raise click.ClickException(err.message) from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df.write_parquet(out_dir / "sweep.parquet")
+    df.write_csv(out_dir / "sweep.csv")
+    config = {
+        "traces": [str(p) for p in paths],
+        "format": fmt,
+        "capacities_blocks": caps,
+        "policies": pols,
+        "executor": executor,
+        "workers": workers,
+        "ray_address": ray_address,
+        "bounds": bounds,
+        "opt_bound": bool(bounds and opt_available()),
+        "skip_bad": skip_bad,
+        "mode": "sequential",
+    }
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    fig = plot_sweep(df, title="Prefix-cache token hit ratio vs capacity (sequential replay)")
+    fig.savefig(out_dir / "sweep.png", dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+    table = df.select(
+        "trace", "policy", "capacity_blocks", "token_hit_ratio", "block_hit_ratio", "evictions"
+    )
+    with pl.Config(tbl_rows=len(table), tbl_hide_dataframe_shape=True, fmt_str_lengths=40):
+        click.echo(str(table))
+    if bounds and not opt_available():
+        click.echo("note: OPT bound skipped (sim.opt is not available in this install)")
+    click.echo(f"wrote {out_dir}/sweep.parquet, sweep.csv, sweep.png, config.json")
+
+
+COMMANDS = [sweep_cmd]

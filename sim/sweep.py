@@ -1,0 +1,505 @@
+"""Capacity x policy x trace sweeps of sequential replays, run in parallel.
+
+One *job* is one ``replay_sequential(table, capacity_blocks, policy)`` (or one
+offline-optimal replay for the OPT bound, or one infinite-capacity replay).
+``sweep`` builds every job, runs them on an executor and returns one polars
+row per job in a fixed order that never depends on completion order::
+
+    for trace in traces:                     # in the order given
+        for policy in policies:              # in the order given
+            for capacity in capacities:      #   "   "
+                row  kind="policy"
+        for capacity in capacities:
+            row  policy="opt"       kind="bound"   (when sim.opt is available)
+        for capacity in capacities:
+            row  policy="infinite"  kind="bound"
+
+The infinite bound is one replay per trace (a pool that never evicts); its
+figures are repeated on each capacity's row so every (trace, policy) series
+has the same capacities. Its ``seconds`` is that one replay's time on each row.
+
+Executors:
+
+``"serial"``
+    every job in this process, one after the other.
+``"process"``
+    a ``concurrent.futures.ProcessPoolExecutor`` over local cores (``workers``,
+    default ``os.cpu_count()``, never more than the number of jobs). Each trace
+    table is serialised once to Arrow IPC bytes and handed to every worker by
+    its initializer, so a job ships only ``(trace index, kind, policy,
+    capacity)`` and returns a small summary dict. Workers are started with
+    ``spawn`` (polars' thread pool does not survive ``fork``).
+``"ray"``
+    Ray remote tasks. Uses the running Ray instance if ``ray.is_initialized()``;
+    else connects to ``ray_address`` or starts a local instance with
+    ``num_cpus=workers`` (and shuts down only what it started). Each table is
+    ``ray.put`` once and passed to the tasks by reference.
+
+A job that raises surfaces as :class:`SweepJobError` naming the job (trace,
+policy, capacity), with the worker's exception chained as ``__cause__``; the
+jobs not yet started are cancelled.
+
+Example::
+
+    from sim.sweep import sweep
+    df = sweep(["traces/data/mooncake_synthetic_trace.jsonl"], [1000, 10000], ["lru"])
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sagellm_kv_cache.errors import KVCacheError, KVConfigError, KVInvalidInputError
+
+__all__ = [
+    "BOUNDS",
+    "EXECUTORS",
+    "SWEEP_COLUMNS",
+    "SweepJob",
+    "SweepJobError",
+    "opt_available",
+    "sweep",
+]
+
+EXECUTORS = ("process", "serial", "ray")
+#: bound names, in the order their rows follow a trace's policy rows
+BOUNDS = ("opt", "infinite")
+#: the result's columns, in order
+SWEEP_COLUMNS = (
+    "trace",
+    "policy",
+    "kind",
+    "capacity_blocks",
+    "token_hit_ratio",
+    "block_hit_ratio",
+    "request_hit_ratio",
+    "hit_blocks",
+    "full_blocks",
+    "prompt_tokens",
+    "num_requests",
+    "block_size",
+    "evictions",
+    "seconds",
+)
+
+
+class SweepJobError(KVCacheError):
+    """One sweep job failed; ``details["job"]`` names it and ``__cause__`` is the worker's error."""
+
+    code = "KV_SWEEP_JOB_FAILED"
+
+
+@dataclass(frozen=True, slots=True)
+class SweepJob:
+    """One replay: ``kind`` is ``"policy"``, ``"opt"`` or ``"infinite"``."""
+
+    trace_index: int
+    trace: str
+    kind: str
+    policy: str
+    capacity_blocks: int | None
+
+    def describe(self) -> str:
+        cap = "infinite capacity" if self.capacity_blocks is None else f"{self.capacity_blocks}"
+        what = {"policy": f"policy {self.policy!r}", "opt": "OPT bound", "infinite": "infinite"}
+        return f"trace {self.trace!r}, {what[self.kind]}, capacity {cap} blocks"
+
+
+def opt_available() -> bool:
+    """Whether ``sim.opt.replay_opt`` (the offline-optimal bound) can be imported."""
+    return _replay_opt() is not None
+
+
+def _replay_opt():
+    try:
+        from sim.opt import replay_opt
+    except ImportError as err:  # sim.opt not built yet, or without replay_opt
+        if isinstance(err, ModuleNotFoundError) and err.name not in ("sim.opt", "sim"):
+            raise  # sim.opt exists but one of its own imports is missing: a real error
+        return None
+    return replay_opt
+
+
+# ---------------------------------------------------------------- one job
+
+
+def _run_job(table, job: SweepJob) -> dict[str, Any]:
+    """Run one job on ``table``; a summary dict (no per-request records)."""
+    from sim.replay import replay_sequential
+
+    t0 = time.perf_counter()
+    if job.kind == "policy":
+        r = replay_sequential(table, job.capacity_blocks, job.policy)
+    elif job.kind == "infinite":
+        r = replay_sequential(table, None, "lru")
+    elif job.kind == "opt":
+        replay_opt = _replay_opt()
+        if replay_opt is None:
+            raise KVConfigError("the OPT bound needs sim.opt.replay_opt, which is not available")
+        r = replay_opt(table, job.capacity_blocks)
+    else:  # pragma: no cover - jobs are built here
+        raise KVInvalidInputError(f"unknown job kind {job.kind!r}")
+    seconds = time.perf_counter() - t0
+    return {
+        "token_hit_ratio": float(r.token_hit_ratio),
+        "block_hit_ratio": float(r.block_hit_ratio),
+        "request_hit_ratio": float(r.request_hit_ratio),
+        "hit_blocks": int(r.hit_blocks),
+        "full_blocks": int(r.full_blocks),
+        "prompt_tokens": int(r.prompt_tokens),
+        "num_requests": int(r.num_requests),
+        "block_size": int(r.block_size),
+        "evictions": int(r.evictions),
+        "seconds": seconds,
+    }
+
+
+# ------------------------------------------------------- process executor
+
+#: worker side: IPC file path -> table, read (memory-mapped) once per worker
+_WORKER_TABLES: dict[str, Any] = {}
+
+
+def _worker_warm() -> int:
+    """Import what a job needs, so the pool's start overlaps the parent reading traces."""
+    import polars  # noqa: F401
+
+    import sim.replay  # noqa: F401
+
+    return os.getpid()
+
+
+def _worker_job(ipc_path: str, job: SweepJob) -> dict[str, Any]:
+    table = _WORKER_TABLES.get(ipc_path)
+    if table is None:
+        import polars as pl
+
+        table = _WORKER_TABLES[ipc_path] = pl.read_ipc(ipc_path)
+    return _run_job(table, job)
+
+
+def _failed(job: SweepJob, err: BaseException) -> SweepJobError:
+    return SweepJobError(
+        f"sweep job failed ({job.describe()}): {type(err).__name__}: {err}",
+        job=job.describe(),
+        trace=job.trace,
+        policy=job.policy,
+        capacity_blocks=job.capacity_blocks,
+    )
+
+
+def _run_serial(tables, jobs, bar) -> list[dict]:
+    out = []
+    for job in jobs:
+        try:
+            out.append(_run_job(tables[job.trace_index], job))
+        except Exception as err:
+            raise _failed(job, err) from err
+        bar.update(1)
+    return out
+
+
+def _start_pool(workers: int):
+    """A spawn-context pool with every worker already starting (warm-up tasks submitted)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    for _ in range(workers):
+        pool.submit(_worker_warm)
+    return pool
+
+
+def _run_process(pool, tables, jobs, bar) -> list[dict]:
+    import tempfile
+    from concurrent.futures import FIRST_EXCEPTION, wait
+
+    results: list[dict | None] = [None] * len(jobs)
+    with tempfile.TemporaryDirectory(prefix="kv-sweep-") as tmp:
+        # each table crosses to the workers once, as an Arrow IPC file they memory-map
+        paths = []
+        for i, table in enumerate(tables):
+            path = os.path.join(tmp, f"trace{i}.arrow")
+            table.write_ipc(path)
+            paths.append(path)
+        futures = {
+            pool.submit(_worker_job, paths[job.trace_index], job): i for i, job in enumerate(jobs)
+        }
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for fut in done:
+                    i = futures[fut]
+                    err = fut.exception()
+                    if err is not None:
+                        raise _failed(jobs[i], err) from err
+                    results[i] = fut.result()
+                    bar.update(1)
+        finally:
+            for fut in pending:
+                fut.cancel()
+            wait(pending)  # running jobs finish before their files go
+    return results  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------- ray executor
+
+
+def _ray_job_body(table, job: SweepJob) -> dict[str, Any]:
+    return _run_job(table, job)
+
+
+def _run_ray(tables, jobs, bar, workers: int, address: str | None) -> list[dict]:
+    try:
+        import ray
+    except ImportError as err:
+        raise KVConfigError(
+            "executor='ray' needs ray (pip install 'sagellm-kv-cache[ray]')"
+        ) from err
+
+    started = False
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            # workers import sim/ from this checkout even when it is not installed
+            root = str(Path(__file__).resolve().parent.parent)
+            path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+            ray.init(
+                num_cpus=workers,
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"PYTHONPATH": path}},
+            )
+        started = True
+    try:
+        remote = ray.remote(num_cpus=1, max_retries=0)(_ray_job_body)
+        refs = [ray.put(t) for t in tables]
+        futures = [remote.remote(refs[job.trace_index], job) for job in jobs]
+        index = {f: i for i, f in enumerate(futures)}
+        results: list[dict | None] = [None] * len(jobs)
+        pending = list(futures)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                i = index[ref]
+                try:
+                    results[i] = ray.get(ref)
+                except Exception as err:
+                    for other in pending:
+                        ray.cancel(other)
+                    cause = getattr(err, "cause", None) or err
+                    raise _failed(jobs[i], cause) from err
+                bar.update(1)
+        return results  # type: ignore[return-value]
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ------------------------------------------------------------------ sweep
+
+
+def _trace_items(traces) -> list[tuple[str, Path | None, Any]]:
+    """``(name, path or None, table or None)`` per trace, names unique; nothing read yet."""
+    if isinstance(traces, str | os.PathLike) or (
+        isinstance(traces, tuple)
+        and len(traces) == 2
+        and isinstance(traces[0], str)
+        and not isinstance(traces[1], str | os.PathLike)
+    ):
+        traces = [traces]
+    items: list[tuple[str, Path | None, Any]] = []
+    names: set[str] = set()
+    for item in traces:
+        if isinstance(item, str | os.PathLike):
+            path = Path(item)
+            if not path.is_file():
+                raise KVInvalidInputError(f"trace file not found: {path}", path=str(path))
+            name, table = path.name, None
+        elif isinstance(item, tuple) and len(item) == 2:
+            name, path, table = str(item[0]), None, item[1]
+            if not hasattr(table, "columns") or "block_hashes" not in table.columns:
+                raise KVInvalidInputError(
+                    f"trace {name!r}: expected a canonical trace table (polars DataFrame "
+                    "with block_hashes, input_length, ...)"
+                )
+        else:
+            raise KVInvalidInputError(
+                f"a trace is a path or a (name, table) pair, got {type(item).__name__}"
+            )
+        if name in names:  # keep names unique: they label rows and panels
+            k = 2
+            while f"{name}#{k}" in names:
+                k += 1
+            name = f"{name}#{k}"
+        names.add(name)
+        items.append((name, path, table))
+    if not items:
+        raise KVInvalidInputError("sweep needs at least one trace")
+    return items
+
+
+def _normalise_capacities(capacities) -> list[int]:
+    if isinstance(capacities, int):
+        capacities = [capacities]
+    caps: list[int] = []
+    for c in capacities:
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise KVConfigError(f"capacities must be positive block counts, got {c!r}")
+        if c not in caps:
+            caps.append(c)
+    if not caps:
+        raise KVConfigError("sweep needs at least one capacity")
+    return caps
+
+
+def _normalise_policies(policies) -> list[str]:
+    from sagellm_kv_cache.eviction.registry import make_policy
+
+    if isinstance(policies, str):
+        policies = [policies]
+    out: list[str] = []
+    for p in policies:
+        if not isinstance(p, str):
+            raise KVConfigError(f"policies are names, got {p!r}")
+        make_policy(p)  # KVConfigError naming the choices when unknown
+        if p in BOUNDS:
+            raise KVConfigError(f"{p!r} is a bound, not a policy; bounds are added with bounds=")
+        if p not in out:
+            out.append(p)
+    if not out:
+        raise KVConfigError("sweep needs at least one policy")
+    return out
+
+
+def _normalise_bounds(bounds) -> list[str]:
+    if bounds is True:
+        return list(BOUNDS)
+    if bounds is False or bounds is None:
+        return []
+    if isinstance(bounds, str):
+        bounds = [bounds]
+    wanted = list(bounds)
+    for b in wanted:
+        if b not in BOUNDS:
+            raise KVConfigError(f"unknown bound {b!r}; choose from {list(BOUNDS)}")
+    return [b for b in BOUNDS if b in wanted]
+
+
+def sweep(
+    traces: str | os.PathLike | tuple[str, Any] | Iterable[str | os.PathLike | tuple[str, Any]],
+    capacities: int | Sequence[int],
+    policies: str | Sequence[str] = ("lru",),
+    *,
+    executor: str = "process",
+    workers: int | None = None,
+    bounds: bool | str | Sequence[str] = True,
+    progress: bool = True,
+    format: str = "auto",
+    ray_address: str | None = None,
+):
+    """Sequential replays of every trace x policy x capacity, plus bound rows.
+
+    Args:
+        traces: trace file paths (read with ``traces.read_trace(path, format)``)
+            and/or ``(name, table)`` pairs of canonical tables. Paths are named
+            by their file name; repeated names get ``#2``, ``#3``...
+        capacities: cache sizes in blocks (positive ints; duplicates dropped).
+        policies: eviction policy names from the registry.
+        executor: ``"process"`` (default), ``"serial"`` or ``"ray"``.
+        workers: processes / Ray CPUs (default ``os.cpu_count()``, capped at the
+            number of jobs for processes).
+        bounds: ``True`` for every bound available (``"opt"`` needs
+            ``sim.opt``; it is skipped with a warning when absent, ``"infinite"``
+            always runs), ``False`` for none, or a list of bound names.
+        progress: a tqdm bar over jobs.
+        format: trace format for paths.
+        ray_address: Ray cluster address (executor ``"ray"``; default: a local instance).
+
+    Returns:
+        polars DataFrame with :data:`SWEEP_COLUMNS`, rows in the order of the
+        module docstring; ``kind`` is ``"policy"`` or ``"bound"``.
+
+    Raises:
+        KVConfigError: unknown executor, policy or bound, bad capacities or workers.
+        KVInvalidInputError: a missing trace file or a malformed trace item.
+        KVTraceFormatError: a malformed trace file.
+        SweepJobError: a replay failed; names the job.
+    """
+    import polars as pl
+    from tqdm import tqdm
+
+    if executor not in EXECUTORS:
+        raise KVConfigError(f"unknown executor {executor!r}; choose from {list(EXECUTORS)}")
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+    ):
+        raise KVConfigError(f"workers must be a positive integer, got {workers!r}")
+    caps = _normalise_capacities(capacities)
+    pols = _normalise_policies(policies)
+    wanted_bounds = _normalise_bounds(bounds)
+    if "opt" in wanted_bounds and not opt_available():
+        if bounds is not True:
+            warnings.warn("OPT bound skipped: sim.opt.replay_opt is not available", stacklevel=2)
+        wanted_bounds.remove("opt")
+    items = _trace_items(traces)
+
+    jobs: list[SweepJob] = []
+    for ti, (name, _, _) in enumerate(items):
+        jobs += [SweepJob(ti, name, "policy", p, c) for p in pols for c in caps]
+        if "opt" in wanted_bounds:
+            jobs += [SweepJob(ti, name, "opt", "opt", c) for c in caps]
+        if "infinite" in wanted_bounds:
+            jobs.append(SweepJob(ti, name, "infinite", "infinite", None))
+
+    n_workers = workers or os.cpu_count() or 1
+    # the pool starts first so its workers boot while this process reads the traces
+    pool = _start_pool(min(n_workers, len(jobs))) if executor == "process" else None
+    try:
+        from traces import read_trace
+
+        tables = [t if t is not None else read_trace(p, format) for _, p, t in items]
+        with tqdm(total=len(jobs), desc="sweep", unit="replay", disable=not progress) as bar:
+            if pool is not None:
+                results = _run_process(pool, tables, jobs, bar)
+            elif executor == "serial":
+                results = _run_serial(tables, jobs, bar)
+            else:
+                results = _run_ray(tables, jobs, bar, n_workers, ray_address)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    rows: list[dict[str, Any]] = []
+    for job, res in zip(jobs, results, strict=True):
+        base = {"trace": job.trace, "policy": job.policy}
+        if job.kind == "infinite":
+            rows += [{**base, "kind": "bound", "capacity_blocks": c, **res} for c in caps]
+        else:
+            kind = "policy" if job.kind == "policy" else "bound"
+            rows.append({**base, "kind": kind, "capacity_blocks": job.capacity_blocks, **res})
+    schema = {
+        "trace": pl.Utf8,
+        "policy": pl.Utf8,
+        "kind": pl.Utf8,
+        "capacity_blocks": pl.Int64,
+        "token_hit_ratio": pl.Float64,
+        "block_hit_ratio": pl.Float64,
+        "request_hit_ratio": pl.Float64,
+        "hit_blocks": pl.Int64,
+        "full_blocks": pl.Int64,
+        "prompt_tokens": pl.Int64,
+        "num_requests": pl.Int64,
+        "block_size": pl.Int64,
+        "evictions": pl.Int64,
+        "seconds": pl.Float64,
+    }
+    return pl.DataFrame(rows, schema=schema)

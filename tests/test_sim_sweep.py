@@ -1,0 +1,281 @@
+"""sim.sweep: rows equal direct replays, identical across executors, fixed order, typed errors."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError
+from sim.replay import replay_sequential
+from sim.sweep import SWEEP_COLUMNS, SweepJobError, opt_available, sweep
+from traces import DEFAULT_TRACE, read_trace
+
+CAPS = [40, 150, 600]
+POLICIES = ["lru", "fifo"]
+EXACT = [
+    "token_hit_ratio",
+    "block_hit_ratio",
+    "request_hit_ratio",
+    "hit_blocks",
+    "full_blocks",
+    "prompt_tokens",
+    "num_requests",
+    "block_size",
+    "evictions",
+]
+
+
+@pytest.fixture(scope="module")
+def small():
+    """The bundled Mooncake trace's first 300 requests (real prefix sharing, fast replays)."""
+    return read_trace(DEFAULT_TRACE).head(300)
+
+
+@pytest.fixture(scope="module")
+def other(small):
+    """A second trace: requests 300..500."""
+    return read_trace(DEFAULT_TRACE).slice(300, 200)
+
+
+def _policies(*names):
+    from sagellm_kv_cache.eviction.registry import list_policies
+
+    known = list_policies()
+    return [n for n in names if n in known]
+
+
+def table_from(requests: list[tuple[int, list[int]]], block_size: int = 4) -> pl.DataFrame:
+    """A canonical table from ``(input_length, hash_ids)`` pairs."""
+    n = len(requests)
+    return pl.DataFrame(
+        {
+            "request_id": [f"r{i}" for i in range(n)],
+            "arrival_s": [float(i) for i in range(n)],
+            "input_length": [length for length, _ in requests],
+            "output_length": [1] * n,
+            "block_hashes": pl.Series([h for _, h in requests], dtype=pl.List(pl.Int64)),
+            "block_size": [block_size] * n,
+        },
+        schema_overrides={"input_length": pl.Int64, "output_length": pl.Int64},
+    )
+
+
+def _key(df: pl.DataFrame) -> list[tuple]:
+    return df.select("trace", "policy", "kind", "capacity_blocks", *EXACT).rows()
+
+
+def test_serial_rows_equal_direct_replays(small, other):
+    pols = _policies(*POLICIES)
+    df = sweep([("a", small), ("b", other)], CAPS, pols, executor="serial", progress=False)
+    assert tuple(df.columns) == SWEEP_COLUMNS
+    policy_rows = df.filter(pl.col("kind") == "policy")
+    assert policy_rows.select("trace", "policy", "capacity_blocks").rows() == [
+        (t, p, c) for t in ("a", "b") for p in pols for c in CAPS
+    ]
+    tables = {"a": small, "b": other}
+    for row in policy_rows.iter_rows(named=True):
+        r = replay_sequential(tables[row["trace"]], row["capacity_blocks"], row["policy"])
+        for col in EXACT:
+            assert row[col] == getattr(r, col), (row["trace"], row["policy"], col)
+    inf = df.filter(pl.col("policy") == "infinite")
+    assert inf.select("trace", "kind", "capacity_blocks").rows() == [
+        (t, "bound", c) for t in ("a", "b") for c in CAPS
+    ]
+    for row in inf.iter_rows(named=True):
+        r = replay_sequential(tables[row["trace"]], None)
+        assert (row["hit_blocks"], row["full_blocks"], row["evictions"]) == (
+            r.hit_blocks,
+            r.full_blocks,
+            0,
+        )
+        assert row["token_hit_ratio"] == r.token_hit_ratio
+    assert (df["seconds"] >= 0).all()
+
+
+def test_row_order_is_traces_then_policies_then_capacities_then_bounds(small):
+    df = sweep([("t", small)], [300, 20], ["lru"], executor="serial", progress=False)
+    expected = [("lru", "policy", 300), ("lru", "policy", 20)]
+    if opt_available():
+        expected += [("opt", "bound", 300), ("opt", "bound", 20)]
+    expected += [("infinite", "bound", 300), ("infinite", "bound", 20)]
+    assert df.select("policy", "kind", "capacity_blocks").rows() == expected
+
+
+def test_process_executor_matches_serial_exactly(small, other):
+    pols = _policies(*POLICIES)
+    serial = sweep([("a", small), ("b", other)], CAPS, pols, executor="serial", progress=False)
+    proc = sweep(
+        [("a", small), ("b", other)], CAPS, pols, executor="process", workers=2, progress=False
+    )
+    assert _key(proc) == _key(serial)
+
+
+def test_paths_are_read_and_named_by_file_name(tmp_path, small):
+    lines = DEFAULT_TRACE.read_text().splitlines()[:50]
+    p = tmp_path / "tiny.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    df = sweep([p, str(p)], [30], ["lru"], executor="serial", bounds=False, progress=False)
+    assert df["trace"].to_list() == ["tiny.jsonl", "tiny.jsonl#2"]
+    assert (
+        df["hit_blocks"][0]
+        == df["hit_blocks"][1]
+        == replay_sequential(small.head(50), 30).hit_blocks
+    )
+
+
+def test_hand_checkable_trace():
+    # block size 4; capacity 3: the 4th request finds 1, 2 cached and 3 evicted (LRU tail-first)
+    t = table_from([(8, [1, 2]), (14, [1, 2, 3, 4]), (4, [9]), (12, [1, 2, 3])])
+    df = sweep([("h", t)], [3, 100], ["lru"], executor="serial", progress=False)
+    lru = df.filter(pl.col("policy") == "lru")
+    assert lru["hit_blocks"].to_list() == [4, 5]
+    assert lru["full_blocks"].to_list() == [9, 9]
+    inf = df.filter(pl.col("policy") == "infinite")
+    assert inf["hit_blocks"].to_list() == [5, 5]
+    assert inf["capacity_blocks"].to_list() == [3, 100]
+
+
+def test_no_bounds_and_infinite_only(small):
+    df = sweep([("t", small)], [50], ["lru"], executor="serial", bounds=False, progress=False)
+    assert df["policy"].to_list() == ["lru"]
+    df = sweep(
+        [("t", small)], [50], ["lru"], executor="serial", bounds=["infinite"], progress=False
+    )
+    assert df["policy"].to_list() == ["lru", "infinite"]
+
+
+@pytest.mark.skipif(not opt_available(), reason="sim.opt (the OPT bound) is not in this checkout")
+def test_opt_bound_rows_bound_every_policy(small):
+    pols = _policies("lru", "fifo", "lfu", "arc", "s3fifo", "slru")
+    df = sweep([("t", small)], CAPS, pols, executor="serial", progress=False)
+    from sim.opt import replay_opt
+
+    opt = df.filter(pl.col("policy") == "opt")
+    assert opt["capacity_blocks"].to_list() == CAPS
+    assert (opt["kind"] == "bound").all()
+    inf_hits = df.filter(pl.col("policy") == "infinite")["hit_blocks"][0]
+    for row in opt.iter_rows(named=True):
+        r = replay_opt(small, row["capacity_blocks"])
+        assert row["hit_blocks"] == r.hit_blocks
+        at_cap = df.filter(
+            (pl.col("kind") == "policy") & (pl.col("capacity_blocks") == row["capacity_blocks"])
+        )
+        assert at_cap["hit_blocks"].max() <= row["hit_blocks"] <= inf_hits
+
+
+def test_opt_skipped_gracefully_when_missing(small, monkeypatch):
+    import sim.sweep as sweep_mod
+
+    monkeypatch.setattr(sweep_mod, "_replay_opt", lambda: None)
+    df = sweep([("t", small)], [50], ["lru"], executor="serial", progress=False)
+    assert df["policy"].to_list() == ["lru", "infinite"]
+    with pytest.warns(UserWarning, match="OPT bound skipped"):
+        df = sweep([("t", small)], [50], ["lru"], executor="serial", bounds=["opt"], progress=False)
+    assert df["policy"].to_list() == ["lru"]
+
+
+hashes = st.lists(st.integers(0, 12), min_size=0, max_size=6)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    reqs=st.lists(hashes, min_size=1, max_size=25),
+    caps=st.lists(st.integers(1, 20), min_size=1, max_size=3),
+)
+def test_property_policies_never_beat_infinite_and_match_direct(reqs, caps):
+    # chained ids: a request's i-th block id depends on its whole prefix
+    chained, table_ids = {}, []
+    for r in reqs:
+        ids, prefix = [], ()
+        for h in r:
+            prefix = (*prefix, h)
+            ids.append(chained.setdefault(prefix, len(chained)))
+        table_ids.append(ids)
+    t = table_from([(max(1, 4 * len(ids)), ids) for ids in table_ids])
+    df = sweep([("p", t)], caps, ["lru"], executor="serial", progress=False)
+    inf = df.filter(pl.col("policy") == "infinite")["hit_blocks"][0]
+    for row in df.filter(pl.col("policy") == "lru").iter_rows(named=True):
+        assert row["hit_blocks"] == replay_sequential(t, row["capacity_blocks"]).hit_blocks
+        assert row["hit_blocks"] <= inf
+    if opt_available():
+        for row in df.filter(pl.col("policy") == "opt").iter_rows(named=True):
+            lru = df.filter(
+                (pl.col("policy") == "lru") & (pl.col("capacity_blocks") == row["capacity_blocks"])
+            )["hit_blocks"][0]
+            assert lru <= row["hit_blocks"] <= inf
+
+
+@pytest.mark.parametrize(
+    "kwargs,err",
+    [
+        ({"capacities": [0]}, KVConfigError),
+        ({"capacities": [-5]}, KVConfigError),
+        ({"capacities": ["10"]}, KVConfigError),
+        ({"capacities": []}, KVConfigError),
+        ({"policies": ["no-such-policy"]}, KVConfigError),
+        ({"policies": []}, KVConfigError),
+        ({"executor": "threads"}, KVConfigError),
+        ({"workers": 0}, KVConfigError),
+        ({"bounds": ["belady"]}, KVConfigError),
+    ],
+)
+def test_bad_arguments_raise_typed_errors(small, kwargs, err):
+    args = {"capacities": [10], "policies": ["lru"], **kwargs}
+    with pytest.raises(err):
+        sweep([("t", small)], args.pop("capacities"), args.pop("policies"), progress=False, **args)
+
+
+def test_bad_traces_raise_typed_errors(tmp_path, small):
+    with pytest.raises(KVInvalidInputError, match="not found"):
+        sweep([tmp_path / "missing.jsonl"], [10], ["lru"], progress=False)
+    with pytest.raises(KVInvalidInputError):
+        sweep([("t", {"not": "a table"})], [10], ["lru"], progress=False)
+    with pytest.raises(KVInvalidInputError):
+        sweep([], [10], ["lru"], progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"timestamp": 0, "input_length": 5}) + "\n")
+    from sagellm_kv_cache.errors import KVTraceFormatError
+
+    with pytest.raises(KVTraceFormatError):
+        sweep([bad], [10], ["lru"], executor="serial", progress=False)
+
+
+@pytest.mark.parametrize("executor", ["serial", "process"])
+def test_failing_job_names_the_job(small, executor):
+    broken = small.drop("input_length")  # passes the table check, fails inside the replay
+    with pytest.raises(SweepJobError) as info:
+        sweep(
+            [("good", small), ("broken", broken)],
+            [25],
+            ["lru"],
+            executor=executor,
+            workers=2,
+            bounds=False,
+            progress=False,
+        )
+    msg = str(info.value)
+    assert "'broken'" in msg and "policy 'lru'" in msg and "capacity 25" in msg
+    assert info.value.code == "KV_SWEEP_JOB_FAILED"
+    assert info.value.details["trace"] == "broken"
+    assert info.value.__cause__ is not None
+
+
+@pytest.mark.ray
+def test_ray_executor_matches_serial_and_shuts_down(small, monkeypatch):
+    ray = pytest.importorskip("ray", reason="ray is not installed")
+    if ray.is_initialized():
+        pytest.skip("a Ray instance is already running in this process")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        got = sweep(
+            [("t", small.head(120))], [40, 300], ["lru"], executor="ray", workers=1, progress=False
+        )
+        assert not ray.is_initialized()  # it shut down the instance it started
+    finally:
+        ray.shutdown()
+    want = sweep([("t", small.head(120))], [40, 300], ["lru"], executor="serial", progress=False)
+    assert _key(got) == _key(want)
