@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError
-from sagellm_kv_cache.eviction import POLICIES, LRUPolicy
+from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError, KVNoVictimError
+from sagellm_kv_cache.eviction import POLICIES, LRUPolicy, list_policies
 from sim.config import LinearCostModel, ReplayConfig, parse_capacity
 from sim.engine import ConcurrentResult, plot_queue_ttft, replay_concurrent
 from sim.replay import replay_sequential
@@ -167,6 +167,43 @@ def test_pool_runs_on_the_simulated_clock(monkeypatch):
     r = run([(0, 8, 2, [1, 2]), (7, 4, 0, [3])], capacity=10, cost=FLAT, policy="probe_clock")
     assert r.policy == "probe_clock"
     assert seen == [(1, 3.0), (0, 3.0), (2, 8.0)]  # released tail-first at each finish
+
+
+class _NoVictimsBefore10(LRUPolicy):
+    """LRU that cannot name victims before simulated time 10 (a structural constraint)."""
+
+    name = "no_victims_before_10"
+
+    def pop_victims(self, n: int) -> list[int]:
+        if self.clock() < 10:
+            raise KVNoVictimError("no victim yet")
+        return super().pop_victims(n)
+
+
+def test_a_policy_without_victims_makes_the_head_wait_and_gives_its_hits_back(monkeypatch):
+    monkeypatch.setitem(POLICIES, _NoVictimsBefore10.name, _NoVictimsBefore10)
+    # r0, r1 leave hashes 1 and 7 evictable (capacity 2, nothing free); r2 runs blockless until
+    # 21. r3 = [1, 5] at 2 hits 1 and must evict: the policy refuses, r3 gives its hit back and
+    # waits; at 21 it takes hash 1 again and evicts hash 7.
+    rows = [(0, 4, 0, [1]), (0.5, 4, 0, [7]), (0, 2, 20, [3]), (2, 8, 0, [1, 5])]
+    r = run(rows, capacity=2, cost=FLAT, policy=_NoVictimsBefore10.name)
+    assert col(r, "start_s") == [0.0, 0.5, 0.0, 21.0]
+    assert col(r, "hit_blocks") == [0, 0, 0, 1] and col(r, "evicted_blocks") == [0, 0, 0, 1]
+    with pytest.raises(KVNoVictimError):  # nobody running: waiting would never end
+        run([rows[0], rows[1], rows[3]], capacity=2, cost=FLAT, policy=_NoVictimsBefore10.name)
+
+
+@pytest.mark.parametrize("policy", sorted(list_policies()))
+def test_every_registered_policy_equals_sequential_at_zero_cost(mooncake, policy):
+    head = mooncake.head(800)
+    seq = replay_sequential(head, 300, policy)
+    con = replay_concurrent(
+        head, capacity=300, policy=policy, cost=LinearCostModel.zero(), progress=False
+    )
+    assert np.array_equal(seq.records["hit_blocks"], con.records["hit_blocks"].to_numpy())
+    assert seq.evictions == con.evictions
+    busy = replay_concurrent(head, capacity=300, policy=policy, progress=False)
+    assert busy.num_rejected == con.num_rejected and busy.peak_blocks_in_use <= 300
 
 
 def test_infinite_capacity_never_evicts_or_queues():
