@@ -227,7 +227,7 @@ def sweep_cmd(
         except FileNotFoundError:
             raise click.FileError(str(path), hint="trace file not found") from None
         except KVCacheError as err:
-            raise click.FileError(str(path), hint=err.message) from None
+            raise click.ClickException(f"trace {path}: {err.message}") from None
     try:
         df = sweep(
             items,

@@ -1,0 +1,165 @@
+"""``sage-kv-stats sweep`` through CliRunner: output files, the figure, bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from cli.main import cli
+from cli.sweep_cmds import parse_capacities, plot_sweep
+from sim.replay import replay_sequential
+from sim.sweep import opt_available
+from traces import DEFAULT_TRACE, read_trace
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The bundled trace's first 120 requests as a JSONL file."""
+    path = tmp_path_factory.mktemp("traces") / "tiny.jsonl"
+    path.write_text("\n".join(DEFAULT_TRACE.read_text().splitlines()[:120]) + "\n")
+    return path
+
+
+def _run(args):
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    return result
+
+
+def test_sweep_writes_files_and_figure(tiny, tmp_path):
+    out = tmp_path / "out"
+    result = _run(
+        [
+            "sweep",
+            str(tiny),
+            "--capacities",
+            "30,100,1k",
+            "--policies",
+            "lru",
+            "--executor",
+            "serial",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    for name in ("sweep.parquet", "sweep.csv", "sweep.png", "config.json"):
+        assert (out / name).is_file(), name
+    df = pl.read_parquet(out / "sweep.parquet")
+    lru = df.filter(pl.col("policy") == "lru")
+    assert lru["capacity_blocks"].to_list() == [30, 100, 1000]
+    table = read_trace(tiny)
+    assert lru["hit_blocks"].to_list() == [
+        replay_sequential(table, c).hit_blocks for c in (30, 100, 1000)
+    ]
+    bounds = set(df.filter(pl.col("kind") == "bound")["policy"])
+    assert bounds == ({"infinite", "opt"} if opt_available() else {"infinite"})
+    csv = pl.read_csv(out / "sweep.csv")
+    assert csv.height == df.height and csv["hit_blocks"].to_list() == df["hit_blocks"].to_list()
+    config = json.loads((out / "config.json").read_text())
+    assert config["capacities_blocks"] == [30, 100, 1000] and config["policies"] == ["lru"]
+
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(out / "sweep.png")
+    assert img.shape[0] >= 300 and img.shape[1] >= 500
+    assert float(np.std(img[..., :3])) > 0.01  # not a blank canvas
+    assert "tiny.jsonl" in result.output and "wrote" in result.output
+
+
+def test_two_traces_process_executor_no_bounds(tiny, tmp_path):
+    out = tmp_path / "out"
+    result = _run(
+        [
+            "sweep",
+            str(tiny),
+            str(tiny),
+            "--capacities",
+            "50",
+            "--executor",
+            "process",
+            "--workers",
+            "2",
+            "--no-bounds",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    df = pl.read_parquet(out / "sweep.parquet")
+    assert df.select("trace", "policy").rows() == [("tiny.jsonl", "lru"), ("tiny.jsonl#2", "lru")]
+    assert df["hit_blocks"][0] == df["hit_blocks"][1]
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--capacities", "abc"], "--capacities"),
+        (["--capacities", "0"], "--capacities"),
+        (["--capacities", ","], "--capacities"),
+        (["--capacities", "5Mt"], "--capacities"),
+        (["--policies", "lru,nope"], "--policies"),
+        (["--executor", "threads"], "--executor"),
+        (["--workers", "0"], "--workers"),
+    ],
+)
+def test_bad_options_name_the_option(tiny, tmp_path, args, needle):
+    result = CliRunner().invoke(
+        cli, ["sweep", str(tiny), "--out", str(tmp_path / "o"), "--no-progress", *args]
+    )
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_and_malformed_trace_name_the_file(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    result = CliRunner().invoke(cli, ["sweep", str(missing), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "nope.jsonl" in result.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"timestamp": 0, "input_length": 10}\n')
+    result = CliRunner().invoke(cli, ["sweep", str(bad), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1, result.output
+    assert "bad.jsonl:1: field" in result.output  # file, line and field of the first bad record
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_has_examples():
+    result = CliRunner().invoke(cli, ["sweep", "--help"])
+    assert result.exit_code == 0
+    assert "Examples:" in result.output and "sage-kv-stats sweep" in result.output
+
+
+def test_parse_capacities_units():
+    assert parse_capacities("1000, 3000,10k,1.5k") == [1000, 3000, 10000, 1500]
+
+
+def test_plot_sweep_one_panel_per_trace():
+    rows = []
+    for trace in ("a", "b"):
+        for cap, ratio in ((10, 0.1), (100, 0.3)):
+            rows.append((trace, "lru", "policy", cap, ratio))
+            rows.append((trace, "opt", "bound", cap, ratio + 0.1))
+            rows.append((trace, "infinite", "bound", cap, 0.5))
+    df = pl.DataFrame(
+        rows,
+        schema=["trace", "policy", "kind", "capacity_blocks", "token_hit_ratio"],
+        orient="row",
+    ).with_columns(pl.lit(16).alias("block_size"))
+    fig = plot_sweep(df)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["a", "b"]
+    ax = axes[0]
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["lru", "OPT (offline optimal)", "infinite capacity"]
+    assert ax.get_xscale() == "log"
+    dashed = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
+    assert dashed["OPT (offline optimal)"] == "--" and dashed["infinite capacity"] == "--"
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
