@@ -1,0 +1,229 @@
+"""Pieces every trace reader shares: the canonical schema, records, errors, line loops.
+
+Canonical table (polars, Arrow types), one row per request, columns in this order::
+
+    request_id     Utf8          the record's own id where the format has one,
+                                 else "<file stem>-<line>"
+    arrival_s      Float64       seconds (Mooncake: its ms timestamp / 1000; other
+                                 formats: seconds since the first record's timestamp)
+    input_length   Int64         prompt tokens
+    output_length  Int64         generated tokens
+    block_hashes   List(Int64)   chained block ids, ceil(input_length / block_size)
+                                 of them: an id stands for its block *and its whole
+                                 prefix*; the last one covers a partial block when
+                                 input_length is not a multiple of block_size
+    block_size     Int64         tokens per hashed block
+    session_id     Utf8 (null)   optional: the conversation the request belongs to
+    turn           Int64 (null)  optional: its turn in that conversation
+
+The two optional columns exist only for formats that know sessions (Qwen-Bailian,
+the synthetic prefix model behind Azure/BurstGPT, the synthetic generators);
+Mooncake and token-level tables have exactly the first six.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from sagellm_kv_cache.errors import KVTraceFormatError
+
+BASE_COLUMNS = (
+    "request_id",
+    "arrival_s",
+    "input_length",
+    "output_length",
+    "block_hashes",
+    "block_size",
+)
+SESSION_COLUMNS = ("session_id", "turn")
+#: Canonical column names in table order; the last two are optional (see module doc).
+CANONICAL_COLUMNS = BASE_COLUMNS + SESSION_COLUMNS
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+MAX_KEPT_SKIPS = 100
+
+
+class TraceRecord(NamedTuple):
+    """One request of a trace, in canonical units (a row of the canonical table)."""
+
+    request_id: str
+    arrival_s: float
+    input_length: int
+    output_length: int
+    block_hashes: list[int]
+    block_size: int
+    session_id: str | None = None
+    turn: int | None = None
+
+
+def canonical_schema(with_sessions: bool) -> dict:
+    """Column name -> polars dtype of the canonical table."""
+    import polars as pl
+
+    schema = {
+        "request_id": pl.Utf8,
+        "arrival_s": pl.Float64,
+        "input_length": pl.Int64,
+        "output_length": pl.Int64,
+        "block_hashes": pl.List(pl.Int64),
+        "block_size": pl.Int64,
+    }
+    if with_sessions:
+        schema["session_id"] = pl.Utf8
+        schema["turn"] = pl.Int64
+    return schema
+
+
+def records_to_frame(records: Iterable[TraceRecord], with_sessions: bool):
+    """Canonical polars DataFrame of ``records`` (columns per ``with_sessions``)."""
+    import polars as pl
+
+    rows = list(records)
+    schema = canonical_schema(with_sessions)
+    ncols = len(schema)
+    cols = list(zip(*rows)) if rows else [()] * 8
+    return pl.DataFrame(
+        {
+            name: pl.Series(name, list(cols[i]), dtype=dtype)
+            for i, (name, dtype) in enumerate(schema.items())
+            if i < ncols
+        }
+    )
+
+
+def bad(path: Path, line: int, field: str, msg: str) -> KVTraceFormatError:
+    """The reader error: ``"<file>:<line>: field '<field>': <msg>"``."""
+    return KVTraceFormatError(
+        f"{path.name}:{line}: field {field!r}: {msg}", path=str(path), line=line, field=field
+    )
+
+
+def int_field(rec: dict, name: str, path: Path, line: int, minimum: int | None) -> int:
+    """``rec[name]`` as an int >= ``minimum`` (bool is not an int here)."""
+    if name not in rec:
+        raise bad(path, line, name, "missing")
+    v = rec[name]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise bad(path, line, name, f"expected an integer, got {type(v).__name__} {v!r}")
+    if minimum is not None and v < minimum:
+        raise bad(path, line, name, f"must be >= {minimum}, got {v}")
+    return v
+
+
+def number_field(rec: dict, name: str, path: Path, line: int) -> float:
+    """``rec[name]`` as a finite number >= 0."""
+    v = rec.get(name)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise bad(path, line, name, "missing" if v is None else f"expected a number, got {v!r}")
+    if not v >= 0 or v == float("inf"):
+        raise bad(path, line, name, f"must be a finite number >= 0, got {v}")
+    return v
+
+
+def hash_list_field(
+    rec: dict, name: str, path: Path, line: int, n_in: int, block_size: int
+) -> list[int]:
+    """``rec[name]`` as a list of int64 ids, exactly ``ceil(n_in / block_size)`` long."""
+    ids = rec.get(name)
+    if not isinstance(ids, list) or not all(
+        isinstance(h, int) and not isinstance(h, bool) for h in ids
+    ):
+        raise bad(path, line, name, "missing" if ids is None else "expected a list of integers")
+    expected = -(-n_in // block_size)
+    if len(ids) != expected:
+        raise bad(
+            path,
+            line,
+            name,
+            f"expected {expected} hash ids for input_length {n_in} at block_size "
+            f"{block_size}, got {len(ids)}",
+        )
+    if ids and (min(ids) < INT64_MIN or max(ids) > INT64_MAX):
+        raise bad(path, line, name, "hash ids must fit in a signed 64-bit integer")
+    return ids
+
+
+def check_sorted(path: Path, line: int, field: str, ts: float, last_ts: float | None) -> None:
+    if last_ts is not None and ts < last_ts:
+        raise bad(
+            path, line, field, f"{ts} is earlier than the previous record's {last_ts} (unsorted)"
+        )
+
+
+def check_block_size(block_size: Any) -> int:
+    from sagellm_kv_cache.errors import KVConfigError
+
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise KVConfigError(f"block_size must be a positive int, got {block_size!r}")
+    return block_size
+
+
+def open_text(path: Path) -> io.TextIOBase:
+    """Open a trace for reading as UTF-8 text (``.gz`` files are decompressed on the fly)."""
+    if not path.exists():
+        raise FileNotFoundError(f"trace file not found: {path}")
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return path.open("r", encoding="utf-8", newline="")
+
+
+def init_stats(stats: dict | None) -> dict:
+    """The ``stats`` dict readers fill: ``rows`` read, ``skipped`` records and
+    ``skipped_lines`` (up to 100 ``(line, message)`` pairs)."""
+    stats = stats if stats is not None else {}
+    stats.setdefault("rows", 0)
+    stats.setdefault("skipped", 0)
+    stats.setdefault("skipped_lines", [])
+    return stats
+
+
+def guarded(
+    items: Iterable[tuple[int, Any]],
+    parse: Callable[[int, Any], Any],
+    skip_bad: bool,
+    stats: dict,
+) -> Iterator[Any]:
+    """Yield ``parse(line, item)`` for each item; a ``KVTraceFormatError`` propagates,
+    or with ``skip_bad`` is counted in ``stats`` and the item skipped.
+
+    ``parse`` must change no reader state before it has validated the whole item,
+    so that a skipped item leaves the reader as if it had never been seen.
+    """
+    for lineno, item in items:
+        try:
+            out = parse(lineno, item)
+        except KVTraceFormatError as err:
+            if not skip_bad:
+                raise
+            stats["skipped"] += 1
+            if len(stats["skipped_lines"]) < MAX_KEPT_SKIPS:
+                stats["skipped_lines"].append((lineno, err.message))
+            continue
+        stats["rows"] += 1
+        yield out
+
+
+def jsonl_items(path: Path, fh) -> Iterator[tuple[int, Any]]:
+    """``(line, raw line)`` of the non-blank lines of ``fh``."""
+    for lineno, raw in enumerate(fh, 1):
+        if raw.strip():
+            yield lineno, raw
+
+
+def parse_json_object(path: Path, lineno: int, raw: str) -> dict:
+    import json
+
+    try:
+        rec = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise bad(
+            path, lineno, "<json>", f"not valid JSON ({exc.msg} at column {exc.colno})"
+        ) from None
+    if not isinstance(rec, dict):
+        raise bad(path, lineno, "<json>", "a record must be a JSON object")
+    return rec

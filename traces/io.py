@@ -1,0 +1,426 @@
+"""One entry point per direction: :func:`read_trace`, :func:`iter_trace`,
+:func:`iter_trace_batches` and :func:`write_trace`.
+
+Formats (``format=``; ``"auto"`` decides from the extension and the first record):
+
+============  ==========================================  ===========  ==========
+format        file                                        block_size   sessions
+============  ==========================================  ===========  ==========
+mooncake      JSONL with ``hash_ids`` (traces.mooncake)   512          no
+bailian       JSONL with ``chat_id`` (traces.bailian)     16           yes
+azure         CSV ``TIMESTAMP,ContextTokens,...``         16 (model)   yes (model)
+burstgpt      CSV ``Timestamp,Model,Request tokens,...``  16 (model)   yes (model)
+tokens        JSONL with ``tokens`` (traces.tokens)       16 (any)     no
+parquet       the canonical table as written here         as stored    as stored
+============  ==========================================  ===========  ==========
+
+Auto-detection: ``.parquet`` -> parquet; a ``.csv`` header naming ``ContextTokens``
+-> azure, ``Request tokens`` -> burstgpt; a ``.jsonl``/``.json`` first record with
+``tokens`` -> tokens, ``chat_id`` -> bailian, otherwise mooncake (whose reader then
+reports what is wrong). Any ``.gz`` suffix is stripped first and the file read
+compressed. Anything else raises ``KVTraceFormatError``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError, KVTraceFormatError
+
+from ._common import (
+    BASE_COLUMNS,
+    SESSION_COLUMNS,
+    TraceRecord,
+    canonical_schema,
+    init_stats,
+    open_text,
+    records_to_frame,
+)
+from .bailian import BAILIAN_BLOCK_SIZE, iter_bailian_records
+from .csv_formats import iter_azure_records, iter_burstgpt_records
+from .mooncake import DEFAULT_TRACE, MOONCAKE_BLOCK_SIZE, iter_mooncake_records
+from .tokens import TOKENS_BLOCK_SIZE, iter_tokens_records
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "FORMATS",
+    "WRITE_FORMATS",
+    "detect_format",
+    "iter_trace",
+    "iter_trace_batches",
+    "read_trace",
+    "write_trace",
+]
+
+FORMATS = ("mooncake", "bailian", "azure", "burstgpt", "tokens", "parquet")
+WRITE_FORMATS = ("mooncake", "bailian", "tokens", "parquet", "burstgpt")
+#: Block size each format is read at when ``block_size=None``.
+DEFAULT_BLOCK_SIZE = {
+    "mooncake": MOONCAKE_BLOCK_SIZE,
+    "bailian": BAILIAN_BLOCK_SIZE,
+    "azure": 16,
+    "burstgpt": 16,
+    "tokens": TOKENS_BLOCK_SIZE,
+}
+_MODEL_OPTIONS = frozenset(
+    {
+        "seed",
+        "num_system_prompts",
+        "system_prompt_tokens",
+        "system_prompt_zipf",
+        "system_prompt_prob",
+        "num_documents",
+        "document_tokens",
+        "document_zipf",
+        "document_prob",
+        "multi_turn_prob",
+        "max_open_sessions",
+        "max_context_tokens",
+    }
+)
+#: Extra keyword options each format accepts.
+FORMAT_OPTIONS = {
+    "mooncake": frozenset(),
+    "bailian": frozenset(),
+    "azure": _MODEL_OPTIONS,
+    "burstgpt": _MODEL_OPTIONS | {"models"},
+    "tokens": frozenset({"hash_fn", "extra_keys"}),
+    "parquet": frozenset(),
+}
+_READERS = {
+    "mooncake": iter_mooncake_records,
+    "bailian": iter_bailian_records,
+    "azure": iter_azure_records,
+    "burstgpt": iter_burstgpt_records,
+    "tokens": iter_tokens_records,
+}
+_WITH_SESSIONS = {"mooncake": False, "bailian": True, "azure": True, "burstgpt": True}
+
+
+def _base_suffix(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
+def _first_line(path: Path) -> str | None:
+    with open_text(path) as fh:
+        for raw in islice(fh, 1000):
+            if raw.strip():
+                return raw
+    return None
+
+
+def _sniff_json(line: str | None) -> str | None:
+    try:
+        rec = json.loads(line) if line else None
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(rec, dict):
+        return None
+    if "tokens" in rec:
+        return "tokens"
+    if "chat_id" in rec:
+        return "bailian"
+    if "hash_ids" in rec:
+        return "mooncake"
+    return None
+
+
+def _sniff_csv(line: str | None) -> str | None:
+    header = [h.strip().lstrip("\ufeff") for h in (line or "").split(",")]
+    if "ContextTokens" in header:
+        return "azure"
+    if "Request tokens" in header:
+        return "burstgpt"
+    return None
+
+
+def detect_format(path: str | Path) -> str:
+    """The format ``format="auto"`` reads ``path`` as (see the module docstring)."""
+    path = Path(path)
+    ext = _base_suffix(path)
+    if ext == ".parquet":
+        return "parquet"
+    line = _first_line(path)
+    if ext in (".jsonl", ".json", ".ndjson"):
+        return _sniff_json(line) or "mooncake"
+    fmt = _sniff_csv(line) if ext == ".csv" or not (line or "").lstrip().startswith("{") else None
+    fmt = fmt or (_sniff_json(line) if ext != ".csv" else None)
+    if fmt is None:
+        raise KVTraceFormatError(
+            f"{path}: cannot tell the trace format from its extension {ext!r} and first "
+            f"record; pass format= one of {', '.join(FORMATS)}",
+            path=str(path),
+        )
+    return fmt
+
+
+def _resolve(path, format: str, block_size, options: dict) -> tuple[Path, str, int | None]:
+    path = Path(path)
+    if not isinstance(format, str) or format.lower() not in (*FORMATS, "auto"):
+        raise KVTraceFormatError(
+            f"{path}: unknown trace format {format!r} (known: auto, {', '.join(FORMATS)})",
+            path=str(path),
+        )
+    if not path.exists():
+        raise FileNotFoundError(f"trace file not found: {path}")
+    fmt = format.lower()
+    if fmt == "auto":
+        fmt = detect_format(path)
+    unknown = set(options) - FORMAT_OPTIONS[fmt]
+    if unknown:
+        raise KVConfigError(
+            f"format {fmt!r} takes no option(s) {sorted(unknown)}; "
+            f"it accepts {sorted(FORMAT_OPTIONS[fmt]) or 'none'}"
+        )
+    if fmt != "parquet" and block_size is None:
+        block_size = DEFAULT_BLOCK_SIZE[fmt]
+    return path, fmt, block_size
+
+
+# -- Parquet (the canonical table itself) -----------------------------------------------------
+def _check_frame(df, path: Path, first_row: int, last_ts: list):
+    """Cast a Parquet batch to the canonical schema and check its invariants."""
+    import polars as pl
+
+    for name in BASE_COLUMNS:
+        if name not in df.columns:
+            raise KVTraceFormatError(
+                f"{path.name}:0: field {name!r}: missing column", path=str(path), field=name
+            )
+    with_sessions = all(c in df.columns for c in SESSION_COLUMNS)
+    schema = canonical_schema(with_sessions)
+    try:
+        df = df.select([pl.col(c).cast(t, strict=True) for c, t in schema.items()])
+    except Exception as exc:  # polars raises several types for a failed cast
+        raise KVTraceFormatError(
+            f"{path.name}:0: field '<schema>': cannot cast to the canonical types ({exc})",
+            path=str(path),
+        ) from None
+    checks = [
+        ("input_length", pl.col("input_length") < 0, "negative length"),
+        ("output_length", pl.col("output_length") < 0, "negative length"),
+        ("block_size", pl.col("block_size") <= 0, "block_size must be positive"),
+        (
+            "block_hashes",
+            pl.col("block_hashes").list.len()
+            != (pl.col("input_length") + pl.col("block_size") - 1) // pl.col("block_size"),
+            "expected ceil(input_length / block_size) hash ids",
+        ),
+        ("arrival_s", pl.col("arrival_s").diff() < 0, "unsorted"),
+    ]
+    for field, expr, msg in checks:
+        bad_rows = df.with_row_index("_row").filter(expr.fill_null(False))["_row"]
+        crosses = field == "arrival_s" and last_ts[0] is not None and df.height
+        if crosses and df["arrival_s"][0] < last_ts[0]:  # vs the previous batch's end
+            bad_rows = [0]
+        if len(bad_rows):
+            row = first_row + int(bad_rows[0]) + 1
+            raise KVTraceFormatError(
+                f"{path.name}:{row}: field {field!r}: {msg} (row {row})",
+                path=str(path),
+                line=row,
+                field=field,
+            )
+    if df.height:
+        last_ts[0] = df["arrival_s"][-1]
+    return df
+
+
+def _parquet_batches(path: Path, batch_size: int, stats: dict):
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    last_ts: list = [None]
+    row = 0
+    pf = pq.ParquetFile(path)
+    for batch in pf.iter_batches(batch_size=batch_size):
+        df = _check_frame(pl.from_arrow(batch), path, row, last_ts)
+        row += df.height
+        stats["rows"] += df.height
+        yield df
+    if row == 0:  # keep the stored columns on an empty file
+        yield _check_frame(pl.from_arrow(pf.schema_arrow.empty_table()), path, 0, last_ts)
+
+
+# -- public readers ---------------------------------------------------------------------------
+def iter_trace(
+    path: str | Path = DEFAULT_TRACE,
+    format: str = "auto",
+    *,
+    block_size: int | None = None,
+    skip_bad: bool = False,
+    stats: dict | None = None,
+    **options,
+) -> Iterator[TraceRecord]:
+    """Stream a trace's requests as :class:`TraceRecord` s, one line at a time.
+
+    Args:
+        path: the trace file (``.gz`` allowed for the text formats).
+        format: ``"auto"`` or one of :data:`FORMATS`.
+        block_size: tokens per block; None: the format's (:data:`DEFAULT_BLOCK_SIZE`).
+            Formats with stored hash ids (mooncake, bailian) validate their id
+            counts against it; the others hash/model at it.
+        skip_bad: skip malformed records, counting them in ``stats``, instead of
+            raising ``KVTraceFormatError`` (``"<file>:<line>: field '<f>': ..."``).
+        stats: a dict to fill with ``rows``, ``skipped`` and ``skipped_lines``.
+        options: format options: the :class:`traces.synthetic.PrefixModel` keywords
+            for azure and burstgpt (and ``models`` for burstgpt), ``hash_fn`` and
+            ``extra_keys`` for tokens.
+    """
+    path, fmt, block_size = _resolve(path, format, block_size, options)
+    if fmt == "parquet":
+        stats = init_stats(stats)
+        for df in _parquet_batches(path, 65536, stats):
+            with_sessions = "session_id" in df.columns
+            for row in df.iter_rows():
+                yield TraceRecord(*row) if with_sessions else TraceRecord(*row[:6])
+        return
+    yield from _READERS[fmt](path, block_size=block_size, skip_bad=skip_bad, stats=stats, **options)
+
+
+def iter_trace_batches(
+    path: str | Path = DEFAULT_TRACE,
+    format: str = "auto",
+    *,
+    batch_size: int = 65536,
+    block_size: int | None = None,
+    skip_bad: bool = False,
+    stats: dict | None = None,
+    **options,
+):
+    """Yield the canonical table in DataFrames of up to ``batch_size`` rows.
+
+    Same arguments as :func:`iter_trace`; memory is bounded by one batch (plus a
+    format's per-request bookkeeping: Bailian's chat -> session map, the prefix
+    model's open sessions). ``pl.concat`` of the batches equals :func:`read_trace`.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise KVConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+    path, fmt, block_size = _resolve(path, format, block_size, options)
+    if fmt == "parquet":
+        yield from _parquet_batches(path, batch_size, init_stats(stats))
+        return
+    recs = _READERS[fmt](path, block_size=block_size, skip_bad=skip_bad, stats=stats, **options)
+    with_sessions = _WITH_SESSIONS.get(fmt, False)
+    emitted = False
+    while True:
+        chunk = list(islice(recs, batch_size))
+        if not chunk and emitted:
+            return
+        emitted = True
+        yield records_to_frame(chunk, with_sessions)
+        if len(chunk) < batch_size:
+            return
+
+
+def read_trace(
+    path: str | Path = DEFAULT_TRACE,
+    format: str = "auto",
+    *,
+    block_size: int | None = None,
+    skip_bad: bool = False,
+    stats: dict | None = None,
+    **options,
+):
+    """Read a whole trace into the canonical table (see :data:`traces.CANONICAL_COLUMNS`).
+
+    Same arguments as :func:`iter_trace`. Mooncake and token-level tables have the
+    six base columns; Bailian, Azure, BurstGPT and synthetic ones add
+    ``session_id`` and ``turn``; Parquet gives back what was written.
+    """
+    import polars as pl
+
+    path, fmt, block_size = _resolve(path, format, block_size, options)
+    if fmt == "parquet":
+        return pl.concat(list(_parquet_batches(path, 1 << 20, init_stats(stats))))
+    recs = _READERS[fmt](path, block_size=block_size, skip_bad=skip_bad, stats=stats, **options)
+    return records_to_frame(recs, _WITH_SESSIONS.get(fmt, False))
+
+
+# -- writers ----------------------------------------------------------------------------------
+def _ms(arrival_s: float):
+    ms = round(arrival_s * 1000.0, 6)
+    return int(ms) if ms == int(ms) else ms
+
+
+def write_trace(table, path: str | Path, format: str = "parquet", **options) -> Path:
+    """Write a canonical table as ``format`` (one of :data:`WRITE_FORMATS`).
+
+    * ``parquet``: the table as is; :func:`read_trace` gives it back identical.
+    * ``mooncake``: ``timestamp`` = ``arrival_s * 1000`` (ms, an int when whole),
+      ``hash_ids`` = ``block_hashes``. Request ids and sessions are not kept;
+      read back with ``block_size=`` the table's if it is not 512.
+    * ``bailian``: ``chat_id`` = ``request_id`` when it is an integer, else the row
+      number; ``parent_chat_id`` = the previous request of the same ``session_id``
+      (``-1`` without sessions), ``turn`` from the table (1 without), ``type`` ``"text"``.
+    * ``tokens``: token ids from :func:`traces.synthetic.ids_to_tokens` (option
+      ``vocab_size``, default 32000): reading them back hashes to different ids
+      with the same sharing structure.
+    * ``burstgpt``: lengths and times only (options ``model``, ``log_type``).
+
+    Returns the path written.
+    """
+    from .synthetic import ids_to_tokens
+
+    path = Path(path)
+    fmt = str(format).lower()
+    if fmt not in WRITE_FORMATS:
+        raise KVConfigError(f"cannot write format {format!r}; choose one of {WRITE_FORMATS}")
+    missing = [c for c in BASE_COLUMNS if c not in table.columns]
+    if missing:
+        raise KVInvalidInputError(f"not a canonical trace table: missing columns {missing}")
+    allowed = {"tokens": {"vocab_size"}, "burstgpt": {"model", "log_type"}}.get(fmt, set())
+    if set(options) - allowed:
+        raise KVConfigError(f"format {fmt!r} takes no option(s) {sorted(set(options) - allowed)}")
+    if fmt == "parquet":
+        table.write_parquet(path)
+        return path
+    has_sessions = all(c in table.columns for c in SESSION_COLUMNS)
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        if fmt == "burstgpt":
+            fh.write("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n")
+            model = options.get("model", "synthetic")
+            log_type = options.get("log_type", "Conversation log")
+            for t, n_in, n_out in table.select(
+                "arrival_s", "input_length", "output_length"
+            ).iter_rows():
+                fh.write(f"{t!r},{model},{n_in},{n_out},{n_in + n_out},{log_type}\n")
+            return path
+        last_chat: dict = {}
+        cols = list(BASE_COLUMNS) + (list(SESSION_COLUMNS) if has_sessions else [])
+        for i, row in enumerate(table.select(cols).iter_rows()):
+            rid, t, n_in, n_out, ids, bs = row[:6]
+            if fmt == "mooncake":
+                rec = {"timestamp": _ms(t), "input_length": n_in, "output_length": n_out}
+                rec["hash_ids"] = ids
+            elif fmt == "bailian":
+                chat = int(rid) if rid.lstrip("-").isdigit() else i
+                sid, turn = row[6:8] if has_sessions else (None, None)
+                parent = last_chat.get(sid, -1) if sid is not None else -1
+                if sid is not None:
+                    last_chat[sid] = chat
+                rec = {
+                    "chat_id": chat,
+                    "parent_chat_id": parent,
+                    "timestamp": t,
+                    "input_length": n_in,
+                    "output_length": n_out,
+                    "type": "text",
+                    "turn": 1 if turn is None else turn,
+                    "hash_ids": ids,
+                }
+            else:
+                rec = {
+                    "request_id": rid,
+                    "timestamp": t,
+                    "tokens": ids_to_tokens(ids, n_in, bs, options.get("vocab_size", 32000)),
+                    "output_length": n_out,
+                }
+            fh.write(json.dumps(rec, separators=(", ", ": ")) + "\n")
+    return path

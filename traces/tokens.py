@@ -1,0 +1,124 @@
+"""Token-level JSONL, hashed with the library's chained block hashing.
+
+One request per line::
+
+    {"request_id": "r1", "timestamp": 0.5, "tokens": [1, 2, 3, ...], "output_length": 8}
+
+* ``tokens`` (required): the prompt's token ids, ints in int64 range, at least one.
+* ``request_id`` (optional, string or int): default ``"<file stem>-<line>"``.
+* ``timestamp`` (optional, seconds, sorted): ``arrival_s`` is measured from the first
+  record that has one; a record without one arrives with the previous record.
+* ``output_length`` (optional, int >= 0): default 0.
+
+Block ids: the full blocks are hashed exactly as
+``sagellm_kv_cache.hashing.compute_block_hashes(tokens, block_size, hash_fn=...,
+extra_keys=...)`` does (chained from the root for ``extra_keys``); a trailing
+partial block gets ``compute_block_hash(last full block's hash, tail tokens)``, so
+``len(block_hashes) == ceil(len(tokens) / block_size)`` as in every other format.
+Each digest becomes an Int64 as its first 8 bytes read little-endian, signed
+(:func:`digest_to_int64`): a pure function of the tokens, identical in every
+process and independent of ``PYTHONHASHSEED``. Two different prefixes share an
+id with probability about 2**-64 per pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sagellm_kv_cache.hashing import compute_block_hash, compute_block_hashes, get_hash_fn
+
+from ._common import (
+    INT64_MAX,
+    INT64_MIN,
+    TraceRecord,
+    bad,
+    check_block_size,
+    check_sorted,
+    guarded,
+    init_stats,
+    int_field,
+    jsonl_items,
+    number_field,
+    open_text,
+    parse_json_object,
+)
+
+__all__ = ["TOKENS_BLOCK_SIZE", "digest_to_int64", "hash_tokens", "iter_tokens_records"]
+
+TOKENS_BLOCK_SIZE = 16
+
+
+def digest_to_int64(digest: bytes) -> int:
+    """A block hash digest as a signed Int64: its first 8 bytes, little-endian."""
+    return int.from_bytes(digest[:8], "little", signed=True)
+
+
+def hash_tokens(
+    tokens: list[int],
+    block_size: int = TOKENS_BLOCK_SIZE,
+    *,
+    hash_fn="sha256",
+    extra_keys: Any = None,
+) -> list[int]:
+    """Int64 chained block ids of ``tokens``: full blocks, then the partial tail if any."""
+    digests = compute_block_hashes(tokens, block_size, extra_keys=extra_keys, hash_fn=hash_fn)
+    full = len(digests) * block_size
+    if full < len(tokens):
+        parent = digests[-1] if digests else None
+        digests.append(compute_block_hash(parent, tokens[full:], hash_fn, extra_keys=extra_keys))
+    return [digest_to_int64(d) for d in digests]
+
+
+def iter_tokens_records(
+    path: str | Path,
+    *,
+    block_size: int = TOKENS_BLOCK_SIZE,
+    skip_bad: bool = False,
+    stats: dict | None = None,
+    hash_fn: str = "sha256",
+    extra_keys: Any = None,
+) -> Iterator[TraceRecord]:
+    """Stream canonical :class:`TraceRecord` s (six fields) of a token-level JSONL file."""
+    path = Path(path)
+    block_size = check_block_size(block_size)
+    fn = get_hash_fn(hash_fn)
+    stats = init_stats(stats)
+    stem = path.name.split(".")[0] if path.suffix == ".gz" else path.stem
+    state: dict = {"last_ts": None, "t0": None, "arrival": 0.0}
+
+    def parse(lineno: int, raw: str) -> TraceRecord:
+        rec = parse_json_object(path, lineno, raw)
+        rid = rec.get("request_id", f"{stem}-{lineno}")
+        if isinstance(rid, bool) or not isinstance(rid, str | int) or rid == "":
+            raise bad(path, lineno, "request_id", f"expected a string or integer, got {rid!r}")
+        ts = None
+        if "timestamp" in rec:
+            ts = number_field(rec, "timestamp", path, lineno)
+            check_sorted(path, lineno, "timestamp", ts, state["last_ts"])
+        tokens = rec.get("tokens")
+        if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in tokens
+        ):
+            raise bad(
+                path,
+                lineno,
+                "tokens",
+                "missing" if tokens is None else "expected a list of integer token ids",
+            )
+        if not tokens:
+            raise bad(path, lineno, "tokens", "empty prompt")
+        if min(tokens) < INT64_MIN or max(tokens) > INT64_MAX:
+            raise bad(path, lineno, "tokens", "token ids must fit in a signed 64-bit integer")
+        n_out = int_field(rec, "output_length", path, lineno, 0) if "output_length" in rec else 0
+        ids = hash_tokens(tokens, block_size, hash_fn=fn, extra_keys=extra_keys)
+        if ts is not None:
+            state["last_ts"] = ts
+            if state["t0"] is None:
+                state["t0"] = ts
+            state["arrival"] = float(ts - state["t0"])
+        return TraceRecord(str(rid), state["arrival"], len(tokens), n_out, ids, block_size)
+
+    with open_text(path) as fh:
+        yield from guarded(jsonl_items(path, fh), parse, skip_bad, stats)
