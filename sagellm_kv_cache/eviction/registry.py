@@ -6,23 +6,31 @@ import enum
 from collections.abc import Callable
 
 from ..errors import KVConfigError
+from .arc import ARCPolicy
 from .base import EvictionPolicy
 from .fifo import FIFOPolicy
+from .leaf import LeafOnly
 from .lfu import LFUPolicy
 from .lru import LRUPolicy
 from .mru import MRUPolicy
 from .priority import PriorityPolicy
+from .s3fifo import S3FIFOPolicy
+from .slru import SLRUPolicy
 from .ttl import TTLPolicy
 
 __all__ = ["POLICIES", "EvictionPolicyName", "list_policies", "make_policy", "register_policy"]
 
 #: name -> policy class
 POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy}
+POLICIES.update((c.name, c) for c in (S3FIFOPolicy, ARCPolicy, SLRUPolicy))
 POLICIES.update((c.name, c) for c in (FIFOPolicy, MRUPolicy, LFUPolicy, PriorityPolicy, TTLPolicy))
 
 
 class EvictionPolicyName(enum.StrEnum):
     LRU = "lru"
+    S3FIFO = "s3fifo"
+    ARC = "arc"
+    SLRU = "slru"
     FIFO = "fifo"
     MRU = "mru"
     LFU = "lfu"
@@ -41,7 +49,14 @@ def make_policy(
     clock: Callable[[], float] | None = None,
     **kwargs,
 ) -> EvictionPolicy:
-    """A fresh policy instance from a name, enum, class or instance."""
+    """A fresh policy instance from a name, enum, class or instance.
+
+    ``"leaf:<name>"`` or ``leaf_only=True`` wraps the policy in ``LeafOnly``.
+    """
+    if kwargs.pop("leaf_only", False):
+        return LeafOnly(make_policy(policy, clock, **kwargs))
+    if isinstance(policy, str) and policy.lower().startswith("leaf:"):
+        return LeafOnly(make_policy(policy[5:], clock, **kwargs))
     if isinstance(policy, EvictionPolicy):
         return policy
     if isinstance(policy, type) and issubclass(policy, EvictionPolicy):

@@ -1,0 +1,251 @@
+"""Leaf-only eviction: any policy, restricted to blocks no cached block descends from.
+
+A radix-tree cache (SGLang's ``RadixCache.evict``) only ever evicts leaves,
+so a cached suffix never outlives its prefix. ``LeafOnly(inner)`` gives the
+same guarantee to any policy of this package, without a tree walk::
+
+    make_policy("leaf:lru")                 # registry name: "leaf:" + inner name
+    make_policy("s3fifo", leaf_only=True)   # the same, as an option
+    LeafOnly(SLRUPolicy())                  # or wrap an instance
+
+Descendancy: ``on_cached(b, h, parent)`` makes ``b`` a child of ``parent``
+when ``parent`` is cached at that moment (a parent id that is not cached, e.g.
+a duplicate block whose hash another block already held, makes ``b`` a
+root). Each block counts its cached children; a child's eviction or removal
+decrements its parent's count. The link is cut when either end's hash is
+dropped (an invalidated parent no longer blocks anything, and a block id
+cached again later starts with no children: links are tagged with the
+parent's caching incarnation, so a stale link is never decremented).
+
+Evictable blocks are either *eligible* (no cached child: they are in the
+inner policy, which orders them) or *blocked* (kept in a set here). A blocked
+block enters the inner policy (``inner.add``, as if just released) when its
+last cached child goes, which can happen between two pops of one
+``pop_victims(n)`` batch, so a batch may evict a suffix and then the prefix
+it uncovered. ``pop_victims(n)`` is all-or-nothing: when ``n`` exceeds the
+eligible count it first checks, without side effects, that cascading
+uncovering can supply ``n`` victims (O(n) in the blocks involved) and raises
+``KVNoVictimError`` with nothing changed otherwise.
+
+``len(policy)`` and ``in`` count every evictable block, eligible or blocked,
+because the pool's accounting (free + evictable) relies on it; a pool may
+therefore be refused an allocation it could afford on paper (the blocked
+blocks hold in-use descendants). Every event is O(1) plus the inner policy's
+cost.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Hashable, Iterable
+
+from ..errors import KVConfigError
+from .base import EvictionPolicy
+
+__all__ = ["LeafOnly"]
+
+
+class LeafOnly(EvictionPolicy):
+    """Wrap ``inner`` so that only leaf blocks (no cached child) are victims.
+
+    Args:
+        inner: the policy that orders eligible blocks (an instance).
+        clock: defaults to the inner policy's clock.
+    """
+
+    name = "leaf"
+    description = (
+        "leaf-only wrapper: a block is a victim only when no cached block descends from it"
+    )
+
+    def __init__(self, inner: EvictionPolicy, clock=None) -> None:
+        if not isinstance(inner, EvictionPolicy):
+            raise KVConfigError(f"LeafOnly wraps an EvictionPolicy instance, got {inner!r}")
+        if isinstance(inner, LeafOnly):
+            raise KVConfigError("LeafOnly: the policy is already leaf-only")
+        super().__init__(clock or inner.clock)
+        self.inner = inner
+        self.name = f"leaf:{inner.name}"
+        self.tracks_hits = inner.tracks_hits
+        kind = type(inner)
+        self._inner_on_cached = kind.on_cached is not EvictionPolicy.on_cached
+        self._inner_on_evicted = kind.on_evicted is not EvictionPolicy.on_evicted
+        self.reset()
+
+    def set_capacity(self, num_blocks: int | None) -> None:
+        super().set_capacity(num_blocks)
+        self.inner.set_capacity(num_blocks)
+        if num_blocks:
+            self._grow(num_blocks - 1)
+
+    def _grow(self, b: int) -> None:
+        n = max(b + 1, 2 * len(self._inc), 16) - len(self._inc)
+        self._inc += [0] * n
+        self._children += [0] * n
+        self._parent += [-1] * n
+        self._pinc += [0] * n
+
+    def _detach(self, b: int) -> None:
+        """``b`` stops being cached: its parent loses a child (and may become eligible)."""
+        p = self._parent[b]
+        self._inc[b] = 0
+        if p < 0:
+            return
+        self._parent[b] = -1
+        if self._inc[p] == self._pinc[b]:
+            c = self._children[p] - 1
+            self._children[p] = c
+            if not c and p in self._blocked:
+                self._blocked.remove(p)
+                self.inner.add(p)
+
+    # -- evictable set -------------------------------------------------------
+    def add(self, block_id: int) -> None:
+        if self._children[block_id]:
+            self._blocked.add(block_id)
+        else:
+            self.inner.add(block_id)
+
+    def add_many(self, block_ids: Iterable[int]) -> None:
+        ch = self._children
+        ids = block_ids if isinstance(block_ids, list) else list(block_ids)
+        eligible = [b for b in ids if not ch[b]]
+        if len(eligible) != len(ids):
+            self._blocked.update(b for b in ids if ch[b])
+        self.inner.add_many(eligible)
+
+    def remove(self, block_id: int) -> None:
+        if block_id in self._blocked:
+            self._blocked.remove(block_id)
+        else:
+            self.inner.remove(block_id)
+
+    def remove_many(self, block_ids: Iterable[int]) -> None:
+        blocked = self._blocked
+        if not blocked:
+            self.inner.remove_many(block_ids)
+            return
+        rest = []
+        for b in block_ids:
+            if b in blocked:
+                blocked.remove(b)
+            else:
+                rest.append(b)
+        self.inner.remove_many(rest)
+
+    def _can_pop(self, n: int) -> bool:
+        """Whether ``n`` victims can be had, counting blocks that pops would uncover."""
+        inner = self.inner
+        got = len(inner)
+        if got >= n:
+            return True
+        parent, inc, pinc, children, blocked = (
+            self._parent,
+            self._inc,
+            self._pinc,
+            self._children,
+            self._blocked,
+        )
+        left: dict[int, int] = {}
+        stack = inner.peek_victims(got)
+        while stack:
+            x = stack.pop()
+            p = parent[x]
+            if p >= 0 and inc[p] == pinc[x]:
+                c = left.get(p, children[p]) - 1
+                left[p] = c
+                if not c and p in blocked:
+                    got += 1
+                    if got >= n:
+                        return True
+                    stack.append(p)
+        return False
+
+    def pop_victims(self, n: int) -> list[int]:
+        if n > len(self.inner) and not self._can_pop(n):
+            raise self._no_victim()
+        pop, detach = self.inner.pop_victim, self._detach
+        out = []
+        for _ in range(n):
+            v = pop()
+            detach(v)
+            out.append(v)
+        return out
+
+    def pop_victim(self) -> int:
+        return self.pop_victims(1)[0]
+
+    def peek_victims(self, n: int) -> list[int]:
+        clone = self._clone()
+        inner = clone.inner
+        out: list[int] = []
+        while len(out) < n and len(inner):
+            v = inner.pop_victim()
+            clone._detach(v)
+            out.append(v)
+        return out
+
+    def _clone(self) -> LeafOnly:
+        # clocks may be bound methods of a pool: share them instead of copying the pool
+        memo = {id(self.clock): self.clock, id(self.inner.clock): self.inner.clock}
+        return copy.deepcopy(self, memo)
+
+    def __len__(self) -> int:
+        return len(self.inner) + len(self._blocked)
+
+    def __contains__(self, block_id: object) -> bool:
+        return block_id in self._blocked or block_id in self.inner
+
+    @property
+    def num_blocked(self) -> int:
+        """Evictable blocks that are not victims yet (a cached block descends from them)."""
+        return len(self._blocked)
+
+    # -- lifecycle -----------------------------------------------------------
+    def on_cached(self, block_id: int, block_hash: Hashable, parent_block_id: int) -> None:
+        inc = self._inc
+        if block_id >= len(inc):
+            self._grow(block_id)
+            inc = self._inc
+        i = self._next_inc
+        self._next_inc = i + 1
+        inc[block_id] = i
+        self._children[block_id] = 0
+        p = parent_block_id
+        if 0 <= p < len(inc) and inc[p] and p != block_id:
+            self._parent[block_id] = p
+            self._pinc[block_id] = inc[p]
+            self._children[p] += 1
+        else:
+            self._parent[block_id] = -1
+        if self._inner_on_cached:
+            self.inner.on_cached(block_id, block_hash, parent_block_id)
+
+    def on_hit(self, block_id: int) -> None:
+        self.inner.on_hit(block_id)
+
+    def on_evicted(self, block_id: int, block_hash: Hashable) -> None:
+        if self._inc[block_id]:  # evicted without our pop_victims (not done by the pool)
+            self._detach(block_id)
+        if self._inner_on_evicted:
+            self.inner.on_evicted(block_id, block_hash)
+
+    def on_removed(self, block_id: int, block_hash: Hashable) -> None:
+        self._blocked.discard(block_id)  # the pool calls remove() first; tolerate a direct call
+        self.inner.on_removed(block_id, block_hash)
+        self._children[block_id] = 0
+        self._detach(block_id)
+
+    def reset(self) -> None:
+        self.inner.reset()
+        self._inc: list[int] = []  # per block: caching incarnation (0 = not cached)
+        self._children: list[int] = []  # per block: cached children
+        self._parent: list[int] = []  # per block: parent id at caching time (-1: root)
+        self._pinc: list[int] = []  # per block: the parent's incarnation at that time
+        self._blocked: set[int] = set()  # evictable blocks with cached children
+        self._next_inc = 1
+        if self.capacity:
+            self._grow(self.capacity - 1)
+
+    def __repr__(self) -> str:
+        return f"LeafOnly({self.inner!r}, blocked={len(self._blocked)})"

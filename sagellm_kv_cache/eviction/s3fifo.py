@@ -1,0 +1,300 @@
+"""S3-FIFO: a small FIFO, a main FIFO with 2-bit frequencies and a ghost FIFO of hashes.
+
+Definition: Juncheng Yang, Yazhuo Zhang, Ziyue Qiu, Yao Yue, Rashmi Vinayak,
+"FIFO queues are all you need for cache eviction", SOSP 2023 (Algorithm 1),
+with the defaults of its reference implementation (libCacheSim ``S3FIFO``:
+small queue 10% of the cache, ghost as large as the main queue, move to main
+on one access).
+
+The modelled cache is every cached block (in use or evictable)::
+
+    on_cached(b, h)   h in G ? (drop h from G, b -> head of M) : b -> head of S;  freq 0
+    on_hit(b)         freq = min(freq + 1, 3)               (queue positions unchanged)
+    pop_victim()      loop:
+                        if S holds >= small_capacity blocks (or M has no candidate):
+                          t = tail candidate of S
+                          freq > 0  -> t moves to the head of M with freq 0; loop
+                          else      -> evict t; its hash enters G (G keeps main_capacity hashes)
+                        else:
+                          t = tail candidate of M
+                          freq > 0  -> t goes back to the head of M with freq - 1; loop
+                          else      -> evict t
+
+``small_capacity = max(1, int(small_ratio * capacity))`` and ``main_capacity =
+max(1, capacity - small_capacity)``. The pool, not the policy, decides when to
+evict, so "S is full" is read as "S holds at least ``small_capacity`` blocks",
+and M's size is bounded by the pool (no separate "M is full" step). For an
+unbounded standalone cache (capacity None) the capacity is the largest number
+of blocks ever cached at once.
+
+Blocks in use: a block keeps its queue and its position while in use (a hit
+only raises its frequency, as in the paper) and is simply not a *candidate*:
+each step above looks at the oldest **evictable** block of a queue; in-use
+blocks are passed over in place, and queue sizes count them. If S is due but
+has no evictable block, M gives the victim, and the other way round.
+
+Implementation: a global insertion counter gives each queue position a
+sequence number; each queue keeps a heap of the sequence numbers of its
+evictable members (stale entries, left by blocks that went into use or moved,
+are dropped lazily when they reach the top). Every event is amortised
+O(log n); a block whose heap entry is still live when it is released again is
+not pushed twice.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+from heapq import heappop, heappush
+
+from .base import EvictionPolicy
+
+__all__ = ["S3FIFOPolicy"]
+
+_NONE, _SMALL, _MAIN, _TO_GHOST = 0, 1, 2, 3
+_MAX_FREQ = 3
+
+
+class S3FIFOPolicy(EvictionPolicy):
+    """S3-FIFO (SOSP'23) over block ids; ghost entries are block hashes.
+
+    Args:
+        clock: unused (kept for the common constructor).
+        small_ratio: S's share of the capacity (paper: 0.1).
+    """
+
+    name = "s3fifo"
+    description = "S3-FIFO (SOSP'23): small FIFO 10%, main FIFO with 2-bit freq, ghost of hashes"
+    tracks_hits = True
+
+    def __init__(self, clock=None, small_ratio: float = 0.1) -> None:
+        super().__init__(clock)
+        if not 0.0 < small_ratio < 1.0:
+            from ..errors import KVConfigError
+
+            raise KVConfigError(f"s3fifo: small_ratio must be in (0, 1), got {small_ratio!r}")
+        self.small_ratio = small_ratio
+        self._max_cached = 0
+        self.reset()
+
+    # -- sizes ---------------------------------------------------------------
+    def _cap(self) -> int:
+        c = self.capacity
+        return c if c is not None else max(1, self._max_cached)
+
+    @property
+    def small_capacity(self) -> int:
+        """S's size target in blocks."""
+        return max(1, int(self.small_ratio * self._cap()))
+
+    @property
+    def main_capacity(self) -> int:
+        """M's size (and G's length) in blocks."""
+        c = self._cap()
+        return max(1, c - max(1, int(self.small_ratio * c)))
+
+    def set_capacity(self, num_blocks: int | None) -> None:
+        super().set_capacity(num_blocks)
+        if num_blocks:
+            self._grow(num_blocks - 1)
+
+    def _grow(self, b: int) -> None:
+        n = max(b + 1, 2 * len(self._queue), 16) - len(self._queue)
+        self._queue += [_NONE] * n
+        self._seq += [-1] * n
+        self._freq += [0] * n
+        self._ev += [False] * n
+
+    # -- evictable set -------------------------------------------------------
+    def add(self, block_id: int) -> None:
+        self._ev[block_id] = True
+        self._n_ev += 1
+        s = self._seq[block_id]
+        if s not in self._slot:
+            self._slot[s] = block_id
+            heappush(self._heap_s if self._queue[block_id] == _SMALL else self._heap_m, s)
+
+    def add_many(self, block_ids) -> None:
+        ev, seq, queue, slot = self._ev, self._seq, self._queue, self._slot
+        hs, hm = self._heap_s, self._heap_m
+        n = 0
+        for b in block_ids:
+            ev[b] = True
+            n += 1
+            s = seq[b]
+            if s not in slot:
+                slot[s] = b
+                heappush(hs if queue[b] == _SMALL else hm, s)
+        self._n_ev += n
+
+    def remove(self, block_id: int) -> None:
+        # lazy: the heap entry stays and is skipped (or reused on the next release)
+        self._ev[block_id] = False
+        self._n_ev -= 1
+
+    def remove_many(self, block_ids) -> None:
+        ev = self._ev
+        n = 0
+        for b in block_ids:
+            ev[b] = False
+            n += 1
+        self._n_ev -= n
+
+    def _top(self, heap: list[int]) -> int:
+        """Sequence number of the oldest evictable member of ``heap``'s queue, or -1."""
+        slot, ev, seq = self._slot, self._ev, self._seq
+        while heap:
+            s = heap[0]
+            b = slot[s]
+            if ev[b] and seq[b] == s:
+                return s
+            heappop(heap)
+            del slot[s]
+        return -1
+
+    def pop_victim(self) -> int:
+        if not self._n_ev:
+            raise self._no_victim()
+        hs, hm = self._heap_s, self._heap_m
+        slot, freq, queue = self._slot, self._freq, self._queue
+        top = self._top
+        small_cap = self.small_capacity
+        while True:
+            ts = top(hs)
+            tm = top(hm)
+            if ts >= 0 and (self._n_small >= small_cap or tm < 0):
+                heappop(hs)
+                b = slot.pop(ts)
+                self._n_small -= 1
+                if freq[b]:
+                    freq[b] = 0
+                    queue[b] = _MAIN
+                    self._n_main += 1
+                    self._push_main(b)
+                    continue
+                queue[b] = _TO_GHOST
+                break
+            # tm >= 0 here: an evictable block exists and S has none (or S is not due)
+            heappop(hm)
+            b = slot.pop(tm)
+            if freq[b]:
+                freq[b] -= 1
+                self._push_main(b)
+                continue
+            self._n_main -= 1
+            queue[b] = _NONE
+            break
+        self._ev[b] = False
+        self._n_ev -= 1
+        return b
+
+    def _push_main(self, b: int) -> None:
+        s = self._next_seq
+        self._next_seq = s + 1
+        self._seq[b] = s
+        self._slot[s] = b
+        heappush(self._heap_m, s)
+
+    def pop_victims(self, n: int) -> list[int]:
+        if n > self._n_ev:
+            raise self._no_victim()
+        pop = self.pop_victim
+        return [pop() for _ in range(n)]
+
+    def peek_victims(self, n: int) -> list[int]:
+        clone = self._clone()
+        return clone.pop_victims(min(n, clone._n_ev))
+
+    def _clone(self) -> S3FIFOPolicy:
+        c = object.__new__(type(self))
+        c.__dict__.update(self.__dict__)
+        for k in ("_queue", "_seq", "_freq", "_ev", "_heap_s", "_heap_m"):
+            setattr(c, k, list(getattr(self, k)))
+        c._slot = dict(self._slot)
+        c._ghost = OrderedDict(self._ghost)
+        return c
+
+    def __len__(self) -> int:
+        return self._n_ev
+
+    def __contains__(self, block_id: object) -> bool:
+        ev = self._ev
+        return type(block_id) is int and 0 <= block_id < len(ev) and ev[block_id]
+
+    # -- lifecycle -----------------------------------------------------------
+    def on_cached(self, block_id: int, block_hash: Hashable, parent_block_id: int) -> None:
+        if block_id >= len(self._queue):
+            self._grow(block_id)
+        ghost = self._ghost
+        if block_hash in ghost:
+            del ghost[block_hash]
+            self._queue[block_id] = _MAIN
+            self._n_main += 1
+        else:
+            self._queue[block_id] = _SMALL
+            self._n_small += 1
+        s = self._next_seq
+        self._next_seq = s + 1
+        self._seq[block_id] = s
+        self._freq[block_id] = 0
+        self._ev[block_id] = False
+        cached = self._n_small + self._n_main
+        if cached > self._max_cached:
+            self._max_cached = cached
+
+    def on_hit(self, block_id: int) -> None:
+        freq = self._freq
+        if block_id < len(freq) and freq[block_id] < _MAX_FREQ:
+            freq[block_id] += 1
+
+    def on_evicted(self, block_id: int, block_hash: Hashable) -> None:
+        queue = self._queue
+        if queue[block_id] == _TO_GHOST:
+            ghost = self._ghost
+            ghost[block_hash] = None
+            cap = self.main_capacity
+            while len(ghost) > cap:
+                ghost.popitem(last=False)
+        queue[block_id] = _NONE
+        self._freq[block_id] = 0
+
+    def on_removed(self, block_id: int, block_hash: Hashable) -> None:
+        q = self._queue[block_id]
+        if q == _SMALL:
+            self._n_small -= 1
+        elif q == _MAIN:
+            self._n_main -= 1
+        if self._ev[block_id]:  # the pool calls remove() first; tolerate a direct call
+            self._ev[block_id] = False
+            self._n_ev -= 1
+        self._queue[block_id] = _NONE
+        self._seq[block_id] = -1
+        self._freq[block_id] = 0
+
+    def reset(self) -> None:
+        self._queue: list[int] = []  # per block: _NONE / _SMALL / _MAIN / _TO_GHOST
+        self._seq: list[int] = []  # per block: sequence number of its queue position
+        self._freq: list[int] = []  # per block: 0..3
+        self._ev: list[bool] = []  # per block: evictable now
+        self._heap_s: list[int] = []  # sequence numbers of evictable S members (+ stale)
+        self._heap_m: list[int] = []
+        self._slot: dict[int, int] = {}  # sequence number in a heap -> block id
+        self._ghost: OrderedDict[Hashable, None] = OrderedDict()  # oldest first
+        self._next_seq = 0
+        self._n_small = 0  # blocks in S (in use or evictable)
+        self._n_main = 0
+        self._n_ev = 0
+        self._max_cached = 0
+        if self.capacity:
+            self._grow(self.capacity - 1)
+
+    def stats(self) -> dict:
+        """Queue sizes (blocks in use included) and the ghost's length."""
+        return {
+            "small": self._n_small,
+            "main": self._n_main,
+            "ghost": len(self._ghost),
+            "evictable": self._n_ev,
+            "small_capacity": self.small_capacity,
+            "main_capacity": self.main_capacity,
+        }
