@@ -148,6 +148,15 @@ def test_below_largest_request_is_an_approximation():
     assert m.hit_ratios([3])["exact"][0] is True
     assert m.hit_blocks([3])[0] == replay_sequential(t, 3).hit_blocks == 0
     assert m.hit_blocks([1])[0] == 0  # every request larger than the pool: all misses
+    # ... and the other way: the skipped request's blocks are "seen" by the stack
+    t = table_from_chains([[1, 2, 3], [1, 2]], [0, 0])
+    assert lru_mrc(t).hit_blocks([2])[0] == 2 and replay_sequential(t, 2).hit_blocks == 0
+
+
+def test_progress_bar_changes_nothing(synthetic, capsys):
+    a, b = lru_mrc(synthetic, progress=True), lru_mrc(synthetic)
+    assert (a.stack_depths == b.stack_depths).all()
+    assert "lru mrc" in capsys.readouterr().err
 
 
 def test_curve_is_a_monotone_step_function(synthetic):

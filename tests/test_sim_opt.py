@@ -169,3 +169,10 @@ def test_non_chained_ids_still_replay():
     r = replay_opt(t, 3)
     assert list(r.records["hit_blocks"]) == [0, 0, 2]
     assert r.hit_blocks <= replay_opt(t, None).hit_blocks
+
+
+def test_progress_bar_changes_nothing(capsys):
+    t = table_from_chains(random_chained_chains(random.Random(7), 50, 5))
+    a, b = replay_opt(t, 10, progress=True), replay_opt(t, 10)
+    assert (a.records["hit_blocks"] == b.records["hit_blocks"]).all()
+    assert "replay opt @ 10 blocks" in capsys.readouterr().err
