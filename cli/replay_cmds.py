@@ -113,7 +113,12 @@ def _cost_defaults() -> str:
     "published hit ratios); concurrent: overlapping requests on a simulated clock.",
 )
 @click.option(
-    "--format", "fmt", default=_default("format"), show_default=True, help="Trace format."
+    "--format",
+    "fmt",
+    default=_default("format"),
+    show_default=True,
+    help="Trace format: auto (detected from the file) or one traces.read_trace reads "
+    "(mooncake, ...).",
 )
 @click.option(
     "--capacity",

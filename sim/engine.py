@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
+from array import array
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -229,10 +230,11 @@ def replay_concurrent(
     evict_l = [0] * n
     rejected = [False] * n
     held: list[list[int] | None] = [None] * n  # block ids a running request holds
-    tl_time: list[float] = []
-    tl_wait: list[int] = []
-    tl_run: list[int] = []
-    tl_used: list[int] = []
+    # one row per event: typed arrays keep a million-request replay's timeline small
+    tl_time = array("d")
+    tl_wait = array("q")
+    tl_run = array("q")
+    tl_used = array("q")
 
     order = sorted(range(n), key=arrivals.__getitem__)  # stable: ties keep trace order
     events: list[tuple[float, int, int, int]] = []  # (time, kind, seq, request)
@@ -431,7 +433,10 @@ def _result(
         cost=dataclasses.asdict(cfg.cost),
         records=records,
         timeline=pl.DataFrame(
-            timeline,
+            {
+                k: np.frombuffer(v, dtype=np.float64 if v.typecode == "d" else np.int64)
+                for k, v in timeline.items()
+            },
             schema={
                 "time_s": pl.Float64,
                 "waiting": pl.Int64,
