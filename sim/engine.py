@@ -34,6 +34,10 @@ Semantics (the same block semantics as ``sim.replay.replay_sequential``):
 * ``ttft_s = prefill_end_s - arrival_s`` (queueing plus prefill; the cost model's
   prefill includes producing the first token); ``finish_s = prefill_end_s +
   cost.decode_s(output_length)``;
+* a policy that cannot name enough victims now (``KVNoVictimError``, a structural
+  constraint) makes the head wait like a short pool: its hits are released again
+  (which re-queues them in the policy as freshly released) and it retries at the next
+  event; with nothing running the error propagates (waiting would never end);
 * events at the same simulated time run in this order: finishes, then prefill ends,
   then arrivals (each kind in the order it was scheduled). So with a cost model of
   zero times every request finishes before the next one arrives, even at equal
