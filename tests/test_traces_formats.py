@@ -10,6 +10,8 @@ import sys
 
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sagellm_kv_cache.errors import KVConfigError, KVTraceFormatError
 from sagellm_kv_cache.hashing import compute_block_hash, compute_block_hashes
@@ -19,6 +21,7 @@ from traces import (
     bundled_path,
     detect_format,
     digest_to_int64,
+    generate_trace,
     iter_mooncake,
     iter_trace,
     iter_trace_batches,
@@ -510,3 +513,55 @@ def test_writer_rejects_bad_input(tmp_path):
         write_trace(read_trace(DEFAULT_TRACE).head(2), tmp_path / "x", format="sharegpt")
     with pytest.raises(ValueError, match="missing columns"):
         write_trace(pl.DataFrame({"a": [1]}), tmp_path / "x.parquet")
+
+
+# -- properties -------------------------------------------------------------------------------
+BAD_MOONCAKE_LINES = [
+    "{",
+    "[]",
+    '{"timestamp": 0}',
+    '{"timestamp": 0, "input_length": 0, "output_length": 0, "hash_ids": []}',
+    '{"timestamp": 0, "input_length": 3, "output_length": 0, "hash_ids": [1, 2]}',
+    '{"timestamp": -1, "input_length": 3, "output_length": 0, "hash_ids": [1]}',
+]
+
+
+@given(
+    kinds=st.lists(st.one_of(st.none(), st.integers(0, len(BAD_MOONCAKE_LINES) - 1)), max_size=30)
+)
+@settings(max_examples=40, deadline=None)
+def test_skip_bad_equals_reading_only_the_good_lines(tmp_path_factory, kinds):
+    d = tmp_path_factory.mktemp("prop")
+    lines, good = [], []
+    for i, k in enumerate(kinds):
+        if k is None:
+            line = json.dumps(mc(i, 1 + 600 * i, list(range(-(-(1 + 600 * i) // 512)))))
+            good.append(len(lines) + 1)
+        else:
+            line = BAD_MOONCAKE_LINES[k]
+        lines.append(line)
+    p = d / "m.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    stats: dict = {}
+    t = read_trace(p, skip_bad=True, stats=stats)
+    assert t["request_id"].to_list() == [f"m-{n}" for n in good]
+    assert stats["skipped"] == len(kinds) - len(good) and stats["rows"] == len(good)
+    if len(good) < len(kinds):
+        with pytest.raises(KVTraceFormatError):
+            read_trace(p)
+
+
+@given(seed=st.integers(0, 2**20), multi=st.floats(0, 1), bs=st.sampled_from([4, 16, 512]))
+@settings(max_examples=15, deadline=None)
+def test_writers_round_trip_generated_tables(tmp_path_factory, seed, multi, bs):
+    d = tmp_path_factory.mktemp("rt")
+    t = generate_trace(25, seed=seed, block_size=bs, multi_turn_prob=multi)
+    assert read_trace(write_trace(t, d / "t.parquet")).equals(t)
+    m = read_trace(write_trace(t, d / "t.jsonl", "mooncake"), block_size=bs)
+    cols = ["input_length", "output_length", "block_hashes", "block_size"]
+    assert m.select(cols).equals(t.select(cols))
+    assert m["arrival_s"].to_list() == pytest.approx(t["arrival_s"].to_list(), abs=1e-9)
+    b = read_trace(write_trace(t, d / "b.jsonl", "bailian"), block_size=bs)
+    assert b.select([*cols, "arrival_s", "turn"]).equals(t.select([*cols, "arrival_s", "turn"]))
+    # sessions survive as the same partition of requests
+    assert canon([[s] for s in b["session_id"]]) == canon([[s] for s in t["session_id"]])
