@@ -475,6 +475,13 @@ def test_parquet_reader_validates(tmp_path):
     t.drop("block_size").write_parquet(tmp_path / "nocol.parquet")
     with pytest.raises(KVTraceFormatError, match="field 'block_size': missing column"):
         read_trace(tmp_path / "nocol.parquet")
+    ok = write_trace(t, tmp_path / "ok.parquet")
+    assert read_trace(ok, block_size=512).equals(t)
+    with pytest.raises(KVConfigError, match="keeps its stored block size 512"):
+        read_trace(ok, block_size=16)
+    unsorted = t.with_columns(pl.Series("arrival_s", [0.0, 2.0, 1.0, 3.0, 4.0]))
+    with pytest.raises(KVTraceFormatError, match=r"u.parquet:3: field 'arrival_s': unsorted"):
+        read_trace(write_trace(unsorted, tmp_path / "u.parquet"))
 
 
 def test_mooncake_round_trip(tmp_path):

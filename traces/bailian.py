@@ -6,7 +6,8 @@ One request per line::
      "output_length": 64, "type": "text", "turn": 2, "hash_ids": [...]}
 
 * ``chat_id``: the request's id (int or string), unique in the file -> ``request_id``.
-* ``parent_chat_id``: the previous request of the same conversation, ``-1`` for none.
+* ``parent_chat_id``: the previous request of the same conversation, ``-1`` (or ``"-1"``)
+  for none.
   ``session_id`` is the root of the parent chain (the first request's chat_id).
   A parent that is not in the file (a slice of a larger trace) is taken as the root.
 * ``timestamp``: seconds; ``arrival_s`` is measured from the first record's.
@@ -83,7 +84,7 @@ def iter_bailian_records(
             raise bad(path, lineno, "type", f"expected a string, got {rec['type']!r}")
         turn = int_field(rec, "turn", path, lineno, 0)
         ids = hash_list_field(rec, "hash_ids", path, lineno, n_in, block_size)
-        root = chat if parent == -1 else root_of.get(parent, parent)
+        root = chat if parent in (-1, "-1") else root_of.get(parent, parent)
         root_of[chat] = root
         state["last_ts"] = ts
         if state["t0"] is None:

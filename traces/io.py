@@ -232,7 +232,7 @@ def _check_frame(df, path: Path, first_row: int, last_ts: list):
     return df
 
 
-def _parquet_batches(path: Path, batch_size: int, stats: dict):
+def _parquet_batches(path: Path, batch_size: int, stats: dict, block_size: int | None):
     import polars as pl
     import pyarrow.parquet as pq
 
@@ -241,6 +241,11 @@ def _parquet_batches(path: Path, batch_size: int, stats: dict):
     pf = pq.ParquetFile(path)
     for batch in pf.iter_batches(batch_size=batch_size):
         df = _check_frame(pl.from_arrow(batch), path, row, last_ts)
+        if block_size is not None and (df["block_size"] != block_size).any():
+            raise KVConfigError(
+                f"{path.name}: a Parquet trace keeps its stored block size "
+                f"{int(df['block_size'][0])}; it cannot be re-hashed at {block_size}"
+            )
         row += df.height
         stats["rows"] += df.height
         yield df
@@ -265,9 +270,12 @@ def iter_trace(
         format: ``"auto"`` or one of :data:`FORMATS`.
         block_size: tokens per block; None: the format's (:data:`DEFAULT_BLOCK_SIZE`).
             Formats with stored hash ids (mooncake, bailian) validate their id
-            counts against it; the others hash/model at it.
+            counts against it; the others hash/model at it; Parquet only accepts
+            its stored size (``KVConfigError`` otherwise).
         skip_bad: skip malformed records, counting them in ``stats``, instead of
             raising ``KVTraceFormatError`` (``"<file>:<line>: field '<f>': ..."``).
+            Parquet is checked per batch (column types, lengths, id counts, order;
+            the "line" is the 1-based row) and always raises.
         stats: a dict to fill with ``rows``, ``skipped`` and ``skipped_lines``.
         options: format options: the :class:`traces.synthetic.PrefixModel` keywords
             for azure and burstgpt (and ``models`` for burstgpt), ``hash_fn`` and
@@ -276,7 +284,7 @@ def iter_trace(
     path, fmt, block_size = _resolve(path, format, block_size, options)
     if fmt == "parquet":
         stats = init_stats(stats)
-        for df in _parquet_batches(path, 65536, stats):
+        for df in _parquet_batches(path, 65536, stats, block_size):
             with_sessions = "session_id" in df.columns
             for row in df.iter_rows():
                 yield TraceRecord(*row) if with_sessions else TraceRecord(*row[:6])
@@ -304,7 +312,7 @@ def iter_trace_batches(
         raise KVConfigError(f"batch_size must be a positive int, got {batch_size!r}")
     path, fmt, block_size = _resolve(path, format, block_size, options)
     if fmt == "parquet":
-        yield from _parquet_batches(path, batch_size, init_stats(stats))
+        yield from _parquet_batches(path, batch_size, init_stats(stats), block_size)
         return
     recs = _READERS[fmt](path, block_size=block_size, skip_bad=skip_bad, stats=stats, **options)
     with_sessions = _WITH_SESSIONS.get(fmt, False)
@@ -338,7 +346,7 @@ def read_trace(
 
     path, fmt, block_size = _resolve(path, format, block_size, options)
     if fmt == "parquet":
-        return pl.concat(list(_parquet_batches(path, 1 << 20, init_stats(stats))))
+        return pl.concat(list(_parquet_batches(path, 1 << 20, init_stats(stats), block_size)))
     recs = _READERS[fmt](path, block_size=block_size, skip_bad=skip_bad, stats=stats, **options)
     return records_to_frame(recs, _WITH_SESSIONS.get(fmt, False))
 
