@@ -2,21 +2,36 @@
 
 from .arc import ARCPolicy
 from .base import EvictionPolicy
+from .fifo import FIFOPolicy
 from .leaf import LeafOnly
+from .lfu import LFUPolicy
 from .lru import LRUPolicy
+from .manager import EvictionManager, EvictionStrategy, FIFOEviction, LRUEviction
+from .mru import MRUPolicy
+from .priority import PriorityPolicy
 from .registry import POLICIES, EvictionPolicyName, list_policies, make_policy, register_policy
 from .s3fifo import S3FIFOPolicy
 from .slru import SLRUPolicy
+from .ttl import TTLPolicy
 
 __all__ = [
     "POLICIES",
     "ARCPolicy",
+    "EvictionManager",
     "EvictionPolicy",
     "EvictionPolicyName",
+    "EvictionStrategy",
+    "FIFOEviction",
+    "FIFOPolicy",
+    "LFUPolicy",
+    "LRUEviction",
     "LRUPolicy",
     "LeafOnly",
+    "MRUPolicy",
+    "PriorityPolicy",
     "S3FIFOPolicy",
     "SLRUPolicy",
+    "TTLPolicy",
     "list_policies",
     "make_policy",
     "register_policy",
