@@ -104,6 +104,19 @@ def test_multi_turn_turn_k_starts_with_turn_k_minus_1_context():
     assert continued > 100
 
 
+def test_min_think_time_between_turns():
+    t = make_trace(400, seed=6, rate=5.0, min_think_s=3.0)
+    gaps = (
+        t.sort("session_id", "arrival_s", maintain_order=True)
+        .group_by("session_id", maintain_order=True)
+        .agg(pl.col("arrival_s").diff().drop_nulls().min().alias("gap"), pl.len())
+        .filter(pl.col("len") > 1)
+    )
+    assert gaps.height > 20 and gaps["gap"].min() >= 3.0
+    with pytest.raises(KVConfigError):
+        generate_trace(3, min_think_s=-1.0)
+
+
 def test_shared_system_prompt_ids():
     t = generate_trace(
         200,

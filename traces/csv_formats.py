@@ -147,7 +147,7 @@ def _lengths_reader(path, required, fields, block_size, skip_bad, stats, model_k
         state["last_ts"] = ts
         if state["t0"] is None:
             state["t0"] = ts
-        ids, sid, turn = model.fit(n_in, n_out)
+        ids, sid, turn = model.fit(n_in, n_out, ts)
         return TraceRecord(
             f"{stem}-{lineno}", ts - state["t0"], n_in, n_out, ids, model.block_size, sid, turn
         )
@@ -175,7 +175,7 @@ def iter_azure_records(
     ``num_system_prompts``, ``system_prompt_tokens``, ``system_prompt_zipf``,
     ``system_prompt_prob``, ``num_documents``, ``document_tokens``,
     ``document_zipf``, ``document_prob``, ``multi_turn_prob``,
-    ``max_open_sessions``).
+    ``max_open_sessions``, ``max_context_tokens``, ``min_think_s``).
     """
 
     def fields(lineno: int, row: dict):

@@ -79,6 +79,7 @@ _MODEL_OPTIONS = frozenset(
         "multi_turn_prob",
         "max_open_sessions",
         "max_context_tokens",
+        "min_think_s",
     }
 )
 #: Extra keyword options each format accepts.

@@ -31,6 +31,7 @@ BAILIAN_SAMPLE_ARGS = dict(
     document_prob=0.2,
     multi_turn_prob=0.45,
     max_open_sessions=64,
+    min_think_s=5.0,
 )
 BURSTGPT_SAMPLE_ARGS = dict(num_requests=500, seed=2026, rate=0.5, own_tokens_mean=400.0)
 

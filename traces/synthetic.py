@@ -62,11 +62,12 @@ def _check_zipf(name: str, v: float) -> float:
 
 
 class _Session:
-    __slots__ = ("ctx_ids", "ctx_tokens", "sid", "turn")
+    __slots__ = ("ctx_ids", "ctx_tokens", "last_s", "sid", "turn")
 
     def __init__(self, sid: str) -> None:
         self.sid = sid
         self.turn = 0
+        self.last_s = float("-inf")
         self.ctx_tokens = 0
         self.ctx_ids: list[int] = []
 
@@ -81,7 +82,9 @@ class PrefixModel:
        previous input + output tokens) is shorter than the request's input (for
        :meth:`fit`) or stays within ``max_context_tokens`` (for :meth:`grow`),
        the request is its next turn: its ids start with the session's context ids.
-       Otherwise the drawn session is closed and a new one starts.
+       Otherwise the drawn session is closed and a new one starts. A drawn
+       session whose last turn arrived less than ``min_think_s`` before this
+       request (when arrival times are given) stays open and a new one starts.
     2. A new session draws, with probability ``system_prompt_prob``, system
        prompt ``k`` of ``num_system_prompts``, with Zipf popularity
        ``P(k) ~ 1 / (k + 1) ** system_prompt_zipf``, and then, with probability
@@ -110,6 +113,8 @@ class PrefixModel:
         max_open_sessions: bound on simultaneously open sessions.
         max_context_tokens: :meth:`grow` starts a new session instead of a turn
             whose input would exceed this.
+        min_think_s: least time between two turns of a session (needs the
+            ``arrival_s`` argument of :meth:`fit` / :meth:`grow`).
     """
 
     def __init__(
@@ -128,6 +133,7 @@ class PrefixModel:
         multi_turn_prob: float = 0.0,
         max_open_sessions: int = 256,
         max_context_tokens: int = 32768,
+        min_think_s: float = 0.0,
     ) -> None:
         self.block_size = check_block_size(block_size)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -141,6 +147,11 @@ class PrefixModel:
         self.multi_turn_prob = _check_prob("multi_turn_prob", multi_turn_prob)
         self.max_open_sessions = _check_count("max_open_sessions", max_open_sessions, 1)
         self.max_context_tokens = _check_count("max_context_tokens", max_context_tokens, 1)
+        if isinstance(min_think_s, bool) or not isinstance(min_think_s, int | float):
+            raise KVConfigError(f"min_think_s must be a number of seconds, got {min_think_s!r}")
+        if not 0 <= min_think_s < float("inf"):
+            raise KVConfigError(f"min_think_s must be >= 0 and finite, got {min_think_s!r}")
+        self.min_think_s = float(min_think_s)
         self._prompt_cdf = list(
             accumulate(
                 (k + 1) ** -_check_zipf("system_prompt_zipf", system_prompt_zipf)
@@ -199,10 +210,13 @@ class PrefixModel:
         return self._shared_ids(key, tokens), tokens
 
     # -- sessions --------------------------------------------------------------------------
-    def _pick_session(self) -> tuple[int, _Session] | None:
+    def _pick_session(self, arrival_s: float | None) -> tuple[int, _Session] | None:
         if self._open and self.multi_turn_prob and self._rng.random() < self.multi_turn_prob:
             i = self._rng.randrange(len(self._open))
-            return i, self._open[i]
+            s = self._open[i]
+            if arrival_s is not None and arrival_s < s.last_s + self.min_think_s:
+                return None  # still thinking: it stays open, this request starts a session
+            return i, s
         return None
 
     def _close(self, i: int) -> None:
@@ -219,41 +233,50 @@ class PrefixModel:
         return s
 
     def _finish(
-        self, s: _Session, prefix: list[int], n_in: int, n_out: int
+        self, s: _Session, prefix: list[int], n_in: int, n_out: int, arrival_s: float | None
     ) -> tuple[list[int], str, int]:
         bs = self.block_size
         ids = prefix + self._fresh(-(-n_in // bs) - len(prefix))
         s.turn += 1
+        if arrival_s is not None:
+            s.last_s = arrival_s
         if self.multi_turn_prob:
             full_in = n_in // bs
             s.ctx_tokens = n_in + n_out
             s.ctx_ids = ids[:full_in] + self._fresh(s.ctx_tokens // bs - full_in)
         return ids, s.sid, s.turn
 
-    def fit(self, input_length: int, output_length: int) -> tuple[list[int], str, int]:
-        """Block ids, session id and turn (1-based) for a request of the given lengths."""
-        picked = self._pick_session()
+    def fit(
+        self, input_length: int, output_length: int, arrival_s: float | None = None
+    ) -> tuple[list[int], str, int]:
+        """Block ids, session id and turn (1-based) for a request of the given lengths
+        (requests must be given in arrival order)."""
+        picked = self._pick_session(arrival_s)
         if picked is not None:
             i, s = picked
             if s.ctx_tokens < input_length:
-                return self._finish(s, s.ctx_ids, input_length, output_length)
+                return self._finish(s, s.ctx_ids, input_length, output_length, arrival_s)
             self._close(i)
         prefix, _ = self._draw_prefix(input_length)
-        return self._finish(self._new_session(), prefix, input_length, output_length)
+        s = self._new_session()
+        return self._finish(s, prefix, input_length, output_length, arrival_s)
 
-    def grow(self, own_tokens: int, output_length: int) -> tuple[int, list[int], str, int]:
+    def grow(
+        self, own_tokens: int, output_length: int, arrival_s: float | None = None
+    ) -> tuple[int, list[int], str, int]:
         """Like :meth:`fit` for a request adding ``own_tokens`` new tokens to its
         prefix (session context, or shared segments); returns the input length too."""
-        picked = self._pick_session()
+        picked = self._pick_session(arrival_s)
         if picked is not None:
             i, s = picked
             n_in = s.ctx_tokens + own_tokens
             if n_in <= self.max_context_tokens:
-                return (n_in, *self._finish(s, s.ctx_ids, n_in, output_length))
+                return (n_in, *self._finish(s, s.ctx_ids, n_in, output_length, arrival_s))
             self._close(i)
         prefix, tokens = self._draw_prefix(None)
         n_in = tokens + own_tokens
-        return (n_in, *self._finish(self._new_session(), prefix, n_in, output_length))
+        s = self._new_session()
+        return (n_in, *self._finish(s, prefix, n_in, output_length, arrival_s))
 
 
 def generate_records(
@@ -295,7 +318,7 @@ def generate_records(
             t += rng.expovariate(rate)
         own = 1 + int(rng.expovariate(1.0 / own_tokens_mean))
         n_out = 1 + int(rng.expovariate(1.0 / output_tokens_mean))
-        n_in, ids, sid, turn = model.grow(own, n_out)
+        n_in, ids, sid, turn = model.grow(own, n_out, t)
         yield TraceRecord(f"syn-{i}", t, n_in, n_out, ids, model.block_size, sid, turn)
 
 
@@ -321,7 +344,8 @@ def generate_trace(
     ``model_kwargs`` (``num_system_prompts``, ``system_prompt_tokens``,
     ``system_prompt_zipf``, ``system_prompt_prob``, ``num_documents``,
     ``document_tokens``, ``document_zipf``, ``document_prob``,
-    ``multi_turn_prob``, ``max_open_sessions``, ``max_context_tokens``). The same
+    ``multi_turn_prob``, ``max_open_sessions``, ``max_context_tokens``,
+    ``min_think_s``). The same
     arguments give the same table in every process.
 
     Write it with ``traces.write_trace(table, path, format=...)``; the ``tokens``
