@@ -264,6 +264,116 @@ def test_failing_job_names_the_job(small, executor):
     assert info.value.__cause__ is not None
 
 
+class _Ref:
+    def __init__(self, value=None, error=None):
+        self.value, self.error = value, error
+
+
+class FakeRay:
+    """Just enough of the ray API, in process, to test how the executor drives it."""
+
+    def __init__(self, initialized=False):
+        self.initialized = initialized
+        self.calls = []
+
+    def is_initialized(self):
+        return self.initialized
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+        self.initialized = True
+
+    def shutdown(self):
+        self.calls.append(("shutdown", {}))
+        self.initialized = False
+
+    def put(self, value):
+        self.calls.append(("put", {}))
+        return _Ref(value)
+
+    def remote(self, **options):
+        def wrap(fn):
+            class Remote:
+                @staticmethod
+                def remote(ref, job):
+                    try:
+                        return _Ref(fn(ref.value, job))
+                    except Exception as err:
+                        return _Ref(error=err)
+
+            return Remote
+
+        return wrap
+
+    def wait(self, pending, num_returns=1):
+        return pending[-num_returns:], pending[:-num_returns]  # finish out of order
+
+    def get(self, ref):
+        if ref.error is not None:
+            raise ref.error
+        return ref.value
+
+    def cancel(self, ref):
+        self.calls.append(("cancel", {}))
+
+
+@pytest.mark.parametrize("address", [None, "ray://10.0.0.1:10001"])
+def test_ray_executor_starts_puts_once_and_shuts_down_what_it_started(small, monkeypatch, address):
+    import sys
+
+    fake = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    got = sweep(
+        [("a", small), ("b", small.head(100))],
+        CAPS,
+        ["lru"],
+        executor="ray",
+        workers=3,
+        progress=False,
+        ray_address=address,
+    )
+    want = sweep(
+        [("a", small), ("b", small.head(100))], CAPS, ["lru"], executor="serial", progress=False
+    )
+    assert _key(got) == _key(want)  # rows in job order although tasks finished in reverse
+    names = [name for name, _ in fake.calls]
+    assert names == ["init", "put", "put", "shutdown"]  # each table put once
+    init_kwargs = fake.calls[0][1]
+    if address is None:
+        assert init_kwargs["num_cpus"] == 3 and init_kwargs["include_dashboard"] is False
+    else:
+        assert init_kwargs["address"] == address
+
+
+def test_ray_executor_keeps_a_running_instance_and_names_failed_jobs(small, monkeypatch):
+    import sys
+
+    fake = FakeRay(initialized=True)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with pytest.raises(SweepJobError, match="'broken'"):
+        sweep(
+            [("broken", small.drop("input_length"))],
+            [10, 20],
+            ["lru"],
+            executor="ray",
+            bounds=False,
+            progress=False,
+        )
+    names = [name for name, _ in fake.calls]
+    assert "init" not in names and "shutdown" not in names and "cancel" in names
+    fake.initialized = False
+    with pytest.raises(SweepJobError):
+        sweep(
+            [("broken", small.drop("input_length"))],
+            [10],
+            ["lru"],
+            executor="ray",
+            bounds=False,
+            progress=False,
+        )
+    assert fake.calls[-1][0] == "shutdown"  # a failed sweep still shuts down what it started
+
+
 @pytest.mark.ray
 def test_ray_executor_matches_serial_and_shuts_down(small, monkeypatch):
     ray = pytest.importorskip("ray", reason="ray is not installed")
