@@ -117,8 +117,10 @@ def _cost_defaults() -> str:
     "fmt",
     default=_default("format"),
     show_default=True,
-    help="Trace format: auto (detected from the file) or one traces.read_trace reads "
-    "(mooncake, ...).",
+    type=click.Choice(["auto", "mooncake", "bailian", "azure", "burstgpt", "tokens", "parquet"]),
+    help="Trace format; auto detects it from the file's suffix and first record. "
+    "azure and burstgpt carry lengths only: block ids come from a seeded synthetic prefix "
+    "model (see traces.synthetic.PrefixModel); tokens are hashed at --block-size.",
 )
 @click.option(
     "--capacity",
