@@ -181,3 +181,11 @@ def test_tiers_run_concurrently_with_mode_concurrent(tmp_path):
     res = invoke("--tiers", "gpu=2000,cpu=8000", "--mode", "concurrent", "--out", out)
     assert res.exit_code == 0, res.output
     assert json.loads((out / "summary.json").read_text())["num_requests"] == 3993
+
+
+def test_format_choices_are_the_readers_formats():
+    import traces.io
+    from cli.replay_cmds import replay as replay_cmd
+
+    opt = next(p for p in replay_cmd.params if p.name == "fmt")
+    assert set(opt.type.choices) == {"auto", *traces.io.FORMATS}
