@@ -269,15 +269,19 @@ def _run_ray(tables, jobs, bar, workers: int, address: str | None) -> list[dict]
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            # workers import sim/ from this checkout even when it is not installed
+            # Workers must import sim/ from this checkout even when it is not installed.
+            # The local instance's processes inherit this environment, which is cheaper
+            # than a runtime_env (that starts a separate worker pool).
             root = str(Path(__file__).resolve().parent.parent)
-            path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-            ray.init(
-                num_cpus=workers,
-                include_dashboard=False,
-                log_to_driver=False,
-                runtime_env={"env_vars": {"PYTHONPATH": path}},
-            )
+            old_path = os.environ.get("PYTHONPATH")
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, old_path]))
+            try:
+                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+            finally:
+                if old_path is None:
+                    del os.environ["PYTHONPATH"]
+                else:
+                    os.environ["PYTHONPATH"] = old_path
         started = True
     try:
         remote = ray.remote(num_cpus=1, max_retries=0)(_ray_job_body)
