@@ -15,6 +15,7 @@ duplicate live entry behind. Ties on ``(k0, k1)`` go to the earlier push.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from heapq import heapify, heappop, heappush
 
 __all__ = ["LazyHeap"]
@@ -46,6 +47,14 @@ class LazyHeap:
             self._compact()
         return True
 
+    def discard_many(self, blocks: Iterable[int]) -> None:
+        """``discard`` each of ``blocks`` (KeyError on one not in the heap; earlier ones go)."""
+        live = self._live
+        for b in blocks:
+            del live[b]
+        if len(self._heap) > 2 * len(live) + _SLACK:
+            self._compact()
+
     def pop(self) -> int:
         """The block with the smallest key, removed. Raises IndexError when empty."""
         heap = self._heap
@@ -56,6 +65,19 @@ class LazyHeap:
                 del live[b]
                 return b
         raise IndexError("pop from an empty LazyHeap")
+
+    def pop_many(self, n: int) -> list[int]:
+        """The ``n`` blocks with the smallest keys, removed (caller checked ``n <= len``)."""
+        heap = self._heap
+        live = self._live
+        out: list[int] = []
+        append = out.append
+        while len(out) < n:
+            _, _, t, b = heappop(heap)
+            if live.get(b) == t:
+                del live[b]
+                append(b)
+        return out
 
     def top_key(self) -> tuple | None:
         """``(k0, k1)`` of the smallest live entry (drops stale tops), or None when empty."""

@@ -16,7 +16,7 @@ add, remove and pop are O(log n) amortized, on_cached / on_evicted O(1).
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 
 from ._lazyheap import LazyHeap
 from .base import EvictionPolicy
@@ -45,9 +45,22 @@ class FIFOPolicy(EvictionPolicy):
             s = self._seq[block_id] = self._next
         self._heap.push(block_id, s)
 
+    def add_many(self, block_ids: Iterable[int]) -> None:
+        seq = self._seq
+        push = self._heap.push
+        for b in block_ids:
+            s = seq.get(b)
+            if s is None:
+                self._next += 1
+                s = seq[b] = self._next
+            push(b, s)
+
     def remove(self, block_id: int) -> None:
         if not self._heap.discard(block_id):
             raise KeyError(block_id)
+
+    def remove_many(self, block_ids: Iterable[int]) -> None:
+        self._heap.discard_many(block_ids)
 
     def pop_victim(self) -> int:
         if not self._heap:
@@ -57,8 +70,7 @@ class FIFOPolicy(EvictionPolicy):
     def pop_victims(self, n: int) -> list[int]:
         if n > len(self._heap):
             raise self._no_victim()
-        pop = self._heap.pop
-        return [pop() for _ in range(n)]
+        return self._heap.pop_many(n)
 
     def peek_victims(self, n: int) -> list[int]:
         return self._heap.peek(n)

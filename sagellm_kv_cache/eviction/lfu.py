@@ -21,7 +21,7 @@ O(log n) amortized; a hit on a block in use is O(1).
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 
 from ._lazyheap import LazyHeap
 from .base import EvictionPolicy
@@ -65,9 +65,30 @@ class LFUPolicy(EvictionPolicy):
             f = self._freq[block_id] = 1
         self._heap.push(block_id, f, r)
 
+    def add_many(self, block_ids: Iterable[int]) -> None:
+        rel = self._rel
+        freq = self._freq
+        push = self._heap.push
+        r = self._next
+        for b in block_ids:
+            r += 1
+            rel[b] = r
+            f = freq.get(b)
+            if f is None:
+                f = freq[b] = 1
+            push(b, f, r)
+        self._next = r
+
     def remove(self, block_id: int) -> None:
         del self._rel[block_id]
         self._heap.discard(block_id)
+
+    def remove_many(self, block_ids: Iterable[int]) -> None:
+        rel = self._rel
+        ids = list(block_ids)
+        for b in ids:
+            del rel[b]
+        self._heap.discard_many(ids)
 
     def pop_victim(self) -> int:
         if not self._rel:
@@ -79,9 +100,8 @@ class LFUPolicy(EvictionPolicy):
     def pop_victims(self, n: int) -> list[int]:
         if n > len(self._rel):
             raise self._no_victim()
-        pop = self._heap.pop
         rel = self._rel
-        out = [pop() for _ in range(n)]
+        out = self._heap.pop_many(n)
         for b in out:
             del rel[b]
         return out

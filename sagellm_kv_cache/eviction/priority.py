@@ -173,7 +173,19 @@ class PriorityPolicy(EvictionPolicy):
     def remove(self, block_id: int) -> None:
         del self._rel[block_id]
         self._heap.discard(block_id)
-        self._expiring.discard(block_id)
+        if self._expiring:
+            self._expiring.discard(block_id)
+
+    def remove_many(self, block_ids: Iterable[int]) -> None:
+        rel = self._rel
+        ids = list(block_ids)
+        for b in ids:
+            del rel[b]
+        self._heap.discard_many(ids)
+        if self._expiring:
+            discard = self._expiring.discard
+            for b in ids:
+                discard(b)
 
     def pop_victim(self) -> int:
         return self.pop_victims(1)[0]
@@ -183,13 +195,14 @@ class PriorityPolicy(EvictionPolicy):
             raise self._no_victim()
         if self._expiring:
             self._expire(self.clock())
-        pop = self._heap.pop
-        out = [pop() for _ in range(n)]
+        out = self._heap.pop_many(n)
         rel = self._rel
-        discard = self._expiring.discard
         for b in out:
             del rel[b]
-            discard(b)
+        if self._expiring:
+            discard = self._expiring.discard
+            for b in out:
+                discard(b)
         return out
 
     def peek_victims(self, n: int) -> list[int]:

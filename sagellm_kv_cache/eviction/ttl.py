@@ -130,6 +130,15 @@ class TTLPolicy(EvictionPolicy):
         if not self._eligible.discard(block_id):
             self._guarded.discard(block_id)
 
+    def remove_many(self, block_ids: Iterable[int]) -> None:
+        rel = self._rel
+        eligible = self._eligible
+        guarded = self._guarded
+        for b in block_ids:
+            del rel[b]
+            if not eligible.discard(b):
+                guarded.discard(b)
+
     def pop_victim(self) -> int:
         return self.pop_victims(1)[0]
 
@@ -138,8 +147,7 @@ class TTLPolicy(EvictionPolicy):
             self._expire(self.clock())
         if n > len(self._eligible):
             raise self._no_victim()
-        pop = self._eligible.pop
-        out = [pop() for _ in range(n)]
+        out = self._eligible.pop_many(n)
         rel = self._rel
         for b in out:
             del rel[b]
