@@ -47,6 +47,7 @@ Example::
 
 from __future__ import annotations
 
+import operator
 import os
 import time
 import warnings
@@ -106,9 +107,10 @@ class SweepJob:
     capacity_blocks: int | None
 
     def describe(self) -> str:
-        cap = "infinite capacity" if self.capacity_blocks is None else f"{self.capacity_blocks}"
+        n = self.capacity_blocks
+        cap = "infinite" if n is None else f"{n} blocks"
         what = {"policy": f"policy {self.policy!r}", "opt": "OPT bound", "infinite": "infinite"}
-        return f"trace {self.trace!r}, {what[self.kind]}, capacity {cap} blocks"
+        return f"trace {self.trace!r}, {what[self.kind]}, capacity {cap}"
 
 
 def opt_available() -> bool:
@@ -356,7 +358,13 @@ def _normalise_capacities(capacities) -> list[int]:
         capacities = [capacities]
     caps: list[int] = []
     for c in capacities:
-        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+        try:
+            if isinstance(c, bool):
+                raise TypeError
+            c = operator.index(c)  # ints and numpy integers, not floats or strings
+        except TypeError:
+            raise KVConfigError(f"capacities must be positive block counts, got {c!r}") from None
+        if c < 1:
             raise KVConfigError(f"capacities must be positive block counts, got {c!r}")
         if c not in caps:
             caps.append(c)

@@ -139,6 +139,20 @@ def test_hand_checkable_trace():
     assert inf["capacity_blocks"].to_list() == [3, 100]
 
 
+def test_numpy_capacities_and_duplicates(small):
+    import numpy as np
+
+    df = sweep(
+        [("t", small)],
+        np.array([50, 20, 50]),
+        "lru",
+        executor="serial",
+        bounds=False,
+        progress=False,
+    )
+    assert df["capacity_blocks"].to_list() == [50, 20]
+
+
 def test_no_bounds_and_infinite_only(small):
     df = sweep([("t", small)], [50], ["lru"], executor="serial", bounds=False, progress=False)
     assert df["policy"].to_list() == ["lru"]
@@ -215,6 +229,8 @@ def test_property_policies_never_beat_infinite_and_match_direct(reqs, caps):
         ({"capacities": [0]}, KVConfigError),
         ({"capacities": [-5]}, KVConfigError),
         ({"capacities": ["10"]}, KVConfigError),
+        ({"capacities": [10.0]}, KVConfigError),
+        ({"capacities": [True]}, KVConfigError),
         ({"capacities": []}, KVConfigError),
         ({"policies": ["no-such-policy"]}, KVConfigError),
         ({"policies": []}, KVConfigError),
