@@ -133,31 +133,38 @@ class ARCPolicy(EvictionPolicy):
 
     # -- lifecycle -----------------------------------------------------------
     def on_cached(self, block_id: int, block_hash: Hashable, parent_block_id: int) -> None:
-        if block_id >= len(self._list):
+        lst = self._list
+        if block_id >= len(lst):
             self._grow(block_id)
-        b1, b2 = self._b1, self._b2
-        c = self._c()
+            lst = self._list
+        b1 = self._b1
+        b2 = self._b2
         if block_hash in b1:  # case II
-            self.p = min(c, self.p + max(1.0, len(b2) / len(b1)))
+            self.p = min(self._c(), self.p + max(1.0, len(b2) / len(b1)))
             del b1[block_hash]
-            self._list[block_id] = _T2
+            lst[block_id] = _T2
             self._n2 += 1
         elif block_hash in b2:  # case III
             self.p = max(0.0, self.p - max(1.0, len(b1) / len(b2)))
             del b2[block_hash]
-            self._list[block_id] = _T2
+            lst[block_id] = _T2
             self._n2 += 1
         else:  # case IV
-            if self._n1 + len(b1) >= c:
+            c = self.capacity
+            if c is None:
+                c = self._c()
+            n1 = self._n1
+            if n1 + len(b1) >= c:
                 if b1:
                     b1.popitem(last=False)
-            elif self._n1 + self._n2 + len(b1) + len(b2) >= 2 * c and b2:
+            elif b2 and n1 + self._n2 + len(b1) + len(b2) >= 2 * c:
                 b2.popitem(last=False)
-            self._list[block_id] = _T1
-            self._n1 += 1
-        cached = self._n1 + self._n2
-        if cached > self._max_cached:
-            self._max_cached = cached
+            lst[block_id] = _T1
+            self._n1 = n1 + 1
+        if self.capacity is None:
+            cached = self._n1 + self._n2
+            if cached > self._max_cached:
+                self._max_cached = cached
 
     def on_hit(self, block_id: int) -> None:
         lst = self._list

@@ -162,14 +162,31 @@ class LeafOnly(EvictionPolicy):
         return False
 
     def pop_victims(self, n: int) -> list[int]:
-        if n > len(self.inner) and not self._can_pop(n):
+        inner = self.inner
+        if n > len(inner) and not self._can_pop(n):
             raise self._no_victim()
-        pop, detach = self.inner.pop_victim, self._detach
+        pop = inner.pop_victim
+        parent, inc, pinc, children, blocked = (
+            self._parent,
+            self._inc,
+            self._pinc,
+            self._children,
+            self._blocked,
+        )
         out = []
         for _ in range(n):
             v = pop()
-            detach(v)
             out.append(v)
+            inc[v] = 0
+            p = parent[v]
+            if p >= 0:  # _detach, inlined
+                parent[v] = -1
+                if inc[p] == pinc[v]:
+                    c = children[p] - 1
+                    children[p] = c
+                    if not c and p in blocked:
+                        blocked.remove(p)
+                        inner.add(p)
         return out
 
     def pop_victim(self) -> int:
@@ -212,7 +229,7 @@ class LeafOnly(EvictionPolicy):
         inc[block_id] = i
         self._children[block_id] = 0
         p = parent_block_id
-        if 0 <= p < len(inc) and inc[p] and p != block_id:
+        if p >= 0 and p < len(inc) and inc[p]:
             self._parent[block_id] = p
             self._pinc[block_id] = inc[p]
             self._children[p] += 1

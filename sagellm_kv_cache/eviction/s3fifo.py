@@ -47,6 +47,7 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from heapq import heappop, heappush
 
+from ..errors import KVConfigError
 from .base import EvictionPolicy
 
 __all__ = ["S3FIFOPolicy"]
@@ -70,31 +71,22 @@ class S3FIFOPolicy(EvictionPolicy):
     def __init__(self, clock=None, small_ratio: float = 0.1) -> None:
         super().__init__(clock)
         if not 0.0 < small_ratio < 1.0:
-            from ..errors import KVConfigError
-
             raise KVConfigError(f"s3fifo: small_ratio must be in (0, 1), got {small_ratio!r}")
         self.small_ratio = small_ratio
         self._max_cached = 0
         self.reset()
 
     # -- sizes ---------------------------------------------------------------
-    def _cap(self) -> int:
+    def _resize(self) -> None:
         c = self.capacity
-        return c if c is not None else max(1, self._max_cached)
-
-    @property
-    def small_capacity(self) -> int:
-        """S's size target in blocks."""
-        return max(1, int(self.small_ratio * self._cap()))
-
-    @property
-    def main_capacity(self) -> int:
-        """M's size (and G's length) in blocks."""
-        c = self._cap()
-        return max(1, c - max(1, int(self.small_ratio * c)))
+        if c is None:
+            c = max(1, self._max_cached)
+        self.small_capacity = max(1, int(self.small_ratio * c))  # S's size target in blocks
+        self.main_capacity = max(1, c - self.small_capacity)  # M's size and G's length
 
     def set_capacity(self, num_blocks: int | None) -> None:
         super().set_capacity(num_blocks)
+        self._resize()
         if num_blocks:
             self._grow(num_blocks - 1)
 
@@ -140,66 +132,68 @@ class S3FIFOPolicy(EvictionPolicy):
             n += 1
         self._n_ev -= n
 
-    def _top(self, heap: list[int]) -> int:
-        """Sequence number of the oldest evictable member of ``heap``'s queue, or -1."""
-        slot, ev, seq = self._slot, self._ev, self._seq
-        while heap:
-            s = heap[0]
-            b = slot[s]
-            if ev[b] and seq[b] == s:
-                return s
-            heappop(heap)
-            del slot[s]
-        return -1
-
-    def pop_victim(self) -> int:
-        if not self._n_ev:
-            raise self._no_victim()
-        hs, hm = self._heap_s, self._heap_m
-        slot, freq, queue = self._slot, self._freq, self._queue
-        top = self._top
-        small_cap = self.small_capacity
-        while True:
-            ts = top(hs)
-            tm = top(hm)
-            if ts >= 0 and (self._n_small >= small_cap or tm < 0):
-                heappop(hs)
-                b = slot.pop(ts)
-                self._n_small -= 1
-                if freq[b]:
-                    freq[b] = 0
-                    queue[b] = _MAIN
-                    self._n_main += 1
-                    self._push_main(b)
-                    continue
-                queue[b] = _TO_GHOST
-                break
-            # tm >= 0 here: an evictable block exists and S has none (or S is not due)
-            heappop(hm)
-            b = slot.pop(tm)
-            if freq[b]:
-                freq[b] -= 1
-                self._push_main(b)
-                continue
-            self._n_main -= 1
-            queue[b] = _NONE
-            break
-        self._ev[b] = False
-        self._n_ev -= 1
-        return b
-
-    def _push_main(self, b: int) -> None:
-        s = self._next_seq
-        self._next_seq = s + 1
-        self._seq[b] = s
-        self._slot[s] = b
-        heappush(self._heap_m, s)
-
     def pop_victims(self, n: int) -> list[int]:
         if n > self._n_ev:
             raise self._no_victim()
-        pop = self.pop_victim
-        return [pop() for _ in range(n)]
+        hs, hm = self._heap_s, self._heap_m
+        slot, seq, freq, queue, ev = self._slot, self._seq, self._freq, self._queue, self._ev
+        small_cap = self.small_capacity
+        n_small, n_main, next_seq = self._n_small, self._n_main, self._next_seq
+        out: list[int] = []
+        while len(out) < n:
+            # drop stale entries (blocks now in use, moved or dropped) off S's top
+            while hs:
+                s = hs[0]
+                b = slot[s]
+                if ev[b] and seq[b] == s:
+                    break
+                heappop(hs)
+                del slot[s]
+            if not hs or n_small < small_cap:
+                while hm:
+                    s = hm[0]
+                    b = slot[s]
+                    if ev[b] and seq[b] == s:
+                        break
+                    heappop(hm)
+                    del slot[s]
+                if hm:  # evict from M: its tail candidate is hm[0]
+                    s = heappop(hm)
+                    b = slot.pop(s)
+                    if freq[b]:
+                        freq[b] -= 1
+                        seq[b] = next_seq
+                        slot[next_seq] = b
+                        heappush(hm, next_seq)
+                        next_seq += 1
+                        continue
+                    n_main -= 1
+                    queue[b] = _NONE
+                    ev[b] = False
+                    out.append(b)
+                    continue
+            # evict from S (due, or M has no candidate); an evictable block exists, so hs
+            s = heappop(hs)
+            b = slot.pop(s)
+            n_small -= 1
+            if freq[b]:
+                freq[b] = 0
+                queue[b] = _MAIN
+                n_main += 1
+                seq[b] = next_seq
+                slot[next_seq] = b
+                heappush(hm, next_seq)
+                next_seq += 1
+                continue
+            queue[b] = _TO_GHOST
+            ev[b] = False
+            out.append(b)
+        self._n_small, self._n_main, self._next_seq = n_small, n_main, next_seq
+        self._n_ev -= n
+        return out
+
+    def pop_victim(self) -> int:
+        return self.pop_victims(1)[0]
 
     def peek_victims(self, n: int) -> list[int]:
         clone = self._clone()
@@ -241,6 +235,8 @@ class S3FIFOPolicy(EvictionPolicy):
         cached = self._n_small + self._n_main
         if cached > self._max_cached:
             self._max_cached = cached
+            if self.capacity is None:
+                self._resize()
 
     def on_hit(self, block_id: int) -> None:
         freq = self._freq
@@ -285,6 +281,7 @@ class S3FIFOPolicy(EvictionPolicy):
         self._n_main = 0
         self._n_ev = 0
         self._max_cached = 0
+        self._resize()
         if self.capacity:
             self._grow(self.capacity - 1)
 
