@@ -24,11 +24,16 @@ Executors:
     every job in this process, one after the other.
 ``"process"``
     a ``concurrent.futures.ProcessPoolExecutor`` over local cores (``workers``,
-    default ``os.cpu_count()``, never more than the number of jobs). Each trace
-    table is serialised once to Arrow IPC bytes and handed to every worker by
-    its initializer, so a job ships only ``(trace index, kind, policy,
-    capacity)`` and returns a small summary dict. Workers are started with
-    ``spawn`` (polars' thread pool does not survive ``fork``).
+    default ``os.cpu_count()``, never more than the number of jobs). The pool
+    starts before the traces are read, so workers boot meanwhile. Each trace
+    table is written once to an Arrow IPC file in a temporary directory; a
+    worker reads it the first time one of its jobs needs it, so a job ships
+    only ``(file, trace, kind, policy, capacity)`` and returns a small summary
+    dict. Workers are forked from multiprocessing's ``forkserver`` with
+    ``polars`` and ``sim.replay`` preloaded (``spawn`` where there is no
+    forkserver): never forked from this process, whose polars thread pool
+    would not survive ``fork``. The first sweep of a process starts the
+    forkserver; later sweeps fork ready workers from it.
 ``"ray"``
     Ray remote tasks. Uses the running Ray instance if ``ray.is_initialized()``;
     else connects to ``ray_address`` or starts a local instance with
@@ -208,11 +213,17 @@ def _run_serial(tables, jobs, bar) -> list[dict]:
 
 
 def _start_pool(workers: int):
-    """A spawn-context pool with every worker already starting (warm-up tasks submitted)."""
+    """A process pool with every worker already starting (warm-up tasks submitted)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        # only takes effect when this call starts the (process-wide) forkserver
+        ctx.set_forkserver_preload(["polars", "sim.replay", "sim.sweep"])
+    else:  # pragma: no cover - Windows
+        ctx = mp.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
     for _ in range(workers):
         pool.submit(_worker_warm)
     return pool

@@ -16,6 +16,17 @@ from sim.sweep import opt_available
 from traces import DEFAULT_TRACE, read_trace
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _stop_forkserver():
+    """The process executor forks workers from multiprocessing's forkserver; stop it after."""
+    yield
+    from multiprocessing import forkserver
+
+    stop = getattr(forkserver._forkserver, "_stop", None)
+    if stop is not None:
+        stop()
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The bundled trace's first 120 requests as a JSONL file."""

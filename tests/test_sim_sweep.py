@@ -29,6 +29,17 @@ EXACT = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _stop_forkserver():
+    """The process executor forks workers from multiprocessing's forkserver; stop it after."""
+    yield
+    from multiprocessing import forkserver
+
+    stop = getattr(forkserver._forkserver, "_stop", None)
+    if stop is not None:
+        stop()
+
+
 @pytest.fixture(scope="module")
 def small():
     """The bundled Mooncake trace's first 300 requests (real prefix sharing, fast replays)."""
