@@ -34,10 +34,15 @@ here leave the pool unchanged (checks come before mutations).
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Hashable, Sequence
 
-from .errors import KVInvalidInputError, KVPoolFullError, KVRefCountUnderflowError
+from .errors import (
+    KVInvalidInputError,
+    KVNoVictimError,
+    KVPoolFullError,
+    KVRefCountUnderflowError,
+)
 from .eviction import EvictionPolicy, make_policy
 
 __all__ = ["BlockPool"]
@@ -244,7 +249,18 @@ class BlockPool:
 
     def evict(self, num_blocks: int, reason: str = "explicit") -> list[int]:
         """Evict up to ``num_blocks`` evictable blocks into the free queue; their ids in order."""
-        out = self._evict_many(min(num_blocks, len(self.policy)), reason)
+        n = min(num_blocks, len(self.policy))
+        try:
+            out = self._evict_many(n, reason)
+        except KVNoVictimError:
+            # a constrained policy (TTL-protected or leaf-only blocks) cannot give all
+            # n at once: take what it can, one at a time (each pop uncovers the next)
+            out = []
+            while len(out) < n:
+                try:
+                    out += self._evict_many(1, reason)
+                except KVNoVictimError:
+                    break
         self.free_queue.extend(out)
         return out
 
@@ -355,6 +371,12 @@ class BlockPool:
         for b in block_ids:
             if pins[b] <= 0:
                 raise KVRefCountUnderflowError(f"block {b} unpinned more often than pinned")
+        if len(set(block_ids)) != len(block_ids):  # a repeated id unpins that block twice
+            for b, k in Counter(block_ids).items():
+                if pins[b] < k:
+                    raise KVRefCountUnderflowError(
+                        f"block {b} unpinned {k}x in one call but pinned {pins[b]}x"
+                    )
         for b in block_ids:
             pins[b] -= 1
             if not pins[b]:

@@ -216,6 +216,53 @@ class KVPool:
     def policy(self) -> EvictionPolicy:
         return self._blocks.policy
 
+    # -- retention (policies "priority" and "ttl", also under "leaf:") -------
+    def _policy_method(self, name: str) -> Any:
+        p = self._blocks.policy
+        while p is not None:
+            method = getattr(p, name, None)
+            if method is not None:
+                return method
+            p = getattr(p, "inner", None)  # wrappers (leaf-only) hold the real policy
+        raise KVConfigError(
+            f"eviction policy {self._blocks.policy.name!r} has no {name}(); "
+            "create the pool with eviction_policy='priority' (set_retention) or 'ttl' (pin_prefix)"
+        )
+
+    def _cached_ids(self, handle: KVHandle) -> list[int]:
+        hashes = self._blocks.block_hashes
+        ids = [b for b in handle.block_ids if hashes[b] is not None]
+        if not ids:
+            raise KVInvalidInputError(
+                f"handle {handle.handle_id} has no cached blocks; call cache_blocks() first"
+            )
+        return ids
+
+    def set_retention(
+        self, handle: KVHandle, priority: int, duration_s: float | None = None
+    ) -> None:
+        """Give ``handle``'s cached blocks a retention priority (0..100, TensorRT-LLM style).
+
+        Needs the ``"priority"`` policy. Lower priorities are evicted first; with
+        ``duration_s`` the priority falls back to the default once the blocks have
+        been evictable that long. Raises ``KVConfigError`` for another policy.
+        """
+        with self._lock:
+            self._check_handle(handle)
+            self._policy_method("set_retention")(self._cached_ids(handle), priority, duration_s)
+
+    def pin_prefix(self, handle: KVHandle, ttl_s: float) -> None:
+        """Protect ``handle``'s cached blocks (e.g. a system prompt) from eviction for
+        ``ttl_s`` seconds, like prompt caching with an explicit cache-control.
+
+        Needs the ``"ttl"`` policy; unlike :meth:`pin` it outlives the handle
+        (free it as usual) and ends by itself. Raises ``KVConfigError`` for
+        another policy.
+        """
+        with self._lock:
+            self._check_handle(handle)
+            self._policy_method("pin_for")(self._cached_ids(handle), ttl_s)
+
     @property
     def hooks(self) -> list:
         return self._blocks.hooks

@@ -33,6 +33,7 @@ from .errors import (
     KVCacheMissError,
     KVInvalidInputError,
     KVInvalidTypeError,
+    KVNoVictimError,
     KVPrefixTooLongError,
 )
 from .eviction import EvictionPolicy, make_policy
@@ -250,6 +251,20 @@ class PrefixCache:
         if existing:
             policy.remove_many(existing)
         n_new = len(slots) - len(existing) if None in slots else 0
+        victims: list[int] = []
+        if n_new and self.max_cached_blocks is not None:
+            # take every victim before changing anything: a policy that cannot
+            # supply them (TTL-protected entries) raises with the cache intact
+            distinct_new = len({hashes[i] for i, s in enumerate(slots) if s is None})
+            k = len(index) + distinct_new - self.max_cached_blocks
+            if k > 0:
+                try:
+                    victims = policy.pop_victims(k)
+                except KVNoVictimError:
+                    if existing:  # back into the order, refreshed as a hit would
+                        policy.add_many(reversed(existing))
+                    raise
+                victims.reverse()  # popped from the end below, in policy order
         if n_new:
             slot_hash, slot_block, slot_handle = (
                 self._slot_hash,
@@ -269,7 +284,7 @@ class PrefixCache:
                     if free_slots:
                         s = free_slots.pop()
                     elif capacity is not None and len(index) >= capacity:
-                        self._drop(policy.pop_victim(), evicted=True)
+                        self._drop(victims.pop(), evicted=True)
                         self._evictions += 1
                         s = free_slots.pop()
                     else:
@@ -343,9 +358,14 @@ class PrefixCache:
             if self.pool is not None:
                 n = len(self.pool.block_pool.evict(num_blocks)) if num_blocks else 0
             else:
-                n = min(num_blocks, len(self._policy))
-                for _ in range(n):
-                    self._drop(self._policy.pop_victim(), evicted=True)
+                n = 0
+                for _ in range(min(num_blocks, len(self._policy))):
+                    try:  # a constrained policy may run out of eligible victims early
+                        victim = self._policy.pop_victim()
+                    except KVNoVictimError:
+                        break
+                    self._drop(victim, evicted=True)
+                    n += 1
             self._evictions += n
             return n
 
@@ -355,6 +375,10 @@ class PrefixCache:
             if self.pool is not None:
                 bp = self.pool.block_pool
                 bp.evict(len(bp.policy), reason="clear")
+                if len(bp.policy):  # entries the policy protects (TTL) go too
+                    ref, pins = bp.ref_counts, bp.pin_counts
+                    for b in [b for b in bp.cached.values() if not ref[b] and not pins[b]]:
+                        bp.uncache(b, reason="clear")
             else:
                 self._index.clear()
                 self._slot_hash.clear()
