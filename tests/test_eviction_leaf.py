@@ -95,6 +95,7 @@ def test_pop_victims_partial_batch_changes_nothing():
     with pytest.raises(KVNoVictimError):
         bp.policy.pop_victims(3)  # ab, a are reachable; c is not
     assert snapshot(bp) == before
+    assert [bp.policy.available_victims(k) for k in (1, 2, 3, 9)] == [1, 2, 2, 2]
     assert bp.policy.pop_victims(2) == [1, 0]
 
 

@@ -30,8 +30,10 @@ uncovering can supply ``n`` victims (O(n) in the blocks involved) and raises
 ``len(policy)`` and ``in`` count every evictable block, eligible or blocked,
 because the pool's accounting (free + evictable) relies on it; a pool may
 therefore be refused an allocation it could afford on paper (the blocked
-blocks hold in-use descendants). Every event is O(1) plus the inner policy's
-cost.
+blocks hold in-use descendants): ``KVNoVictimError``, pool unchanged.
+``available_victims(limit)`` says how many victims could be had now (a
+caller that wants "evict up to n" should ask it first). Every event is O(1)
+plus the inner policy's cost.
 """
 
 from __future__ import annotations
@@ -58,6 +60,13 @@ class LeafOnly(EvictionPolicy):
         "leaf-only wrapper: a block is a victim only when no cached block descends from it"
     )
 
+    def __new__(cls, inner: EvictionPolicy | None = None, clock=None):
+        # the pool calls on_evicted only on policies whose class overrides it
+        hook = getattr(type(inner), "on_evicted", EvictionPolicy.on_evicted)
+        if cls is LeafOnly and hook is not EvictionPolicy.on_evicted:
+            cls = _LeafOnlyForwardingEvictions
+        return super().__new__(cls)
+
     def __init__(self, inner: EvictionPolicy, clock=None) -> None:
         if not isinstance(inner, EvictionPolicy):
             raise KVConfigError(f"LeafOnly wraps an EvictionPolicy instance, got {inner!r}")
@@ -69,7 +78,6 @@ class LeafOnly(EvictionPolicy):
         self.tracks_hits = inner.tracks_hits
         kind = type(inner)
         self._inner_on_cached = kind.on_cached is not EvictionPolicy.on_cached
-        self._inner_on_evicted = kind.on_evicted is not EvictionPolicy.on_evicted
         self.reset()
 
     def set_capacity(self, num_blocks: int | None) -> None:
@@ -111,7 +119,7 @@ class LeafOnly(EvictionPolicy):
         ids = block_ids if isinstance(block_ids, list) else list(block_ids)
         eligible = [b for b in ids if not ch[b]]
         if len(eligible) != len(ids):
-            self._blocked.update(b for b in ids if ch[b])
+            self._blocked.update([b for b in ids if ch[b]])
         self.inner.add_many(eligible)
 
     def remove(self, block_id: int) -> None:
@@ -125,20 +133,20 @@ class LeafOnly(EvictionPolicy):
         if not blocked:
             self.inner.remove_many(block_ids)
             return
-        rest = []
-        for b in block_ids:
-            if b in blocked:
-                blocked.remove(b)
-            else:
-                rest.append(b)
+        ids = block_ids if isinstance(block_ids, list) else list(block_ids)
+        rest = [b for b in ids if b not in blocked]
+        if len(rest) != len(ids):
+            blocked.difference_update(ids)
         self.inner.remove_many(rest)
 
-    def _can_pop(self, n: int) -> bool:
-        """Whether ``n`` victims can be had, counting blocks that pops would uncover."""
+    def available_victims(self, limit: int) -> int:
+        """How many victims (at most ``limit``) ``pop_victims`` could give now, counting the
+        blocked blocks that popping would uncover. No side effect; O(1) when the eligible
+        blocks suffice, else O(blocks involved)."""
         inner = self.inner
         got = len(inner)
-        if got >= n:
-            return True
+        if got >= limit:
+            return limit
         parent, inc, pinc, children, blocked = (
             self._parent,
             self._inc,
@@ -156,14 +164,14 @@ class LeafOnly(EvictionPolicy):
                 left[p] = c
                 if not c and p in blocked:
                     got += 1
-                    if got >= n:
-                        return True
+                    if got >= limit:
+                        return limit
                     stack.append(p)
-        return False
+        return got
 
     def pop_victims(self, n: int) -> list[int]:
         inner = self.inner
-        if n > len(inner) and not self._can_pop(n):
+        if n > len(inner) and self.available_victims(n) < n:
             raise self._no_victim()
         pop = inner.pop_victim
         parent, inc, pinc, children, blocked = (
@@ -241,12 +249,6 @@ class LeafOnly(EvictionPolicy):
     def on_hit(self, block_id: int) -> None:
         self.inner.on_hit(block_id)
 
-    def on_evicted(self, block_id: int, block_hash: Hashable) -> None:
-        if self._inc[block_id]:  # evicted without our pop_victims (not done by the pool)
-            self._detach(block_id)
-        if self._inner_on_evicted:
-            self.inner.on_evicted(block_id, block_hash)
-
     def on_removed(self, block_id: int, block_hash: Hashable) -> None:
         self._blocked.discard(block_id)  # the pool calls remove() first; tolerate a direct call
         self.inner.on_removed(block_id, block_hash)
@@ -266,3 +268,11 @@ class LeafOnly(EvictionPolicy):
 
     def __repr__(self) -> str:
         return f"LeafOnly({self.inner!r}, blocked={len(self._blocked)})"
+
+
+class _LeafOnlyForwardingEvictions(LeafOnly):
+    """``LeafOnly`` over a policy that overrides ``on_evicted`` (the pool skips the hook
+    for policies that do not, so the plain wrapper does not override it either)."""
+
+    def on_evicted(self, block_id: int, block_hash: Hashable) -> None:
+        self.inner.on_evicted(block_id, block_hash)
