@@ -265,9 +265,19 @@ def sweep_cmd(
     plt.close(fig)
 
     table = df.select(
-        "trace", "policy", "capacity_blocks", "token_hit_ratio", "block_hit_ratio", "evictions"
+        "trace",
+        "policy",
+        "capacity_blocks",
+        pl.col("token_hit_ratio", "block_hit_ratio").round(4),
+        "evictions",
     )
-    with pl.Config(tbl_rows=len(table), tbl_hide_dataframe_shape=True, fmt_str_lengths=40):
+    with pl.Config(
+        tbl_rows=len(table),
+        tbl_hide_dataframe_shape=True,
+        tbl_hide_column_data_types=True,
+        tbl_width_chars=160,
+        fmt_str_lengths=48,
+    ):
         click.echo(str(table))
     if bounds and not opt_available():
         click.echo("note: OPT bound skipped (sim.opt is not available in this install)")
