@@ -416,3 +416,13 @@ def test_ray_executor_matches_serial_and_shuts_down(small, monkeypatch):
         ray.shutdown()
     want = sweep([("t", small.head(120))], [40, 300], ["lru"], executor="serial", progress=False)
     assert _key(got) == _key(want)
+
+
+def test_lru_rows_equal_the_one_pass_lru_curve(small):
+    mrc = pytest.importorskip("sim.mrc", reason="sim.mrc (one-pass LRU curve) is not here")
+    caps = [300, 600, 3000]  # at or above the largest request (263 blocks): the curve is exact
+    df = sweep([("t", small)], caps, ["lru"], executor="serial", bounds=False, progress=False)
+    curve = mrc.lru_mrc(small).hit_ratios(caps)
+    assert curve["exact"].all()
+    assert df["hit_blocks"].to_list() == curve["hit_blocks"].to_list()
+    assert df["token_hit_ratio"].to_list() == pytest.approx(curve["token_hit_ratio"].to_list())
