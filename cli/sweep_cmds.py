@@ -74,8 +74,14 @@ def parse_policies(text: str) -> list[str]:
     return names
 
 
-def plot_sweep(df: Any, *, title: str | None = None, panel_size: tuple[float, float] = (7, 4.5)):
-    """Token hit ratio vs capacity (log x), one panel per trace; returns the Figure.
+def plot_sweep(
+    df: Any,
+    *,
+    title: str | None = None,
+    panel_size: tuple[float, float] = (7, 4.5),
+    max_cols: int = 3,
+):
+    """Token hit ratio vs capacity (log x), one panel per trace (``max_cols`` a row).
 
     Policies are solid lines with markers; the OPT bound (rows with policy
     ``"opt"``) a dashed black curve; the infinite-capacity bound a dashed grey
@@ -92,10 +98,19 @@ def plot_sweep(df: Any, *, title: str | None = None, panel_size: tuple[float, fl
     df = df if isinstance(df, pl.DataFrame) else pl.from_pandas(df)
     trace_names = df["trace"].unique(maintain_order=True).to_list() or ["(no data)"]
     n = len(trace_names)
+    ncols = min(n, max_cols)
+    nrows = -(-n // ncols)
     fig, axes = plt.subplots(
-        1, n, figsize=(panel_size[0] * n, panel_size[1]), squeeze=False, layout="constrained"
+        nrows,
+        ncols,
+        figsize=(panel_size[0] * ncols, panel_size[1] * nrows),
+        squeeze=False,
+        layout="constrained",
     )
-    for ax, name in zip(axes[0], trace_names):
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    for ax, name in zip(flat, trace_names):
         sub = df.filter(pl.col("trace") == name)
         if sub.height == 0:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
@@ -160,7 +175,18 @@ def plot_sweep(df: Any, *, title: str | None = None, panel_size: tuple[float, fl
 )
 @click.option("--ray-address", default=None, help="Ray cluster address (default: a local Ray).")
 @click.option(
-    "--format", "fmt", default="auto", show_default=True, help="Trace format of every TRACE."
+    "--format",
+    "fmt",
+    default="auto",
+    show_default=True,
+    help="Format of every TRACE: auto (from the file) or a name traces.read_trace knows"
+    " (mooncake, bailian, azure, burstgpt, tokens, parquet).",
+)
+@click.option(
+    "--block-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tokens per block for traces that are hashed here (token-level, Azure, BurstGPT).",
 )
 @click.option("--skip-bad", is_flag=True, help="Skip malformed trace records instead of failing.")
 @click.option(
@@ -188,6 +214,7 @@ def sweep_cmd(
     workers,
     ray_address,
     fmt,
+    block_size,
     skip_bad,
     bounds,
     out_dir,
@@ -210,6 +237,7 @@ def sweep_cmd(
       sage-kv-stats sweep traces/data/mooncake_synthetic_trace.jsonl
       sage-kv-stats sweep a.jsonl b.jsonl --capacities 1000,3000,10k --policies all
       sage-kv-stats sweep --executor serial --no-bounds --out run1
+      sage-kv-stats sweep azure.csv --format azure --block-size 16 --capacities 300,3000
       sage-kv-stats sweep t.jsonl --executor ray --ray-address auto
     """
     import polars as pl
@@ -223,7 +251,10 @@ def sweep_cmd(
     items = []
     for path in paths:
         try:
-            items.append((path.name, read_trace(path, fmt, skip_bad=skip_bad)))
+            kwargs = {"skip_bad": skip_bad}
+            if block_size is not None:
+                kwargs["block_size"] = block_size
+            items.append((path.name, read_trace(path, fmt, **kwargs)))
         except FileNotFoundError:
             raise click.FileError(str(path), hint="trace file not found") from None
         except KVCacheError as err:
@@ -247,6 +278,7 @@ def sweep_cmd(
     config = {
         "traces": [str(p) for p in paths],
         "format": fmt,
+        "block_size": block_size,
         "capacities_blocks": caps,
         "policies": pols,
         "executor": executor,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -140,6 +141,23 @@ def test_missing_and_malformed_trace_name_the_file(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_other_format_with_block_size(tmp_path):
+    from traces import io as trace_io
+
+    if "azure" not in getattr(trace_io, "FORMATS", ()):
+        pytest.skip("the Azure reader is not in this checkout")
+    sample = Path(trace_io.__file__).resolve().parent / "data" / "azure_code_sample.csv"
+    out = tmp_path / "out"
+    args = ["sweep", str(sample), "--format", "azure", "--block-size", "32", "--capacities", "200"]
+    result = _run(
+        [*args, "--executor", "serial", "--no-bounds", "--out", str(out), "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    df = pl.read_parquet(out / "sweep.parquet")
+    assert df["block_size"].to_list() == [32] and df["full_blocks"][0] > 0
+    assert json.loads((out / "config.json").read_text())["block_size"] == 32
+
+
 def test_help_has_examples():
     result = CliRunner().invoke(cli, ["sweep", "--help"])
     assert result.exit_code == 0
@@ -162,9 +180,10 @@ def test_plot_sweep_one_panel_per_trace():
         schema=["trace", "policy", "kind", "capacity_blocks", "token_hit_ratio"],
         orient="row",
     ).with_columns(pl.lit(16).alias("block_size"))
-    fig = plot_sweep(df)
+    fig = plot_sweep(df, max_cols=1)
     axes = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in axes] == ["a", "b"]
+    assert axes[0].get_position().y0 > axes[1].get_position().y0  # stacked: one per row
     ax = axes[0]
     labels = [line.get_label() for line in ax.get_lines()]
     assert labels == ["lru", "OPT (offline optimal)", "infinite capacity"]
