@@ -134,7 +134,10 @@ ops = st.lists(
         st.tuples(st.just("touch"), paths),
         st.tuples(st.just("evict"), st.integers(1, 4)),
         st.tuples(st.just("uncache"), st.integers(0, 50)),
+        st.tuples(st.just("pin"), st.integers(0, 50)),
+        st.tuples(st.just("unpin"), st.integers(0, 5)),
     ),
+    min_size=20,
     max_size=80,
 )
 
@@ -203,6 +206,7 @@ def test_no_block_evicted_before_its_descendants(capacity, inner, events):
     bp = BlockPool(capacity, policy=policy)
     tr = Tracker(bp, policy.log)
     pending: list[list] = []  # [ids, hashes, start, cached, held ids]
+    pinned: list[int] = []
     for op in events:
         kind = op[0]
         if kind in ("alloc", "touch"):
@@ -246,11 +250,18 @@ def test_no_block_evicted_before_its_descendants(capacity, inner, events):
             b = sorted(bp.cached.values())[op[1] % len(bp.cached)]
             bp.uncache(b)
             tr.inc[b] = 0
+        elif kind == "pin" and bp.cached:
+            b = sorted(bp.cached.values())[op[1] % len(bp.cached)]
+            bp.pin([b])
+            pinned.append(b)
+        elif kind == "unpin" and pinned:
+            bp.unpin([pinned.pop(op[1] % len(pinned))])
         bp.check_invariants()
         assert len(bp.policy) == len(policy.inner) + policy.num_blocked
     # liveness: with nothing in use, every evictable block can go, leaves first
     for req in pending:
         bp.release(req[4])
+    bp.unpin(pinned)
     n = len(bp.policy)
     assert len(tr.evicting(bp.evict, n)) == n
     assert not bp.cached and policy.num_blocked == 0

@@ -478,6 +478,7 @@ ops = st.lists(
         st.tuples(st.just("pin"), st.integers(0, 50)),
         st.tuples(st.just("unpin"), st.integers(0, 5)),
     ),
+    min_size=30,
     max_size=100,
 )
 
