@@ -525,7 +525,7 @@ def _run_differential(make_real, make_ref, capacity, events):
         real.check_invariants()
 
 
-_SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @_SETTINGS
