@@ -18,6 +18,10 @@ The infinite bound is one replay per trace (a pool that never evicts); its
 figures are repeated on each capacity's row so every (trace, policy) series
 has the same capacities. Its ``seconds`` is that one replay's time on each row.
 
+``seconds`` is a job's wall time where it ran, ``cpu_seconds`` the CPU time
+of the process that ran it over the same span (on a busy machine the gap is
+time spent waiting for a core).
+
 Executors:
 
 ``"serial"``
@@ -92,6 +96,7 @@ SWEEP_COLUMNS = (
     "block_size",
     "evictions",
     "seconds",
+    "cpu_seconds",
 )
 
 
@@ -140,7 +145,7 @@ def _run_job(table, job: SweepJob) -> dict[str, Any]:
     """Run one job on ``table``; a summary dict (no per-request records)."""
     from sim.replay import replay_sequential
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if job.kind == "policy":
         r = replay_sequential(table, job.capacity_blocks, job.policy)
     elif job.kind == "infinite":
@@ -152,7 +157,7 @@ def _run_job(table, job: SweepJob) -> dict[str, Any]:
         r = replay_opt(table, job.capacity_blocks)
     else:  # pragma: no cover - jobs are built here
         raise KVInvalidInputError(f"unknown job kind {job.kind!r}")
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     return {
         "token_hit_ratio": float(r.token_hit_ratio),
         "block_hit_ratio": float(r.block_hit_ratio),
@@ -164,6 +169,7 @@ def _run_job(table, job: SweepJob) -> dict[str, Any]:
         "block_size": int(r.block_size),
         "evictions": int(r.evictions),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
     }
 
 
@@ -524,5 +530,6 @@ def sweep(
         "block_size": pl.Int64,
         "evictions": pl.Int64,
         "seconds": pl.Float64,
+        "cpu_seconds": pl.Float64,
     }
     return pl.DataFrame(rows, schema=schema)

@@ -104,7 +104,7 @@ def test_serial_rows_equal_direct_replays(small, other):
             0,
         )
         assert row["token_hit_ratio"] == r.token_hit_ratio
-    assert (df["seconds"] >= 0).all()
+    assert (df["seconds"] >= 0).all() and (df["cpu_seconds"] >= 0).all()
 
 
 def test_row_order_is_traces_then_policies_then_capacities_then_bounds(small):
