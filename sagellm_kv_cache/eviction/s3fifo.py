@@ -27,6 +27,11 @@ and M's size is bounded by the pool (no separate "M is full" step). For an
 unbounded standalone cache (capacity None) the capacity is the largest number
 of blocks ever cached at once.
 
+Queue order is caching order (``on_cached``), as in this package's FIFO: a
+request's blocks are cached prefix first, so within one request the prefix is
+older than its suffix (wrap in ``leaf:`` to never evict a prefix before its
+cached suffix).
+
 Blocks in use: a block keeps its queue and its position while in use (a hit
 only raises its frequency, as in the paper) and is simply not a *candidate*:
 each step above looks at the oldest **evictable** block of a queue; in-use
@@ -52,7 +57,7 @@ from .base import EvictionPolicy
 
 __all__ = ["S3FIFOPolicy"]
 
-_NONE, _SMALL, _MAIN, _TO_GHOST = 0, 1, 2, 3
+_NONE, _SMALL, _MAIN = 0, 1, 2
 _MAX_FREQ = 3
 
 
@@ -96,6 +101,7 @@ class S3FIFOPolicy(EvictionPolicy):
         self._seq += [-1] * n
         self._freq += [0] * n
         self._ev += [False] * n
+        self._hash += [None] * n
 
     # -- evictable set -------------------------------------------------------
     def add(self, block_id: int) -> None:
@@ -137,7 +143,8 @@ class S3FIFOPolicy(EvictionPolicy):
             raise self._no_victim()
         hs, hm = self._heap_s, self._heap_m
         slot, seq, freq, queue, ev = self._slot, self._seq, self._freq, self._queue, self._ev
-        small_cap = self.small_capacity
+        small_cap, main_cap = self.small_capacity, self.main_capacity
+        ghost, hashes = self._ghost, self._hash
         n_small, n_main, next_seq = self._n_small, self._n_main, self._next_seq
         out: list[int] = []
         while len(out) < n:
@@ -170,6 +177,7 @@ class S3FIFOPolicy(EvictionPolicy):
                     n_main -= 1
                     queue[b] = _NONE
                     ev[b] = False
+                    hashes[b] = None
                     out.append(b)
                     continue
             # evict from S (due, or M has no candidate); an evictable block exists, so hs
@@ -185,9 +193,13 @@ class S3FIFOPolicy(EvictionPolicy):
                 heappush(hm, next_seq)
                 next_seq += 1
                 continue
-            queue[b] = _TO_GHOST
+            queue[b] = _NONE
             ev[b] = False
             out.append(b)
+            ghost[hashes[b]] = None  # the hash of a block evicted from S enters G
+            hashes[b] = None
+            if len(ghost) > main_cap:
+                ghost.popitem(last=False)
         self._n_small, self._n_main, self._next_seq = n_small, n_main, next_seq
         self._n_ev -= n
         return out
@@ -202,7 +214,7 @@ class S3FIFOPolicy(EvictionPolicy):
     def _clone(self) -> S3FIFOPolicy:
         c = object.__new__(type(self))
         c.__dict__.update(self.__dict__)
-        for k in ("_queue", "_seq", "_freq", "_ev", "_heap_s", "_heap_m"):
+        for k in ("_queue", "_seq", "_freq", "_ev", "_hash", "_heap_s", "_heap_m"):
             setattr(c, k, list(getattr(self, k)))
         c._slot = dict(self._slot)
         c._ghost = OrderedDict(self._ghost)
@@ -232,27 +244,17 @@ class S3FIFOPolicy(EvictionPolicy):
         self._seq[block_id] = s
         self._freq[block_id] = 0
         self._ev[block_id] = False
-        cached = self._n_small + self._n_main
-        if cached > self._max_cached:
-            self._max_cached = cached
-            if self.capacity is None:
+        self._hash[block_id] = block_hash
+        if self.capacity is None:
+            cached = self._n_small + self._n_main
+            if cached > self._max_cached:
+                self._max_cached = cached
                 self._resize()
 
     def on_hit(self, block_id: int) -> None:
         freq = self._freq
         if block_id < len(freq) and freq[block_id] < _MAX_FREQ:
             freq[block_id] += 1
-
-    def on_evicted(self, block_id: int, block_hash: Hashable) -> None:
-        queue = self._queue
-        if queue[block_id] == _TO_GHOST:
-            ghost = self._ghost
-            ghost[block_hash] = None
-            cap = self.main_capacity
-            while len(ghost) > cap:
-                ghost.popitem(last=False)
-        queue[block_id] = _NONE
-        self._freq[block_id] = 0
 
     def on_removed(self, block_id: int, block_hash: Hashable) -> None:
         q = self._queue[block_id]
@@ -266,9 +268,11 @@ class S3FIFOPolicy(EvictionPolicy):
         self._queue[block_id] = _NONE
         self._seq[block_id] = -1
         self._freq[block_id] = 0
+        self._hash[block_id] = None
 
     def reset(self) -> None:
-        self._queue: list[int] = []  # per block: _NONE / _SMALL / _MAIN / _TO_GHOST
+        self._queue: list[int] = []  # per block: _NONE / _SMALL / _MAIN
+        self._hash: list[Hashable | None] = []  # per block: its hash while cached
         self._seq: list[int] = []  # per block: sequence number of its queue position
         self._freq: list[int] = []  # per block: 0..3
         self._ev: list[bool] = []  # per block: evictable now
