@@ -37,7 +37,9 @@ Executors:
     ``polars`` and ``sim.replay`` preloaded (``spawn`` where there is no
     forkserver): never forked from this process, whose polars thread pool
     would not survive ``fork``. The first sweep of a process starts the
-    forkserver; later sweeps fork ready workers from it.
+    forkserver; later sweeps fork ready workers from it. As with any
+    spawn/forkserver pool, a *script* that sweeps on processes needs the
+    ``if __name__ == "__main__":`` guard (workers import the main module).
 ``"ray"``
     Ray remote tasks. Uses the running Ray instance if ``ray.is_initialized()``;
     else connects to ``ray_address`` or starts a local instance with
