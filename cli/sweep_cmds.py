@@ -15,7 +15,17 @@ import click
 
 from sagellm_kv_cache.errors import KVCacheError
 
-__all__ = ["COMMANDS", "parse_capacities", "parse_policies", "plot_sweep", "sweep_cmd"]
+__all__ = [
+    "COMMANDS",
+    "TRACE_FORMATS",
+    "parse_capacities",
+    "parse_policies",
+    "plot_sweep",
+    "sweep_cmd",
+]
+
+#: ``--format`` choices: "auto" and ``traces.io.FORMATS`` (listed here so --help stays light)
+TRACE_FORMATS = ("auto", "mooncake", "bailian", "azure", "burstgpt", "tokens", "parquet")
 
 
 def parse_capacities(text: str) -> list[int]:
@@ -179,8 +189,8 @@ def plot_sweep(
     "fmt",
     default="auto",
     show_default=True,
-    help="Format of every TRACE: auto (from the file) or a name traces.read_trace knows"
-    " (mooncake, bailian, azure, burstgpt, tokens, parquet).",
+    type=click.Choice(TRACE_FORMATS),
+    help="Format of every TRACE; auto detects it from the file's suffix and first record.",
 )
 @click.option(
     "--block-size",

@@ -118,6 +118,7 @@ def test_two_traces_process_executor_no_bounds(tiny, tmp_path):
         (["--policies", "lru,nope"], "--policies"),
         (["--executor", "threads"], "--executor"),
         (["--workers", "0"], "--workers"),
+        (["--format", "csvx"], "--format"),
     ],
 )
 def test_bad_options_name_the_option(tiny, tmp_path, args, needle):
@@ -156,6 +157,13 @@ def test_other_format_with_block_size(tmp_path):
     df = pl.read_parquet(out / "sweep.parquet")
     assert df["block_size"].to_list() == [32] and df["full_blocks"][0] > 0
     assert json.loads((out / "config.json").read_text())["block_size"] == 32
+
+
+def test_format_choices_track_the_readers():
+    from cli.sweep_cmds import TRACE_FORMATS
+    from traces import io as trace_io
+
+    assert ("auto", *trace_io.FORMATS) == TRACE_FORMATS
 
 
 def test_help_has_examples():
