@@ -347,7 +347,7 @@ class RefARC(_Ref):
     def __init__(self, clock=None):
         super().__init__(clock)
         self.T1, self.T2, self.B1, self.B2 = [], [], [], []  # LRU first
-        self.p, self.ev, self.ghost_of = 0.0, set(), {}
+        self.p, self.ev, self.hash = 0.0, set(), {}
 
     def _moved(self, b):  # released: MRU end of its list
         lst = self.T1 if b in self.T1 else self.T2
@@ -355,6 +355,7 @@ class RefARC(_Ref):
         lst.append(b)
 
     def on_cached(self, b, h, parent):
+        self.hash[b] = h
         c = self.capacity
         if h in self.B1:
             self.p = min(c, self.p + max(1.0, len(self.B2) / len(self.B1)))
@@ -386,23 +387,19 @@ class RefARC(_Ref):
         c2 = _first_evictable(self.T2, self.ev)
         if c1 is not None and (len(self.T1) > self.p or c2 is None):
             self.T1.remove(c1)
-            self.ghost_of[c1] = self.B1
+            self.B1.append(self.hash.pop(c1))
             t = c1
         else:
             self.T2.remove(c2)
-            self.ghost_of[c2] = self.B2
+            self.B2.append(self.hash.pop(c2))
             t = c2
         self.ev.remove(t)
-        return t
-
-    def on_evicted(self, b, h):
-        g = self.ghost_of.pop(b)
-        g.append(h)
         c = self.capacity
         while len(self.T1) + len(self.B1) > c:
             self.B1.pop(0)
         while self.B2 and len(self.T1) + len(self.T2) + len(self.B1) + len(self.B2) > 2 * c:
             self.B2.pop(0)
+        return t
 
     def on_removed(self, b, h):
         for lst in (self.T1, self.T2):

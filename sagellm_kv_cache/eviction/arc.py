@@ -22,10 +22,10 @@ runs in ``pop_victim`` and the rest in ``on_cached``)::
                                else -> evict T2's LRU candidate, its hash enters B2
 
 The REPLACE test drops the paper's "x in B2 and |T1| = p" term: the block
-being brought in is not known when the pool asks for a victim. After a ghost
-enters B1 (B2), B1 (B2) is trimmed from its LRU end while |T1|+|B1| > c
-(|T1|+|T2|+|B1|+|B2| > 2c), which only matters when c grows or blocks were
-invalidated.
+being brought in is not known when the pool asks for a victim. The victim's
+hash (kept from ``on_cached``) enters B1/B2 as it is popped; then B1 (B2) is
+trimmed from its LRU end while |T1|+|B1| > c (|T1|+|T2|+|B1|+|B2| > 2c),
+which only matters when c grows or blocks were invalidated.
 
 Blocks in use and positions: list *membership* (T1 or T2) changes on the
 events above and the sizes |T1|, |T2| (which drive ``p`` and REPLACE) count
@@ -46,7 +46,7 @@ from .base import EvictionPolicy
 
 __all__ = ["ARCPolicy"]
 
-_NONE, _T1, _T2, _TO_B1, _TO_B2 = 0, 1, 2, 3, 4
+_NONE, _T1, _T2 = 0, 1, 2
 
 
 class ARCPolicy(EvictionPolicy):
@@ -71,7 +71,9 @@ class ARCPolicy(EvictionPolicy):
             self._grow(num_blocks - 1)
 
     def _grow(self, b: int) -> None:
-        self._list += [_NONE] * (max(b + 1, 2 * len(self._list), 16) - len(self._list))
+        n = max(b + 1, 2 * len(self._list), 16) - len(self._list)
+        self._list += [_NONE] * n
+        self._hash += [None] * n
 
     # -- evictable set -------------------------------------------------------
     def add(self, block_id: int) -> None:
@@ -95,13 +97,24 @@ class ARCPolicy(EvictionPolicy):
         if t1 and (self._n1 > self.p or not t2):
             b = t1.popitem(last=False)[0]
             self._n1 -= 1
-            self._list[b] = _TO_B1
+            ghost = self._b1
         elif t2:
             b = t2.popitem(last=False)[0]
             self._n2 -= 1
-            self._list[b] = _TO_B2
+            ghost = self._b2
         else:
             raise self._no_victim()
+        self._list[b] = _NONE
+        ghost[self._hash[b]] = None  # MRU end of B1 / B2
+        self._hash[b] = None
+        if ghost is self._b1:
+            c = self._c()
+            while self._n1 + len(ghost) > c:
+                ghost.popitem(last=False)
+        else:
+            c2 = 2 * self._c()
+            while ghost and self._n1 + self._n2 + len(self._b1) + len(ghost) > c2:
+                ghost.popitem(last=False)
         return b
 
     def pop_victims(self, n: int) -> list[int]:
@@ -161,6 +174,7 @@ class ARCPolicy(EvictionPolicy):
                 b2.popitem(last=False)
             lst[block_id] = _T1
             self._n1 = n1 + 1
+        self._hash[block_id] = block_hash
         if self.capacity is None:
             cached = self._n1 + self._n2
             if cached > self._max_cached:
@@ -181,22 +195,6 @@ class ARCPolicy(EvictionPolicy):
         elif state == _T2 and block_id in self._t2:
             self._t2.move_to_end(block_id)
 
-    def on_evicted(self, block_id: int, block_hash: Hashable) -> None:
-        lst = self._list
-        state = lst[block_id]
-        lst[block_id] = _NONE
-        c = self._c()
-        if state == _TO_B1:
-            b1 = self._b1
-            b1[block_hash] = None
-            while self._n1 + len(b1) > c:
-                b1.popitem(last=False)
-        elif state == _TO_B2:
-            b2 = self._b2
-            b2[block_hash] = None
-            while b2 and self._n1 + self._n2 + len(self._b1) + len(b2) > 2 * c:
-                b2.popitem(last=False)
-
     def on_removed(self, block_id: int, block_hash: Hashable) -> None:
         lst = self._list
         state = lst[block_id]
@@ -207,9 +205,11 @@ class ARCPolicy(EvictionPolicy):
             self._n2 -= 1
             self._t2.pop(block_id, None)
         lst[block_id] = _NONE
+        self._hash[block_id] = None
 
     def reset(self) -> None:
-        self._list: list[int] = []  # per block: _NONE / _T1 / _T2 / _TO_B1 / _TO_B2
+        self._list: list[int] = []  # per block: _NONE / _T1 / _T2
+        self._hash: list[Hashable | None] = []  # per block: its hash while cached
         self._t1: OrderedDict[int, None] = OrderedDict()  # evictable T1 members, LRU first
         self._t2: OrderedDict[int, None] = OrderedDict()
         self._b1: OrderedDict[Hashable, None] = OrderedDict()  # ghost hashes, LRU first
