@@ -23,6 +23,7 @@ builtin too, so ``except ValueError`` keeps working::
     +-- KVInvalidTypeError            KV_INVALID_TYPE        (also TypeError)
     +-- KVTraceFormatError            KV_TRACE_FORMAT        (also ValueError)
     +-- KVEventGapError               KV_EVENT_GAP
+    +-- KVSweepJobError               KV_SWEEP_JOB_FAILED
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "KVPoolFullError",
     "KVPrefixTooLongError",
     "KVRefCountUnderflowError",
+    "KVSweepJobError",
     "KVTraceFormatError",
     "KVTransferFailedError",
     "KVTransferTimeoutError",
@@ -168,6 +170,13 @@ class KVEventGapError(KVCacheError):
     in a replayed sequence); it must resynchronise from a full snapshot."""
 
     code = "KV_EVENT_GAP"
+
+
+class KVSweepJobError(KVCacheError):
+    """One job of a replay sweep failed; ``details["job"]`` names it and
+    ``__cause__`` is the worker's error."""
+
+    code = "KV_SWEEP_JOB_FAILED"
 
 
 def _all_error_classes() -> list[type[KVCacheError]]:

@@ -67,7 +67,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sagellm_kv_cache.errors import KVCacheError, KVConfigError, KVInvalidInputError
+from sagellm_kv_cache.errors import (
+    KVConfigError,
+    KVInvalidInputError,
+    KVSweepJobError,
+)
 
 __all__ = [
     "BOUNDS",
@@ -102,10 +106,8 @@ SWEEP_COLUMNS = (
 )
 
 
-class SweepJobError(KVCacheError):
-    """One sweep job failed; ``details["job"]`` names it and ``__cause__`` is the worker's error."""
-
-    code = "KV_SWEEP_JOB_FAILED"
+#: one sweep job failed (``details["job"]`` names it); defined with the other errors
+SweepJobError = KVSweepJobError
 
 
 @dataclass(frozen=True, slots=True)
