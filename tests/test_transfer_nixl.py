@@ -1,7 +1,8 @@
-"""KVTransferEngine over NIXL (UCX, one-sided READ) between processes on 127.0.0.1.
+"""KVTransferEngine over NIXL (UCX, one-sided READ) between processes on 127.0.0.1,
+and the engine's copy paths (direct pieces, 3-D gather, run scatter) in one process.
 
-Skipped when ``nixl_cu12`` cannot import or cannot create a UCX agent (the
-skip reason is the exact error). The launcher sets ``UCX_NET_DEVICES=lo``
+The NIXL tests are skipped when ``nixl_cu12`` cannot import or cannot create a
+UCX agent (the skip reason is the exact error). The launcher sets ``UCX_NET_DEVICES=lo``
 and ``GLOO_SOCKET_IFNAME=lo`` in the ranks and ends every process it
 started. To keep the file short, the happy paths and the checksum failure run
 as a sequence of scenarios in one launch (one engine per rank, reconfigured
@@ -34,10 +35,9 @@ from sagellm_kv_cache.transfer.nixl_backend import nixl_unavailable_reason
 
 # the spawned ranks import this module too: probe only in the pytest process
 _REASON = nixl_unavailable_reason() if multiprocessing.parent_process() is None else None
-if _REASON is not None:
-    pytest.skip(f"NIXL unusable here: {_REASON}", allow_module_level=True)
+needs_nixl = pytest.mark.skipif(_REASON is not None, reason=f"NIXL unusable here: {_REASON}")
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.nixl]
+pytestmark = pytest.mark.timeout(120)
 
 SHAPE = ModelShape(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16")
 BS = 4
@@ -81,12 +81,14 @@ def error_of(exc: KVTransferFailedError) -> dict:
     return {"type": type(exc).__name__, "code": exc.code, "msg": str(exc)}
 
 
-# (name, num_handles, batched, chunk_bytes, direct, fault)
+# (name, num_handles, batched, chunk_bytes, direct, fault); "-split": direct
+# messages of at most 2 blocks (direct_max_message_bytes = 2 x 64-byte slabs)
 SCENARIOS = [
     ("one-handle-many-chunks", 1, False, 2 * BPB, False, None),
     ("three-handles-direct", 3, False, 1 << 20, True, None),
     ("batch-of-40", 40, True, 16 * BPB, False, None),
     ("batch-of-40-direct", 40, True, 1 << 20, True, None),
+    ("batch-of-40-direct-split", 40, True, 1 << 20, True, None),
     ("corrupt-staged", 1, False, 2 * BPB, False, "corrupt"),
     ("corrupt-direct", 1, False, 2 * BPB, True, "corrupt"),
     ("after-failures", 2, False, 4 * BPB, False, None),
@@ -102,6 +104,7 @@ def rank_scenarios(ctx):
         eng.register_pool(pool)
         eng.chunk_bytes = chunk_bytes
         eng.direct_min_message_bytes = 0 if direct else 1 << 40
+        eng.direct_max_message_bytes = 128 if name.endswith("-split") else 16 << 20
         eng._fault_hook = None
         prompts = [prompt(100 * i + j) for j in range(n)]
         if ctx.rank == 0:
@@ -167,7 +170,7 @@ def rank_fault(ctx, fault: str, timeout_s: float):
         before = accounting(pool)
         if fault == "sender_hangs":
             eng._fault_hook = lambda stage, index=None, **_: (
-                time.sleep(timeout_s + 2) if stage == "chunk_sent" and index == 2 else None
+                time.sleep(timeout_s + 1) if stage == "chunk_sent" and index == 2 else None
             )
         t0 = time.monotonic()
         try:
@@ -213,9 +216,16 @@ def scenarios():
 
 
 # -- tests --------------------------------------------------------------------------
+@needs_nixl
 @pytest.mark.parametrize(
     "name",
-    ["one-handle-many-chunks", "three-handles-direct", "batch-of-40", "batch-of-40-direct"],
+    [
+        "one-handle-many-chunks",
+        "three-handles-direct",
+        "batch-of-40",
+        "batch-of-40-direct",
+        "batch-of-40-direct-split",
+    ],
 )
 def test_kv_arrives_bit_exact_and_hits_the_receivers_prefix_cache(scenarios, name):
     sender, receiver = scenarios[0][name], scenarios[1][name]
@@ -237,6 +247,7 @@ def test_kv_arrives_bit_exact_and_hits_the_receivers_prefix_cache(scenarios, nam
     assert all(m["status"] == "completed" for m in sender["metas"])
 
 
+@needs_nixl
 def test_many_block_batch_is_one_transfer_of_all_segments(scenarios):
     sender, receiver = scenarios[0]["batch-of-40"], scenarios[1]["batch-of-40"]
     (meta,) = sender["metas"]
@@ -246,6 +257,7 @@ def test_many_block_batch_is_one_transfer_of_all_segments(scenarios):
     assert len(rec["dst_handle_ids"]) == 40
 
 
+@needs_nixl
 @pytest.mark.parametrize("name", ["corrupt-staged", "corrupt-direct"])
 def test_corrupted_payload_is_detected_and_nothing_is_visible(scenarios, name):
     sender, receiver = scenarios[0][name], scenarios[1][name]
@@ -257,6 +269,7 @@ def test_corrupted_payload_is_detected_and_nothing_is_visible(scenarios, name):
     assert sender["after"] == sender["before"]
 
 
+@needs_nixl
 def test_transfers_after_failures_still_land(scenarios):
     sender, receiver = scenarios[0]["after-failures"], scenarios[1]["after-failures"]
     assert sender["err"] is None
@@ -264,8 +277,9 @@ def test_transfers_after_failures_still_land(scenarios):
     assert receiver["acct"]["cached_blocks"] == 12 and receiver["acct"]["used_blocks"] == 0
 
 
+@needs_nixl
 def test_receiver_killed_mid_transfer_gives_sender_a_typed_error_within_timeout():
-    timeout_s = 4.0
+    timeout_s = 2.5
     res = launch(rank_fault, 2, args=("receiver_dies", timeout_s), timeout_s=60)
     assert res[1].status == "died" and res[1].exitcode == -signal.SIGKILL
     assert res[0].ok, res[0].error
@@ -275,8 +289,9 @@ def test_receiver_killed_mid_transfer_gives_sender_a_typed_error_within_timeout(
     assert sender["after"] == sender["before"]
 
 
+@needs_nixl
 def test_hung_sender_mid_stream_times_out_on_the_receiver():
-    timeout_s = 3.0
+    timeout_s = 2.0
     sender, receiver = check_ok(
         launch(rank_fault, 2, args=("sender_hangs", timeout_s), timeout_s=60)
     )
@@ -289,11 +304,13 @@ def test_hung_sender_mid_stream_times_out_on_the_receiver():
     assert sender["after"] == sender["before"]
 
 
+@needs_nixl
 def test_backend_without_process_group_or_store_is_a_config_error():
     with pytest.raises(KVConfigError):
         KVTransferEngine("nixl", rank=0)  # no store, no process group
 
 
+@needs_nixl
 def test_backend_rejects_itself_and_unknown_ranks_as_peers():
     import torch.distributed as dist
 
@@ -311,3 +328,75 @@ def test_backend_rejects_itself_and_unknown_ranks_as_peers():
         b.close()
     with pytest.raises(KVTransferFailedError):
         b.fetch(1, 1, torch.zeros(4, dtype=torch.uint8))  # closed
+
+
+# -- engine copy paths, in one process (no NIXL needed) ----------------------------
+def _local_engine(**kw):
+    src = KVPool(num_blocks=64, block_size=BS, model_shape=SHAPE)
+    dst = KVPool(num_blocks=64, block_size=BS, model_shape=SHAPE)
+    eng = KVTransferEngine("inprocess", max_retries=0, **kw)
+    eng.register_pool(src, 0)
+    eng.register_pool(dst, 1)
+    return eng, src, dst
+
+
+def _fragment(pool: KVPool) -> list:
+    """Hold every other of the first 8 blocks, so new allocations are not one run."""
+    held = [pool.alloc(BS) for _ in range(8)]
+    for h in held[::2]:
+        pool.free(h)
+    return held[1::2]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"direct_min_message_bytes": 0},  # one copy per piece, hashed around the copy
+        {"direct_min_message_bytes": 1 << 40, "chunk_bytes": 3 * BPB},  # staged: gather+scatter
+    ],
+    ids=["direct", "staged"],
+)
+@pytest.mark.parametrize("fragmented", [False, True], ids=["runs", "scattered"])
+def test_local_copy_paths_are_bit_exact_and_cached(kw, fragmented):
+    eng, src, dst = _local_engine(**kw)
+    held = _fragment(dst) if fragmented else []
+    hs, digests, prompts = [], [], [prompt(i, 30) for i in range(3)]
+    for i, tokens in enumerate(prompts):
+        h, kv = fill(src, tokens, seed=i)
+        hs.append(h)
+        digests.append(digest(kv[:, :, :28]))
+    eng.transfer_kv_handles(hs, 0, 1)
+    for h in held:
+        dst.free(h)
+    view = receiver_view(dst, prompts)
+    assert [v["hit"] for v in view] == [28] * 3
+    assert [v["kv"] for v in view] == digests
+    acct = accounting(dst)
+    assert (acct["used_blocks"], acct["cached_blocks"], acct["num_handles"]) == (0, 21, 0)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "staged"])
+def test_local_copy_corrupted_in_flight_is_caught_and_nothing_lands(direct):
+    kw = {"direct_min_message_bytes": 0} if direct else {"direct_min_message_bytes": 1 << 40}
+    eng, src, dst = _local_engine(chunk_bytes=2 * BPB, **kw)  # several messages / chunks
+    tokens = prompt(5, 30)
+    h, _ = fill(src, tokens, seed=5)
+    before_src, before_dst = accounting(src), accounting(dst)
+    seen = []
+
+    def flip(stage, chunk=None, index=None, **_):
+        seen.append(index)
+        if index == 1:
+            chunk[0] ^= 0x01
+
+    eng._fault_hook = flip
+    with pytest.raises(KVChecksumMismatchError):
+        eng.transfer_kv_handle(h, 0, 1)
+    assert seen[:2] == [0, 1]
+    assert accounting(dst) == before_dst and accounting(src) == before_src
+    assert dst.match_prefix(tokens)[1] == 0
+
+
+def test_direct_max_message_bytes_must_be_positive():
+    with pytest.raises(KVConfigError):
+        KVTransferEngine("inprocess", direct_max_message_bytes=0)

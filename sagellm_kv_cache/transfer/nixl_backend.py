@@ -53,7 +53,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["NixlBackend", "nixl_unavailable_reason"]
 
 _KEY_ROOT = "skvx-nixl"
-# kind u8 | tag u32 | addr u64 | nbytes u64 | dev_id u32 | mem (0 DRAM, 1 VRAM) u8 | id u64 | md_len u32
+# kind u8 | tag u32 | addr u64 | nbytes u64 | dev_id u32 | mem u8 (0 DRAM, 1 VRAM) |
+# id u64 | md_len u32
 _DESC = struct.Struct("<BIQQIBQI")
 _KIND_DESC, _KIND_DONE = ord("D"), ord("C")
 _DONE = struct.Struct("<BQ")  # kind u8 | id u64
