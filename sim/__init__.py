@@ -1,0 +1,40 @@
+"""The replay workbench: trace replay through the library's own pool, bounds and sweeps.
+
+* ``replay.replay_sequential`` — each request released before the next (published setting);
+* ``engine.replay_concurrent`` — requests on a simulated clock with queueing and a cost model;
+* ``tiered.replay_tiered`` — GPU/CPU/disk tiers with a modelled TTFT;
+* ``mrc.lru_mrc`` — the LRU hit ratio at every capacity from one pass (stack distances);
+* ``opt.replay_opt`` — the prefix-aware offline optimum (Belady) at a capacity;
+* ``sweep.sweep`` — traces x policies x capacities on local processes or Ray
+  (``from sim.sweep import sweep``: the module and the function share the name).
+
+Submodules are imported on first use (polars and friends stay unloaded until needed).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "ReplayResult": "replay",
+    "replay_sequential": "replay",
+    "hit_ratio_curve": "replay",
+    "replay_concurrent": "engine",
+    "replay_tiered": "tiered",
+    "MRCResult": "mrc",
+    "lru_mrc": "mrc",
+    "replay_opt": "opt",
+    "ReplayConfig": "config",
+    "LinearCostModel": "config",
+    "parse_capacity": "config",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'sim' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{mod}", __name__), name)
