@@ -37,6 +37,7 @@ from .errors import (
     KVPrefixTooLongError,
 )
 from .eviction import EvictionPolicy, make_policy
+from .eviction.lru import LRUPolicy
 from .hashing import compute_block_hash, compute_block_hashes, get_hash_fn, root_hash
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -94,6 +95,8 @@ class PrefixCache:
         if pool is None:
             self._policy = make_policy(eviction_policy)
             self._policy.set_capacity(max_cached_blocks)
+            # plain LRU (not a subclass with its own hooks) takes the fast insert path
+            self._lru_fast = type(self._policy) is LRUPolicy
             self._tracks_hits = self._policy.tracks_hits
             self._policy_on_cached = type(self._policy).on_cached is not EvictionPolicy.on_cached
             self._index: dict[Hashable, int] = {}  # hash -> slot
@@ -164,13 +167,9 @@ class PrefixCache:
             if self.pool is not None:
                 hit_blocks = self.pool.block_pool.match_prefix(hashes)
             else:
-                index_get = self._index.get
-                slots: list[int] = []
-                for h in hashes:
-                    s = index_get(h)
-                    if s is None:
-                        break
-                    slots.append(s)
+                slots: list[int] = list(map(self._index.get, hashes))
+                if None in slots:
+                    del slots[slots.index(None) :]
                 if slots:
                     self._touch(slots)
                 blocks = self._slot_block
@@ -189,8 +188,7 @@ class PrefixCache:
         policy = self._policy
         if self.enable_lru:
             # refresh recency the way a release does: tail first, prefix most recent
-            policy.remove_many(slots)
-            policy.add_many(reversed(slots))
+            policy.touch_many(slots)
         if self._tracks_hits:
             for s in slots:
                 policy.on_hit(s)
@@ -241,6 +239,10 @@ class PrefixCache:
         return n
 
     def _insert_standalone(self, hashes: list, blocks: Sequence[Any], handle_id: Any) -> int:
+        if self._lru_fast:
+            n = self._insert_lru_suffix(hashes, blocks, handle_id)
+            if n >= 0:
+                return n
         index = self._index
         index_get = index.get
         policy = self._policy
@@ -305,6 +307,64 @@ class PrefixCache:
                     n_new += 1
                 slots[i] = s
         policy.add_many(dict.fromkeys(reversed(slots)))  # tail first: the prefix is most recent
+        self._insertions += n_new
+        return n_new
+
+    def _insert_lru_suffix(self, hashes: list, blocks: Sequence[Any], handle_id: Any) -> int:
+        """The common insert under plain LRU: a cached prefix then only new, distinct
+        hashes. Same result as the general path in fewer steps; -1 when it does not apply."""
+        index = self._index
+        slots = list(map(index.get, hashes))
+        n = len(slots)
+        k = slots.index(None) if None in slots else n
+        new_hashes = hashes[k:]
+        if slots.count(None) != n - k or len(set(new_hashes)) != n - k:
+            return -1  # interleaved or repeated hashes: the general path
+        policy = self._policy
+        existing = slots[:k]
+        capacity = self.max_cached_blocks
+        free_slots = self._free_slots
+        n_new = n - k
+        evict = 0 if capacity is None else len(index) + n_new - capacity
+        if evict > 0:
+            # the prefix must survive: take it out of the order before choosing victims
+            if existing:
+                policy.remove_many(existing)
+            try:
+                victims = policy.pop_victims(evict)
+            except KVNoVictimError:
+                if existing:
+                    policy.add_many(reversed(existing))
+                raise
+            for v in victims:
+                self._drop(v, evicted=True)
+            self._evictions += evict
+        slot_hash, slot_block, slot_handle = self._slot_hash, self._slot_block, self._slot_handle
+        new_slots: list[int] = []
+        for i in range(k, n):
+            if free_slots:
+                s = free_slots.pop()
+            else:
+                s = len(slot_hash)
+                slot_hash.append(None)
+                slot_block.append(None)
+                slot_handle.append(None)
+            new_slots.append(s)
+            blk = blocks[i]
+            hid = blk.get("handle_id", handle_id) if type(blk) is dict else handle_id
+            slot_hash[s] = hashes[i]
+            slot_block[s] = blk
+            if hid is not None:
+                slot_handle[s] = hid
+                self._by_handle.setdefault(hid, set()).add(s)
+        index.update(zip(new_hashes, new_slots))
+        # final order, as the general path: new blocks tail first, then the prefix
+        policy.add_many(reversed(new_slots))
+        if existing:
+            if evict > 0:  # taken out above
+                policy.add_many(reversed(existing))
+            else:
+                policy.touch_many(existing)
         self._insertions += n_new
         return n_new
 

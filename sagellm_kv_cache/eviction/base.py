@@ -77,6 +77,13 @@ class EvictionPolicy:
         for b in block_ids:
             self.remove(b)
 
+    def touch_many(self, block_ids: list[int]) -> None:
+        """Refresh evictable blocks as if taken and released again (tail-first): the
+        same as ``remove_many(ids)`` then ``add_many(reversed(ids))`` (subclasses may
+        do it in one step)."""
+        self.remove_many(block_ids)
+        self.add_many(reversed(block_ids))
+
     def pop_victim(self) -> int:
         raise NotImplementedError
 

@@ -40,6 +40,11 @@ class LRUPolicy(EvictionPolicy):
         for b in block_ids:
             del order[b]
 
+    def touch_many(self, block_ids: list[int]) -> None:
+        move = self._order.move_to_end
+        for b in reversed(block_ids):
+            move(b)
+
     def pop_victim(self) -> int:
         if not self._order:
             raise self._no_victim()
