@@ -124,13 +124,9 @@ class BlockPool:
     # -- prefix lookup -------------------------------------------------------
     def match_prefix(self, block_hashes: Sequence[Hashable]) -> list[int]:
         """Ids of the leading run of cached blocks (stops at the first miss). No side effect."""
-        cached_get = self.cached.get
-        out: list[int] = []
-        for h in block_hashes:
-            b = cached_get(h)
-            if b is None:
-                break
-            out.append(b)
+        out: list[int] = list(map(self.cached.get, block_hashes))  # one C-level pass
+        if None in out:
+            del out[out.index(None) :]
         return out
 
     def num_evictable_among(self, block_ids: Sequence[int]) -> int:
