@@ -27,12 +27,23 @@ start of every ``add``, ``pop`` and ``peek`` and of ``set_retention``, with
 the policy clock (``clock`` argument; the pool passes its own). Because
 every release processes due expiries first, the order is the same whenever
 the processing happens. Every event is O(log n) amortized.
+
+Implementation: evictable blocks at the default priority that joined it in
+release order (a release, or an expiry, which counts as a release) sit in an
+``OrderedDict`` (block -> release number); every other evictable block (a
+non-default priority, or moved to the default one by ``set_retention`` while
+evictable, keeping its older place) sits in a lazy-deletion heap keyed by
+``(priority, release number)``, and a pop takes the smaller of the two
+fronts. With no retention set the policy is an LRU (add, remove, pop O(1))
+and the clock is not read.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from itertools import count, islice
 
 from ..errors import KVConfigError, KVInvalidInputError
 from ._lazyheap import LazyHeap
@@ -74,9 +85,11 @@ class PriorityPolicy(EvictionPolicy):
     ) -> None:
         super().__init__(clock)
         self.default_priority = _check_priority(default_priority, "default_priority", KVConfigError)
-        self._heap = LazyHeap()  # evictable: (priority, release number)
+        # evictable at the default priority, in release order: block -> release number
+        self._order: OrderedDict[int, int] = OrderedDict()
+        self._heap = LazyHeap()  # other evictable blocks: (priority, release number)
+        self._heap_rel: dict[int, int] = {}  # block in _heap -> release number
         self._expiring = LazyHeap()  # evictable with a running timer: (expiry time, release number)
-        self._rel: dict[int, int] = {}  # evictable block -> release number
         self._cached: set[int] = set()
         self._priority: dict[int, int] = {}  # cached block -> priority, when not the default
         self._duration: dict[int, float] = {}  # cached block -> duration_s of its priority
@@ -118,9 +131,12 @@ class PriorityPolicy(EvictionPolicy):
                     self._duration.pop(b, None)
                 else:
                     self._duration[b] = float(duration_s)
-            r = self._rel.get(b)
-            if r is not None:
+            r = self._order.pop(b, None)
+            if r is None:
+                r = self._heap_rel.get(b)
+            if r is not None:  # evictable: re-filed at its release place
                 self._heap.push(b, priority, r)
+                self._heap_rel[b] = r
                 if priority != default and duration_s is not None:
                     self._expiring.push(b, now + duration_s, r)
                 else:
@@ -139,66 +155,79 @@ class PriorityPolicy(EvictionPolicy):
             b = expiring.pop()
             self._priority.pop(b, None)
             self._duration.pop(b, None)
+            self._heap.discard(b)
+            del self._heap_rel[b]
             self._next = r = self._next + 1
-            self._rel[b] = r
-            self._heap.push(b, self.default_priority, r)
+            self._order[b] = r  # as if released now: the default queue's recent end
             top = expiring.top_key()
 
     # -- evictable set -------------------------------------------------------
     def add(self, block_id: int) -> None:
-        now = self.clock()
-        if self._expiring:
-            self._expire(now)
-        self._add(block_id, now)
+        self.add_many((block_id,))
 
     def add_many(self, block_ids: Iterable[int]) -> None:
-        now = self.clock()
         if self._expiring:
-            self._expire(now)
-        for b in block_ids:
-            self._add(b, now)
-
-    def _add(self, b: int, now: float) -> None:
-        self._next = r = self._next + 1
-        self._rel[b] = r
-        p = self._priority.get(b)
-        if p is None:
-            self._heap.push(b, self.default_priority, r)
+            self._expire(self.clock())
+        if not self._priority:  # every cached block at the default priority
+            c = count(self._next + 1)
+            self._order.update(zip(block_ids, c))
+            self._next = next(c) - 1
             return
-        self._heap.push(b, p, r)
-        d = self._duration.get(b)
-        if d is not None:
-            self._expiring.push(b, now + d, r)
+        now = self.clock() if self._duration else 0.0
+        prio, dur, order = self._priority, self._duration, self._order
+        r = self._next
+        for b in block_ids:
+            r += 1
+            p = prio.get(b)
+            if p is None:
+                order[b] = r
+                continue
+            self._heap.push(b, p, r)
+            self._heap_rel[b] = r
+            d = dur.get(b)
+            if d is not None:
+                self._expiring.push(b, now + d, r)
+        self._next = r
 
     def remove(self, block_id: int) -> None:
-        del self._rel[block_id]
-        self._heap.discard(block_id)
-        if self._expiring:
-            self._expiring.discard(block_id)
+        if self._order.pop(block_id, None) is None:
+            del self._heap_rel[block_id]  # KeyError: not evictable
+            self._heap.discard(block_id)
+            if self._expiring:
+                self._expiring.discard(block_id)
 
     def remove_many(self, block_ids: Iterable[int]) -> None:
-        rel = self._rel
-        ids = list(block_ids)
-        for b in ids:
-            del rel[b]
-        self._heap.discard_many(ids)
-        if self._expiring:
-            discard = self._expiring.discard
-            for b in ids:
-                discard(b)
+        if self._heap_rel:
+            remove = self.remove
+            for b in block_ids:
+                remove(b)
+            return
+        order = self._order
+        for b in block_ids:
+            del order[b]
 
     def pop_victim(self) -> int:
         return self.pop_victims(1)[0]
 
     def pop_victims(self, n: int) -> list[int]:
-        if n > len(self._rel):
+        order = self._order
+        if n > len(order) + len(self._heap_rel):
             raise self._no_victim()
         if self._expiring:
             self._expire(self.clock())
-        out = self._heap.pop_many(n)
-        rel = self._rel
-        for b in out:
-            del rel[b]
+        if not self._heap_rel:
+            popitem = order.popitem
+            return [popitem(False)[0] for _ in range(n)]
+        heap, heap_rel, default = self._heap, self._heap_rel, self.default_priority
+        out: list[int] = []
+        for _ in range(n):
+            top = heap.top_key()
+            if top is None or (order and (default, next(iter(order.values()))) < top):
+                out.append(order.popitem(False)[0])
+            else:
+                b = heap.pop()
+                del heap_rel[b]
+                out.append(b)
         if self._expiring:
             discard = self._expiring.discard
             for b in out:
@@ -208,7 +237,14 @@ class PriorityPolicy(EvictionPolicy):
     def peek_victims(self, n: int) -> list[int]:
         if self._expiring:
             self._expire(self.clock())
-        return self._heap.peek(n)
+        default = self.default_priority
+        first = [((default, r), b) for b, r in islice(self._order.items(), n)]
+        if not self._heap_rel:
+            return [b for _, b in first]
+        prio, rel = self._priority, self._heap_rel
+        first += [((prio.get(b, default), rel[b]), b) for b in self._heap.peek(n)]
+        first.sort()
+        return [b for _, b in first[:n]]
 
     # -- lifecycle -----------------------------------------------------------
     def on_cached(self, block_id: int, block_hash: Hashable, parent_block_id: int) -> None:
@@ -226,15 +262,16 @@ class PriorityPolicy(EvictionPolicy):
         self._duration.pop(b, None)
 
     def __len__(self) -> int:
-        return len(self._rel)
+        return len(self._order) + len(self._heap_rel)
 
     def __contains__(self, block_id: object) -> bool:
-        return block_id in self._rel
+        return block_id in self._order or block_id in self._heap_rel
 
     def reset(self) -> None:
+        self._order.clear()
         self._heap.clear()
+        self._heap_rel.clear()
         self._expiring.clear()
-        self._rel.clear()
         self._cached.clear()
         self._priority.clear()
         self._duration.clear()

@@ -22,15 +22,25 @@ and changes nothing, so the pool's allocation fails cleanly.
 
 Reaching it: ``block_pool.policy.pin_for(ids, ttl_s)`` or, on a ``KVPool``,
 ``kv_pool.policy.pin_for(handle.block_ids, ttl_s)`` once the blocks are
-cached. Expiry never scans: protected evictable blocks sit in a heap ordered
-by expiry time, moved to the LRU heap lazily at ``pop``/``peek``; every event
-is O(log n) amortized, with the policy clock (``clock`` argument).
+cached.
+
+Implementation: unprotected evictable blocks released in order sit in an
+``OrderedDict`` (block -> release number), so with no protection in play the
+policy is an LRU (add, remove, pop O(1)); a block that becomes eligible out of
+release order (its protection expired or was ended while it was evictable)
+goes to a small lazy-deletion heap keyed by release number, and a pop takes
+the older of the two fronts. Protected evictable blocks sit in a heap ordered
+by expiry time, moved to the eligible side lazily at ``pop``/``peek``: expiry
+never scans, every event is O(log n) amortized, with the policy clock
+(``clock`` argument), and the clock is not read while no block is protected.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
+from itertools import count, islice
 
 from ..errors import KVInvalidInputError, KVNoVictimError
 from ._lazyheap import LazyHeap
@@ -46,9 +56,12 @@ class TTLPolicy(EvictionPolicy):
 
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         super().__init__(clock)
-        self._rel: dict[int, int] = {}  # evictable block -> release number
-        self._eligible = LazyHeap()  # unprotected evictable: (release number,)
+        # eligible (unprotected) evictable blocks: in release order, or out of order
+        self._order: OrderedDict[int, int] = OrderedDict()  # block -> release number
+        self._late = LazyHeap()  # (release number,) of eligible blocks out of order
+        self._late_rel: dict[int, int] = {}  # block in _late -> release number
         self._guarded = LazyHeap()  # protected evictable: (expiry time, release number)
+        self._guarded_rel: dict[int, int] = {}  # block in _guarded -> release number
         self._until: dict[int, float] = {}  # cached block -> protection expiry
         self._cached: set[int] = set()
         self._next = 0
@@ -73,17 +86,19 @@ class TTLPolicy(EvictionPolicy):
             u = self._until.get(b)
             if u is None or u < until:
                 self._until[b] = u = until
-            r = self._rel.get(b)
+            r = self._take_eligible(b)
+            if r is None:
+                r = self._guarded_rel.get(b)
             if r is not None:
-                self._eligible.discard(b)
                 self._guarded.push(b, u, r)
+                self._guarded_rel[b] = r
 
     def unprotect(self, block_ids: Iterable[int]) -> None:
         """End the protection of cached blocks now (no-op for unprotected ones)."""
         ids = check_cached_ids(block_ids, self._cached)
         for b in ids:
             if self._until.pop(b, None) is not None and self._guarded.discard(b):
-                self._eligible.push(b, self._rel[b])
+                self._make_eligible(b, self._guarded_rel.pop(b))
 
     def protected_until(self, block_id: int) -> float | None:
         """Expiry time of ``block_id``'s protection, None when it is not protected now."""
@@ -93,7 +108,26 @@ class TTLPolicy(EvictionPolicy):
     def num_eligible(self) -> int:
         """Evictable blocks that may be victims now (unprotected or expired)."""
         self._expire(self.clock())
-        return len(self._eligible)
+        return len(self._order) + len(self._late_rel)
+
+    # -- eligible set ---------------------------------------------------------
+    def _take_eligible(self, b: int) -> int | None:
+        """Drop ``b`` from the eligible blocks; its release number (None if not eligible)."""
+        r = self._order.pop(b, None)
+        if r is None:
+            r = self._late_rel.pop(b, None)
+            if r is not None:
+                self._late.discard(b)
+        return r
+
+    def _make_eligible(self, b: int, r: int) -> None:
+        """``b`` (release number ``r``) becomes eligible, at its release place."""
+        order = self._order
+        if not order or r > next(reversed(order.values())):
+            order[b] = r  # still in release order: append
+        else:
+            self._late.push(b, r)
+            self._late_rel[b] = r
 
     # -- expiry --------------------------------------------------------------
     def _expire(self, now: float) -> None:
@@ -102,61 +136,88 @@ class TTLPolicy(EvictionPolicy):
         while top is not None and top[0] <= now:
             b = guarded.pop()
             self._until.pop(b, None)
-            self._eligible.push(b, top[1])
+            self._make_eligible(b, self._guarded_rel.pop(b))
             top = guarded.top_key()
 
     # -- evictable set -------------------------------------------------------
     def add(self, block_id: int) -> None:
-        self._add(block_id, self.clock() if self._until else 0.0)
+        self.add_many((block_id,))
 
     def add_many(self, block_ids: Iterable[int]) -> None:
-        now = self.clock() if self._until else 0.0
+        if not self._until:  # nothing protected: plain LRU appends
+            c = count(self._next + 1)
+            self._order.update(zip(block_ids, c))
+            self._next = next(c) - 1
+            return
+        now = self.clock()
+        until = self._until
+        order = self._order
+        r = self._next
         for b in block_ids:
-            self._add(b, now)
-
-    def _add(self, b: int, now: float) -> None:
-        self._next = r = self._next + 1
-        self._rel[b] = r
-        u = self._until.get(b)
-        if u is not None:
-            if u > now:
-                self._guarded.push(b, u, r)
-                return
-            del self._until[b]
-        self._eligible.push(b, r)
+            r += 1
+            u = until.get(b)
+            if u is not None:
+                if u > now:
+                    self._guarded.push(b, u, r)
+                    self._guarded_rel[b] = r
+                    continue
+                del until[b]
+            order[b] = r
+        self._next = r
 
     def remove(self, block_id: int) -> None:
-        del self._rel[block_id]
-        if not self._eligible.discard(block_id):
-            self._guarded.discard(block_id)
+        if self._order.pop(block_id, None) is None:
+            if block_id in self._late_rel:
+                del self._late_rel[block_id]
+                self._late.discard(block_id)
+            else:
+                del self._guarded_rel[block_id]  # KeyError: not evictable
+                self._guarded.discard(block_id)
 
     def remove_many(self, block_ids: Iterable[int]) -> None:
-        rel = self._rel
-        eligible = self._eligible
-        guarded = self._guarded
+        if self._late_rel or self._guarded_rel:
+            remove = self.remove
+            for b in block_ids:
+                remove(b)
+            return
+        order = self._order
         for b in block_ids:
-            del rel[b]
-            if not eligible.discard(b):
-                guarded.discard(b)
+            del order[b]
 
     def pop_victim(self) -> int:
         return self.pop_victims(1)[0]
 
     def pop_victims(self, n: int) -> list[int]:
-        if self._guarded:
+        if self._guarded_rel:
             self._expire(self.clock())
-        if n > len(self._eligible):
+        order = self._order
+        if n > len(order) + len(self._late_rel):
             raise self._no_victim()
-        out = self._eligible.pop_many(n)
-        rel = self._rel
-        for b in out:
-            del rel[b]
+        if not self._late_rel:
+            popitem = order.popitem
+            return [popitem(False)[0] for _ in range(n)]
+        late, late_rel = self._late, self._late_rel
+        out: list[int] = []
+        for _ in range(n):
+            top = late.top_key()
+            if top is None or (order and next(iter(order.values())) < top[0]):
+                out.append(order.popitem(False)[0])
+            else:
+                b = late.pop()
+                del late_rel[b]
+                out.append(b)
         return out
 
     def peek_victims(self, n: int) -> list[int]:
-        if self._guarded:
+        if self._guarded_rel:
             self._expire(self.clock())
-        return self._eligible.peek(n)
+        first = list(islice(self._order.items(), n))
+        if not self._late_rel:
+            return [b for b, _ in first]
+        rel = self._late_rel
+        merged = first + [(b, rel[b]) for b in self._late.peek(n)]
+        merged.sort(key=lambda e: e[1])
+        return [b for b, _ in merged[:n]]
 
     # -- lifecycle -----------------------------------------------------------
     def on_cached(self, block_id: int, block_hash: Hashable, parent_block_id: int) -> None:
@@ -171,22 +232,26 @@ class TTLPolicy(EvictionPolicy):
         self._until.pop(block_id, None)
 
     def _no_victim(self) -> KVNoVictimError:
-        if not self._guarded:
+        if not self._guarded_rel:
             return super()._no_victim()
         return KVNoVictimError(
-            f"{self.name}: {len(self._guarded)} evictable blocks are TTL-protected, "
-            f"only {len(self._eligible)} can be evicted now"
+            f"{self.name}: {len(self._guarded_rel)} evictable blocks are TTL-protected, "
+            f"only {len(self._order) + len(self._late_rel)} can be evicted now"
         )
 
     def __len__(self) -> int:
-        return len(self._rel)
+        return len(self._order) + len(self._late_rel) + len(self._guarded_rel)
 
     def __contains__(self, block_id: object) -> bool:
-        return block_id in self._rel
+        return (
+            block_id in self._order or block_id in self._late_rel or block_id in self._guarded_rel
+        )
 
     def reset(self) -> None:
-        self._rel.clear()
-        self._eligible.clear()
+        self._order.clear()
+        self._late.clear()
+        self._late_rel.clear()
         self._guarded.clear()
+        self._guarded_rel.clear()
         self._until.clear()
         self._cached.clear()
