@@ -14,8 +14,11 @@
     engine.transfer_kv_handle(handle, src_rank=0, dst_rank=1)   # on rank 0
     engine.receive(pool)                                        # on rank 1
 
+    # the same calls over NIXL (nixl-cu12): the receiver READs over UCX
+    engine = KVTransferEngine("nixl", timeout_s=10)
+
 See ``engine.py`` for the protocol, ``wire.py`` for the wire format,
-``backends.py`` for transports and ``launcher.py`` for
+``backends.py`` and ``nixl_backend.py`` for transports and ``launcher.py`` for
 starting local ranks in tests and benchmarks.
 """
 

@@ -340,8 +340,9 @@ class KVTransferEngine:
 
     Args:
         comm_backend: ``"torch"`` (default; gloo for CPU tensors, NCCL for CUDA
-            ones), ``"inprocess"`` (two pools of one process), or a backend
-            object implementing ``expose``/``fetch`` (``backends.py``).
+            ones), ``"nixl"`` (one-sided READs over UCX, ``nixl_backend.py``),
+            ``"inprocess"`` (two pools of one process), or a backend object
+            implementing ``expose``/``fetch`` (``backends.py``).
         enable_checksum: checksum the payload (xxh3_64, crc32 without xxhash)
             and verify it on the receiver before anything becomes visible.
         max_retries: extra attempts after a checksum mismatch or a receiver
