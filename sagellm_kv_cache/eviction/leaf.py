@@ -43,6 +43,7 @@ from collections.abc import Hashable, Iterable
 
 from ..errors import KVConfigError
 from .base import EvictionPolicy
+from .lru import LRUPolicy
 
 __all__ = ["LeafOnly"]
 
@@ -77,7 +78,11 @@ class LeafOnly(EvictionPolicy):
         self.name = f"leaf:{inner.name}"
         self.tracks_hits = inner.tracks_hits
         kind = type(inner)
-        self._inner_on_cached = kind.on_cached is not EvictionPolicy.on_cached
+        self._inner_on_cached = (
+            inner.on_cached if kind.on_cached is not EvictionPolicy.on_cached else None
+        )
+        # over a plain LRU, pop_victims works on its OrderedDict directly
+        self._lru = inner._order if kind is LRUPolicy else None
         self.reset()
 
     def set_capacity(self, num_blocks: int | None) -> None:
@@ -173,7 +178,6 @@ class LeafOnly(EvictionPolicy):
         inner = self.inner
         if n > len(inner) and self.available_victims(n) < n:
             raise self._no_victim()
-        pop = inner.pop_victim
         parent, inc, pinc, children, blocked = (
             self._parent,
             self._inc,
@@ -181,7 +185,26 @@ class LeafOnly(EvictionPolicy):
             self._children,
             self._blocked,
         )
-        out = []
+        out: list[int] = []
+        if self._lru is not None:
+            # the loop below with LRUPolicy's pop_victim and add inlined (its OrderedDict)
+            order = self._lru
+            popitem = order.popitem
+            for _ in range(n):
+                v = popitem(False)[0]
+                out.append(v)
+                inc[v] = 0
+                p = parent[v]
+                if p >= 0:
+                    parent[v] = -1
+                    if inc[p] == pinc[v]:
+                        c = children[p] - 1
+                        children[p] = c
+                        if not c and p in blocked:
+                            blocked.remove(p)
+                            order[p] = None
+            return out
+        pop = inner.pop_victim
         for _ in range(n):
             v = pop()
             out.append(v)
@@ -235,16 +258,17 @@ class LeafOnly(EvictionPolicy):
         i = self._next_inc
         self._next_inc = i + 1
         inc[block_id] = i
-        self._children[block_id] = 0
+        children = self._children
+        children[block_id] = 0
         p = parent_block_id
-        if p >= 0 and p < len(inc) and inc[p]:
+        if 0 <= p < len(inc) and inc[p]:
             self._parent[block_id] = p
             self._pinc[block_id] = inc[p]
-            self._children[p] += 1
+            children[p] += 1
         else:
             self._parent[block_id] = -1
-        if self._inner_on_cached:
-            self.inner.on_cached(block_id, block_hash, parent_block_id)
+        if self._inner_on_cached is not None:
+            self._inner_on_cached(block_id, block_hash, parent_block_id)
 
     def on_hit(self, block_id: int) -> None:
         self.inner.on_hit(block_id)
