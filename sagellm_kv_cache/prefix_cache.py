@@ -340,23 +340,31 @@ class PrefixCache:
                 self._drop(v, evicted=True)
             self._evictions += evict
         slot_hash, slot_block, slot_handle = self._slot_hash, self._slot_block, self._slot_handle
-        new_slots: list[int] = []
-        for i in range(k, n):
-            if free_slots:
-                s = free_slots.pop()
-            else:
-                s = len(slot_hash)
-                slot_hash.append(None)
-                slot_block.append(None)
-                slot_handle.append(None)
-            new_slots.append(s)
-            blk = blocks[i]
-            hid = blk.get("handle_id", handle_id) if type(blk) is dict else handle_id
-            slot_hash[s] = hashes[i]
+        # slots: free ones in pop order (last freed first), then fresh ones at the end
+        n_free = len(free_slots)
+        if n_free >= n_new:
+            new_slots = free_slots[n_free - n_new :][::-1]
+            del free_slots[n_free - n_new :]
+        else:
+            new_slots = free_slots[::-1]
+            free_slots.clear()
+            base = len(slot_hash)
+            grow = n_new - n_free
+            new_slots += range(base, base + grow)
+            slot_hash.extend([None] * grow)
+            slot_block.extend([None] * grow)
+            slot_handle.extend([None] * grow)
+        new_blocks = blocks[k:]
+        for s, h, blk in zip(new_slots, new_hashes, new_blocks):
+            slot_hash[s] = h
             slot_block[s] = blk
-            if hid is not None:
-                slot_handle[s] = hid
-                self._by_handle.setdefault(hid, set()).add(s)
+        if handle_id is not None or any(type(b) is dict and "handle_id" in b for b in new_blocks):
+            by_handle = self._by_handle
+            for s, blk in zip(new_slots, new_blocks):
+                hid = blk.get("handle_id", handle_id) if type(blk) is dict else handle_id
+                if hid is not None:
+                    slot_handle[s] = hid
+                    by_handle.setdefault(hid, set()).add(s)
         index.update(zip(new_hashes, new_slots))
         # final order, as the general path: new blocks tail first, then the prefix
         policy.add_many(reversed(new_slots))

@@ -30,9 +30,26 @@ def test_fast_and_general_insert_agree_step_by_step(seed):
         op = rng.random()
         if op < 0.4:
             assert fast.lookup(hashes) == slow.lookup(hashes)
-        elif op < 0.95:
+        elif op < 0.9:
             blocks = [{"block_id": f"{step}.{i}"} for i in range(len(hashes))]
-            assert fast.insert(hashes, blocks) == slow.insert(hashes, blocks)
+            if rng.random() < 0.3:  # grouped for invalidate, in the dict or as an argument
+                for blk in blocks:
+                    blk["handle_id"] = f"h{step % 3}"
+                assert fast.insert(hashes, blocks) == slow.insert(hashes, blocks)
+            else:
+                hid = f"h{step % 3}" if rng.random() < 0.3 else None
+                assert fast.insert(hashes, blocks, hid) == slow.insert(hashes, blocks, hid)
+        elif op < 0.95:
+            hid = f"h{rng.randrange(3)}"
+            try:
+                n_fast = fast.invalidate(hid)
+            except KeyError:
+                n_fast = None
+            try:
+                n_slow = slow.invalidate(hid)
+            except KeyError:
+                n_slow = None
+            assert n_fast == n_slow
         else:
             assert fast.evict_by_count(2) == slow.evict_by_count(2)
         assert _order(fast) == _order(slow), f"step {step}"
