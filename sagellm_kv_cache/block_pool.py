@@ -132,6 +132,8 @@ class BlockPool:
     def num_evictable_among(self, block_ids: Sequence[int]) -> int:
         """How many of ``block_ids`` are evictable now (a hit on them shrinks the pool's supply)."""
         ref = self.ref_counts
+        if not self._num_pinned:  # common case: count zeros in one C pass
+            return list(map(ref.__getitem__, block_ids)).count(0)
         pins = self.pin_counts
         return sum(1 for b in block_ids if not ref[b] and not pins[b])
 

@@ -62,7 +62,10 @@ class PoolHook:
     ) -> None:
         """A chain of blocks was registered: ``block_hashes[i]``'s parent is
         ``block_hashes[i - 1]``, the first one's is ``parent_hash`` (None for a
-        first block). The default calls :meth:`on_block_cached` per block."""
+        first block). The default calls :meth:`on_block_cached` per block (and
+        nothing at all when a subclass does not override it)."""
+        if type(self).on_block_cached is PoolHook.on_block_cached:
+            return
         ph = parent_hash
         for b, h in zip(block_ids, block_hashes):
             self.on_block_cached(b, h, ph, timestamp)
@@ -76,7 +79,9 @@ class PoolHook:
         timestamp: float,
     ) -> None:
         """Blocks dropped together, in eviction order. The default calls
-        :meth:`on_evict` per block."""
+        :meth:`on_evict` per block (nothing when a subclass does not override it)."""
+        if type(self).on_evict is PoolHook.on_evict:
+            return
         for b, h in zip(block_ids, block_hashes):
             self.on_evict(b, h, reason, timestamp)
 
