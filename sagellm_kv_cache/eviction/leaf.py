@@ -204,6 +204,24 @@ class LeafOnly(EvictionPolicy):
                             blocked.remove(p)
                             order[p] = None
             return out
+        pop_each = getattr(inner, "_pop_each", None)
+        if pop_each is not None:
+            # the inner policy pops one victim at a time and calls back after each
+            add = inner.add
+
+            def uncover(v: int) -> None:
+                inc[v] = 0
+                p = parent[v]
+                if p >= 0:
+                    parent[v] = -1
+                    if inc[p] == pinc[v]:
+                        c = children[p] - 1
+                        children[p] = c
+                        if not c and p in blocked:
+                            blocked.remove(p)
+                            add(p)
+
+            return pop_each(n, uncover)
         pop = inner.pop_victim
         for _ in range(n):
             v = pop()

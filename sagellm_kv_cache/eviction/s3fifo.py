@@ -40,10 +40,8 @@ has no evictable block, M gives the victim, and the other way round.
 
 Implementation: a global insertion counter gives each queue position a
 sequence number; each queue keeps a heap of the sequence numbers of its
-evictable members, each packed with its block id into one int
-(``seq << shift | block``; the shift grows, with a rebuild, when a larger
-block id shows up). Stale entries, left by blocks that went into use or
-moved, are dropped lazily when they reach the top. Every event is amortised
+evictable members (stale entries, left by blocks that went into use or moved,
+are dropped lazily when they reach the top). Every event is amortised
 O(log n); a block whose heap entry is still live when it is released again is
 not pushed twice.
 """
@@ -52,7 +50,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable
-from heapq import heapify, heappop, heappush
+from heapq import heappop, heappush
 
 from ..errors import KVConfigError
 from .base import EvictionPolicy
@@ -61,7 +59,6 @@ __all__ = ["S3FIFOPolicy"]
 
 _NONE, _SMALL, _MAIN = 0, 1, 2
 _MAX_FREQ = 3
-_NO_ENTRY = -2  # _entry value of a block with no heap entry (seq -1 means not cached)
 
 
 class S3FIFOPolicy(EvictionPolicy):
@@ -102,34 +99,30 @@ class S3FIFOPolicy(EvictionPolicy):
         n = max(b + 1, 2 * len(self._queue), 16) - len(self._queue)
         self._queue += [_NONE] * n
         self._seq += [-1] * n
-        self._entry += [_NO_ENTRY] * n
         self._freq += [0] * n
         self._ev += [False] * n
         self._hash += [None] * n
-        size = len(self._queue)
-        if size > 1 << self._shift:
-            shift = max(size.bit_length(), self._shift)
-            old, mask = self._shift, (1 << self._shift) - 1
-            for h in (self._heap_s, self._heap_m):
-                h[:] = [(e >> old) << shift | (e & mask) for e in h]
-                heapify(h)
-            self._shift = shift
 
     # -- evictable set -------------------------------------------------------
     def add(self, block_id: int) -> None:
-        self.add_many((block_id,))
+        self._ev[block_id] = True
+        self._n_ev += 1
+        s = self._seq[block_id]
+        if s not in self._slot:
+            self._slot[s] = block_id
+            heappush(self._heap_s if self._queue[block_id] == _SMALL else self._heap_m, s)
 
     def add_many(self, block_ids) -> None:
-        ev, seq, queue, entry = self._ev, self._seq, self._queue, self._entry
-        hs, hm, shift = self._heap_s, self._heap_m, self._shift
+        ev, seq, queue, slot = self._ev, self._seq, self._queue, self._slot
+        hs, hm = self._heap_s, self._heap_m
         n = 0
         for b in block_ids:
             ev[b] = True
             n += 1
             s = seq[b]
-            if entry[b] != s:  # no heap entry under its current position: push one
-                entry[b] = s
-                heappush(hs if queue[b] == _SMALL else hm, s << shift | b)
+            if s not in slot:
+                slot[s] = b
+                heappush(hs if queue[b] == _SMALL else hm, s)
         self._n_ev += n
 
     def remove(self, block_id: int) -> None:
@@ -148,71 +141,76 @@ class S3FIFOPolicy(EvictionPolicy):
     def pop_victims(self, n: int) -> list[int]:
         if n > self._n_ev:
             raise self._no_victim()
+        return self._pop_each(n, None)
+
+    def _pop_each(self, n: int, after) -> list[int]:
+        """``n`` victims as ``n`` successive ``pop_victim`` calls, with ``after(b)`` (when not
+        None) called after each victim ``b`` leaves; ``after`` may ``add`` blocks, which count
+        for the following victims (``LeafOnly`` uncovering a parent). The caller checked that
+        ``n`` victims exist."""
         hs, hm = self._heap_s, self._heap_m
-        seq, entry, freq, queue, ev = self._seq, self._entry, self._freq, self._queue, self._ev
-        shift = self._shift
-        mask = (1 << shift) - 1
-        small_cap = self.small_capacity
+        slot, seq, freq, queue, ev = self._slot, self._seq, self._freq, self._queue, self._ev
+        small_cap, main_cap = self.small_capacity, self.main_capacity
+        ghost, hashes = self._ghost, self._hash
         n_small, n_main, next_seq = self._n_small, self._n_main, self._next_seq
         out: list[int] = []
         while len(out) < n:
             # drop stale entries (blocks now in use, moved or dropped) off S's top
             while hs:
-                e = hs[0]
-                b = e & mask
-                s = e >> shift
+                s = hs[0]
+                b = slot[s]
                 if ev[b] and seq[b] == s:
                     break
                 heappop(hs)
-                if entry[b] == s:
-                    entry[b] = _NO_ENTRY
+                del slot[s]
             if not hs or n_small < small_cap:
                 while hm:
-                    e = hm[0]
-                    b = e & mask
-                    s = e >> shift
+                    s = hm[0]
+                    b = slot[s]
                     if ev[b] and seq[b] == s:
                         break
                     heappop(hm)
-                    if entry[b] == s:
-                        entry[b] = _NO_ENTRY
+                    del slot[s]
                 if hm:  # evict from M: its tail candidate is hm[0]
-                    b = heappop(hm) & mask
-                    f = freq[b]
-                    if f:
-                        freq[b] = f - 1
-                        seq[b] = entry[b] = next_seq
-                        heappush(hm, next_seq << shift | b)
+                    s = heappop(hm)
+                    b = slot.pop(s)
+                    if freq[b]:
+                        freq[b] -= 1
+                        seq[b] = next_seq
+                        slot[next_seq] = b
+                        heappush(hm, next_seq)
                         next_seq += 1
                         continue
                     n_main -= 1
                     queue[b] = _NONE
                     ev[b] = False
-                    entry[b] = _NO_ENTRY
-                    self._hash[b] = None
+                    hashes[b] = None
                     out.append(b)
+                    if after is not None:
+                        after(b)
                     continue
             # evict from S (due, or M has no candidate); an evictable block exists, so hs
-            b = heappop(hs) & mask
+            s = heappop(hs)
+            b = slot.pop(s)
             n_small -= 1
             if freq[b]:
                 freq[b] = 0
                 queue[b] = _MAIN
                 n_main += 1
-                seq[b] = entry[b] = next_seq
-                heappush(hm, next_seq << shift | b)
+                seq[b] = next_seq
+                slot[next_seq] = b
+                heappush(hm, next_seq)
                 next_seq += 1
                 continue
             queue[b] = _NONE
             ev[b] = False
-            entry[b] = _NO_ENTRY
             out.append(b)
-            hashes = self._hash
-            ghost = self._ghost
             ghost[hashes[b]] = None  # the hash of a block evicted from S enters G
             hashes[b] = None
-            if len(ghost) > self.main_capacity:
+            if len(ghost) > main_cap:
                 ghost.popitem(last=False)
+            if after is not None:
+                after(b)
         self._n_small, self._n_main, self._next_seq = n_small, n_main, next_seq
         self._n_ev -= n
         return out
@@ -227,8 +225,9 @@ class S3FIFOPolicy(EvictionPolicy):
     def _clone(self) -> S3FIFOPolicy:
         c = object.__new__(type(self))
         c.__dict__.update(self.__dict__)
-        for k in ("_queue", "_seq", "_entry", "_freq", "_ev", "_hash", "_heap_s", "_heap_m"):
+        for k in ("_queue", "_seq", "_freq", "_ev", "_hash", "_heap_s", "_heap_m"):
             setattr(c, k, list(getattr(self, k)))
+        c._slot = dict(self._slot)
         c._ghost = OrderedDict(self._ghost)
         return c
 
@@ -288,10 +287,9 @@ class S3FIFOPolicy(EvictionPolicy):
         self._seq: list[int] = []  # per block: sequence number of its queue position
         self._freq: list[int] = []  # per block: 0..3
         self._ev: list[bool] = []  # per block: evictable now
-        self._heap_s: list[int] = []  # packed entries of evictable S members (+ stale)
+        self._heap_s: list[int] = []  # sequence numbers of evictable S members (+ stale)
         self._heap_m: list[int] = []
-        self._entry: list[int] = []  # per block: sequence number of its heap entry
-        self._shift = 16  # heap entry = seq << shift | block id
+        self._slot: dict[int, int] = {}  # sequence number in a heap -> block id
         self._ghost: OrderedDict[Hashable, None] = OrderedDict()  # oldest first
         self._next_seq = 0
         self._n_small = 0  # blocks in S (in use or evictable)
