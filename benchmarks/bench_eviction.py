@@ -1,7 +1,7 @@
 """Eviction policy cost and hit ratios on the bundled Mooncake trace.
 
 Every registered policy (``sagellm_kv_cache.eviction.registry.POLICIES``) plus
-``leaf:lru`` replays the bundled Mooncake synthetic trace sequentially
+``leaf:lru`` and ``leaf:s3fifo`` replays the bundled Mooncake synthetic trace sequentially
 (``sim.replay.replay_sequential``: lookup, touch hits, allocate, cache,
 release, one request at a time) through the library's ``BlockPool`` at a
 capacity that forces eviction. Reported per policy:
@@ -75,7 +75,7 @@ def policy_names() -> list[str]:
 
     names = sorted(POLICIES)
     names.remove("lru")
-    return ["lru", *names, "leaf:lru"]
+    return ["lru", *names, "leaf:lru", "leaf:s3fifo"]
 
 
 def main() -> None:
