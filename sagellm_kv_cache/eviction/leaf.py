@@ -77,6 +77,7 @@ class LeafOnly(EvictionPolicy):
         self.inner = inner
         self.name = f"leaf:{inner.name}"
         self.tracks_hits = inner.tracks_hits
+        self.on_hit = inner.on_hit  # hits go straight to the inner policy (no wrapper call)
         kind = type(inner)
         self._inner_on_cached = (
             inner.on_cached if kind.on_cached is not EvictionPolicy.on_cached else None
@@ -206,10 +207,9 @@ class LeafOnly(EvictionPolicy):
             return out
         pop_each = getattr(inner, "_pop_each", None)
         if pop_each is not None:
-            # the inner policy pops one victim at a time and calls back after each
-            add = inner.add
-
-            def uncover(v: int) -> None:
+            # the inner policy pops one victim at a time, calls back after each and adds
+            # the block the callback returns (a parent the victim uncovered)
+            def uncover(v: int) -> int:
                 inc[v] = 0
                 p = parent[v]
                 if p >= 0:
@@ -219,7 +219,8 @@ class LeafOnly(EvictionPolicy):
                         children[p] = c
                         if not c and p in blocked:
                             blocked.remove(p)
-                            add(p)
+                            return p
+                return -1
 
             return pop_each(n, uncover)
         pop = inner.pop_victim

@@ -144,16 +144,17 @@ class S3FIFOPolicy(EvictionPolicy):
         return self._pop_each(n, None)
 
     def _pop_each(self, n: int, after) -> list[int]:
-        """``n`` victims as ``n`` successive ``pop_victim`` calls, with ``after(b)`` (when not
-        None) called after each victim ``b`` leaves; ``after`` may ``add`` blocks, which count
-        for the following victims (``LeafOnly`` uncovering a parent). The caller checked that
-        ``n`` victims exist."""
+        """``n`` victims as ``n`` successive ``pop_victim`` calls. When ``after`` is not None,
+        ``after(b)`` is called after each victim ``b`` leaves and returns a block id to
+        ``add`` at that point (or -1), which counts for the following victims (``LeafOnly``
+        uncovering a parent). The caller checked that ``n`` victims exist."""
         hs, hm = self._heap_s, self._heap_m
         slot, seq, freq, queue, ev = self._slot, self._seq, self._freq, self._queue, self._ev
         small_cap, main_cap = self.small_capacity, self.main_capacity
         ghost, hashes = self._ghost, self._hash
         n_small, n_main, next_seq = self._n_small, self._n_main, self._next_seq
         out: list[int] = []
+        added = 0
         while len(out) < n:
             # drop stale entries (blocks now in use, moved or dropped) off S's top
             while hs:
@@ -187,7 +188,14 @@ class S3FIFOPolicy(EvictionPolicy):
                     hashes[b] = None
                     out.append(b)
                     if after is not None:
-                        after(b)
+                        a = after(b)
+                        if a >= 0:  # add(a), inlined
+                            ev[a] = True
+                            added += 1
+                            sa = seq[a]
+                            if sa not in slot:
+                                slot[sa] = a
+                                heappush(hs if queue[a] == _SMALL else hm, sa)
                     continue
             # evict from S (due, or M has no candidate); an evictable block exists, so hs
             s = heappop(hs)
@@ -210,9 +218,16 @@ class S3FIFOPolicy(EvictionPolicy):
             if len(ghost) > main_cap:
                 ghost.popitem(last=False)
             if after is not None:
-                after(b)
+                a = after(b)
+                if a >= 0:  # add(a), inlined
+                    ev[a] = True
+                    added += 1
+                    sa = seq[a]
+                    if sa not in slot:
+                        slot[sa] = a
+                        heappush(hs if queue[a] == _SMALL else hm, sa)
         self._n_small, self._n_main, self._next_seq = n_small, n_main, next_seq
-        self._n_ev -= n
+        self._n_ev += added - n
         return out
 
     def pop_victim(self) -> int:
