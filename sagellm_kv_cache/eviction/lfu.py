@@ -79,7 +79,16 @@ class LFUPolicy(EvictionPolicy):
         self._side_key[block_id] = (f + 1, r)
 
     def add(self, block_id: int) -> None:
-        self.add_many((block_id,))
+        self._next = r = self._next + 1
+        f = self._freq.get(block_id)
+        if f is None:
+            f = self._freq[block_id] = 1
+        q = self._levels.get(f)
+        if q is None:
+            q = self._levels[f] = OrderedDict()
+            heappush(self._level_heap, f)
+        q[block_id] = r
+        self._where[block_id] = f
 
     def add_many(self, block_ids: Iterable[int]) -> None:
         freq = self._freq

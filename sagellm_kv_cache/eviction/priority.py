@@ -163,7 +163,11 @@ class PriorityPolicy(EvictionPolicy):
 
     # -- evictable set -------------------------------------------------------
     def add(self, block_id: int) -> None:
-        self.add_many((block_id,))
+        if self._priority or self._expiring:
+            self.add_many((block_id,))
+        else:
+            self._next = r = self._next + 1
+            self._order[block_id] = r
 
     def add_many(self, block_ids: Iterable[int]) -> None:
         if self._expiring:

@@ -141,7 +141,11 @@ class TTLPolicy(EvictionPolicy):
 
     # -- evictable set -------------------------------------------------------
     def add(self, block_id: int) -> None:
-        self.add_many((block_id,))
+        if self._until:
+            self.add_many((block_id,))
+        else:
+            self._next = r = self._next + 1
+            self._order[block_id] = r
 
     def add_many(self, block_ids: Iterable[int]) -> None:
         if not self._until:  # nothing protected: plain LRU appends
