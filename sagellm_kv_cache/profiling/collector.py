@@ -47,10 +47,11 @@ import json
 import struct
 import threading
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, compress, repeat
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +217,11 @@ class AccessStatsCollector:
         self._request_keys: list[Any] = []
         self._tier_codes: dict[Any, int] = {}
         self._tier_keys: list[Any] = []
-        self._evictions: list[tuple[int, float, str, Any]] = []
+        # evictions, columnar (no object per eviction for the garbage collector to walk)
+        self._ev_block = array("q")
+        self._ev_ts = array("d")
+        self._ev_reason: list[str] = []
+        self._ev_hash: list[Any] = []
         self._pending: list[tuple] = []  # queued record_prompt calls (see _flush_pending)
         # The hot path, specialised once: an instance attribute shadows the
         # documented method below.
@@ -236,9 +241,12 @@ class AccessStatsCollector:
                 self._request_keys,
                 self._tier_codes,
                 self._tier_keys,
-                self._evictions,
+                self._ev_reason,
+                self._ev_hash,
             ):
                 container.clear()
+            del self._ev_block[:]
+            del self._ev_ts[:]
 
     def record_access(
         self,
@@ -404,7 +412,12 @@ class AccessStatsCollector:
                 self._flush_pending()
 
     def _flush_pending(self) -> None:
-        """Turn queued prompt / eviction batches into records, in call order."""
+        """Turn queued prompt / eviction batches into records, in call order.
+
+        Block codes are assigned over every queued id in call order (as
+        per-call recording would), then all prompts become rows in one
+        vectorised step and all evictions in one list extension.
+        """
         pending = self._pending
         with self._lock:
             n = len(pending)
@@ -412,47 +425,50 @@ class AccessStatsCollector:
                 return
             batch = pending[:n]
             del pending[:n]  # appends racing this call land after index n and stay
-            i = 0
-            while i < n:  # consecutive runs of one kind, so code order is call order
-                j = i
-                is_ev = batch[i][1] is None
-                while j < n and (batch[j][1] is None) == is_ev:
-                    j += 1
-                if is_ev:
-                    self._flush_evictions_locked(batch[i:j])
-                else:
-                    self._flush_prompts_locked(batch[i:j])
-                i = j
+            codes = self._codes_locked(list(chain.from_iterable(p[0] for p in batch)))
+            prompts = [p for p in batch if p[1] is not None]
+            if len(prompts) == n:
+                self._flush_prompts_locked(prompts, codes)
+                return
+            lens = np.fromiter((len(p[0]) for p in batch), dtype=np.int64, count=n)
+            is_prompt = np.fromiter((p[1] is not None for p in batch), dtype=bool, count=n)
+            mask = np.repeat(is_prompt, lens)
+            codes_arr = np.asarray(codes, dtype=np.int64)
+            if prompts:
+                self._flush_prompts_locked(prompts, codes_arr[mask])
+            self._flush_evictions_locked(
+                [p for p in batch if p[1] is None], codes_arr[~mask].tolist()
+            )
 
     def _codes_locked(self, ids: list) -> list[int]:
-        get = self._block_codes.get
-        codes = [get(b) for b in ids]
+        codes_map = self._block_codes
+        codes = list(map(codes_map.get, ids))
         if None in codes:
-            codes = [
-                c if c is not None else self._intern_locked(self._block_codes, self._block_keys, b)
-                for c, b in zip(codes, ids)
-            ]
+            # new ids get codes in order of first appearance, as one-by-one recording would
+            missing = dict.fromkeys(compress(ids, [c is None for c in codes]))
+            keys = self._block_keys
+            base = len(keys)
+            keys.extend(missing)
+            codes_map.update(zip(missing, range(base, base + len(missing))))
+            codes = list(map(codes_map.__getitem__, ids))
         return codes
 
-    def _flush_evictions_locked(self, batch: list[tuple]) -> None:
-        out = self._evictions
+    def _flush_evictions_locked(self, batch: list[tuple], codes: list[int]) -> None:
+        self._ev_block.extend(codes)
+        ts_col, reason_col, hash_col = self._ev_ts, self._ev_reason, self._ev_hash
         for ids, _, ts, reason, hashes, _ in batch:
-            codes = self._codes_locked(ids)
+            k = len(ids)
+            ts_col.extend(repeat(ts, k))
+            reason_col.extend(repeat(reason, k))
             if hashes is None:
-                out.extend([(c, ts, reason, None) for c in codes])
+                hash_col.extend(repeat(None, k))
             else:
-                out.extend(
-                    [
-                        (c, ts, reason, h if isinstance(h, (bytes, int)) else None)
-                        for c, h in zip(codes, hashes)
-                    ]
-                )
+                hash_col.extend([h if isinstance(h, (bytes, int)) else None for h in hashes])
 
-    def _flush_prompts_locked(self, batch: list[tuple]) -> None:
+    def _flush_prompts_locked(self, batch: list[tuple], codes: Any) -> None:
         n_req = len(batch)
         lens = np.fromiter((len(p[0]) for p in batch), dtype=np.int64, count=n_req)
         total = int(lens.sum())
-        codes = self._codes_locked(list(chain.from_iterable(p[0] for p in batch)))
         intern = self._intern_locked
         reqs = [
             -1 if p[3] is None else intern(self._request_codes, self._request_keys, p[3])
@@ -500,7 +516,10 @@ class AccessStatsCollector:
         if timestamp is None:
             timestamp = self._clock() - self._origin[0]
         with self._lock:
-            self._evictions.append((code, float(timestamp), str(reason), block_hash))
+            self._ev_block.append(code)
+            self._ev_ts.append(float(timestamp))
+            self._ev_reason.append(str(reason))
+            self._ev_hash.append(block_hash)
 
     def record_evictions(
         self,
@@ -610,7 +629,7 @@ class AccessStatsCollector:
         """Number of recorded evictions."""
         if self._pending:
             self._flush_pending()
-        return len(self._evictions)
+        return len(self._ev_block)
 
     def _snapshot(self) -> dict[str, Any]:
         """Column copies of the buffers as numpy arrays, taken under the lock."""
@@ -619,7 +638,10 @@ class AccessStatsCollector:
         with self._lock:
             raw = bytes(self._rows)  # a copy: the bytearray never stays exported
             keys = (list(self._block_keys), list(self._request_keys), list(self._tier_keys))
-            evictions = list(self._evictions)
+            ev_block = np.array(self._ev_block, dtype=np.int64)
+            ev_ts = np.array(self._ev_ts, dtype=np.float64)
+            ev_reason = list(self._ev_reason)
+            ev_hash = list(self._ev_hash)
         rows = np.frombuffer(raw, dtype=ROW_DTYPE)
         return {
             "block": rows["block"].astype(np.int64),
@@ -632,10 +654,10 @@ class AccessStatsCollector:
             "block_keys": keys[0],
             "request_keys": keys[1],
             "tier_keys": keys[2],
-            "evict_block": np.asarray([e[0] for e in evictions], dtype=np.int64),
-            "evict_ts": np.asarray([e[1] for e in evictions], dtype=np.float64),
-            "evict_reason": [e[2] for e in evictions],
-            "evict_hash": [e[3] for e in evictions],
+            "evict_block": ev_block,
+            "evict_ts": ev_ts,
+            "evict_reason": ev_reason,
+            "evict_hash": ev_hash,
         }
 
     def iter_events(self) -> Iterator[AccessEvent]:
