@@ -17,6 +17,21 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Timing never decides a test: no per-example deadline, no too-slow health check
+# (a loaded CI machine is slow). The "ci" profile also fixes the examples
+# (derandomize), so a CI run is repeatable; .ci/run selects it.
+settings.register_profile("default", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "ci",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
 from sagellm_kv_cache.pool import KVPool  # noqa: E402
 from sagellm_kv_cache.storage import ModelShape  # noqa: E402
 
