@@ -323,7 +323,7 @@ class BlockPool:
                 n += 1
                 if new is not None:
                     new.append(i)
-            prev = b
+            prev = cached.get(h, b)  # the block that holds h: a duplicate is no parent
         self.num_cached_total += n
         if new:
             self._emit_cached(block_ids, block_hashes, new)

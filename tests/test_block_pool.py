@@ -140,3 +140,34 @@ def test_evictions_are_counted_by_reason():
     assert bp.num_evictions == 2  # invalidation is not an eviction
     bp.reset()
     assert bp.evictions_by_reason == {}
+
+
+def test_a_block_after_a_duplicate_gets_the_hash_holder_as_parent():
+    """Two requests computed the same first block; the second one's next block hangs
+    under the block that holds the hash, not under its own unregistered duplicate."""
+    bp = BlockPool(8, block_size=2, policy="leaf:lru")
+    a = bp.allocate(1)  # block 0 holds "p"
+    bp.cache_blocks(a, ["p"])
+    bp.release(a)  # evictable (a leaf for now)
+    b = bp.allocate(2)  # blocks 1, 2: 1 duplicates "p", 2 extends it
+    bp.cache_blocks(b, ["p", "c"])
+    assert bp.block_hashes[b[0]] is None  # one block per hash
+    assert bp.parent_ids[b[1]] == a[0]
+    # block 0 gained a cached child: no longer a victim while "c" is cached
+    assert bp.policy.peek_victims(8) == []
+    bp.release(b)
+    assert bp.evict(8) == [b[1], a[0]]  # child first, then its parent
+    bp.check_invariants()
+
+
+def test_snapshot_names_the_hash_holder_as_parent():
+    from sagellm_kv_cache.observability import KVEventStream
+
+    bp = BlockPool(8, block_size=2)
+    stream = KVEventStream(bp, block_size=2)
+    a = bp.allocate(1)
+    bp.cache_blocks(a, ["p"])
+    b = bp.allocate(2)
+    bp.cache_blocks(b, ["p", "c"])
+    parents = {e.block_hashes[0]: e.parent_block_hash for e in stream.snapshot_events()[1:]}
+    assert parents == {"p": None, "c": "p"}

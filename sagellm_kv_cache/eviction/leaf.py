@@ -284,6 +284,10 @@ class LeafOnly(EvictionPolicy):
             self._parent[block_id] = p
             self._pinc[block_id] = inc[p]
             children[p] += 1
+            # a parent held by another request may be evictable now: it stops being a leaf
+            if children[p] == 1 and p in self.inner:
+                self.inner.remove(p)
+                self._blocked.add(p)
         else:
             self._parent[block_id] = -1
         if self._inner_on_cached is not None:
