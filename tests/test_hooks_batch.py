@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 
 from sagellm_kv_cache.block_pool import BlockPool
@@ -174,3 +175,32 @@ def test_concurrent_record_prompt_loses_nothing():
     df = c.to_polars()
     assert df.height == 4 * 3000 * 2
     assert sorted(df.group_by("request_id").len()["len"].to_list()) == [6000] * 4
+
+
+def test_large_queued_batches_intern_ids_in_first_seen_order():
+    rng = random.Random(7)
+    queued = AccessStatsCollector()
+    direct = AccessStatsCollector()
+    for r in range(300):  # > 4096 ids per flush: the vectorised interning path
+        ids = [rng.randrange(50_000) for _ in range(rng.randrange(1, 40))]
+        hit = rng.randrange(len(ids) + 1)
+        queued.record_prompt(ids, hit, timestamp=float(r))
+        for i, b in enumerate(ids):
+            direct.record_access(b, i < hit, timestamp=float(r), position=i)
+        if r % 7 == 0:
+            ev = [rng.randrange(60_000) for _ in range(5)]
+            queued.record_evictions(ev, "capacity", timestamp=float(r))
+            for b in ev:
+                direct.record_eviction(b, "capacity", timestamp=float(r))
+    assert queued.to_polars().equals(direct.to_polars())
+    assert list(queued.iter_evictions()) == list(direct.iter_evictions())
+
+
+def test_queued_string_ids_take_the_dictionary_path():
+    c = AccessStatsCollector()
+    for r in range(200):
+        c.record_prompt([f"b{r}", f"b{r + 1}"] * 15, 3, timestamp=float(r))
+    df = c.to_polars()
+    assert df.height == 200 * 30
+    assert df["block_id"].to_list()[:3] == ["b0", "b1", "b0"]
+    assert df["block_code"].to_list()[:4] == [0, 1, 0, 1]

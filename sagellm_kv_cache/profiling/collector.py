@@ -440,13 +440,38 @@ class AccessStatsCollector:
                 [p for p in batch if p[1] is None], codes_arr[~mask].tolist()
             )
 
-    def _codes_locked(self, ids: list) -> list[int]:
+    def _codes_locked(self, ids: list) -> Any:
+        """Block codes of ``ids`` (a list or an int64 array), interning new ids in order
+        of first appearance, as one-by-one recording would."""
         codes_map = self._block_codes
+        keys = self._block_keys
+        if len(ids) > 4096:
+            # pool block ids: one dict operation per distinct id, not per id. Only
+            # when every id is an int (a True among them equals 1, as a dict key would)
+            try:
+                arr = np.array(ids)
+            except (ValueError, OverflowError):
+                arr = None
+            if arr is not None and arr.dtype == np.int64 and arr.ndim == 1:
+                uniq, first, inverse = np.unique(arr, return_index=True, return_inverse=True)
+                order = np.argsort(first, kind="stable")
+                values = uniq[order].tolist()
+                get = codes_map.get
+                ucodes = [get(v) for v in values]
+                if None in ucodes:
+                    for i, c in enumerate(ucodes):
+                        if c is None:
+                            v = values[i]
+                            ucodes[i] = len(keys)
+                            keys.append(v)
+                            codes_map[v] = ucodes[i]
+                mapped = np.empty(len(uniq), dtype=np.int64)
+                mapped[order] = ucodes
+                return mapped[inverse.reshape(-1)]
         codes = list(map(codes_map.get, ids))
         if None in codes:
-            # new ids get codes in order of first appearance, as one-by-one recording would
+            # new ids get codes in order of first appearance
             missing = dict.fromkeys(compress(ids, [c is None for c in codes]))
-            keys = self._block_keys
             base = len(keys)
             keys.extend(missing)
             codes_map.update(zip(missing, range(base, base + len(missing))))
