@@ -12,41 +12,24 @@ its *first* block is the most recently released and MRU evicts a request's
 prefix before its suffix (the mirror image of LRU). Combine with a leaf-only
 constraint when orphaned suffixes matter.
 
-Backed by an ``OrderedDict``: add, remove and pop are O(1).
+Shares ``LRUPolicy``'s ``OrderedDict`` of release order and pops from its other end:
+add, remove and pop are O(1).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable
 from itertools import islice
 
-from .base import EvictionPolicy
+from .lru import LRUPolicy
 
 __all__ = ["MRUPolicy"]
 
 
-class MRUPolicy(EvictionPolicy):
+class MRUPolicy(LRUPolicy):
+    """LRU's release-order bookkeeping (add, remove, touch), victims from the other end."""
+
     name = "mru"
     description = "most recently released first; for scans larger than the cache (SGLang mru)"
-
-    def __init__(self, clock=None) -> None:
-        super().__init__(clock)
-        self._order: OrderedDict[int, None] = OrderedDict()  # oldest release first
-
-    def add(self, block_id: int) -> None:
-        self._order[block_id] = None
-
-    def add_many(self, block_ids: Iterable[int]) -> None:
-        self._order.update(dict.fromkeys(block_ids))
-
-    def remove(self, block_id: int) -> None:
-        del self._order[block_id]
-
-    def remove_many(self, block_ids: Iterable[int]) -> None:
-        order = self._order
-        for b in block_ids:
-            del order[b]
 
     def pop_victim(self) -> int:
         if not self._order:
@@ -61,12 +44,3 @@ class MRUPolicy(EvictionPolicy):
 
     def peek_victims(self, n: int) -> list[int]:
         return list(islice(reversed(self._order), n))
-
-    def __len__(self) -> int:
-        return len(self._order)
-
-    def __contains__(self, block_id: object) -> bool:
-        return block_id in self._order
-
-    def reset(self) -> None:
-        self._order.clear()
