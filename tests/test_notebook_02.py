@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests._notebooks import ROOT, execute_notebook  # noqa: E402
+
 NOTEBOOK = ROOT / "notebooks" / "02-trace-replay.ipynb"
 
 
 def test_notebook_02_executes(tmp_path, monkeypatch):
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    # the kernel runs in tmp_path; the project is importable through PYTHONPATH
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    )
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    client = nbclient.NotebookClient(
-        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    )
-    client.execute()
-    outputs = [
-        out for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
-    ]
+    outputs = execute_notebook(NOTEBOOK, tmp_path, monkeypatch)
     errors = [out for out in outputs if out.get("output_type") == "error"]
     assert not errors, errors
     images = [o for o in outputs if "image/png" in o.get("data", {})]

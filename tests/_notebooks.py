@@ -1,0 +1,29 @@
+"""Run a notebook top to bottom in a kernel (shared by the notebook tests)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def execute_notebook(path: Path, workdir: Path, monkeypatch) -> list[dict]:
+    """Execute ``path`` with ``workdir`` as the kernel's cwd; the outputs of its code
+    cells' outputs. The project is importable in the kernel through PYTHONPATH."""
+    import nbclient
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    )
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    client = nbclient.NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    )
+    client.execute()
+    outputs = [
+        out for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+    ]
+    return outputs
