@@ -9,8 +9,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def execute_notebook(path: Path, workdir: Path, monkeypatch) -> list[dict]:
-    """Execute ``path`` with ``workdir`` as the kernel's cwd; the outputs of its code
-    cells' outputs. The project is importable in the kernel through PYTHONPATH."""
+    """Execute ``path`` with ``workdir`` as the kernel's cwd and return the outputs of
+    its code cells. The project is importable in the kernel through PYTHONPATH."""
     import nbclient
     import nbformat
 
