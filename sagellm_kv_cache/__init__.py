@@ -68,6 +68,9 @@ _ERRORS = (
     "KVInvalidInputError",
     "KVInvalidTypeError",
     "KVTraceFormatError",
+    "KVBlockImmutableError",
+    "KVStorageError",
+    "KVStorageLockedError",
 )
 _LAZY.update(dict.fromkeys(_ERRORS, "errors"))
 

@@ -15,6 +15,9 @@ builtin too, so ``except ValueError`` keeps working::
     +-- KVCacheMissError              KV_CACHE_MISS          (also KeyError)
     +-- KVPrefixTooLongError          KV_PREFIX_TOO_LONG     (also ValueError)
     +-- KVNoVictimError               KV_NO_VICTIM
+    +-- KVBlockImmutableError         KV_BLOCK_IMMUTABLE     (also ValueError)
+    +-- KVStorageError                KV_STORAGE_ERROR       (also OSError)
+    |   +-- KVStorageLockedError      KV_STORAGE_LOCKED
     +-- KVTransferFailedError         KV_TRANSFER_FAILED
     |   +-- KVTransferTimeoutError    KV_TRANSFER_TIMEOUT    (also TimeoutError)
     |   +-- KVChecksumMismatchError   KV_CHECKSUM_MISMATCH
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 __all__ = [
     "ERROR_CODES",
+    "KVBlockImmutableError",
     "KVBudgetExceededError",
     "KVCacheError",
     "KVCacheMissError",
@@ -45,6 +49,8 @@ __all__ = [
     "KVPoolFullError",
     "KVPrefixTooLongError",
     "KVRefCountUnderflowError",
+    "KVStorageError",
+    "KVStorageLockedError",
     "KVSweepJobError",
     "KVTraceFormatError",
     "KVTransferFailedError",
@@ -121,6 +127,28 @@ class KVNoVictimError(KVCacheError):
     """Eviction was asked for but every candidate is in use or pinned."""
 
     code = "KV_NO_VICTIM"
+
+
+class KVBlockImmutableError(KVCacheError, ValueError):
+    """A write (``write_kv``, ``copy_blocks``) targets a block that is cached
+    (hashed, possibly shared by other requests) or otherwise not writable by
+    this caller; a cached block's KV never changes. ``details["block_ids"]``
+    names the refused blocks."""
+
+    code = "KV_BLOCK_IMMUTABLE"
+
+
+class KVStorageError(KVCacheError, OSError):
+    """A storage tier (disk) failed to read or write a block: missing or
+    unreadable file, disk full, I/O error. ``__cause__`` is the OS error."""
+
+    code = "KV_STORAGE_ERROR"
+
+
+class KVStorageLockedError(KVStorageError):
+    """Another store owns the directory (or this store lost its lock)."""
+
+    code = "KV_STORAGE_LOCKED"
 
 
 class KVTransferFailedError(KVCacheError):
