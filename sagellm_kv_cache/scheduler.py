@@ -41,6 +41,17 @@ from .errors import KVCacheMissError, KVConfigError, KVInvalidInputError, KVInva
 from .handle import KVHandle
 from .offload import KVOffloadManager, OffloadAllocation, OffloadLookup, TierConfig
 from .pool import KVPool, check_num_tokens
+from .scheduler_checks import (
+    as_int,
+    check_hashes,
+    check_limit,
+    check_prompt,
+    check_request_batch,
+    check_request_id,
+    check_timeout,
+    request_fields,
+    sequence_len,
+)
 from .storage import ModelShape
 
 __all__ = [
@@ -195,11 +206,14 @@ class KVCacheManager:
 
     def block_hashes_of(self, tokens: Any = None, block_hashes: Any = None) -> list | None:
         if tokens is not None:
+            sequence_len(tokens, "tokens")
             return self.pool.compute_block_hashes(tokens)
-        return None if block_hashes is None else list(block_hashes)
+        return None if block_hashes is None else check_hashes(block_hashes)
 
     def lookup(self, tokens: Any = None, *, block_hashes: Any = None) -> OffloadLookup:
         """Where the cached prefix of a prompt lives (no side effect)."""
+        if tokens is not None and block_hashes is not None:
+            raise KVInvalidInputError("give tokens or block_hashes, not both")
         hashes = self.block_hashes_of(tokens, block_hashes)
         if hashes is None:
             raise KVInvalidInputError("lookup needs tokens or block_hashes")
@@ -218,16 +232,17 @@ class KVCacheManager:
         """Allocate KV for a request (prefix reuse across tiers when hashes or tokens are given).
 
         Raises:
-            KVInvalidInputError: ``request_id`` already holds an allocation.
+            KVInvalidTypeError / KVInvalidInputError: a bad argument (a non-str id,
+                a generator or set of tokens, unhashable or ``None`` hashes,
+                ``num_tokens`` that disagrees with ``tokens``, a bad ``timeout``),
+                or ``request_id`` already holds an allocation. Nothing changed.
             KVBudgetExceededError: it does not fit the device now (nothing changed).
         """
-        if not isinstance(request_id, str):
-            raise KVInvalidTypeError(f"request_id must be a str, got {type(request_id).__name__}")
+        check_request_id(request_id)
         if request_id in self._requests:
             raise KVInvalidInputError(f"request {request_id!r} already holds KV blocks")
-        if tokens is not None and num_tokens is None:
-            num_tokens = len(tokens)
-        check_num_tokens(num_tokens)
+        num_tokens, block_hashes = check_prompt(num_tokens, tokens, block_hashes)
+        check_timeout(timeout)
         alloc = self.offload.allocate(
             tokens, block_hashes=block_hashes, num_tokens=num_tokens, request_id=request_id
         )
@@ -237,6 +252,7 @@ class KVCacheManager:
         return alloc
 
     def get_allocation(self, request_id: str) -> OffloadAllocation:
+        check_request_id(request_id)
         try:
             return self._requests[request_id]
         except KeyError:
@@ -248,7 +264,11 @@ class KVCacheManager:
     def cache(self, request_id: str, num_tokens: int | None = None) -> int:
         """Register the request's computed full blocks (their KV is written)."""
         handle = self.get_handle(request_id)
-        kwargs = {} if num_tokens is None else {"num_tokens": num_tokens}
+        kwargs = {}
+        if num_tokens is not None:
+            kwargs["num_tokens"] = n = as_int(num_tokens, "num_tokens")
+            if not 0 <= n <= handle.num_tokens:
+                raise KVInvalidInputError(f"num_tokens={n} outside [0, {handle.num_tokens}]")
         return self.offload.cache_blocks(handle, **kwargs)
 
     def free(self, request_id: str, *, cache: bool = True) -> None:
@@ -322,6 +342,8 @@ class SchedulerBridge:
         extra_keys: Any = None,
         clock=None,
     ) -> None:
+        max_num_seqs = check_limit("max_num_seqs", max_num_seqs)
+        max_num_batched_tokens = check_limit("max_num_batched_tokens", max_num_batched_tokens)
         pool = KVPool(
             max_tokens,
             block_size=block_size,
@@ -381,17 +403,28 @@ class SchedulerBridge:
         if isinstance(r, SchedRequest):
             req = r
         elif isinstance(r, Mapping):
-            req = SchedRequest(**r)
+            req = SchedRequest(*request_fields(r))
         else:
             raise KVInvalidTypeError(
                 f"expected a SchedRequest or a mapping, got {type(r).__name__}"
             )
-        n = req.num_tokens
-        if n is None and req.tokens is not None:
-            n = len(req.tokens)
-            req = SchedRequest(req.request_id, n, req.tokens, req.block_hashes)
-        check_num_tokens(n)
+        check_request_id(req.request_id)
+        n, hashes = check_prompt(req.num_tokens, req.tokens, req.block_hashes)
+        if n is not req.num_tokens or hashes is not None:
+            req = SchedRequest(req.request_id, n, req.tokens, hashes)
         return req
+
+    def _as_requests(self, requests: Any) -> list[SchedRequest]:
+        """Checked requests: distinct ids, none already running (what executing them needs)."""
+        if isinstance(requests, str | bytes | Mapping | SchedRequest) or not isinstance(
+            requests, Iterable
+        ):
+            raise KVInvalidTypeError(
+                f"requests must be an iterable of requests, got {type(requests).__name__}"
+            )
+        reqs = [self._as_request(r) for r in requests]
+        check_request_batch([r.request_id for r in reqs], self.manager._requests)
+        return reqs
 
     def plan(self, requests: Iterable[SchedRequest | Mapping[str, Any]]) -> SchedulerPlan:
         """What allocating ``requests`` in order would do now (changes nothing).
@@ -401,9 +434,9 @@ class SchedulerBridge:
             tier and the blocks to allocate, onboard and evict; the others with
             their wait reason.
         """
-        off = self.offload
-        with off._lock:
-            return self._plan([self._as_request(r) for r in requests])
+        reqs = self._as_requests(requests)
+        with self.offload._lock:
+            return self._plan(reqs)
 
     def _plan(self, requests: list[SchedRequest]) -> SchedulerPlan:
         off = self.offload
@@ -509,21 +542,35 @@ class SchedulerBridge:
     def schedule(
         self, requests: Iterable[SchedRequest | Mapping[str, Any]], *, wait: bool = False
     ) -> tuple[SchedulerPlan, list[OffloadAllocation]]:
-        """``plan`` then allocate the admitted requests; returns both."""
-        reqs = [self._as_request(r) for r in requests]
+        """``plan`` then allocate the admitted requests; returns both.
+
+        Every request is checked before anything is allocated (a bad one raises
+        with nothing changed); should an allocation still fail, the requests
+        this call allocated are freed again before the error propagates.
+        """
+        reqs = self._as_requests(requests)
         with self.offload._lock:
             plan = self._plan(reqs)
             by_id = {r.request_id: r for r in reqs}
-            allocs = [
-                self.allocate_request(
-                    rp.request_id,
-                    rp.num_tokens,
-                    tokens=by_id[rp.request_id].tokens,
-                    block_hashes=by_id[rp.request_id].block_hashes,
-                    wait=wait,
-                )
-                for rp in plan.admitted
-            ]
+            allocs: list[OffloadAllocation] = []
+            try:
+                for rp in plan.admitted:
+                    req = by_id[rp.request_id]
+                    allocs.append(
+                        self.manager.allocate(
+                            rp.request_id,
+                            rp.num_tokens,
+                            tokens=req.tokens,
+                            block_hashes=req.block_hashes,
+                        )
+                    )
+            except BaseException:
+                for rp in plan.admitted[: len(allocs)]:
+                    self.manager.free(rp.request_id, cache=False)
+                raise
+        if wait:  # every admitted request stays allocated if a copy fails
+            for a in allocs:
+                a.wait()
         return plan, allocs
 
     # -- per request (seed API) -----------------------------------------------

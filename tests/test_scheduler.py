@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 from sagellm_kv_cache.errors import (
     KVBudgetExceededError,
     KVCacheMissError,
+    KVConfigError,
     KVInvalidInputError,
+    KVInvalidTypeError,
 )
 from sagellm_kv_cache.scheduler import SchedRequest, SchedulerBridge
 
@@ -201,3 +203,116 @@ def test_executing_any_plan_matches_it_and_never_exceeds_a_budget(rounds, fcfs):
         for a in allocs:
             bridge.free_request(a.handle.metadata["request_id"])
     bridge.close()
+
+
+# -- bad input: typed errors, nothing allocated, nothing leaked ----------------------------------
+def _state(bridge: SchedulerBridge) -> tuple:
+    bridge.manager.check_invariants()
+    s = bridge.get_stats()
+    return bridge.manager.running, s["device_pool"], s["requests"], s["query_blocks"]
+
+
+def test_schedule_checks_every_request_before_allocating_any():
+    bridge = make_bridge(device_blocks=8)
+    a, b = make_request("a", 1, 1), make_request("b", 2, 1)
+    run_and_free(bridge, make_request("warm", 3, 1))
+    bridge.allocate_request("run", 4)
+    before = _state(bridge)
+    bad_batches = [
+        ([a, b, a], KVInvalidInputError),  # listed twice: the second allocation would fail
+        ([a, SchedRequest("run", 4)], KVInvalidInputError),  # already running
+        ([a, SchedRequest("b", 4, tokens=list(range(8)))], KVInvalidInputError),  # 4 != 8
+        ([a, {"request_id": "b"}], KVInvalidInputError),  # no length
+        ([a, {"request_id": "b", "num_tokens": 4, "prio": 1}], KVInvalidInputError),
+        ([a, {"request_id": 7, "num_tokens": 4}], KVInvalidTypeError),
+        ([a, SchedRequest("b", 4.0)], KVInvalidTypeError),
+        ([a, SchedRequest("b", 4, block_hashes=[[1]])], KVInvalidTypeError),
+        ([a, SchedRequest("b", 4, block_hashes=[None])], KVInvalidInputError),
+        ([a, SchedRequest("b", None, tokens=iter(b.tokens))], KVInvalidTypeError),
+        ([a, SchedRequest("b", None, tokens=set(b.tokens))], KVInvalidTypeError),
+        ([a, 5], KVInvalidTypeError),
+    ]
+    for batch, err in bad_batches:
+        with pytest.raises(err) as info:
+            bridge.schedule(batch)
+        assert info.value.code == err.code
+        with pytest.raises(err):
+            bridge.plan(batch)
+        assert _state(bridge) == before
+    for bad in (None, "ab", 5, a):
+        with pytest.raises(KVInvalidTypeError):
+            bridge.schedule(bad)
+        assert _state(bridge) == before
+
+
+def test_schedule_frees_what_it_allocated_when_a_later_allocation_fails(monkeypatch):
+    bridge = make_bridge(device_blocks=8)
+    before = _state(bridge)
+    real = bridge.manager.allocate
+    calls = []
+
+    def flaky(request_id, *args, **kwargs):
+        calls.append(request_id)
+        if len(calls) == 2:
+            raise KVBudgetExceededError("injected")
+        return real(request_id, *args, **kwargs)
+
+    monkeypatch.setattr(bridge.manager, "allocate", flaky)
+    with pytest.raises(KVBudgetExceededError):
+        bridge.schedule([make_request("a", 1, 2), make_request("b", 2, 2)])
+    assert calls == ["a", "b"]
+    running, device, *_ = _state(bridge)
+    assert running == [] and device["used_blocks"] == 0 and device["num_handles"] == 0
+    assert device["cached_blocks"] == before[1]["cached_blocks"] == 0
+
+
+def test_manager_rejects_bad_arguments_with_nothing_allocated():
+    bridge = make_bridge(device_blocks=8)
+    m = bridge.manager
+    bridge.allocate_request("run", 8, tokens=list(range(8)))
+    before = _state(bridge)
+    cases = [
+        (lambda: m.allocate("a", tokens=(t for t in range(8))), KVInvalidTypeError),
+        (lambda: m.allocate("a", tokens={1, 2, 3, 4}), KVInvalidTypeError),
+        (lambda: m.allocate("a", 4, tokens=list(range(8))), KVInvalidInputError),
+        (lambda: m.allocate("a", 4, block_hashes=[b"x", ["y"]]), KVInvalidTypeError),
+        (lambda: m.allocate("a", 4, block_hashes=b"xy"), KVInvalidTypeError),
+        (lambda: m.allocate("a", 4, wait=True, timeout="1"), KVInvalidTypeError),
+        (lambda: m.allocate("a", 4, wait=True, timeout=-1), KVInvalidTypeError),
+        (lambda: m.free(["run"]), KVInvalidTypeError),
+        (lambda: m.get_handle({}), KVInvalidTypeError),
+        (lambda: m.cache("run", -4), KVInvalidInputError),
+        (lambda: m.cache("run", 4.0), KVInvalidTypeError),
+        (lambda: m.lookup(block_hashes=[[1]]), KVInvalidTypeError),
+        (lambda: m.lookup(t for t in range(8)), KVInvalidTypeError),
+        (lambda: m.lookup(list(range(8)), block_hashes=[b"x"]), KVInvalidInputError),
+    ]
+    for call, err in cases:
+        with pytest.raises(err) as info:
+            call()
+        assert info.value.code == err.code
+        assert _state(bridge) == before
+
+
+def test_numpy_integers_are_accepted_as_counts():
+    np = pytest.importorskip("numpy")
+    bridge = make_bridge(device_blocks=8, max_num_seqs=np.int64(2))
+    plan = bridge.plan([{"request_id": "a", "num_tokens": np.int64(5)}])
+    assert plan.admitted_ids == ["a"] and plan.requests[0].blocks_to_allocate == 2
+    alloc = bridge.allocate_request("b", np.int32(8))
+    assert alloc.handle.num_tokens == 8 and type(alloc.handle.num_tokens) is int
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_num_seqs": 0},
+        {"max_num_seqs": 1.5},
+        {"max_num_seqs": True},
+        {"max_num_batched_tokens": -1},
+        {"max_num_batched_tokens": "64"},
+    ],
+)
+def test_scheduler_limits_are_checked(kwargs):
+    with pytest.raises(KVConfigError):
+        make_bridge(**kwargs)
