@@ -19,12 +19,28 @@ Canonical table (polars, Arrow types), one row per request, columns in this orde
 The two optional columns exist only for formats that know sessions (Qwen-Bailian,
 the synthetic prefix model behind Azure/BurstGPT, the synthetic generators);
 Mooncake and token-level tables have exactly the first six.
+
+Hostile input: every reader decodes each line as UTF-8 on its own, so a bad
+byte, a corrupt or truncated ``.gz``, JSON nested too deep, a number too large
+for its column, or a length above the per-request maximum becomes a
+``KVTraceFormatError`` naming ``<file>:<line>`` (and the field), never a raw
+Python error.
+
+Per-request maximum (:data:`MAX_REQUEST_TOKENS`, 4,000,000 tokens): readers
+that make blocks from a length (every format: Mooncake/Bailian
+``input_length``, Azure ``ContextTokens``, BurstGPT ``Request tokens``, the
+length of a token list) reject a prompt or output longer than that, so an
+81-byte row cannot make the reader allocate gigabytes. Override it per call
+with ``max_request_tokens=`` or for a whole process (the CLI included) with
+the environment variable ``SAGELLM_KV_MAX_REQUEST_TOKENS``; the argument wins.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import os
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
 from pathlib import Path
@@ -47,6 +63,36 @@ CANONICAL_COLUMNS = BASE_COLUMNS + SESSION_COLUMNS
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 MAX_KEPT_SKIPS = 100
+#: Default longest prompt (and longest output) a record may declare, in tokens.
+MAX_REQUEST_TOKENS = 4_000_000
+#: Environment variable that overrides :data:`MAX_REQUEST_TOKENS` (a positive integer).
+MAX_REQUEST_TOKENS_ENV = "SAGELLM_KV_MAX_REQUEST_TOKENS"
+
+
+def resolve_max_request_tokens(value: int | None = None) -> int:
+    """The per-request token maximum: ``value``, else ``$SAGELLM_KV_MAX_REQUEST_TOKENS``,
+    else :data:`MAX_REQUEST_TOKENS`.
+
+    Raises:
+        KVConfigError: ``value`` or the environment variable is not a positive integer.
+    """
+    from sagellm_kv_cache.errors import KVConfigError
+
+    source = "max_request_tokens"
+    if value is None:
+        env = os.environ.get(MAX_REQUEST_TOKENS_ENV)
+        if env is None or not env.strip():
+            return MAX_REQUEST_TOKENS
+        source = MAX_REQUEST_TOKENS_ENV
+        try:
+            value = int(env.strip())
+        except ValueError:
+            raise KVConfigError(
+                f"{MAX_REQUEST_TOKENS_ENV} must be a positive integer, got {env!r}"
+            ) from None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= INT64_MAX:
+        raise KVConfigError(f"{source} must be a positive integer, got {value!r}")
+    return value
 
 
 class TraceRecord(NamedTuple):
@@ -118,25 +164,60 @@ def bad(path: Path, line: int, field: str, msg: str) -> KVTraceFormatError:
     )
 
 
-def int_field(rec: dict, name: str, path: Path, line: int, minimum: int | None) -> int:
-    """``rec[name]`` as an int >= ``minimum`` (bool is not an int here)."""
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} chars)"
+
+
+def int_field(
+    rec: dict, name: str, path: Path, line: int, minimum: int | None, maximum: int = INT64_MAX
+) -> int:
+    """``rec[name]`` as an int in ``[minimum, maximum]`` (bool is not an int here)."""
     if name not in rec:
         raise bad(path, line, name, "missing")
     v = rec[name]
     if isinstance(v, bool) or not isinstance(v, int):
-        raise bad(path, line, name, f"expected an integer, got {type(v).__name__} {v!r}")
+        raise bad(path, line, name, f"expected an integer, got {type(v).__name__} {_short(v)}")
     if minimum is not None and v < minimum:
-        raise bad(path, line, name, f"must be >= {minimum}, got {v}")
+        raise bad(path, line, name, f"must be >= {minimum}, got {_short(v)}")
+    if v > maximum:
+        raise bad(path, line, name, f"must be <= {maximum}, got {_short(v)}")
     return v
 
 
+def length_field(rec: dict, name: str, path: Path, line: int, minimum: int, max_tokens: int) -> int:
+    """A token count: an int in ``[minimum, max_tokens]`` (the per-request maximum)."""
+    v = int_field(rec, name, path, line, minimum)
+    check_length(path, line, name, v, max_tokens)
+    return v
+
+
+def check_length(path: Path, line: int, field: str, n: int, max_tokens: int) -> None:
+    """Reject a token count above the per-request maximum (see the module docstring)."""
+    if n > max_tokens:
+        raise bad(
+            path,
+            line,
+            field,
+            f"{_short(n)} tokens is above the per-request maximum of {max_tokens} "
+            f"(raise it with max_request_tokens= or {MAX_REQUEST_TOKENS_ENV})",
+        )
+
+
 def number_field(rec: dict, name: str, path: Path, line: int) -> float:
-    """``rec[name]`` as a finite number >= 0."""
+    """``rec[name]`` as a finite number >= 0 (an int must also fit in a float)."""
     v = rec.get(name)
     if isinstance(v, bool) or not isinstance(v, int | float):
-        raise bad(path, line, name, "missing" if v is None else f"expected a number, got {v!r}")
+        raise bad(
+            path, line, name, "missing" if v is None else f"expected a number, got {_short(v)}"
+        )
+    if isinstance(v, int) and v > 2**53:
+        try:
+            float(v)
+        except OverflowError:
+            raise bad(path, line, name, f"number too large: {_short(v)}") from None
     if not v >= 0 or v == float("inf"):
-        raise bad(path, line, name, f"must be a finite number >= 0, got {v}")
+        raise bad(path, line, name, f"must be a finite number >= 0, got {_short(v)}")
     return v
 
 
@@ -176,6 +257,37 @@ def check_block_size(block_size: Any) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise KVConfigError(f"block_size must be a positive int, got {block_size!r}")
     return block_size
+
+
+class LineError(NamedTuple):
+    """A line that could not be decoded (kept in place so ``skip_bad`` can skip it)."""
+
+    msg: str
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str | LineError]]:
+    """``(line, text)`` of every line of ``path`` (``.gz`` decompressed on the fly).
+
+    Each line is decoded as UTF-8 on its own: an undecodable one comes as a
+    :class:`LineError` in its place (its reader reports or skips it). A corrupt or
+    truncated ``.gz`` raises ``KVTraceFormatError`` at the line where it broke.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"trace file not found: {path}")
+    lineno = 0
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    text = LineError(f"not valid UTF-8 (bad byte at column {exc.start + 1})")
+                yield lineno, text
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        what = "truncated" if isinstance(exc, EOFError) else "corrupt"
+        raise bad(
+            path, lineno + 1, "<gzip>", f"{what} gzip data ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def open_text(path: Path) -> io.TextIOBase:
@@ -223,22 +335,29 @@ def guarded(
         yield out
 
 
-def jsonl_items(path: Path, fh) -> Iterator[tuple[int, Any]]:
-    """``(line, raw line)`` of the non-blank lines of ``fh``."""
-    for lineno, raw in enumerate(fh, 1):
-        if raw.strip():
+def jsonl_items(path: Path) -> Iterator[tuple[int, str | LineError]]:
+    """``(line, raw line)`` of the non-blank lines of ``path`` (see :func:`iter_lines`)."""
+    for lineno, raw in iter_lines(path):
+        if isinstance(raw, LineError) or raw.strip():
             yield lineno, raw
 
 
-def parse_json_object(path: Path, lineno: int, raw: str) -> dict:
+def parse_json_object(path: Path, lineno: int, raw: str | LineError) -> dict:
+    """One JSONL record; every way a line can fail is a ``KVTraceFormatError``."""
     import json
 
+    if isinstance(raw, LineError):
+        raise bad(path, lineno, "<utf-8>", raw.msg)
     try:
         rec = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise bad(
             path, lineno, "<json>", f"not valid JSON ({exc.msg} at column {exc.colno})"
         ) from None
+    except RecursionError:
+        raise bad(path, lineno, "<json>", "JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer over Python's digit limit
+        raise bad(path, lineno, "<json>", f"not valid JSON ({exc})") from None
     if not isinstance(rec, dict):
         raise bad(path, lineno, "<json>", "a record must be a JSON object")
     return rec

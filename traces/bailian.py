@@ -6,6 +6,8 @@ One request per line::
      "output_length": 64, "type": "text", "turn": 2, "hash_ids": [...]}
 
 * ``chat_id``: the request's id (int or string), unique in the file -> ``request_id``.
+  Ids are compared as text, so ``7`` and ``"7"`` are the same id (both become
+  ``request_id`` ``"7"``): a repeat is an error at the line of the second one.
 * ``parent_chat_id``: the previous request of the same conversation, ``-1`` (or ``"-1"``)
   for none.
   ``session_id`` is the root of the parent chain (the first request's chat_id).
@@ -35,9 +37,10 @@ from ._common import (
     init_stats,
     int_field,
     jsonl_items,
+    length_field,
     number_field,
-    open_text,
     parse_json_object,
+    resolve_max_request_tokens,
 )
 
 __all__ = ["BAILIAN_BLOCK_SIZE", "iter_bailian_records"]
@@ -60,38 +63,41 @@ def iter_bailian_records(
     block_size: int = BAILIAN_BLOCK_SIZE,
     skip_bad: bool = False,
     stats: dict | None = None,
+    max_request_tokens: int | None = None,
 ) -> Iterator[TraceRecord]:
-    """Stream canonical :class:`TraceRecord` s (with ``session_id`` and ``turn``)."""
+    """Stream canonical :class:`TraceRecord` s (with ``session_id`` and ``turn``).
+
+    ``max_request_tokens``: longest ``input_length``/``output_length`` accepted
+    (default ``traces._common.MAX_REQUEST_TOKENS`` or ``$SAGELLM_KV_MAX_REQUEST_TOKENS``).
+    """
     path = Path(path)
     block_size = check_block_size(block_size)
+    max_tokens = resolve_max_request_tokens(max_request_tokens)
     stats = init_stats(stats)
-    root_of: dict[int | str, int | str] = {}
+    root_of: dict[str, str] = {}  # chat id (as text) -> its session's root chat id
     state: dict = {"last_ts": None, "t0": None}
 
     def parse(lineno: int, raw: str) -> TraceRecord:
         rec = parse_json_object(path, lineno, raw)
-        chat = _id_field(rec, "chat_id", path, lineno)
+        chat = str(_id_field(rec, "chat_id", path, lineno))
         if chat in root_of:
             raise bad(path, lineno, "chat_id", f"{chat!r} already appeared earlier in the file")
-        parent = _id_field(rec, "parent_chat_id", path, lineno)
+        parent = str(_id_field(rec, "parent_chat_id", path, lineno))
         if parent == chat:
             raise bad(path, lineno, "parent_chat_id", "a request cannot be its own parent")
         ts = number_field(rec, "timestamp", path, lineno)
         check_sorted(path, lineno, "timestamp", ts, state["last_ts"])
-        n_in = int_field(rec, "input_length", path, lineno, 1)
-        n_out = int_field(rec, "output_length", path, lineno, 0)
+        n_in = length_field(rec, "input_length", path, lineno, 1, max_tokens)
+        n_out = length_field(rec, "output_length", path, lineno, 0, max_tokens)
         if "type" in rec and not isinstance(rec["type"], str):
             raise bad(path, lineno, "type", f"expected a string, got {rec['type']!r}")
         turn = int_field(rec, "turn", path, lineno, 0)
         ids = hash_list_field(rec, "hash_ids", path, lineno, n_in, block_size)
-        root = chat if parent in (-1, "-1") else root_of.get(parent, parent)
+        root = chat if parent == "-1" else root_of.get(parent, parent)
         root_of[chat] = root
         state["last_ts"] = ts
         if state["t0"] is None:
             state["t0"] = ts
-        return TraceRecord(
-            str(chat), float(ts - state["t0"]), n_in, n_out, ids, block_size, str(root), turn
-        )
+        return TraceRecord(chat, float(ts - state["t0"]), n_in, n_out, ids, block_size, root, turn)
 
-    with open_text(path) as fh:
-        yield from guarded(jsonl_items(path, fh), parse, skip_bad, stats)
+    yield from guarded(jsonl_items(path), parse, skip_bad, stats)

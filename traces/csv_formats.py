@@ -22,8 +22,10 @@ BurstGPT (``BurstGPT_*.csv``)::
 
 ``arrival_s`` is seconds since the first record; ``request_id`` is
 ``"<file stem>-<line>"`` (the header is line 1). Token counts must be integers
->= 0 (an empty prompt gets no blocks). Columns may come in any order; extra
-columns are ignored.
+>= 0 (an empty prompt gets no blocks) and at most the per-request maximum
+(``max_request_tokens=``, see ``traces._common.MAX_REQUEST_TOKENS``). Columns may
+come in any order; extra columns are ignored. A record that breaks the CSV
+syntax (an unbalanced quote, say) is reported at the line where it starts.
 """
 
 from __future__ import annotations
@@ -34,12 +36,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ._common import (
+    LineError,
     TraceRecord,
     bad,
+    check_length,
     check_sorted,
     guarded,
     init_stats,
-    open_text,
+    iter_lines,
+    resolve_max_request_tokens,
 )
 from .synthetic import PrefixModel
 
@@ -85,15 +90,30 @@ def parse_azure_timestamp(text: str) -> float:
     return (dt - _EPOCH).total_seconds() + (float("0." + frac) if dot else 0.0)
 
 
-def _csv_rows(path: Path, fh, required: Sequence[str]) -> Iterator[tuple[int, object]]:
-    """``(line, {column: text})`` per data row, or ``(line, _RowError)`` for a bad row."""
-    reader = csv.reader(fh, strict=True)
+def _csv_rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, object]]:
+    """``(line, {column: text})`` per data row, or ``(line, _RowError)`` for a bad row.
+
+    A row's line is where its record starts (a quoted field may span lines).
+    """
+    undecodable: dict[int, str] = {}
+
+    def text() -> Iterator[str]:
+        for lineno, line in iter_lines(path):
+            if isinstance(line, LineError):
+                undecodable[lineno] = line.msg
+                line = "\n"  # a blank line in its place; reported below
+            yield line
+
+    reader = csv.reader(text(), strict=True)
     try:
         header = next(reader)
     except StopIteration:
         return
     except csv.Error as exc:
         raise bad(path, 1, "<header>", f"not valid CSV ({exc})") from None
+    if undecodable:
+        line, msg = min(undecodable.items())
+        raise bad(path, line, "<header>", msg)
     header = [h.strip().lstrip("\ufeff") for h in header]
     for name in required:
         if name not in header:
@@ -101,29 +121,38 @@ def _csv_rows(path: Path, fh, required: Sequence[str]) -> Iterator[tuple[int, ob
     index = {name: header.index(name) for name in required}
     width = len(header)
     while True:
+        start = reader.line_num + 1  # csv.reader yields [] for a blank line, so exact
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
-            yield reader.line_num, _RowError(f"not valid CSV ({exc})")
+            yield start, _RowError(f"not valid CSV in the record starting here ({exc})")
+            continue
+        if undecodable:
+            line, msg = min(undecodable.items())
+            undecodable.clear()
+            yield line, _RowError(msg)
             continue
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if len(row) != width:
-            yield reader.line_num, _RowError(f"expected {width} fields, got {len(row)}")
+            yield start, _RowError(f"expected {width} fields, got {len(row)}")
             continue
-        yield reader.line_num, {name: row[i] for name, i in index.items()}
+        yield start, {name: row[i] for name, i in index.items()}
 
 
-def _count(path: Path, line: int, row: dict, name: str) -> int:
+def _count(path: Path, line: int, row: dict, name: str, max_tokens: int) -> int:
     text = row[name].strip()
+    if len(text) > 30:  # int() of thousands of digits is slow, and no count is that long
+        raise bad(path, line, name, f"expected an integer, got {len(text)} characters")
     try:
         v = int(text)
     except ValueError:
         raise bad(path, line, name, f"expected an integer, got {text!r}") from None
     if v < 0:
         raise bad(path, line, name, f"must be >= 0, got {v}")
+    check_length(path, line, name, v, max_tokens)
     return v
 
 
@@ -152,13 +181,12 @@ def _lengths_reader(path, required, fields, block_size, skip_bad, stats, model_k
             f"{stem}-{lineno}", ts - state["t0"], n_in, n_out, ids, model.block_size, sid, turn
         )
 
-    with open_text(path) as fh:
-        for rec in guarded(_csv_rows(path, fh, required), parse, skip_bad, stats):
-            if rec is None:
-                stats["rows"] -= 1
-                stats["filtered"] += 1
-            else:
-                yield rec
+    for rec in guarded(_csv_rows(path, required), parse, skip_bad, stats):
+        if rec is None:
+            stats["rows"] -= 1
+            stats["filtered"] += 1
+        else:
+            yield rec
 
 
 def iter_azure_records(
@@ -167,9 +195,14 @@ def iter_azure_records(
     block_size: int = 16,
     skip_bad: bool = False,
     stats: dict | None = None,
+    max_request_tokens: int | None = None,
     **model_kwargs,
 ) -> Iterator[TraceRecord]:
     """Stream an Azure LLM inference CSV as canonical records (with sessions).
+
+    ``max_request_tokens``: most ``ContextTokens``/``GeneratedTokens`` a row may
+    declare (default ``traces._common.MAX_REQUEST_TOKENS`` or
+    ``$SAGELLM_KV_MAX_REQUEST_TOKENS``); above it the row is a format error.
 
     ``model_kwargs`` go to :class:`traces.synthetic.PrefixModel` (``seed``,
     ``num_system_prompts``, ``system_prompt_tokens``, ``system_prompt_zipf``,
@@ -186,11 +219,12 @@ def iter_azure_records(
             raise bad(
                 path_, lineno, "TIMESTAMP", f"expected 'YYYY-MM-DD HH:MM:SS.ffff', got {text!r}"
             ) from None
-        n_in = _count(path_, lineno, row, "ContextTokens")
-        n_out = _count(path_, lineno, row, "GeneratedTokens")
+        n_in = _count(path_, lineno, row, "ContextTokens", max_tokens)
+        n_out = _count(path_, lineno, row, "GeneratedTokens", max_tokens)
         return ts, n_in, n_out, "TIMESTAMP"
 
     path_ = Path(path)
+    max_tokens = resolve_max_request_tokens(max_request_tokens)
     yield from _lengths_reader(
         path_, AZURE_COLUMNS, fields, block_size, skip_bad, stats, model_kwargs
     )
@@ -203,9 +237,13 @@ def iter_burstgpt_records(
     skip_bad: bool = False,
     stats: dict | None = None,
     models: Sequence[str] | None = None,
+    max_request_tokens: int | None = None,
     **model_kwargs,
 ) -> Iterator[TraceRecord]:
     """Stream a BurstGPT CSV as canonical records (with sessions).
+
+    ``max_request_tokens``: most ``Request tokens``/``Response tokens`` a row may
+    declare (as for :func:`iter_azure_records`).
 
     ``models``: keep only rows whose ``Model`` is one of these (the others are
     counted in ``stats["filtered"]``; they are not errors). ``model_kwargs`` go
@@ -224,9 +262,9 @@ def iter_burstgpt_records(
         model = row["Model"].strip()
         if not model:
             raise bad(path_, lineno, "Model", "empty")
-        n_in = _count(path_, lineno, row, "Request tokens")
-        n_out = _count(path_, lineno, row, "Response tokens")
-        total = _count(path_, lineno, row, "Total tokens")
+        n_in = _count(path_, lineno, row, "Request tokens", max_tokens)
+        n_out = _count(path_, lineno, row, "Response tokens", max_tokens)
+        total = _count(path_, lineno, row, "Total tokens", 2 * max_tokens)
         if total != n_in + n_out:
             raise bad(
                 path_,
@@ -241,6 +279,7 @@ def iter_burstgpt_records(
         return ts, n_in, n_out, "Timestamp"
 
     path_ = Path(path)
+    max_tokens = resolve_max_request_tokens(max_request_tokens)
     yield from _lengths_reader(
         path_, BURSTGPT_COLUMNS, fields, block_size, skip_bad, stats, model_kwargs
     )

@@ -19,6 +19,12 @@ Auto-detection: ``.parquet`` -> parquet; a ``.csv`` header naming ``ContextToken
 ``tokens`` -> tokens, ``chat_id`` -> bailian, otherwise mooncake (whose reader then
 reports what is wrong). Any ``.gz`` suffix is stripped first and the file read
 compressed. Anything else raises ``KVTraceFormatError``.
+
+Every reader takes ``max_request_tokens`` (the longest prompt or output a record
+may declare; default ``traces._common.MAX_REQUEST_TOKENS``, 4,000,000, or the
+environment variable ``SAGELLM_KV_MAX_REQUEST_TOKENS``) and rejects repeated
+request ids (compared as text: ``7`` and ``"7"`` are one id) at the line of the
+repeat.
 """
 
 from __future__ import annotations
@@ -33,11 +39,13 @@ from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError, KVTraceF
 from ._common import (
     BASE_COLUMNS,
     SESSION_COLUMNS,
+    LineError,
     TraceRecord,
     canonical_schema,
     init_stats,
-    open_text,
+    iter_lines,
     records_to_frame,
+    resolve_max_request_tokens,
 )
 from .bailian import BAILIAN_BLOCK_SIZE, iter_bailian_records
 from .csv_formats import iter_azure_records, iter_burstgpt_records
@@ -109,17 +117,18 @@ def _base_suffix(path: Path) -> str:
 
 
 def _first_line(path: Path) -> str | None:
-    with open_text(path) as fh:
-        for raw in islice(fh, 1000):
-            if raw.strip():
-                return raw
+    for _, raw in islice(iter_lines(path), 1000):
+        if isinstance(raw, LineError):
+            return None
+        if raw.strip():
+            return raw
     return None
 
 
 def _sniff_json(line: str | None) -> str | None:
     try:
         rec = json.loads(line) if line else None
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # the reader reports it with its line
         return None
     if not isinstance(rec, dict):
         return None
@@ -185,8 +194,9 @@ def _resolve(path, format: str, block_size, options: dict) -> tuple[Path, str, i
 
 
 # -- Parquet (the canonical table itself) -----------------------------------------------------
-def _check_frame(df, path: Path, first_row: int, last_ts: list):
-    """Cast a Parquet batch to the canonical schema and check its invariants."""
+def _check_frame(df, path: Path, first_row: int, last_ts: list, max_tokens: int, seen: set):
+    """Cast a Parquet batch to the canonical schema and check its invariants
+    (``seen``: the request ids of the earlier batches, updated here)."""
     import polars as pl
 
     for name in BASE_COLUMNS:
@@ -203,9 +213,26 @@ def _check_frame(df, path: Path, first_row: int, last_ts: list):
             f"{path.name}:0: field '<schema>': cannot cast to the canonical types ({exc})",
             path=str(path),
         ) from None
+    seen_ids = pl.Series(list(seen), dtype=pl.Utf8)
     checks = [
         ("input_length", pl.col("input_length") < 0, "negative length"),
         ("output_length", pl.col("output_length") < 0, "negative length"),
+        (
+            "input_length",
+            pl.col("input_length") > max_tokens,
+            f"above the per-request maximum of {max_tokens} tokens",
+        ),
+        (
+            "output_length",
+            pl.col("output_length") > max_tokens,
+            f"above the per-request maximum of {max_tokens} tokens",
+        ),
+        (
+            "request_id",
+            ~pl.col("request_id").is_first_distinct()
+            | pl.col("request_id").is_in(seen_ids.implode()),
+            "repeated request id (ids are compared as text)",
+        ),
         ("block_size", pl.col("block_size") <= 0, "block_size must be positive"),
         (
             "block_hashes",
@@ -230,18 +257,30 @@ def _check_frame(df, path: Path, first_row: int, last_ts: list):
             )
     if df.height:
         last_ts[0] = df["arrival_s"][-1]
+        seen.update(df["request_id"].to_list())
     return df
 
 
-def _parquet_batches(path: Path, batch_size: int, stats: dict, block_size: int | None):
+def _parquet_batches(
+    path: Path, batch_size: int, stats: dict, block_size: int | None, max_tokens: int | None
+):
     import polars as pl
     import pyarrow.parquet as pq
 
+    max_tokens = resolve_max_request_tokens(max_tokens)
     last_ts: list = [None]
+    seen: set = set()
     row = 0
-    pf = pq.ParquetFile(path)
-    for batch in pf.iter_batches(batch_size=batch_size):
-        df = _check_frame(pl.from_arrow(batch), path, row, last_ts)
+    try:
+        pf = pq.ParquetFile(path)
+        batches = pf.iter_batches(batch_size=batch_size)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError...
+        raise KVTraceFormatError(
+            f"{path.name}:0: field '<parquet>': not a readable Parquet file ({exc})",
+            path=str(path),
+        ) from None
+    for batch in batches:
+        df = _check_frame(pl.from_arrow(batch), path, row, last_ts, max_tokens, seen)
         if block_size is not None and (df["block_size"] != block_size).any():
             raise KVConfigError(
                 f"{path.name}: a Parquet trace keeps its stored block size "
@@ -251,7 +290,8 @@ def _parquet_batches(path: Path, batch_size: int, stats: dict, block_size: int |
         stats["rows"] += df.height
         yield df
     if row == 0:  # keep the stored columns on an empty file
-        yield _check_frame(pl.from_arrow(pf.schema_arrow.empty_table()), path, 0, last_ts)
+        empty = pl.from_arrow(pf.schema_arrow.empty_table())
+        yield _check_frame(empty, path, 0, last_ts, max_tokens, seen)
 
 
 # -- public readers ---------------------------------------------------------------------------
@@ -262,6 +302,7 @@ def iter_trace(
     block_size: int | None = None,
     skip_bad: bool = False,
     stats: dict | None = None,
+    max_request_tokens: int | None = None,
     **options,
 ) -> Iterator[TraceRecord]:
     """Stream a trace's requests as :class:`TraceRecord` s, one line at a time.
@@ -278,6 +319,9 @@ def iter_trace(
             Parquet is checked per batch (column types, lengths, id counts, order;
             the "line" is the 1-based row) and always raises.
         stats: a dict to fill with ``rows``, ``skipped`` and ``skipped_lines``.
+        max_request_tokens: the longest prompt or output a record may declare
+            (default ``$SAGELLM_KV_MAX_REQUEST_TOKENS``, else 4,000,000 tokens);
+            a longer one is a ``KVTraceFormatError`` naming file, line and field.
         options: format options: the :class:`traces.synthetic.PrefixModel` keywords
             for azure and burstgpt (and ``models`` for burstgpt), ``hash_fn`` and
             ``extra_keys`` for tokens.
@@ -285,12 +329,19 @@ def iter_trace(
     path, fmt, block_size = _resolve(path, format, block_size, options)
     if fmt == "parquet":
         stats = init_stats(stats)
-        for df in _parquet_batches(path, 65536, stats, block_size):
+        for df in _parquet_batches(path, 65536, stats, block_size, max_request_tokens):
             with_sessions = "session_id" in df.columns
             for row in df.iter_rows():
                 yield TraceRecord(*row) if with_sessions else TraceRecord(*row[:6])
         return
-    yield from _READERS[fmt](path, block_size=block_size, skip_bad=skip_bad, stats=stats, **options)
+    yield from _READERS[fmt](
+        path,
+        block_size=block_size,
+        skip_bad=skip_bad,
+        stats=stats,
+        max_request_tokens=max_request_tokens,
+        **options,
+    )
 
 
 def iter_trace_batches(
@@ -301,6 +352,7 @@ def iter_trace_batches(
     block_size: int | None = None,
     skip_bad: bool = False,
     stats: dict | None = None,
+    max_request_tokens: int | None = None,
     **options,
 ):
     """Yield the canonical table in DataFrames of up to ``batch_size`` rows.
@@ -313,9 +365,18 @@ def iter_trace_batches(
         raise KVConfigError(f"batch_size must be a positive int, got {batch_size!r}")
     path, fmt, block_size = _resolve(path, format, block_size, options)
     if fmt == "parquet":
-        yield from _parquet_batches(path, batch_size, init_stats(stats), block_size)
+        yield from _parquet_batches(
+            path, batch_size, init_stats(stats), block_size, max_request_tokens
+        )
         return
-    recs = _READERS[fmt](path, block_size=block_size, skip_bad=skip_bad, stats=stats, **options)
+    recs = _READERS[fmt](
+        path,
+        block_size=block_size,
+        skip_bad=skip_bad,
+        stats=stats,
+        max_request_tokens=max_request_tokens,
+        **options,
+    )
     with_sessions = _WITH_SESSIONS.get(fmt, False)
     emitted = False
     while True:
@@ -335,6 +396,7 @@ def read_trace(
     block_size: int | None = None,
     skip_bad: bool = False,
     stats: dict | None = None,
+    max_request_tokens: int | None = None,
     **options,
 ):
     """Read a whole trace into the canonical table (see :data:`traces.CANONICAL_COLUMNS`).
@@ -347,8 +409,16 @@ def read_trace(
 
     path, fmt, block_size = _resolve(path, format, block_size, options)
     if fmt == "parquet":
-        return pl.concat(list(_parquet_batches(path, 1 << 20, init_stats(stats), block_size)))
-    recs = _READERS[fmt](path, block_size=block_size, skip_bad=skip_bad, stats=stats, **options)
+        batches = _parquet_batches(path, 1 << 20, init_stats(stats), block_size, max_request_tokens)
+        return pl.concat(list(batches))
+    recs = _READERS[fmt](
+        path,
+        block_size=block_size,
+        skip_bad=skip_bad,
+        stats=stats,
+        max_request_tokens=max_request_tokens,
+        **options,
+    )
     return records_to_frame(recs, _WITH_SESSIONS.get(fmt, False))
 
 

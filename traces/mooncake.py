@@ -21,12 +21,12 @@ from ._common import (
     guarded,
     hash_list_field,
     init_stats,
-    int_field,
     jsonl_items,
+    length_field,
     number_field,
-    open_text,
     parse_json_object,
     records_to_frame,
+    resolve_max_request_tokens,
 )
 
 __all__ = [
@@ -67,10 +67,16 @@ def iter_mooncake_records(
     block_size: int = MOONCAKE_BLOCK_SIZE,
     skip_bad: bool = False,
     stats: dict | None = None,
+    max_request_tokens: int | None = None,
 ) -> Iterator[TraceRecord]:
-    """Stream canonical :class:`TraceRecord` s (six fields, no session) line by line."""
+    """Stream canonical :class:`TraceRecord` s (six fields, no session) line by line.
+
+    ``max_request_tokens``: longest ``input_length``/``output_length`` accepted
+    (default ``traces._common.MAX_REQUEST_TOKENS`` or ``$SAGELLM_KV_MAX_REQUEST_TOKENS``).
+    """
     path = Path(path)
     block_size = check_block_size(block_size)
+    max_tokens = resolve_max_request_tokens(max_request_tokens)
     stats = init_stats(stats)
     stem = path.name.split(".")[0] if path.suffix == ".gz" else path.stem
     state = {"last_ts": None}
@@ -79,14 +85,13 @@ def iter_mooncake_records(
         rec = parse_json_object(path, lineno, raw)
         ts = number_field(rec, "timestamp", path, lineno)
         check_sorted(path, lineno, "timestamp", ts, state["last_ts"])
-        n_in = int_field(rec, "input_length", path, lineno, 1)
-        n_out = int_field(rec, "output_length", path, lineno, 0)
+        n_in = length_field(rec, "input_length", path, lineno, 1, max_tokens)
+        n_out = length_field(rec, "output_length", path, lineno, 0, max_tokens)
         ids = hash_list_field(rec, "hash_ids", path, lineno, n_in, block_size)
         state["last_ts"] = ts
         return TraceRecord(f"{stem}-{lineno}", ts / 1000.0, n_in, n_out, ids, block_size)
 
-    with open_text(path) as fh:
-        yield from guarded(jsonl_items(path, fh), parse, skip_bad, stats)
+    yield from guarded(jsonl_items(path), parse, skip_bad, stats)
 
 
 def iter_mooncake(

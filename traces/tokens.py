@@ -5,7 +5,9 @@ One request per line::
     {"request_id": "r1", "timestamp": 0.5, "tokens": [1, 2, 3, ...], "output_length": 8}
 
 * ``tokens`` (required): the prompt's token ids, ints in int64 range, at least one.
-* ``request_id`` (optional, string or int): default ``"<file stem>-<line>"``.
+* ``request_id`` (optional, string or int): default ``"<file stem>-<line>"``. Ids
+  are compared as text (``7`` and ``"7"`` are the same id) and must be unique:
+  a repeat is an error at the line of the second one.
 * ``timestamp`` (optional, seconds, sorted): ``arrival_s`` is measured from the first
   record that has one; a record without one arrives with the previous record.
 * ``output_length`` (optional, int >= 0): default 0.
@@ -35,14 +37,15 @@ from ._common import (
     TraceRecord,
     bad,
     check_block_size,
+    check_length,
     check_sorted,
     guarded,
     init_stats,
-    int_field,
     jsonl_items,
+    length_field,
     number_field,
-    open_text,
     parse_json_object,
+    resolve_max_request_tokens,
 )
 
 __all__ = ["TOKENS_BLOCK_SIZE", "digest_to_int64", "hash_tokens", "iter_tokens_records"]
@@ -79,10 +82,17 @@ def iter_tokens_records(
     stats: dict | None = None,
     hash_fn: str = "sha256",
     extra_keys: Any = None,
+    max_request_tokens: int | None = None,
 ) -> Iterator[TraceRecord]:
-    """Stream canonical :class:`TraceRecord` s (six fields) of a token-level JSONL file."""
+    """Stream canonical :class:`TraceRecord` s (six fields) of a token-level JSONL file.
+
+    ``max_request_tokens``: most prompt tokens (and ``output_length``) accepted
+    (default ``traces._common.MAX_REQUEST_TOKENS`` or ``$SAGELLM_KV_MAX_REQUEST_TOKENS``).
+    """
     path = Path(path)
     block_size = check_block_size(block_size)
+    max_tokens = resolve_max_request_tokens(max_request_tokens)
+    seen: set[str] = set()
     fn = get_hash_fn(hash_fn)
     stats = init_stats(stats)
     stem = path.name.split(".")[0] if path.suffix == ".gz" else path.stem
@@ -93,6 +103,9 @@ def iter_tokens_records(
         rid = rec.get("request_id", f"{stem}-{lineno}")
         if isinstance(rid, bool) or not isinstance(rid, str | int) or rid == "":
             raise bad(path, lineno, "request_id", f"expected a string or integer, got {rid!r}")
+        rid = str(rid)
+        if rid in seen:
+            raise bad(path, lineno, "request_id", f"{rid!r} already appeared earlier in the file")
         ts = None
         if "timestamp" in rec:
             ts = number_field(rec, "timestamp", path, lineno)
@@ -109,16 +122,21 @@ def iter_tokens_records(
             )
         if not tokens:
             raise bad(path, lineno, "tokens", "empty prompt")
+        check_length(path, lineno, "tokens", len(tokens), max_tokens)
         if min(tokens) < INT64_MIN or max(tokens) > INT64_MAX:
             raise bad(path, lineno, "tokens", "token ids must fit in a signed 64-bit integer")
-        n_out = int_field(rec, "output_length", path, lineno, 0) if "output_length" in rec else 0
+        n_out = (
+            length_field(rec, "output_length", path, lineno, 0, max_tokens)
+            if "output_length" in rec
+            else 0
+        )
         ids = hash_tokens(tokens, block_size, hash_fn=fn, extra_keys=extra_keys)
         if ts is not None:
             state["last_ts"] = ts
             if state["t0"] is None:
                 state["t0"] = ts
             state["arrival"] = float(ts - state["t0"])
-        return TraceRecord(str(rid), state["arrival"], len(tokens), n_out, ids, block_size)
+        seen.add(rid)
+        return TraceRecord(rid, state["arrival"], len(tokens), n_out, ids, block_size)
 
-    with open_text(path) as fh:
-        yield from guarded(jsonl_items(path, fh), parse, skip_bad, stats)
+    yield from guarded(jsonl_items(path), parse, skip_bad, stats)
