@@ -17,8 +17,13 @@ Quick use::
     ...
     server.shutdown()
 
+    KVEventStream.publish_vllm --vLLM wire format (vllm_wire)--> VLLMEventPublisher (ZMQ XPUB + ROUTER)
+    engine's ZMQ PUB --> VLLMEventSubscriber --gap repair via replay--> ShadowCache, EventRecorder
+                                                                    (Parquet), SubscriberCollector
+
 ``prometheus_client`` is imported only when the metrics part is used; the
-event stream needs nothing beyond the standard library.
+event stream needs nothing beyond the standard library; the vLLM wire format
+needs the ``[events]`` extra (pyzmq, msgspec), imported when first used.
 """
 
 from __future__ import annotations
@@ -45,6 +50,14 @@ _LAZY: dict[str, str] = {
     "event_from_dict": "events",
     "events_to_jsonl": "events",
     "events_from_jsonl": "events",
+    # vLLM's wire format over ZMQ (the [events] extra: pyzmq, msgspec)
+    "VLLMEventPublisher": "vllm_zmq",
+    "VLLMEventSubscriber": "vllm_zmq",
+    "ShadowCache": "shadow",
+    "EventRecorder": "shadow",
+    "read_recording": "shadow",
+    "iter_recording": "shadow",
+    "SubscriberCollector": "listen_metrics",
 }
 
 __all__ = sorted(_LAZY)

@@ -313,6 +313,41 @@ class KVEventStream(PoolHook):
 
         return unsubscribe
 
+    def publish_vllm(
+        self,
+        endpoint: str = "tcp://127.0.0.1:*",
+        replay_endpoint: str | None = None,
+        *,
+        medium: str | None = "GPU",
+        int_hashes: bool = True,
+        **options: Any,
+    ) -> Any:
+        """Also publish every event from now on in vLLM's wire format over ZMQ.
+
+        Needs the ``[events]`` extra. Each event becomes one ``KVEventBatch``
+        (``ts`` = wall-clock time of publication) on a ``VLLMEventPublisher``
+        bound to ``endpoint`` (loopback by default), with a replay ROUTER at
+        ``replay_endpoint`` when given. See ``vllm_wire`` for the frames.
+
+        Args:
+            medium: vLLM's ``medium`` field of every event.
+            int_hashes: bytes hashes as their low 64 bits (vLLM's default).
+            options: passed to ``VLLMEventPublisher`` (topic, encoding, ...).
+
+        Returns:
+            the publisher; its ``close()`` also unsubscribes it from this stream.
+        """
+        from .vllm_wire import stream_event_to_vllm
+        from .vllm_zmq import VLLMEventPublisher
+
+        publisher = VLLMEventPublisher(endpoint, replay_endpoint, **options)
+
+        def forward(event: KVEvent) -> None:
+            publisher.publish([stream_event_to_vllm(event, medium=medium, int_hashes=int_hashes)])
+
+        publisher._on_close.append(self.subscribe(forward))
+        return publisher
+
     def snapshot_events(self) -> list[KVEvent]:
         """The pool's current cache contents as events, for a consumer to resynchronise.
 
