@@ -17,6 +17,7 @@ from sagellm_kv_cache.errors import (
     KVBudgetExceededError,
     KVChecksumMismatchError,
     KVConfigError,
+    KVStorageLockedError,
 )
 from sagellm_kv_cache.offload import DiskBlockStore, KVOffloadManager, TierConfig
 from sagellm_kv_cache.offload.disk import block_file_name
@@ -137,7 +138,7 @@ def test_disk_blocks_survive_a_restart(tmp_path):
 
 
 def test_a_second_store_cannot_open_a_directory_in_use(tmp_path):
-    with DiskBlockStore(tmp_path, "g", 16), pytest.raises(KVConfigError):
+    with DiskBlockStore(tmp_path, "g", 16), pytest.raises(KVStorageLockedError):
         DiskBlockStore(tmp_path, "g", 16)
     DiskBlockStore(tmp_path, "g", 16).close()  # free again once closed
 

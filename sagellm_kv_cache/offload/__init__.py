@@ -1,6 +1,9 @@
-"""Tiered KV offload: a device pool over host-memory and disk tiers (see ``manager.py``)."""
+"""Tiered KV offload: a device pool over host-memory and disk tiers (see ``manager.py``).
 
-from .disk import DiskBlockStore
+Fault injection for the disk tier (tests, chaos runs): ``offload.faults``.
+"""
+
+from .disk import DiskBlockStore, DiskIO
 from .manager import (
     WRITE_POLICIES,
     KVOffloadManager,
@@ -13,6 +16,7 @@ from .tiers import LowerTier, TierConfig, TierKind, TierStats
 __all__ = [
     "WRITE_POLICIES",
     "DiskBlockStore",
+    "DiskIO",
     "KVOffloadManager",
     "LowerTier",
     "OffloadAllocation",

@@ -2,7 +2,7 @@
 
 One file per block, named after the block hash, in one directory::
 
-    <dir>/.lock                  flock'ed by the one store that owns the directory
+    <dir>                        flock'ed (the directory itself) by the one store that owns it
     <dir>/b3fa9...e1.kvb         a visible block (bytes hash: "b" + hex)
     <dir>/i-1234.kvb             a visible block (integer hash, e.g. a Mooncake id: "i" + int)
     <dir>/.tmp-....part          a write in progress (or torn by a crash): never served
@@ -21,6 +21,19 @@ store is (re)opened. Reads are memory-mapped and check the payload's crc32
 (and on open the header, the size and, by default, the checksum), so a block
 whose bytes do not match what was written is never served.
 
+Failures are typed and leave no trace: every OS error becomes a
+``KVStorageError`` (``__cause__`` the ``OSError``; a missing file, a full disk,
+an I/O error), a payload that does not match its checksum a
+``KVChecksumMismatchError``; a failed write leaves neither a temporary nor a
+final file. The directory lock is ``flock`` on the directory itself, held for
+the store's life: no file inside it can be deleted to let a second store in
+(``KVStorageLockedError``).
+
+Fault injection: every byte the store moves goes through ``store.io`` (a
+``DiskIO``; pass ``io=`` or assign it). ``offload/faults.py`` has a
+``FaultyDiskIO`` (disk full, read errors) and helpers that corrupt or delete
+the file of a stored block (``path_of(key)`` names it).
+
 Nothing here is unpickled: the header is a fixed ``struct`` and the payload
 raw tensor bytes.
 """
@@ -28,6 +41,7 @@ raw tensor bytes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -38,9 +52,14 @@ from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import KVChecksumMismatchError, KVConfigError, KVInvalidInputError
+from ..errors import (
+    KVChecksumMismatchError,
+    KVInvalidInputError,
+    KVStorageError,
+    KVStorageLockedError,
+)
 
-__all__ = ["DiskBlockStore", "block_file_name", "parse_block_file_name"]
+__all__ = ["DiskBlockStore", "DiskIO", "block_file_name", "parse_block_file_name"]
 
 _MAGIC = b"SKVB"
 _VERSION = 1
@@ -86,6 +105,38 @@ def _payload_offset(key_len: int) -> int:
     return -(-(_HEADER.size + key_len) // _ALIGN) * _ALIGN
 
 
+class DiskIO:
+    """The byte-moving calls of a ``DiskBlockStore``: the seam for fault injection.
+
+    A subclass overrides any of them to fail (raise an ``OSError``) or stall;
+    the store turns what they raise into typed errors and cleans up.
+    """
+
+    def write(self, fd: int, data: memoryview) -> int:
+        """Write some of ``data`` to ``fd``; bytes written (``os.write``)."""
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def replace(self, src: Path, dst: Path) -> None:
+        """Atomically rename a finished temporary over the block's file."""
+        os.replace(src, dst)
+
+    def read(self, path: Path, offset: int, nbytes: int):
+        """The payload bytes as a copy-on-write ``numpy.memmap`` of uint8."""
+        import numpy as np
+
+        return np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(nbytes,))
+
+
+def _storage_error(what: str, exc: OSError, key: Hashable | None = None) -> KVStorageError:
+    err = KVStorageError(f"{what}: {exc.strerror or exc}", errno=exc.errno, key=str(key))
+    err.errno = exc.errno  # OSError's field: callers can test errno.ENOSPC directly
+    err.__cause__ = exc
+    return err
+
+
 class DiskBlockStore:
     """Block files in one directory, owned by one store at a time.
 
@@ -98,9 +149,12 @@ class DiskBlockStore:
             (turn off only for throwaway benchmarks).
         verify_on_open: check every file's crc32 when opening (else only its
             header and size; the checksum is always checked on read).
+        io: the byte-moving calls (``DiskIO``; a subclass injects faults).
 
     Raises:
-        KVConfigError: another live store holds the directory.
+        KVStorageLockedError: another live store (this process or another)
+            holds the directory.
+        KVStorageError: the directory cannot be created or opened.
     """
 
     def __init__(
@@ -111,23 +165,33 @@ class DiskBlockStore:
         *,
         fsync: bool = True,
         verify_on_open: bool = True,
+        io: DiskIO | None = None,
     ) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.geometry = geometry
         self._geometry_digest = hashlib.blake2b(geometry.encode(), digest_size=16).digest()
         self.block_nbytes = block_nbytes
         self.fsync = fsync
         self.verify_on_open = verify_on_open
-        self._lock_fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self.io = io if io is not None else DiskIO()
+        self._lock_fd = -1
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            # the lock is on the directory's inode: no name inside it can be
+            # unlinked or replaced to let a second store in
+            self._lock_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise _storage_error(f"cannot open disk tier directory {self.directory}", exc) from exc
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             os.close(self._lock_fd)
             self._lock_fd = -1
-            raise KVConfigError(
-                f"disk tier directory {self.directory} is in use by another store"
-            ) from None
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise KVStorageLockedError(
+                    f"disk tier directory {self.directory} is in use by another store"
+                ) from exc
+            raise _storage_error(f"cannot lock {self.directory}", exc) from exc
         self.num_dropped_on_open = 0
 
     # -- lifecycle -----------------------------------------------------------
@@ -144,26 +208,37 @@ class DiskBlockStore:
         self.close()
 
     def path_of(self, key: Hashable) -> Path:
+        """The file that holds block ``key`` (whether or not it exists)."""
         return self.directory / block_file_name(key)
 
     def scan(self) -> list[Hashable]:
         """Keys of the valid blocks on disk, oldest (by mtime) first.
 
-        Removes temporaries of torn writes and files that fail validation.
+        Removes temporaries of torn writes and files that fail validation
+        (unreadable ones included).
         """
         found: list[tuple[int, str, Hashable]] = []
-        for entry in os.scandir(self.directory):
+        try:
+            entries = list(os.scandir(self.directory))
+        except OSError as exc:
+            raise _storage_error(f"cannot list {self.directory}", exc) from exc
+        for entry in entries:
             name = entry.name
             if name.startswith(_TMP_PREFIX):
-                os.unlink(entry.path)  # a write that never completed
+                _unlink_quietly(entry.path)  # a write that never completed
                 continue
             key = parse_block_file_name(name)
             if key is None:
                 continue
-            if self._valid(entry.path, key, check_payload=self.verify_on_open):
-                found.append((entry.stat().st_mtime_ns, name, key))
+            try:
+                ok = self._valid(entry.path, key, check_payload=self.verify_on_open)
+                mtime = entry.stat().st_mtime_ns if ok else 0
+            except OSError:
+                ok = False
+            if ok:
+                found.append((mtime, name, key))
             else:
-                os.unlink(entry.path)
+                _unlink_quietly(entry.path)
                 self.num_dropped_on_open += 1
         found.sort(key=lambda t: (t[0], t[1]))
         return [k for _, _, k in found]
@@ -228,12 +303,19 @@ class DiskBlockStore:
                 a contiguous CPU tensor).
             _after_chunk: test hook called with the bytes written so far after
                 every chunk (crash tests kill the writer from there).
+
+        Raises:
+            KVInvalidInputError: wrong payload size or key type (nothing written).
+            KVStorageError: the write failed (disk full: ``errno`` ENOSPC or
+                EFBIG; I/O error); neither a temporary nor the block's file is
+                left behind (an older file of ``key`` is gone too).
         """
         view = _as_bytes_view(payload)
         if view.nbytes != self.block_nbytes:
             raise KVInvalidInputError(
                 f"block payload has {view.nbytes} bytes, the store expects {self.block_nbytes}"
             )
+        final = self.path_of(key)
         kind, kb = _key_bytes(key)
         crc = zlib.crc32(view)
         header = _HEADER.pack(
@@ -241,53 +323,70 @@ class DiskBlockStore:
         )
         prefix = header + kb
         prefix += b"\0" * (_payload_offset(len(kb)) - len(prefix))
-        final = self.path_of(key)
         tmp = self.directory / f"{_TMP_PREFIX}{uuid.uuid4().hex}.part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        io = self.io
         try:
-            _write_all(fd, memoryview(prefix))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            raise _storage_error(
+                f"cannot create a block file in {self.directory}", exc, key
+            ) from exc
+        try:
+            _write_all(io, fd, memoryview(prefix))
             done = 0
             for pos in range(0, view.nbytes, _CHUNK_BYTES):
-                _write_all(fd, view[pos : pos + _CHUNK_BYTES])
+                _write_all(io, fd, view[pos : pos + _CHUNK_BYTES])
                 done = min(view.nbytes, pos + _CHUNK_BYTES)
                 if _after_chunk is not None:
                     _after_chunk(done)
             if self.fsync:
-                os.fsync(fd)
-        except BaseException:
+                io.fsync(fd)
             os.close(fd)
-            os.unlink(tmp)
+            fd = -1
+            io.replace(tmp, final)
+            if self.fsync:
+                dfd = os.open(self.directory, os.O_RDONLY)
+                try:
+                    io.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        except BaseException as exc:
+            if fd >= 0:
+                os.close(fd)
+            _unlink_quietly(tmp)
+            # a block whose write did not complete is not stored: not even an
+            # older copy of it stays (the caller drops it from its index)
+            _unlink_quietly(final)
+            if isinstance(exc, OSError) and not isinstance(exc, KVStorageError):
+                raise _storage_error(f"cannot write block file {final.name}", exc, key) from exc
             raise
-        os.close(fd)
-        os.replace(tmp, final)
-        if self.fsync:
-            dfd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
 
     # -- read ----------------------------------------------------------------
     def read(self, key: Hashable, *, verify: bool = True):
         """The payload of ``key`` as a writable (copy-on-write) ``numpy.memmap`` of uint8.
 
         Raises:
-            KVCacheMissError-like ``FileNotFoundError``: no such block.
-            KVChecksumMismatchError: the bytes do not match the header's crc32.
+            KVStorageError: no such file (``__cause__`` a ``FileNotFoundError``)
+                or it cannot be read.
+            KVChecksumMismatchError: a malformed file, or bytes that do not
+                match the header's crc32.
         """
-        import numpy as np
-
         path = self.path_of(key)
-        fd = os.open(path, os.O_RDONLY)
         try:
-            head = self._read_header(fd, key)
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        if head is None or size != head[0] + self.block_nbytes:
-            raise KVChecksumMismatchError(f"block file {path.name} is malformed", key=str(key))
-        off, crc = head
-        mm = np.memmap(path, dtype=np.uint8, mode="c", offset=off, shape=(self.block_nbytes,))
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                head = self._read_header(fd, key)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            if head is None or size != head[0] + self.block_nbytes:
+                raise KVChecksumMismatchError(f"block file {path.name} is malformed", key=str(key))
+            off, crc = head
+            mm = self.io.read(path, off, self.block_nbytes)
+        except KVChecksumMismatchError:
+            raise
+        except OSError as exc:
+            raise _storage_error(f"cannot read block file {path.name}", exc, key) from exc
         if verify and zlib.crc32(mm) != crc:
             raise KVChecksumMismatchError(
                 f"block file {path.name}: payload crc32 does not match its header", key=str(key)
@@ -295,8 +394,18 @@ class DiskBlockStore:
         return mm
 
     def delete(self, key: Hashable) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path_of(key))
+        """Remove block ``key``'s file (a missing file is fine).
+
+        Raises:
+            KVStorageError: the file exists and cannot be removed.
+        """
+        path = self.path_of(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _storage_error(f"cannot delete block file {path.name}", exc, key) from exc
 
     def keys(self) -> Iterator[Hashable]:
         """Keys of the visible block files (no validation)."""
@@ -322,7 +431,13 @@ def _as_bytes_view(payload: Any) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+def _write_all(io: DiskIO, fd: int, data: memoryview) -> None:
     while data.nbytes:
-        n = os.write(fd, data)
+        n = io.write(fd, data)
         data = data[n:]
+
+
+def _unlink_quietly(path: str | os.PathLike) -> None:
+    """Best-effort removal (cleanup after a failure must not mask that failure)."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)

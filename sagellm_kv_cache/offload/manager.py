@@ -43,6 +43,21 @@ before it runs the request (or writes into its blocks). Jobs run in order, so
 a later job never overtakes the copies of an earlier one. Metadata-only
 managers (trace replay) queue nothing.
 
+Onboarded blocks become hittable only once their bytes are in place and
+verified (``jobs.py`` has the whole story):
+
+* while in flight they are in no tier's index: a second request for the same
+  prefix misses them and computes them itself (it never waits on, nor shares,
+  another request's onboarding);
+* a failed onboarding (missing file, checksum mismatch, I/O error) is a miss:
+  the future resolves, ``handle.num_cached_tokens`` is lowered to the verified
+  prefix before it does (read it after ``wait()``), the engine computes the
+  rest; ``OnboardResult.blocks_failed`` / ``errors`` name what failed; the bad
+  copy is dropped from its tier, so the next request recomputes too; the
+  device blocks stay the handle's, to write and cache or free as usual;
+* a lower-tier write that fails (disk full) means the block is not stored
+  (``TierStats.write_errors``); no request's future fails for it.
+
 The device pool must be driven through this manager (or ``KVCacheManager``):
 its eviction hook stages an evicted block's bytes before the caller can
 overwrite them; an eviction caused outside the manager is spilled at once,
@@ -51,27 +66,25 @@ synchronously, from inside the hook.
 
 from __future__ import annotations
 
-import contextlib
 import threading
-import time
 from collections.abc import Hashable, Mapping, Sequence
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import KVConfigError, KVInvalidInputError
-from ..handle import KVHandle
+from ..handle import HandleState, KVHandle
 from ..hooks import PoolHook
 from ..pool import KVPool
 from ..storage import KVStorage, ModelShape
+from .jobs import CopyQueue, Job, Onboarding
+from .results import OffloadAllocation, OffloadLookup, OnboardResult
+from .staging import _select_op, staged_as_tensor
 from .tiers import (
     LowerTier,
     TierConfig,
     TierKind,
     TierStats,
-    _select_op,
-    staged_as_tensor,
 )
 
 __all__ = [
@@ -83,81 +96,6 @@ __all__ = [
 ]
 
 WRITE_POLICIES = ("write_back", "write_through")
-
-
-@dataclass(slots=True)
-class OffloadLookup:
-    """Where the cached prefix of a request lives.
-
-    Attributes:
-        num_hit_blocks: length of the leading run of blocks held by some tier.
-        tiers: tier name of each hit block (the first tier holding it, top down).
-        hits_per_tier: tier name -> hit blocks (every tier present, zeros included).
-        num_blocks: full blocks of the request.
-        block_size: tokens per block.
-        device_tier: name of the device tier.
-    """
-
-    num_hit_blocks: int
-    tiers: list[str]
-    hits_per_tier: dict[str, int]
-    num_blocks: int
-    block_size: int
-    device_tier: str = "device"
-
-    @property
-    def num_hit_tokens(self) -> int:
-        return self.num_hit_blocks * self.block_size
-
-    @property
-    def hit_tokens_per_tier(self) -> dict[str, int]:
-        return {t: n * self.block_size for t, n in self.hits_per_tier.items()}
-
-    @property
-    def num_device_hit_blocks(self) -> int:
-        """Leading blocks already on the device (no copy needed)."""
-        n = 0
-        for t in self.tiers:
-            if t != self.device_tier:
-                break
-            n += 1
-        return n
-
-
-@dataclass(slots=True)
-class OnboardResult:
-    """What one allocation's job moved (the value of its future)."""
-
-    blocks_onboarded: dict[str, int]
-    bytes_onboarded: dict[str, int]
-    blocks_spilled: int
-    elapsed_s: float
-
-
-@dataclass(slots=True)
-class OffloadAllocation:
-    """A device allocation with its cached prefix onboarded (or on its way).
-
-    Attributes:
-        handle: the device pool's handle; ``handle.num_cached_tokens`` counts
-            every hit token (device and onboarded).
-        lookup: the tier of each hit block at allocation time.
-        future: resolves to an ``OnboardResult`` once the bytes are in place;
-            wait for it before running the request.
-        evicted_hashes: device blocks this allocation evicted (spilled or dropped).
-    """
-
-    handle: KVHandle
-    lookup: OffloadLookup
-    future: Future
-    evicted_hashes: list = field(default_factory=list)
-
-    @property
-    def num_hit_tokens(self) -> int:
-        return self.lookup.num_hit_tokens
-
-    def wait(self, timeout: float | None = None) -> OnboardResult:
-        return self.future.result(timeout)
 
 
 class _DeviceHook(PoolHook):
@@ -180,12 +118,6 @@ class _DeviceHook(PoolHook):
             m._newly_cached.append((block_id, block_hash))
             if not m._in_call():
                 m._flush_outside_call()
-
-
-def _done_future(value: Any) -> Future:
-    f: Future = Future()
-    f.set_result(value)
-    return f
 
 
 class KVOffloadManager:
@@ -260,14 +192,12 @@ class KVOffloadManager:
         self._lock = threading.RLock()
         self._depth = 0
         self._owner = 0
-        self._poisoned: set = set()
         self._suppress_evict_hook = False
         self._suppress_cached_hook = False
         self._device_victims: list[tuple[int, Hashable]] = []
         self._newly_cached: list[tuple[int, Hashable]] = []
         self._hits: dict[Hashable, int] = {}
-        self._executor: ThreadPoolExecutor | None = None
-        self._last_future: Future | None = None
+        self._queue = CopyQueue(async_copies)
         self._job_seq = 0
         self._hook = _DeviceHook(self)
         device_pool.add_hook(self._hook)
@@ -369,7 +299,7 @@ class KVOffloadManager:
                 self._owner = threading.get_ident()
             self._depth += 1
             try:
-                self._drain_poisoned()
+                self._queue.settle(self._apply)
                 yield
             finally:
                 self._depth -= 1
@@ -377,75 +307,67 @@ class KVOffloadManager:
     def _in_call(self) -> bool:
         return bool(self._depth) and self._owner == threading.get_ident()
 
-    def _drain_poisoned(self) -> None:
-        """Invalidate blocks whose onboarding failed in the worker (it cannot take the lock)."""
-        if self._poisoned:
-            hashes = list(self._poisoned)
-            self._poisoned.clear()
-            self.invalidate(hashes)
-
     def _flush_outside_call(self) -> None:
         with self._call():
-            ops: list = []
-            self._drain_staged(ops)
-            self._run_inline(ops)
+            job = Job()
+            self._drain_staged(job)
+            self._run_inline(job)
 
-    def _run_inline(self, ops: list) -> None:
-        if not ops:
+    def _run_inline(self, job: Job) -> None:
+        self._queue.run_inline(job, self._apply)
+
+    def _submit(self, job: Job, result: OnboardResult) -> Future:
+        return self._queue.submit(job, result, self._apply)
+
+    def _settle_now(self) -> None:
+        """Apply what finished copy jobs learnt (verified blocks, failed copies)."""
+        with self._lock:
+            self._queue.settle(self._apply)
+
+    def _apply(self, job: Job) -> None:
+        """Settle one finished job (under the lock): see ``jobs.py``."""
+        for tier, h, gen, kind, _exc in job.drops:
+            if kind == "read":
+                tier.stats.read_errors += 1
+            elif kind == "write":
+                tier.stats.write_errors += 1
+            else:
+                tier.stats.extra[f"{kind}_errors"] = tier.stats.extra.get(f"{kind}_errors", 0) + 1
+            if tier.drop_if_current(h, gen):
+                self._forget([h])
+        ob = job.onboarding
+        if ob is None or ob.num_verified <= ob.first or ob.handle.state is HandleState.FREED:
             return
-        self.wait_all()
-        staged: dict = {}
-        for op in ops:
-            op(staged)
+        dev = self.device
+        handle = ob.handle
+        self._suppress_cached_hook = True
+        try:
+            with dev._lock:  # register exactly first .. verified (the handle's count moved on)
+                dev.block_pool.cache_blocks(
+                    handle.block_ids, ob.hashes[: ob.num_verified], ob.first
+                )
+                handle.state = HandleState.CACHED
+        finally:
+            self._suppress_cached_hook = False
 
-    def _submit(self, ops: list, result: OnboardResult, on_error=None) -> Future:
-        if not ops and (self._last_future is None or self._last_future.done()):
-            return _done_future(result)
-        if not self.async_copies:
-            t0 = time.perf_counter()
-            try:
-                self._run_inline(ops)
-            except BaseException as exc:
-                if on_error is not None:
-                    on_error()
-                f: Future = Future()
-                f.set_exception(exc)
-                return f
-            result.elapsed_s = time.perf_counter() - t0
-            return _done_future(result)
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-offload")
-
-        def job() -> OnboardResult:
-            t0 = time.perf_counter()
-            staged: dict = {}
-            try:
-                for op in ops:
-                    op(staged)
-            except BaseException:
-                if on_error is not None:
-                    on_error()
-                raise
-            result.elapsed_s = time.perf_counter() - t0
-            return result
-
-        fut = self._executor.submit(job)
-        self._last_future = fut
-        return fut
+    def _await_onboarding(self, handle: KVHandle) -> None:
+        """Let the handle's own onboarding finish and settle (before it is freed or cached)."""
+        if self._queue.onboarding.get(getattr(handle, "handle_id", None)) is not None:
+            self._queue.wait_for(handle.handle_id)
+            self._queue.settle(self._apply)
 
     def wait_all(self, timeout: float | None = None) -> None:
         """Block until every queued copy has run (errors stay with their futures)."""
-        if threading.current_thread().name.startswith("kv-offload"):
-            return  # the worker itself: its own queue is behind it
-        f = self._last_future
-        if f is not None:
-            with contextlib.suppress(CancelledError):
-                f.exception(timeout)
+        self._queue.wait_all(timeout)
 
     # -- lookup --------------------------------------------------------------
     def lookup(self, block_hashes: Sequence[Hashable]) -> OffloadLookup:
-        """Longest prefix held across tiers and the tier of each of its blocks (no side effect)."""
+        """Longest prefix held across tiers and the tier of each of its blocks (no side effect).
+
+        Blocks being onboarded are in no tier until verified: a miss here.
+        """
         with self._lock:
+            self._queue.settle(self._apply)
             return self._lookup(block_hashes)
 
     def _lookup(self, block_hashes: Sequence[Hashable]) -> OffloadLookup:
@@ -482,9 +404,11 @@ class KVOffloadManager:
         """Allocate a request on the device with its cached prefix from every tier.
 
         Device hits are referenced; blocks hit in a lower tier get fresh device
-        blocks, are registered in the device cache at once and their bytes
-        copied up by the returned allocation's future; device victims spill
-        down. Pass ``tokens`` or ``block_hashes`` plus ``num_tokens``.
+        blocks, their bytes copied up by the returned allocation's future; they
+        are registered in the device cache once verified (a failed one is a
+        miss: ``handle.num_cached_tokens`` drops to the verified prefix before
+        the future resolves). Device victims spill down. Pass ``tokens`` or
+        ``block_hashes`` plus ``num_tokens``.
 
         Raises:
             KVBudgetExceededError: the request does not fit the device even
@@ -513,9 +437,13 @@ class KVOffloadManager:
             )
             d = dev_hit_tokens // self.block_size
             n_hit = look.num_hit_blocks
-            ops: list = []
+            ops = Job()
             result = OnboardResult(
-                dict.fromkeys(self.tier_names, 0), dict.fromkeys(self.tier_names, 0), 0, 0.0
+                dict.fromkeys(self.tier_names, 0),
+                dict.fromkeys(self.tier_names, 0),
+                0,
+                0.0,
+                dict.fromkeys(self.tier_names, 0),
             )
             victims = list(self._device_victims)
             self._device_victims.clear()
@@ -532,11 +460,13 @@ class KVOffloadManager:
                 )
             # 2. stage the blocks to onboard, grouped by source
             groups: dict[str, tuple[list[int], list[Hashable]]] = {}
+            sources = []
             for pos in range(d, n_hit):
                 h = hashes[pos]
                 src = look.tiers[pos]
                 if src == self.device_name:  # a device block after a non-device one
                     src = "dev:victims" if h in victim_pos else "dev:copy"
+                sources.append(look.tiers[pos])
                 groups.setdefault(src, ([], []))[0].append(pos)
                 groups[src][1].append(h)
             dev_ids = {}
@@ -555,12 +485,10 @@ class KVOffloadManager:
                     ops.append(_select_op("dev:victims", "onboard:dev:victims", idx))
                 else:
                     tier = self._tier(src)
-                    op = tier.read_op(hs, f"onboard:{src}")
+                    op = tier.read_op(hs, f"onboard:{src}", job=ops, requested=True)
                     if op is not None:
                         ops.append(op)
-                    n = len(hs)
-                    result.blocks_onboarded[src] += n
-                    result.bytes_onboarded[src] += n * self.block_nbytes
+                    result.bytes_onboarded[src] += len(hs) * self.block_nbytes
                     if self.promote_on_hit:
                         tier.remove(hs, ops)
                     else:
@@ -579,28 +507,25 @@ class KVOffloadManager:
             result.blocks_spilled = self._spill(
                 evicted_hashes, "dev:victims", ops, from_device=True
             )
-            # 4. write the onboarded bytes into the device blocks
-            if self.has_data:
-                storage = dev.storage
-                dims = (*storage.kv.shape[:2], 1, *storage.kv.shape[3:])
-                for src, ids in dev_ids.items():
-                    key = src if src == "dev:copy" else f"onboard:{src}"
-                    ops.append(
-                        lambda staged, ids=ids, key=key: storage.write_blocks(
-                            ids, staged_as_tensor(staged[key], dims, storage.storage_dtype)
-                        )
-                    )
+            # 4. write the onboarded bytes into the device blocks; 5. they become
+            # hittable once verified (settle), a failure is a miss (jobs.py)
             onboarded = n_hit - d
             self.device_stats.blocks_in += onboarded
             self.device_stats.bytes_in += onboarded * self.block_nbytes
-            # 5. the onboarded blocks are cached on the device from now on
             if onboarded:
-                self._suppress_cached_hook = True
-                try:
-                    dev.cache_blocks(handle, num_tokens=n_hit * self.block_size)
-                finally:
-                    self._suppress_cached_hook = False
-                handle.num_cached_tokens = n_hit * self.block_size
+                ob = Onboarding(handle, hashes[:n_hit], d, n_hit, sources, result)
+                ops.onboarding = ob
+                if self.has_data:
+                    for src, ids in dev_ids.items():
+                        key = src if src == "dev:copy" else f"onboard:{src}"
+                        ops.append(self._onboard_op(ids, groups[src][0], key, ob))
+                else:  # metadata-only: nothing to move, nothing to verify
+                    ob.verified.update(range(d, n_hit))
+                    ob.finish([])
+                    ops.onboarding = None
+                    done = Job()
+                    done.onboarding = ob
+                    self._apply(done)
             if self._write_through and self.admit_after_hits:
                 ripe = [
                     (handle.block_ids[p], hashes[p])
@@ -609,14 +534,30 @@ class KVOffloadManager:
                 ]
                 self._write_down(ripe, ops)
             self._drain_staged(ops)
-            onboard_hashes = hashes[d:n_hit]
+            fut = self._submit(ops, result)
+            return OffloadAllocation(handle, look, fut, evicted_hashes, self)
 
-            def on_error() -> None:
-                # never serve blocks whose bytes did not arrive: dropped by the next call
-                self._poisoned.update(onboard_hashes)
+    def _onboard_op(self, ids: list[int], positions: list[int], key: str, ob: Onboarding):
+        """An op writing staged onboarded bytes into device blocks ``ids``; marks them verified."""
+        storage = self.device.storage
+        dims = (*storage.kv.shape[:2], 1, *storage.kv.shape[3:])
 
-            fut = self._submit(ops, result, on_error)
-            return OffloadAllocation(handle, look, fut, evicted_hashes)
+        def write_onboarded(staged: dict) -> None:
+            data = staged.get(key)
+            if data is None:
+                return  # the source read failed: these blocks stay unverified
+            good = list(range(len(ids)))
+            if isinstance(data, list):  # per-block payloads (disk): a failed read is None
+                good = [i for i, p in enumerate(data) if p is not None]
+                if not good:
+                    return
+                data = [data[i] for i in good]
+            storage.write_blocks(
+                [ids[i] for i in good], staged_as_tensor(data, dims, storage.storage_dtype)
+            )
+            ob.verified.update(positions[i] for i in good)
+
+        return write_onboarded
 
     def _allocate_plain(
         self, num_tokens: int, request_id: str | None, metadata: dict[str, Any] | None
@@ -631,7 +572,7 @@ class KVOffloadManager:
             evicted = [h for _, h in self._device_victims]
             self.num_requests += 1
             self.query_tokens += num_tokens
-            ops: list = []
+            ops = Job()
             self._drain_staged(ops)
             look = OffloadLookup(
                 0, [], dict.fromkeys(self.tier_names, 0), 0, self.block_size, self.device_name
@@ -639,7 +580,7 @@ class KVOffloadManager:
             result = OnboardResult(
                 dict.fromkeys(self.tier_names, 0), dict.fromkeys(self.tier_names, 0), 0, 0.0
             )
-            return OffloadAllocation(handle, look, self._submit(ops, result), evicted)
+            return OffloadAllocation(handle, look, self._submit(ops, result), evicted, self)
 
     def _tier(self, name: str) -> LowerTier:
         for t in self.tiers:
@@ -774,24 +715,34 @@ class KVOffloadManager:
 
     # -- the rest of a request's life ----------------------------------------
     def cache_blocks(self, handle: KVHandle, **kwargs: Any) -> int:
-        """``KVPool.cache_blocks`` (write-through copies the new blocks down)."""
+        """``KVPool.cache_blocks`` (write-through copies the new blocks down).
+
+        Waits for the handle's own onboarding first: only its verified prefix
+        counts as cached, the rest must have been computed.
+        """
         with self._call():
+            self._await_onboarding(handle)
             n = self.device.cache_blocks(handle, **kwargs)
-            ops: list = []
+            ops = Job()
             self._drain_staged(ops)
             self._submit(ops, OnboardResult({}, {}, 0, 0.0))
             return n
 
     def free(self, handle: KVHandle) -> None:
-        """``KVPool.free``: the handle's cached blocks stay on the device, evictable."""
+        """``KVPool.free``: the handle's cached blocks stay on the device, evictable.
+
+        Waits for the handle's own onboarding first (no copy may land in a
+        block that was handed to someone else).
+        """
         with self._call():
+            self._await_onboarding(handle)
             self.device.free(handle)
 
     def evict(self, num_blocks: int) -> Future:
         """Evict ``num_blocks`` device blocks now (spilled down); a future for the copies."""
         with self._call():
             self.device.evict(num_blocks)
-            ops: list = []
+            ops = Job()
             self._drain_staged(ops)
             return self._submit(ops, OnboardResult({}, {}, 0, 0.0))
 
@@ -806,7 +757,7 @@ class KVOffloadManager:
             for tier in self.tiers:
                 present = [h for h in block_hashes if h in tier]
                 if present:
-                    ops: list = []
+                    ops = Job()
                     tier.remove(present, ops)
                     self._run_inline(ops)
                     n += len(present)
@@ -826,6 +777,7 @@ class KVOffloadManager:
 
         with self._lock:
             self.wait_all()
+            self._queue.settle(self._apply)
             if not self.has_data:
                 raise KVConfigError("this manager is metadata-only")
             storage = self.device.storage
@@ -845,6 +797,7 @@ class KVOffloadManager:
     def where(self, block_hash: Hashable) -> list[str]:
         """Names of the tiers holding ``block_hash`` (top down)."""
         with self._lock:
+            self._queue.settle(self._apply)
             out = [self.device_name] if block_hash in self.device.block_pool.cached else []
             return out + [t.name for t in self.tiers if block_hash in t]
 
@@ -852,6 +805,7 @@ class KVOffloadManager:
     def get_stats(self) -> dict[str, Any]:
         """Per-tier counters and hit ratios (block and token)."""
         with self._lock:
+            self._queue.settle(self._apply)
             tiers = {}
             qb = self.query_blocks
             for name in self.tier_names:
@@ -888,6 +842,7 @@ class KVOffloadManager:
         """Free every handle, empty every tier (disk files included), zero counters."""
         with self._call():
             self.wait_all()
+            self._queue.clear()  # their handles die with the reset
             self.device.reset()
             for t in self.tiers:
                 t.reset()
@@ -902,9 +857,9 @@ class KVOffloadManager:
         if self._closed:
             return
         self.wait_all()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        with self._lock:
+            self._queue.settle(self._apply)
+        self._queue.shutdown()
         for t in self.tiers:
             t.close()
         if self._hook in self.device.hooks:
@@ -918,13 +873,15 @@ class KVOffloadManager:
         self.close()
 
     def check_invariants(self) -> None:
-        """Every tier within budget; exclusive chains hold each block once."""
+        """Every tier within budget; exclusive chains hold each block once; the
+        files of a disk tier are its index (after the queued copies ran and settled)."""
         with self._lock:
+            self.wait_all()
+            self._queue.settle(self._apply)
             self.device.check_invariants()
             for t in self.tiers:
                 t.check_invariants()
                 if t.disk is not None:
-                    self.wait_all()
                     on_disk = set(t.disk.keys())
                     assert on_disk == set(t.pool.cached), f"tier {t.name}: files differ from index"
             if self.promote_on_hit and not self._write_through:

@@ -16,7 +16,13 @@ recent. The victims are returned with a snapshot of their bytes so the
 manager can spill them one tier further down.
 
 Everything here is synchronous and not thread-safe; the manager serialises
-calls and moves the bytes in its worker (``ops`` lists of callables).
+calls and moves the bytes in its worker (``ops``: a ``Job``, a list of
+callables). The ops fail per block: a disk block that cannot be read (missing
+file, bad checksum, I/O error) stages ``None`` and has its file removed; a
+block that cannot be written (disk full, its bytes never staged) is not
+stored; both are reported to the job (``Job.failed``) with the generation the
+tier stamped on that admission, and the manager drops them at settle
+(``drop_if_current``, see ``jobs.py``).
 """
 
 from __future__ import annotations
@@ -27,8 +33,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..block_pool import BlockPool
-from ..errors import KVConfigError
+from ..errors import KVCacheError, KVConfigError
 from ..hooks import PoolHook
+from .staging import (
+    Op,
+    _concat_key,
+    _delete_quietly,
+    _job,
+    _not_staged,
+    _present,
+    _select_op,
+    _typed,
+    staged_as_block_payloads,
+    staged_as_tensor,
+)
 
 __all__ = ["LowerTier", "TierConfig", "TierKind", "TierStats"]
 
@@ -81,7 +99,10 @@ class TierStats:
     ``hit_blocks``: blocks a lookup found in this tier (first tier holding them);
     ``bytes_in`` / ``blocks_in``: written into this tier (spill, write-through,
     onboarding into the device); ``bytes_out`` / ``blocks_out``: read out of it
-    (onboarding to the device, spill further down).
+    (onboarding to the device, spill further down); ``read_errors``: blocks
+    whose bytes could not be read (missing file, bad checksum, I/O error:
+    dropped, a miss from then on); ``write_errors``: blocks not stored because
+    their write failed (disk full...). Traffic counts what was planned.
     """
 
     name: str
@@ -93,6 +114,8 @@ class TierStats:
     bytes_out: int = 0
     evicted_blocks: int = 0
     dropped_blocks: int = 0  # evicted and not admitted below (or no tier below)
+    read_errors: int = 0
+    write_errors: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,6 +129,8 @@ class TierStats:
             "bytes_out": self.bytes_out,
             "evicted_blocks": self.evicted_blocks,
             "dropped_blocks": self.dropped_blocks,
+            "read_errors": self.read_errors,
+            "write_errors": self.write_errors,
         }
 
 
@@ -120,12 +145,6 @@ class _VictimRecorder(PoolHook):
     def on_evict(self, block_id, block_hash, reason, timestamp) -> None:
         if reason == "capacity":
             self.victims.append((block_id, block_hash))
-
-
-#: staged bytes of some blocks: a tensor ``[L, 2, n, <block dims>]`` (host/device)
-#: or a list of per-block uint8 arrays (disk); ``None`` in metadata-only mode.
-Staged = Any
-Op = Callable[[dict], None]
 
 
 class LowerTier:
@@ -170,6 +189,9 @@ class LowerTier:
         self.storage_dtype = storage_dtype
         self.storage = None
         self.disk = None
+        #: hash -> stamp of its current admission (see ``drop_if_current``)
+        self._gen: dict[Hashable, int] = {}
+        self._next_gen = 0
         if config.kind == TierKind.HOST.value and storage_factory is not None:
             self.storage = storage_factory(config.num_blocks)
         elif config.kind == TierKind.DISK.value and config.directory is not None:
@@ -200,6 +222,27 @@ class LowerTier:
             slots = self.pool.allocate(len(keys))
             self.pool.cache_blocks(slots, keys)
             self.pool.release(slots[::-1])
+            self._stamp(keys)
+
+    def _stamp(self, keys: Sequence[Hashable]) -> None:
+        gen = self._gen
+        n = self._next_gen
+        for k in keys:
+            n += 1
+            gen[k] = n
+        self._next_gen = n
+
+    def drop_if_current(self, block_hash: Hashable, gen: int | None) -> bool:
+        """Drop ``block_hash`` if the tier still holds the admission stamped ``gen``.
+
+        Called at settle for a copy that failed to read or write; the file (if
+        any) is already gone. Returns whether it was dropped.
+        """
+        if gen is None or self._gen.get(block_hash) != gen:
+            return False
+        del self._gen[block_hash]
+        self.pool.uncache(self.pool.cached[block_hash], reason="failed")
+        return True
 
     # -- queries -------------------------------------------------------------
     def slot_of(self, block_hash: Hashable) -> int | None:
@@ -221,11 +264,20 @@ class LowerTier:
 
     # -- bytes ---------------------------------------------------------------
     def read_op(
-        self, block_hashes: Sequence[Hashable], key: str, slots: Sequence[int] | None = None
+        self,
+        block_hashes: Sequence[Hashable],
+        key: str,
+        slots: Sequence[int] | None = None,
+        job: Any = None,
+        *,
+        requested: bool = False,
     ) -> Op | None:
         """An op that stages the bytes of blocks under ``key`` (slots resolved now).
 
         ``slots`` names them for blocks whose hash was just dropped (victims).
+        With a ``job``, a disk block that cannot be read stages ``None``, loses
+        its file and is reported (``requested``: as the request's own error);
+        without one (a debugging read) the typed error propagates.
         """
         n = len(block_hashes)
         self.stats.blocks_out += n
@@ -244,39 +296,86 @@ class LowerTier:
             return read_host
         disk = self.disk
         keys = list(block_hashes)
+        gens = [self._gen.get(k) for k in keys] if slots is None else [None] * len(keys)
 
         def read_disk(staged: dict) -> None:
-            staged[key] = [disk.read(k) for k in keys]
+            out = []
+            for k, gen in zip(keys, gens):
+                try:
+                    out.append(disk.read(k))
+                except Exception as exc:
+                    if job is None:
+                        raise
+                    out.append(None)
+                    _delete_quietly(disk, k)  # a bad copy is dropped, not retried forever
+                    job.failed(self, k, gen, "read", _typed(exc, k), requested=requested)
+            staged[key] = out
 
         return read_disk
 
-    def write_op(self, slots: Sequence[int], keys: Sequence[Hashable], key: str) -> Op | None:
-        """An op that writes staged bytes ``staged[key]`` into ``slots`` (hashes ``keys``)."""
+    def write_op(
+        self, slots: Sequence[int], keys: Sequence[Hashable], key: str, job: Any = None
+    ) -> Op | None:
+        """An op that writes staged bytes ``staged[key]`` into ``slots`` (hashes ``keys``).
+
+        With a ``job``, a block whose bytes were not staged or whose write
+        fails is reported as not stored (the manager drops it at settle).
+        """
         n = len(slots)
         self.stats.blocks_in += n
         self.stats.bytes_in += n * self.block_nbytes
         if not self.has_data or not n:
             return None
+        keys = list(keys)
+        gens = [self._gen.get(k) for k in keys]
+
+        def fail(i: int, exc: BaseException) -> None:
+            if job is None:
+                raise exc
+            job.failed(self, keys[i], gens[i], "write", _typed(exc, keys[i]))
+
         if self.storage is not None:
             storage = self.storage
             slots = list(slots)
 
             def write_host(staged: dict) -> None:
-                storage.write_blocks(
-                    slots, staged_as_tensor(staged[key], self.block_dims, self.storage_dtype)
-                )
+                data = staged.get(key)
+                good = _present(data, n)
+                try:
+                    if len(good) == n:
+                        part = staged_as_tensor(data, self.block_dims, self.storage_dtype)
+                        storage.write_blocks(slots, part)
+                    elif good:
+                        part = [staged_as_block_payloads(data)[i] for i in good]
+                        storage.write_blocks(
+                            [slots[i] for i in good],
+                            staged_as_tensor(part, self.block_dims, self.storage_dtype),
+                        )
+                except Exception as exc:
+                    for i in good:
+                        fail(i, exc)
+                for i in sorted(set(range(n)) - set(good)):
+                    fail(i, _not_staged(keys[i]))
 
             return write_host
         disk = self.disk
-        keys = list(keys)
 
         def write_disk(staged: dict) -> None:
-            for k, payload in zip(keys, staged_as_block_payloads(staged[key])):
-                disk.write(k, payload)
+            data = staged.get(key)
+            payloads = staged_as_block_payloads(data) if data is not None else [None] * n
+            for i, (k, payload) in enumerate(zip(keys, payloads)):
+                if payload is None:
+                    fail(i, _not_staged(k))
+                    continue
+                try:
+                    disk.write(k, payload)
+                except Exception as exc:
+                    fail(i, exc)
 
         return write_disk
 
-    def delete_op(self, block_hashes: Sequence[Hashable]) -> Op | None:
+    def delete_op(self, block_hashes: Sequence[Hashable], job: Any = None) -> Op | None:
+        """An op that removes the files of blocks that left the tier (a failure is reported)."""
         if self.disk is None or not block_hashes:
             return None
         disk = self.disk
@@ -284,7 +383,12 @@ class LowerTier:
 
         def delete_disk(staged: dict) -> None:
             for k in keys:
-                disk.delete(k)
+                try:
+                    disk.delete(k)
+                except KVCacheError as exc:
+                    if job is None:
+                        raise
+                    job.failed(self, k, None, "delete", exc)
 
         return delete_disk
 
@@ -336,22 +440,25 @@ class LowerTier:
         victim_slots = [b for b, _ in rec.victims]
         victim_hashes = [h for _, h in rec.victims]
         rec.victims.clear()
+        for h in victim_hashes:
+            self._gen.pop(h, None)
         self.stats.evicted_blocks += len(victim_hashes)
         victim_key = None
         if victim_hashes:
             # the victims' bytes must be staged before their slots are overwritten
             if keep_victim_bytes:
                 victim_key = f"{source}>{self.name}:victims"
-                op = self.read_op(victim_hashes, victim_key, victim_slots)
+                op = self.read_op(victim_hashes, victim_key, victim_slots, _job(ops))
                 if op is not None:
                     ops.append(op)
-            op = self.delete_op(victim_hashes)
+            op = self.delete_op(victim_hashes, _job(ops))
             if op is not None:
                 ops.append(op)
         if new_idx:
             new_hashes = [block_hashes[i] for i in new_idx]
             key = f"{source}@{self.name}"
-            op = self.write_op(slots, new_hashes, key)
+            self._stamp(new_hashes)
+            op = self.write_op(slots, new_hashes, key, _job(ops))
             if op is not None:
                 ops.append(_select_op(source, key, new_idx))
                 ops.append(op)
@@ -375,7 +482,8 @@ class LowerTier:
         """Drop resident blocks (promotion out of an exclusive tier). Read them first."""
         for h in block_hashes:
             self.pool.uncache(self.pool.cached[h], reason="promote")
-        op = self.delete_op(block_hashes)
+            self._gen.pop(h, None)
+        op = self.delete_op(block_hashes, _job(ops))
         if op is not None:
             ops.append(op)
 
@@ -384,6 +492,7 @@ class LowerTier:
             for k in list(self.pool.cached):
                 self.disk.delete(k)
         self.pool.reset()
+        self._gen.clear()
         self.stats = TierStats(self.name, self.num_blocks)
 
     def close(self) -> None:
@@ -395,62 +504,4 @@ class LowerTier:
         bp.check_invariants()
         assert bp.num_used == 0, f"tier {self.name}: {bp.num_used} slots left in use"
         assert bp.num_cached <= self.num_blocks
-
-
-def staged_as_tensor(staged: Any, block_dims: tuple[int, ...], storage_dtype: Any):
-    """Staged bytes as a ``[L, 2, n, <block dims>]`` tensor in ``storage_dtype``.
-
-    ``block_dims`` is the shape of one block with the block dimension (index 2) of 1.
-    """
-    import torch
-
-    if isinstance(staged, list):
-        parts = [torch.from_numpy(p).view(storage_dtype).reshape(block_dims) for p in staged]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-    return staged
-
-
-def staged_as_block_payloads(staged: Any) -> list:
-    """Staged bytes as one contiguous payload per block."""
-    if isinstance(staged, list):
-        return staged
-    return [staged[:, :, i].contiguous() for i in range(staged.shape[2])]
-
-
-def _select_op(src: str, dst: str, index: list[int]) -> Op:
-    """An op that stages ``staged[src]`` restricted to blocks ``index`` under ``dst``."""
-    idx = list(index)
-
-    def select(staged: dict) -> None:
-        data = staged.get(src)
-        if data is None:
-            return
-        if isinstance(data, list):
-            staged[dst] = [data[i] for i in idx]
-        else:
-            import torch
-
-            index = torch.as_tensor(idx, dtype=torch.long, device=data.device)
-            staged[dst] = data.index_select(2, index)
-
-    return select
-
-
-def _concat_key(ops: list, key_a: str, key_b: str | None) -> str:
-    if key_b is None:
-        return key_a
-    out = f"{key_a}+{key_b}"
-
-    def concat(staged: dict) -> None:
-        a, b = staged.get(key_a), staged.get(key_b)
-        if a is None or b is None:
-            return
-        if isinstance(a, list) or isinstance(b, list):
-            staged[out] = list(staged_as_block_payloads(a)) + list(staged_as_block_payloads(b))
-        else:
-            import torch
-
-            staged[out] = torch.cat([a, b.to(a.device)], dim=2)
-
-    ops.append(concat)
-    return out
+        assert self._gen.keys() == bp.cached.keys(), f"tier {self.name}: stamps differ from index"
