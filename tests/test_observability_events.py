@@ -124,7 +124,8 @@ def test_replay_rebuilds_the_cache_exactly(ops):
             handles.append(h)
         elif kind == "cache" and handles:
             h = handles[op[1] % len(handles)]
-            pool.cache_blocks(h, num_tokens=op[2] or None)
+            # at most the handle's tokens (more is a caller error, KVInvalidInputError)
+            pool.cache_blocks(h, num_tokens=min(op[2], h.num_tokens) or None)
         elif kind == "free" and handles:
             pool.free(handles.pop(op[1] % len(handles)))
         elif kind == "evict":
