@@ -12,7 +12,35 @@ import click
 from . import profiling_cmds, replay_cmds, sweep_cmds
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class KVGroup(click.Group):
+    """The command group; a library error that escapes a command becomes one line.
+
+    Commands report the mistakes they know about themselves (naming the option
+    or the file and line); this is the net under them: any ``KVCacheError``
+    prints ``Error: [CODE] message`` and exits 1, never a traceback, and an
+    ``EOFError`` or ``MemoryError`` from a command is reported as what it is
+    (click would print ``Aborted!`` for the first and a traceback for the second).
+    """
+
+    def invoke(self, ctx: click.Context):
+        from sagellm_kv_cache.errors import KVCacheError
+
+        try:
+            return super().invoke(ctx)
+        except KVCacheError as err:
+            raise click.ClickException(f"[{err.code}] {err.message}") from None
+        except EOFError as err:
+            raise click.ClickException(f"unexpected end of input ({err})") from None
+        except MemoryError as err:
+            raise click.ClickException(
+                f"out of memory{f' ({err})' if str(err) else ''}; use a smaller capacity or trace"
+            ) from None
+
+
+@click.group(
+    cls=KVGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(package_name="sagellm-kv-cache")
 def cli() -> None:
     """sage-kv-stats: profile, replay and analyse KV-cache behaviour.

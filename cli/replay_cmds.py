@@ -14,6 +14,14 @@ import click
 from sagellm_kv_cache.errors import KVCacheError, KVConfigError
 from sim.config import LinearCostModel, ReplayConfig, field_help, parse_capacity
 
+from ._common import (
+    check_not_empty,
+    check_out_dir,
+    clamp_capacity,
+    inf_blocks,
+    parse_tiers,
+)
+
 _DEFAULTS = ReplayConfig.__dataclass_fields__
 
 
@@ -128,7 +136,9 @@ def _cost_defaults() -> str:
     show_default=True,
     callback=_capacity_cb,
     help="Cache size: 10000 or 10000b (blocks), 5.12Mt or tokens:512k (tokens, rounded down "
-    "to whole blocks), 40GiB or 512MB (bytes; needs --model-shape), inf (never evicts).",
+    "to whole blocks), 40GiB or 512MB (bytes; needs --model-shape), inf (never evicts). "
+    "A size above 2**20 blocks that the trace cannot use is clamped to what it can (same "
+    "result as inf).",
 )
 @click.option(
     "--model-shape",
@@ -180,7 +190,9 @@ def _cost_defaults() -> str:
 @click.option(
     "--tiers",
     default=None,
-    help="Tiered replay instead: capacities in blocks per tier, e.g. gpu=2000,cpu=8000,disk=100000.",
+    callback=parse_tiers,
+    help="Tiered replay instead: capacities in blocks per tier, e.g. gpu=2000,cpu=8000,disk=100000 "
+    "(gpu first, then any of cpu, host, disk, nvme, ssd).",
 )
 @click.option(
     "--skip-bad", is_flag=True, help="Skip and count malformed records instead of stopping."
@@ -250,6 +262,7 @@ def replay(
     trace = trace or DEFAULT_TRACE
     if not Path(trace).exists():
         raise click.FileError(str(trace), hint="trace file not found")
+    check_out_dir(out_dir)
     if parse_capacity(capacity).unit == "bytes" and model_shape is None:
         raise click.BadParameter(
             f"{capacity} needs a model shape to become blocks: add --model-shape (e.g. llama-3-8b)",
@@ -271,14 +284,28 @@ def replay(
         table = _read(trace, fmt, block_size, skip_bad, stats)
     except KVCacheError as err:
         raise click.ClickException(err.message) from None
-    bs = int(table["block_size"][0]) if len(table) else (block_size or 512)
-    cap_blocks = _resolve_blocks(capacity, bs, model_shape, "--capacity")
-    curve_blocks = [_resolve_blocks(c, bs, model_shape, "--curve") for c in curve_caps]
+    check_not_empty(table, trace, stats)
+    bs = int(table["block_size"][0])
+    requested = _resolve_blocks(capacity, bs, model_shape, "--capacity")
+    cap_blocks = clamp_capacity(requested, inf_blocks(table, mode))
+    if cap_blocks != requested:
+        click.echo(
+            f"note: --capacity {capacity} ({requested} blocks) is more than this trace can use; "
+            f"replaying at {cap_blocks} blocks, which never evicts (same result as inf)",
+            err=True,
+        )
+    seq_limit = inf_blocks(table, "sequential")
+    curve_blocks = sorted(
+        {
+            clamp_capacity(_resolve_blocks(c, bs, model_shape, "--curve"), seq_limit)
+            for c in curve_caps
+        }
+    )
     try:
         cfg = ReplayConfig(
             trace=str(trace),
             format=fmt,
-            capacity=capacity,
+            capacity=capacity if cap_blocks == requested else str(cap_blocks),
             policy=policy,
             block_size=bs,
             mode=mode,
@@ -307,6 +334,7 @@ def replay(
     config = {
         **cfg.to_dict(),
         "capacity_blocks": result.capacity_blocks,
+        "capacity_clamped_from_blocks": requested if cap_blocks != requested else None,
         "curve_capacities": curve_blocks,
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
@@ -383,21 +411,6 @@ def _read(trace, fmt, block_size, skip_bad, stats):
     return table
 
 
-def _parse_tiers(text: str) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for part in text.split(","):
-        name, sep, value = part.partition("=")
-        if not sep or not name.strip():
-            raise click.BadParameter(f"expected NAME=BLOCKS, got {part!r}", param_hint="--tiers")
-        try:
-            out[name.strip()] = int(float(value))
-        except ValueError:
-            raise click.BadParameter(
-                f"{value!r} is not a block count", param_hint="--tiers"
-            ) from None
-    return out
-
-
 def _replay_tiers(
     trace, fmt, tiers, policy, skip_bad, out_dir, mode, model_shape, explicit_cost, cost
 ) -> None:
@@ -406,9 +419,21 @@ def _replay_tiers(
     from sim.tiered import replay_tiered
     from traces import read_trace
 
-    spec = _parse_tiers(tiers)
+    stats: dict = {}
     try:
-        table = read_trace(trace, fmt, skip_bad=skip_bad)
+        table = read_trace(trace, fmt, skip_bad=skip_bad, stats=stats)
+    except KVCacheError as err:
+        raise click.ClickException(err.message) from None
+    check_not_empty(table, trace, stats)
+    limit = inf_blocks(table, "concurrent")  # all full blocks: no tier can evict
+    spec = {name: clamp_capacity(n, limit) for name, n in tiers.items()}
+    if spec != tiers:
+        click.echo(
+            f"note: --tiers capacities above {limit} blocks (all of this trace's full blocks) "
+            "never evict; clamped to it (same result)",
+            err=True,
+        )
+    try:
         config = SimpleNamespace(
             block_size=int(table["block_size"][0]),
             sequential=mode == "sequential",

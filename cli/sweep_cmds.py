@@ -15,6 +15,8 @@ import click
 
 from sagellm_kv_cache.errors import KVCacheError
 
+from ._common import check_not_empty, check_out_dir, clamp_capacity, inf_blocks
+
 __all__ = [
     "COMMANDS",
     "TRACE_FORMATS",
@@ -162,7 +164,8 @@ def plot_sweep(
     "--capacities",
     default="1000,3000,10000,30000",
     show_default=True,
-    help="Cache sizes in blocks, comma-separated (10k = 10000).",
+    help="Cache sizes in blocks, comma-separated (10k = 10000). Sizes above 2**20 blocks that "
+    "no trace can use (its distinct blocks) are clamped to that (same result: no evictions).",
 )
 @click.option(
     "--policies",
@@ -257,11 +260,13 @@ def sweep_cmd(
 
     caps = parse_capacities(capacities)
     pols = parse_policies(policies)
+    check_out_dir(out_dir)
     paths = list(traces) or [Path(DEFAULT_TRACE)]
     items = []
     for path in paths:
+        stats: dict = {}
         try:
-            kwargs = {"skip_bad": skip_bad}
+            kwargs = {"skip_bad": skip_bad, "stats": stats}
             if block_size is not None:
                 kwargs["block_size"] = block_size
             items.append((path.name, read_trace(path, fmt, **kwargs)))
@@ -269,6 +274,17 @@ def sweep_cmd(
             raise click.FileError(str(path), hint="trace file not found") from None
         except KVCacheError as err:
             raise click.ClickException(f"trace {path}: {err.message}") from None
+        check_not_empty(items[-1][1], path, stats)
+    # a pool larger than every trace's distinct blocks never evicts: clamp, never allocate
+    limit = max(inf_blocks(table) for _, table in items)
+    requested_caps = caps
+    caps = sorted({clamp_capacity(c, limit) for c in caps})
+    if caps != sorted(set(requested_caps)):
+        click.echo(
+            f"note: capacities above {limit} blocks (every trace's distinct blocks) never evict; "
+            f"clamped to {limit} (same result)",
+            err=True,
+        )
     try:
         df = sweep(
             items,
@@ -290,6 +306,7 @@ def sweep_cmd(
         "format": fmt,
         "block_size": block_size,
         "capacities_blocks": caps,
+        "capacities_requested_blocks": requested_caps,
         "policies": pols,
         "executor": executor,
         "workers": workers,

@@ -12,7 +12,11 @@ Capacity strings (``parse_capacity``)::
     inf                             infinite (never evicts)
 
 Count suffixes ``k``, ``M``, ``G`` are decimal; byte units ``KiB``/``MiB``/``GiB``/``TiB``
-are binary and ``KB``/``MB``/``GB``/``TB`` decimal.
+are binary and ``KB``/``MB``/``GB``/``TB`` decimal. Amounts are exact: they must
+be positive, whole (``1.5`` blocks is an error, ``1.5k`` blocks is 1500) and at
+most :data:`MAX_CAPACITY_AMOUNT`. A capacity larger than a trace needs is
+meaningful only as "never evicts"; the CLI clamps it to the trace's size (see
+``cli/replay_cmds.py``) rather than building a pool that large.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 from sagellm_kv_cache.errors import KVConfigError
 
 __all__ = [
+    "MAX_CAPACITY_AMOUNT",
     "Capacity",
     "LinearCostModel",
     "ReplayConfig",
@@ -112,6 +118,8 @@ _BYTE_UNITS = {
     "tib": 2**40,
 }
 _NUM = r"(\d+(?:\.\d*)?(?:e[+-]?\d+)?)"
+#: Largest amount (blocks, tokens or bytes) a capacity string may give: int64.
+MAX_CAPACITY_AMOUNT = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,12 +187,18 @@ def parse_capacity(text: str | int | Capacity) -> Capacity:
         unit_prefix, _, low = low.partition(":")
         if unit_prefix not in ("blocks", "tokens", "bytes"):
             raise KVConfigError(f"unknown capacity unit {unit_prefix!r} in {text!r}")
-    m = re.fullmatch(_NUM + r"\s*([a-z]*)", low)
+    m = re.fullmatch(r"([+-]?)" + _NUM + r"\s*([a-z]*)", low)
     if m is None:
         raise KVConfigError(
             f"cannot parse capacity {text!r}; examples: 10000, 10000b, 5.12Mt, 40GiB, inf"
         )
-    value, suffix = float(m.group(1)), m.group(2)
+    sign, number, suffix = m.groups()
+    exponent = number.partition("e")[2]
+    if exponent and int(exponent) > 30:  # Fraction would build a huge integer first
+        raise KVConfigError(f"capacity {text!r} is too large (at most {MAX_CAPACITY_AMOUNT})")
+    value = Fraction(number)
+    if sign == "-" and value:
+        raise KVConfigError(f"capacity must be positive, got {text!r}")
     if unit_prefix == "bytes" or (unit_prefix is None and suffix in _BYTE_UNITS and suffix != "b"):
         mult = _BYTE_UNITS.get(suffix or "b")
         if mult is None:
@@ -205,9 +219,13 @@ def parse_capacity(text: str | int | Capacity) -> Capacity:
         if mult is None:
             raise KVConfigError(f"unknown suffix {suffix!r} in capacity {text!r}")
     amount = value * mult
-    if amount < 1:
+    if amount <= 0:
         raise KVConfigError(f"capacity must be positive, got {text!r}")
-    return Capacity(float(round(amount)), unit)
+    if amount.denominator != 1:
+        raise KVConfigError(f"capacity must be a whole number of {unit}, got {text!r}")
+    if amount > MAX_CAPACITY_AMOUNT:
+        raise KVConfigError(f"capacity {text!r} is too large (at most {MAX_CAPACITY_AMOUNT})")
+    return Capacity(float(amount), unit)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
