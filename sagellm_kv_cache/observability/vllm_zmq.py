@@ -473,6 +473,8 @@ class VLLMEventSubscriber:
         Returns:
             batches applied (each run of them counts as one repaired gap).
         """
+        if self.last_seq is None and self.start_seq is not None:
+            self.last_seq = self.start_seq - 1  # nothing live yet: start where asked
         if self.replay_endpoint is None or self.last_seq is None:
             return 0
         before, lost_before = self.num_batches, self.num_gaps_unrecovered
