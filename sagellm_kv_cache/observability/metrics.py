@@ -29,6 +29,10 @@ Metric names (``prefix`` defaults to ``sagellm_kv``; every series has a
     <prefix>_block_idle_before_eviction_seconds histogram last release -> dropped
     <prefix>_block_reuse_gap_seconds           histogram  previous access -> hit
 
+``vllm_compat=True`` adds vLLM's ``vllm:prefix_cache_queries_total`` /
+``vllm:prefix_cache_hits_total`` (tokens) and ``vllm:kv_cache_usage_perc``
+(labels ``model_name``, ``engine`` = pool), so vLLM's Grafana panels work.
+
 Token hit ratio in PromQL: ``rate(<p>_prefix_cache_hits_total[5m]) /
 rate(<p>_prefix_cache_queries_total[5m])``.
 
@@ -449,6 +453,8 @@ class MetricsCollector:
         registry: registry to register on; default a new ``CollectorRegistry``
             (never the process-global one, so pools and tests do not collide).
         buckets: histogram upper bounds in seconds (increasing).
+        vllm_compat: also export vLLM's prefix-cache names (module doc).
+        model_name: ``model_name`` label of those series.
 
     Attach pools with ``MetricsHook(collector, pool, name=...)`` or
     ``instrument(pool, collector, name=...)``; each gets its ``pool`` label.
@@ -460,7 +466,11 @@ class MetricsCollector:
         registry: CollectorRegistry | None = None,
         *,
         buckets: Sequence[float] = DEFAULT_SECONDS_BUCKETS,
+        vllm_compat: bool = False,
+        model_name: str = "sagellm",
     ) -> None:
+        self.vllm_compat = bool(vllm_compat)
+        self.model_name = str(model_name)
         if not isinstance(prefix, str) or not _NAME_RE.match(prefix):
             raise KVConfigError(f"metric prefix {prefix!r} is not a valid Prometheus name")
         bounds = [float(b) for b in buckets]
@@ -520,6 +530,21 @@ class MetricsCollector:
         )
         for key, doc in _HISTOGRAMS:
             fams[key] = HistogramMetricFamily(f"{p}_{key}", doc, labels=["pool"])
+        if self.vllm_compat:
+            vl = ["model_name", "engine"]
+            fams["vllm_q"] = CounterMetricFamily(
+                "vllm:prefix_cache_queries",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                labels=vl,
+            )
+            fams["vllm_h"] = CounterMetricFamily(
+                "vllm:prefix_cache_hits",
+                "Prefix cache hits, in terms of number of cached tokens.",
+                labels=vl,
+            )
+            fams["vllm_u"] = GaugeMetricFamily(
+                "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels=vl
+            )
         return fams
 
     def describe(self) -> Iterable[Any]:
@@ -538,8 +563,14 @@ class MetricsCollector:
             for key, _ in _HISTOGRAMS:
                 buckets, total = snap[key]
                 fams[key].add_metric([name], buckets, total)
+            if self.vllm_compat:
+                vl = [self.model_name, name]
+                fams["vllm_q"].add_metric(vl, snap["prefix_cache_queries"])
+                fams["vllm_h"].add_metric(vl, snap["prefix_cache_hits"])
             if "blocks" in snap:
                 blocks, cap = snap["blocks"], snap["capacity_blocks"]
+                if self.vllm_compat:
+                    fams["vllm_u"].add_metric([self.model_name, name], blocks["used"] / cap)
                 fams["cache_usage_ratio"].add_metric([name], blocks["used"] / cap)
                 fams["capacity_blocks"].add_metric([name], cap)
                 for state, n in blocks.items():
