@@ -28,24 +28,91 @@ Every block is in exactly one of three states::
   released.
 
 The pool is not thread-safe; ``KVPool`` wraps it in a lock. Errors raised
-here leave the pool unchanged (checks come before mutations).
+here leave the pool unchanged (checks come before mutations): block ids
+must be ints (not bools) in ``[0, num_blocks)``, block hashes hashable and
+not ``None``, and each method checks the state it needs (``touch`` cached
+blocks, ``release`` held ones...) before changing anything, with C-level
+passes (``map``/``set``) so the checks stay cheap on the hot path.
+
+Size: at most ``MAX_NUM_BLOCKS`` blocks; the bookkeeping costs about
+``BOOKKEEPING_BYTES_PER_BLOCK`` bytes of host memory per block, and a pool
+whose bookkeeping would not fit in the host's physical memory is refused
+with ``KVConfigError`` before anything is allocated.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Sequence
+from numbers import Integral
+from typing import Any
 
 from .errors import (
+    KVConfigError,
     KVInvalidInputError,
+    KVInvalidTypeError,
     KVNoVictimError,
     KVPoolFullError,
     KVRefCountUnderflowError,
 )
 from .eviction import EvictionPolicy, make_policy
+from .hashing import check_block_hashes
 
-__all__ = ["BlockPool"]
+__all__ = [
+    "BOOKKEEPING_BYTES_PER_BLOCK",
+    "MAX_NUM_BLOCKS",
+    "BlockPool",
+    "check_count",
+    "check_num_blocks",
+]
+
+#: the largest pool: 2**32 blocks (68.7 billion tokens at block size 16)
+MAX_NUM_BLOCKS = 1 << 32
+#: host bytes of bookkeeping per block (ref, pin, hash, parent lists, free queue, policy)
+BOOKKEEPING_BYTES_PER_BLOCK = 96
+
+_INT_ONLY = frozenset((int,))
+
+
+def check_count(value: Any, name: str, minimum: int = 0) -> int:
+    """An int (not a bool) ``>= minimum``, or a typed error."""
+    if type(value) is not int:
+        if isinstance(value, bool) or not isinstance(value, Integral):
+            raise KVInvalidTypeError(
+                f"{name} must be an int, got {type(value).__name__} ({value!r:.40})"
+            )
+        value = int(value)
+    if value < minimum:
+        raise KVInvalidInputError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
+        return None
+
+
+def check_num_blocks(num_blocks: Any) -> int:
+    """A pool size in blocks: an int in ``[1, MAX_NUM_BLOCKS]`` whose bookkeeping fits
+    the host's physical memory (``KVConfigError`` otherwise, before allocating)."""
+    n = check_count(num_blocks, "num_blocks", 1)
+    if n > MAX_NUM_BLOCKS:
+        raise KVConfigError(
+            f"num_blocks={n} is above the maximum of {MAX_NUM_BLOCKS} blocks per pool"
+        )
+    need = n * BOOKKEEPING_BYTES_PER_BLOCK
+    have = _physical_memory_bytes()
+    if have is not None and need > have:
+        raise KVConfigError(
+            f"num_blocks={n} needs about {need / 2**30:.1f} GiB of bookkeeping "
+            f"({BOOKKEEPING_BYTES_PER_BLOCK} B per block); this host has "
+            f"{have / 2**30:.1f} GiB of memory"
+        )
+    return n
 
 
 class BlockPool:
@@ -68,10 +135,9 @@ class BlockPool:
         enable_caching: bool = True,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        if num_blocks < 1:
-            raise KVInvalidInputError(f"num_blocks must be >= 1, got {num_blocks}")
+        num_blocks = check_num_blocks(num_blocks)
         self.num_blocks = num_blocks
-        self.block_size = block_size
+        self.block_size = check_count(block_size, "block_size", 1)
         self.enable_caching = enable_caching
         self.clock = clock or time.monotonic
         self.policy = make_policy(policy, self.clock)
@@ -81,6 +147,9 @@ class BlockPool:
         kind = type(self.policy)
         self._policy_on_cached = kind.on_cached is not EvictionPolicy.on_cached
         self._policy_on_evicted = kind.on_evicted is not EvictionPolicy.on_evicted
+        #: the policy may refuse evictable blocks (TTL-protected, leaf-only): admission
+        #: asks it how many victims it can give before anything is changed
+        self.policy_may_refuse = kind.num_victims is not EvictionPolicy.num_victims
         self.hooks: list = []
         self.ref_counts: list[int] = [0] * num_blocks
         self.pin_counts: list[int] = [0] * num_blocks
@@ -124,21 +193,60 @@ class BlockPool:
     # -- prefix lookup -------------------------------------------------------
     def match_prefix(self, block_hashes: Sequence[Hashable]) -> list[int]:
         """Ids of the leading run of cached blocks (stops at the first miss). No side effect."""
-        out: list[int] = list(map(self.cached.get, block_hashes))  # one C-level pass
+        try:
+            out: list[int] = list(map(self.cached.get, block_hashes))  # one C-level pass
+        except TypeError:  # an unhashable hash (or not a sequence): the full check says which
+            check_block_hashes(block_hashes)
+            raise  # pragma: no cover - check_block_hashes raises first
         if None in out:
             del out[out.index(None) :]
         return out
 
     def num_evictable_among(self, block_ids: Sequence[int]) -> int:
         """How many of ``block_ids`` are evictable now (a hit on them shrinks the pool's supply)."""
+        block_ids = self.check_block_ids(block_ids)
         ref = self.ref_counts
         if not self._num_pinned:  # common case: count zeros in one C pass
             return list(map(ref.__getitem__, block_ids)).count(0)
         pins = self.pin_counts
         return sum(1 for b in block_ids if not ref[b] and not pins[b])
 
+    def evictable_among(self, block_ids: Sequence[int]) -> list[int]:
+        """Those of ``block_ids`` that are evictable now (no reference, no pin, cached)."""
+        ref, pins = self.ref_counts, self.pin_counts
+        return [b for b in block_ids if not ref[b] and not pins[b]]
+
+    def check_block_ids(self, block_ids: Any, name: str = "block_ids") -> list[int]:
+        """``block_ids`` as a list of ints in range, or a typed error (C-level passes)."""
+        if type(block_ids) is not list:
+            if isinstance(block_ids, str | bytes | set | frozenset | dict) or not hasattr(
+                block_ids, "__len__"
+            ):
+                raise KVInvalidTypeError(
+                    f"{name} must be a list of block ids, got {type(block_ids).__name__}"
+                )
+            block_ids = list(block_ids)
+        if not block_ids:
+            return block_ids
+        if not set(map(type, block_ids)) <= _INT_ONLY:
+            for b in block_ids:  # numpy ints are ids too; bools are not
+                if isinstance(b, bool) or not isinstance(b, Integral):
+                    raise KVInvalidTypeError(
+                        f"{name}: block id {b!r:.40} is a {type(b).__name__}, not an int"
+                    )
+            block_ids = [int(b) for b in block_ids]
+        lo, hi = min(block_ids), max(block_ids)
+        if lo < 0 or hi >= self.num_blocks:
+            raise KVInvalidInputError(
+                f"{name}: block id {lo if lo < 0 else hi} out of range [0, {self.num_blocks})"
+            )
+        return block_ids
+
     def touch(self, block_ids: Sequence[int]) -> None:
         """Take a reference on each (cached) block; evictable ones leave the policy."""
+        block_ids = self.check_block_ids(block_ids)
+        if None in map(self.block_hashes.__getitem__, block_ids):
+            raise KVInvalidInputError("touch: only cached blocks can be hit (one has no hash)")
         ref = self.ref_counts
         pins = self.pin_counts if self._num_pinned else None
         evictable: list[int] = []
@@ -160,7 +268,9 @@ class BlockPool:
 
         Raises:
             KVPoolFullError: not enough free + evictable blocks (nothing changed).
+            KVNoVictimError: the policy refuses some evictable blocks (nothing changed).
         """
+        num_blocks = check_count(num_blocks, "num_blocks")
         free_q = self.free_queue
         num_free = len(free_q)
         if num_blocks <= num_free:
@@ -246,13 +356,20 @@ class BlockPool:
                         ph = h
 
     def evict(self, num_blocks: int, reason: str = "explicit") -> list[int]:
-        """Evict up to ``num_blocks`` evictable blocks into the free queue; their ids in order."""
+        """Evict up to ``num_blocks`` evictable blocks into the free queue; their ids in order.
+
+        A policy that refuses some evictable blocks (TTL-protected, leaf-only)
+        gives what it can now (``policy.num_victims``), in one batch.
+        """
+        num_blocks = check_count(num_blocks, "num_blocks")
         n = min(num_blocks, len(self.policy))
+        if n and self.policy_may_refuse:
+            n = self.policy.num_victims(n)
         try:
             out = self._evict_many(n, reason)
         except KVNoVictimError:
-            # a constrained policy (TTL-protected or leaf-only blocks) cannot give all
-            # n at once: take what it can, one at a time (each pop uncovers the next)
+            # a custom policy that refuses blocks without saying so in num_victims:
+            # take what it gives, one at a time (each pop is all or nothing)
             out = []
             while len(out) < n:
                 try:
@@ -268,8 +385,22 @@ class BlockPool:
         Blocks reaching ref 0 become evictable when cached (in release order,
         so a request's last block is the first a recency policy gives up) and
         free otherwise.
+
+        Raises:
+            KVRefCountUnderflowError: a block is not held (as often as listed);
+                nothing is released then.
         """
+        block_ids = self.check_block_ids(block_ids)
         ref = self.ref_counts
+        if 0 in map(ref.__getitem__, block_ids):
+            b = next(b for b in block_ids if not ref[b])
+            raise KVRefCountUnderflowError(f"block {b} released with ref count 0")
+        if len(set(block_ids)) != len(block_ids):
+            for b, k in Counter(block_ids).items():
+                if ref[b] < k:
+                    raise KVRefCountUnderflowError(
+                        f"block {b} released {k}x in one call but held {ref[b]}x"
+                    )
         hashes = self.block_hashes
         free_append = self.free_queue.append
         evictable: list[int] = []
@@ -301,7 +432,29 @@ class BlockPool:
         The blocks must be in use (their KV written). A hash that is already
         cached keeps its block (one block per hash). Returns how many blocks
         were newly registered.
+
+        Raises:
+            KVInvalidTypeError / KVInvalidInputError: a hash that is unhashable or
+                ``None``, more hashes than blocks, a bad ``start``, or a block to
+                register that is not in use. Nothing is registered then.
         """
+        block_hashes = check_block_hashes(block_hashes)
+        block_ids = self.check_block_ids(block_ids)
+        start = check_count(start, "start")
+        if start > len(block_ids):
+            raise KVInvalidInputError(f"cache_blocks: start={start} beyond {len(block_ids)} blocks")
+        if len(block_hashes) > len(block_ids):
+            raise KVInvalidInputError(
+                f"cache_blocks: {len(block_hashes)} hashes for {len(block_ids)} blocks"
+            )
+        todo = block_ids[start : len(block_hashes)]
+        if 0 in map(self.ref_counts.__getitem__, todo):
+            pins = self.pin_counts
+            for b in todo:
+                if not self.ref_counts[b] and not pins[b]:
+                    raise KVInvalidInputError(
+                        f"block {b} is not in use; only blocks held (their KV written) are cached"
+                    )
         if not self.enable_caching:
             return 0
         cached = self.cached
@@ -331,6 +484,7 @@ class BlockPool:
 
     def uncache(self, block_id: int, reason: str = "explicit") -> bool:
         """Drop ``block_id``'s hash (invalidate). An evictable block becomes free."""
+        (block_id,) = self.check_block_ids([block_id], "block_id")
         h = self.block_hashes[block_id]
         if h is None:
             return False
@@ -350,6 +504,7 @@ class BlockPool:
     # -- pins ----------------------------------------------------------------
     def pin(self, block_ids: Sequence[int]) -> None:
         """Pin blocks: a pinned block is never evicted, even at ref count 0."""
+        block_ids = self.check_block_ids(block_ids)
         pins = self.pin_counts
         ref = self.ref_counts
         for b in block_ids:
@@ -365,6 +520,7 @@ class BlockPool:
             pins[b] += 1
 
     def unpin(self, block_ids: Sequence[int]) -> None:
+        block_ids = self.check_block_ids(block_ids)
         pins = self.pin_counts
         for b in block_ids:
             if pins[b] <= 0:

@@ -33,7 +33,9 @@ import hashlib
 import struct
 import sys
 from array import array
+from collections import deque
 from collections.abc import Callable, Sequence
+from numbers import Integral
 from typing import Any
 
 from .errors import KVConfigError, KVInvalidInputError, KVInvalidTypeError
@@ -41,6 +43,7 @@ from .errors import KVConfigError, KVInvalidInputError, KVInvalidTypeError
 __all__ = [
     "HASH_FUNCTIONS",
     "BlockHash",
+    "check_block_hashes",
     "compute_block_hash",
     "compute_block_hashes",
     "get_hash_fn",
@@ -131,21 +134,35 @@ def root_hash(extra_keys: Any = None, hash_fn: str | Callable[[bytes], bytes] = 
 
 
 def pack_tokens(tokens: Any) -> bytes:
-    """Encode token ids as little-endian int64 bytes, validating their type.
+    """Encode token ids as little-endian 64-bit bytes, validating them.
 
-    Accepts a sequence of ints, a numpy integer array or a torch integer tensor.
+    Accepts an ordered sequence of ints (``list``, ``tuple``, ``range``...), a
+    1-D numpy integer array or a torch integer tensor. Token ids are
+    non-negative ints below ``2**64`` (packed as unsigned 64-bit, which is the
+    same bytes as int64 for every id below ``2**63``).
+
+    Raises:
+        KVInvalidTypeError: not an ordered sequence (a ``set``, a generator, a
+            ``str``...), or a token that is not an int (floats, bools, strs).
+        KVInvalidInputError: a negative token id, or one of ``2**64`` or more.
     """
-    if isinstance(tokens, bytes | str):
-        raise KVInvalidTypeError(f"tokens must be a sequence of ints, got {type(tokens).__name__}")
-    try:
-        arr = array("q", tokens)
-    except TypeError:
-        return _pack_slow(tokens)
-    except OverflowError as exc:
-        raise KVInvalidInputError(f"token id out of int64 range: {exc}") from None
-    if not _LITTLE:  # pragma: no cover - big-endian hosts
-        arr.byteswap()
-    return arr.tobytes()
+    if type(tokens) is list or type(tokens) is tuple:
+        kinds = set(map(type, tokens))  # one C-level pass; bools and floats show here
+        if kinds <= _INT_ONLY:
+            try:
+                arr = array("Q", tokens)
+            except OverflowError:
+                raise KVInvalidInputError(
+                    "token ids must be non-negative ints below 2**64, got "
+                    f"{min(tokens)}..{max(tokens)}"
+                ) from None
+            if not _LITTLE:  # pragma: no cover - big-endian hosts
+                arr.byteswap()
+            return arr.tobytes()
+    return _pack_slow(tokens)
+
+
+_INT_ONLY = frozenset((int,))
 
 
 def _pack_slow(tokens: Any) -> bytes:
@@ -154,19 +171,76 @@ def _pack_slow(tokens: Any) -> bytes:
         import numpy as np
 
         if mod.startswith("torch"):
+            if getattr(tokens, "is_meta", False):
+                raise KVInvalidInputError("tokens are a meta-device tensor: it holds no values")
             tokens = tokens.detach().cpu().numpy()
         arr = np.asarray(tokens)
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
             raise KVInvalidTypeError(
                 f"tokens must be a 1-D integer array, got dtype {arr.dtype} with {arr.ndim} dims"
             )
-        return np.ascontiguousarray(arr, dtype="<i8").tobytes()
-    for i, t in enumerate(tokens):
-        if not isinstance(t, int):
+        if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
+            raise KVInvalidInputError(f"token ids must be non-negative, got {int(arr.min())}")
+        return np.ascontiguousarray(arr, dtype="<u8").tobytes()
+    if isinstance(tokens, bytes | bytearray | str) or not isinstance(tokens, Sequence):
+        raise KVInvalidTypeError(
+            f"tokens must be an ordered sequence of ints (list, tuple, numpy or torch "
+            f"array), got {type(tokens).__name__}"
+        )
+    ints: list[int] = []
+    for i, t in enumerate(tokens):  # numpy ints are Integral; bools (any kind) are not ids
+        if isinstance(t, bool) or not isinstance(t, Integral):
             raise KVInvalidTypeError(
                 f"token {i} is {type(t).__name__} ({t!r}); token ids must be ints"
             )
-    raise KVInvalidTypeError("tokens must be a sequence of ints")  # pragma: no cover
+        t = int(t)
+        if not 0 <= t < 1 << 64:
+            raise KVInvalidInputError(
+                f"token {i} is {t}; token ids must be non-negative ints below 2**64"
+            )
+        ints.append(t)
+    return pack_tokens(ints)
+
+
+def check_block_hashes(block_hashes: Any, name: str = "block_hashes") -> list:
+    """``block_hashes`` as a list, each hashable and not ``None`` (a typed error otherwise).
+
+    A block hash is the key of a cached block: ``bytes`` from the token
+    hashers or an int/str/tuple id from a trace. ``None`` means "no hash" in
+    the pool's bookkeeping, so it is never a key. Two C-level passes.
+    """
+    if isinstance(block_hashes, str | bytes | bytearray) or not isinstance(block_hashes, Sequence):
+        raise KVInvalidTypeError(
+            f"{name} must be a list of block hashes, got {type(block_hashes).__name__}"
+        )
+    hashes = block_hashes if type(block_hashes) is list else list(block_hashes)
+    try:
+        deque(map(hash, hashes), maxlen=0)
+    except TypeError:
+        bad = next(h for h in hashes if not _hashable(h))
+        raise KVInvalidTypeError(
+            f"{name}: {type(bad).__name__} {bad!r:.60} is not hashable; a block hash is "
+            "bytes, an int, a str or a tuple of those"
+        ) from None
+    if None in hashes:
+        raise KVInvalidInputError(f"{name}[{hashes.index(None)}] is None; None is not a block hash")
+    return hashes
+
+
+def _hashable(x: Any) -> bool:
+    try:
+        hash(x)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_parent(parent_hash: Any) -> bytes:
+    if not isinstance(parent_hash, bytes):
+        raise KVInvalidTypeError(
+            f"parent_hash must be bytes (a block hash), got {type(parent_hash).__name__}"
+        )
+    return parent_hash
 
 
 def compute_block_hash(
@@ -179,7 +253,7 @@ def compute_block_hash(
     """Hash of one block given its parent's hash (``None``: the first block)."""
     if parent_hash is None:
         parent_hash = root_hash(extra_keys, hash_fn)
-    return get_hash_fn(hash_fn)(parent_hash + pack_tokens(block_tokens))
+    return get_hash_fn(hash_fn)(_check_parent(parent_hash) + pack_tokens(block_tokens))
 
 
 def compute_block_hashes(
@@ -210,7 +284,7 @@ def compute_block_hashes(
         raise KVInvalidInputError(f"block_size must be positive, got {block_size}")
     fn = get_hash_fn(hash_fn)
     data = pack_tokens(tokens)
-    parent = parent_hash if parent_hash is not None else root_hash(extra_keys, fn)
+    parent = _check_parent(parent_hash) if parent_hash is not None else root_hash(extra_keys, fn)
     step = block_size * 8
     end = len(data) - step + 1
     out: list[bytes] = []

@@ -31,10 +31,12 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
-from .block_pool import BlockPool
+from ._pool_info import PoolInfoMixin
+from ._pool_kv import PoolKVMixin
+from .block_pool import BlockPool, check_count
 from .errors import (
     KVBudgetExceededError,
     KVConfigError,
@@ -43,11 +45,12 @@ from .errors import (
     KVInvalidHandleError,
     KVInvalidInputError,
     KVInvalidTypeError,
+    KVNoVictimError,
     KVRefCountUnderflowError,
 )
 from .eviction import EvictionPolicy
 from .handle import HandleState, KVHandle, KVLayout, MemoryTier, normalize_dtype
-from .hashing import compute_block_hashes, get_hash_fn, root_hash
+from .hashing import check_block_hashes, compute_block_hashes, get_hash_fn, root_hash
 from .storage import KVStorage, ModelShape, normalize_device
 
 __all__ = ["KVPool", "check_num_tokens"]
@@ -64,7 +67,24 @@ def check_num_tokens(num_tokens: Any, name: str = "num_tokens") -> int:
     return num_tokens
 
 
-class KVPool:
+def _check_metadata(metadata: Any, request_id: Any = None) -> None:
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise KVInvalidTypeError(
+            f"metadata must be a dict or None, got {type(metadata).__name__} ({metadata!r:.40})"
+        )
+    if request_id is not None and (
+        isinstance(request_id, bool) or not isinstance(request_id, str | int)
+    ):
+        raise KVInvalidTypeError(
+            f"request_id must be a str, an int or None, got {type(request_id).__name__}"
+        )
+
+
+#: the methods ``KVPool`` calls on a hook (``hooks.PoolHook`` has them all as no-ops)
+_HOOK_METHODS = ("on_lookup", "on_alloc", "on_free", "on_evict", "on_cleared")
+
+
+class KVPool(PoolKVMixin, PoolInfoMixin):
     """A budgeted pool of paged KV blocks with prefix caching.
 
     Size it with exactly one of ``max_tokens``, ``num_blocks`` or ``max_bytes``
@@ -216,67 +236,31 @@ class KVPool:
     def policy(self) -> EvictionPolicy:
         return self._blocks.policy
 
-    # -- retention (policies "priority" and "ttl", also under "leaf:") -------
-    def _policy_method(self, name: str) -> Any:
-        p = self._blocks.policy
-        while p is not None:
-            method = getattr(p, name, None)
-            if method is not None:
-                return method
-            p = getattr(p, "inner", None)  # wrappers (leaf-only) hold the real policy
-        raise KVConfigError(
-            f"eviction policy {self._blocks.policy.name!r} has no {name}(); "
-            "create the pool with eviction_policy='priority' (set_retention) or 'ttl' (pin_prefix)"
-        )
-
-    def _cached_ids(self, handle: KVHandle) -> list[int]:
-        hashes = self._blocks.block_hashes
-        ids = [b for b in handle.block_ids if hashes[b] is not None]
-        if not ids:
-            raise KVInvalidInputError(
-                f"handle {handle.handle_id} has no cached blocks; call cache_blocks() first"
-            )
-        return ids
-
-    def set_retention(
-        self, handle: KVHandle, priority: int, duration_s: float | None = None
-    ) -> None:
-        """Give ``handle``'s cached blocks a retention priority (0..100, TensorRT-LLM style).
-
-        Needs the ``"priority"`` policy. Lower priorities are evicted first; with
-        ``duration_s`` the priority falls back to the default once the blocks have
-        been evictable that long. Raises ``KVConfigError`` for another policy.
-        """
-        with self._lock:
-            self._check_handle(handle)
-            self._policy_method("set_retention")(self._cached_ids(handle), priority, duration_s)
-
-    def pin_prefix(self, handle: KVHandle, ttl_s: float) -> None:
-        """Protect ``handle``'s cached blocks (e.g. a system prompt) from eviction for
-        ``ttl_s`` seconds, like prompt caching with an explicit cache-control.
-
-        Needs the ``"ttl"`` policy; unlike :meth:`pin` it outlives the handle
-        (free it as usual) and ends by itself. Raises ``KVConfigError`` for
-        another policy.
-        """
-        with self._lock:
-            self._check_handle(handle)
-            self._policy_method("pin_for")(self._cached_ids(handle), ttl_s)
-
     @property
     def hooks(self) -> list:
         return self._blocks.hooks
 
     def add_hook(self, hook: Any) -> None:
-        """Attach an observer (see ``hooks.PoolHook``)."""
+        """Attach an observer (see ``hooks.PoolHook``; it needs the ``on_*`` methods the
+        pool calls, which subclassing ``PoolHook`` provides)."""
+        missing = [m for m in _HOOK_METHODS if not callable(getattr(hook, m, None))]
+        if missing:
+            raise KVInvalidTypeError(
+                f"a hook needs {', '.join(missing)} (subclass hooks.PoolHook); "
+                f"got {type(hook).__name__}"
+            )
         with self._lock:
             self._blocks.hooks.append(hook)
 
     def remove_hook(self, hook: Any) -> None:
         with self._lock:
+            if not any(h is hook for h in self._blocks.hooks):
+                raise KVInvalidInputError(f"{type(hook).__name__} is not attached to this pool")
             self._blocks.hooks.remove(hook)
 
     def get_handle(self, handle_id: str) -> KVHandle:
+        if not isinstance(handle_id, str):
+            raise KVInvalidTypeError(f"handle_id must be a str, got {type(handle_id).__name__}")
         with self._lock:
             try:
                 return self._handles[handle_id]
@@ -354,6 +338,7 @@ class KVPool:
             KVPoolFullError: not enough free + evictable blocks now.
         """
         check_num_tokens(num_tokens)
+        _check_metadata(metadata)
         dev, dt, lay = self._check_attrs(device, dtype, layout)
         n = self._num_blocks_for(num_tokens)
         with self._lock:
@@ -393,10 +378,12 @@ class KVPool:
         )
 
     def _prompt_hashes(self, tokens, block_hashes, num_tokens, extra_keys) -> tuple[int, list]:
+        if num_tokens is not None:
+            check_num_tokens(num_tokens)
         if tokens is not None:
             if block_hashes is not None:
                 raise KVInvalidInputError("give tokens or block_hashes, not both")
-            hashes = self.compute_block_hashes(tokens, extra_keys)
+            hashes = self.compute_block_hashes(tokens, extra_keys)  # validates the tokens
             n = len(tokens)
             if num_tokens is not None and num_tokens != n:
                 raise KVInvalidInputError(f"num_tokens={num_tokens} but {n} tokens given")
@@ -406,7 +393,7 @@ class KVPool:
             raise KVInvalidInputError(
                 "alloc_with_prefix needs tokens, or block_hashes and num_tokens"
             )
-        check_num_tokens(num_tokens)
+        block_hashes = check_block_hashes(block_hashes)
         full = num_tokens // self.block_size
         if len(block_hashes) > -(-num_tokens // self.block_size) or len(block_hashes) < full:
             raise KVInvalidInputError(
@@ -439,7 +426,13 @@ class KVPool:
         Raises:
             KVBudgetExceededError: the request cannot fit even after evicting
                 every evictable block (the pool is unchanged).
+            KVNoVictimError: it would fit, but the policy refuses the victims it
+                needs now (TTL-protected, or not leaves under ``leaf:*``); the
+                pool is unchanged (refs, policy order, stats).
+            KVInvalidTypeError / KVInvalidInputError: bad tokens, hashes, counts,
+                ``metadata`` or ``request_id``; nothing is allocated.
         """
+        _check_metadata(metadata, request_id)
         num_tokens, hashes = self._prompt_hashes(tokens, block_hashes, num_tokens, extra_keys)
         bs = self.block_size
         n_total = -(-num_tokens // bs)
@@ -447,17 +440,8 @@ class KVPool:
             bp = self._blocks
             hit = bp.match_prefix(hashes) if self.enable_prefix_caching else []
             n_new = n_total - len(hit)
-            # hit blocks that are evictable now stop counting as obtainable once taken
-            if n_new > bp.num_free and (
-                n_total > self.num_blocks or n_new > bp.num_available - bp.num_evictable_among(hit)
-            ):
-                obtainable = bp.num_available - bp.num_evictable_among(hit)
-                raise KVBudgetExceededError(
-                    f"request of {num_tokens} tokens needs {n_new} new blocks beyond its "
-                    f"{len(hit)} cached ones; {obtainable} obtainable",
-                    needed=n_new,
-                    hit=len(hit),
-                )
+            if n_new > bp.num_free:
+                self._admit(n_new, hit, num_tokens)
             if hit:
                 bp.touch(hit)
             block_ids = hit + bp.allocate(n_new)
@@ -494,6 +478,37 @@ class KVPool:
             self._after()
             return handle, len(hit) * bs
 
+    def _admit(self, n_new: int, hit: list[int], num_tokens: int) -> None:
+        """Raise unless ``n_new`` blocks can be had once the ``hit`` blocks are taken.
+
+        Hit blocks that are evictable now stop counting as obtainable once
+        taken; a policy that refuses some evictable blocks (TTL, leaf-only) is
+        asked how many victims it would give with the hits taken out. Nothing
+        is changed here, so a refusal leaves the pool exactly as it was.
+        """
+        bp = self._blocks
+        n_ev_hit = bp.num_evictable_among(hit) if hit else 0
+        obtainable = bp.num_available - n_ev_hit
+        if n_new + len(hit) > self.num_blocks or n_new > obtainable:
+            raise KVBudgetExceededError(
+                f"request of {num_tokens} tokens needs {n_new} new blocks beyond its "
+                f"{len(hit)} cached ones; {obtainable} obtainable",
+                needed=n_new,
+                hit=len(hit),
+            )
+        need = n_new - bp.num_free
+        if bp.policy_may_refuse:
+            ev_hit = bp.evictable_among(hit) if n_ev_hit else ()
+            got = bp.policy.num_victims(need, ev_hit)
+            if got < need:
+                raise KVNoVictimError(
+                    f"{bp.policy.name}: request of {num_tokens} tokens needs {need} victims "
+                    f"beyond {bp.num_free} free blocks; the policy gives {got} now "
+                    "(the rest are protected or not leaves)",
+                    needed=need,
+                    victims=got,
+                )
+
     def cache_blocks(
         self,
         handle: KVHandle,
@@ -508,20 +523,35 @@ class KVPool:
         (``tokens`` or ``block_hashes``) for a handle from ``alloc``. With
         ``num_tokens`` only the first ``num_tokens // block_size`` blocks are
         cached (chunked prefill). Returns the number of newly cached blocks.
+
+        Raises:
+            KVInvalidTypeError / KVInvalidInputError: both ``tokens`` and
+                ``block_hashes``, bad tokens, an unhashable or ``None`` hash,
+                more hashes than full blocks, ``num_tokens`` not an int in
+                ``[0, handle.num_tokens]``. Nothing is registered then.
         """
+        if tokens is not None and block_hashes is not None:
+            raise KVInvalidInputError("give tokens or block_hashes, not both")
+        if num_tokens is not None:
+            num_tokens = check_count(num_tokens, "num_tokens")
+        given = None
+        if tokens is not None:
+            given = self.compute_block_hashes(tokens)
+        elif block_hashes is not None:
+            given = list(check_block_hashes(block_hashes))
         with self._lock:
             self._check_handle(handle)
-            if tokens is not None or block_hashes is not None:
-                if tokens is not None:
-                    hashes = self.compute_block_hashes(tokens)
-                else:
-                    hashes = list(block_hashes)
-                if len(hashes) > handle.num_tokens // self.block_size:
+            if num_tokens is not None and num_tokens > handle.num_tokens:
+                raise KVInvalidInputError(
+                    f"num_tokens={num_tokens} beyond the handle's {handle.num_tokens} tokens"
+                )
+            if given is not None:
+                if len(given) > handle.num_tokens // self.block_size:
                     raise KVInvalidInputError(
-                        f"{len(hashes)} block hashes for a handle of {handle.num_tokens} tokens "
+                        f"{len(given)} block hashes for a handle of {handle.num_tokens} tokens "
                         f"({handle.num_tokens // self.block_size} full blocks)"
                     )
-                handle.block_hashes = hashes
+                handle.block_hashes = given
             hashes = handle.block_hashes
             if num_tokens is not None:
                 hashes = hashes[: num_tokens // self.block_size]
@@ -580,9 +610,13 @@ class KVPool:
     ) -> tuple[list[int], int]:
         """Peek: ids of the cached leading blocks and their token count. Takes no reference."""
         if tokens is not None:
+            if block_hashes is not None:
+                raise KVInvalidInputError("give tokens or block_hashes, not both")
             block_hashes = self.compute_block_hashes(tokens)
-        if block_hashes is None:
+        elif block_hashes is None:
             raise KVInvalidInputError("match_prefix needs tokens or block_hashes")
+        else:
+            block_hashes = check_block_hashes(block_hashes)
         with self._lock:
             hit = self._blocks.match_prefix(block_hashes) if self.enable_prefix_caching else []
             return hit, len(hit) * self.block_size
@@ -596,7 +630,12 @@ class KVPool:
             return out
 
     def invalidate(self, block_hashes: Sequence[Hashable]) -> int:
-        """Drop these hashes from the cache (blocks in use stay allocated). Returns count dropped."""
+        """Drop these hashes from the cache (blocks in use stay allocated). Returns count dropped.
+
+        The whole list is checked first (hashable, not ``None``): a bad entry
+        drops nothing.
+        """
+        block_hashes = check_block_hashes(block_hashes)
         with self._lock:
             n = 0
             for h in block_hashes:
@@ -605,52 +644,6 @@ class KVPool:
                     n += self._blocks.uncache(b)
             self._after()
             return n
-
-    # -- KV data -------------------------------------------------------------
-    def _require_storage(self) -> KVStorage:
-        if self.storage is None:
-            raise KVConfigError(
-                "this pool is metadata-only (no model_shape): it holds no KV tensors"
-            )
-        return self.storage
-
-    def write_kv(self, handle: KVHandle, kv: Any, start_token: int = 0) -> None:
-        """Write ``kv`` (``[num_layers, 2, T, num_kv_heads, head_dim]``) into the
-        handle's token slots ``start_token .. start_token + T``."""
-        storage = self._require_storage()
-        with self._lock:
-            self._check_handle(handle)
-            shape = tuple(getattr(kv, "shape", ()))
-            if len(shape) == 5 and (
-                start_token < 0 or shape[2] == 0 or start_token + shape[2] > handle.num_tokens
-            ):
-                raise KVInvalidInputError(
-                    f"writing {shape} at token {start_token} does not fit a handle of {handle.num_tokens} tokens"
-                )
-            storage.write_tokens(handle.block_ids, kv, start_token)  # validates type, shape, dtype
-            handle.last_access_at = time.time()
-
-    def read_kv(self, handle: KVHandle, num_tokens: int | None = None, start_token: int = 0):
-        """The handle's KV as ``[num_layers, 2, T, num_kv_heads, head_dim]`` on the pool's device."""
-        storage = self._require_storage()
-        with self._lock:
-            self._check_handle(handle)
-            n = handle.num_tokens - start_token if num_tokens is None else num_tokens
-            if n <= 0 or start_token < 0 or start_token + n > handle.num_tokens:
-                raise KVInvalidInputError(
-                    f"reading tokens [{start_token}, {start_token + n}) of a handle of {handle.num_tokens}"
-                )
-            handle.last_access_at = time.time()
-            return storage.read_tokens(handle.block_ids, n, start_token)
-
-    def copy_blocks(self, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]) -> None:
-        """Copy KV block by block (copy-on-write, transfer staging)."""
-        storage = self._require_storage()
-        for b in (*src_block_ids, *dst_block_ids):
-            if not 0 <= b < self.num_blocks:
-                raise KVInvalidInputError(f"block id {b} out of range [0, {self.num_blocks})")
-        with self._lock:
-            storage.copy_blocks(list(src_block_ids), list(dst_block_ids))
 
     # -- budget --------------------------------------------------------------
     def can_admit(self, num_tokens: int) -> bool:
@@ -669,51 +662,6 @@ class KVPool:
         with self._lock:
             return self._blocks.num_available * self.block_size
 
-    def get_stats(self) -> dict[str, Any]:
-        """A snapshot of sizes and counters (a new dict; safe to keep)."""
-        with self._lock:
-            bp = self._blocks
-            q_tok = self._prefix_query_tokens
-            return {
-                "max_tokens": self.max_tokens,
-                "block_size": self.block_size,
-                "total_blocks": self.num_blocks,
-                "free_blocks": bp.num_free,
-                "evictable_blocks": bp.num_evictable,
-                "used_blocks": bp.num_used,
-                "cached_blocks": bp.num_cached,
-                "allocated_tokens": bp.num_used * self.block_size,
-                "available_tokens": bp.num_available * self.block_size,
-                "usage": bp.num_used / self.num_blocks,
-                "num_handles": len(self._handles),
-                "num_allocs": self._num_allocs,
-                "num_frees": self._num_frees,
-                "num_evictions": bp.num_evictions,
-                "evictions_by_reason": dict(bp.evictions_by_reason),
-                "num_blocks_cached_total": bp.num_cached_total,
-                "prefix_requests": self._prefix_requests,
-                "prefix_query_tokens": q_tok,
-                "prefix_hit_tokens": self._prefix_hit_tokens,
-                "prefix_query_blocks": self._prefix_query_blocks,
-                "prefix_hit_blocks": self._prefix_hit_blocks,
-                "token_hit_rate": self._prefix_hit_tokens / q_tok if q_tok else 0.0,
-                "block_hit_rate": (
-                    self._prefix_hit_blocks / self._prefix_query_blocks
-                    if self._prefix_query_blocks
-                    else 0.0
-                ),
-                "request_hit_rate": (
-                    self._prefix_hit_requests / self._prefix_requests
-                    if self._prefix_requests
-                    else 0.0
-                ),
-                "eviction_policy": bp.policy.name,
-                "device": self.device,
-                "dtype": self.dtype,
-                "metadata_only": self.metadata_only,
-                "kv_bytes": self.storage.nbytes if self.storage is not None else 0,
-            }
-
     def reset(self) -> None:
         """Free every handle (they become invalid), drop the cache, zero the counters."""
         with self._lock:
@@ -724,17 +672,6 @@ class KVPool:
             self._handles.clear()
             self._blocks.reset()
             self._reset_counters()
-
-    def check_invariants(self) -> None:
-        """Assert structural invariants, including that live handles hold their blocks."""
-        with self._lock:
-            bp = self._blocks
-            bp.check_invariants()
-            refs = [0] * self.num_blocks
-            for h in self._handles.values():
-                for b in h.block_ids:
-                    refs[b] += 1
-            assert refs == bp.ref_counts, "block ref counts differ from live handles' references"
 
     def __repr__(self) -> str:
         return (

@@ -29,6 +29,7 @@ import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .block_pool import check_count
 from .errors import (
     KVCacheMissError,
     KVInvalidInputError,
@@ -38,7 +39,14 @@ from .errors import (
 )
 from .eviction import EvictionPolicy, make_policy
 from .eviction.lru import LRUPolicy
-from .hashing import compute_block_hash, compute_block_hashes, get_hash_fn, root_hash
+from .hashing import (
+    check_block_hashes,
+    compute_block_hash,
+    compute_block_hashes,
+    get_hash_fn,
+    pack_tokens,
+    root_hash,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import KVPool
@@ -130,10 +138,9 @@ class PrefixCache:
         self, block_tokens: Sequence[int], parent_hash: bytes | None = None
     ) -> bytes:
         """Hash of one full block chained to ``parent_hash`` (None: first block)."""
-        if len(block_tokens) != self.block_size:
-            raise KVInvalidInputError(
-                f"a block has {self.block_size} tokens, got {len(block_tokens)}"
-            )
+        n = len(pack_tokens(block_tokens)) // 8  # validates the tokens first
+        if n != self.block_size:
+            raise KVInvalidInputError(f"a block has {self.block_size} tokens, got {n}")
         return compute_block_hash(
             parent_hash if parent_hash is not None else self._root, block_tokens, self._hash_fn
         )
@@ -141,11 +148,7 @@ class PrefixCache:
     # -- lookup / insert -----------------------------------------------------
     @staticmethod
     def _check_hashes(hashes: Any) -> list:
-        if isinstance(hashes, str | bytes) or not isinstance(hashes, Sequence):
-            raise KVInvalidTypeError(
-                f"hashes must be a list of block hashes, got {type(hashes).__name__}"
-            )
-        return hashes if isinstance(hashes, list) else list(hashes)
+        return check_block_hashes(hashes, "hashes")  # hashable, not None; a list
 
     def lookup(
         self, hashes: Sequence[Hashable], num_tokens: int | None = None
@@ -162,7 +165,7 @@ class PrefixCache:
         """
         hashes = self._check_hashes(hashes)
         bs = self.block_size
-        q_tokens = len(hashes) * bs if num_tokens is None else num_tokens
+        q_tokens = len(hashes) * bs if num_tokens is None else check_count(num_tokens, "num_tokens")
         with self._lock:
             if self.pool is not None:
                 hit_blocks = self.pool.block_pool.match_prefix(hashes)
@@ -212,6 +215,13 @@ class PrefixCache:
             raise KVInvalidTypeError(f"blocks must be a list, got {type(blocks).__name__}")
         if len(hashes) != len(blocks):
             raise KVInvalidInputError(f"insert: {len(hashes)} hashes but {len(blocks)} blocks")
+        if handle_id is not None:
+            try:
+                hash(handle_id)
+            except TypeError:
+                raise KVInvalidTypeError(
+                    f"handle_id must be hashable, got {type(handle_id).__name__}"
+                ) from None
         if self.max_cached_blocks is not None and len(hashes) > self.max_cached_blocks:
             raise KVPrefixTooLongError(
                 f"prefix of {len(hashes)} blocks cannot fit a cache of {self.max_cached_blocks} blocks"
@@ -226,7 +236,7 @@ class PrefixCache:
     def _insert_pool(self, hashes: list, blocks: Sequence[Any]) -> int:
         pool = self.pool
         bp = pool.block_pool
-        ids = [b["block_id"] if isinstance(b, dict) else b for b in blocks]
+        ids = [b.get("block_id") if isinstance(b, dict) else b for b in blocks]
         for b in ids:
             if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < bp.num_blocks:
                 raise KVInvalidInputError(f"block id {b!r} is not a block of this pool")
@@ -405,7 +415,12 @@ class PrefixCache:
                 handle = self.pool.get_handle(getattr(handle_id, "handle_id", handle_id))
                 n = self.pool.invalidate([h for h in handle.block_hashes if h is not None])
             else:
-                slots = self._by_handle.pop(handle_id, None)
+                try:
+                    slots = self._by_handle.pop(handle_id, None)
+                except TypeError:
+                    raise KVInvalidTypeError(
+                        f"handle_id must be hashable, got {type(handle_id).__name__}"
+                    ) from None
                 if not slots:
                     raise KVCacheMissError(f"no cached blocks for handle {handle_id!r}")
                 for s in slots:
@@ -464,6 +479,12 @@ class PrefixCache:
         return self.pool.block_pool.num_cached if self.pool is not None else len(self._index)
 
     def __contains__(self, block_hash: object) -> bool:
+        try:
+            hash(block_hash)
+        except TypeError:
+            raise KVInvalidTypeError(
+                f"a block hash is hashable, got {type(block_hash).__name__}"
+            ) from None
         if self.pool is not None:
             return block_hash in self.pool.block_pool.cached
         return block_hash in self._index

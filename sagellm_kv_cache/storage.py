@@ -169,12 +169,39 @@ class KVStorage:
             dims = (L, 2, num_blocks, block_size, H, D)
         else:
             dims = (L, 2, num_blocks, H, block_size, D)
-        self.kv = torch.zeros(
-            dims,
-            dtype=self.storage_dtype,
-            device=self.device,
-            pin_memory=pin_memory and self.device == "cpu" and torch.cuda.is_available(),
-        )
+        self._check_fits(num_blocks * shape.bytes_per_block(block_size))
+        try:
+            self.kv = torch.zeros(
+                dims,
+                dtype=self.storage_dtype,
+                device=self.device,
+                pin_memory=pin_memory and self.device == "cpu" and torch.cuda.is_available(),
+            )
+        except (MemoryError, RuntimeError) as exc:  # torch's CPU allocator / CUDA OOM
+            raise KVConfigError(
+                f"could not allocate {num_blocks} KV blocks "
+                f"({num_blocks * shape.bytes_per_block(block_size) / 2**30:.2f} GiB) "
+                f"on {self.device}: {exc}"
+            ) from None
+
+    def _check_fits(self, nbytes: int) -> None:
+        """Refuse, before allocating, KV that exceeds the device's total memory."""
+        import os
+
+        import torch
+
+        if self.device == "cpu":
+            try:
+                total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
+                return
+        else:
+            total = torch.cuda.get_device_properties(int(self.device[5:])).total_memory
+        if nbytes > total:
+            raise KVConfigError(
+                f"{self.num_blocks} KV blocks need {nbytes / 2**30:.2f} GiB; {self.device} has "
+                f"{total / 2**30:.2f} GiB in all (lower num_blocks / max_tokens / max_bytes)"
+            )
 
     @property
     def nbytes(self) -> int:
@@ -244,12 +271,15 @@ class KVStorage:
             f"KV tensor has dtype {data.dtype}, pool stores {self.dtype}; convert it first"
         )
 
-    def write_tokens(self, block_ids, kv: torch.Tensor, start_token: int = 0) -> None:
-        """Write ``kv`` ``[L, 2, T, H, D]`` into token slots ``start_token .. start_token+T``."""
+    def check_kv(self, kv: Any) -> int:
+        """Validate a token-level KV tensor ``[L, 2, T, H, D]`` (type, device, shape,
+        dtype) and return ``T`` (>= 1); typed errors otherwise."""
         import torch
 
         if not isinstance(kv, torch.Tensor):
             raise KVInvalidTypeError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+        if kv.is_meta:
+            raise KVInvalidInputError("kv is a meta-device tensor: it holds no values")
         s = self.shape
         T = kv.shape[2] if kv.dim() == 5 else -1
         if kv.dim() != 5 or tuple(kv.shape) != (s.num_layers, 2, T, s.num_kv_heads, s.head_dim):
@@ -257,6 +287,14 @@ class KVStorage:
                 f"kv has shape {tuple(kv.shape)}, expected "
                 f"[{s.num_layers}, 2, num_tokens, {s.num_kv_heads}, {s.head_dim}]"
             )
+        if T == 0:
+            raise KVInvalidInputError("kv holds no tokens (dimension 2 is 0)")
+        self._as_storage(kv)  # dtype
+        return T
+
+    def write_tokens(self, block_ids, kv: torch.Tensor, start_token: int = 0) -> None:
+        """Write ``kv`` ``[L, 2, T, H, D]`` into token slots ``start_token .. start_token+T``."""
+        T = self.check_kv(kv)
         data = self._as_storage(kv).to(self.device, non_blocking=True)
         bs = self.block_size
         first, last = start_token // bs, (start_token + T - 1) // bs

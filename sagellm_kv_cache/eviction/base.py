@@ -25,7 +25,7 @@ an upper bound (standalone prefix caches grow).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Collection, Hashable, Iterable
 
 from ..errors import KVNoVictimError
 
@@ -95,6 +95,23 @@ class EvictionPolicy:
     def peek_victims(self, n: int) -> list[int]:
         """Up to ``n`` ids in the order they would be evicted now (no side effect)."""
         raise NotImplementedError
+
+    def is_protected(self, block_id: int) -> bool:
+        """Would ``block_id``, evictable now or added now, be refused as a victim for the
+        time being (a TTL protection)? Plain policies protect nothing."""
+        return False
+
+    def num_victims(self, limit: int, exclude: Collection[int] = ()) -> int:
+        """How many victims (at most ``limit``) ``pop_victims`` could give now if the
+        evictable blocks in ``exclude`` were taken out first (a cache hit about to
+        take them). No side effect. ``pop_victims(n)`` succeeds exactly when
+        ``num_victims(n) == n``; policies that refuse some evictable blocks
+        (TTL-protected, leaf-only) override it.
+        """
+        n = len(self)
+        if exclude:
+            n -= sum(1 for b in exclude if b in self)
+        return limit if n >= limit else max(n, 0)
 
     def __len__(self) -> int:
         raise NotImplementedError

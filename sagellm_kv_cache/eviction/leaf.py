@@ -39,7 +39,7 @@ plus the inner policy's cost.
 from __future__ import annotations
 
 import copy
-from collections.abc import Hashable, Iterable
+from collections.abc import Collection, Hashable, Iterable
 
 from ..errors import KVConfigError
 from .base import EvictionPolicy
@@ -149,10 +149,24 @@ class LeafOnly(EvictionPolicy):
         """How many victims (at most ``limit``) ``pop_victims`` could give now, counting the
         blocked blocks that popping would uncover. No side effect; O(1) when the eligible
         blocks suffice, else O(blocks involved)."""
+        return self.num_victims(limit)
+
+    def is_protected(self, block_id: int) -> bool:
+        return self.inner.is_protected(block_id)
+
+    def num_victims(self, limit: int, exclude: Collection[int] = ()) -> int:
+        """``available_victims`` with the evictable blocks in ``exclude`` taken out first:
+        they are no victims and uncover nothing. Only the inner policy's *eligible*
+        blocks count (a TTL-protected block is evictable but no victim), and a parent
+        the cascade uncovers counts only when the inner policy would accept it."""
         inner = self.inner
-        got = len(inner)
+        ex = exclude if isinstance(exclude, set | frozenset | dict) else set(exclude)
+        ex_inner = [b for b in ex if b in inner] if ex else ()
+        got = inner.num_victims(limit + len(ex_inner), ex_inner)
         if got >= limit:
             return limit
+        if not self._blocked:
+            return got
         parent, inc, pinc, children, blocked = (
             self._parent,
             self._inc,
@@ -160,15 +174,18 @@ class LeafOnly(EvictionPolicy):
             self._children,
             self._blocked,
         )
+        protected = inner.is_protected
         left: dict[int, int] = {}
-        stack = inner.peek_victims(got)
+        stack = inner.peek_victims(got + len(ex_inner))
+        if ex_inner:
+            stack = [b for b in stack if b not in ex]
         while stack:
             x = stack.pop()
             p = parent[x]
             if p >= 0 and inc[p] == pinc[x]:
                 c = left.get(p, children[p]) - 1
                 left[p] = c
-                if not c and p in blocked:
+                if not c and p in blocked and p not in ex and not protected(p):
                     got += 1
                     if got >= limit:
                         return limit
@@ -177,7 +194,8 @@ class LeafOnly(EvictionPolicy):
 
     def pop_victims(self, n: int) -> list[int]:
         inner = self.inner
-        if n > len(inner) and self.available_victims(n) < n:
+        # all or nothing: count first (len(inner) may include TTL-protected blocks)
+        if self.num_victims(n) < n:
             raise self._no_victim()
         parent, inc, pinc, children, blocked = (
             self._parent,
@@ -246,7 +264,7 @@ class LeafOnly(EvictionPolicy):
         clone = self._clone()
         inner = clone.inner
         out: list[int] = []
-        while len(out) < n and len(inner):
+        while len(out) < n and inner.num_victims(1):
             v = inner.pop_victim()
             clone._detach(v)
             out.append(v)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Collection, Hashable, Iterable
 from itertools import count, islice
 
 from ..errors import KVInvalidInputError, KVNoVictimError
@@ -109,6 +109,19 @@ class TTLPolicy(EvictionPolicy):
         """Evictable blocks that may be victims now (unprotected or expired)."""
         self._expire(self.clock())
         return len(self._order) + len(self._late_rel)
+
+    def is_protected(self, block_id: int) -> bool:
+        u = self._until.get(block_id)
+        return u is not None and u > self.clock()
+
+    def num_victims(self, limit: int, exclude: Collection[int] = ()) -> int:
+        if self._guarded_rel:
+            self._expire(self.clock())  # what pop_victims does first: no visible change
+        order, late = self._order, self._late_rel
+        n = len(order) + len(late)
+        if exclude:
+            n -= sum(1 for b in exclude if b in order or b in late)
+        return limit if n >= limit else n
 
     # -- eligible set ---------------------------------------------------------
     def _take_eligible(self, b: int) -> int | None:
