@@ -413,3 +413,94 @@ def test_record_many_of_a_large_int_array_interns_in_first_seen_order():
     assert df["block_id"].to_list() == ids.tolist()
     assert df["block_code"].to_list()[:3] == [0, 1, 2]
     assert c.get_stats_summary()["unique_blocks"] == 5000
+
+
+# ------------------------------------------------------- bounded memory (issue 11, 15 and 16)
+def _drive_pool_with_hook(hook, passes: int = 3) -> None:
+    """Each pass: 60 requests over 12 prompts on a 16-block pool (hits, misses, evictions)."""
+    from sagellm_kv_cache import KVPool
+
+    pool = KVPool(num_blocks=16, block_size=4)
+    pool.add_hook(hook)
+    for p in range(passes):
+        for i in range(60):
+            hashes = [b"p%d-%d" % (i % 12, k) for k in range(1 + i % 5)]
+            h, _ = pool.alloc_with_prefix(
+                block_hashes=hashes, num_tokens=4 * len(hashes), request_id=f"r{p}-{i}"
+            )
+            pool.cache_blocks(h)
+            pool.free(h)
+
+
+def test_hook_memory_is_bounded_and_the_summary_exact(tmp_path):
+    unbounded = AccessStatsHook(max_records_in_memory=None)
+    bounded = AccessStatsHook(max_records_in_memory=50, spill_dir=tmp_path)
+    peak = 0
+    for hook in (unbounded, bounded):
+        _drive_pool_with_hook(hook)
+    for _ in range(4):  # more passes: memory held stays under the bound after each
+        _drive_pool_with_hook(bounded, passes=1)
+        _drive_pool_with_hook(unbounded, passes=1)
+        len(bounded.collector)  # records queued calls (and spills)
+        peak = max(peak, bounded.collector.records_in_memory)
+    assert peak <= 50
+    len(unbounded.collector)
+    assert unbounded.collector.records_in_memory > 1000  # the defect: it only grows
+    a, b = unbounded.collector, bounded.collector
+    assert len(a) == len(b) and a.num_evictions == b.num_evictions > 0
+    sa, sb = a.get_stats_summary(), b.get_stats_summary()
+    for key in ("total_accesses", "hits", "misses", "unique_blocks", "reuse_distance", "evictions"):
+        assert sa[key] == sb[key], key
+    assert a.to_polars().drop("timestamp").equals(b.to_polars().drop("timestamp"))
+    assert (
+        list(a.iter_evictions())[-3:][0].block_hash == list(b.iter_evictions())[-3:][0].block_hash
+    )
+    spill_dir = b._spill.directory
+    assert spill_dir is not None and spill_dir.parent == tmp_path and any(spill_dir.iterdir())
+    b.reset()
+    assert len(b) == 0 and b.num_evictions == 0 and not spill_dir.exists()
+
+
+def test_spilled_collector_round_trips_every_kind_of_id(tmp_path):
+    c = AccessStatsCollector(max_records_in_memory=3, spill_dir=tmp_path)
+    ref = AccessStatsCollector()
+    for coll in (c, ref):
+        for t, b in enumerate(["a", 7, b"\x01", "a", 7, b"\x01", "z"]):
+            coll.record_access(b, t % 2 == 0, timestamp=float(t), request_id=t, tier="gpu")
+        coll.record_eviction(7, "capacity", timestamp=9.0, block_hash=2**70)
+        coll.record_eviction("a", "explicit", timestamp=9.5, block_hash=b"\xff")
+        coll.record_evictions([b"\x01", "z"], timestamp=10.0, block_hashes=[None, 5])
+    assert c.records_in_memory <= 3
+    assert list(c.iter_events()) == list(ref.iter_events())
+    assert list(c.iter_evictions()) == list(ref.iter_evictions())
+    assert c.get_stats_summary() == ref.get_stats_summary()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "10"])
+def test_max_records_in_memory_must_be_a_positive_int(bad):
+    with pytest.raises(KVInvalidInputError) as info:
+        AccessStatsCollector(max_records_in_memory=bad)
+    assert info.value.code == "KV_INVALID_INPUT"
+
+
+def test_group_order_does_not_overflow_for_large_keys():
+    # prefix * m would pass 2**63 here (as with ~3e9 accesses): the order must stay exact
+    from sagellm_kv_cache.profiling.reuse import _group_order
+
+    prefix = np.array([2**61, 3, 2**61, 3, 2**60], dtype=np.int64)
+    assert _group_order(prefix, len(prefix)).tolist() == [1, 3, 4, 0, 2]
+    small = np.array([5, 3, 5, 3, 4], dtype=np.int64)  # the fast path gives the same order
+    assert _group_order(small, len(small)).tolist() == [1, 3, 4, 0, 2]
+
+
+def test_removed_before_counts_exactly_with_values_near_int64():
+    # reuse_distances' dominance count, fed previous indices large enough that the old
+    # combined sort key overflowed; compared with an O(m^2) count
+    from sagellm_kv_cache.profiling.reuse import _removed_before
+
+    rng = np.random.default_rng(3)
+    # distinct, sharing their high bits (so groups are large where the key overflows);
+    # 100 reuses: not a power of two, so a wrapped key no longer ends in the index
+    v = (2**62 + rng.permutation(100)).astype(np.int64)
+    expected = [int(np.sum(v[:k] < v[k])) for k in range(len(v))]
+    assert _removed_before(v, 0).tolist() == expected

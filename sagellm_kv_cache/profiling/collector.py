@@ -59,6 +59,7 @@ import numpy as np
 
 from ..errors import KVInvalidInputError, KVTraceFormatError
 from .reuse import previous_access_index, reuse_distances, reuse_times
+from .spill import SpillStore
 
 __all__ = [
     "FORMAT_NAME",
@@ -185,11 +186,20 @@ class AccessStatsCollector:
     hot path takes no lock. A lock guards the rare paths: interning a new id,
     evictions, snapshots and :meth:`reset`. Analyses work on a snapshot.
 
+    Memory: unbounded by default (43 bytes per access, about 40 per eviction).
+    With ``max_records_in_memory=N`` the collector keeps at most about ``N``
+    access + eviction records in memory and moves older ones to Parquet part
+    files (:mod:`sagellm_kv_cache.profiling.spill`); every summary, table and
+    export reads them back, so results equal an unbounded collector's. The
+    interned ids (one entry per distinct block, request and tier) stay in memory.
+
     Args:
         clock: returns seconds; default ``time.monotonic``. Timestamps not
             given to :meth:`record_access` are ``clock() - clock_at_start``.
         time_windows: window name -> seconds for the per-window statistics;
             default :data:`TIME_WINDOWS`.
+        max_records_in_memory: the bound above (a positive int), or None.
+        spill_dir: where the spill folder is created; default the system temp folder.
     """
 
     def __init__(
@@ -197,7 +207,18 @@ class AccessStatsCollector:
         *,
         clock: Callable[[], float] = time.monotonic,
         time_windows: dict[str, float] | None = None,
+        max_records_in_memory: int | None = None,
+        spill_dir: str | Path | None = None,
     ) -> None:
+        limit = max_records_in_memory
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise KVInvalidInputError(
+                f"max_records_in_memory must be a positive int or None, got {limit!r}"
+            )
+        self.max_records_in_memory = limit
+        self._spill = SpillStore(ROW_DTYPE, spill_dir) if limit is not None else None
         windows = dict(TIME_WINDOWS if time_windows is None else time_windows)
         for name, seconds in windows.items():
             if not seconds > 0:
@@ -247,6 +268,27 @@ class AccessStatsCollector:
                 container.clear()
             del self._ev_block[:]
             del self._ev_ts[:]
+            if self._spill is not None:
+                self._spill.clear()
+
+    @property
+    def records_in_memory(self) -> int:
+        """Access + eviction records held in memory now (queued calls not counted)."""
+        return len(self._rows) // ROW_DTYPE.itemsize + len(self._ev_block)
+
+    def _maybe_spill(self) -> None:
+        """Move the in-memory records to the spill store once over the bound."""
+        spill = self._spill
+        if spill is None or self.records_in_memory <= self.max_records_in_memory:
+            return
+        with self._lock:
+            n = len(self._rows) // ROW_DTYPE.itemsize * ROW_DTYPE.itemsize
+            raw = bytes(self._rows[:n])
+            del self._rows[:n]  # rows appended meanwhile (lock-free) land after n and stay
+            ev = (self._ev_block, self._ev_ts, self._ev_reason, self._ev_hash)
+            spill.write_evictions(*ev)
+            del self._ev_block[:], self._ev_ts[:], self._ev_reason[:], self._ev_hash[:]
+            spill.write_rows(raw)
 
     def record_access(
         self,
@@ -298,6 +340,11 @@ class AccessStatsCollector:
         pack = _ROW.pack
         pending = self._pending
         flush = self._flush_pending
+        rows = self._rows
+        # bytes in memory that trigger a spill check (only when bounded)
+        bounded = self._spill is not None
+        spill_at = ((self.max_records_in_memory or 0) + 1) * ROW_DTYPE.itemsize
+        maybe_spill = self._maybe_spill
 
         def record_access(
             block_id: BlockId,
@@ -337,6 +384,8 @@ class AccessStatsCollector:
                     1 if is_hit else 0,
                 )
             )
+            if bounded and len(rows) >= spill_at:
+                maybe_spill()
 
         record_access.__doc__ = AccessStatsCollector.record_access.__doc__
         return record_access
@@ -384,6 +433,7 @@ class AccessStatsCollector:
             -1 if size_bytes is None else size_bytes, n, np.int64, "size_bytes"
         )
         self._rows.extend(rows.tobytes())
+        self._maybe_spill()
 
     def record_prompt(
         self,
@@ -412,6 +462,12 @@ class AccessStatsCollector:
                 self._flush_pending()
 
     def _flush_pending(self) -> None:
+        """Record the queued calls (:meth:`_flush_queue`), then spill if over the bound."""
+        self._flush_queue()
+        if self._spill is not None:
+            self._maybe_spill()
+
+    def _flush_queue(self) -> None:
         """Turn queued prompt / eviction batches into records, in call order.
 
         Block codes are assigned over every queued id in call order (as
@@ -545,6 +601,8 @@ class AccessStatsCollector:
             self._ev_ts.append(float(timestamp))
             self._ev_reason.append(str(reason))
             self._ev_hash.append(block_hash)
+        if self._spill is not None:
+            self._maybe_spill()
 
     def record_evictions(
         self,
@@ -647,14 +705,16 @@ class AccessStatsCollector:
     def __len__(self) -> int:
         if self._pending:
             self._flush_pending()
-        return len(self._rows) // ROW_DTYPE.itemsize
+        spilled = self._spill.num_rows if self._spill is not None else 0
+        return spilled + len(self._rows) // ROW_DTYPE.itemsize
 
     @property
     def num_evictions(self) -> int:
         """Number of recorded evictions."""
         if self._pending:
             self._flush_pending()
-        return len(self._ev_block)
+        spilled = self._spill.num_evictions if self._spill is not None else 0
+        return spilled + len(self._ev_block)
 
     def _snapshot(self) -> dict[str, Any]:
         """Column copies of the buffers as numpy arrays, taken under the lock."""
@@ -667,7 +727,21 @@ class AccessStatsCollector:
             ev_ts = np.array(self._ev_ts, dtype=np.float64)
             ev_reason = list(self._ev_reason)
             ev_hash = list(self._ev_hash)
+            spill = self._spill
+            if spill is not None and (spill.num_rows or spill.num_evictions):
+                # spilled records come first (they are older), read under the lock so
+                # a concurrent spill cannot move records between the two reads
+                old_rows = spill.read_rows()
+                old_block, old_ts, old_reason, old_hash = spill.read_evictions()
+            else:
+                spill = None
         rows = np.frombuffer(raw, dtype=ROW_DTYPE)
+        if spill is not None:
+            rows = np.concatenate([old_rows, rows])
+            ev_block = np.concatenate([old_block, ev_block])
+            ev_ts = np.concatenate([old_ts, ev_ts])
+            ev_reason = old_reason + ev_reason
+            ev_hash = old_hash + ev_hash
         return {
             "block": rows["block"].astype(np.int64),
             "timestamp": rows["timestamp"].astype(np.float64),

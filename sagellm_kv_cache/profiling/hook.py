@@ -15,16 +15,28 @@ from collections.abc import Hashable, Sequence
 from ..hooks import PoolHook
 from .collector import AccessStatsCollector
 
-__all__ = ["AccessStatsHook"]
+__all__ = ["DEFAULT_MAX_RECORDS_IN_MEMORY", "AccessStatsHook"]
+
+#: Records (accesses + evictions) the collector a hook creates keeps in memory
+#: before moving them to Parquet parts on disk (about 45 MB of records).
+DEFAULT_MAX_RECORDS_IN_MEMORY = 1 << 20
 
 
 class AccessStatsHook(PoolHook):
     """Pool hook that records every looked-up block and every eviction.
 
+    Memory stays bounded however long the pool runs: the collector it creates
+    holds at most ``max_records_in_memory`` records (default
+    :data:`DEFAULT_MAX_RECORDS_IN_MEMORY`) and spills older ones to Parquet
+    parts under ``spill_dir``; summaries still count every record (see
+    :class:`AccessStatsCollector`). A collector passed in keeps its own setting.
+
     Args:
         collector: where to record; a new :class:`AccessStatsCollector` if omitted.
         tier: tier name stored with every access (e.g. ``"gpu"``), or None.
         block_size_bytes: size stored with every access, or None.
+        max_records_in_memory: bound of the created collector (None: unbounded).
+        spill_dir: where the created collector spills; default the system temp folder.
     """
 
     __slots__ = ("block_size_bytes", "collector", "tier")
@@ -35,8 +47,14 @@ class AccessStatsHook(PoolHook):
         *,
         tier: str | None = None,
         block_size_bytes: int | None = None,
+        max_records_in_memory: int | None = DEFAULT_MAX_RECORDS_IN_MEMORY,
+        spill_dir: str | None = None,
     ) -> None:
-        self.collector = AccessStatsCollector() if collector is None else collector
+        if collector is None:
+            collector = AccessStatsCollector(
+                max_records_in_memory=max_records_in_memory, spill_dir=spill_dir
+            )
+        self.collector = collector
         self.tier = tier
         self.block_size_bytes = block_size_bytes
 

@@ -90,11 +90,10 @@ def _removed_before(prevs: list[int] | np.ndarray, n: int) -> np.ndarray:
     res = np.zeros(m, dtype=np.int64)
     if m < 2:
         return res
-    idx = np.arange(m, dtype=np.int64)
     bits = int(v.max()).bit_length()
     for shift in range(bits - 1, -1, -1):
         prefix = v >> (shift + 1)
-        order = np.sort(prefix * m + idx) % m  # by higher bits, then access order
+        order = _group_order(prefix, m)
         pre = prefix[order]
         one = ((v[order] >> shift) & 1).astype(bool)
         zeros_incl = np.cumsum(~one)  # 0-bits up to and including each position
@@ -104,6 +103,25 @@ def _removed_before(prevs: list[int] | np.ndarray, n: int) -> np.ndarray:
         base = np.repeat(zeros_incl[starts] - (~one[starts]), sizes)
         res[order[one]] += (zeros_incl - base)[one]
     return res
+
+
+_INT64_MAX = 2**63 - 1
+
+
+def _group_order(prefix: np.ndarray, m: int) -> np.ndarray:
+    """Indices sorting by ``prefix`` (values >= 0), ties in index (access) order.
+
+    Fast path: one sort of the combined key ``prefix * m + index`` (faster than
+    a stable argsort). That key overflows int64 once ``max(prefix) * m`` passes
+    2**63 (about 3e9 accesses), which would silently mis-order the groups, so
+    the bound is checked in exact integers and a stable argsort (the same
+    order, no combined key) takes over above it.
+    """
+    if len(prefix) == 0:
+        return np.empty(0, dtype=np.int64)
+    if int(prefix.max()) * m + (m - 1) <= _INT64_MAX:
+        return np.sort(prefix * m + np.arange(m, dtype=np.int64)) % m
+    return np.argsort(prefix, kind="stable")
 
 
 def reuse_times(timestamps: np.ndarray, prev: np.ndarray) -> np.ndarray:
