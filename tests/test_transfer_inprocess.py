@@ -206,7 +206,7 @@ def test_bad_inputs_raise_typed_errors_and_change_nothing():
         eng.transfer_kv_handle(h, 0, 1)
     wrong = KVPool(num_blocks=16, block_size=8, model_shape=SHAPE)
     eng.register_pool(wrong, 2)
-    h3, _ = filled_handle(src, list(range(8)))
+    h3, _ = filled_handle(src, list(range(100, 108)))  # not a prefix hit: fresh blocks
     with pytest.raises(KVConfigError, match="geometry"):
         eng.transfer_kv_handle(h3, 0, 2)
     assert accounting(dst) == (16, 0, 0, 0) and accounting(wrong) == (16, 0, 0, 0)

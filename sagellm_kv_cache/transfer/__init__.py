@@ -18,6 +18,7 @@
     engine = KVTransferEngine("nixl", timeout_s=10)
 
 See ``engine.py`` for the protocol, ``wire.py`` for the wire format,
+``guard.py`` for the receiver's own checks (checksum policy, lengths, zlib),
 ``backends.py`` and ``nixl_backend.py`` for transports and ``launcher.py`` for
 starting local ranks in tests and benchmarks.
 """

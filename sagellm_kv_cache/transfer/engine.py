@@ -23,11 +23,15 @@ frees them; their full blocks are already cached); ``serve()`` frees each
 transfer's handles right after caching, so the blocks stay cached and
 evictable and a later request with the same prefix hits them.
 
-Errors reach the sender typed: ``KVTransferTimeoutError`` (a wait ran past
+The receiver applies its own policy (``guard.py``): a checksum when it has
+``enable_checksum``, every message's length, bounded decompression. Whatever
+fails on its side, it writes the verdict (error code) where the sender waits,
+ready or ack, after consuming the rest of the stream, so errors reach the
+sender typed and at once: ``KVTransferTimeoutError`` (a wait ran past
 ``timeout_s``), ``KVChecksumMismatchError`` (the receiver's checksum
 differed), ``KVTransferFailedError`` (anything else: dead peer, receiver
-budget, bad header), each with ``details["remote_code"]`` when the receiver
-named the cause. Checksum mismatches and receiver budget failures are
+budget, bad header, short message), each with ``details["remote_code"]`` when
+the receiver named the cause. Checksum mismatches and receiver budget failures are
 retried up to ``max_retries`` times with exponential backoff; timeouts are
 not (gloo closes the link after one).
 """
@@ -60,6 +64,7 @@ from ..errors import (
 )
 from ..handle import HandleState, KVHandle
 from .backends import TransferBackend, make_backend
+from .guard import TailGuard, check_policy, inflate, verdict
 from .wire import (
     Checksum,
     Segment,
@@ -344,7 +349,8 @@ class KVTransferEngine:
             ``"inprocess"`` (two pools of one process), or a backend object
             implementing ``expose``/``fetch`` (``backends.py``).
         enable_checksum: checksum the payload (xxh3_64, crc32 without xxhash)
-            and verify it on the receiver before anything becomes visible.
+            and verify it on the receiver before anything becomes visible; as
+            a receiver, refuse transfers that carry no checksum.
         max_retries: extra attempts after a checksum mismatch or a receiver
             that had no room (not after timeouts or dead peers).
         retry_backoff_ms: first backoff; doubles per retry.
@@ -827,15 +833,7 @@ class KVTransferEngine:
 
         lo, hi = header.chunk_blocks(c)
         if header.compression == "zlib":
-            try:
-                raw = zlib.decompress(self._bytes_of(wire))
-            except zlib.error as exc:
-                raise KVChecksumMismatchError(f"chunk {c} does not decompress: {exc}") from None
-            expected = (hi - lo) * header.bytes_per_block
-            if len(raw) != expected:
-                raise KVChecksumMismatchError(
-                    f"chunk {c} decompressed to {len(raw)} bytes, expected {expected}"
-                )
+            raw = inflate(self._bytes_of(wire), (hi - lo) * header.bytes_per_block, c)
             wire = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(dst_kv.device)
         rows = _as_rows(self._chunk_view(header, wire, c, dst_kv.dtype))
         dst_rows = _as_rows(dst_kv)
@@ -986,10 +984,20 @@ class KVTransferEngine:
         return mode, per_message, list(struct.unpack(f"<{header.num_blocks}I", body[n:]))
 
     def _direct(
-        self, header: TransferHeader, views, peer: int, seq: int, deadline: float, send: bool
+        self,
+        header: TransferHeader,
+        views,
+        peer: int,
+        seq: int,
+        deadline: float,
+        send: bool,
+        errors: list[Exception] | None = None,
+        guard: TailGuard | None = None,
     ) -> int:
         """Move the run views one message each, ``max_inflight * 16`` in flight;
-        returns the checksum of the bytes in message order."""
+        returns the checksum of the bytes in message order. The receiver checks
+        each message's length with ``guard`` and collects failures in ``errors``
+        (see ``_drain``)."""
         import torch
 
         cs = Checksum(header.checksum_algo)
@@ -999,13 +1007,17 @@ class KVTransferEngine:
         stage = "chunk_sent" if send else "chunk_received"
 
         def finish_one() -> None:
-            m, work, view = inflight.popleft()
+            m, work, view, token = inflight.popleft()
             work.wait(_check_time(deadline, f"message {m}"))
             if not send:
-                if self._fault_hook:
-                    self._fault_hook(stage, chunk=view.reshape(-1).view(torch.uint8), index=m)
-                if header.checksum_algo != "none":
-                    cs.update(self._bytes_of(view))
+                try:
+                    guard.check(token, f"message {m}")
+                    if self._fault_hook:
+                        self._fault_hook(stage, chunk=view.reshape(-1).view(torch.uint8), index=m)
+                    if header.checksum_algo != "none":
+                        cs.update(self._bytes_of(view))
+                except Exception as exc:
+                    errors.append(exc)
 
         for m, view in enumerate(views):
             if len(inflight) >= window:
@@ -1015,7 +1027,8 @@ class KVTransferEngine:
                 cs.update(self._bytes_of(view))
             if send and self._fault_hook:
                 self._fault_hook(stage, chunk=view.reshape(-1).view(torch.uint8), index=m)
-            inflight.append((m, op(peer, _tag(seq, m), view), view))
+            token = None if send else guard.arm(view)
+            inflight.append((m, op(peer, _tag(seq, m), view), view, token))
         while inflight:
             finish_one()
         return cs.value()
@@ -1182,18 +1195,16 @@ class KVTransferEngine:
         self._fill_record(rec, header)
         receipt: _Receipt | None = None
         exc_out: BaseException | None = None
+        tell = keys.ready  # where the sender waits for this side's verdict now
         try:
-            try:
-                if header.dst_rank != self.backend.rank or header.src_rank != src:
-                    raise KVTransferFailedError(
-                        f"header routes {header.src_rank}->{header.dst_rank}, "
-                        f"arrived on {src}->{self.backend.rank}"
-                    )
-                self._check_compatible(pool, header)
-                receipt = _Receipt(pool, header)
-            except KVCacheError as exc:
-                store.compare_set(keys.ready, b"", _encode_status(exc.code, exc.message))
-                raise
+            if header.dst_rank != self.backend.rank or header.src_rank != src:
+                raise KVTransferFailedError(
+                    f"header routes {header.src_rank}->{header.dst_rank}, "
+                    f"arrived on {src}->{self.backend.rank}"
+                )
+            self._check_compatible(pool, header)
+            check_policy(header, self.enable_checksum)
+            receipt = _Receipt(pool, header)
             if self._fault_hook:
                 self._fault_hook("ready", transfer_id=header.transfer_id)
             direct = self._plan_direct(pool, header, receipt)
@@ -1207,28 +1218,35 @@ class KVTransferEngine:
                 )
             if store.compare_set(keys.ready, b"", ready) != ready:
                 store.delete_key(keys.ready)
+                tell = None
                 raise KVTransferFailedError(
                     f"transfer {header.transfer_id}: the sender gave up before the receiver was ready"
                 )
+            tell = keys.ack
+            errors: list[Exception] = []  # while streaming: reported after the trailer
             if direct is not None:
                 views = _direct_views(pool.storage.kv, runs, 1, per_message)
-                checksum = self._direct(header, views, src, seq, deadline, False)
+                guard = TailGuard(pool.storage.kv)
+                checksum = self._direct(header, views, src, seq, deadline, False, errors, guard)
             else:
-                checksum = self._drain(pool, header, receipt, src, seq, deadline)
+                checksum = self._drain(pool, header, receipt, src, seq, deadline, errors)
             trailer = self._store_wait(keys.trl, deadline, "waiting for the trailer")
             if trailer is None:
                 raise KVTransferTimeoutError(f"transfer {header.transfer_id}: no trailer in time")
             store.delete_key(keys.trl)
             expected = decode_trailer(trailer, header)
+            mismatch = None
             if header.checksum_algo != "none" and checksum != expected:
-                err = KVChecksumMismatchError(
+                mismatch = KVChecksumMismatchError(
                     f"transfer {header.transfer_id}: received bytes hash to {checksum:#x}, "
                     f"the sender's checksum is {expected:#x}"
                 )
-                store.compare_set(keys.ack, b"", _encode_status(err.code, err.message))
+            err = verdict(errors, mismatch)
+            if err is not None:
                 raise err
             if self._fault_hook:
                 self._fault_hook("before_ack", transfer_id=header.transfer_id)
+            tell = None
             if store.compare_set(keys.ack, b"", _OK) != _OK:
                 store.delete_key(keys.ack)
                 raise KVTransferTimeoutError(
@@ -1239,6 +1257,8 @@ class KVTransferEngine:
             return ReceivedTransfer(rec, handles)
         except BaseException as exc:
             exc_out = exc
+            if tell is not None:
+                self._tell(tell, exc)
             if receipt is not None:
                 receipt.abort()
             if isinstance(exc, KVCacheError) and not isinstance(exc, KVTransferFailedError):
@@ -1252,6 +1272,21 @@ class KVTransferEngine:
             raise
         finally:
             self._finish(rec, t0, exc_out)
+
+    def _tell(self, key: str, exc: BaseException) -> None:
+        """Write this side's error as the verdict under ``key``, unless the sender
+        already gave up there (then its CANCELLED mark is removed: nobody reads it)."""
+        if isinstance(exc, KVCacheError):
+            code, msg = exc.code, exc.message
+        else:  # a bug here still reaches the sender typed, as a failed transfer
+            code, msg = KVTransferFailedError.code, f"{type(exc).__name__}: {exc}"
+        status = _encode_status(code, msg)
+        store = self.backend.store
+        try:
+            if store.compare_set(key, b"", status) != status:
+                store.delete_key(key)
+        except Exception:  # the store is gone: the sender times out instead
+            pass
 
     def _plan_direct(self, pool: KVPool, header: TransferHeader, receipt: _Receipt):
         """``(runs, blocks per message)`` for zero-copy transfer when it is worth it
@@ -1278,34 +1313,46 @@ class KVTransferEngine:
         src: int,
         seq: int,
         deadline: float,
+        errors: list[Exception],
     ) -> int:
-        """Receive every chunk into staging and scatter it into the receipt's blocks."""
+        """Receive every chunk into staging and scatter it into the receipt's blocks.
+        A chunk that fails its checks lands in ``errors``; the rest are still
+        received and hashed (not scattered), so the sender's stream completes."""
         cs = Checksum(h.checksum_algo)
         kv = pool.storage.kv
         dev = str(kv.device)
         cap = max(h.chunk_nbytes)
         nbuf = min(self.max_inflight, h.num_chunks)
         bufs = [self._staging.take(dev, cap) for _ in range(nbuf)]
+        guards = {id(b): TailGuard(b) for b in bufs}
         posted: deque = deque()
         nxt = 0
         ok = False
+
+        def post(c: int, buf) -> None:
+            wire = buf[: h.chunk_nbytes[c]]
+            token = guards[id(buf)].arm(wire)
+            posted.append((c, self.backend.fetch(src, _tag(seq, c), wire), buf, wire, token))
+
         try:
             while nxt < min(nbuf, h.num_chunks):
-                buf = bufs[nxt]
-                wire = buf[: h.chunk_nbytes[nxt]]
-                posted.append((nxt, self.backend.fetch(src, _tag(seq, nxt), wire), buf, wire))
+                post(nxt, bufs[nxt])
                 nxt += 1
             while posted:
-                c, work, buf, wire = posted.popleft()
+                c, work, buf, wire, token = posted.popleft()
                 work.wait(_check_time(deadline, f"receiving chunk {c}"))
-                if self._fault_hook:
-                    self._fault_hook("chunk_received", chunk=wire, index=c)
-                if h.checksum_algo != "none":
-                    cs.update(self._bytes_of(wire))
-                self._scatter(h, receipt, c, wire, kv)
+                try:
+                    guards[id(buf)].check(token, f"chunk {c}")
+                    if self._fault_hook:
+                        self._fault_hook("chunk_received", chunk=wire, index=c)
+                    if h.checksum_algo != "none":
+                        cs.update(self._bytes_of(wire))
+                    if not errors:
+                        self._scatter(h, receipt, c, wire, kv)
+                except Exception as exc:
+                    errors.append(exc)
                 if nxt < h.num_chunks:
-                    wire = buf[: h.chunk_nbytes[nxt]]
-                    posted.append((nxt, self.backend.fetch(src, _tag(seq, nxt), wire), buf, wire))
+                    post(nxt, buf)
                     nxt += 1
             ok = True
         finally:
