@@ -12,7 +12,9 @@
     assert all(r.ok for r in results)
 
 The parent hosts the c10d ``TCPStore`` (so the control plane outlives any
-rank that dies), spawns the ranks with ``multiprocessing`` (spawn), and each
+rank that dies) listening on ``host`` only, 127.0.0.1 unless the caller names
+another address (``make_store``: torch's own ``TCPStore`` would listen on every
+interface whatever host it is given), spawns the ranks with ``multiprocessing`` (spawn), and each
 rank joins a gloo process group whose timeout is ``pg_timeout_s``, never
 gloo's 30-minute default. ``launch`` waits at most ``timeout_s`` for results,
 then terminates, kills and joins every process it started, in a ``finally``.
@@ -31,7 +33,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["RankContext", "RankResult", "init_rank", "launch"]
+from ..errors import KVConfigError
+
+__all__ = ["RankContext", "RankResult", "init_rank", "launch", "make_store"]
 
 
 @dataclass
@@ -42,6 +46,8 @@ class RankContext:
     world_size: int
     store: Any
     timeout_s: float
+    store_host: str = "127.0.0.1"
+    store_port: int = 0
 
 
 @dataclass
@@ -85,14 +91,61 @@ def init_rank(
         world_size=world_size,
         timeout=timeout,
     )
-    return RankContext(rank, world_size, dist.PrefixStore("app", store), pg_timeout_s)
+    return RankContext(
+        rank, world_size, dist.PrefixStore("app", store), pg_timeout_s, host, store_port
+    )
 
 
-def _rank_main(fn, rank, world_size, port, pg_timeout_s, backend, args, kwargs, queue) -> None:
+def make_store(host: str = "127.0.0.1", port: int = 0, *, timeout_s: float = 30.0) -> Any:
+    """A master c10d ``TCPStore`` that listens on ``host`` only (port 0: any free one).
+
+    torch's ``TCPStore(host, ..., is_master=True)`` listens on every interface
+    whatever ``host`` is; here the listening socket is bound to ``host`` first
+    and handed over (``master_listen_fd``). The store's ``port`` is the bound one.
+
+    Raises:
+        KVConfigError: ``host`` does not resolve or cannot be bound.
+    """
+    import socket
+
     import torch.distributed as dist
 
     try:
-        ctx = init_rank(rank, world_size, port, pg_timeout_s=pg_timeout_s, backend=backend)
+        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise KVConfigError(f"cannot listen on {host!r}: {exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+        store = dist.TCPStore(
+            host,
+            sock.getsockname()[1],
+            is_master=True,
+            wait_for_workers=False,
+            timeout=timedelta(seconds=timeout_s),
+            master_listen_fd=sock.fileno(),
+        )
+    except OSError as exc:
+        sock.close()
+        raise KVConfigError(f"cannot listen on {host}:{port}: {exc}") from None
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store owns the descriptor now and closes it
+    return store
+
+
+def _rank_main(
+    fn, rank, world_size, host, port, pg_timeout_s, backend, args, kwargs, queue
+) -> None:
+    import torch.distributed as dist
+
+    try:
+        ctx = init_rank(
+            rank, world_size, port, host=host, pg_timeout_s=pg_timeout_s, backend=backend
+        )
         value = fn(ctx, *args, **kwargs)
         queue.put((rank, "ok", value, None, None))
     except BaseException as exc:
@@ -122,6 +175,7 @@ def launch(
     pg_timeout_s: float = 30.0,
     backend: str = "gloo",
     env: dict[str, str] | None = None,
+    host: str = "127.0.0.1",
 ) -> list[RankResult]:
     """Run ``fn(ctx, *args, **kwargs)`` in ``world_size`` spawned ranks.
 
@@ -130,23 +184,16 @@ def launch(
         timeout_s: overall bound; ranks still running then are killed.
         pg_timeout_s: the process group's timeout (and the store's).
         env: extra environment variables for the ranks.
+        host: the address the control store listens on (only there).
 
     Returns:
         One ``RankResult`` per rank, in rank order.
     """
     import multiprocessing as mp
 
-    import torch.distributed as dist
-
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    store = dist.TCPStore(
-        "127.0.0.1",
-        0,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=timedelta(seconds=pg_timeout_s),
-    )
+    store = make_store(host, timeout_s=pg_timeout_s)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = []
@@ -163,6 +210,7 @@ def launch(
                     fn,
                     rank,
                     world_size,
+                    host,
                     store.port,
                     pg_timeout_s,
                     backend,
