@@ -11,22 +11,28 @@ The engine's ``expose``/``fetch`` pair maps onto NIXL like this::
       wait: notif "C" id arrives  <-----------------   wait: READ state DONE
 
 * Memory is registered once per tensor storage (a pool's whole KV tensor, a
-  reused staging buffer) and stays registered until ``close()``; a sender
-  that registered new memory sends its refreshed agent metadata to each peer
-  in front of the next descriptor, so the peer can address it.
+  reused staging buffer) and stays registered while transfers use it; a
+  sender that registered new memory sends its refreshed agent metadata to
+  each peer in front of the next descriptor, so the peer can address it.
+  When a transfer fails, its messages are abandoned (all of them: the
+  engine's tags carry the transfer in their upper 16 bits) and the memory
+  they used is deregistered as soon as no live message needs it and no READ
+  of ours may still write into it (an exposed buffer's deregistration also
+  revokes the peer's access).
 * First contact between two ranks exchanges agent metadata through the
-  control store, waited on with ``connect_timeout_s``. The n-th backend a
-  process builds talks to the n-th backend of each peer (key
-  ``<root>/md/<rank>/<n>``), so ranks build their NIXL backends in the same
-  order, as with ``torch.distributed.new_group``.
+  control store (key ``<root>/md/<group>/<rank>``), waited on with
+  ``connect_timeout_s``. A backend talks to the backends of the same
+  ``group`` on its peers, so backends may be built in any order; two live
+  backends of one group on one rank are refused (``KVConfigError``).
   After that the data plane needs no store round trip: descriptors and
   completions travel as NIXL notifications, which are ordered per pair.
 * Every wait is bounded by the caller's remaining time. A READ in state
   ``ERR`` raises ``KVTransferFailedError``; a descriptor or completion that
   does not arrive in time raises ``KVTransferTimeoutError`` (a killed peer
   shows up this way: NIXL does not report dead peers to the other side).
-  A timed-out READ may still land later, so its buffer and request are kept
-  (never released while the transport may touch them) until ``close()``.
+  A timed-out READ may still land later, so its buffer, request and
+  registration are kept until NIXL reports it finished (checked on every
+  poll) or ``close()``.
 
 ``nixl_cu12`` is imported when the backend is constructed, never by
 ``import sagellm_kv_cache``; without it the constructor raises
@@ -59,9 +65,11 @@ _DESC = struct.Struct("<BIQQIBQI")
 _KIND_DESC, _KIND_DONE = ord("D"), ord("C")
 _DONE = struct.Struct("<BQ")  # kind u8 | id u64
 _MEM_TYPES = ("DRAM", "VRAM")
-#: backends constructed in this process; the n-th one of rank r publishes its
-#: metadata under ``md/<r>/<n>`` and connects to the n-th one of its peers
-_GENERATIONS = itertools.count()
+
+
+def _transfer_of(tag: int) -> int:
+    """The transfer a message belongs to (``engine._tag``: seq in the upper 16 bits)."""
+    return tag >> 16
 
 
 def nixl_unavailable_reason() -> str | None:
@@ -147,6 +155,7 @@ class _ExposeWork:
                 b._poll_locked()
                 if self.id in b._completed:
                     b._completed.discard(self.id)
+                    b._live.pop(self.id, None)
                     self.done = True
                     return
             if time.monotonic() >= deadline:
@@ -179,30 +188,30 @@ class _FetchWork:
         sleep = _Sleeper()
         b = self.backend
         while True:
-            with b._lock, _typed(f"reading from rank {self.peer}", self.peer):
-                b._poll_locked()
-                if self.handle is None:
-                    b._try_post_locked(self)
-                if self.handle is not None:
-                    state = b._agent.check_xfer_state(self.handle)
-                    if state == "DONE":
-                        b._pending.pop((self.peer, self.tag), None)
-                        with contextlib.suppress(Exception):
-                            b._agent.release_xfer_handle(self.handle)
-                        self.handle = None
-                        self.done = True
-                        return
-                    if state == "ERR":
-                        b._pending.pop((self.peer, self.tag), None)
-                        b._abandon(self)
-                        raise KVTransferFailedError(
-                            f"NIXL READ of message {self.tag:#x} from rank {self.peer} failed",
-                            peer=self.peer,
-                        )
+            try:
+                with b._lock, _typed(f"reading from rank {self.peer}", self.peer):
+                    b._poll_locked()
+                    if self.handle is None:
+                        b._try_post_locked(self)
+                    if self.handle is not None:
+                        state = b._agent.check_xfer_state(self.handle)
+                        if state == "DONE":
+                            b._pending.pop((self.peer, self.tag), None)
+                            with contextlib.suppress(Exception):
+                                b._agent.release_xfer_handle(self.handle)
+                            self.handle = None
+                            self.done = True
+                            return
+                        if state == "ERR":
+                            raise KVTransferFailedError(
+                                f"NIXL READ of message {self.tag:#x} from rank {self.peer} failed",
+                                peer=self.peer,
+                            )
+            except KVCacheError:
+                b._abandon(self)
+                raise
             if time.monotonic() >= deadline:
-                with b._lock:
-                    b._pending.pop((self.peer, self.tag), None)
-                    b._abandon(self)
+                b._abandon(self)
                 what = "no descriptor" if self.handle is None else "the READ did not complete"
                 raise KVTransferTimeoutError(
                     f"message {self.tag:#x} from rank {self.peer}: {what} within {timeout_s:.3f} s",
@@ -222,6 +231,10 @@ class NixlBackend(TransferBackend):
         agent_name: NIXL agent name (default: unique per rank and process).
         connect_timeout_s: bound on waiting for a peer's first metadata.
         num_threads: UCX worker threads (0: NIXL's default).
+        group: name shared by the backends (one per rank) that talk to each
+            other; give each live backend of a process its own.
+        agent: a ready ``nixl_agent``-like object instead of a new UCX agent
+            (tests use a fake one).
 
     The network interface is UCX's choice; restrict it with ``UCX_NET_DEVICES``
     (the launcher and tests set ``lo``). CUDA tensors are handed to NIXL as
@@ -241,14 +254,19 @@ class NixlBackend(TransferBackend):
         agent_name: str | None = None,
         connect_timeout_s: float = 30.0,
         num_threads: int = 0,
+        group: str = "default",
+        agent: Any = None,
     ) -> None:
-        try:
-            from nixl_cu12 import nixl_agent, nixl_agent_config
-        except Exception as exc:
-            raise KVConfigError(
-                f"the NIXL backend needs nixl_cu12 (pip install 'sagellm-kv-cache[nixl]'): "
-                f"{type(exc).__name__}: {exc}"
-            ) from None
+        if agent is None:
+            try:
+                from nixl_cu12 import nixl_agent, nixl_agent_config
+            except Exception as exc:
+                raise KVConfigError(
+                    f"the NIXL backend needs nixl_cu12 (pip install 'sagellm-kv-cache[nixl]'): "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
+        if not isinstance(group, str) or not group or "/" in group:
+            raise KVConfigError(f"group must be a non-empty name without '/', got {group!r}")
         if rank is None or world_size is None or store is None:
             import torch.distributed as dist
 
@@ -269,9 +287,10 @@ class NixlBackend(TransferBackend):
         self.world_size = int(world_size)
         self.store = store
         self.connect_timeout_s = float(connect_timeout_s)
+        self.group = group
         self.agent_name = agent_name or f"skvx-r{rank}-p{os.getpid()}-{id(self):x}"
         try:
-            self._agent = nixl_agent(
+            self._agent = agent or nixl_agent(
                 self.agent_name, nixl_agent_config(backends=["UCX"], num_threads=num_threads)
             )
         except Exception as exc:
@@ -288,14 +307,21 @@ class NixlBackend(TransferBackend):
         self._descs: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}
         self._pending: dict[tuple[int, int], _FetchWork] = {}
         self._completed: set[int] = set()
-        self._abandoned: list[Any] = []
+        self._live: dict[int, _ExposeWork] = {}  # exposed, not yet read by the peer
+        self._abandoned: list[Any] = []  # failed works whose READ may still be running
+        self._retired: set[int] = set()  # starts of registrations a failed transfer used
         self._ids = itertools.count(1)
         self._closed = False
-        self.generation = next(_GENERATIONS)
-        store.set(self._md_key(self.rank), self._agent.get_agent_metadata())
+        # a nonce in front: two live backends of one group never publish the same value
+        md = os.urandom(8) + bytes(self._agent.get_agent_metadata())
+        if bytes(store.compare_set(self._md_key(self.rank), b"", md)) != md:
+            raise KVConfigError(
+                f"a NIXL backend of group {group!r} is already live on rank {self.rank}: "
+                "give each backend of a process its own group=, or close() the other first"
+            )
 
     def _md_key(self, rank: int) -> str:
-        return f"{_KEY_ROOT}/md/{rank}/{self.generation}"
+        return f"{_KEY_ROOT}/md/{self.group}/{rank}"
 
     # -- connections ---------------------------------------------------------
     def check_peer(self, peer: int) -> None:
@@ -315,7 +341,7 @@ class NixlBackend(TransferBackend):
                 self.connect_timeout_s,
                 f"NIXL metadata of rank {peer}",
             )
-            name = self._agent.add_remote_agent(md)
+            name = self._agent.add_remote_agent(md[8:])
             name = name.decode() if isinstance(name, bytes) else str(name)
             self._peer_names[peer] = name
             self._name_to_rank[name] = peer
@@ -342,6 +368,8 @@ class NixlBackend(TransferBackend):
 
     # -- notifications -----------------------------------------------------------
     def _poll_locked(self) -> None:
+        if self._abandoned or self._retired:
+            self._reap_locked()
         notifs = self._agent.get_new_notifs()
         if not notifs:
             return
@@ -391,8 +419,69 @@ class NixlBackend(TransferBackend):
             )
 
     def _abandon(self, work: Any) -> None:
+        """Give up on ``work`` and on every other message of its transfer; free
+        what no live message needs (see the module docstring)."""
         with self._lock:
-            self._abandoned.append(work)
+            xfer = (work.peer, _transfer_of(work.tag))
+            doomed = [work]
+            doomed += [w for k, w in self._pending.items() if (k[0], _transfer_of(k[1])) == xfer]
+            doomed += [w for w in self._live.values() if (w.peer, _transfer_of(w.tag)) == xfer]
+            for k in [k for k in self._descs if (k[0], _transfer_of(k[1])) == xfer]:
+                del self._descs[k]
+            for w in doomed:
+                if isinstance(w, _FetchWork):
+                    self._pending.pop((w.peer, w.tag), None)
+                    mem = w.out
+                else:
+                    self._live.pop(w.id, None)
+                    mem = w.tensor
+                if w not in self._abandoned:
+                    self._abandoned.append(w)
+                reg = self._reg_of(mem)
+                if reg is not None:
+                    self._retired.add(reg[0])
+            self._reap_locked()
+
+    def _reg_of(self, tensor: Any) -> tuple | None:
+        addr = tensor.data_ptr()
+        for reg in self._regs:
+            if reg[0] <= addr < reg[1]:
+                return reg
+        return None
+
+    def _reap_locked(self) -> None:
+        """Release abandoned requests NIXL has finished with, then deregister the
+        retired memory no live or still-running message uses."""
+        running = []
+        for w in self._abandoned:
+            h = getattr(w, "handle", None)
+            if h is not None:
+                try:
+                    state = self._agent.check_xfer_state(h)
+                except Exception:
+                    state = "ERR"
+                if state not in ("DONE", "ERR"):
+                    running.append(w)  # the READ may still write into w.out
+                    continue
+                with contextlib.suppress(Exception):
+                    self._agent.release_xfer_handle(h)
+                w.handle = None
+        self._abandoned = running
+        if not self._retired:
+            return
+        busy = [w.out.data_ptr() for w in self._pending.values()]
+        busy += [w.tensor.data_ptr() for w in self._live.values()]
+        busy += [w.out.data_ptr() for w in running]
+        keep = []
+        for reg in self._regs:
+            start, end, descs, _ = reg
+            if start in self._retired and not any(start <= a < end for a in busy):
+                self._retired.discard(start)
+                with contextlib.suppress(Exception):
+                    self._agent.deregister_memory(descs)
+            else:
+                keep.append(reg)
+        self._regs = keep
 
     # -- the engine's interface ------------------------------------------------
     def expose(self, peer: int, tag: int, tensor: torch.Tensor) -> _ExposeWork:
@@ -408,7 +497,9 @@ class NixlBackend(TransferBackend):
                 self._md_sent[peer] = self._md_version
             msg = _DESC.pack(_KIND_DESC, tag, addr, nbytes, dev, mem, xid, len(md)) + md
             self._agent.send_notif(name, msg)
-            return _ExposeWork(self, peer, tag, xid, tensor)
+            work = _ExposeWork(self, peer, tag, xid, tensor)
+            self._live[xid] = work
+            return work
 
     def fetch(self, peer: int, tag: int, out: torch.Tensor) -> _FetchWork:
         self.check_peer(peer)
@@ -443,4 +534,7 @@ class NixlBackend(TransferBackend):
             self._regs.clear()
             self._abandoned.clear()
             self._pending.clear()
+            self._live.clear()
             self._descs.clear()
+            with contextlib.suppress(Exception):
+                self.store.delete_key(self._md_key(self.rank))
