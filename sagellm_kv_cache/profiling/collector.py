@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import KVInvalidInputError, KVTraceFormatError
+from ..errors import KVCacheError, KVInvalidInputError, KVInvalidTypeError, KVTraceFormatError
 from .reuse import previous_access_index, reuse_distances, reuse_times
 from .spill import SpillStore
 
@@ -160,6 +160,20 @@ def _id_to_json(key: Any) -> Any:
     return key if isinstance(key, str) else str(key)
 
 
+def _check_id(key: Any, name: str) -> None:
+    """Block and request ids are ``str``, ``int`` (not bool) or ``bytes``."""
+    if isinstance(key, bool) or not isinstance(key, (str, int, bytes)):
+        raise KVInvalidTypeError(f"{name} must be a str, int or bytes, got {type(key).__name__}")
+
+
+def _bad_record(exc: Exception) -> KVCacheError:
+    """The typed error of a field that does not fit its packed column."""
+    text = str(exc)
+    if "out of range" in text or "format requires" in text:
+        return KVInvalidInputError(f"a field does not fit its 64-bit column ({text})")
+    return KVInvalidTypeError(f"bad field type ({text}): ids are str/int/bytes, numbers numeric")
+
+
 def _kind_of(keys: Sequence[Any]) -> str:
     kinds = {
         ("bytes" if isinstance(k, bytes) else "int" if isinstance(k, int) else "str") for k in keys
@@ -221,6 +235,10 @@ class AccessStatsCollector:
         self._spill = SpillStore(ROW_DTYPE, spill_dir) if limit is not None else None
         windows = dict(TIME_WINDOWS if time_windows is None else time_windows)
         for name, seconds in windows.items():
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+                raise KVInvalidTypeError(
+                    f"time window {name!r} must be a number of seconds, got {seconds!r}"
+                )
             if not seconds > 0:
                 raise KVInvalidInputError(
                     f"time window {name!r} must be > 0 seconds, got {seconds!r}"
@@ -346,6 +364,32 @@ class AccessStatsCollector:
         spill_at = ((self.max_records_in_memory or 0) + 1) * ROW_DTYPE.itemsize
         maybe_spill = self._maybe_spill
 
+        def first_sight(block_id, request_id, tier, timestamp, position, size_bytes, is_hit):
+            # a new id: check every field (a trial pack) before interning anything
+            pos = -1 if position is None else position
+            size = -1 if size_bytes is None else size_bytes
+            hit = 1 if is_hit else 0
+            pack(0, timestamp, 0, pos, size, 0, hit)
+            _check_id(block_id, "block_id")
+            if request_id is not None:
+                _check_id(request_id, "request_id")
+            if tier is not None and not isinstance(tier, str):
+                raise KVInvalidTypeError(f"tier must be a str, got {type(tier).__name__}")
+            code = block_get(block_id)
+            if code is None:
+                code = intern(block_codes, block_keys, block_id)
+            req = -1
+            if request_id is not None:
+                req = request_get(request_id)
+                if req is None:
+                    req = intern(request_codes, request_keys, request_id)
+            tier_code = -1
+            if tier is not None:
+                tier_code = tier_get(tier)
+                if tier_code is None:
+                    tier_code = intern(tier_codes, tier_keys, tier)
+            return pack(code, timestamp, req, pos, size, tier_code, hit)
+
         def record_access(
             block_id: BlockId,
             is_hit: bool = False,
@@ -358,32 +402,30 @@ class AccessStatsCollector:
         ) -> None:
             if pending:  # rows keep call order
                 flush()
-            code = block_get(block_id)
-            if code is None:
-                code = intern(block_codes, block_keys, block_id)
             if timestamp is None:
                 timestamp = clock() - origin[0]
-            req = -1
-            if request_id is not None:
-                req = request_get(request_id)
-                if req is None:
-                    req = intern(request_codes, request_keys, request_id)
-            tier_code = -1
-            if tier is not None:
-                tier_code = tier_get(tier)
-                if tier_code is None:
-                    tier_code = intern(tier_codes, tier_keys, tier)
-            append_row(
-                pack(
-                    code,
-                    timestamp,
-                    req,
-                    -1 if position is None else position,
-                    -1 if size_bytes is None else size_bytes,
-                    tier_code,
-                    1 if is_hit else 0,
-                )
-            )
+            try:
+                # fast path: every id seen before; nothing changes until the row packs
+                code = block_get(block_id)
+                req = -1 if request_id is None else request_get(request_id)
+                tier_code = -1 if tier is None else tier_get(tier)
+                if code is None or req is None or tier_code is None:
+                    row = first_sight(
+                        block_id, request_id, tier, timestamp, position, size_bytes, is_hit
+                    )
+                else:
+                    row = pack(
+                        code,
+                        timestamp,
+                        req,
+                        -1 if position is None else position,
+                        -1 if size_bytes is None else size_bytes,
+                        tier_code,
+                        1 if is_hit else 0,
+                    )
+            except (TypeError, struct.error) as exc:
+                raise _bad_record(exc) from None
+            append_row(row)
             if bounded and len(rows) >= spill_at:
                 maybe_spill()
 
@@ -410,28 +452,48 @@ class AccessStatsCollector:
         Raises:
             KVInvalidInputError: a sequence has the wrong length.
         """
+        if isinstance(block_ids, (str, bytes)) or not hasattr(block_ids, "__len__"):
+            raise KVInvalidTypeError(
+                f"block_ids must be a sequence or array, got {type(block_ids).__name__}"
+            )
         n = len(block_ids)
         if n == 0:
             return
         if self._pending:
             self._flush_pending()
         rows = np.empty(n, dtype=ROW_DTYPE)
+        # every plain column and every id is checked before anything is interned
+        try:
+            if timestamps is None:
+                rows["timestamp"] = self._clock() - self._origin[0]
+            else:
+                rows["timestamp"] = self._column(timestamps, n, np.float64, "timestamps")
+            rows["is_hit"] = self._column(is_hit, n, bool, "is_hit")
+            rows["position"] = self._column(
+                -1 if positions is None else positions, n, np.int64, "positions"
+            )
+            rows["size_bytes"] = self._column(
+                -1 if size_bytes is None else size_bytes, n, np.int64, "size_bytes"
+            )
+        except KVCacheError:
+            raise
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise KVInvalidTypeError(f"record_many: a column is not numeric ({exc})") from None
+        for name, values in (("request_ids", request_ids), ("tiers", tiers)):
+            scalar = values is None or isinstance(values, (str, int, bytes))
+            if not scalar and len(values) != n:
+                raise KVInvalidInputError(f"{name} has {len(values)} entries, expected {n}")
+        if not (isinstance(block_ids, np.ndarray) and block_ids.dtype.kind in "iu"):
+            for key in set(map(type, block_ids)):
+                if key is bool or not issubclass(key, (str, int, bytes)):
+                    raise KVInvalidTypeError(
+                        f"block_ids must be str, int or bytes, got {key.__name__}"
+                    )
         rows["block"] = self._intern_many(self._block_codes, self._block_keys, block_ids)
-        if timestamps is None:
-            rows["timestamp"] = self._clock() - self._origin[0]
-        else:
-            rows["timestamp"] = self._column(timestamps, n, np.float64, "timestamps")
-        rows["is_hit"] = self._column(is_hit, n, bool, "is_hit")
         rows["request"] = self._interned_column(
             request_ids, n, self._request_codes, self._request_keys, "request_ids"
         )
         rows["tier"] = self._interned_column(tiers, n, self._tier_codes, self._tier_keys, "tiers")
-        rows["position"] = self._column(
-            -1 if positions is None else positions, n, np.int64, "positions"
-        )
-        rows["size_bytes"] = self._column(
-            -1 if size_bytes is None else size_bytes, n, np.int64, "size_bytes"
-        )
         self._rows.extend(rows.tobytes())
         self._maybe_spill()
 
@@ -454,7 +516,21 @@ class AccessStatsCollector:
         anything reads the collector or records through another method, or
         every 4096 requests, so the order of rows is the order of calls.
         """
-        if block_ids:
+        if not isinstance(block_ids, (list, tuple, np.ndarray)):
+            raise KVInvalidTypeError(
+                f"block_ids must be a list, tuple or array, got {type(block_ids).__name__}"
+            )
+        if isinstance(num_hit_blocks, bool) or not isinstance(num_hit_blocks, (int, np.integer)):
+            raise KVInvalidTypeError(
+                f"num_hit_blocks must be an int, got {type(num_hit_blocks).__name__}"
+            )
+        if not 0 <= num_hit_blocks <= len(block_ids):
+            raise KVInvalidInputError(
+                f"num_hit_blocks must be in [0, {len(block_ids)}], got {num_hit_blocks}"
+            )
+        if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float, np.number)):
+            raise KVInvalidTypeError(f"timestamp must be a number, got {type(timestamp).__name__}")
+        if len(block_ids):
             self._pending.append(
                 (list(block_ids), num_hit_blocks, timestamp, request_id, tier, size_bytes)
             )
@@ -591,11 +667,16 @@ class AccessStatsCollector:
         """Record that ``block_id`` was evicted (for ``reason``: "capacity", "explicit", ...)."""
         if self._pending:
             self._flush_pending()
+        _check_id(block_id, "block_id")
+        if timestamp is None:
+            timestamp = self._clock() - self._origin[0]
+        try:
+            timestamp = float(timestamp)
+        except (TypeError, ValueError):
+            raise KVInvalidTypeError(f"timestamp must be a number, got {timestamp!r}") from None
         code = self._block_codes.get(block_id)
         if code is None:
             code = self._intern(self._block_codes, self._block_keys, block_id)
-        if timestamp is None:
-            timestamp = self._clock() - self._origin[0]
         with self._lock:
             self._ev_block.append(code)
             self._ev_ts.append(float(timestamp))
