@@ -371,3 +371,206 @@ def test_a_second_process_cannot_open_a_directory_in_use(tmp_path):
         first.close()
     done = _second_store_in_a_subprocess(tmp_path)
     assert (done.returncode, done.stdout.strip()) == (0, "OPENED"), done.stderr
+
+
+# -- property: random traffic with injected disk faults --------------------------------------------
+
+from hypothesis import settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import (  # noqa: E402
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from sagellm_kv_cache.errors import KVBudgetExceededError  # noqa: E402
+from sagellm_kv_cache.offload import TierConfig  # noqa: E402
+from sagellm_kv_cache.pool import KVPool  # noqa: E402
+
+NUM_PROMPTS = 5
+MAX_BLOCKS = 3
+_READ_ERRORS = {"KV_CHECKSUM_MISMATCH", "KV_STORAGE_ERROR"}
+
+
+def _expected_by_hash() -> dict:
+    """Block hash -> the KV written under it (prompt i's block j, whatever the prompt length)."""
+    pool = KVPool(num_blocks=1, block_size=BS)
+    out = {}
+    for i in range(NUM_PROMPTS):
+        kv = make_kv(i, MAX_BLOCKS * BS)
+        for j, h in enumerate(pool.compute_block_hashes(prompt(i, MAX_BLOCKS))):
+            out[h] = kv[:, :, j * BS : (j + 1) * BS]
+    return out
+
+
+EXPECTED = _expected_by_hash()
+
+
+class OffloadFaultMachine(RuleBasedStateMachine):
+    """A gpu/cpu/disk manager driven like an engine, with disk faults injected between steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.m: KVOffloadManager | None = None
+        self.live: list[list] = []  # [alloc, prompt id, written]
+        self.deleted: set = set()  # files removed behind the store's back, not yet noticed
+
+    @initialize(
+        async_copies=st.booleans(),
+        promote_on_hit=st.booleans(),
+        write_policy=st.sampled_from(["write_back", "write_through"]),
+    )
+    def setup(self, async_copies, promote_on_hit, write_policy):
+        import tempfile
+
+        self.dir = tempfile.mkdtemp(prefix="kv-offload-faults-")
+        pool = KVPool(num_blocks=5, block_size=BS, model_shape=SHAPE)
+        tiers = [
+            TierConfig("cpu", 3),
+            TierConfig("disk", 4, "disk", directory=self.dir, fsync=False),
+        ]
+        self.m = KVOffloadManager(
+            pool,
+            tiers,
+            device_tier_name="gpu",
+            async_copies=async_copies,
+            promote_on_hit=promote_on_hit,
+            write_policy=write_policy,
+        )
+        self.io = FaultyDiskIO()
+        self.store = self.m.tiers[-1].disk
+        self.store.io = self.io
+
+    def teardown(self) -> None:
+        import shutil
+
+        if self.m is not None:
+            self.m.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- engine traffic ------------------------------------------------------
+    def _allocate(self, i: int, num_blocks: int):
+        try:
+            alloc = self.m.allocate(prompt(i, num_blocks))
+        except KVBudgetExceededError:
+            return None
+        result = alloc.wait(10)
+        hit = alloc.handle.num_cached_tokens
+        assert hit <= alloc.lookup.num_hit_tokens and hit % BS == 0
+        assert hit >= alloc.lookup.num_device_hit_blocks * BS
+        for e in result.errors:
+            assert isinstance(e, KVCacheError) and e.code in _READ_ERRORS, repr(e)
+        if not result.errors:
+            assert hit == alloc.lookup.num_hit_tokens
+        if hit:  # every hit is exactly what was written under its hash
+            got = self.m.device.read_kv(alloc.handle, num_tokens=hit)
+            assert torch.equal(got, make_kv(i, MAX_BLOCKS * BS)[:, :, :hit])
+        return alloc
+
+    def _compute_and_cache(self, alloc, i: int) -> None:
+        n, hit = alloc.handle.num_tokens, alloc.handle.num_cached_tokens
+        if hit < n:
+            self.m.device.write_kv(alloc.handle, make_kv(i, n)[:, :, hit:], start_token=hit)
+        self.m.cache_blocks(alloc.handle)
+
+    @precondition(lambda self: self.m is not None)
+    @rule(i=st.integers(0, NUM_PROMPTS - 1), num_blocks=st.integers(1, MAX_BLOCKS))
+    def request(self, i, num_blocks):
+        """One whole request: allocate, wait, compute the misses, cache, free."""
+        alloc = self._allocate(i, num_blocks)
+        if alloc is not None:
+            self._compute_and_cache(alloc, i)
+            self.m.free(alloc.handle)
+
+    @precondition(lambda self: self.m is not None and len(self.live) < 2)
+    @rule(i=st.integers(0, NUM_PROMPTS - 1), num_blocks=st.integers(1, MAX_BLOCKS))
+    def start_request(self, i, num_blocks):
+        """A request that stays running (overlaps the next ones)."""
+        alloc = self._allocate(i, num_blocks)
+        if alloc is not None:
+            self.live.append([alloc, i, False])
+
+    @precondition(lambda self: bool(self.live))
+    @rule(data=st.data(), cache=st.booleans())
+    def end_request(self, data, cache):
+        entry = data.draw(st.sampled_from(self.live))
+        alloc, i, _ = entry
+        if cache:
+            self._compute_and_cache(alloc, i)
+        self.m.free(alloc.handle)
+        self.live.remove(entry)
+
+    @precondition(lambda self: self.m is not None)
+    @rule(n=st.integers(1, 3))
+    def evict(self, n):
+        self.m.evict(n).result(10)
+
+    # -- faults --------------------------------------------------------------
+    @precondition(lambda self: self.m is not None)
+    @rule(
+        fault=st.sampled_from(["corrupt", "delete", "disk_full", "disk_ok", "read_fails"]),
+        data=st.data(),
+    )
+    def inject(self, fault, data):
+        if fault == "disk_full":
+            self.io.fail_writes(errno.ENOSPC)
+        elif fault == "disk_ok":
+            self.io.heal()
+        elif fault == "read_fails":  # the next copy out of the disk tier fails
+            self.io.fail_reads(errno.EIO, count=1)
+        else:
+            self.m.wait_all(10)
+            keys = sorted(set(self.store.keys()) & set(self.m.tiers[-1].pool.cached), key=repr)
+            if not keys:
+                return
+            key = data.draw(st.sampled_from(keys))
+            if fault == "corrupt":
+                corrupt_block_file(self.store, key)
+            else:
+                assert delete_block_file(self.store, key)
+                self.deleted.add(key)
+
+    # -- after every step ----------------------------------------------------
+    @invariant()
+    def consistent(self):
+        m = self.m
+        if m is None:
+            return
+        m.wait_all(10)
+        m.where(b"")  # settles finished jobs
+        index = set(m.tiers[-1].pool.cached)
+        files = set(self.store.keys())
+        assert files <= index, f"orphan files {files - index}"
+        # only files deleted behind the store's back may be missing (until a read notices)
+        assert index - files <= self.deleted, f"index entries without files {index - files}"
+        self.deleted = index - files
+        if not self.deleted:
+            m.check_invariants()
+        else:
+            m.device.check_invariants()
+            for t in m.tiers:
+                t.check_invariants()
+        assert not list(self.store.directory.glob(".tmp-*"))
+        # no leaked device blocks: exactly the live handles' blocks are in use
+        held = {b for alloc, _, _ in self.live for b in alloc.handle.block_ids}
+        stats = m.device.get_stats()
+        assert stats["used_blocks"] == len(held)
+        assert stats["num_handles"] == len(self.live)
+        # every cached block on the device and in host memory holds what was written under it
+        storage = m.device.storage
+        for h, b in m.device.block_pool.cached.items():
+            got = storage.read_blocks([b]).reshape(EXPECTED[h].shape)
+            assert torch.equal(got, EXPECTED[h]), f"device block {b} differs from its hash"
+        for h in m.tiers[0].pool.cached:
+            tier, data = m.read_block(h)
+            if tier == "cpu":
+                assert torch.equal(data.reshape(EXPECTED[h].shape), EXPECTED[h])
+
+
+TestOffloadFaultMachine = OffloadFaultMachine.TestCase
+TestOffloadFaultMachine.settings = settings(
+    max_examples=int(os.environ.get("OFFLOAD_FAULT_EXAMPLES", "100")),
+    stateful_step_count=int(os.environ.get("OFFLOAD_FAULT_STEPS", "60")),
+)

@@ -409,8 +409,12 @@ class DiskBlockStore:
 
     def keys(self) -> Iterator[Hashable]:
         """Keys of the visible block files (no validation)."""
-        for entry in os.scandir(self.directory):
-            key = parse_block_file_name(entry.name)
+        try:
+            names = [e.name for e in os.scandir(self.directory)]
+        except OSError as exc:
+            raise _storage_error(f"cannot list {self.directory}", exc) from exc
+        for name in names:
+            key = parse_block_file_name(name)
             if key is not None:
                 yield key
 

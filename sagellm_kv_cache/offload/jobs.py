@@ -155,6 +155,11 @@ class CopyQueue:
 
     def submit(self, job: Job, result: Any, settle: Callable[[Job], None]) -> Future:
         """Queue ``job``; its future resolves to ``result``. Inline jobs settle at once."""
+        f: Future
+        if not job and job.onboarding is None and (self._last is None or self._last.done()):
+            f = Future()  # nothing to move (metadata-only, or no victims): done now
+            f.set_result(result)
+            return f
         if not self.async_copies or (
             not job and job.onboarding is None and (self._last is None or self._last.done())
         ):
@@ -165,7 +170,7 @@ class CopyQueue:
                 result.elapsed_s = time.perf_counter() - t0
             self.settle(settle)  # older jobs first
             settle(job)
-            f: Future = Future()
+            f = Future()
             f.set_result(result)
             return f
         if self._executor is None:

@@ -114,7 +114,9 @@ class _DeviceHook(PoolHook):
 
     def on_block_cached(self, block_id, block_hash, parent_hash, timestamp) -> None:
         m = self.manager
-        if m._write_through and not m._suppress_cached_hook:
+        if m._suppress_cached_hook:
+            return
+        if m._write_through or (m._exclusive and any(block_hash in t for t in m.tiers)):
             m._newly_cached.append((block_id, block_hash))
             if not m._in_call():
                 m._flush_outside_call()
@@ -173,6 +175,9 @@ class KVOffloadManager:
         if len(set(names)) != len(names):
             raise KVConfigError(f"tier names must be unique, got {names}")
         self.tier_names = names
+        # exclusive chain: a block computed on the device while a lower tier
+        # holds it (two requests computed it; one copy went down) drops the lower copy
+        self._exclusive = self.promote_on_hit and bool(configs)
         storage = device_pool.storage
         self.has_data = storage is not None
         self.block_nbytes = (
@@ -352,7 +357,8 @@ class KVOffloadManager:
 
     def _await_onboarding(self, handle: KVHandle) -> None:
         """Let the handle's own onboarding finish and settle (before it is freed or cached)."""
-        if self._queue.onboarding.get(getattr(handle, "handle_id", None)) is not None:
+        pending = self._queue.onboarding
+        if pending and pending.get(getattr(handle, "handle_id", None)) is not None:
             self._queue.wait_for(handle.handle_id)
             self._queue.settle(self._apply)
 
@@ -710,7 +716,12 @@ class KVOffloadManager:
         if self._newly_cached:
             pairs = list(self._newly_cached)
             self._newly_cached.clear()
-            if not self.admit_after_hits:
+            if self._exclusive:
+                for tier in self.tiers:
+                    present = [h for _, h in pairs if h in tier]
+                    if present:
+                        tier.remove(present, ops)
+            elif not self.admit_after_hits:
                 self._write_down(pairs, ops)
 
     # -- the rest of a request's life ----------------------------------------

@@ -225,6 +225,8 @@ class LowerTier:
             self._stamp(keys)
 
     def _stamp(self, keys: Sequence[Hashable]) -> None:
+        if not self.has_data:
+            return  # nothing can fail to read or write: no stamps needed
         gen = self._gen
         n = self._next_gen
         for k in keys:
@@ -440,8 +442,9 @@ class LowerTier:
         victim_slots = [b for b, _ in rec.victims]
         victim_hashes = [h for _, h in rec.victims]
         rec.victims.clear()
-        for h in victim_hashes:
-            self._gen.pop(h, None)
+        if self._gen:
+            for h in victim_hashes:
+                self._gen.pop(h, None)
         self.stats.evicted_blocks += len(victim_hashes)
         victim_key = None
         if victim_hashes:
@@ -482,7 +485,9 @@ class LowerTier:
         """Drop resident blocks (promotion out of an exclusive tier). Read them first."""
         for h in block_hashes:
             self.pool.uncache(self.pool.cached[h], reason="promote")
-            self._gen.pop(h, None)
+        if self._gen:
+            for h in block_hashes:
+                self._gen.pop(h, None)
         op = self.delete_op(block_hashes, _job(ops))
         if op is not None:
             ops.append(op)
@@ -504,4 +509,7 @@ class LowerTier:
         bp.check_invariants()
         assert bp.num_used == 0, f"tier {self.name}: {bp.num_used} slots left in use"
         assert bp.num_cached <= self.num_blocks
-        assert self._gen.keys() == bp.cached.keys(), f"tier {self.name}: stamps differ from index"
+        if self.has_data:
+            assert self._gen.keys() == bp.cached.keys(), (
+                f"tier {self.name}: stamps differ from index"
+            )
