@@ -63,6 +63,7 @@ from ..errors import (
     KVTransferTimeoutError,
 )
 from ..handle import HandleState, KVHandle
+from ._args import check_count, check_handles, check_number, check_pool, check_rank
 from .backends import TransferBackend, make_backend
 from .guard import TailGuard, check_policy, inflate, verdict
 from .wire import (
@@ -386,20 +387,15 @@ class KVTransferEngine:
         direct_max_message_bytes: int = DIRECT_MAX_MESSAGE_BYTES,
         **backend_options: Any,
     ) -> None:
-        if not isinstance(timeout_s, int | float) or isinstance(timeout_s, bool) or timeout_s <= 0:
-            raise KVConfigError(f"timeout_s must be a positive number, got {timeout_s!r}")
+        check_number("timeout_s", timeout_s, strict=True)
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise KVConfigError(f"max_retries must be an int >= 0, got {max_retries!r}")
-        if retry_backoff_ms < 0:
-            raise KVConfigError(f"retry_backoff_ms must be >= 0, got {retry_backoff_ms!r}")
+        check_number("retry_backoff_ms", retry_backoff_ms)
         if compression not in (None, "none", "zlib"):
             raise KVConfigError(f"compression must be None or 'zlib', got {compression!r}")
-        if chunk_bytes <= 0 or max_inflight <= 0 or max_workers <= 0:
-            raise KVConfigError("chunk_bytes, max_inflight and max_workers must be positive")
-        if direct_max_message_bytes <= 0:
-            raise KVConfigError(
-                f"direct_max_message_bytes must be positive, got {direct_max_message_bytes!r}"
-            )
+        for name in ("chunk_bytes", "max_inflight", "max_workers", "direct_max_message_bytes"):
+            check_count(name, locals()[name])
+        check_number("direct_min_message_bytes", direct_min_message_bytes)
         self.backend: TransferBackend = make_backend(comm_backend, **backend_options)
         self.enable_checksum = bool(enable_checksum)
         self.checksum_algo = make_checksum(self.enable_checksum)
@@ -435,10 +431,12 @@ class KVTransferEngine:
 
     def register_pool(self, pool: KVPool, rank: int | None = None) -> None:
         """Make ``pool`` this engine's pool for ``rank`` (default: the backend's rank)."""
+        check_pool(pool)
         if rank is None:
             if self.backend.local:
                 raise KVConfigError("the in-process backend needs an explicit rank per pool")
             rank = self.backend.rank
+        check_rank("rank", rank)
         if pool.storage is None:
             raise KVConfigError("a metadata-only pool holds no KV to transfer")
         with self._lock:
@@ -676,8 +674,12 @@ class KVTransferEngine:
         """Batched form: the blocks of all ``handles`` in one transfer (one header,
         one pipelined payload, one ack); the receiver gets one handle per input
         handle, all or none. Returns the transfer id."""
-        plan = self._plan(list(handles), src_rank, dst_rank, tensors)
+        handles = check_handles(handles)
+        check_rank("src_rank", src_rank)
+        check_rank("dst_rank", dst_rank)
+        plan = self._plan(handles, src_rank, dst_rank, tensors)
         if self.backend.local:
+            self._pool_for(dst_rank)  # before a record exists: a bad rank changes nothing
             return self._transfer_local(plan, src_rank, dst_rank)
         if src_rank != self.backend.rank:
             raise KVInvalidInputError(
