@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import numbers
 import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -254,9 +255,11 @@ def check_sorted(path: Path, line: int, field: str, ts: float, last_ts: float | 
 def check_block_size(block_size: Any) -> int:
     from sagellm_kv_cache.errors import KVConfigError
 
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
         raise KVConfigError(f"block_size must be a positive int, got {block_size!r}")
-    return block_size
+    if block_size <= 0:
+        raise KVConfigError(f"block_size must be a positive int, got {block_size!r}")
+    return int(block_size)  # numpy integers too
 
 
 class LineError(NamedTuple):
