@@ -200,6 +200,25 @@ def test_an_inclusive_tier_drops_only_the_bad_copy(tmp_path):
     m.close()
 
 
+def test_an_exclusive_chain_drops_a_lower_copy_the_device_computed_again(tmp_path):
+    """Found by the stateful test: a block behind a miss is computed on the device while a
+    lower tier holds it; the chain must still hold each block once."""
+    m = make_manager(tmp_path, gpu=4, cpu=8, disk=4)
+    for i in range(3):
+        run_request(m, i)
+    h0 = m.device.compute_block_hashes(prompt(0))
+    assert [m.where(h) for h in h0] == [["cpu"], ["cpu"]]
+    assert m.invalidate([h0[0]]) == 1  # block 1 now sits behind a miss
+    a = m.allocate(prompt(0))
+    assert a.lookup.tiers == []
+    a.wait(10)
+    finish(m, a, 0)
+    assert [m.where(h) for h in h0] == [["gpu"], ["gpu"]]
+    m.check_invariants()
+    hit_kv_is_what_was_written(m, 0)
+    m.close()
+
+
 # -- defect 12: the disk tier ---------------------------------------------------------------------
 
 

@@ -117,7 +117,7 @@ class Onboarding:
     hashes: list
     first: int
     num_hit: int
-    sources: list[str]  # tier name of positions first .. num_hit
+    sources: list  # lower tier name of positions first .. num_hit (None: a device copy)
     result: Any  # the OnboardResult the future resolves to
     verified: set = field(default_factory=set)
     num_verified: int = 0

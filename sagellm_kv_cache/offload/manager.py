@@ -472,7 +472,7 @@ class KVOffloadManager:
                 src = look.tiers[pos]
                 if src == self.device_name:  # a device block after a non-device one
                     src = "dev:victims" if h in victim_pos else "dev:copy"
-                sources.append(look.tiers[pos])
+                sources.append(None if src.startswith("dev:") else src)  # counted per lower tier
                 groups.setdefault(src, ([], []))[0].append(pos)
                 groups[src][1].append(h)
             dev_ids = {}
