@@ -64,6 +64,7 @@ __all__ = [
     "BOOKKEEPING_BYTES_PER_BLOCK",
     "MAX_NUM_BLOCKS",
     "BlockPool",
+    "check_block_ids",
     "check_count",
     "check_num_blocks",
 ]
@@ -87,6 +88,34 @@ def check_count(value: Any, name: str, minimum: int = 0) -> int:
     if value < minimum:
         raise KVInvalidInputError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def check_block_ids(block_ids: Any, num_blocks: int, name: str = "block_ids") -> list[int]:
+    """``block_ids`` as a list of ints in ``[0, num_blocks)`` (numpy ints too, bools not),
+    or ``KVInvalidTypeError`` / ``KVInvalidInputError``; C-level passes for a list of ints."""
+    if type(block_ids) is not list:
+        if isinstance(block_ids, str | bytes | set | frozenset | dict) or not hasattr(
+            block_ids, "__len__"
+        ):
+            raise KVInvalidTypeError(
+                f"{name} must be a list of block ids, got {type(block_ids).__name__}"
+            )
+        block_ids = list(block_ids)
+    if not block_ids:
+        return block_ids
+    if not set(map(type, block_ids)) <= _INT_ONLY:
+        for b in block_ids:
+            if isinstance(b, bool) or not isinstance(b, Integral):
+                raise KVInvalidTypeError(
+                    f"{name}: block id {b!r:.40} is a {type(b).__name__}, not an int"
+                )
+        block_ids = [int(b) for b in block_ids]
+    lo, hi = min(block_ids), max(block_ids)
+    if lo < 0 or hi >= num_blocks:
+        raise KVInvalidInputError(
+            f"{name}: block id {lo if lo < 0 else hi} out of range [0, {num_blocks})"
+        )
+    return block_ids
 
 
 def _physical_memory_bytes() -> int | None:
@@ -218,29 +247,7 @@ class BlockPool:
 
     def check_block_ids(self, block_ids: Any, name: str = "block_ids") -> list[int]:
         """``block_ids`` as a list of ints in range, or a typed error (C-level passes)."""
-        if type(block_ids) is not list:
-            if isinstance(block_ids, str | bytes | set | frozenset | dict) or not hasattr(
-                block_ids, "__len__"
-            ):
-                raise KVInvalidTypeError(
-                    f"{name} must be a list of block ids, got {type(block_ids).__name__}"
-                )
-            block_ids = list(block_ids)
-        if not block_ids:
-            return block_ids
-        if not set(map(type, block_ids)) <= _INT_ONLY:
-            for b in block_ids:  # numpy ints are ids too; bools are not
-                if isinstance(b, bool) or not isinstance(b, Integral):
-                    raise KVInvalidTypeError(
-                        f"{name}: block id {b!r:.40} is a {type(b).__name__}, not an int"
-                    )
-            block_ids = [int(b) for b in block_ids]
-        lo, hi = min(block_ids), max(block_ids)
-        if lo < 0 or hi >= self.num_blocks:
-            raise KVInvalidInputError(
-                f"{name}: block id {lo if lo < 0 else hi} out of range [0, {self.num_blocks})"
-            )
-        return block_ids
+        return check_block_ids(block_ids, self.num_blocks, name)
 
     def touch(self, block_ids: Sequence[int]) -> None:
         """Take a reference on each (cached) block; evictable ones leave the policy."""
@@ -436,7 +443,7 @@ class BlockPool:
         Raises:
             KVInvalidTypeError / KVInvalidInputError: a hash that is unhashable or
                 ``None``, more hashes than blocks, a bad ``start``, or a block to
-                register that is not in use. Nothing is registered then.
+                register that is free. Nothing is registered then.
         """
         block_hashes = check_block_hashes(block_hashes)
         block_ids = self.check_block_ids(block_ids)
@@ -450,10 +457,11 @@ class BlockPool:
         todo = block_ids[start : len(block_hashes)]
         if 0 in map(self.ref_counts.__getitem__, todo):
             pins = self.pin_counts
-            for b in todo:
-                if not self.ref_counts[b] and not pins[b]:
+            hashes_ = self.block_hashes
+            for b in todo:  # a FREE block never gets a hash (cached ones are skipped below)
+                if not self.ref_counts[b] and not pins[b] and hashes_[b] is None:
                     raise KVInvalidInputError(
-                        f"block {b} is not in use; only blocks held (their KV written) are cached"
+                        f"block {b} is free; only blocks held (their KV written) are cached"
                     )
         if not self.enable_caching:
             return 0

@@ -138,31 +138,34 @@ def pack_tokens(tokens: Any) -> bytes:
 
     Accepts an ordered sequence of ints (``list``, ``tuple``, ``range``...), a
     1-D numpy integer array or a torch integer tensor. Token ids are
-    non-negative ints below ``2**64`` (packed as unsigned 64-bit, which is the
-    same bytes as int64 for every id below ``2**63``).
+    non-negative int64 values (``0 <= t < 2**63``).
 
     Raises:
         KVInvalidTypeError: not an ordered sequence (a ``set``, a generator, a
             ``str``...), or a token that is not an int (floats, bools, strs).
-        KVInvalidInputError: a negative token id, or one of ``2**64`` or more.
+        KVInvalidInputError: a negative token id, or one of ``2**63`` or more.
     """
     if type(tokens) is list or type(tokens) is tuple:
         kinds = set(map(type, tokens))  # one C-level pass; bools and floats show here
         if kinds <= _INT_ONLY:
             try:
-                arr = array("Q", tokens)
+                arr = array("Q", tokens)  # refuses negatives
             except OverflowError:
-                raise KVInvalidInputError(
-                    "token ids must be non-negative ints below 2**64, got "
-                    f"{min(tokens)}..{max(tokens)}"
-                ) from None
-            if not _LITTLE:  # pragma: no cover - big-endian hosts
-                arr.byteswap()
-            return arr.tobytes()
+                arr = None
+            if arr is not None:
+                if not _LITTLE:  # pragma: no cover - big-endian hosts
+                    arr.byteswap()
+                data = arr.tobytes()
+                if not data[7::8].translate(None, _BELOW_2_63):  # no top byte >= 0x80
+                    return data
+            raise KVInvalidInputError(
+                f"token ids must be ints in [0, 2**63), got {min(tokens)}..{max(tokens)}"
+            )
     return _pack_slow(tokens)
 
 
 _INT_ONLY = frozenset((int,))
+_BELOW_2_63 = bytes(range(128))  # the top byte of an id below 2**63
 
 
 def _pack_slow(tokens: Any) -> bytes:
@@ -179,8 +182,10 @@ def _pack_slow(tokens: Any) -> bytes:
             raise KVInvalidTypeError(
                 f"tokens must be a 1-D integer array, got dtype {arr.dtype} with {arr.ndim} dims"
             )
-        if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
-            raise KVInvalidInputError(f"token ids must be non-negative, got {int(arr.min())}")
+        if arr.size and (arr.min() < 0 or arr.max() >= 1 << 63):
+            raise KVInvalidInputError(
+                f"token ids must be ints in [0, 2**63), got {arr.min()}..{arr.max()}"
+            )
         return np.ascontiguousarray(arr, dtype="<u8").tobytes()
     if isinstance(tokens, bytes | bytearray | str) or not isinstance(tokens, Sequence):
         raise KVInvalidTypeError(
@@ -194,10 +199,8 @@ def _pack_slow(tokens: Any) -> bytes:
                 f"token {i} is {type(t).__name__} ({t!r}); token ids must be ints"
             )
         t = int(t)
-        if not 0 <= t < 1 << 64:
-            raise KVInvalidInputError(
-                f"token {i} is {t}; token ids must be non-negative ints below 2**64"
-            )
+        if not 0 <= t < 1 << 63:
+            raise KVInvalidInputError(f"token {i} is {t}; token ids must be ints in [0, 2**63)")
         ints.append(t)
     return pack_tokens(ints)
 

@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from numbers import Integral
 from typing import Any
 
 from ._pool_info import PoolInfoMixin
@@ -57,11 +58,14 @@ __all__ = ["KVPool", "check_num_tokens"]
 
 
 def check_num_tokens(num_tokens: Any, name: str = "num_tokens") -> int:
-    """A positive int, or a typed error (bools and floats are refused, not rounded)."""
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
-        raise KVInvalidTypeError(
-            f"{name} must be an int, got {type(num_tokens).__name__} ({num_tokens!r})"
-        )
+    """A positive int (numpy ints too), or a typed error (bools and floats are refused,
+    not rounded)."""
+    if type(num_tokens) is not int:
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, Integral):
+            raise KVInvalidTypeError(
+                f"{name} must be an int, got {type(num_tokens).__name__} ({num_tokens!r:.40})"
+            )
+        num_tokens = int(num_tokens)
     if num_tokens <= 0:
         raise KVInvalidInputError(f"{name} must be positive, got {num_tokens}")
     return num_tokens
@@ -172,7 +176,7 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
         elif num_blocks is not None:
             n_blocks = check_num_tokens(num_blocks, "num_blocks")
         else:
-            check_num_tokens(max_bytes, "max_bytes")
+            max_bytes = check_num_tokens(max_bytes, "max_bytes")
             if model_shape is None:
                 raise KVConfigError("max_bytes needs a model_shape to convert bytes into blocks")
             n_blocks = max_bytes // model_shape.bytes_per_block(block_size)
@@ -337,7 +341,7 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
             KVBudgetExceededError: more than the pool could ever hold.
             KVPoolFullError: not enough free + evictable blocks now.
         """
-        check_num_tokens(num_tokens)
+        num_tokens = check_num_tokens(num_tokens)
         _check_metadata(metadata)
         dev, dt, lay = self._check_attrs(device, dtype, layout)
         n = self._num_blocks_for(num_tokens)
@@ -379,7 +383,7 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
 
     def _prompt_hashes(self, tokens, block_hashes, num_tokens, extra_keys) -> tuple[int, list]:
         if num_tokens is not None:
-            check_num_tokens(num_tokens)
+            num_tokens = check_num_tokens(num_tokens)
         if tokens is not None:
             if block_hashes is not None:
                 raise KVInvalidInputError("give tokens or block_hashes, not both")
@@ -623,7 +627,7 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
 
     def evict(self, num_blocks: int) -> list[int]:
         """Evict up to ``num_blocks`` evictable blocks now, in policy order; their ids."""
-        check_num_tokens(num_blocks, "num_blocks")
+        num_blocks = check_num_tokens(num_blocks, "num_blocks")
         with self._lock:
             out = self._blocks.evict(num_blocks)
             self._after()
@@ -648,7 +652,7 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
     # -- budget --------------------------------------------------------------
     def can_admit(self, num_tokens: int) -> bool:
         """Would ``alloc(num_tokens)`` succeed now (counting evictable blocks)?"""
-        check_num_tokens(num_tokens)
+        num_tokens = check_num_tokens(num_tokens)
         with self._lock:
             return self._num_blocks_for(num_tokens) <= self._blocks.num_available
 

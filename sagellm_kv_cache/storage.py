@@ -151,8 +151,12 @@ class KVStorage:
     ) -> None:
         import torch
 
-        self.num_blocks = num_blocks
-        self.block_size = block_size
+        from .block_pool import check_count
+
+        self.num_blocks = check_count(num_blocks, "num_blocks", 1)
+        self.block_size = check_count(block_size, "block_size", 1)
+        if not isinstance(shape, ModelShape):
+            raise KVInvalidTypeError(f"shape must be a ModelShape, got {type(shape).__name__}")
         self.shape = shape
         self.device = normalize_device(device)
         try:
@@ -219,7 +223,10 @@ class KVStorage:
     def _index(self, block_ids) -> torch.Tensor:
         import torch
 
-        return torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
+        from .block_pool import check_block_ids
+
+        ids = check_block_ids(block_ids, self.num_blocks)
+        return torch.as_tensor(ids, dtype=torch.long, device=self.device)
 
     def read_blocks(self, block_ids) -> torch.Tensor:
         """Blocks as stored: ``[L, 2, n, <block dims>]`` (a copy), storage dtype."""
@@ -227,13 +234,20 @@ class KVStorage:
 
     def write_blocks(self, block_ids, data: torch.Tensor) -> None:
         """Inverse of ``read_blocks``; ``data`` in storage dtype and layout."""
+        import torch
+
+        if not isinstance(data, torch.Tensor):
+            raise KVInvalidTypeError(
+                f"block data must be a torch.Tensor, got {type(data).__name__}"
+            )
+        index = self._index(block_ids)
         expected = (*self.kv.shape[:2], len(block_ids), *self.kv.shape[3:])
         if tuple(data.shape) != expected:
             raise KVInvalidInputError(
                 f"block data has shape {tuple(data.shape)}, expected {expected}"
             )
         data = self._as_storage(data)
-        self.kv.index_copy_(2, self._index(block_ids), data.to(self.device, non_blocking=True))
+        self.kv.index_copy_(2, index, data.to(self.device, non_blocking=True))
 
     def copy_blocks(self, src_ids, dst_ids) -> None:
         """``kv[:, :, dst[i]] = kv[:, :, src[i]]`` for every i (copy-on-write, defrag)."""
@@ -243,7 +257,8 @@ class KVStorage:
             )
         if not len(src_ids):
             return
-        self.kv.index_copy_(2, self._index(dst_ids), self.kv.index_select(2, self._index(src_ids)))
+        dst, src = self._index(dst_ids), self._index(src_ids)
+        self.kv.index_copy_(2, dst, self.kv.index_select(2, src))
 
     # -- token granularity (what an engine writes and reads) ------------------
     def _to_tokens(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -294,9 +309,16 @@ class KVStorage:
 
     def write_tokens(self, block_ids, kv: torch.Tensor, start_token: int = 0) -> None:
         """Write ``kv`` ``[L, 2, T, H, D]`` into token slots ``start_token .. start_token+T``."""
+        from .block_pool import check_count
+
         T = self.check_kv(kv)
-        data = self._as_storage(kv).to(self.device, non_blocking=True)
+        start_token = check_count(start_token, "start_token")
         bs = self.block_size
+        if start_token + T > len(block_ids) * bs:
+            raise KVInvalidInputError(
+                f"tokens [{start_token}, {start_token + T}) do not fit {len(block_ids)} blocks"
+            )
+        data = self._as_storage(kv).to(self.device, non_blocking=True)
         first, last = start_token // bs, (start_token + T - 1) // bs
         ids = block_ids[first : last + 1]
         lo = start_token - first * bs
@@ -310,7 +332,16 @@ class KVStorage:
 
     def read_tokens(self, block_ids, num_tokens: int, start_token: int = 0) -> torch.Tensor:
         """KV of token slots ``start_token .. start_token+num_tokens`` as ``[L, 2, T, H, D]``."""
+        from .block_pool import check_count
+
+        num_tokens = check_count(num_tokens, "num_tokens", 1)
+        start_token = check_count(start_token, "start_token")
         bs = self.block_size
+        if start_token + num_tokens > len(block_ids) * bs:
+            raise KVInvalidInputError(
+                f"tokens [{start_token}, {start_token + num_tokens}) do not fit "
+                f"{len(block_ids)} blocks"
+            )
         first, last = start_token // bs, (start_token + num_tokens - 1) // bs
         tokens = self._to_tokens(self.read_blocks(block_ids[first : last + 1]))
         lo = start_token - first * bs

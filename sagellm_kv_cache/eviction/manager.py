@@ -33,6 +33,7 @@ import enum
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
+from numbers import Integral
 
 from ..errors import KVConfigError, KVInvalidInputError, KVNoVictimError
 from ..handle import KVHandle
@@ -93,7 +94,8 @@ def _make_strategy(policy: object) -> EvictionStrategy:
 
 
 def _is_count(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    """An int >= 0 (numpy ints too; bools are not counts)."""
+    return isinstance(x, Integral) and not isinstance(x, bool) and x >= 0
 
 
 class EvictionManager:
@@ -245,6 +247,9 @@ class EvictionManager:
             raise KVInvalidInputError(
                 f"max_victims must be an int >= 0 or None, got {max_victims!r}"
             )
+        num_tokens_needed = int(num_tokens_needed)
+        if max_victims is not None:
+            max_victims = int(max_victims)
         ordered = self.order(handles)
         if num_tokens_needed == 0:
             return []
