@@ -54,7 +54,9 @@ from typing import Any
 
 from ..errors import (
     KVChecksumMismatchError,
+    KVConfigError,
     KVInvalidInputError,
+    KVInvalidTypeError,
     KVStorageError,
     KVStorageLockedError,
 )
@@ -152,6 +154,7 @@ class DiskBlockStore:
         io: the byte-moving calls (``DiskIO``; a subclass injects faults).
 
     Raises:
+        KVConfigError: ``block_nbytes`` is not a positive int.
         KVStorageLockedError: another live store (this process or another)
             holds the directory.
         KVStorageError: the directory cannot be created or opened.
@@ -167,6 +170,10 @@ class DiskBlockStore:
         verify_on_open: bool = True,
         io: DiskIO | None = None,
     ) -> None:
+        if isinstance(block_nbytes, bool) or not isinstance(block_nbytes, int):
+            raise KVConfigError(f"block_nbytes must be an int, got {type(block_nbytes).__name__}")
+        if block_nbytes < 1:
+            raise KVConfigError(f"block_nbytes must be >= 1, got {block_nbytes}")
         self.directory = Path(directory)
         self.geometry = geometry
         self._geometry_digest = hashlib.blake2b(geometry.encode(), digest_size=16).digest()
@@ -429,7 +436,12 @@ def _as_bytes_view(payload: Any) -> memoryview:
         if t.device.type != "cpu":
             t = t.cpu()
         payload = t.contiguous().reshape(-1).view(__import__("torch").uint8).numpy()
-    view = memoryview(payload)
+    try:
+        view = memoryview(payload)
+    except TypeError:
+        raise KVInvalidTypeError(
+            f"block payload must be bytes, an array or a tensor, got {type(payload).__name__}"
+        ) from None
     if not view.contiguous:
         raise KVInvalidInputError("block payload must be contiguous")
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view

@@ -72,10 +72,11 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
-from ..errors import KVConfigError, KVInvalidInputError
+from ..errors import KVConfigError, KVInvalidInputError, KVInvalidTypeError
 from ..handle import HandleState, KVHandle
+from ..hashing import check_block_hashes
 from ..hooks import PoolHook
-from ..pool import KVPool
+from ..pool import KVPool, check_num_tokens
 from ..storage import KVStorage, ModelShape
 from .jobs import CopyQueue, Job, Onboarding
 from .results import OffloadAllocation, OffloadLookup, OnboardResult
@@ -372,9 +373,10 @@ class KVOffloadManager:
 
         Blocks being onboarded are in no tier until verified: a miss here.
         """
+        hashes = check_block_hashes(block_hashes)
         with self._lock:
             self._queue.settle(self._apply)
-            return self._lookup(block_hashes)
+            return self._lookup(hashes)
 
     def _lookup(self, block_hashes: Sequence[Hashable]) -> OffloadLookup:
         dev_cached = self.device.block_pool.cached if self.device.enable_prefix_caching else {}
@@ -430,7 +432,9 @@ class KVOffloadManager:
             return self._allocate_plain(num_tokens, request_id, metadata)
         if block_hashes is None or num_tokens is None:
             raise KVInvalidInputError("allocate needs tokens, block_hashes or num_tokens")
-        hashes = list(block_hashes[: num_tokens // self.block_size])
+        num_tokens = check_num_tokens(num_tokens)
+        block_hashes = check_block_hashes(block_hashes)  # before the lookup touches any index
+        hashes = block_hashes[: num_tokens // self.block_size]
         with self._call():
             look = self._lookup(hashes)
             dev = self.device
@@ -786,6 +790,7 @@ class KVOffloadManager:
         """
         from ..errors import KVCacheMissError
 
+        _check_hashable(block_hash)
         with self._lock:
             self.wait_all()
             self._queue.settle(self._apply)
@@ -807,6 +812,7 @@ class KVOffloadManager:
 
     def where(self, block_hash: Hashable) -> list[str]:
         """Names of the tiers holding ``block_hash`` (top down)."""
+        _check_hashable(block_hash)
         with self._lock:
             self._queue.settle(self._apply)
             out = [self.device_name] if block_hash in self.device.block_pool.cached else []
@@ -910,3 +916,12 @@ class KVOffloadManager:
             + [f"{t.name}={t.num_blocks}" for t in self.tiers]
         )
         return f"KVOffloadManager({caps}, {self.write_policy})"
+
+
+def _check_hashable(block_hash: Any) -> None:
+    try:
+        hash(block_hash)
+    except TypeError:
+        raise KVInvalidTypeError(
+            f"a block hash must be hashable, got {type(block_hash).__name__}"
+        ) from None
