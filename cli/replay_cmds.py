@@ -455,38 +455,11 @@ def _replay_tiers(
 
 
 def _plot_curve(curve: list[dict], result, path: Path, mode: str = "sequential") -> None:
-    import matplotlib
+    from sim.analysis.plots import plot_capacity_curve, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    finite = [r for r in curve if r["policy"] != "infinite"]
-    inf = [r for r in curve if r["policy"] == "infinite"]
-    for policy in sorted({r["policy"] for r in finite}):
-        pts = sorted(
-            (r["capacity_blocks"], r["token_hit_ratio"]) for r in finite if r["policy"] == policy
-        )
-        ax.plot(*zip(*pts), marker="o", label=f"{policy} (sequential replay)")
-    if inf:
-        ax.axhline(inf[0]["token_hit_ratio"], color="grey", ls="--", label="infinite capacity")
-    ax.scatter(
-        [result.capacity_blocks],
-        [result.token_hit_ratio],
-        color="red",
-        zorder=5,
-        label="this run" if mode == "sequential" else f"this run ({mode})",
-    )
-    ax.set_xscale("log")
-    ax.set_xlabel(f"cache capacity (blocks of {result.block_size} tokens)")
-    ax.set_ylabel("token hit ratio")
-    ax.set_ylim(0, 1)
-    ax.set_title("Prefix-cache hit ratio vs capacity")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    this_run = (result.capacity_blocks, result.token_hit_ratio)
+    fig = plot_capacity_curve(curve, this_run=this_run, block_size=result.block_size, mode=mode)
+    save_figure(fig, path)
 
 
 COMMANDS = [replay]

@@ -7,9 +7,7 @@ what the command and notebook 02 use.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -86,76 +84,7 @@ def parse_policies(text: str) -> list[str]:
     return names
 
 
-def plot_sweep(
-    df: Any,
-    *,
-    title: str | None = None,
-    panel_size: tuple[float, float] = (7, 4.5),
-    max_cols: int = 3,
-):
-    """Token hit ratio vs capacity (log x), one panel per trace (``max_cols`` a row).
-
-    Policies are solid lines with markers; the OPT bound (rows with policy
-    ``"opt"``) a dashed black curve; the infinite-capacity bound a dashed grey
-    horizontal line. ``df`` is a ``sim.sweep.sweep`` table (polars or pandas).
-    """
-    import polars as pl
-
-    if "matplotlib.pyplot" not in sys.modules:
-        import matplotlib
-
-        matplotlib.use("Agg")  # headless unless a notebook chose a backend
-    import matplotlib.pyplot as plt
-
-    df = df if isinstance(df, pl.DataFrame) else pl.from_pandas(df)
-    trace_names = df["trace"].unique(maintain_order=True).to_list() or ["(no data)"]
-    n = len(trace_names)
-    ncols = min(n, max_cols)
-    nrows = -(-n // ncols)
-    fig, axes = plt.subplots(
-        nrows,
-        ncols,
-        figsize=(panel_size[0] * ncols, panel_size[1] * nrows),
-        squeeze=False,
-        layout="constrained",
-    )
-    flat = list(axes.flat)
-    for ax in flat[n:]:
-        ax.set_visible(False)
-    for ax, name in zip(flat, trace_names):
-        sub = df.filter(pl.col("trace") == name)
-        if sub.height == 0:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-            ax.set_axis_off()
-            continue
-        for policy in sub.filter(pl.col("kind") == "policy")["policy"].unique(maintain_order=True):
-            pts = sub.filter(pl.col("policy") == policy).sort("capacity_blocks")
-            ax.plot(pts["capacity_blocks"], pts["token_hit_ratio"], marker="o", label=policy)
-        opt = sub.filter(pl.col("policy") == "opt").sort("capacity_blocks")
-        if opt.height:
-            ax.plot(
-                opt["capacity_blocks"],
-                opt["token_hit_ratio"],
-                color="black",
-                ls="--",
-                marker="x",
-                label="OPT (offline optimal)",
-            )
-        inf = sub.filter(pl.col("policy") == "infinite")
-        if inf.height:
-            ax.axhline(inf["token_hit_ratio"][0], color="grey", ls="--", label="infinite capacity")
-        block_size = int(sub["block_size"][0])
-        ax.set_xscale("log")
-        top = float(sub["token_hit_ratio"].max() or 0.0)
-        ax.set_ylim(0, min(1.0, max(0.05, top * 1.15)))
-        ax.set_xlabel(f"cache capacity (blocks of {block_size} tokens, log scale)")
-        ax.set_ylabel("token hit ratio")
-        ax.set_title(name)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(loc="best", fontsize=9)
-    if title:
-        fig.suptitle(title)
-    return fig
+from sim.analysis.plots import plot_sweep  # noqa: E402  (moved)
 
 
 @click.command("sweep")

@@ -298,30 +298,4 @@ def _ttft_summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def plot_ttft(per_req: dict[str, list], dev_req: dict[str, list] | None, names: list[str], ax=None):
-    """CDF of modelled TTFT: all tiers, the device tier alone, recompute everything."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    else:
-        fig = ax.figure
-    series = [(" + ".join(names), per_req["ttft_s"])]
-    if dev_req is not None:
-        series.append((f"{names[0]} only", dev_req["ttft_s"]))
-    series.append(("recompute all", per_req["recompute_s"]))
-    for label, vals in series:
-        a = np.sort(np.asarray(vals))
-        ax.plot(a, np.arange(1, len(a) + 1) / max(len(a), 1), label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("modelled time to first token (s)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title("TTFT with and without the lower tiers")
-    ax.legend()
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    return fig
+from sim.analysis.plots import plot_ttft  # noqa: E402  (moved)
