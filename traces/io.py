@@ -12,13 +12,29 @@ azure         CSV ``TIMESTAMP,ContextTokens,...``         16 (model)   yes (mode
 burstgpt      CSV ``Timestamp,Model,Request tokens,...``  16 (model)   yes (model)
 tokens        JSONL with ``tokens`` (traces.tokens)       16 (any)     no
 parquet       the canonical table as written here         as stored    as stored
+vllm          JSONL with ``prompt_token_ids``             16 (any)     no
+              (traces.engine_logs)
+sglang        JSONL with ``input_ids`` (SGLang request)   16 (any)     no
+lmcache       JSONL with ``chunk_hashes`` (LMCache        chunk_size   no
+              lookups)                                    (256)
+openai-chat   JSONL with ``messages`` (traces.chat);      16 (any)     no
+              needs ``tokenizer=``
+kv-events     a ``sage-kv-stats listen`` recording        as recorded  no
+              (folder of Parquet parts; traces.kv_events)
 ============  ==========================================  ===========  ==========
 
-Auto-detection: ``.parquet`` -> parquet; a ``.csv`` header naming ``ContextTokens``
--> azure, ``Request tokens`` -> burstgpt; a ``.jsonl``/``.json`` first record with
-``tokens`` -> tokens, ``chat_id`` -> bailian, otherwise mooncake (whose reader then
-reports what is wrong). Any ``.gz`` suffix is stripped first and the file read
-compressed. Anything else raises ``KVTraceFormatError``.
+Auto-detection (:data:`DETECT_KEYS`): a folder of ``*.parquet`` parts or a
+``.parquet`` file with the recording's columns (``seq``, ``payload``) ->
+kv-events; another ``.parquet`` -> parquet; a ``.csv`` header naming
+``ContextTokens`` -> azure, ``Request tokens`` -> burstgpt; a JSON first record
+is matched by its keys in this order: ``tokens`` -> tokens, ``chat_id`` ->
+bailian, ``hash_ids`` -> mooncake, ``prompt_token_ids`` -> vllm, ``input_ids`` ->
+sglang, ``chunk_hashes`` -> lmcache, ``messages`` (or a Batch ``body`` with
+them) -> openai-chat; a ``.jsonl`` record with none of them but a Mooncake
+field (``timestamp``, ``input_length``) or no JSON object at all -> mooncake
+(whose reader reports what is wrong, at its line). Any ``.gz`` suffix is
+stripped first and the file read compressed. Anything else raises
+``KVTraceFormatError`` naming the keys it knows.
 
 Every reader takes ``max_request_tokens`` (the longest prompt or output a record
 may declare; default ``traces._common.MAX_REQUEST_TOKENS``, 4,000,000, or the
@@ -29,7 +45,6 @@ repeat.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -39,21 +54,24 @@ from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError, KVTraceF
 from ._common import (
     BASE_COLUMNS,
     SESSION_COLUMNS,
-    LineError,
     TraceRecord,
     canonical_schema,
     init_stats,
-    iter_lines,
     records_to_frame,
     resolve_max_request_tokens,
 )
 from .bailian import BAILIAN_BLOCK_SIZE, iter_bailian_records
+from .chat import iter_chat_records
 from .csv_formats import iter_azure_records, iter_burstgpt_records
+from .detect import DETECT_KEYS, detect_format
+from .engine_logs import iter_lmcache_records, iter_sglang_records, iter_vllm_records
 from .mooncake import DEFAULT_TRACE, MOONCAKE_BLOCK_SIZE, iter_mooncake_records
 from .tokens import TOKENS_BLOCK_SIZE, iter_tokens_records
+from .writers import JSONL_WRITERS, WRITER_OPTIONS, write_burstgpt, write_jsonl
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
+    "DETECT_KEYS",
     "FORMATS",
     "WRITE_FORMATS",
     "detect_format",
@@ -63,15 +81,40 @@ __all__ = [
     "write_trace",
 ]
 
-FORMATS = ("mooncake", "bailian", "azure", "burstgpt", "tokens", "parquet")
-WRITE_FORMATS = ("mooncake", "bailian", "tokens", "parquet", "burstgpt")
-#: Block size each format is read at when ``block_size=None``.
+FORMATS = (
+    "mooncake",
+    "bailian",
+    "azure",
+    "burstgpt",
+    "tokens",
+    "parquet",
+    "vllm",
+    "sglang",
+    "lmcache",
+    "openai-chat",
+    "kv-events",
+)
+WRITE_FORMATS = (
+    "mooncake",
+    "bailian",
+    "tokens",
+    "parquet",
+    "burstgpt",
+    "vllm",
+    "sglang",
+    "lmcache",
+)
+#: Block size each format is read at when ``block_size=None`` (lmcache: the file's
+#: ``chunk_size``, else 256; parquet and kv-events: as stored).
 DEFAULT_BLOCK_SIZE = {
     "mooncake": MOONCAKE_BLOCK_SIZE,
     "bailian": BAILIAN_BLOCK_SIZE,
     "azure": 16,
     "burstgpt": 16,
     "tokens": TOKENS_BLOCK_SIZE,
+    "vllm": TOKENS_BLOCK_SIZE,
+    "sglang": TOKENS_BLOCK_SIZE,
+    "openai-chat": TOKENS_BLOCK_SIZE,
 }
 _MODEL_OPTIONS = frozenset(
     {
@@ -98,6 +141,11 @@ FORMAT_OPTIONS = {
     "burstgpt": _MODEL_OPTIONS | {"models"},
     "tokens": frozenset({"hash_fn", "extra_keys"}),
     "parquet": frozenset(),
+    "vllm": frozenset({"hash_fn", "extra_keys"}),
+    "sglang": frozenset({"hash_fn", "extra_keys"}),
+    "lmcache": frozenset(),
+    "openai-chat": frozenset({"tokenizer", "hash_fn", "extra_keys"}),
+    "kv-events": frozenset({"endpoint", "data_parallel_rank", "medium"}),
 }
 _READERS = {
     "mooncake": iter_mooncake_records,
@@ -105,69 +153,14 @@ _READERS = {
     "azure": iter_azure_records,
     "burstgpt": iter_burstgpt_records,
     "tokens": iter_tokens_records,
+    "vllm": iter_vllm_records,
+    "sglang": iter_sglang_records,
+    "lmcache": iter_lmcache_records,
+    "openai-chat": iter_chat_records,
 }
+#: Formats read as a whole table (validated per batch; ``skip_bad`` does not apply).
+_TABLE_FORMATS = ("parquet", "kv-events")
 _WITH_SESSIONS = {"mooncake": False, "bailian": True, "azure": True, "burstgpt": True}
-
-
-def _base_suffix(path: Path) -> str:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes.pop()
-    return suffixes[-1] if suffixes else ""
-
-
-def _first_line(path: Path) -> str | None:
-    for _, raw in islice(iter_lines(path), 1000):
-        if isinstance(raw, LineError):
-            return None
-        if raw.strip():
-            return raw
-    return None
-
-
-def _sniff_json(line: str | None) -> str | None:
-    try:
-        rec = json.loads(line) if line else None
-    except (ValueError, RecursionError):  # the reader reports it with its line
-        return None
-    if not isinstance(rec, dict):
-        return None
-    if "tokens" in rec:
-        return "tokens"
-    if "chat_id" in rec:
-        return "bailian"
-    if "hash_ids" in rec:
-        return "mooncake"
-    return None
-
-
-def _sniff_csv(line: str | None) -> str | None:
-    header = [h.strip().lstrip("\ufeff") for h in (line or "").split(",")]
-    if "ContextTokens" in header:
-        return "azure"
-    if "Request tokens" in header:
-        return "burstgpt"
-    return None
-
-
-def detect_format(path: str | Path) -> str:
-    """The format ``format="auto"`` reads ``path`` as (see the module docstring)."""
-    path = Path(path)
-    ext = _base_suffix(path)
-    if ext == ".parquet":
-        return "parquet"
-    line = _first_line(path)
-    if ext in (".jsonl", ".json", ".ndjson"):
-        return _sniff_json(line) or "mooncake"
-    fmt = _sniff_csv(line) if ext == ".csv" or not (line or "").lstrip().startswith("{") else None
-    fmt = fmt or (_sniff_json(line) if ext != ".csv" else None)
-    if fmt is None:
-        raise KVTraceFormatError(
-            f"{path}: cannot tell the trace format from its extension {ext!r} and first "
-            f"record; pass format= one of {', '.join(FORMATS)}",
-            path=str(path),
-        )
-    return fmt
 
 
 def _resolve(path, format: str, block_size, options: dict) -> tuple[Path, str, int | None]:
@@ -188,8 +181,13 @@ def _resolve(path, format: str, block_size, options: dict) -> tuple[Path, str, i
             f"format {fmt!r} takes no option(s) {sorted(unknown)}; "
             f"it accepts {sorted(FORMAT_OPTIONS[fmt]) or 'none'}"
         )
-    if fmt != "parquet" and block_size is None:
-        block_size = DEFAULT_BLOCK_SIZE[fmt]
+    if block_size is None:
+        block_size = DEFAULT_BLOCK_SIZE.get(fmt)  # None: the file's own (see the table)
+    if path.is_dir() and fmt != "kv-events":
+        raise KVTraceFormatError(
+            f"{path}: a folder, not a {fmt} file (only kv-events recordings are folders)",
+            path=str(path),
+        )
     return path, fmt, block_size
 
 
@@ -294,6 +292,32 @@ def _parquet_batches(
         yield _check_frame(empty, path, 0, last_ts, max_tokens, seen)
 
 
+def _table_batches(
+    path: Path,
+    fmt: str,
+    batch_size: int,
+    stats: dict,
+    block_size: int | None,
+    max_tokens: int | None,
+    options: dict,
+):
+    """Batches of the formats read as whole tables (:data:`_TABLE_FORMATS`)."""
+    if fmt == "parquet":
+        yield from _parquet_batches(path, batch_size, stats, block_size, max_tokens)
+        return
+    from .kv_events import recording_to_trace
+
+    table = recording_to_trace(path, max_request_tokens=max_tokens, **options)
+    if block_size is not None and len(table) and (table["block_size"] != block_size).any():
+        raise KVConfigError(
+            f"{path.name}: a recording keeps its engine's block size "
+            f"{int(table['block_size'][0])}; it cannot be re-hashed at {block_size}"
+        )
+    stats["rows"] += table.height
+    for start in range(0, max(table.height, 1), batch_size):
+        yield table.slice(start, batch_size)
+
+
 # -- public readers ---------------------------------------------------------------------------
 def iter_trace(
     path: str | Path = DEFAULT_TRACE,
@@ -327,9 +351,10 @@ def iter_trace(
             ``extra_keys`` for tokens.
     """
     path, fmt, block_size = _resolve(path, format, block_size, options)
-    if fmt == "parquet":
+    if fmt in _TABLE_FORMATS:
         stats = init_stats(stats)
-        for df in _parquet_batches(path, 65536, stats, block_size, max_request_tokens):
+        batches = _table_batches(path, fmt, 65536, stats, block_size, max_request_tokens, options)
+        for df in batches:
             with_sessions = "session_id" in df.columns
             for row in df.iter_rows():
                 yield TraceRecord(*row) if with_sessions else TraceRecord(*row[:6])
@@ -364,9 +389,9 @@ def iter_trace_batches(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise KVConfigError(f"batch_size must be a positive int, got {batch_size!r}")
     path, fmt, block_size = _resolve(path, format, block_size, options)
-    if fmt == "parquet":
-        yield from _parquet_batches(
-            path, batch_size, init_stats(stats), block_size, max_request_tokens
+    if fmt in _TABLE_FORMATS:
+        yield from _table_batches(
+            path, fmt, batch_size, init_stats(stats), block_size, max_request_tokens, options
         )
         return
     recs = _READERS[fmt](
@@ -408,8 +433,10 @@ def read_trace(
     import polars as pl
 
     path, fmt, block_size = _resolve(path, format, block_size, options)
-    if fmt == "parquet":
-        batches = _parquet_batches(path, 1 << 20, init_stats(stats), block_size, max_request_tokens)
+    if fmt in _TABLE_FORMATS:
+        batches = _table_batches(
+            path, fmt, 1 << 20, init_stats(stats), block_size, max_request_tokens, options
+        )
         return pl.concat(list(batches))
     recs = _READERS[fmt](
         path,
@@ -423,11 +450,6 @@ def read_trace(
 
 
 # -- writers ----------------------------------------------------------------------------------
-def _ms(arrival_s: float):
-    ms = round(arrival_s * 1000.0, 6)
-    return int(ms) if ms == int(ms) else ms
-
-
 def write_trace(table, path: str | Path, format: str = "parquet", **options) -> Path:
     """Write a canonical table as ``format`` (one of :data:`WRITE_FORMATS`).
 
@@ -438,15 +460,16 @@ def write_trace(table, path: str | Path, format: str = "parquet", **options) -> 
     * ``bailian``: ``chat_id`` = ``request_id`` when it is an integer, else the row
       number; ``parent_chat_id`` = the previous request of the same ``session_id``
       (``-1`` without sessions), ``turn`` from the table (1 without), ``type`` ``"text"``.
-    * ``tokens``: token ids from :func:`traces.synthetic.ids_to_tokens` (option
-      ``vocab_size``, default 32000): reading them back hashes to different ids
-      with the same sharing structure.
+    * ``tokens``, ``vllm``, ``sglang``: token ids from
+      :func:`traces.synthetic.ids_to_tokens` (option ``vocab_size``, default
+      32000): reading them back (at the table's ``block_size``) hashes to
+      different ids with the same sharing structure.
+    * ``lmcache``: ``chunk_hashes`` = ``block_hashes``, ``chunk_size`` =
+      ``block_size``; output lengths are not kept.
     * ``burstgpt``: lengths and times only (options ``model``, ``log_type``).
 
-    Returns the path written.
+    What each keeps is tabled in :mod:`traces.writers`. Returns the path written.
     """
-    from .synthetic import ids_to_tokens
-
     path = Path(path)
     fmt = str(format).lower()
     if fmt not in WRITE_FORMATS:
@@ -454,52 +477,13 @@ def write_trace(table, path: str | Path, format: str = "parquet", **options) -> 
     missing = [c for c in BASE_COLUMNS if c not in table.columns]
     if missing:
         raise KVInvalidInputError(f"not a canonical trace table: missing columns {missing}")
-    allowed = {"tokens": {"vocab_size"}, "burstgpt": {"model", "log_type"}}.get(fmt, set())
+    allowed = WRITER_OPTIONS.get(fmt, set())
     if set(options) - allowed:
         raise KVConfigError(f"format {fmt!r} takes no option(s) {sorted(set(options) - allowed)}")
     if fmt == "parquet":
         table.write_parquet(path)
         return path
-    has_sessions = all(c in table.columns for c in SESSION_COLUMNS)
-    with path.open("w", encoding="utf-8", newline="") as fh:
-        if fmt == "burstgpt":
-            fh.write("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n")
-            model = options.get("model", "synthetic")
-            log_type = options.get("log_type", "Conversation log")
-            for t, n_in, n_out in table.select(
-                "arrival_s", "input_length", "output_length"
-            ).iter_rows():
-                fh.write(f"{t!r},{model},{n_in},{n_out},{n_in + n_out},{log_type}\n")
-            return path
-        last_chat: dict = {}
-        cols = list(BASE_COLUMNS) + (list(SESSION_COLUMNS) if has_sessions else [])
-        for i, row in enumerate(table.select(cols).iter_rows()):
-            rid, t, n_in, n_out, ids, bs = row[:6]
-            if fmt == "mooncake":
-                rec = {"timestamp": _ms(t), "input_length": n_in, "output_length": n_out}
-                rec["hash_ids"] = ids
-            elif fmt == "bailian":
-                chat = int(rid) if rid.lstrip("-").isdigit() else i
-                sid, turn = row[6:8] if has_sessions else (None, None)
-                parent = last_chat.get(sid, -1) if sid is not None else -1
-                if sid is not None:
-                    last_chat[sid] = chat
-                rec = {
-                    "chat_id": chat,
-                    "parent_chat_id": parent,
-                    "timestamp": t,
-                    "input_length": n_in,
-                    "output_length": n_out,
-                    "type": "text",
-                    "turn": 1 if turn is None else turn,
-                    "hash_ids": ids,
-                }
-            else:
-                rec = {
-                    "request_id": rid,
-                    "timestamp": t,
-                    "tokens": ids_to_tokens(ids, n_in, bs, options.get("vocab_size", 32000)),
-                    "output_length": n_out,
-                }
-            fh.write(json.dumps(rec, separators=(", ", ": ")) + "\n")
-    return path
+    if fmt == "burstgpt":
+        return write_burstgpt(table, path, options)
+    assert fmt in JSONL_WRITERS, fmt
+    return write_jsonl(table, path, fmt, options)

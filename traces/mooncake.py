@@ -46,12 +46,18 @@ _BUNDLED = {
     "azure-conv-sample": "azure_conv_sample.csv",
     "bailian-synthetic-sample": "bailian_synthetic_sample.jsonl",
     "burstgpt-synthetic-sample": "burstgpt_synthetic_sample.csv",
+    "vllm-sample": "vllm_requests_sample.jsonl",
+    "sglang-sample": "sglang_requests_sample.jsonl",
+    "lmcache-sample": "lmcache_lookups_sample.jsonl",
+    "openai-chat-sample": "openai_chat_sample.jsonl",
 }
 
 
 def bundled_path(name: str = "mooncake") -> Path:
     """Path of a trace shipped in ``traces/data`` (``"mooncake"``, ``"azure-code-sample"``,
-    ``"azure-conv-sample"``, ``"bailian-synthetic-sample"``, ``"burstgpt-synthetic-sample"``)."""
+    ``"azure-conv-sample"``, ``"bailian-synthetic-sample"``, ``"burstgpt-synthetic-sample"``,
+    and the tiny hand-written request logs ``"vllm-sample"``, ``"sglang-sample"``,
+    ``"lmcache-sample"``, ``"openai-chat-sample"``)."""
     try:
         return Path(__file__).resolve().parent / "data" / _BUNDLED[name]
     except KeyError:

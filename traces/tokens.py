@@ -48,7 +48,13 @@ from ._common import (
     resolve_max_request_tokens,
 )
 
-__all__ = ["TOKENS_BLOCK_SIZE", "digest_to_int64", "hash_tokens", "iter_tokens_records"]
+__all__ = [
+    "TOKENS_BLOCK_SIZE",
+    "digest_to_int64",
+    "hash_tokens",
+    "iter_tokens_records",
+    "token_list_field",
+]
 
 TOKENS_BLOCK_SIZE = 16
 
@@ -72,6 +78,29 @@ def hash_tokens(
         parent = digests[-1] if digests else None
         digests.append(compute_block_hash(parent, tokens[full:], hash_fn, extra_keys=extra_keys))
     return [digest_to_int64(d) for d in digests]
+
+
+def token_list_field(
+    rec: dict, name: str, path: Path, line: int, max_tokens: int, *, allow_empty: bool = False
+) -> list[int]:
+    """``rec[name]`` as a prompt: a list of int64 token ids, at most ``max_tokens`` long
+    (and at least one unless ``allow_empty``)."""
+    tokens = rec.get(name)
+    if not isinstance(tokens, list):
+        what = "missing" if tokens is None else "expected a list of integer token ids"
+        raise bad(path, line, name, what)
+    check_length(path, line, name, len(tokens), max_tokens)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        if tokens and all(isinstance(t, list) for t in tokens):
+            raise bad(path, line, name, "a batch of prompts: write one request per line instead")
+        raise bad(path, line, name, "expected a list of integer token ids")
+    if not tokens:
+        if allow_empty:
+            return tokens
+        raise bad(path, line, name, "empty prompt")
+    if min(tokens) < INT64_MIN or max(tokens) > INT64_MAX:
+        raise bad(path, line, name, "token ids must fit in a signed 64-bit integer")
+    return tokens
 
 
 def iter_tokens_records(
@@ -110,21 +139,7 @@ def iter_tokens_records(
         if "timestamp" in rec:
             ts = number_field(rec, "timestamp", path, lineno)
             check_sorted(path, lineno, "timestamp", ts, state["last_ts"])
-        tokens = rec.get("tokens")
-        if not isinstance(tokens, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in tokens
-        ):
-            raise bad(
-                path,
-                lineno,
-                "tokens",
-                "missing" if tokens is None else "expected a list of integer token ids",
-            )
-        if not tokens:
-            raise bad(path, lineno, "tokens", "empty prompt")
-        check_length(path, lineno, "tokens", len(tokens), max_tokens)
-        if min(tokens) < INT64_MIN or max(tokens) > INT64_MAX:
-            raise bad(path, lineno, "tokens", "token ids must fit in a signed 64-bit integer")
+        tokens = token_list_field(rec, "tokens", path, lineno, max_tokens)
         n_out = (
             length_field(rec, "output_length", path, lineno, 0, max_tokens)
             if "output_length" in rec

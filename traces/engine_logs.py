@@ -1,0 +1,359 @@
+"""Request logs of real engines: vLLM token JSONL, SGLang request dumps, LMCache lookup logs.
+
+All three are JSONL, one request per line, read line by line into the canonical
+table (first six columns, no sessions) with the hardening every reader here
+has: a malformed record is ``KVTraceFormatError("<file>:<line>: field '<f>':
+...")`` (or skipped and counted with ``skip_bad=True``), a prompt or output
+above the per-request maximum is rejected, a repeated request id (compared as
+text) is an error at the line of the repeat, timestamps must not go back.
+
+**vllm** (format ``"vllm"``; field names as vLLM names them; block size 16, any)::
+
+    {"request_id": "cmpl-1", "arrival_time": 1717000000.5,
+     "prompt_token_ids": [1, 2, 3, ...], "output_token_ids": [7, 8]}
+
+* ``prompt_token_ids`` (required): the prompt's token ids, as vLLM's
+  ``TokensPrompt``, ``RequestOutput.prompt_token_ids`` and its request logger
+  call them. Hashed exactly as the ``tokens`` format (:mod:`traces.tokens`).
+* output length, the first present of: ``output_token_ids`` (a list: what was
+  generated, ``CompletionOutput.token_ids`` / the request logger's
+  ``output_token_ids``), ``output_tokens`` (an int: the per-line output length of
+  ``vllm bench serve --dataset-name custom``), ``max_tokens`` (an int, at the top
+  level or in ``sampling_params``: ``SamplingParams.max_tokens``, an upper
+  bound); none: 0.
+* ``request_id`` (optional, string or int): default ``"<file stem>-<line>"``.
+* ``arrival_time`` (optional, seconds; vLLM's ``RequestMetrics.arrival_time``, a
+  wall-clock epoch) or ``timestamp``: ``arrival_s`` is measured from the first
+  record that has one; a record without one arrives with the previous record.
+* Other fields (``prompt``, ``num_cached_tokens``, ...) are ignored.
+  ``vllm bench serve --save-result`` writes one JSON document of per-run
+  arrays (``input_lens``, ``output_lens``, ...) without token ids: it is not a
+  request log and is not read here.
+
+**sglang** (``"sglang"``; SGLang's native ``/generate`` request,
+``GenerateReqInput``, one per line, optionally with its response's
+``meta_info``; block size 16, any)::
+
+    {"rid": "a1", "input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 64},
+     "meta_info": {"prompt_tokens": 3, "completion_tokens": 17}, "timestamp": 0.25}
+
+* ``input_ids`` (required): one prompt's token ids (a batch, a list of lists,
+  is rejected: one request per line).
+* output length, the first present of: ``meta_info.completion_tokens`` (what was
+  generated), ``len(output_ids)``, ``sampling_params.max_new_tokens``; none: 0.
+* ``meta_info.prompt_tokens``, when present, must equal ``len(input_ids)``.
+* ``rid`` (optional): the request id, default ``"<file stem>-<line>"``.
+* ``timestamp`` (optional, seconds): not a ``GenerateReqInput`` field; whatever
+  wrote the dump adds it. SGLang's own ``--crash-dump-folder`` /
+  request-dump files are pickles, which are never loaded here (nothing read
+  from a trace is unpickled): dump to JSONL in this shape instead.
+
+**lmcache** (``"lmcache"``; one ``lookup`` per line, named after LMCache's
+chunked token database: ``chunk_size`` tokens per chunk (default 256), each
+chunk keyed by a prefix-chained ``chunk_hash``)::
+
+    {"request_id": "r1", "timestamp": 3.5, "chunk_size": 256, "num_tokens": 600,
+     "chunk_hashes": [11, -7, 42], "hit_tokens": 512}
+
+* ``num_tokens`` (required): tokens looked up (the prompt) -> ``input_length``.
+* ``chunk_hashes`` (required): ``ceil(num_tokens / chunk_size)`` ids (the last
+  chunk may be partial) -> ``block_hashes``. Each is an int (one in
+  ``[2**63, 2**64)`` wraps to its signed value; a bijection) or a hex string,
+  optionally a whole ``CacheEngineKey`` string ``"fmt@model@ws@worker@<hex>"``
+  (its part after the last ``@``), whose low 64 bits are kept.
+* ``chunk_size`` (optional): must be the same on every line; the block size.
+  ``block_size=`` must agree with it; without either, 256.
+* ``hit_tokens`` (optional): checked to be in ``[0, num_tokens]``, not kept (the
+  replay decides hits). ``request_id``, ``timestamp``: as in vllm.
+* ``output_length`` is 0: a lookup does not know what the request generated.
+
+The vllm and sglang writers (:mod:`traces.writers`) write token ids made from
+the block ids, so reading them back gives the same table up to a renaming of
+block ids; the lmcache writer keeps ids as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sagellm_kv_cache.errors import KVTraceFormatError
+from sagellm_kv_cache.hashing import get_hash_fn
+
+from ._common import (
+    INT64_MAX,
+    TraceRecord,
+    bad,
+    check_block_size,
+    check_sorted,
+    guarded,
+    init_stats,
+    int_field,
+    jsonl_items,
+    length_field,
+    number_field,
+    parse_json_object,
+    resolve_max_request_tokens,
+)
+from .tokens import TOKENS_BLOCK_SIZE, hash_tokens, token_list_field
+
+__all__ = [
+    "LMCACHE_CHUNK_SIZE",
+    "RequestLine",
+    "iter_lmcache_records",
+    "iter_sglang_records",
+    "iter_vllm_records",
+]
+
+#: LMCache's default ``chunk_size`` (tokens per chunk).
+LMCACHE_CHUNK_SIZE = 256
+_U64 = 1 << 64
+
+
+class RequestLine:
+    """What every request-log reader shares: ids (unique, as text) and arrival times.
+
+    ``take(rec, line, id_fields, ts_fields)`` validates a record's id and time
+    without changing anything; ``commit`` records them once the whole line is good
+    (so a skipped line leaves the reader as if never seen).
+    """
+
+    __slots__ = ("arrival", "last_ts", "path", "seen", "stem", "t0")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.stem = path.name.split(".")[0] if path.suffix == ".gz" else path.stem
+        self.seen: set[str] = set()
+        self.last_ts: float | None = None
+        self.t0: float | None = None
+        self.arrival = 0.0
+
+    def take(
+        self, rec: dict, line: int, id_fields: tuple[str, ...], ts_fields: tuple[str, ...]
+    ) -> tuple[str, float | None]:
+        rid: Any = f"{self.stem}-{line}"
+        for name in id_fields:
+            if name in rec:
+                rid = rec[name]
+                if isinstance(rid, bool) or not isinstance(rid, str | int) or rid == "":
+                    what = f"expected a string or integer id, got {type(rid).__name__}"
+                    raise bad(self.path, line, name, what)
+                break
+        rid = str(rid)
+        if rid in self.seen:
+            raise bad(self.path, line, id_fields[0], f"{rid!r} already appeared earlier")
+        ts = None
+        for name in ts_fields:
+            if name in rec:
+                ts = number_field(rec, name, self.path, line)
+                check_sorted(self.path, line, name, ts, self.last_ts)
+                break
+        return rid, ts
+
+    def commit(self, rid: str, ts: float | None) -> float:
+        self.seen.add(rid)
+        if ts is not None:
+            self.last_ts = ts
+            if self.t0 is None:
+                self.t0 = ts
+            self.arrival = float(ts - self.t0)
+        return self.arrival
+
+
+def _sub(rec: dict, name: str, path: Path, line: int) -> dict:
+    v = rec.get(name, {})
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise bad(path, line, name, f"expected an object, got {type(v).__name__}")
+    return v
+
+
+def _first_length(
+    sources: list[tuple[dict, str, str, bool]], path: Path, line: int, max_tokens: int
+) -> int:
+    """The first present of ``(record, key, field name for errors, is_a_list)``."""
+    for rec, key, field, is_list in sources:
+        if key not in rec or rec[key] is None:
+            continue
+        if is_list:
+            ids = token_list_field(rec, key, path, line, max_tokens, allow_empty=True)
+            return len(ids)
+        try:
+            return length_field(rec, key, path, line, 0, max_tokens)
+        except KVTraceFormatError as err:  # name the nested field in full
+            raise bad(path, line, field, err.message.split(": ", 2)[-1]) from None
+    return 0
+
+
+def _token_reader(path, block_size, skip_bad, stats, hash_fn, extra_keys, max_request_tokens):
+    path = Path(path)
+    block_size = check_block_size(block_size)
+    max_tokens = resolve_max_request_tokens(max_request_tokens)
+    return path, block_size, max_tokens, get_hash_fn(hash_fn), init_stats(stats)
+
+
+def iter_vllm_records(
+    path: str | Path,
+    *,
+    block_size: int = TOKENS_BLOCK_SIZE,
+    skip_bad: bool = False,
+    stats: dict | None = None,
+    hash_fn: str = "sha256",
+    extra_keys: Any = None,
+    max_request_tokens: int | None = None,
+) -> Iterator[TraceRecord]:
+    """Stream canonical :class:`TraceRecord` s of a vLLM token JSONL (module docstring)."""
+    path, block_size, max_tokens, fn, stats = _token_reader(
+        path, block_size, skip_bad, stats, hash_fn, extra_keys, max_request_tokens
+    )
+    state = RequestLine(path)
+
+    def parse(lineno: int, raw: str) -> TraceRecord:
+        rec = parse_json_object(path, lineno, raw)
+        rid, ts = state.take(rec, lineno, ("request_id",), ("arrival_time", "timestamp"))
+        tokens = token_list_field(rec, "prompt_token_ids", path, lineno, max_tokens)
+        params = _sub(rec, "sampling_params", path, lineno)
+        n_out = _first_length(
+            [
+                (rec, "output_token_ids", "output_token_ids", True),
+                (rec, "output_tokens", "output_tokens", False),
+                (rec, "max_tokens", "max_tokens", False),
+                (params, "max_tokens", "sampling_params.max_tokens", False),
+            ],
+            path,
+            lineno,
+            max_tokens,
+        )
+        ids = hash_tokens(tokens, block_size, hash_fn=fn, extra_keys=extra_keys)
+        t = state.commit(rid, ts)
+        return TraceRecord(rid, t, len(tokens), n_out, ids, block_size)
+
+    yield from guarded(jsonl_items(path), parse, skip_bad, stats)
+
+
+def iter_sglang_records(
+    path: str | Path,
+    *,
+    block_size: int = TOKENS_BLOCK_SIZE,
+    skip_bad: bool = False,
+    stats: dict | None = None,
+    hash_fn: str = "sha256",
+    extra_keys: Any = None,
+    max_request_tokens: int | None = None,
+) -> Iterator[TraceRecord]:
+    """Stream canonical :class:`TraceRecord` s of an SGLang request dump (module docstring)."""
+    path, block_size, max_tokens, fn, stats = _token_reader(
+        path, block_size, skip_bad, stats, hash_fn, extra_keys, max_request_tokens
+    )
+    state = RequestLine(path)
+
+    def parse(lineno: int, raw: str) -> TraceRecord:
+        rec = parse_json_object(path, lineno, raw)
+        if isinstance(rec.get("rid"), list):
+            raise bad(path, lineno, "rid", "a batch of requests: write one request per line")
+        rid, ts = state.take(rec, lineno, ("rid",), ("timestamp",))
+        tokens = token_list_field(rec, "input_ids", path, lineno, max_tokens)
+        meta = _sub(rec, "meta_info", path, lineno)
+        params = _sub(rec, "sampling_params", path, lineno)
+        if meta.get("prompt_tokens") is not None:
+            n = int_field(meta, "prompt_tokens", path, lineno, 0)
+            if n != len(tokens):
+                raise bad(
+                    path,
+                    lineno,
+                    "meta_info.prompt_tokens",
+                    f"{n} differs from the {len(tokens)} input_ids",
+                )
+        n_out = _first_length(
+            [
+                (meta, "completion_tokens", "meta_info.completion_tokens", False),
+                (rec, "output_ids", "output_ids", True),
+                (params, "max_new_tokens", "sampling_params.max_new_tokens", False),
+            ],
+            path,
+            lineno,
+            max_tokens,
+        )
+        ids = hash_tokens(tokens, block_size, hash_fn=fn, extra_keys=extra_keys)
+        t = state.commit(rid, ts)
+        return TraceRecord(rid, t, len(tokens), n_out, ids, block_size)
+
+    yield from guarded(jsonl_items(path), parse, skip_bad, stats)
+
+
+def _chunk_hash(h: Any, path: Path, line: int) -> int:
+    if isinstance(h, bool):
+        raise bad(path, line, "chunk_hashes", "expected integers or hex strings, got a bool")
+    if isinstance(h, int):
+        if not -(1 << 63) <= h < _U64:
+            raise bad(path, line, "chunk_hashes", "an integer hash must fit in 64 bits")
+        return h - _U64 if h > INT64_MAX else h
+    if isinstance(h, str):
+        text = h.rsplit("@", 1)[-1]
+        if not 0 < len(text) <= 128:
+            raise bad(path, line, "chunk_hashes", f"not a hex hash: {h[:40]!r}")
+        try:
+            v = int(text, 16) % _U64
+        except ValueError:
+            raise bad(path, line, "chunk_hashes", f"not a hex hash: {h[:40]!r}") from None
+        return v - _U64 if v > INT64_MAX else v
+    raise bad(
+        path, line, "chunk_hashes", f"expected integers or hex strings, got {type(h).__name__}"
+    )
+
+
+def iter_lmcache_records(
+    path: str | Path,
+    *,
+    block_size: int | None = None,
+    skip_bad: bool = False,
+    stats: dict | None = None,
+    max_request_tokens: int | None = None,
+) -> Iterator[TraceRecord]:
+    """Stream canonical :class:`TraceRecord` s of an LMCache lookup log (module docstring).
+
+    ``block_size``: None takes the file's ``chunk_size`` (else 256); a given one
+    must equal every line's ``chunk_size`` (a line that differs is an error there).
+    """
+    path = Path(path)
+    given = None if block_size is None else check_block_size(block_size)
+    max_tokens = resolve_max_request_tokens(max_request_tokens)
+    stats = init_stats(stats)
+    state = RequestLine(path)
+    chunk: list[int | None] = [given]
+
+    def parse(lineno: int, raw: str) -> TraceRecord:
+        rec = parse_json_object(path, lineno, raw)
+        rid, ts = state.take(rec, lineno, ("request_id",), ("timestamp",))
+        size = chunk[0]
+        if "chunk_size" in rec:
+            cs = int_field(rec, "chunk_size", path, lineno, 1)
+            if size is None:
+                size = cs
+            elif cs != size:
+                what = f"block_size={given}" if given is not None else f"{size} before it"
+                raise bad(path, lineno, "chunk_size", f"{cs} differs from {what}")
+        size = size or LMCACHE_CHUNK_SIZE
+        n_in = length_field(rec, "num_tokens", path, lineno, 1, max_tokens)
+        hashes = rec.get("chunk_hashes")
+        if not isinstance(hashes, list):
+            raise bad(path, lineno, "chunk_hashes", "missing" if hashes is None else "not a list")
+        expected = -(-n_in // size)
+        if len(hashes) != expected:
+            raise bad(
+                path,
+                lineno,
+                "chunk_hashes",
+                f"expected {expected} hashes for num_tokens {n_in} at chunk_size {size}, "
+                f"got {len(hashes)}",
+            )
+        ids = [_chunk_hash(h, path, lineno) for h in hashes]
+        if rec.get("hit_tokens") is not None:
+            int_field(rec, "hit_tokens", path, lineno, 0, n_in)
+        chunk[0] = size
+        t = state.commit(rid, ts)
+        return TraceRecord(rid, t, n_in, 0, ids, size)
+
+    yield from guarded(jsonl_items(path), parse, skip_bad, stats)
