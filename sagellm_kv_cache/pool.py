@@ -567,6 +567,50 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
             self._after()
             return n
 
+    def register_blocks(
+        self, handle: KVHandle, block_hashes: Sequence[Hashable], start_block: int = 0
+    ) -> int:
+        """Register blocks ``start_block .. len(block_hashes)-1`` of a live handle, already
+        written, under ``block_hashes[i]``; returns how many were newly registered.
+
+        The path for KV copied in from another tier or node (``KVOffloadManager``
+        onboarding, a transfer receiver): call it only once the bytes are in the
+        handle's blocks *and verified*; from then on they are prefix-cache hits.
+        ``block_hashes[:start_block]`` name the blocks before (the parents).
+        A hash already cached keeps its block; a block that already has a hash
+        is skipped. The handle's ``num_cached_tokens`` is left to the caller.
+
+        Raises:
+            KVInvalidTypeError / KVInvalidInputError: not a live handle of this
+                pool, a bad hash list (unhashable, ``None``), ``start_block`` not
+                an int in ``[0, len(block_hashes)]``, more hashes than the
+                handle's full blocks, or hashes that contradict the handle's own.
+                Everything is checked before anything is registered.
+        """
+        hashes = check_block_hashes(block_hashes)
+        start = check_count(start_block, "start_block")
+        if start > len(hashes):
+            raise KVInvalidInputError(f"start_block={start} beyond {len(hashes)} block hashes")
+        with self._lock:
+            self._check_handle(handle)
+            if len(hashes) > handle.num_tokens // self.block_size:
+                raise KVInvalidInputError(
+                    f"{len(hashes)} block hashes for a handle of {handle.num_tokens} tokens "
+                    f"({handle.num_tokens // self.block_size} full blocks)"
+                )
+            own = handle.block_hashes
+            if own and own[: len(hashes)] != hashes:
+                raise KVInvalidInputError(
+                    f"block_hashes differ from handle {handle.handle_id}'s own block hashes"
+                )
+            n = self._blocks.cache_blocks(handle.block_ids, hashes, start)
+            if not own:
+                handle.block_hashes = list(hashes)
+            if len(hashes) > start:
+                handle.state = HandleState.CACHED
+            self._after()
+            return n
+
     def free(self, handle: KVHandle) -> None:
         """Release a handle. Its cached blocks stay reusable until evicted.
 

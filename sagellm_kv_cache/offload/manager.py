@@ -348,11 +348,8 @@ class KVOffloadManager:
         handle = ob.handle
         self._suppress_cached_hook = True
         try:
-            with dev._lock:  # register exactly first .. verified (the handle's count moved on)
-                dev.block_pool.cache_blocks(
-                    handle.block_ids, ob.hashes[: ob.num_verified], ob.first
-                )
-                handle.state = HandleState.CACHED
+            # exactly first .. verified: the bytes are in place (the handle's count moved on)
+            dev.register_blocks(handle, ob.hashes[: ob.num_verified], ob.first)
         finally:
             self._suppress_cached_hook = False
 

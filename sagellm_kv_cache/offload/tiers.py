@@ -405,8 +405,10 @@ class LowerTier:
     ) -> tuple[list[Hashable], str | None]:
         """Make ``block_hashes`` resident, the first given the least recent.
 
-        Hashes already resident are only refreshed. Bytes come from
-        ``staged[source]`` (one entry per given hash, in order).
+        Hashes already resident are only refreshed and keep their slots; the
+        new ones share the other slots, the oldest that do not fit fall
+        through. Bytes come from ``staged[source]`` (one entry per given hash,
+        in order).
 
         Args:
             block_hashes: blocks to insert, least recent first.
@@ -421,7 +423,7 @@ class LowerTier:
         """
         bp = self.pool
         cached = bp.cached
-        present = [cached[h] for h in block_hashes if h in cached]
+        present = list(dict.fromkeys(cached[h] for h in block_hashes if h in cached))
         seen_new: set = set()
         new_idx = [
             i
@@ -431,11 +433,12 @@ class LowerTier:
         if present:
             bp.touch(present)
         overflow: list[int] = []
-        if (
-            len(new_idx) > self.num_blocks
-        ):  # more new blocks than the tier holds: oldest fall through
-            overflow = new_idx[: len(new_idx) - self.num_blocks]
-            new_idx = new_idx[len(new_idx) - self.num_blocks :]
+        # the refreshed blocks are held until the end: the new ones get the other slots;
+        # more new blocks than that and the oldest fall through (they are the victims)
+        room = self.num_blocks - len(present)
+        if len(new_idx) > room:
+            overflow = new_idx[: len(new_idx) - room]
+            new_idx = new_idx[len(new_idx) - room :]
         rec = self._recorder
         rec.victims.clear()
         slots = bp.allocate(len(new_idx)) if new_idx else []
