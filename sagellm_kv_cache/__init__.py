@@ -48,6 +48,22 @@ _LAZY: dict[str, str] = {
     "SchedulerBridge": "scheduler",
     "SchedulerPlan": "scheduler",
     "KVCacheManager": "scheduler",
+    # the seed's face (compat/) and lifetime prediction
+    "PrefixIndex": "compat",
+    "KVBlock": "compat",
+    "KVBlockState": "compat",
+    "KVTransferMetadata": "compat",
+    "PrefixCacheEntry": "compat",
+    "EvictionCandidate": "compat",
+    "SchedulerRequest": "compat",
+    "KVPoolStats": "compat",
+    "DType": "compat",
+    "Layout": "compat",
+    "LifetimePredictor": "lifetime",
+    "HistoricalPredictor": "lifetime",
+    "PredictorFeatures": "lifetime",
+    "FeatureExtractor": "lifetime",
+    "LifetimePrediction": "lifetime",
 }
 
 _ERRORS = (
@@ -71,6 +87,14 @@ _ERRORS = (
     "KVBlockImmutableError",
     "KVStorageError",
     "KVStorageLockedError",
+    "KVMemoryExhaustedError",
+    "KVHandleNotFoundError",
+    "KVEvictionFailedError",
+    "KVAllPinnedError",
+    "KVMetadataMismatchError",
+    "KVConfigMissingError",
+    "KVConfigInvalidError",
+    "KVNotImplementedError",
 )
 _LAZY.update(dict.fromkeys(_ERRORS, "errors"))
 

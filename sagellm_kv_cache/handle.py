@@ -9,12 +9,14 @@ data in and out.
 from __future__ import annotations
 
 import enum
+import math
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import KVConfigError
+from .errors import KVConfigError, KVInvalidInputError, KVRefCountUnderflowError
 
 __all__ = ["KV_DTYPES", "HandleState", "KVHandle", "KVLayout", "MemoryTier", "normalize_dtype"]
 
@@ -59,6 +61,21 @@ _DTYPE_ALIASES = {alias: name for name, (_, aliases) in KV_DTYPES.items() for al
 _DTYPE_ALIASES.update({name: name for name in KV_DTYPES})
 
 
+_TOUCH_LOCK = threading.Lock()
+_LAST_TOUCH = [0.0]
+
+
+def _touch_stamp() -> float:
+    """``time.time()``, but strictly increasing across calls in this process, so
+    handles touched one after another are ordered even within one clock tick."""
+    with _TOUCH_LOCK:
+        now = time.time()
+        if now <= _LAST_TOUCH[0]:
+            now = math.nextafter(_LAST_TOUCH[0], math.inf)
+        _LAST_TOUCH[0] = now
+        return now
+
+
 def normalize_dtype(dtype: Any) -> str:
     """Canonical dtype name for a string or a torch dtype (``"fp16"`` -> ``"float16"``)."""
     key = str(dtype)
@@ -87,6 +104,15 @@ class KVHandle:
         created_at / last_access_at: wall-clock seconds (``time.time()``).
         metadata: free-form caller data (request id, model...).
         pool_id: id of the pool that issued it (guards against cross-pool use).
+        access_count: times ``touch()`` was called.
+
+    Seed methods (``touch``, ``pin``/``unpin``, ``incr_ref``/``decr_ref``,
+    ``is_evictable``, ``is_local``, ``node_rank``, ``estimate_size_bytes``,
+    ``create``) keep the seed's signatures. The counting ones act on the
+    handle's own counters, which is what ``EvictionManager`` reads; a *live
+    handle issued by a KVPool* refuses them (``KVInvalidInputError``): its
+    pins and references are the pool's (``pool.pin(handle)``, ``pool.free``),
+    and changing only the handle would let them disagree.
     """
 
     num_tokens: int
@@ -106,10 +132,115 @@ class KVHandle:
     last_access_at: float = 0.0
     metadata: dict[str, Any] = field(default_factory=dict)
     pool_id: str | None = None
+    access_count: int = 0
 
     def __post_init__(self) -> None:
         if not self.last_access_at:
             self.last_access_at = self.created_at
+
+    # -- seed API --------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        num_tokens: int,
+        *,
+        dtype: Any = "float16",
+        layout: Any = KVLayout.NHD.value,
+        device: str = "cpu",
+        request_id: str | None = None,
+        session_id: str | None = None,
+        node_rank: int | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> KVHandle:
+        """Seed factory: a standalone handle (no pool, no blocks), e.g. for
+        ``EvictionManager`` or a predictor. ``request_id`` / ``session_id`` /
+        ``node_rank`` go into ``metadata``."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+            raise KVInvalidInputError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        if node_rank is not None and (
+            isinstance(node_rank, bool) or not isinstance(node_rank, int) or node_rank < 0
+        ):
+            raise KVInvalidInputError(f"node_rank must be an int >= 0 or None, got {node_rank!r}")
+        md = dict(metadata or {})
+        for key, value in (
+            ("request_id", request_id),
+            ("session_id", session_id),
+            ("node_rank", node_rank),
+        ):
+            if value is not None:
+                md[key] = value
+        lay = getattr(layout, "value", layout)
+        return cls(
+            num_tokens=num_tokens,
+            dtype=normalize_dtype(getattr(dtype, "value", dtype)),
+            layout=str(lay),
+            device=device,
+            metadata=md,
+        )
+
+    def _check_standalone(self, what: str) -> None:
+        if self.pool_id is not None and self.state is not HandleState.FREED:
+            raise KVInvalidInputError(
+                f"handle {self.handle_id} belongs to a live pool allocation; "
+                f"use the pool for {what} (pool.pin / pool.unpin / pool.free)"
+            )
+
+    def touch(self) -> None:
+        """Mark an access now: ``last_access_at`` (strictly increasing across
+        touches in this process) and ``access_count``."""
+        self.last_access_at = _touch_stamp()
+        self.access_count += 1
+
+    def is_evictable(self) -> bool:
+        """No reference and no pin: ``EvictionManager`` may select it."""
+        return self.ref_count <= 0 and self.pin_count <= 0
+
+    def incr_ref(self) -> int:
+        """One more reference; returns the new count."""
+        self._check_standalone("references")
+        self.ref_count += 1
+        return self.ref_count
+
+    def decr_ref(self) -> int:
+        """One reference less; returns the new count (KVRefCountUnderflowError at 0)."""
+        self._check_standalone("references")
+        if self.ref_count <= 0:
+            raise KVRefCountUnderflowError(f"handle {self.handle_id}: ref count is already 0")
+        self.ref_count -= 1
+        return self.ref_count
+
+    def pin(self) -> int:
+        """One more pin (a pinned handle is never an eviction victim); returns the count."""
+        self._check_standalone("pins")
+        self.pin_count += 1
+        return self.pin_count
+
+    def unpin(self) -> int:
+        """One pin less; returns the count (KVRefCountUnderflowError when not pinned)."""
+        self._check_standalone("pins")
+        if self.pin_count <= 0:
+            raise KVRefCountUnderflowError(f"handle {self.handle_id} is not pinned")
+        self.pin_count -= 1
+        return self.pin_count
+
+    @property
+    def node_rank(self) -> int | None:
+        """Rank of the node holding the KV (``metadata["node_rank"]``; None: local)."""
+        r = self.metadata.get("node_rank") if self.metadata else None
+        return r if isinstance(r, int) and not isinstance(r, bool) else None
+
+    def is_local(self, current_rank: int = 0) -> bool:
+        """Is the KV on ``current_rank`` (a handle without a rank is local)?"""
+        r = self.node_rank
+        return r is None or r == current_rank
+
+    def estimate_size_bytes(self, head_dim: int = 128, num_heads: int = 32) -> int:
+        """K and V bytes of one layer: ``2 * num_tokens * num_heads * head_dim * itemsize``."""
+        for name, v in (("head_dim", head_dim), ("num_heads", num_heads)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise KVInvalidInputError(f"{name} must be an int > 0, got {v!r}")
+        itemsize = KV_DTYPES[normalize_dtype(self.dtype)][0]
+        return 2 * self.num_tokens * num_heads * head_dim * itemsize
 
     @property
     def num_blocks(self) -> int:
@@ -143,6 +274,7 @@ class KVHandle:
             "last_access_at": self.last_access_at,
             "metadata": dict(self.metadata),
             "pool_id": self.pool_id,
+            "access_count": self.access_count,
         }
 
     @classmethod

@@ -37,6 +37,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .compat.cache_manager import CacheManagerSeedMixin
 from .errors import KVCacheMissError, KVConfigError, KVInvalidInputError, KVInvalidTypeError
 from .handle import KVHandle
 from .offload import KVOffloadManager, OffloadAllocation, OffloadLookup, TierConfig
@@ -184,7 +185,7 @@ class SchedulerPlan:
         }
 
 
-class KVCacheManager:
+class KVCacheManager(CacheManagerSeedMixin):
     """The single KV-cache facade an engine holds: request ids over the tiered cache.
 
     Args:

@@ -8,11 +8,13 @@ from .lfu import LFUPolicy
 from .lru import LRUPolicy
 from .manager import EvictionManager, EvictionStrategy, FIFOEviction, LRUEviction
 from .mru import MRUPolicy
+from .predictive import PredictivePolicy
 from .priority import PriorityPolicy
 from .registry import POLICIES, EvictionPolicyName, list_policies, make_policy, register_policy
 from .s3fifo import S3FIFOPolicy
 from .slru import SLRUPolicy
 from .ttl import TTLPolicy
+from .workload_aware import WorkloadAwarePolicy
 
 __all__ = [
     "POLICIES",
@@ -28,10 +30,12 @@ __all__ = [
     "LRUPolicy",
     "LeafOnly",
     "MRUPolicy",
+    "PredictivePolicy",
     "PriorityPolicy",
     "S3FIFOPolicy",
     "SLRUPolicy",
     "TTLPolicy",
+    "WorkloadAwarePolicy",
     "list_policies",
     "make_policy",
     "register_policy",

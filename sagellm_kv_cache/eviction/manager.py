@@ -35,7 +35,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from numbers import Integral
 
-from ..errors import KVConfigError, KVInvalidInputError, KVNoVictimError
+from ..errors import KVAllPinnedError, KVConfigError, KVInvalidInputError, KVNoVictimError
 from ..handle import KVHandle
 from .priority import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 
@@ -50,6 +50,29 @@ class EvictionStrategy(ABC):
     @abstractmethod
     def order(self, handles: Sequence[KVHandle]) -> list[KVHandle]:
         """The same handles, first victim first (a permutation of ``handles``)."""
+
+    def get_policy_name(self):
+        """Seed API: the strategy's ``EvictionPolicyName`` (its ``name`` when not a member)."""
+        from .registry import EvictionPolicyName
+
+        try:
+            return EvictionPolicyName(self.name)
+        except ValueError:
+            return self.name
+
+    def select_victim(
+        self,
+        candidates: Sequence[KVHandle],
+        num_tokens_needed: int,
+        max_victims: int | None = None,
+    ) -> list[KVHandle]:
+        """Seed API: ``EvictionManager(policy=self).select_victims`` without TTL or
+        priorities: evictable candidates (no reference, no pin) in this strategy's
+        order until their tokens reach ``num_tokens_needed``. An in-use or pinned
+        handle is never selected (KVAllPinnedError when pins are all that stop it)."""
+        return EvictionManager(self, default_priority=DEFAULT_PRIORITY).select_victims(
+            candidates, num_tokens_needed, max_victims
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -250,6 +273,8 @@ class EvictionManager:
         num_tokens_needed = int(num_tokens_needed)
         if max_victims is not None:
             max_victims = int(max_victims)
+        if not isinstance(handles, KVHandle) and isinstance(handles, Iterable):
+            handles = list(handles)
         ordered = self.order(handles)
         if num_tokens_needed == 0:
             return []
@@ -264,7 +289,10 @@ class EvictionManager:
                 self.num_selected_handles += len(out)
                 self.num_selected_tokens += total
                 return out
-        raise KVNoVictimError(
+        err = KVNoVictimError
+        if not ordered and any(h.pin_count > 0 for h in handles if h.ref_count <= 0):
+            err = KVAllPinnedError
+        raise err(
             f"need {num_tokens_needed} tokens but the {limit} evictable handles "
             f"considered hold only {total}",
             needed=num_tokens_needed,

@@ -13,10 +13,12 @@ from .leaf import LeafOnly
 from .lfu import LFUPolicy
 from .lru import LRUPolicy
 from .mru import MRUPolicy
+from .predictive import PredictivePolicy
 from .priority import PriorityPolicy
 from .s3fifo import S3FIFOPolicy
 from .slru import SLRUPolicy
 from .ttl import TTLPolicy
+from .workload_aware import WorkloadAwarePolicy
 
 __all__ = ["POLICIES", "EvictionPolicyName", "list_policies", "make_policy", "register_policy"]
 
@@ -24,6 +26,7 @@ __all__ = ["POLICIES", "EvictionPolicyName", "list_policies", "make_policy", "re
 POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy}
 POLICIES.update((c.name, c) for c in (S3FIFOPolicy, ARCPolicy, SLRUPolicy))
 POLICIES.update((c.name, c) for c in (FIFOPolicy, MRUPolicy, LFUPolicy, PriorityPolicy, TTLPolicy))
+POLICIES.update((c.name, c) for c in (PredictivePolicy, WorkloadAwarePolicy))
 
 
 class EvictionPolicyName(enum.StrEnum):
@@ -36,6 +39,8 @@ class EvictionPolicyName(enum.StrEnum):
     LFU = "lfu"
     PRIORITY = "priority"
     TTL = "ttl"
+    PREDICTIVE = "predictive"
+    WORKLOAD_AWARE = "workload_aware"
 
 
 def register_policy(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:

@@ -66,6 +66,7 @@ from ..handle import HandleState, KVHandle
 from ._args import check_count, check_handles, check_number, check_pool, check_rank
 from .backends import TransferBackend, make_backend
 from .guard import TailGuard, check_policy, inflate, verdict
+from .seed_api import TransferSeedMixin
 from .wire import (
     Checksum,
     Segment,
@@ -341,7 +342,7 @@ def _check_time(deadline: float, what: str) -> float:
     return left
 
 
-class KVTransferEngine:
+class KVTransferEngine(TransferSeedMixin):
     """Moves the KV blocks of handles from one pool to another, all or nothing.
 
     Args:
