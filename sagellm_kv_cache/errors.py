@@ -51,8 +51,8 @@ from __future__ import annotations
 
 __all__ = [
     "ERROR_CODES",
-    "KVBlockImmutableError",
     "KVAllPinnedError",
+    "KVBlockImmutableError",
     "KVBudgetExceededError",
     "KVCacheError",
     "KVCacheMissError",

@@ -152,7 +152,7 @@ class LifetimePredictor(ABC):
 
 
 class _Stats:
-    __slots__ = ("reuse", "lifetime", "n")
+    __slots__ = ("lifetime", "n", "reuse")
 
     def __init__(self, reuse: float, lifetime: float) -> None:
         self.reuse, self.lifetime, self.n = reuse, lifetime, 0

@@ -15,16 +15,58 @@ from sagellm_kv_cache.storage import ModelShape
 
 pytestmark = pytest.mark.timeout(60)
 
-SEED_NAMES = """PrefixCache PrefixIndex KVPool EvictionManager EvictionStrategy LRUEviction
-FIFOEviction LifetimePredictor HistoricalPredictor PredictorFeatures FeatureExtractor
-SchedulerBridge KVCacheManager KVHandle KVBlock KVTransferMetadata PrefixCacheEntry
-EvictionCandidate SchedulerRequest SchedulerPlan LifetimePrediction KVPoolStats
-KVTransferEngine KVOffloadManager KVBlockState DType Layout MemoryTier EvictionPolicy
-KVCacheError KVBudgetExceededError KVMemoryExhaustedError KVPoolFullError KVInvalidHandleError
-KVDoubleFreeError KVHandlePinnedError KVHandleNotFoundError KVRefCountUnderflowError
-KVCacheMissError KVPrefixTooLongError KVNoVictimError KVEvictionFailedError KVAllPinnedError
-KVTransferFailedError KVTransferTimeoutError KVChecksumMismatchError KVMetadataMismatchError
-KVConfigMissingError KVConfigInvalidError KVNotImplementedError""".split()
+SEED_NAMES = [
+    "PrefixCache",
+    "PrefixIndex",
+    "KVPool",
+    "EvictionManager",
+    "EvictionStrategy",
+    "LRUEviction",
+    "FIFOEviction",
+    "LifetimePredictor",
+    "HistoricalPredictor",
+    "PredictorFeatures",
+    "FeatureExtractor",
+    "SchedulerBridge",
+    "KVCacheManager",
+    "KVHandle",
+    "KVBlock",
+    "KVTransferMetadata",
+    "PrefixCacheEntry",
+    "EvictionCandidate",
+    "SchedulerRequest",
+    "SchedulerPlan",
+    "LifetimePrediction",
+    "KVPoolStats",
+    "KVTransferEngine",
+    "KVOffloadManager",
+    "KVBlockState",
+    "DType",
+    "Layout",
+    "MemoryTier",
+    "EvictionPolicy",
+    "KVCacheError",
+    "KVBudgetExceededError",
+    "KVMemoryExhaustedError",
+    "KVPoolFullError",
+    "KVInvalidHandleError",
+    "KVDoubleFreeError",
+    "KVHandlePinnedError",
+    "KVHandleNotFoundError",
+    "KVRefCountUnderflowError",
+    "KVCacheMissError",
+    "KVPrefixTooLongError",
+    "KVNoVictimError",
+    "KVEvictionFailedError",
+    "KVAllPinnedError",
+    "KVTransferFailedError",
+    "KVTransferTimeoutError",
+    "KVChecksumMismatchError",
+    "KVMetadataMismatchError",
+    "KVConfigMissingError",
+    "KVConfigInvalidError",
+    "KVNotImplementedError",
+]
 
 
 @pytest.mark.parametrize("name", SEED_NAMES)

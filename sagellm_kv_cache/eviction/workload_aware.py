@@ -52,7 +52,7 @@ def depth_bucket(block_hash: Hashable, depth: int) -> int:
 
 
 class _Fit:
-    __slots__ = ("p", "mean", "n_p", "n_t")
+    __slots__ = ("mean", "n_p", "n_t", "p")
 
     def __init__(self, p: float, mean: float) -> None:
         self.p, self.mean, self.n_p, self.n_t = p, mean, 0, 0
