@@ -15,9 +15,12 @@ Canonical table (polars, Arrow types), one row per request, columns in order::
 ``CANONICAL_COLUMNS`` lists all eight; Mooncake and token-level tables have the
 first six only. Read with :func:`read_trace` (whole file), :func:`iter_trace`
 (records, streamed) or :func:`iter_trace_batches` (DataFrames of bounded size);
-formats: mooncake, bailian (Qwen-Bailian), azure, burstgpt, tokens, parquet
-(see ``traces.io``). :func:`generate_trace` makes seeded synthetic traces and
-:func:`write_trace` writes mooncake, bailian, tokens, burstgpt or Parquet files.
+formats: mooncake, bailian (Qwen-Bailian), azure, burstgpt, tokens, parquet, and
+engine logs: vllm (``prompt_token_ids``), sglang (``input_ids``), lmcache
+(lookups), openai-chat (``messages`` + ``tokenizer=``), kv-events (a ``listen``
+recording) (see ``traces.io``; :func:`detect_format` tells them apart).
+:func:`generate_trace` makes seeded synthetic traces and :func:`write_trace`
+writes mooncake, bailian, tokens, burstgpt, vllm, sglang, lmcache or Parquet files.
 Malformed records raise ``KVTraceFormatError("<file>:<line>: field '<f>': ...")``
 or, with ``skip_bad=True``, are skipped and counted in ``stats``.
 """
