@@ -1,7 +1,7 @@
 """``demo`` and ``visualize``: generate and draw KV access statistics.
 
 Both only parse options and call the library
-(:mod:`sagellm_kv_cache.profiling`) and the plots (:mod:`cli.plots`).
+(:mod:`sagellm_kv_cache.profiling`) and the analyses and plots (:mod:`sim.analysis`).
 """
 
 from __future__ import annotations
@@ -11,64 +11,48 @@ from typing import Any
 
 import click
 
+from sim.analysis.text import format_run_summary, format_summary
+
 #: Folder that ``visualize --type all`` writes into when ``--output`` is not given.
 DEFAULT_FIGURE_DIR = "kv_stats_figures"
-_TYPES = ("heatmap", "timeline", "reuse", "hot", "position", "all")
 
 
-def _load_collector(path: Path) -> Any:
-    from sagellm_kv_cache.errors import KVTraceFormatError
-    from sagellm_kv_cache.profiling import AccessStatsCollector
+def _figure_names() -> tuple[str, ...]:
+    # the registry's names, listed here so --help does not import the analyses
+    return (
+        "heatmap",
+        "position_heatmap",
+        "timeline",
+        "reuse",
+        "reuse_cdf",
+        "reuse_time_cdf",
+        "hot",
+        "position",
+        "hit_ratio_time",
+        "hit_vs_length",
+        "session_reuse",
+        "footprint",
+        "capacity_curve",
+        "queue_ttft",
+    )
+
+
+_TYPES = (*_figure_names(), "all")
+
+
+def _load_run(path: Path, fmt: str, block_size: int | None) -> Any:
+    from sagellm_kv_cache.errors import KVCacheError
+    from sim.analysis.runs import load_run
 
     try:
-        return AccessStatsCollector.load(path)
+        return load_run(path, format=fmt, block_size=block_size)
     except FileNotFoundError:
         raise click.FileError(str(path), hint="no such file") from None
-    except KVTraceFormatError as exc:
-        raise click.ClickException(f"cannot read access statistics: {exc.message}") from None
+    except KVCacheError as exc:
+        msg = exc.message if str(path) in exc.message else f"{path}: {exc.message}"
+        raise click.ClickException(f"cannot read {msg}") from None
     except OSError as exc:
         raise click.FileError(str(path), hint=str(exc)) from None
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """A plain-text table of the main numbers of ``AccessStatsCollector.get_stats_summary()``."""
-    rd, rt = summary["reuse_distance"], summary["reuse_time_s"]
-    rows = [
-        ("Total accesses", f"{summary['total_accesses']}"),
-        ("Hits", f"{summary['hits']}"),
-        ("Misses", f"{summary['misses']}"),
-        ("Hit rate", f"{summary['hit_rate']:.2%}"),
-        ("Unique blocks", f"{summary['unique_blocks']}"),
-        ("Unique requests", f"{summary['unique_requests']}"),
-        ("Duration (s)", f"{summary['duration_s']:.3f}"),
-        ("Accesses per second", f"{summary['accesses_per_s']:.1f}"),
-        ("Reuses / cold accesses", f"{rd['count']} / {rd['cold']}"),
-        ("Reuse distance p50/p90/p99", "/".join(f"{v:g}" for v in rd["percentiles"].values())),
-        ("Reuse time p50/p90/p99 (s)", "/".join(f"{v:.3g}" for v in rt["percentiles"].values())),
-        ("Evictions", f"{summary['evictions']['total']}"),
-    ]
-    for name, w in summary.get("time_windows", {}).items():
-        acc = w["accesses"]
-        if acc:
-            rows.append(
-                (f"Accesses per {name} window (mean/max)", f"{sum(acc) / len(acc):.1f}/{max(acc)}")
-            )
-    width = max(len(r[0]) for r in rows)
-    lines = ["KV access statistics", "=" * (width + 14)]
-    lines += [f"{k:<{width}}  {v}" for k, v in rows]
-    if summary["hottest_blocks"]:
-        lines += ["", "Hottest blocks (accesses, hits):"]
-        lines += [
-            f"  {b['block_id']!s:<20} {b['accesses']:>8} {b['hits']:>8}"
-            for b in summary["hottest_blocks"]
-        ]
-    if summary["hit_rate_by_position"]:
-        lines += ["", "Hit rate by prompt position (block index):"]
-        lines += [
-            f"  {p['bucket']:<12} {p['hit_rate']:>7.1%}  ({p['accesses']} accesses)"
-            for p in summary["hit_rate_by_position"]
-        ]
-    return "\n".join(lines)
 
 
 @click.command()
@@ -77,8 +61,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     "-i",
     "input_path",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Statistics exported by AccessStatsCollector.export_stats or `demo` (.json or .parquet).",
+    type=click.Path(path_type=Path),
+    help="A replay's output folder, its records.parquet or summary.json, a trace (any "
+    "format read_trace reads), or statistics exported by AccessStatsCollector / `demo` "
+    "(.json or .parquet).",
 )
 @click.option(
     "--output",
@@ -95,15 +81,32 @@ def format_summary(summary: dict[str, Any]) -> str:
     type=click.Choice(_TYPES),
     default="heatmap",
     show_default=True,
-    help="Which figure: heatmap (blocks x time), timeline (hits/misses per window), "
-    "reuse (reuse-distance histogram), hot (top blocks), position (hit ratio by prompt position), or all.",
+    help="Which figure. Block accesses: heatmap (blocks x time), position_heatmap, timeline "
+    "(hits/misses per window), reuse (reuse-distance histogram), reuse_cdf, reuse_time_cdf, "
+    "hot (top blocks), position (hit ratio by prompt position). Requests: hit_ratio_time, "
+    "hit_vs_length, session_reuse, footprint (blocks cached over time). Runs: capacity_curve, "
+    "queue_ttft (concurrent). all: every figure the input can draw.",
 )
 @click.option("--summary", is_flag=True, help="Also print a plain-text table of the summary.")
 @click.option(
     "--window-s",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Time window width in seconds for heatmap/timeline (default: a round width giving ~40 windows).",
+    help="Time window width in seconds for heatmap/timeline/hit_ratio_time "
+    "(default: a round width giving ~40 windows).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="auto",
+    show_default=True,
+    help="Trace format when --input is a trace (see `replay --help`).",
+)
+@click.option(
+    "--block-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tokens per block of a token-level trace.",
 )
 @click.option(
     "--dpi",
@@ -118,27 +121,35 @@ def visualize(
     plot_type: str,
     summary: bool,
     window_s: float | None,
+    fmt: str,
+    block_size: int | None,
     dpi: int,
 ) -> None:
-    """Draw figures of KV-cache access statistics.
+    """Draw figures of a run, a trace, or KV-cache access statistics.
 
-    Reads a .json or .parquet export and writes one figure, or every figure
-    with --type all (into a folder: heatmap.png, timeline.png, reuse.png,
-    hot.png, position.png).
+    Reads a replay's output folder (config.json, records.parquet,
+    summary.json and, when recorded, accesses.parquet; without it the block
+    accesses are derived from the trace config.json names and the replay's
+    hits), a trace (hits of an infinite cache), or access statistics, and
+    writes one figure, or with --type all every figure the input can draw
+    into a folder (<type>.png each).
 
     \b
     Examples:
       sage-kv-stats visualize --input stats.json --output heatmap.png
       sage-kv-stats visualize --input stats.json --type all --summary
+      sage-kv-stats visualize --input replay_out --type all -o figs
+      sage-kv-stats visualize --input trace.jsonl --type reuse_cdf -o reuse.svg
       sage-kv-stats visualize -i stats.parquet --type timeline -o timeline.svg --window-s 10
     """
-    from . import plots
+    from sagellm_kv_cache.errors import KVCacheError
+    from sim.analysis import figures
+    from sim.analysis.plots import save_figure
 
     if not input_path.exists():
         raise click.FileError(str(input_path), hint="no such file")
-    collector = _load_collector(input_path)
-    events = collector.to_polars()
-    kwargs = {"window_s": window_s}
+    run = _load_run(input_path, fmt, block_size)
+    can = figures.available(run)
     if plot_type == "all":
         folder = Path(DEFAULT_FIGURE_DIR) if output is None else output
         if folder.exists() and not folder.is_dir():
@@ -146,19 +157,32 @@ def visualize(
                 f"--output {folder}: with --type all, --output must be a folder, not a file"
             )
         folder.mkdir(parents=True, exist_ok=True)
-        targets = {name: folder / f"{name}.png" for name in plots.PLOT_TYPES}
+        targets = {name: folder / f"{name}.png" for name in can}
     else:
+        if plot_type not in can:
+            needs = figures.FIGURES[plot_type][0]
+            raise click.UsageError(
+                f"--type {plot_type} needs {needs}, which {input_path} does not have "
+                f"(it can draw: {', '.join(can) or 'nothing'})"
+            )
         targets = {plot_type: Path(f"{plot_type}.png") if output is None else output}
+    for note in run.notes:
+        click.echo(f"note: {note}")
     for name, target in targets.items():
-        fn = plots.PLOT_TYPES[name]
-        fig = fn(events, **kwargs) if name in ("heatmap", "timeline") else fn(events)
         try:
-            plots.save_figure(fig, target, dpi=dpi)
+            fig = figures.draw(run, name, window_s=window_s)
+        except KVCacheError as exc:
+            raise click.ClickException(exc.message) from None
+        try:
+            save_figure(fig, target, dpi=dpi)
         except (OSError, ValueError) as exc:
             raise click.FileError(str(target), hint=str(exc)) from None
         click.echo(f"wrote {target}")
     if summary:
-        click.echo(format_summary(collector.get_stats_summary()))
+        if run.collector is not None:
+            click.echo(format_summary(run.collector.get_stats_summary()))
+        if run.summary is not None:
+            click.echo(format_run_summary(run.summary))
 
 
 @click.command()
@@ -239,6 +263,7 @@ def demo(
         click.echo(f"Hit rate: {s['hit_rate']:.2%}")
         click.echo(f"Total accesses: {s['total_accesses']}")
         click.echo(f"Unique blocks: {s['unique_blocks']}")
+        click.echo(f"Evictions: {s['evictions']['total']}")
 
 
 COMMANDS: list[click.Command] = [demo, visualize]

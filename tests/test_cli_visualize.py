@@ -10,10 +10,20 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
-from cli.plots import PLOT_TYPES
 from sagellm_kv_cache.profiling import AccessStatsCollector
+from sim.analysis.plots import PLOT_TYPES
 
 TYPES = ["heatmap", "timeline", "reuse", "hot", "position"]
+ACCESS_TYPES = [
+    "heatmap",
+    "position_heatmap",
+    "timeline",
+    "reuse",
+    "reuse_cdf",
+    "reuse_time_cdf",
+    "hot",
+    "position",
+]
 
 
 def assert_real_image(path) -> None:
@@ -119,7 +129,7 @@ def test_all_into_a_given_folder_and_parquet_input(tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == sorted(
-        f"{k}.png" for k in TYPES
+        f"{k}.png" for k in ACCESS_TYPES
     )
 
 
@@ -174,3 +184,148 @@ def test_plot_functions_draw_into_a_given_ax_and_handle_empty_tables(kind):
     )
     assert PLOT_TYPES[kind](c.to_pandas()) is not None
     plt.close("all")
+
+
+# --- issue 12: demo evictions, visualize reading any run -------------------------------------
+
+
+def test_demo_records_its_evictions_and_block_ids_name_content(tmp_path):
+    out = tmp_path / "d.json"
+    r = CliRunner().invoke(cli, ["demo", "-n", "5000", "--max-cached-blocks", "64", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    c = AccessStatsCollector.load(out)
+    s = c.get_stats_summary()
+    evictions = s["evictions"]["total"]
+    assert evictions > 0 and f"Evictions: {evictions}" in r.output
+    # a block missed again after eviction keeps its id: fewer unique blocks than misses
+    assert s["unique_blocks"] < s["misses"]
+    # every miss of a block seen before follows an eviction of that block
+    ev = c.evictions_to_polars()
+    import polars as pl
+
+    df = c.to_polars().with_row_index("i")
+    first = df.group_by("block_id").agg(pl.col("i").min().alias("first"))
+    remiss = df.join(first, on="block_id").filter(
+        ~pl.col("is_hit") & (pl.col("i") > pl.col("first"))
+    )
+    assert remiss.height == s["misses"] - s["unique_blocks"] > 0
+    evicted_at = ev.group_by("block_id").agg(pl.col("timestamp").min().alias("t_ev"))
+    joined = remiss.join(evicted_at, on="block_id", how="left")
+    assert joined["t_ev"].null_count() == 0
+    assert (joined["t_ev"] <= joined["timestamp"]).all()
+    v = CliRunner().invoke(
+        cli,
+        [
+            "visualize",
+            "-i",
+            str(out),
+            "--type",
+            "hot",
+            "--summary",
+            "-o",
+            str(tmp_path / "hot.png"),
+        ],
+    )
+    assert v.exit_code == 0, v.output
+    assert "Evictions" in v.output and f"  {evictions}" in v.output
+
+
+RUN_TYPES = ACCESS_TYPES + [
+    "hit_ratio_time",
+    "hit_vs_length",
+    "session_reuse",
+    "footprint",
+    "capacity_curve",
+]
+
+
+@pytest.fixture(scope="module")
+def replay_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("replay") / "run"
+    r = CliRunner().invoke(cli, ["replay", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_visualize_all_on_a_replay_folder_draws_every_type(replay_dir, tmp_path):
+    figs = tmp_path / "figs"
+    r = CliRunner().invoke(
+        cli,
+        ["visualize", "--input", str(replay_dir), "--type", "all", "-o", str(figs), "--summary"],
+    )
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in figs.iterdir()) == sorted(f"{k}.png" for k in RUN_TYPES)
+    for k in RUN_TYPES:
+        assert_real_image(figs / f"{k}.png")
+    assert "token_hit_ratio" in r.output
+
+
+@pytest.mark.parametrize("name", ["records.parquet", "summary.json"])
+def test_visualize_reads_a_runs_files(replay_dir, tmp_path, name):
+    out = tmp_path / "fp.png"
+    r = CliRunner().invoke(
+        cli, ["visualize", "-i", str(replay_dir / name), "--type", "footprint", "-o", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    assert_real_image(out)
+
+
+def test_run_folder_accesses_match_the_replay(replay_dir):
+    import polars as pl
+
+    from sim.analysis import access
+    from sim.analysis.runs import load_run
+
+    run = load_run(replay_dir)
+    assert run.kind == "run" and run.accesses_source == "trace"
+    rec = pl.read_parquet(replay_dir / "records.parquet")
+    assert run.accesses.height == rec["full_blocks"].sum()
+    assert run.accesses["is_hit"].sum() == rec["hit_blocks"].sum()
+    fp = access.cache_footprint(rec)
+    assert fp["cached_blocks"].max() == run.capacity_blocks == 10000
+
+
+def test_trace_accesses_are_an_infinite_cache():
+    from sim.analysis.runs import load_run
+    from sim.replay import replay_sequential
+    from traces import DEFAULT_TRACE, read_trace
+
+    run = load_run(DEFAULT_TRACE)
+    ref = replay_sequential(read_trace(DEFAULT_TRACE), None)
+    assert run.kind == "trace"
+    # records are numpy columns or a polars DataFrame, depending on the engine's version
+    assert run.records["hit_blocks"].to_list() == np.asarray(ref.records["hit_blocks"]).tolist()
+    assert run.records["full_blocks"].to_list() == np.asarray(ref.records["full_blocks"]).tolist()
+
+
+@pytest.mark.parametrize("kind", ["reuse_cdf", "session_reuse", "hit_vs_length"])
+def test_visualize_reads_a_trace(tmp_path, kind):
+    from traces import DEFAULT_TRACE
+
+    out = tmp_path / f"{kind}.png"
+    r = CliRunner().invoke(
+        cli, ["visualize", "-i", str(DEFAULT_TRACE), "--type", kind, "-o", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    assert_real_image(out)
+
+
+def test_a_figure_the_input_cannot_draw_is_a_usage_error(demo_stats, tmp_path):
+    r = CliRunner().invoke(
+        cli,
+        ["visualize", "-i", str(demo_stats), "--type", "footprint", "-o", str(tmp_path / "x.png")],
+    )
+    assert r.exit_code == 2
+    assert "footprint needs records" in r.output and "heatmap" in r.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_folder_without_run_files_is_an_error(tmp_path):
+    from sagellm_kv_cache.errors import KVInvalidInputError
+    from sim.analysis.runs import load_run
+
+    with pytest.raises(KVInvalidInputError) as exc:
+        load_run(tmp_path)
+    assert exc.value.code == KVInvalidInputError.code
+    r = CliRunner().invoke(cli, ["visualize", "-i", str(tmp_path), "--type", "all"])
+    assert r.exit_code == 1 and "not a run folder" in r.output

@@ -12,6 +12,12 @@ recorded per block of the context: hits for the leading cached run (the
 shared system prompt, the session's earlier turns), misses for the rest,
 which are then inserted. Arrivals are Poisson on a simulated clock, so the
 timestamps are seconds of simulated time.
+
+A block id names a block's content (one id per block hash), so a block that
+was evicted and is missed again keeps its id: unique blocks count distinct
+content, misses count cold and capacity misses, and every block the cache
+evicts is recorded as an eviction (reason ``"capacity"``) at the time of the
+insert that pushed it out.
 """
 
 from __future__ import annotations
@@ -72,7 +78,8 @@ def run_demo_workload(
 
     sessions: dict[int, dict] = {}  # session id -> {"context": tokens, "turn": n, "max_turns": m}
     next_session = 0
-    next_block_id = 0
+    block_of: dict[bytes, int] = {}  # block hash -> block id (content identity)
+    cached: dict[bytes, None] = {}  # hashes inserted and not yet seen evicted (ordered)
     now = 0.0
     recorded = 0
     while recorded < num_accesses:
@@ -99,8 +106,7 @@ def run_demo_workload(
         hashes = hashes[:max_cached_blocks]  # a prompt longer than the cache is truncated
         hit_blocks, _ = cache.lookup(hashes)
         num_hit = len(hit_blocks)
-        new_blocks = [{"block_id": next_block_id + k} for k in range(len(hashes) - num_hit)]
-        next_block_id += len(new_blocks)
+        new_blocks = [{"block_id": block_of.setdefault(h, len(block_of))} for h in hashes[num_hit:]]
         blocks = list(hit_blocks) + new_blocks
         n = min(len(blocks), num_accesses - recorded)
         if n:
@@ -117,6 +123,14 @@ def run_demo_workload(
             recorded += n
         if blocks:
             cache.insert(hashes, blocks)
+            cached.update(dict.fromkeys(hashes))
+            if len(cache) < len(cached):  # the insert evicted: find what went
+                gone = [h for h in cached if h not in cache]
+                for h in gone:
+                    del cached[h]
+                collector.record_evictions(
+                    [block_of[h] for h in gone], "capacity", timestamp=now, block_hashes=gone
+                )
         if session["turn"] >= session["max_turns"]:
             del sessions[sid]
     return collector
