@@ -11,6 +11,10 @@ and concurrent (``sim.engine.replay_concurrent``: event loop on a simulated
 clock, default cost model, no sequence limit) in requests per second of wall
 time, with the concurrent run's simulated makespan and queueing.
 
+The third compares the event engine (``sim.core``: sequential and concurrent
+modes) with a frozen copy of the loops it replaced (``_baseline_replay.py``),
+best of interleaved runs; the goal is engine / baseline <= 1.15 in each mode.
+
     python benchmarks/bench_replay.py [--capacity 10000] [--repeat 3]
 """
 
@@ -92,6 +96,7 @@ def main() -> None:
     )
     print(f"\nours / bare speed: {speed:.2f} (goal >= 0.5)")
     modes = by_mode(args.capacity, args.repeat)
+    engine = engine_vs_baseline(args.capacity, max(args.repeat, 5))
     write_json(
         "replay",
         {
@@ -99,8 +104,61 @@ def main() -> None:
             "results": res,
             "ours_over_bare_speed": speed,
             "modes": modes,
+            "engine_vs_baseline": engine,
         },
     )
+
+
+def engine_vs_baseline(capacity: int, repeat: int) -> dict:
+    """The event engine (sim.core) in each mode against the loops it replaced
+    (``_baseline_replay.py``, a frozen copy), same table, same run, interleaved.
+
+    Goal: each ratio (engine seconds / baseline seconds) <= 1.15. Results are
+    checked equal request for request before timing.
+    """
+    import numpy as np
+    from _baseline_replay import old_replay_concurrent, old_replay_sequential
+
+    from sim.engine import replay_concurrent
+    from sim.replay import replay_sequential
+    from traces import DEFAULT_TRACE, read_trace
+
+    table = read_trace(DEFAULT_TRACE)
+    pairs = {
+        "sequential": (
+            lambda: old_replay_sequential(table, capacity),
+            lambda: replay_sequential(table, capacity),
+        ),
+        "concurrent": (
+            lambda: old_replay_concurrent(table, capacity=capacity, progress=False),
+            lambda: replay_concurrent(table, capacity),
+        ),
+    }
+    old_s, new_s = pairs["sequential"][0](), pairs["sequential"][1]()
+    assert np.array_equal(old_s["records"]["hit_blocks"], new_s.records["hit_blocks"].to_numpy())
+    old_c, new_c = pairs["concurrent"][0](), pairs["concurrent"][1]()
+    assert old_c.records["hit_blocks"].equals(new_c.records["hit_blocks"])
+    assert old_c.records["ttft_s"].equals(new_c.records["ttft_s"])
+    rows, out = [], {}
+    for mode, (old, new) in pairs.items():
+        best = {"baseline": float("inf"), "engine": float("inf")}
+        for _ in range(repeat):  # interleaved, so drift hits both alike
+            for name, fn in (("baseline", old), ("engine", new)):
+                t0 = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - t0)
+        ratio = best["engine"] / best["baseline"]
+        out[mode] = {**{f"{k}_s": v for k, v in best.items()}, "ratio": ratio}
+        rows.append(
+            {
+                "mode": mode,
+                "baseline_s": best["baseline"],
+                "engine_s": best["engine"],
+                "engine/baseline": round(ratio, 3),
+            }
+        )
+    print_table(rows, f"event engine vs the loops it replaced, {capacity:,} blocks (goal <= 1.15)")
+    return out
 
 
 def by_mode(capacity: int, repeat: int) -> dict:

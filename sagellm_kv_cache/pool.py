@@ -28,6 +28,7 @@ accounted in whole blocks (``get_allocated_tokens()`` is blocks in use x
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -52,7 +53,10 @@ from .errors import (
 from .eviction import EvictionPolicy
 from .handle import HandleState, KVHandle, KVLayout, MemoryTier, normalize_dtype
 from .hashing import check_block_hashes, compute_block_hashes, get_hash_fn, root_hash
+from .model_shapes import estimate_pool_bytes, format_bytes, resolve_model_shape
 from .storage import KVStorage, ModelShape, normalize_device
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["KVPool", "check_num_tokens"]
 
@@ -101,7 +105,7 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
         block_size: tokens per block (default 16).
         num_blocks: block budget, instead of ``max_tokens``.
         max_bytes: byte budget, instead of ``max_tokens``; needs ``model_shape``.
-        model_shape: ``ModelShape`` or a name from ``ModelShape.named``.
+        model_shape: ``ModelShape`` or what ``model_shapes.resolve_model_shape`` reads.
         device: ``"cpu"`` or ``"cuda:N"``.
         dtype: KV dtype; defaults to the model shape's (``"float16"`` otherwise).
         layout: ``"NHD"`` or ``"HND"`` block layout of the storage.
@@ -143,8 +147,8 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
     ) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise KVConfigError(f"block_size must be a positive int, got {block_size!r}")
-        if isinstance(model_shape, str):
-            model_shape = ModelShape.named(model_shape)
+        if isinstance(model_shape, str):  # a preset, "32,8,128,bf16" or a config.json
+            model_shape = resolve_model_shape(model_shape)
         self.block_size = block_size
         self.device = normalize_device(device)
         self.dtype = normalize_dtype(dtype or (model_shape.dtype if model_shape else "float16"))
@@ -214,11 +218,20 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
         )
         self.storage: KVStorage | None = None
         if not metadata_only:
+            nbytes = n_blocks * model_shape.bytes_per_block(block_size)
+            _log.info(
+                "KVPool allocates %s of KV tensors on %s: %d blocks x %d tokens x %d bytes/token",
+                format_bytes(nbytes), self.device, n_blocks, block_size, model_shape.bytes_per_token,
+            )  # fmt: skip
             self.storage = KVStorage(
                 n_blocks, block_size, model_shape, self.device, self.layout, pin_memory=pin_memory
             )
         self._handles: dict[str, KVHandle] = {}
         self._reset_counters()
+
+    #: ``KVPool.estimate_bytes(65536, model_shape="llama-3-8b")``: the bytes of KV
+    #: tensors a pool of these arguments would allocate, without allocating them.
+    estimate_bytes = staticmethod(estimate_pool_bytes)
 
     def _reset_counters(self) -> None:
         self._num_allocs = 0
@@ -490,28 +503,70 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
         asked how many victims it would give with the hits taken out. Nothing
         is changed here, so a refusal leaves the pool exactly as it was.
         """
-        bp = self._blocks
-        n_ev_hit = bp.num_evictable_among(hit) if hit else 0
-        obtainable = bp.num_available - n_ev_hit
-        if n_new + len(hit) > self.num_blocks or n_new > obtainable:
+        reason, obtainable, got = self._admission(n_new, hit)
+        if reason in ("too_large", "no_blocks"):
             raise KVBudgetExceededError(
                 f"request of {num_tokens} tokens needs {n_new} new blocks beyond its "
                 f"{len(hit)} cached ones; {obtainable} obtainable",
                 needed=n_new,
                 hit=len(hit),
             )
+        if reason == "no_victims":
+            need = n_new - self._blocks.num_free
+            raise KVNoVictimError(
+                f"{self._blocks.policy.name}: request of {num_tokens} tokens needs {need} "
+                f"victims beyond {self._blocks.num_free} free blocks; the policy gives {got} "
+                "now (the rest are protected or not leaves)",
+                needed=need,
+                victims=got,
+            )
+
+    def _admission(self, n_new: int, hit: Sequence[int]) -> tuple[str | None, int, int]:
+        """The admission rule, written once (``alloc_with_prefix``, ``peek_admission``,
+        the simulator): ``(reason, obtainable, victims)``; ``reason`` is ``None`` when
+        ``n_new`` blocks beyond the cached run ``hit`` can be had now, else
+        ``"too_large"`` (more than the whole pool), ``"no_blocks"`` (more than free +
+        evictable blocks once the hits are taken) or ``"no_victims"`` (the policy
+        refuses some evictable blocks now). Changes nothing; the caller holds the lock."""
+        bp = self._blocks
+        n_ev_hit = bp.num_evictable_among(hit) if hit else 0
+        obtainable = bp.num_available - n_ev_hit
+        if n_new + len(hit) > self.num_blocks:
+            return "too_large", obtainable, 0
+        if n_new > obtainable:
+            return "no_blocks", obtainable, 0
         need = n_new - bp.num_free
-        if bp.policy_may_refuse:
+        if need > 0 and bp.policy_may_refuse:
             ev_hit = bp.evictable_among(hit) if n_ev_hit else ()
             got = bp.policy.num_victims(need, ev_hit)
             if got < need:
-                raise KVNoVictimError(
-                    f"{bp.policy.name}: request of {num_tokens} tokens needs {need} victims "
-                    f"beyond {bp.num_free} free blocks; the policy gives {got} now "
-                    "(the rest are protected or not leaves)",
-                    needed=need,
-                    victims=got,
-                )
+                return "no_victims", obtainable, got
+        return None, obtainable, 0
+
+    def obtainable_blocks(self, hit_block_ids: Sequence[int] = ()) -> int:
+        """Blocks an allocation could obtain now beyond ``hit_block_ids`` (a request's
+        cached leading run, from ``match_prefix``, which it would take): free plus
+        evictable blocks, less the evictable hits. Changes nothing.
+
+        Raises:
+            KVInvalidTypeError / KVInvalidInputError: bad block ids.
+        """
+        with self._lock:
+            hit = self._blocks.check_block_ids(hit_block_ids, "hit_block_ids")
+            return self._admission(0, hit)[1]
+
+    def peek_admission(self, num_new_blocks: int, hit_block_ids: Sequence[int] = ()) -> str | None:
+        """Why allocating ``num_new_blocks`` beyond the cached run ``hit_block_ids``
+        would fail now, or ``None`` when it would succeed (the rule ``alloc_with_prefix``
+        applies): ``"too_large"``, ``"no_blocks"`` or ``"no_victims"``. Changes nothing.
+
+        Raises:
+            KVInvalidTypeError / KVInvalidInputError: a bad count or bad block ids.
+        """
+        n_new = check_count(num_new_blocks, "num_new_blocks")
+        with self._lock:
+            hit = self._blocks.check_block_ids(hit_block_ids, "hit_block_ids")
+            return self._admission(n_new, hit)[0]
 
     def cache_blocks(
         self,

@@ -59,12 +59,12 @@ import numpy as np
 
 from sagellm_kv_cache.errors import KVInvalidInputError
 
-from .replay import ReplayResult
+from .result import SimResult
 
 __all__ = ["replay_opt"]
 
 
-def replay_opt(table, capacity_blocks: int | None, *, progress: bool = False) -> ReplayResult:
+def replay_opt(table, capacity_blocks: int | None, *, progress: bool = False) -> SimResult:
     """Belady's optimal sequential replay of ``table`` at ``capacity_blocks`` (None: infinite).
 
     Args:
@@ -75,8 +75,8 @@ def replay_opt(table, capacity_blocks: int | None, *, progress: bool = False) ->
         progress: show a tqdm progress bar over requests.
 
     Returns:
-        A ``ReplayResult`` with ``policy="opt"`` and the same fields and
-        records as ``replay_sequential``.
+        A ``SimResult`` with ``policy="opt"`` and the same fields and
+        records as ``replay_sequential`` (no timing: OPT has no clock).
 
     Raises:
         KVInvalidInputError: ``capacity_blocks`` is not an integer >= 1 or None,
@@ -193,32 +193,20 @@ def replay_opt(table, capacity_blocks: int | None, *, progress: bool = False) ->
                 push(heap, -((use * depth_span + j) * id_span + u))
         hit_arr[i] = k
 
-    hit_blocks = int(hit_arr.sum())
-    full_blocks = int(full_arr.sum())
-    prompt_tokens = int(sum(lengths))
-    return ReplayResult(
-        capacity_blocks=cap,
+    from .result import build_result
+
+    rejected = np.asarray([bool(fulls[i]) and reqs[i] is None for i in range(n)], dtype=bool)
+    return build_result(
+        table,
+        mode="opt",
         policy="opt",
+        capacity_blocks=cap,
         block_size=block_size,
-        num_requests=n,
-        token_hit_ratio=hit_blocks * block_size / prompt_tokens if prompt_tokens else 0.0,
-        block_hit_ratio=hit_blocks / full_blocks if full_blocks else 0.0,
-        request_hit_ratio=float((hit_arr > 0).mean()) if n else 0.0,
-        hit_blocks=hit_blocks,
-        full_blocks=full_blocks,
-        prompt_tokens=prompt_tokens,
+        full=full_arr,
+        hit=hit_arr,
+        allocated=np.where(rejected, 0, full_arr - hit_arr),
+        evicted=evict_arr,
+        rejected=rejected,
         evictions=total_evictions,
-        records={
-            "request_id": np.asarray(table["request_id"].to_list(), dtype=object)
-            if "request_id" in cols
-            else np.arange(n).astype(str).astype(object),
-            "arrival_s": table["arrival_s"].to_numpy()
-            if "arrival_s" in cols
-            else np.zeros(n, dtype=np.float64),
-            "input_length": np.asarray(lengths, dtype=np.int64),
-            "full_blocks": full_arr,
-            "hit_blocks": hit_arr,
-            "hit_tokens": hit_arr * block_size,
-            "evicted_blocks": evict_arr,
-        },
+        config={"mode": "opt", "policy": "opt", "capacity_blocks": cap, "block_size": block_size},
     )

@@ -31,8 +31,6 @@ waits for the earliest finishers (its wait counts in its TTFT).
 
 from __future__ import annotations
 
-import heapq
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,183 +102,125 @@ def ttft_model(load_s: float, prefill_s: float, num_layers: int, overlap: bool) 
     return (load_s + prefill_s) / L + (L - 1) / L * max(load_s, prefill_s)
 
 
-def _replay_once(
-    rows: dict[str, list],
-    capacities: dict[str, int],
-    *,
-    block_size: int,
-    policy: str,
-    sequential: bool,
-    links: dict[str, Link],
-    bytes_per_block: int,
-    prefill_tps: float,
-    decode_s: float,
-    num_layers: int,
-    overlap: bool,
-) -> tuple[dict[str, Any], dict[str, list]]:
-    from sagellm_kv_cache.errors import KVBudgetExceededError
-    from sagellm_kv_cache.offload import KVOffloadManager
-
-    mgr = KVOffloadManager.from_capacities(
-        capacities, block_size=block_size, eviction_policy=policy, async_copies=False
-    )
-    names = mgr.tier_names
-    per_req: dict[str, list] = {"request_id": [], "ttft_s": [], "recompute_s": []}
-    per_req.update({f"hit_blocks_{t}": [] for t in names})
-    running: list[tuple[float, int, Any]] = []  # (finish time, seq, handle)
-    seq = 0
-    for rid, arrival, n_in, n_out, hashes in zip(
-        rows["request_id"],
-        rows["arrival_s"],
-        rows["input_length"],
-        rows["output_length"],
-        rows["block_hashes"],
-    ):
-        hashes = list(hashes)[: n_in // block_size]
-        start = arrival
-        if not sequential:
-            while running and running[0][0] <= arrival:
-                mgr.free(heapq.heappop(running)[2])
-        while True:
-            try:
-                alloc = mgr.allocate(block_hashes=hashes, num_tokens=n_in, request_id=str(rid))
-                break
-            except KVBudgetExceededError:
-                if sequential or not running:
-                    raise
-                t_fin, _, h = heapq.heappop(running)
-                start = max(start, t_fin)
-                mgr.free(h)
-        look = alloc.lookup
-        load_s = sum(
-            links[t].load_s(look.hits_per_tier[t] * bytes_per_block)
-            for t in names[1:]
-            if t in links
-        )
-        uncached = n_in - look.num_hit_tokens
-        ttft = ttft_model(load_s, uncached / prefill_tps, num_layers, overlap)
-        ttft += start - arrival
-        per_req["request_id"].append(rid)
-        per_req["ttft_s"].append(ttft)
-        per_req["recompute_s"].append(n_in / prefill_tps)
-        for t in names:
-            per_req[f"hit_blocks_{t}"].append(look.hits_per_tier[t])
-        mgr.cache_blocks(alloc.handle)
-        if sequential:
-            mgr.free(alloc.handle)
-        else:
-            seq += 1
-            heapq.heappush(running, (start + ttft + n_out * decode_s, seq, alloc.handle))
-    while running:
-        mgr.free(heapq.heappop(running)[2])
-    stats = mgr.get_stats()
-    mgr.check_invariants()
-    mgr.close()
-    return stats, per_req
-
-
 def replay_tiered(
-    table: Any, tiers: dict[str, int], config: Any = None, out_dir: str | Path | None = None
-) -> dict[str, Any]:
-    """Replay a trace table through a chain of tiers; summary dict (and files in ``out_dir``).
+    table: Any, tiers: dict[str, Any], config: Any = None, out_dir: str | Path | None = None
+) -> Any:
+    """Replay a trace table through a chain of tiers on the event engine (``sim.core``).
 
     Args:
         table: polars DataFrame with ``request_id, arrival_s, input_length,
             output_length, block_hashes (list of int64), block_size``.
-        tiers: tier name -> capacity in blocks, device first
-            (``{"gpu": 2000, "cpu": 8000, "disk": 50000}``).
+        tiers: tier name -> capacity (blocks, or any unit ``sim.config`` reads), device
+            first (``{"gpu": 2000, "cpu": 8000, "disk": 50000}``).
         config: a ``ReplayConfig``-like object (``block_size``, ``sequential``,
             ``policy``, ``prefill_tokens_per_s``, ``decode_s_per_token``,
-            ``model``, ``layerwise_overlap``, ``links``), read with defaults.
-        out_dir: where ``summary.json`` and ``ttft.png`` go (``None``: nowhere).
+            ``model``, ``layerwise_overlap``, ``links``, ``max_num_seqs``), read with defaults.
+        out_dir: where the run's files go (``None``: nowhere).
 
     Returns:
-        the summary: per-tier block / token hit ratios, overall ratios, TTFT
-        of the tiered run, of the device tier alone and of recomputing
-        everything, and the time saved against recomputing.
+        a ``SimResult`` (mode ``"sequential+tiers"`` or ``"concurrent+tiers"``) whose
+        summary adds per-tier figures, the TTFT of the tiered run (``ttft``), of the
+        device tier alone (``ttft_device_only``) and of recomputing everything
+        (``ttft_recompute``), and the time saved against recomputing. A request
+        with more full blocks than the device tier is rejected (a miss), as in
+        every replay.
     """
+    import numpy as np
+
     from sagellm_kv_cache.errors import KVConfigError
     from sagellm_kv_cache.storage import ModelShape
 
+    from .config import LinearCostModel
+    from .simulate import simulate
+
     if not tiers:
         raise KVConfigError("tiers needs at least the device tier")
-    block_size = _cfg(config, "block_size") or (
-        int(table["block_size"][0]) if "block_size" in table.columns and len(table) else 512
-    )
     model = _cfg(config, "model")
     shape = model if isinstance(model, ModelShape) else ModelShape.named(model)
     links = dict(LINKS)
     links.update(_cfg(config, "links") or {})
+    prefill_tps = float(_cfg(config, "prefill_tokens_per_s"))
+    decode_s = float(_cfg(config, "decode_s_per_token"))
+    sequential = bool(_cfg(config, "sequential"))
+    cost = LinearCostModel(1.0 / prefill_tps if prefill_tps else 0.0, 0.0, decode_s, 0.0)
+    max_seqs = getattr(config, "max_num_seqs", None) if config is not None else None
     common = dict(
-        block_size=block_size,
-        policy=_cfg(config, "policy"),
-        sequential=bool(_cfg(config, "sequential")),
+        mode="sequential" if sequential else "concurrent",
+        cost=cost,
+        max_num_seqs=None if sequential else max_seqs,
+        model_shape=shape,
         links=links,
-        bytes_per_block=shape.bytes_per_block(block_size),
-        prefill_tps=float(_cfg(config, "prefill_tokens_per_s")),
-        decode_s=float(_cfg(config, "decode_s_per_token")),
-        num_layers=shape.num_layers,
-        overlap=bool(_cfg(config, "layerwise_overlap")),
+        layerwise_overlap=bool(_cfg(config, "layerwise_overlap")),
+        block_size=_cfg(config, "block_size"),
     )
-    cols = ["request_id", "arrival_s", "input_length", "output_length", "block_hashes"]
-    rows = {c: table[c].to_list() for c in cols}
-    stats, per_req = _replay_once(rows, dict(tiers), **common)
+    policy = _cfg(config, "policy")
+    res = simulate(table, None, policy, tiers=dict(tiers), **common)
     names = list(tiers)
+    bs = res.block_size
+    bpb = shape.bytes_per_block(bs)
+    rec = res.records
+    ran = ~rec["rejected"].to_numpy()
+    ttft = rec["ttft_s"].to_numpy()[ran]
+    recompute = rec["input_length"].to_numpy()[ran] / prefill_tps if prefill_tps else ttft * 0
     dev_only = None
     if len(names) > 1:
-        dev_stats, dev_req = _replay_once(rows, {names[0]: tiers[names[0]]}, **common)
+        dev = simulate(table, None, policy, tiers={names[0]: tiers[names[0]]}, **common)
         dev_only = {
-            "block_hit_ratio": dev_stats["block_hit_ratio"],
-            "token_hit_ratio": dev_stats["token_hit_ratio"],
-            **_ttft_summary(dev_req["ttft_s"]),
+            "block_hit_ratio": dev.block_hit_ratio,
+            "token_hit_ratio": dev.token_hit_ratio,
+            **_ttft_summary(dev.records["ttft_s"].drop_nans().to_list()),
         }
-    total_recompute = sum(per_req["recompute_s"])
-    total_ttft = sum(per_req["ttft_s"])
-    summary = {
-        "tiers": dict(tiers),
-        "block_size": block_size,
-        "num_requests": len(per_req["ttft_s"]),
-        "block_hit_ratio": stats["block_hit_ratio"],
-        "token_hit_ratio": stats["token_hit_ratio"],
-        "request_hit_ratio": stats["request_hit_ratio"],
-        "per_tier": {
-            t: {
-                "capacity_blocks": tiers[t],
-                "block_hit_ratio": s["block_hit_ratio"],
-                "token_hit_ratio": s["token_hit_ratio"],
-                "hit_blocks": s["hit_blocks"],
-                "bytes_onboarded": s["hit_blocks"] * common["bytes_per_block"] if i else 0,
-                "evicted_blocks": s["evicted_blocks"],
-            }
-            for i, (t, s) in enumerate(stats["tiers"].items())
-        },
-        "ttft": _ttft_summary(per_req["ttft_s"]),
-        "ttft_device_only": dev_only,
-        "ttft_recompute": _ttft_summary(per_req["recompute_s"]),
-        "time_saved_s": total_recompute - total_ttft,
-        "time_saved_ratio": (total_recompute - total_ttft) / total_recompute
-        if total_recompute
-        else 0.0,
-        "config": {
-            k: (
-                v
-                if not isinstance(v, dict)
-                else {n: [lk.bandwidth_bytes_per_s, lk.latency_s] for n, lk in v.items()}
-            )
-            for k, v in common.items()
+    qb = res.full_blocks
+    prompt = res.prompt_tokens
+    per_tier = {}
+    for i, t in enumerate(names):
+        hb = int(rec[f"hit_blocks_{t}"].sum())
+        per_tier[t] = {
+            "capacity_blocks": res.tiers[t],
+            "block_hit_ratio": hb / qb if qb else 0.0,
+            "token_hit_ratio": hb * bs / prompt if prompt else 0.0,
+            "hit_blocks": hb,
+            "bytes_onboarded": hb * bpb if i else 0,
+            "evicted_blocks": res.tier_stats.get(t, {}).get("evicted_blocks", 0),
         }
-        | {"model": str(model)},
-    }
+    total_recompute = float(np.sum(recompute))
+    total_ttft = float(np.sum(ttft))
+    res.extra.update(
+        {
+            "per_tier": per_tier,
+            "ttft": _ttft_summary(list(ttft)),
+            "ttft_device_only": dev_only,
+            "ttft_recompute": _ttft_summary(list(recompute)),
+            "time_saved_s": total_recompute - total_ttft,
+            "time_saved_ratio": (total_recompute - total_ttft) / total_recompute
+            if total_recompute
+            else 0.0,
+            "config": {
+                "block_size": bs,
+                "policy": res.policy,
+                "sequential": sequential,
+                "links": {n: [lk.bandwidth_bytes_per_s, lk.latency_s] for n, lk in links.items()},
+                "bytes_per_block": bpb,
+                "prefill_tps": prefill_tps,
+                "decode_s": decode_s,
+                "num_layers": shape.num_layers,
+                "overlap": common["layerwise_overlap"],
+                "model": str(model),
+            },
+        }
+    )
+    res.config["model_shape"] = str(model)
     if out_dir is not None:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        fig = plot_ttft(per_req, dev_req if dev_only else None, names)
-        fig.savefig(out / "ttft.png", dpi=120)
-        import matplotlib.pyplot as plt
+        res.write(out)
+        from .analysis.plots import plot_ttft, save_figure
 
-        plt.close(fig)
-    return summary
+        dev_req = None
+        if dev_only is not None:
+            dev_req = {"ttft_s": dev.records["ttft_s"].drop_nans().to_list()}
+        fig = plot_ttft({"ttft_s": list(ttft), "recompute_s": list(recompute)}, dev_req, names)
+        save_figure(fig, out / "ttft.png")
+    return res
 
 
 def _ttft_summary(values: list[float]) -> dict[str, float]:
@@ -298,4 +238,4 @@ def _ttft_summary(values: list[float]) -> dict[str, float]:
     }
 
 
-from sim.analysis.plots import plot_ttft  # noqa: E402  (moved)
+from sim.analysis.plots import plot_ttft  # noqa: E402, F401  (moved; re-exported)

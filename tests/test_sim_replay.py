@@ -141,7 +141,17 @@ def test_every_command_has_help_with_examples():
 def test_cli_tiered_replay_sums_to_one_pool(tmp_path):
     out = tmp_path / "tiers"
     res = CliRunner().invoke(
-        cli, ["replay", "--tiers", "gpu=2000,cpu=8000", "--no-progress", "--out", str(out)]
+        cli,
+        [
+            "replay",
+            "--tiers",
+            "gpu=2000,cpu=8000",
+            "--model-shape",
+            "llama-3-8b",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
     )
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())

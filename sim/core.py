@@ -1,0 +1,479 @@
+"""The event engine: one loop under every replay mode.
+
+Small on purpose (after Vidur's ``simulator.py``): pop the earliest event,
+handle it, push its follow-ups. The entities are the requests (rows of the
+trace table, kept as columns) and one *instance* whose cache is the library
+itself: ``PoolInstance`` (a metadata-only ``KVPool``) or ``TieredInstance``
+(a ``KVOffloadManager``, device tier first). One request's life::
+
+    arrival ──> waiting (FIFO) ──admit──> prefill ──────────> decode ──────────> finish
+       t_a         queue_s        t_s      prefill_s            decode_s            t_f
+                                       │                    │                   │
+                         leading cached run taken,     its full blocks      its blocks
+                         the rest allocated (the       cached (hittable     released
+                         policy evicts)                from now on)         tail-first
+
+Admission asks the pool (``KVPool.peek_admission``: the rule
+``alloc_with_prefix`` applies, written once) whether the head of the queue can
+have its blocks now; ``max_num_seqs`` caps the requests running at once.
+
+Modes are configurations of the same loop:
+
+* ``sequential``: zero time, one request at a time in trace order (the setting
+  of published hit ratios). Every follow-up event of a request is due at its
+  arrival time and, by the tie order below, runs before the next arrival, so
+  the loop runs them inline (no heap) - the same order, just faster. Timing
+  columns are then each request's cost *alone* (no queueing);
+* ``concurrent``: arrivals on the simulated clock, durations from the cost
+  model; requests overlap, hold their blocks and queue.
+
+Events at equal times run finishes first, then prefill ends, then arrivals
+(each kind in the order scheduled): with a zero cost model the concurrent mode
+therefore equals the sequential one request for request.
+
+Semantics shared by every mode: a request's blocks are its *full* blocks
+(``input_length // block_size`` leading hash ids); the partial tail block is
+recomputed and takes no capacity; a request with more full blocks than the
+device holds can never run: it is *rejected* (counted, a miss, never queued).
+
+Metrics go through hooks: any object with some of ``on_arrival(i, now)``,
+``on_start(i, now)``, ``on_prefill_end(i, now)``, ``on_finish(i, now)``,
+``on_reject(i, now)`` is called at those points (``i`` is the trace row).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from array import array
+from collections import deque
+from typing import Any
+
+from sagellm_kv_cache.errors import KVBudgetExceededError, KVNoVictimError
+
+__all__ = ["Engine", "PoolInstance", "SimClock", "TieredInstance"]
+
+_FINISH, _PREFILL_END, _ARRIVAL = 0, 1, 2
+_HOOKS = ("on_arrival", "on_start", "on_prefill_end", "on_finish", "on_reject")
+
+
+class SimClock:
+    """The simulated clock the library's pool (and its policy) reads."""
+
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class PoolInstance:
+    """One serving instance whose cache is a metadata-only ``KVPool`` on the sim clock.
+
+    Admission is the pool's own rule (``peek_admission``); the moves are the
+    pool's mechanism (``KVPool.block_pool``: match, touch, allocate, cache,
+    release), called directly so a replay costs close to a dictionary loop.
+    """
+
+    tier_names: tuple[str, ...] = ("gpu",)
+
+    def __init__(
+        self, capacity_blocks: int, block_size: int, policy: Any, clock: SimClock, cost: Any, n: int
+    ) -> None:
+        from sagellm_kv_cache.pool import KVPool
+
+        self.pool = KVPool(
+            num_blocks=capacity_blocks,
+            block_size=block_size,
+            eviction_policy=policy,
+            metadata_only=True,
+            clock=clock,
+        )
+        self.bp = self.pool.block_pool
+        self.capacity_blocks = capacity_blocks
+        self.block_size = block_size
+        self.cost = cost
+        self.policy_name = self.bp.policy.name
+        self.hit = [0] * n
+        self.alloc = [0] * n
+        self.evicted = [0] * n
+        self.held: list[Any] = [None] * n
+        self.hits_per_tier = {"gpu": self.hit}
+
+    @property
+    def num_used(self) -> int:
+        return self.bp.num_used
+
+    @property
+    def num_evictions(self) -> int:
+        return self.bp.num_evictions
+
+    def start(self, i: int, hashes: list, full: int, anything_running: bool) -> bool:
+        """Take request ``i``'s cached run and allocate the rest; False: it must wait."""
+        bp = self.bp
+        hit = bp.match_prefix(hashes)
+        need = full - len(hit)
+        if need > len(bp.free_queue):  # the common case skips the query
+            reason = self.pool._admission(need, hit)[0]
+            if reason is not None:
+                if reason == "no_victims" and not anything_running:
+                    raise KVNoVictimError(  # nothing will ever be released: waiting is no use
+                        f"{self.policy_name}: request {i} needs {need - bp.num_free} victims "
+                        "and the policy gives fewer, with nothing running"
+                    )
+                if not anything_running:
+                    raise AssertionError(f"request {i} cannot start in an idle pool")
+                return False
+        if hit:
+            bp.touch(hit)
+        before = bp.num_evictions
+        try:
+            self.held[i] = hit + bp.allocate(need)
+        except KVNoVictimError:
+            # a policy that names fewer victims than it counted (a structural constraint
+            # found only when evicting): give the hits back and wait for a finish
+            if hit:
+                bp.release(hit)
+            if not anything_running:
+                raise
+            return False
+        self.hit[i] = len(hit)
+        self.alloc[i] = need
+        self.evicted[i] = bp.num_evictions - before
+        return True
+
+    def prefill_s(self, i: int, uncached_tokens: int) -> float:
+        return self.cost.prefill_s(uncached_tokens)
+
+    def written(self, i: int, hashes: list) -> None:
+        """Prefill ended: the KV is written, its full blocks become hittable."""
+        ids = self.held[i]
+        if ids:
+            self.bp.cache_blocks(ids, hashes, self.hit[i])
+
+    def finish(self, i: int) -> None:
+        ids = self.held[i]
+        if ids:
+            self.bp.release(ids)
+        self.held[i] = None
+
+    def close(self) -> dict:
+        return {}
+
+
+class TieredInstance:
+    """One instance whose cache is a ``KVOffloadManager`` (device tier first, metadata-only).
+
+    Prefill time is the tiered TTFT model: loading the lower tiers' hits over
+    their links, overlapped layer by layer with computing the uncached tokens
+    (``sim.tiered.ttft_model``).
+    """
+
+    def __init__(
+        self,
+        capacities: dict[str, int],
+        block_size: int,
+        policy: Any,
+        clock: SimClock,
+        cost: Any,
+        n: int,
+        *,
+        links: dict,
+        bytes_per_block: int,
+        num_layers: int,
+        overlap: bool,
+    ) -> None:
+        from sagellm_kv_cache.offload import KVOffloadManager
+
+        self.mgr = KVOffloadManager.from_capacities(
+            capacities, block_size=block_size, eviction_policy=policy, async_copies=False
+        )
+        self.tier_names = tuple(self.mgr.tier_names)
+        self.capacity_blocks = next(iter(capacities.values()))
+        self.block_size = block_size
+        self.cost = cost
+        self.policy_name = str(policy)
+        self.links = links
+        self.bytes_per_block = bytes_per_block
+        self.num_layers = num_layers
+        self.overlap = overlap
+        self.hit = [0] * n
+        self.alloc = [0] * n
+        self.evicted = [0] * n
+        self.load = [0.0] * n
+        self.held: list[Any] = [None] * n
+        self.hits_per_tier = {t: [0] * n for t in self.tier_names}
+        self._dbp = self.mgr.device.block_pool
+        #: the offload manager allocates the partial tail block too: it takes capacity
+        #: here, and a request is rejected when all its blocks exceed the device tier
+        self.lengths: list[int] = []
+
+    @property
+    def num_used(self) -> int:
+        return self._dbp.num_used
+
+    @property
+    def num_evictions(self) -> int:
+        return self._dbp.num_evictions
+
+    def start(self, i: int, hashes: list, full: int, anything_running: bool) -> bool:
+        try:
+            alloc = self.mgr.allocate(
+                block_hashes=hashes, num_tokens=self.lengths[i], request_id=str(i)
+            )
+        except (KVBudgetExceededError, KVNoVictimError):
+            if not anything_running:
+                raise
+            return False
+        look = alloc.lookup
+        per = look.hits_per_tier
+        for t in self.tier_names:
+            self.hits_per_tier[t][i] = per[t]
+        self.hit[i] = sum(per.values())
+        self.alloc[i] = full - per[self.tier_names[0]]
+        bpb = self.bytes_per_block
+        links = self.links
+        self.load[i] = sum(links[t].load_s(per[t] * bpb) for t in self.tier_names[1:] if t in links)
+        self.held[i] = alloc.handle
+        return True
+
+    def prefill_s(self, i: int, uncached_tokens: int) -> float:
+        from .tiered import ttft_model
+
+        return ttft_model(
+            self.load[i], self.cost.prefill_s(uncached_tokens), self.num_layers, self.overlap
+        )
+
+    def written(self, i: int, hashes: list) -> None:
+        h = self.held[i]
+        if h is not None:
+            self.mgr.cache_blocks(h)
+
+    def finish(self, i: int) -> None:
+        h = self.held[i]
+        if h is not None:
+            self.mgr.free(h)
+        self.held[i] = None
+
+    def close(self) -> dict:
+        stats = self.mgr.get_stats()
+        self.mgr.check_invariants()
+        self.mgr.close()
+        return stats
+
+
+class Engine:
+    """The loop. ``run()`` fills per-request columns on ``self`` and on the instance.
+
+    Args:
+        hashes_col, lengths, outputs, arrivals: the trace's columns (lists).
+        instance: a ``PoolInstance`` or ``TieredInstance`` built on ``clock``.
+        clock: the ``SimClock`` the instance's pool reads.
+        sequential: zero time, one request at a time (see the module docstring).
+        max_num_seqs: most requests running at once (None: only the cache limits).
+        hooks: metric hooks (see the module docstring).
+        progress: a tqdm bar over finished requests.
+    """
+
+    def __init__(
+        self,
+        hashes_col: list,
+        lengths: list,
+        outputs: list,
+        arrivals: list,
+        instance: Any,
+        clock: SimClock,
+        *,
+        sequential: bool,
+        max_num_seqs: int | None = None,
+        hooks: tuple = (),
+        progress: bool = False,
+        desc: str = "replay",
+    ) -> None:
+        self.hashes_col, self.lengths, self.outputs, self.arrivals = (
+            hashes_col,
+            lengths,
+            outputs,
+            arrivals,
+        )
+        self.inst = instance
+        self.tail = hasattr(instance, "lengths")  # its partial tail block takes capacity
+        if self.tail:
+            instance.lengths = lengths
+        self.clock = clock
+        self.sequential = sequential
+        self.max_num_seqs = max_num_seqs
+        self.hooks = {k: [getattr(h, k) for h in hooks if hasattr(h, k)] for k in _HOOKS}
+        self.progress = progress
+        self.desc = desc
+        n = len(lengths)
+        self.n = n
+        nan = math.nan
+        self.full = [0] * n
+        self.rejected = [False] * n
+        self.start_s = [nan] * n
+        self.prefill_end_s = [nan] * n
+        self.finish_s = [nan] * n
+        self.timeline = {
+            "time_s": array("d"),
+            "waiting": array("q"),
+            "running": array("q"),
+            "blocks_in_use": array("q"),
+        }
+        self.peaks = [0, 0, 0]  # blocks in use, running, waiting
+
+    def _emit(self, kind: str, i: int, now: float) -> None:
+        for fn in self.hooks[kind]:
+            fn(i, now)
+
+    def run(self) -> Engine:
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.n, desc=self.desc, unit="req")
+        if self.sequential:
+            self._run_sequential(bar)
+        else:
+            self._run_clocked(bar)
+        if bar is not None:
+            bar.close()
+        return self
+
+    def _run_sequential(self, bar: Any) -> None:
+        """Zero time, trace order: arrival, start, prefill end and finish of each request
+        before the next (what the clocked loop does with a zero cost model, inline)."""
+        inst = self.inst
+        bs = inst.block_size
+        cap = inst.capacity_blocks
+        start, written, finish = inst.start, inst.written, inst.finish
+        hashes_col, lengths, full_l, rejected = (
+            self.hashes_col,
+            self.lengths,
+            self.full,
+            self.rejected,
+        )
+        hooked = any(self.hooks.values())
+        tail = self.tail
+        for i in range(self.n):
+            full = lengths[i] // bs
+            full_l[i] = full
+            if (-(-lengths[i] // bs) if tail else full) > cap:  # never fits: a miss
+                rejected[i] = True
+            elif full:
+                hs = hashes_col[i][:full]
+                start(i, hs, full, False)
+                written(i, hs)
+                finish(i)
+            if hooked:
+                kinds = ("on_arrival", "on_reject") if rejected[i] else _HOOKS[:4]
+                for kind in kinds:
+                    self._emit(kind, i, 0.0)
+            if bar is not None:
+                bar.update(1)
+
+    def _run_clocked(self, bar: Any) -> None:
+        inst = self.inst
+        bs = inst.block_size
+        cap = inst.capacity_blocks
+        clock = self.clock
+        hashes_col, lengths, outputs, arrivals = (
+            self.hashes_col,
+            self.lengths,
+            self.outputs,
+            self.arrivals,
+        )
+        full_l, hit_l = self.full, inst.hit
+        start_s, prefill_end_s, finish_s = self.start_s, self.prefill_end_s, self.finish_s
+        max_seqs = self.max_num_seqs
+        cost = inst.cost
+        emit = self._emit
+        hooked = any(self.hooks.values())
+        tl = self.timeline
+        tl_time, tl_wait, tl_run, tl_used = (
+            tl["time_s"],
+            tl["waiting"],
+            tl["running"],
+            tl["blocks_in_use"],
+        )
+        peaks = self.peaks
+        tail = self.tail
+        n = self.n
+        order = sorted(range(n), key=arrivals.__getitem__)  # stable: ties keep trace order
+        events: list[tuple[float, int, int, int]] = []  # (time, kind, seq, request)
+        waiting: deque[int] = deque()
+        running = 0
+        seq = 0
+
+        def admit(now: float) -> None:
+            nonlocal running, seq
+            while waiting and (max_seqs is None or running < max_seqs):
+                i = waiting[0]
+                full = full_l[i]
+                if full and not inst.start(i, hashes_col[i][:full], full, running > 0):
+                    break
+                waiting.popleft()
+                running += 1
+                start_s[i] = now
+                if hooked:
+                    emit("on_start", i, now)
+                seq += 1
+                uncached = lengths[i] - hit_l[i] * bs
+                heapq.heappush(events, (now + inst.prefill_s(i, uncached), _PREFILL_END, seq, i))
+                used = inst.num_used
+                if used > peaks[0]:
+                    peaks[0] = used
+                if running > peaks[1]:
+                    peaks[1] = running
+
+        p = 0
+        while p < n or events:
+            if events and (p >= n or (events[0][0], events[0][1]) < (arrivals[order[p]], _ARRIVAL)):
+                now, kind, _, i = heapq.heappop(events)
+                clock.now = now
+                if kind == _FINISH:
+                    inst.finish(i)
+                    running -= 1
+                    finish_s[i] = now
+                    if hooked:
+                        emit("on_finish", i, now)
+                    if bar is not None:
+                        bar.update(1)
+                else:
+                    full = full_l[i]
+                    if full:
+                        inst.written(i, hashes_col[i][:full])
+                    prefill_end_s[i] = now
+                    if hooked:
+                        emit("on_prefill_end", i, now)
+                    seq += 1
+                    heapq.heappush(events, (now + cost.decode_s(outputs[i]), _FINISH, seq, i))
+            else:
+                i = order[p]
+                p += 1
+                now = arrivals[i]
+                clock.now = now
+                full = lengths[i] // bs
+                full_l[i] = full
+                if hooked:
+                    emit("on_arrival", i, now)
+                if (-(-lengths[i] // bs) if tail else full) > cap:
+                    self.rejected[i] = True
+                    if hooked:
+                        emit("on_reject", i, now)
+                    if bar is not None:
+                        bar.update(1)
+                else:
+                    waiting.append(i)
+            if waiting:
+                admit(now)
+                if len(waiting) > peaks[2]:
+                    peaks[2] = len(waiting)
+                if waiting and not running:  # the head fits an idle pool: unreachable
+                    raise AssertionError(f"request {waiting[0]} cannot start in an idle pool")
+            tl_time.append(now)
+            tl_wait.append(len(waiting))
+            tl_run.append(running)
+            tl_used.append(inst.num_used)

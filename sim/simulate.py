@@ -1,0 +1,275 @@
+"""``simulate``: one entry point over the event engine (``sim.core``) for every mode.
+
+``replay_sequential``, ``replay_concurrent`` and ``replay_tiered`` are thin
+calls of this with their mode; all return a ``SimResult`` (``sim.result``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError
+
+from .config import LinearCostModel
+from .core import Engine, PoolInstance, SimClock, TieredInstance
+from .result import SimResult, build_result
+
+__all__ = ["MODES", "resolve_blocks", "simulate"]
+
+MODES = ("sequential", "concurrent")
+_REQUIRED = ("request_id", "arrival_s", "input_length", "output_length", "block_hashes")
+
+
+def _distinct_blocks(table: Any) -> int:
+    if not len(table):
+        return 1
+    return max(1, int(table["block_hashes"].explode().drop_nulls().n_unique()))
+
+
+def resolve_blocks(
+    capacity: Any, table: Any, block_size: int, model_shape: Any = None
+) -> tuple[int | None, dict]:
+    """``capacity`` (anything ``sim.config`` parses: 2000, "5.12Mt", "40GiB", "10%", "inf",
+    None) in blocks of ``block_size`` (None: infinite), and its description
+    ``{"spec", "unit", "blocks"}`` for the resolved config."""
+    from . import config as cfg
+
+    try:  # the one capacity grammar (blocks, tokens, bytes, share, inf), when present
+        from .capacity import resolve_capacity as resolve
+    except ImportError:  # pragma: no cover - older tree
+        resolve = getattr(cfg, "resolve_capacity", None)
+    spec = "inf" if capacity is None else capacity
+    if isinstance(spec, bool) or (
+        isinstance(spec, int | np.integer) and not isinstance(spec, bool) and spec < 1
+    ):
+        raise KVConfigError(f"capacity must be a positive number of blocks, got {capacity!r}")
+    text = str(int(spec)) if isinstance(spec, int | np.integer) else spec
+    if resolve is not None:
+        cap = resolve(
+            text,
+            block_size=block_size,
+            model_shape=model_shape,
+            distinct_blocks=lambda: _distinct_blocks(table),
+        )
+        blocks, unit = cap.blocks, cap.unit
+        return blocks, {"spec": str(cap.spec), "unit": unit, "label": cap.label, "blocks": blocks}
+    else:
+        parsed = cfg.parse_capacity(text)
+        blocks, unit = parsed.to_blocks(block_size, model_shape), parsed.unit
+    return blocks, {"spec": str(text), "unit": unit, "blocks": blocks}
+
+
+def _cost(cost: Any) -> LinearCostModel:
+    if cost is None:
+        return LinearCostModel()
+    if isinstance(cost, LinearCostModel):
+        return cost
+    if isinstance(cost, dict):
+        return LinearCostModel(**cost)
+    if isinstance(cost, str):
+        return LinearCostModel.parse(cost)
+    raise KVConfigError(f"cost must be a LinearCostModel, dict or string, got {cost!r}")
+
+
+def simulate(
+    table: Any,
+    capacity: Any = None,
+    policy: str = "lru",
+    *,
+    mode: str = "sequential",
+    cost: Any = None,
+    max_num_seqs: int | None = None,
+    tiers: dict[str, Any] | None = None,
+    model_shape: Any = None,
+    links: dict | None = None,
+    layerwise_overlap: bool = True,
+    block_size: int | None = None,
+    hooks: tuple = (),
+    progress: bool = False,
+    config: dict | None = None,
+) -> SimResult:
+    """Replay a canonical trace table on the event engine.
+
+    Args:
+        table: polars DataFrame (``traces``): ``request_id, arrival_s,
+            input_length, output_length, block_hashes, block_size``.
+        capacity: device cache size in any unit ``sim.config`` parses (None: infinite).
+        policy: eviction policy name.
+        mode: ``"sequential"`` (zero time, one at a time) or ``"concurrent"`` (clocked).
+        cost: ``LinearCostModel`` (or its dict / ``name=value`` text) for durations.
+        max_num_seqs: concurrent mode: most requests running at once.
+        tiers: ``{"gpu": cap, "cpu": cap, ...}`` (device first) for a tiered
+            instance (``KVOffloadManager``); ``capacity`` is then ignored.
+        model_shape: ``ModelShape`` or preset name: byte capacities and, for
+            tiers, the bytes each loaded block costs.
+        links: tier name -> ``sim.tiered.Link`` overrides.
+        layerwise_overlap: tiers: loading overlaps computing layer by layer.
+        block_size: must equal the table's when given.
+        hooks: metric hooks (``sim.core``).
+        progress: a progress bar.
+        config: extra entries for the resolved config (trace path, format...).
+
+    Returns:
+        a ``SimResult``.
+
+    Raises:
+        KVConfigError: bad settings. KVInvalidInputError: the table lacks a column.
+    """
+    if mode not in MODES:
+        raise KVConfigError(f"mode must be one of {MODES}, got {mode!r}")
+    missing = [c for c in _REQUIRED if c not in table.columns]
+    if missing:
+        raise KVInvalidInputError(f"trace table lacks column(s) {missing}")
+    n = len(table)
+    bs = int(table["block_size"][0]) if n and "block_size" in table.columns else 512
+    if block_size is not None and n and block_size != bs:
+        raise KVConfigError(
+            f"block_size {block_size} differs from the table's {bs}: re-read the "
+            f"trace at that block size (formats with fixed hash ids cannot be re-hashed)"
+        )
+    if max_num_seqs is not None and (
+        isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1
+    ):
+        raise KVConfigError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
+    cost_m = _cost(cost)
+    sequential = mode == "sequential"
+    hashes_col = table["block_hashes"].to_list()
+    lengths = table["input_length"].to_list()
+    outputs = table["output_length"].to_list()
+    arrivals = table["arrival_s"].to_list()
+    clock = SimClock()
+    shape = model_shape
+    if isinstance(shape, str):
+        from sagellm_kv_cache.storage import ModelShape
+
+        shape = ModelShape.named(shape)
+
+    def all_full() -> int:
+        return max(1, sum(x // bs for x in lengths))
+
+    cap_info: dict[str, Any]
+    if tiers:
+        from .tiered import LINKS
+
+        caps: dict[str, int] = {}
+        cap_info = {}
+        for name, spec in tiers.items():
+            blocks, info = resolve_blocks(spec, table, bs, shape)
+            caps[name] = blocks if blocks is not None else all_full()
+            cap_info[name] = info
+        if shape is None:
+            raise KVConfigError("tiers need a model shape (the bytes each loaded block costs)")
+        link_map = dict(LINKS)
+        link_map.update(links or {})
+        inst: Any = TieredInstance(
+            caps,
+            bs,
+            policy,
+            clock,
+            cost_m,
+            n,
+            links=link_map,
+            bytes_per_block=shape.bytes_per_block(bs),
+            num_layers=shape.num_layers,
+            overlap=bool(layerwise_overlap),
+        )
+        capacity_blocks = next(iter(caps.values()))
+    else:
+        blocks, cap_info = resolve_blocks(capacity, table, bs, shape)
+        if blocks is None:
+            # infinite: nothing is ever evicted (sequential: the distinct blocks; clocked:
+            # every full block, since overlapping requests may each hold a copy)
+            blocks = _distinct_blocks(table) if sequential else all_full()
+        capacity_blocks = blocks
+        inst = PoolInstance(blocks, bs, policy, clock, cost_m, n)
+    eng = Engine(
+        hashes_col,
+        lengths,
+        outputs,
+        arrivals,
+        inst,
+        clock,
+        sequential=sequential,
+        max_num_seqs=max_num_seqs,
+        hooks=tuple(hooks),
+        progress=progress,
+        desc=f"{mode} replay {inst.policy_name} @ {capacity_blocks} blocks",
+    ).run()
+    evictions = inst.num_evictions
+    stats = inst.close()
+    hit = np.asarray(inst.hit, dtype=np.int64)
+    rej = np.asarray(eng.rejected, dtype=bool)
+    ran = ~rej
+    if sequential:  # each request's cost alone
+        uncached = np.asarray(lengths, dtype=np.float64) - hit * bs
+        compute = cost_m.prefill_overhead_s + cost_m.prefill_s_per_token * uncached
+        if tiers:
+            load = np.asarray(inst.load)
+            L = inst.num_layers
+            if inst.overlap and L > 1:
+                prefill = (load + compute) / L + (L - 1) / L * np.maximum(load, compute)
+            else:
+                prefill = load + compute
+        else:
+            prefill = compute
+        decode = cost_m.decode_overhead_s + cost_m.decode_s_per_token * np.asarray(
+            outputs, dtype=np.float64
+        )
+        start = table["arrival_s"].cast(float).to_numpy().copy() if n else np.zeros(0)
+        times = {
+            "start_s": np.where(ran, start, np.nan),
+            "prefill_s": np.where(ran, prefill, np.nan),
+            "decode_s": np.where(ran, decode, np.nan),
+        }
+        clock_kind = "isolated"
+    else:
+        start = np.asarray(eng.start_s)
+        pend = np.asarray(eng.prefill_end_s)
+        times = {
+            "start_s": start,
+            "prefill_s": pend - start,
+            "decode_s": np.asarray(eng.finish_s) - pend,
+        }
+        clock_kind = "simulated"
+    resolved = {
+        "mode": mode,
+        "policy": inst.policy_name,
+        "capacity": cap_info,
+        "capacity_blocks": capacity_blocks,
+        "block_size": bs,
+        "max_num_seqs": max_num_seqs,
+        "cost": dataclasses.asdict(cost_m),
+        "model_shape": str(model_shape) if model_shape is not None else None,
+        "tiers": {k: int(v) for k, v in caps.items()} if tiers else None,
+        **(config or {}),
+    }
+    more: dict[str, Any] = {"max_num_seqs": max_num_seqs, "cost": resolved["cost"]}
+    if tiers:
+        more["tiers"] = dict(resolved["tiers"])
+        more["tier_stats"] = {
+            t: {"evicted_blocks": int(s.get("evicted_blocks", 0))}
+            for t, s in stats.get("tiers", {}).items()
+        }
+    return build_result(
+        table,
+        mode=mode if not tiers else f"{mode}+tiers",
+        policy=inst.policy_name,
+        capacity_blocks=capacity_blocks,
+        block_size=bs,
+        full=eng.full,
+        hit=hit,
+        allocated=inst.alloc,
+        evicted=inst.evicted,
+        rejected=rej,
+        evictions=evictions,
+        hits_per_tier=inst.hits_per_tier,
+        times=times,
+        clock=clock_kind,
+        config=resolved,
+        timeline=None if sequential else eng.timeline,
+        peaks=None if sequential else tuple(eng.peaks),
+        more=more,
+    )
