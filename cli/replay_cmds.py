@@ -25,6 +25,13 @@ from ._common import (
 _DEFAULTS = ReplayConfig.__dataclass_fields__
 
 
+def _trace_formats() -> tuple[str, ...]:
+    """Every format the trace readers know (the --format choices follow them)."""
+    import traces.io
+
+    return tuple(traces.io.FORMATS)
+
+
 def _default(name: str):
     return _DEFAULTS[name].default
 
@@ -125,7 +132,7 @@ def _cost_defaults() -> str:
     "fmt",
     default=_default("format"),
     show_default=True,
-    type=click.Choice(["auto", "mooncake", "bailian", "azure", "burstgpt", "tokens", "parquet"]),
+    type=click.Choice(["auto", *_trace_formats()]),
     help="Trace format; auto detects it from the file's suffix and first record. "
     "azure and burstgpt carry lengths only: block ids come from a seeded synthetic prefix "
     "model (see traces.synthetic.PrefixModel); tokens are hashed at --block-size.",
@@ -319,9 +326,7 @@ def replay(
         )
         if mode == "sequential":
             result = replay_sequential(table, cap_blocks, policy, progress=progress)
-            records = pl.DataFrame(
-                {k: list(v) if v.dtype == object else v for k, v in result.records.items()}
-            )
+            records = result.records
         else:
             from sim.engine import replay_concurrent
 
@@ -450,8 +455,10 @@ def _replay_tiers(
         summary = replay_tiered(table, tiers=spec, config=config, out_dir=out_dir)
     except KVCacheError as err:
         raise click.ClickException(err.message) from None
-    click.echo(json.dumps(summary, indent=2, default=str)[:4000])
-    click.echo(f"wrote {out_dir}/summary.json and the TTFT figure")
+    from sim.report_table import format_summary
+
+    click.echo(format_summary(summary.summary()))
+    click.echo(f"wrote {out_dir}/config.json, records.parquet, summary.json, ttft.png")
 
 
 def _plot_curve(curve: list[dict], result, path: Path, mode: str = "sequential") -> None:
