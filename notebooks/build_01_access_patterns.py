@@ -21,13 +21,20 @@ prompt block: hit or miss, its position in the prompt, the request, the
 (simulated) time.
 
 Everything is computed by the library (`sagellm_kv_cache.profiling`) and
-drawn by `cli.plots`; this notebook defines no logic."""
+drawn by `sim.analysis.plots`; this notebook defines no logic."""
+    ),
+    new_code_cell(
+        """# parameters (papermill -p NAME VALUE): accesses to record, seed, cache size
+NUM_ACCESSES = 5000
+SEED = 0
+MAX_CACHED_BLOCKS = 512""",
+        metadata={"tags": ["parameters"]},
     ),
     new_code_cell(
         """import polars as pl
 
-from cli import plots
-from cli.profiling_cmds import format_summary
+from sim.analysis import plots
+from sim.analysis.text import format_summary
 from sagellm_kv_cache.profiling import AccessStatsCollector, analysis
 from sagellm_kv_cache.profiling.demo import run_demo_workload
 
@@ -41,7 +48,9 @@ The export is Parquet (the cached intermediate result); the table is read
 back with polars."""
     ),
     new_code_cell(
-        """collector = run_demo_workload(5000, seed=0, block_size=16, max_cached_blocks=512)
+        """collector = run_demo_workload(
+    NUM_ACCESSES, seed=SEED, block_size=16, max_cached_blocks=MAX_CACHED_BLOCKS
+)
 collector.export_stats("demo_stats.parquet")
 events = pl.read_parquet("demo_stats.parquet")
 events.head()"""

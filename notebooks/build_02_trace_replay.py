@@ -27,14 +27,19 @@ Two bounds frame every curve:
   next use is furthest in the future. It needs the future, so no online
   policy can do better *at that size*.
 
-Everything is computed by `sim` and drawn by `cli.sweep_cmds`; this notebook
+Everything is computed by `sim` and drawn by `sim.analysis.plots`; this notebook
 defines no logic. The same sweep from a shell:
 `sage-kv-stats sweep traces/data/mooncake_synthetic_trace.jsonl --policies lru,arc`."""
     ),
     new_code_cell(
+        """# parameters: papermill -p TRACE path/to/trace.jsonl (None: the bundled Mooncake sample)
+TRACE = None""",
+        metadata={"tags": ["parameters"]},
+    ),
+    new_code_cell(
         """import polars as pl
 
-from cli.sweep_cmds import plot_sweep
+from sim.analysis.plots import plot_sweep
 from sagellm_kv_cache.eviction.registry import list_policies
 from sim.replay import replay_sequential
 from sim.sweep import opt_available, sweep
@@ -53,7 +58,7 @@ canonical polars table: one row per request, `block_hashes` lists one id per
 share the whole prefix up to it."""
     ),
     new_code_cell(
-        """trace = read_trace(DEFAULT_TRACE)
+        """trace = read_trace(TRACE or DEFAULT_TRACE)
 trace.head()"""
     ),
     new_code_cell(
