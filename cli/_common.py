@@ -76,26 +76,139 @@ def clamp_capacity(blocks: int | None, limit: int) -> int | None:
     return min(blocks, limit)
 
 
-def parse_tiers(ctx: Any, param: Any, value: str | None) -> dict[str, int] | None:
-    """``--tiers gpu=2000,cpu=8000,disk=1e5`` -> ``{"gpu": 2000, ...}`` (a click callback).
+class CapacityType(click.ParamType):
+    """A capacity option (``sim.capacity`` grammar): parsed now, resolved to blocks later.
+
+    Converts to a ``sim.capacity.CapacitySpec``; the one-line error names the option.
+    """
+
+    name = "capacity"
+
+    def convert(self, value, param, ctx):
+        from sagellm_kv_cache.errors import KVConfigError
+        from sim.capacity import CapacitySpec, parse_capacity
+
+        if isinstance(value, CapacitySpec):
+            return value
+        try:
+            return parse_capacity(str(value))
+        except KVConfigError as err:
+            self.fail(err.message, param, ctx)
+
+
+class CapacityListType(click.ParamType):
+    """Comma-separated capacities (``1%,5Mt,40GiB``) -> a list of ``CapacitySpec``.
+
+    Args:
+        allow_inf: whether ``inf`` may be listed (a sweep draws the infinite bound anyway).
+    """
+
+    name = "capacities"
+
+    def __init__(self, allow_inf: bool = True) -> None:
+        self.allow_inf = allow_inf
+
+    def convert(self, value, param, ctx):
+        from sagellm_kv_cache.errors import KVConfigError
+        from sim.capacity import GRAMMAR, parse_capacity
+
+        if isinstance(value, list):
+            return value
+        out = []
+        for part in str(value).split(","):
+            if not part.strip():
+                continue
+            try:
+                cap = parse_capacity(part)
+            except KVConfigError as err:
+                self.fail(err.message, param, ctx)
+            if cap.is_infinite and not self.allow_inf:
+                self.fail(
+                    "the infinite-capacity bound is always drawn; list finite sizes", param, ctx
+                )
+            out.append(cap)
+        if not out:
+            self.fail(f"give at least one capacity, comma-separated; forms: {GRAMMAR}", param, ctx)
+        return out
+
+
+class ModelShapeType(click.ParamType):
+    """``--model-shape``: a preset, ``LAYERS,KV_HEADS,HEAD_DIM,DTYPE`` or a config.json path.
+
+    Checked now (the error lists the presets); the value stays the text the user
+    gave, so ``config.json`` records it as written.
+    """
+
+    name = "shape"
+
+    def convert(self, value, param, ctx):
+        from sagellm_kv_cache.errors import KVConfigError
+        from sagellm_kv_cache.model_shapes import resolve_model_shape
+
+        try:
+            resolve_model_shape(value)
+        except KVConfigError as err:
+            self.fail(err.message, param, ctx)
+        return value
+
+
+def distinct_blocks_of(table: Any):
+    """A lazy count of ``table``'s distinct blocks, what ``10%`` is a share of."""
+    return lambda: inf_blocks(table, "sequential")
+
+
+def resolve_option(spec: Any, option: str, *, block_size: int, model_shape: Any = None,
+                   distinct_blocks: Any = None, what: str = ""):  # fmt: skip
+    """``sim.capacity.resolve_capacity`` whose errors are one line naming ``option``."""
+    from sagellm_kv_cache.errors import KVConfigError
+    from sim.capacity import resolve_capacity
+
+    try:
+        return resolve_capacity(
+            spec, block_size=block_size, model_shape=model_shape, distinct_blocks=distinct_blocks
+        )
+    except KVConfigError as err:
+        raise click.BadParameter(f"{what}{err.message}", param_hint=option) from None
+
+
+def require_model_shape(specs: Any, option: str, model_shape: Any) -> None:
+    """Fail before any long work when a byte capacity comes without ``--model-shape``."""
+    if model_shape is not None:
+        return
+    for s in specs:
+        if getattr(s, "unit", None) == "bytes":
+            raise click.BadParameter(
+                f"{s} is in bytes and needs a model shape to become blocks: add --model-shape "
+                "(a preset such as llama-3-8b, LAYERS,KV_HEADS,HEAD_DIM,DTYPE such as "
+                "32,8,128,bf16, or a config.json)",
+                param_hint=option,
+            )
+
+
+def parse_tiers(ctx: Any, param: Any, value: str | None) -> dict[str, Any] | None:
+    """``--tiers gpu=10%,cpu=40GiB,disk=1e5`` -> ``{"gpu": CapacitySpec, ...}`` (a click callback).
 
     The first tier is the device (``gpu``); the others name a link of
     ``sim.tiered.LINKS`` (cpu, host, disk, nvme, ssd), each at most once; every
-    capacity is a positive whole number of blocks.
+    capacity is in the ``--capacity`` grammar, resolved per trace by
+    :func:`resolve_tiers`.
     """
     if value is None:
         return None
     from sagellm_kv_cache.errors import KVConfigError
-    from sim.config import parse_capacity
+    from sim.capacity import parse_capacity
     from sim.tiered import LINKS
 
     lower = tuple(LINKS)
-    out: dict[str, int] = {}
+    out: dict[str, Any] = {}
     for i, part in enumerate(value.split(",")):
         name, sep, amount = part.partition("=")
         name = name.strip().lower()
         if not sep or not name:
-            raise click.BadParameter(f"expected NAME=BLOCKS, got {part!r}", param_hint="--tiers")
+            raise click.BadParameter(
+                f"expected NAME=CAPACITY (e.g. gpu=10%,cpu=40GiB), got {part!r}",
+                param_hint="--tiers",
+            )
         valid = DEVICE_TIERS if i == 0 else lower
         if name not in valid:
             where = "the first (device) tier" if i == 0 else "a lower tier"
@@ -106,14 +219,24 @@ def parse_tiers(ctx: Any, param: Any, value: str | None) -> dict[str, int] | Non
         if name in out:
             raise click.BadParameter(f"tier {name!r} is given twice", param_hint="--tiers")
         try:
-            cap = parse_capacity(amount)
+            out[name] = parse_capacity(amount)
         except KVConfigError as err:
             raise click.BadParameter(
                 f"tier {name!r}: {err.message}", param_hint="--tiers"
             ) from None
-        if cap.unit != "blocks":
-            raise click.BadParameter(
-                f"tier {name!r}: give a block count, got {amount.strip()!r}", param_hint="--tiers"
-            )
-        out[name] = int(cap.amount)
+    return out
+
+
+def resolve_tiers(tiers: dict[str, Any], table: Any, *, model_shape: Any = None) -> dict[str, int]:
+    """Each tier's capacity in blocks of ``table``'s block size (``inf``: all its full
+    blocks, which no tier can exceed); errors name ``--tiers`` and the tier."""
+    block_size = int(table["block_size"][0])
+    distinct = distinct_blocks_of(table)
+    out = {}
+    for name, spec in tiers.items():
+        cap = resolve_option(
+            spec, "--tiers", block_size=block_size, model_shape=model_shape,
+            distinct_blocks=distinct, what=f"tier {name!r}: ",
+        )  # fmt: skip
+        out[name] = cap.blocks if cap.blocks is not None else inf_blocks(table, "concurrent")
     return out

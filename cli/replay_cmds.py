@@ -18,8 +18,12 @@ from ._common import (
     check_not_empty,
     check_out_dir,
     clamp_capacity,
+    distinct_blocks_of,
     inf_blocks,
     parse_tiers,
+    require_model_shape,
+    resolve_option,
+    resolve_tiers,
 )
 
 _DEFAULTS = ReplayConfig.__dataclass_fields__
@@ -73,10 +77,10 @@ def _cost_cb(ctx, param, value):
 def _model_shape_cb(ctx, param, value):
     if value is None:
         return None
-    from sagellm_kv_cache.storage import ModelShape
+    from sagellm_kv_cache.model_shapes import resolve_model_shape
 
     try:
-        ModelShape.named(value)
+        resolve_model_shape(value)
     except KVConfigError as err:
         raise click.BadParameter(err.message) from None
     return value
@@ -100,11 +104,11 @@ def _curve_cb(ctx, param, value):
     return out
 
 
-def _resolve_blocks(cap, block_size: int, model_shape, option: str) -> int | None:
-    try:
-        return parse_capacity(cap).to_blocks(block_size, model_shape)
-    except KVConfigError as err:
-        raise click.BadParameter(err.message, param_hint=option) from None
+def _resolve_blocks(cap, block_size: int, model_shape, option: str, table=None) -> int | None:
+    distinct = None if table is None else distinct_blocks_of(table)
+    return resolve_option(
+        cap, option, block_size=block_size, model_shape=model_shape, distinct_blocks=distinct
+    ).blocks
 
 
 _COST_EXAMPLE = "prefill_s_per_token=6e-5,decode_s_per_token=0.012"
@@ -143,7 +147,8 @@ def _cost_defaults() -> str:
     show_default=True,
     callback=_capacity_cb,
     help="Cache size: 10000 or 10000b (blocks), 5.12Mt or tokens:512k (tokens, rounded down "
-    "to whole blocks), 40GiB or 512MB (bytes; needs --model-shape), inf (never evicts). "
+    "to whole blocks), 40GiB or 512MB (bytes; needs --model-shape), 10% (of the trace's "
+    "distinct blocks, rounded down), inf (never evicts). "
     "A size above 2**20 blocks that the trace cannot use is clamped to what it can (same "
     "result as inf).",
 )
@@ -151,8 +156,10 @@ def _cost_defaults() -> str:
     "--model-shape",
     default=None,
     callback=_model_shape_cb,
-    help="Model KV geometry that turns byte capacities into blocks: llama-3-8b (128 KiB "
-    "per token in bf16), llama-3-70b, qwen2.5-7b, qwen2.5-72b, mistral-7b.",
+    help="Model KV geometry that turns byte capacities into blocks: a preset (llama-3-8b: "
+    "128 KiB per token in bf16; llama-3-70b, qwen2.5-7b, qwen2.5-72b, mistral-7b, "
+    "deepseek-v3, gemma-2-9b, gemma-3-27b), LAYERS,KV_HEADS,HEAD_DIM,DTYPE (32,8,128,bf16) "
+    "or a Hugging Face config.json (GQA, MLA and sliding-window layers read from it).",
 )
 @click.option(
     "--policy",
@@ -198,8 +205,8 @@ def _cost_defaults() -> str:
     "--tiers",
     default=None,
     callback=parse_tiers,
-    help="Tiered replay instead: capacities in blocks per tier, e.g. gpu=2000,cpu=8000,disk=100000 "
-    "(gpu first, then any of cpu, host, disk, nvme, ssd).",
+    help="Tiered replay instead: a capacity per tier in the --capacity units, e.g. "
+    "gpu=10%,cpu=40GiB,disk=100000 (gpu first, then any of cpu, host, disk, nvme, ssd).",
 )
 @click.option(
     "--skip-bad", is_flag=True, help="Skip and count malformed records instead of stopping."
@@ -270,11 +277,9 @@ def replay(
     if not Path(trace).exists():
         raise click.FileError(str(trace), hint="trace file not found")
     check_out_dir(out_dir)
-    if parse_capacity(capacity).unit == "bytes" and model_shape is None:
-        raise click.BadParameter(
-            f"{capacity} needs a model shape to become blocks: add --model-shape (e.g. llama-3-8b)",
-            param_hint="--capacity",
-        )
+    require_model_shape([parse_capacity(capacity)], "--capacity", model_shape)
+    require_model_shape(curve_caps, "--curve", model_shape)
+    require_model_shape((tiers or {}).values(), "--tiers", model_shape)
     src = ctx.get_parameter_source
     explicit_cost = src("cost") == click.core.ParameterSource.COMMANDLINE
     if mode == "sequential" and not tiers:
@@ -293,7 +298,7 @@ def replay(
         raise click.ClickException(err.message) from None
     check_not_empty(table, trace, stats)
     bs = int(table["block_size"][0])
-    requested = _resolve_blocks(capacity, bs, model_shape, "--capacity")
+    requested = _resolve_blocks(capacity, bs, model_shape, "--capacity", table)
     cap_blocks = clamp_capacity(requested, inf_blocks(table, mode))
     if cap_blocks != requested:
         click.echo(
@@ -304,7 +309,7 @@ def replay(
     seq_limit = inf_blocks(table, "sequential")
     curve_blocks = sorted(
         {
-            clamp_capacity(_resolve_blocks(c, bs, model_shape, "--curve"), seq_limit)
+            clamp_capacity(_resolve_blocks(c, bs, model_shape, "--curve", table), seq_limit)
             for c in curve_caps
         }
     )
@@ -431,6 +436,7 @@ def _replay_tiers(
         raise click.ClickException(err.message) from None
     check_not_empty(table, trace, stats)
     limit = inf_blocks(table, "concurrent")  # all full blocks: no tier can evict
+    tiers = resolve_tiers(tiers, table, model_shape=model_shape)
     spec = {name: clamp_capacity(n, limit) for name, n in tiers.items()}
     if spec != tiers:
         click.echo(
@@ -445,7 +451,9 @@ def _replay_tiers(
             policy=policy,
         )
         if model_shape:
-            config.model = model_shape
+            from sagellm_kv_cache.model_shapes import resolve_model_shape
+
+            config.model = resolve_model_shape(model_shape)  # a ModelShape: presets, custom, HF
         if explicit_cost:  # otherwise the tiered model keeps its own defaults
             config.prefill_tokens_per_s = (
                 1.0 / cost.prefill_s_per_token if cost.prefill_s_per_token else float("inf")

@@ -13,7 +13,16 @@ import click
 
 from sagellm_kv_cache.errors import KVCacheError
 
-from ._common import check_not_empty, check_out_dir, clamp_capacity, inf_blocks
+from ._common import (
+    ModelShapeType,
+    check_not_empty,
+    check_out_dir,
+    clamp_capacity,
+    distinct_blocks_of,
+    inf_blocks,
+    require_model_shape,
+    resolve_option,
+)
 
 __all__ = [
     "COMMANDS",
@@ -28,35 +37,63 @@ __all__ = [
 TRACE_FORMATS = ("auto", "mooncake", "bailian", "azure", "burstgpt", "tokens", "parquet")
 
 
-def parse_capacities(text: str) -> list[int]:
-    """``"1000,3000,10k"`` -> ``[1000, 3000, 10000]`` (block counts; ``k``/``M`` suffixes).
+def parse_capacities(text: str) -> list:
+    """``"1%,5Mt,40GiB,10k"`` -> ``sim.capacity.CapacitySpec`` list (the ``--capacity``
+    grammar; resolved per trace by :func:`resolve_capacities`).
 
     Raises:
-        click.BadParameter: empty, unparseable, non-block or non-positive entries.
+        click.BadParameter: empty or unparseable entries (one line naming --capacities).
     """
-    from sim.config import parse_capacity
+    from sim.capacity import GRAMMAR, parse_capacity
 
-    caps: list[int] = []
+    caps = []
     for part in text.split(","):
         part = part.strip()
         if not part:
             continue
         try:
-            cap = parse_capacity(part)
+            caps.append(parse_capacity(part))
         except KVCacheError as err:
             raise click.BadParameter(err.message, param_hint="--capacities") from None
-        if cap.unit != "blocks":
-            raise click.BadParameter(
-                f"{part!r} is not a block count (the infinite bound is drawn anyway;"
-                " give sizes in blocks, e.g. 1000,3000,10k)",
-                param_hint="--capacities",
-            )
-        caps.append(int(cap.amount))
     if not caps:
         raise click.BadParameter(
-            f"expected comma-separated block counts, got {text!r}", param_hint="--capacities"
+            f"expected comma-separated capacities ({GRAMMAR}), got {text!r}",
+            param_hint="--capacities",
         )
     return caps
+
+
+def resolve_capacities(specs: list, items: list, model_shape=None) -> dict:
+    """Each trace's capacities in blocks: ``requested`` (in ``specs`` order; ``inf`` is
+    the trace's distinct blocks) and ``swept`` (sorted, distinct, clamped as the module
+    doc of ``cli/_common.py`` says), plus the ``axis`` label all of them share.
+
+    Raises:
+        click.BadParameter: a byte size without --model-shape, a size under one block.
+    """
+    from sim.capacity import capacity_axis
+
+    limit = max(inf_blocks(table) for _, table in items)
+    requested, swept, axes = [], [], set()
+    for _, table in items:
+        bs = int(table["block_size"][0])
+        distinct = distinct_blocks_of(table)
+        resolved = [
+            resolve_option(
+                spec,
+                "--capacities",
+                block_size=bs,
+                model_shape=model_shape,
+                distinct_blocks=distinct,
+            )
+            for spec in specs
+        ]
+        axes.add(capacity_axis(resolved)[0])
+        req = [inf_blocks(table) if c.blocks is None else c.blocks for c in resolved]
+        requested.append(req)
+        swept.append(sorted({clamp_capacity(b, limit) for b in req}))
+    axis = axes.pop() if len(axes) == 1 else "capacity (blocks)"
+    return {"limit": limit, "requested": requested, "swept": swept, "axis": axis}
 
 
 def parse_policies(text: str) -> list[str]:
@@ -93,8 +130,17 @@ from sim.analysis.plots import plot_sweep  # noqa: E402  (moved)
     "--capacities",
     default="1000,3000,10000,30000",
     show_default=True,
-    help="Cache sizes in blocks, comma-separated (10k = 10000). Sizes above 2**20 blocks that "
-    "no trace can use (its distinct blocks) are clamped to that (same result: no evictions).",
+    help="Cache sizes, comma-separated, in any --capacity unit of replay: 2000 or 10k "
+    "(blocks), 5.12Mt (tokens), 40GiB (bytes; needs --model-shape), 10% (of each trace's "
+    "distinct blocks), inf. Sizes above 2**20 blocks that no trace can use (its distinct "
+    "blocks) are clamped to that (same result: no evictions).",
+)
+@click.option(
+    "--model-shape",
+    type=ModelShapeType(),
+    default=None,
+    help="Model KV geometry for byte capacities: a preset (llama-3-8b...), "
+    "LAYERS,KV_HEADS,HEAD_DIM,DTYPE (32,8,128,bf16) or a Hugging Face config.json.",
 )
 @click.option(
     "--policies",
@@ -151,6 +197,7 @@ from sim.analysis.plots import plot_sweep  # noqa: E402  (moved)
 def sweep_cmd(
     traces,
     capacities,
+    model_shape,
     policies,
     executor,
     workers,
@@ -188,6 +235,7 @@ def sweep_cmd(
     from traces import DEFAULT_TRACE, read_trace
 
     caps = parse_capacities(capacities)
+    require_model_shape(caps, "--capacities", model_shape)
     pols = parse_policies(policies)
     check_out_dir(out_dir)
     paths = list(traces) or [Path(DEFAULT_TRACE)]
@@ -205,25 +253,35 @@ def sweep_cmd(
             raise click.ClickException(f"trace {path}: {err.message}") from None
         check_not_empty(items[-1][1], path, stats)
     # a pool larger than every trace's distinct blocks never evicts: clamp, never allocate
-    limit = max(inf_blocks(table) for _, table in items)
-    requested_caps = caps
-    caps = sorted({clamp_capacity(c, limit) for c in caps})
-    if caps != sorted(set(requested_caps)):
+    res = resolve_capacities(caps, items, model_shape)
+    limit, swept = res["limit"], res["swept"]
+    uniform = all(s == swept[0] for s in swept)
+    by_name = [name for name, _ in items]
+    requested_caps = res["requested"][0] if uniform else dict(zip(by_name, res["requested"]))
+    caps = swept[0] if uniform else dict(zip(by_name, swept))
+    if any(sorted(set(r)) != s for r, s in zip(res["requested"], swept)):
         click.echo(
             f"note: capacities above {limit} blocks (every trace's distinct blocks) never evict; "
             f"clamped to {limit} (same result)",
             err=True,
         )
+    # one sweep when every trace resolves to the same sizes, else one per trace
+    groups = [(items, swept[0])] if uniform else [([it], s) for it, s in zip(items, swept)]
     try:
-        df = sweep(
-            items,
-            caps,
-            pols,
-            executor=executor,
-            workers=workers,
-            bounds=bounds,
-            progress=progress,
-            ray_address=ray_address,
+        df = pl.concat(
+            [
+                sweep(
+                    group,
+                    group_caps,
+                    pols,
+                    executor=executor,
+                    workers=workers,
+                    bounds=bounds,
+                    progress=progress,
+                    ray_address=ray_address,
+                )
+                for group, group_caps in groups
+            ]
         )
     except KVCacheError as err:
         raise click.ClickException(err.message) from None
@@ -234,6 +292,9 @@ def sweep_cmd(
         "traces": [str(p) for p in paths],
         "format": fmt,
         "block_size": block_size,
+        "capacities": [str(c) for c in parse_capacities(capacities)],
+        "capacity_axis": res["axis"],
+        "model_shape": model_shape,
         "capacities_blocks": caps,
         "capacities_requested_blocks": requested_caps,
         "policies": pols,

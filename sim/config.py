@@ -4,39 +4,44 @@ The dataclass fields are the single source of the CLI's defaults and help
 (``cli/replay_cmds.py`` reads ``field_help``); every run writes the resolved
 config as ``config.json`` next to its output.
 
-Capacity strings (``parse_capacity``)::
-
-    10000  10000b  blocks:10000     blocks
-    5.12Mt  512kt  tokens:5120000   tokens (rounded down to whole blocks)
-    40GiB  512MB   bytes:1e9        bytes (need a model shape: --model-shape llama-3-8b)
-    inf                             infinite (never evicts)
-
-Count suffixes ``k``, ``M``, ``G`` are decimal; byte units ``KiB``/``MiB``/``GiB``/``TiB``
-are binary and ``KB``/``MB``/``GB``/``TB`` decimal. Amounts are exact: they must
-be positive, whole (``1.5`` blocks is an error, ``1.5k`` blocks is 1500) and at
-most :data:`MAX_CAPACITY_AMOUNT`. A capacity larger than a trace needs is
-meaningful only as "never evicts"; the CLI clamps it to the trace's size (see
-``cli/replay_cmds.py``) rather than building a pool that large.
+Capacities follow one grammar everywhere (``sim/capacity.py``, re-exported
+here): ``2000`` blocks, ``5.12Mt`` tokens, ``40GiB`` bytes (with a model shape:
+``sagellm_kv_cache.model_shapes``), ``10%`` of the trace's distinct blocks,
+``inf``. ``resolve_capacity`` turns one into a :class:`Capacity` (blocks, the
+user's text, a label and the axis unit). A capacity larger than a trace needs
+is meaningful only as "never evicts"; the CLI clamps it to the trace's size
+(see ``cli/_common.py``) rather than building a pool that large.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any
 
 from sagellm_kv_cache.errors import KVConfigError
 
+from .capacity import (
+    GRAMMAR,
+    MAX_CAPACITY_AMOUNT,
+    Capacity,
+    CapacitySpec,
+    capacity_axis,
+    parse_capacity,
+    resolve_capacity,
+)
+
 __all__ = [
+    "GRAMMAR",
     "MAX_CAPACITY_AMOUNT",
     "Capacity",
+    "CapacitySpec",
     "LinearCostModel",
     "ReplayConfig",
+    "capacity_axis",
     "field_help",
     "parse_capacity",
+    "resolve_capacity",
 ]
 
 
@@ -103,131 +108,6 @@ class LinearCostModel:
         return cls(**kwargs)
 
 
-_COUNT_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
-_BYTE_UNITS = {
-    "b": 1,
-    "byte": 1,
-    "bytes": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_NUM = r"(\d+(?:\.\d*)?(?:e[+-]?\d+)?)"
-#: Largest amount (blocks, tokens or bytes) a capacity string may give: int64.
-MAX_CAPACITY_AMOUNT = 2**63 - 1
-
-
-@dataclass(frozen=True, slots=True)
-class Capacity:
-    """A cache size: ``amount`` of ``unit`` (``"blocks"``, ``"tokens"``, ``"bytes"``, ``"inf"``)."""
-
-    amount: float
-    unit: str
-
-    @property
-    def is_infinite(self) -> bool:
-        return self.unit == "inf"
-
-    def to_blocks(self, block_size: int, model_shape: Any = None) -> int | None:
-        """Whole blocks (``None`` for infinite).
-
-        Raises:
-            KVConfigError: bytes without a model shape, or less than one block.
-        """
-        if self.unit == "inf":
-            return None
-        if self.unit == "blocks":
-            n = int(self.amount)
-        elif self.unit == "tokens":
-            n = int(self.amount) // block_size
-        else:
-            if model_shape is None:
-                raise KVConfigError(
-                    f"capacity {self} is in bytes; give a model shape (--model-shape llama-3-8b)"
-                )
-            if isinstance(model_shape, str):
-                from sagellm_kv_cache.storage import ModelShape
-
-                model_shape = ModelShape.named(model_shape)
-            n = int(self.amount) // model_shape.bytes_per_block(block_size)
-        if n < 1:
-            raise KVConfigError(f"capacity {self} holds no full block of {block_size} tokens")
-        return n
-
-    def __str__(self) -> str:
-        if self.unit == "inf":
-            return "inf"
-        amount = int(self.amount) if float(self.amount).is_integer() else self.amount
-        return f"{amount} {self.unit}"
-
-
-def parse_capacity(text: str | int | Capacity) -> Capacity:
-    """Parse ``10000``, ``10000b``, ``5.12Mt``, ``tokens:512k``, ``40GiB``, ``inf``.
-
-    Raises:
-        KVConfigError: unparseable text or a non-positive amount.
-    """
-    if isinstance(text, Capacity):
-        return text
-    if isinstance(text, bool):
-        raise KVConfigError(f"capacity must be a number or a string, got {text!r}")
-    if isinstance(text, int):
-        text = str(text)
-    s = str(text).strip().replace("_", "").replace(",", "")
-    low = s.lower()
-    if low in ("inf", "infinite", "infinity", "none", "unbounded"):
-        return Capacity(math.inf, "inf")
-    unit_prefix = None
-    if ":" in low:
-        unit_prefix, _, low = low.partition(":")
-        if unit_prefix not in ("blocks", "tokens", "bytes"):
-            raise KVConfigError(f"unknown capacity unit {unit_prefix!r} in {text!r}")
-    m = re.fullmatch(r"([+-]?)" + _NUM + r"\s*([a-z]*)", low)
-    if m is None:
-        raise KVConfigError(
-            f"cannot parse capacity {text!r}; examples: 10000, 10000b, 5.12Mt, 40GiB, inf"
-        )
-    sign, number, suffix = m.groups()
-    exponent = number.partition("e")[2]
-    if exponent and int(exponent) > 30:  # Fraction would build a huge integer first
-        raise KVConfigError(f"capacity {text!r} is too large (at most {MAX_CAPACITY_AMOUNT})")
-    value = Fraction(number)
-    if sign == "-" and value:
-        raise KVConfigError(f"capacity must be positive, got {text!r}")
-    if unit_prefix == "bytes" or (unit_prefix is None and suffix in _BYTE_UNITS and suffix != "b"):
-        mult = _BYTE_UNITS.get(suffix or "b")
-        if mult is None:
-            raise KVConfigError(f"unknown byte unit {suffix!r} in capacity {text!r}")
-        unit = "bytes"
-    else:
-        unit = unit_prefix or "blocks"
-        if unit_prefix is None and suffix:
-            tail = suffix[-1]
-            if tail == "t":
-                unit, suffix = "tokens", suffix[:-1]
-            elif tail == "b":
-                suffix = suffix[:-1]
-            elif suffix.endswith(("tokens", "blocks")):
-                unit = suffix[-6:].rstrip("s") + "s"
-                suffix = suffix[:-6]
-        mult = _COUNT_SUFFIX.get(suffix)
-        if mult is None:
-            raise KVConfigError(f"unknown suffix {suffix!r} in capacity {text!r}")
-    amount = value * mult
-    if amount <= 0:
-        raise KVConfigError(f"capacity must be positive, got {text!r}")
-    if amount.denominator != 1:
-        raise KVConfigError(f"capacity must be a whole number of {unit}, got {text!r}")
-    if amount > MAX_CAPACITY_AMOUNT:
-        raise KVConfigError(f"capacity {text!r} is too large (at most {MAX_CAPACITY_AMOUNT})")
-    return Capacity(float(amount), unit)
-
-
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
@@ -246,14 +126,20 @@ class ReplayConfig:
     trace: str | None = _f(None, "trace file (default: the bundled Mooncake synthetic trace)")
     format: str = _f("auto", "trace format (auto-detected from the file by default)")
     capacity: str = _f(
-        "10000", "cache size: 10000 (blocks), 5.12Mt (tokens), 40GiB (needs --model-shape), inf"
+        "10000",
+        "cache size: 10000 (blocks), 5.12Mt (tokens), 40GiB (needs --model-shape), "
+        "10% (of the trace's distinct blocks), inf",
     )
     policy: str = _f("lru", "eviction policy name")
     block_size: int | None = _f(
         None, "tokens per block (default: the trace's; token-level traces are hashed at it)"
     )
     mode: str = _f("sequential", "sequential (one request at a time) or concurrent (clocked)")
-    model_shape: str | None = _f(None, "model shape for byte capacities (e.g. llama-3-8b)")
+    model_shape: str | None = _f(
+        None,
+        "model KV shape for byte capacities: a preset (llama-3-8b), LAYERS,KV_HEADS,HEAD_DIM,DTYPE "
+        "(32,8,128,bf16) or a Hugging Face config.json",
+    )
     max_num_seqs: int | None = _f(
         None, "concurrent mode: most requests running at once (default: no limit but the cache)"
     )
@@ -285,6 +171,8 @@ class ReplayConfig:
             self.capacity = "inf"
         elif isinstance(self.capacity, int) and not isinstance(self.capacity, bool):
             self.capacity = str(self.capacity)
+        elif isinstance(self.capacity, Capacity):
+            self.capacity = self.capacity.spec
         elif not isinstance(self.capacity, str):
             self.capacity = str(parse_capacity(self.capacity))
         parse_capacity(self.capacity)  # fail early
@@ -293,20 +181,32 @@ class ReplayConfig:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise KVConfigError(f"{name} must be an integer >= 1, got {v!r}")
         if self.model_shape is not None:
-            from sagellm_kv_cache.storage import ModelShape
+            from sagellm_kv_cache.model_shapes import resolve_model_shape
 
-            ModelShape.named(self.model_shape)  # fail early, names the known shapes
+            resolve_model_shape(self.model_shape)  # fail early, names the accepted forms
         from sagellm_kv_cache.eviction import make_policy
 
         make_policy(self.policy)  # fail early, names the registered policies
 
-    def capacity_blocks(self, block_size: int) -> int | None:
-        """The capacity in whole blocks of ``block_size`` tokens (``None``: infinite).
+    def resolve_capacity(self, block_size: int, distinct_blocks: Any = None) -> Capacity:
+        """``capacity`` as a :class:`Capacity` at ``block_size`` (``model_shape`` for bytes,
+        ``distinct_blocks``, an int or a function, for shares).
 
         Raises:
-            KVConfigError: bytes without ``model_shape``, or less than one block.
+            KVConfigError: bytes without ``model_shape``, a share without
+                ``distinct_blocks``, or less than one block.
         """
-        return parse_capacity(self.capacity).to_blocks(block_size, self.model_shape)
+        return resolve_capacity(
+            self.capacity,
+            block_size=block_size,
+            model_shape=self.model_shape,
+            distinct_blocks=distinct_blocks,
+        )
+
+    def capacity_blocks(self, block_size: int, distinct_blocks: Any = None) -> int | None:
+        """The capacity in whole blocks of ``block_size`` tokens (``None``: infinite);
+        see :meth:`resolve_capacity`."""
+        return self.resolve_capacity(block_size, distinct_blocks).blocks
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
