@@ -93,7 +93,10 @@ def test_replay_model_shape_from_a_hf_config(trace, tmp_path):
         (["--tiers", "gpu=40GiB"], ["--tiers", "needs a model shape"]),
         (["--tiers", "gpu=10%,cpu=5Xt"], ["--tiers", "tier 'cpu'", "unknown suffix"]),
         (["--tiers", "gpu"], ["--tiers", "NAME=CAPACITY"]),
-        (["--tiers", "gpu=0.1%"], ["--tiers", "tier 'gpu'", "holds no full block"]),
+        (
+            ["--tiers", "gpu=0.1%", "--model-shape", "tiny"],
+            ["--tiers", "tier 'gpu'", "holds no full block"],
+        ),
     ],
 )
 def test_replay_capacity_mistakes_are_one_line(trace, tmp_path, args, words):
