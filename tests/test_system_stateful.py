@@ -21,10 +21,11 @@ from, reads back as what was written under its hash.
 Scale: ``SAGELLM_STATEFUL_STEPS`` steps per policy (default 240: the CI
 profile runs the file in well under 25 s). Each test prints the steps it
 checked and the hits per source tier (``-s``). Long profile (at least 100k
-steps per policy)::
+steps per policy, 3-5 minutes per policy; ``--timeout=0`` lifts the suite's
+per-test limit)::
 
     SAGELLM_STATEFUL_STEPS=100000 python -m pytest -q -s -p no:cacheprovider \\
-        tests/test_system_stateful.py
+        --timeout=0 tests/test_system_stateful.py -k machine
 """
 
 from __future__ import annotations
