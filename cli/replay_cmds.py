@@ -222,6 +222,12 @@ def _cost_defaults() -> str:
 @click.option(
     "--progress/--no-progress", default=True, show_default=True, help="Show progress bars."
 )
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the summary (summary.json's content) to stdout as JSON instead of the table.",
+)
 @click.pass_context
 def replay(
     ctx,
@@ -239,6 +245,7 @@ def replay(
     skip_bad,
     out_dir,
     progress,
+    as_json,
 ):
     """Replay a request trace through the real block pool and prefix cache.
 
@@ -252,9 +259,16 @@ def replay(
     rejected when larger than the whole cache. Blocks become hittable when
     their prefill ends.
 
-    Writes config.json (the resolved settings), records.parquet (one row per
-    request), summary.json and hit_ratio_vs_capacity.png into --out; concurrent
-    mode adds timeline.parquet and queue_ttft.png.
+    Tiered replay (--tiers, needs --model-shape): the cache is a chain of
+    tiers (GPU first); hits in lower tiers are loaded over their links, and a
+    request larger than the GPU tier is rejected, as in every mode.
+
+    Every mode writes the same files into --out: config.json (the resolved
+    settings, with the detected trace format), records.parquet (one row per
+    request: hits per tier, queue/prefill/decode/TTFT/TPOT/E2E times),
+    summary.json and its figures (hit_ratio_vs_capacity.png; concurrent adds
+    timeline.parquet and queue_ttft.png; tiered ttft.png), and prints the same
+    compact table (--json: the summary as JSON instead).
 
     \b
     Examples:
@@ -266,9 +280,9 @@ def replay(
       sage-kv-stats replay --mode concurrent --capacity 2000 --max-num-seqs 16
       sage-kv-stats replay --mode concurrent \\
           --cost-model prefill_s_per_token=5e-5,decode_s_per_token=0.01
-      sage-kv-stats replay --tiers gpu=2000,cpu=8000     # GPU + CPU tiers, TTFT model
+      sage-kv-stats replay --tiers gpu=2000,cpu=8000 --model-shape llama-3-8b
+      sage-kv-stats replay --mode concurrent --json      # the summary as JSON
     """
-    import polars as pl
 
     from sim.replay import hit_ratio_curve, replay_sequential
     from traces import DEFAULT_TRACE
@@ -282,13 +296,27 @@ def replay(
     require_model_shape((tiers or {}).values(), "--tiers", model_shape)
     src = ctx.get_parameter_source
     explicit_cost = src("cost") == click.core.ParameterSource.COMMANDLINE
-    if mode == "sequential" and not tiers:
-        for opt, name in (("--cost-model", "cost"), ("--max-num-seqs", "max_num_seqs")):
+    if mode == "sequential":
+        ignored = (("--max-num-seqs", "max_num_seqs"),)
+        if not tiers:  # tiered sequential replay models each request's TTFT with the cost
+            ignored = (("--cost-model", "cost"), *ignored)
+        for opt, name in ignored:
             if src(name) == click.core.ParameterSource.COMMANDLINE:
                 click.echo(f"note: {opt} only applies to --mode concurrent; ignored", err=True)
     if tiers:
         _replay_tiers(
-            trace, fmt, tiers, policy, skip_bad, out_dir, mode, model_shape, explicit_cost, cost
+            trace,
+            fmt,
+            tiers,
+            policy,
+            skip_bad,
+            out_dir,
+            mode,
+            model_shape,
+            explicit_cost,
+            cost,
+            max_num_seqs,
+            as_json,
         )
         return
     stats: dict = {}
@@ -331,62 +359,69 @@ def replay(
         )
         if mode == "sequential":
             result = replay_sequential(table, cap_blocks, policy, progress=progress)
-            records = result.records
         else:
             from sim.engine import replay_concurrent
 
             result = replay_concurrent(table, cfg)
-            records = result.records
         curve = hit_ratio_curve(table, curve_blocks, (policy,), progress=progress)
     except KVCacheError as err:
         raise click.ClickException(err.message) from None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = {
-        **cfg.to_dict(),
-        "capacity_blocks": result.capacity_blocks,
-        "capacity_clamped_from_blocks": requested if cap_blocks != requested else None,
-        "curve_capacities": curve_blocks,
-    }
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    records.write_parquet(out_dir / "records.parquet")
-    summary = {
-        "mode": mode,
-        **result.summary(),
-        "skipped_records": stats.get("skipped", 0),
-        "curve": curve,
-    }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    _plot_curve(curve, result, out_dir / "hit_ratio_vs_capacity.png", mode)
-    files = "summary.json, records.parquet, config.json, hit_ratio_vs_capacity.png"
-    click.echo(f"trace              {trace}")
-    click.echo(f"requests           {result.num_requests}")
-    click.echo(f"capacity (blocks)  {result.capacity_blocks}  policy {policy}")
-    click.echo(f"token_hit_ratio    {result.token_hit_ratio:.4f}")
-    click.echo(f"block_hit_ratio    {result.block_hit_ratio:.4f}")
-    click.echo(f"request_hit_ratio  {result.request_hit_ratio:.4f}")
-    click.echo(f"evictions          {result.evictions}")
+    result.config.update(
+        {
+            **cfg.to_dict(),
+            "capacity_unit": result.config["capacity"]["unit"],
+            "capacity_label": result.config["capacity"].get("label"),
+            "capacity_blocks": result.capacity_blocks,
+            "capacity_clamped_from_blocks": requested if cap_blocks != requested else None,
+            "curve_capacities": curve_blocks,
+        }
+    )
+    result.extra["curve"] = curve
+    figures = {"hit_ratio_vs_capacity.png": lambda p: _plot_curve(curve, result, p, mode)}
     if mode == "concurrent":
-        import matplotlib.pyplot as plt
+        figures["queue_ttft.png"] = lambda p: _plot_queue(result, p)
+    _finish_run(result, out_dir, trace, fmt, stats, figures, as_json)
 
-        from sim.engine import plot_queue_ttft
 
-        result.timeline.write_parquet(out_dir / "timeline.parquet")
-        fig = plot_queue_ttft(result.records, result.timeline, result.capacity_blocks)
-        fig.savefig(out_dir / "queue_ttft.png", dpi=120)
-        plt.close(fig)
-        files += ", timeline.parquet, queue_ttft.png"
-        click.echo(f"rejected           {result.num_rejected}")
-        click.echo(
-            f"queue_s            mean {result.queue_mean_s:.4f}  p50 {result.queue_p50_s:.4f}"
-            f"  p99 {result.queue_p99_s:.4f}"
-        )
-        click.echo(
-            f"ttft_s             mean {result.ttft_mean_s:.4f}  p50 {result.ttft_p50_s:.4f}"
-            f"  p99 {result.ttft_p99_s:.4f}"
-        )
-        click.echo(f"makespan_s         {result.makespan_s:.3f}")
-        click.echo(f"peak blocks in use {result.peak_blocks_in_use}")
-    click.echo(f"wrote {out_dir}/{files}")
+def _plot_queue(result, path: Path) -> None:
+    from sim.analysis.plots import plot_queue_ttft, save_figure
+
+    save_figure(plot_queue_ttft(result.records, result.timeline, result.capacity_blocks), path)
+
+
+def _detected_format(trace, fmt: str) -> str:
+    """The format the reader used: ``fmt``, or what ``auto`` detected."""
+    if fmt != "auto":
+        return fmt
+    from traces.detect import detect_format
+
+    try:
+        return detect_format(trace)
+    except KVCacheError:  # pragma: no cover - the reader already accepted the file
+        return fmt
+
+
+def _finish_run(result, out_dir: Path, trace, fmt, stats, figures: dict, as_json: bool) -> None:
+    """What every replay mode does last: the same files, figures and compact table
+    (or the summary as JSON on stdout with ``--json``)."""
+    result.config.update(
+        {"trace": str(trace), "format": _detected_format(trace, fmt), "format_requested": fmt}
+    )
+    result.extra["skipped_records"] = stats.get("skipped", 0)
+    files = result.write(out_dir)
+    for name, draw in figures.items():
+        draw(out_dir / name)
+        files.append(name)
+    if as_json:
+        from sim.result import _plain
+
+        click.echo(json.dumps(_plain(result.summary()), indent=2))
+        return
+    from sim.report_table import format_summary
+
+    click.echo(f"trace                {trace}")
+    click.echo(format_summary(result.summary()))
+    click.echo(f"wrote {out_dir}/{', '.join(files)}")
 
 
 def _read(trace, fmt, block_size, skip_bad, stats):
@@ -422,8 +457,20 @@ def _read(trace, fmt, block_size, skip_bad, stats):
 
 
 def _replay_tiers(
-    trace, fmt, tiers, policy, skip_bad, out_dir, mode, model_shape, explicit_cost, cost
+    trace,
+    fmt,
+    tiers,
+    policy,
+    skip_bad,
+    out_dir,
+    mode,
+    model_shape,
+    explicit_cost,
+    cost,
+    max_num_seqs=None,
+    as_json=False,
 ) -> None:
+
     from types import SimpleNamespace
 
     from sim.tiered import replay_tiered
@@ -435,6 +482,12 @@ def _replay_tiers(
     except KVCacheError as err:
         raise click.ClickException(err.message) from None
     check_not_empty(table, trace, stats)
+    if model_shape is None:  # the load time of every lower-tier hit depends on it
+        raise click.BadParameter(
+            "a tiered replay needs --model-shape (the bytes each block loaded from a lower "
+            "tier costs), e.g. --model-shape llama-3-8b",
+            param_hint="--model-shape",
+        )
     limit = inf_blocks(table, "concurrent")  # all full blocks: no tier can evict
     tiers = resolve_tiers(tiers, table, model_shape=model_shape)
     spec = {name: clamp_capacity(n, limit) for name, n in tiers.items()}
@@ -460,13 +513,22 @@ def _replay_tiers(
             )
             config.decode_s_per_token = cost.decode_s_per_token
         out_dir.mkdir(parents=True, exist_ok=True)
-        summary = replay_tiered(table, tiers=spec, config=config, out_dir=out_dir)
+        config.max_num_seqs = max_num_seqs
+        result = replay_tiered(table, tiers=spec, config=config, out_dir=None)
     except KVCacheError as err:
         raise click.ClickException(err.message) from None
-    from sim.report_table import format_summary
+    result.config["model_shape"] = str(model_shape)
+    figures = {"ttft.png": lambda p: _plot_tiers(result, p)}
+    _finish_run(result, out_dir, trace, fmt, stats, figures, as_json)
 
-    click.echo(format_summary(summary.summary()))
-    click.echo(f"wrote {out_dir}/config.json, records.parquet, summary.json, ttft.png")
+
+def _plot_tiers(result, path: Path) -> None:
+    from sim.analysis.plots import plot_ttft, save_figure
+
+    rec = result.records.filter(~result.records["rejected"])
+    tps = result["config"]["prefill_tps"]
+    per = {"ttft_s": rec["ttft_s"], "recompute_s": rec["input_length"] / tps}
+    save_figure(plot_ttft(per, None, list(result.tiers)), path)
 
 
 def _plot_curve(curve: list[dict], result, path: Path, mode: str = "sequential") -> None:

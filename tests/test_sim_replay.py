@@ -115,7 +115,7 @@ def test_cli_replay_writes_outputs(tmp_path):
         ],
     )
     assert res.exit_code == 0, res.output
-    assert "token_hit_ratio    0.0868" in res.output
+    assert "token_hit_ratio      0.0868" in res.output
     summary = json.loads((out / "summary.json").read_text())
     assert round(summary["block_hit_ratio"], 4) == 0.0880
     assert {r["capacity_blocks"] for r in summary["curve"] if r["policy"] == "lru"} == {1000, 10000}
