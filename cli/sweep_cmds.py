@@ -33,8 +33,16 @@ __all__ = [
     "sweep_cmd",
 ]
 
+
 #: ``--format`` choices: "auto" and ``traces.io.FORMATS`` (listed here so --help stays light)
-TRACE_FORMATS = ("auto", "mooncake", "bailian", "azure", "burstgpt", "tokens", "parquet")
+def _trace_formats() -> tuple[str, ...]:
+    from traces.io import FORMATS  # light: the readers load polars only when reading
+
+    return ("auto", *FORMATS)
+
+
+#: --format choices: every format the trace readers know
+TRACE_FORMATS = _trace_formats()
 
 
 def parse_capacities(text: str) -> list:
@@ -194,6 +202,31 @@ from sim.analysis.plots import plot_sweep  # noqa: E402  (moved)
 @click.option(
     "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar."
 )
+@click.option(
+    "--mode",
+    type=click.Choice(["sequential", "concurrent"]),
+    default="sequential",
+    show_default=True,
+    help="sequential: one request at a time (published hit ratios); concurrent: requests "
+    "on a simulated clock, so each row also gets TTFT, TPOT, E2E p50/p90/p99 and throughput.",
+)
+@click.option(
+    "--max-num-seqs",
+    "max_num_seqs",
+    default=None,
+    metavar="N[,N...]",
+    help="Concurrent mode: most requests running at once; several values are swept "
+    "(e.g. 8,32,none).",
+)
+@click.option(
+    "--cost-model",
+    "cost_models",
+    multiple=True,
+    metavar="NAME=VALUE,...",
+    help="Concurrent mode: the cost model (as replay's --cost-model); repeat the option to "
+    "sweep several.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the sweep's rows as JSON to stdout.")
 def sweep_cmd(
     traces,
     capacities,
@@ -208,8 +241,12 @@ def sweep_cmd(
     bounds,
     out_dir,
     progress,
+    mode,
+    max_num_seqs,
+    cost_models,
+    as_json,
 ):
-    """Sequential replays of every TRACE x policy x capacity, run in parallel.
+    """Replays of every TRACE x policy x capacity (x setting), run in parallel.
 
     Each replay drives the real block pool (see `sage-kv-stats replay`). With
     --bounds (default) each trace also gets its infinite-capacity hit ratio (no
@@ -228,12 +265,15 @@ def sweep_cmd(
       sage-kv-stats sweep --executor serial --no-bounds --out run1
       sage-kv-stats sweep azure.csv --format azure --block-size 16 --capacities 300,3000
       sage-kv-stats sweep t.jsonl --executor ray --ray-address auto
+      sage-kv-stats sweep t.jsonl --capacities 1%,5%,20% --policies lru,s3fifo --mode concurrent
+      sage-kv-stats sweep --mode concurrent --max-num-seqs 8,32 --json
     """
     import polars as pl
 
     from sim.sweep import opt_available, sweep
     from traces import DEFAULT_TRACE, read_trace
 
+    grid = _grid(mode, max_num_seqs, cost_models)
     caps = parse_capacities(capacities)
     require_model_shape(caps, "--capacities", model_shape)
     pols = parse_policies(policies)
@@ -279,6 +319,8 @@ def sweep_cmd(
                     bounds=bounds,
                     progress=progress,
                     ray_address=ray_address,
+                    mode=mode,
+                    grid=grid,
                 )
                 for group, group_caps in groups
             ]
@@ -304,33 +346,57 @@ def sweep_cmd(
         "bounds": bounds,
         "opt_bound": bool(bounds and opt_available()),
         "skip_bad": skip_bad,
-        "mode": "sequential",
+        "mode": mode,
+        "grid": {k: [str(v) for v in vs] for k, vs in (grid or {}).items()},
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    fig = plot_sweep(df, title="Prefix-cache token hit ratio vs capacity (sequential replay)")
+    fig = plot_sweep(df, title=f"Prefix-cache token hit ratio vs capacity ({mode} replay)")
     fig.savefig(out_dir / "sweep.png", dpi=110)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
 
-    table = df.select(
-        "trace",
-        "policy",
-        "capacity_blocks",
-        pl.col("token_hit_ratio", "block_hit_ratio").round(4),
-        "evictions",
-    )
-    with pl.Config(
-        tbl_rows=len(table),
-        tbl_hide_dataframe_shape=True,
-        tbl_hide_column_data_types=True,
-        tbl_width_chars=160,
-        fmt_str_lengths=48,
-    ):
-        click.echo(str(table))
+    if as_json:
+        click.echo(json.dumps(df.to_dicts(), indent=2, default=str).replace("NaN", "null"))
+        return
+    from sim.report_table import format_pivot
+
+    specs = parse_capacities(capacities)
+    labels = {b: str(sp) for sp, b in zip(specs, res["requested"][0]) if b is not None}
+    click.echo(format_pivot(df, labels if uniform else None))
     if bounds and not opt_available():
         click.echo("note: OPT bound skipped (sim.opt is not available in this install)")
     click.echo(f"wrote {out_dir}/sweep.parquet, sweep.csv, sweep.png, config.json")
+
+
+def _grid(mode: str, max_num_seqs: str | None, cost_models: tuple) -> dict | None:
+    """The configuration fields to sweep besides capacity and policy (``sim.sweep`` grid)."""
+    from sim.config import LinearCostModel
+
+    grid: dict = {}
+    if max_num_seqs is not None:
+        values = []
+        for part in max_num_seqs.split(","):
+            part = part.strip().lower()
+            if part in ("none", "inf", ""):
+                values.append(None)
+            elif part.isdigit() and int(part) >= 1:
+                values.append(int(part))
+            else:
+                raise click.BadParameter(
+                    f"expected positive integers or none, got {part!r}", param_hint="--max-num-seqs"
+                )
+        grid["max_num_seqs"] = values
+    if cost_models:
+        try:
+            grid["cost"] = [LinearCostModel.parse(c).to_text() for c in cost_models]
+        except KVCacheError as err:
+            raise click.BadParameter(err.message, param_hint="--cost-model") from None
+    if grid and mode == "sequential":
+        raise click.BadParameter(
+            "--max-num-seqs and --cost-model apply to --mode concurrent", param_hint="--mode"
+        )
+    return grid or None
 
 
 COMMANDS = [sweep_cmd]

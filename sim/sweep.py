@@ -72,10 +72,13 @@ from sagellm_kv_cache.errors import (
     KVInvalidInputError,
     KVSweepJobError,
 )
+from sim.sweep_grid import GRID_FIELDS
+from sim.sweep_grid import grid_settings as _grid_settings
 
 __all__ = [
     "BOUNDS",
     "EXECUTORS",
+    "GRID_FIELDS",
     "SWEEP_COLUMNS",
     "SweepJob",
     "SweepJobError",
@@ -103,6 +106,13 @@ SWEEP_COLUMNS = (
     "evictions",
     "seconds",
     "cpu_seconds",
+    "mode",
+    "setting",
+    *(f"{m}_{q}_s" for m in ("ttft", "tpot", "e2e", "queue") for q in ("p50", "p90", "p99")),
+    "throughput_rps",
+)
+_TIMING = tuple(
+    c for c in SWEEP_COLUMNS if c.endswith("_s") and c[:4] in ("ttft", "tpot", "e2e_", "queu")
 )
 
 
@@ -119,12 +129,17 @@ class SweepJob:
     kind: str
     policy: str
     capacity_blocks: int | None
+    mode: str = "sequential"
+    #: other configuration fields of this replay, ``((name, value), ...)`` (``GRID_FIELDS``)
+    settings: tuple = ()
 
     def describe(self) -> str:
         n = self.capacity_blocks
         cap = "infinite" if n is None else f"{n} blocks"
         what = {"policy": f"policy {self.policy!r}", "opt": "OPT bound", "infinite": "infinite"}
-        return f"trace {self.trace!r}, {what[self.kind]}, capacity {cap}"
+        more = "".join(f", {k}={v}" for k, v in self.settings)
+        mode = f", {self.mode}" if self.kind == "policy" and self.mode != "sequential" else ""
+        return f"trace {self.trace!r}, {what[self.kind]}, capacity {cap}{mode}{more}"
 
 
 def opt_available() -> bool:
@@ -148,9 +163,12 @@ def _replay_opt():
 def _run_job(table, job: SweepJob) -> dict[str, Any]:
     """Run one job on ``table``; a summary dict (no per-request records)."""
     from sim.replay import replay_sequential
+    from sim.simulate import simulate
 
     t0, c0 = time.perf_counter(), time.process_time()
-    if job.kind == "policy":
+    if job.kind == "policy" and (job.mode != "sequential" or job.settings):
+        r = simulate(table, job.capacity_blocks, job.policy, mode=job.mode, **dict(job.settings))
+    elif job.kind == "policy":
         r = replay_sequential(table, job.capacity_blocks, job.policy)
     elif job.kind == "infinite":
         r = replay_sequential(table, None, "lru")
@@ -162,6 +180,11 @@ def _run_job(table, job: SweepJob) -> dict[str, Any]:
     else:  # pragma: no cover - jobs are built here
         raise KVInvalidInputError(f"unknown job kind {job.kind!r}")
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    s = r.summary()
+    clocked = s.get("clock") == "simulated"  # timing only where the mode has a clock
+    nan = float("nan")
+    timing = {c: float(s[c]) if clocked and c in s else nan for c in _TIMING}
+    timing["throughput_rps"] = float(s.get("throughput_rps", nan)) if clocked else nan
     return {
         "token_hit_ratio": float(r.token_hit_ratio),
         "block_hit_ratio": float(r.block_hit_ratio),
@@ -174,6 +197,7 @@ def _run_job(table, job: SweepJob) -> dict[str, Any]:
         "evictions": int(r.evictions),
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
+        **timing,
     }
 
 
@@ -438,8 +462,10 @@ def sweep(
     progress: bool = True,
     format: str = "auto",
     ray_address: str | None = None,
+    mode: str = "sequential",
+    grid: dict[str, Sequence[Any]] | None = None,
 ):
-    """Sequential replays of every trace x policy x capacity, plus bound rows.
+    """Replays of every trace x policy x capacity (x setting), plus bound rows.
 
     Args:
         traces: trace file paths (read with ``traces.read_trace(path, format)``)
@@ -456,10 +482,18 @@ def sweep(
         progress: a tqdm bar over jobs.
         format: trace format for paths.
         ray_address: Ray cluster address (executor ``"ray"``; default: a local instance).
+        mode: ``"sequential"`` or ``"concurrent"`` (clocked: the rows get TTFT, TPOT,
+            E2E and queueing p50/p90/p99 and throughput; NaN where there is no clock).
+        grid: more configuration fields to vary, each a list of values
+            (:data:`GRID_FIELDS`: ``max_num_seqs``, ``cost``, ``tiers``, ``model_shape``);
+            every combination runs for every policy and capacity, in the order given,
+            and is named in the ``setting`` column (``"max_num_seqs=8"``). Bounds
+            are sequential hit-ratio bounds and run once per capacity.
 
     Returns:
         polars DataFrame with :data:`SWEEP_COLUMNS`, rows in the order of the
-        module docstring; ``kind`` is ``"policy"`` or ``"bound"``.
+        module docstring (settings vary fastest inside a policy's capacity);
+        ``kind`` is ``"policy"`` or ``"bound"``.
 
     Raises:
         KVConfigError: unknown executor, policy or bound, bad capacities or workers.
@@ -484,10 +518,20 @@ def sweep(
             warnings.warn("OPT bound skipped: sim.opt.replay_opt is not available", stacklevel=2)
         wanted_bounds.remove("opt")
     items = _trace_items(traces)
+    from .simulate import MODES
+
+    if mode not in MODES:
+        raise KVConfigError(f"mode must be one of {MODES}, got {mode!r}")
+    settings = _grid_settings(grid)
 
     jobs: list[SweepJob] = []
     for ti, (name, _, _) in enumerate(items):
-        jobs += [SweepJob(ti, name, "policy", p, c) for p in pols for c in caps]
+        jobs += [
+            SweepJob(ti, name, "policy", p, c, mode, st)
+            for p in pols
+            for c in caps
+            for st in settings
+        ]
         if "opt" in wanted_bounds:
             jobs += [SweepJob(ti, name, "opt", "opt", c) for c in caps]
         if "infinite" in wanted_bounds:
@@ -513,6 +557,11 @@ def sweep(
 
     rows: list[dict[str, Any]] = []
     for job, res in zip(jobs, results, strict=True):
+        res = {
+            **res,
+            "mode": job.mode if job.kind == "policy" else "sequential",
+            "setting": ",".join(f"{k}={v}" for k, v in job.settings),
+        }
         base = {"trace": job.trace, "policy": job.policy}
         if job.kind == "infinite":
             rows += [{**base, "kind": "bound", "capacity_blocks": c, **res} for c in caps]
@@ -535,5 +584,9 @@ def sweep(
         "evictions": pl.Int64,
         "seconds": pl.Float64,
         "cpu_seconds": pl.Float64,
+        "mode": pl.Utf8,
+        "setting": pl.Utf8,
+        **{c: pl.Float64 for c in _TIMING},
+        "throughput_rps": pl.Float64,
     }
     return pl.DataFrame(rows, schema=schema)

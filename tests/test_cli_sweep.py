@@ -114,7 +114,7 @@ def test_two_traces_process_executor_no_bounds(tiny, tmp_path):
         (["--capacities", "abc"], "--capacities"),
         (["--capacities", "0"], "--capacities"),
         (["--capacities", ","], "--capacities"),
-        (["--capacities", "5Mt"], "--capacities"),
+        (["--capacities", "40GiB"], "--capacities"),  # bytes without --model-shape
         (["--policies", "lru,nope"], "--policies"),
         (["--executor", "threads"], "--executor"),
         (["--workers", "0"], "--workers"),
@@ -173,7 +173,15 @@ def test_help_has_examples():
 
 
 def test_parse_capacities_units():
-    assert parse_capacities("1000, 3000,10k,1.5k") == [1000, 3000, 10000, 1500]
+    caps = parse_capacities("1000, 3000,10k,1.5k,5Mt,10%")
+    assert [(c.amount, c.unit) for c in caps] == [
+        (1000, "blocks"),
+        (3000, "blocks"),
+        (10000, "blocks"),
+        (1500, "blocks"),
+        (5_000_000, "tokens"),
+        (10, "share"),
+    ]
 
 
 def test_plot_sweep_one_panel_per_trace():
@@ -201,3 +209,62 @@ def test_plot_sweep_one_panel_per_trace():
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+# -- issue 12: sweeps over configuration fields, timing where there is a clock, the pivot --------
+def test_concurrent_sweep_gives_ttft_per_row_and_the_pivot(tmp_path):
+    out = tmp_path / "o"
+    args = ["sweep", "--capacities", "1%,5%,20%", "--policies", "lru,s3fifo"]
+    res = CliRunner().invoke(
+        cli, [*args, "--mode", "concurrent", "--executor", "serial", "--no-progress", "--out", out]
+    )
+    assert res.exit_code == 0, res.output
+    df = pl.read_parquet(out / "sweep.parquet")
+    pol = df.filter(pl.col("kind") == "policy")
+    assert pol.height == 6 and set(pol["mode"]) == {"concurrent"}
+    assert pol["ttft_p50_s"].is_nan().sum() == 0 and pol["ttft_p99_s"].is_nan().sum() == 0
+    assert (pol["ttft_p99_s"] >= pol["ttft_p50_s"]).all()
+    assert df.filter(pl.col("kind") == "bound")["ttft_p50_s"].is_nan().all()  # no clock
+    text = res.output
+    assert "token hit ratio" in text and "ratio to OPT" in text and "TTFT p50 / p99" in text
+    assert "1%" in text and "20%" in text  # capacity in the unit given
+    header = next(i for i, x in enumerate(text.splitlines()) if x.startswith("policy"))
+    rows = text.splitlines()[header + 1 : header + 3]
+    for col in range(3):  # one best marker per capacity column
+        cells = [r.split()[1 + col] for r in rows]
+        assert sum(c.endswith("*") for c in cells) >= 1
+    assert len(text.splitlines()) < 30
+
+
+def test_sweep_json_and_a_max_num_seqs_grid(tiny, tmp_path):
+    res = CliRunner().invoke(
+        cli,
+        [
+            "sweep",
+            str(tiny),
+            "--capacities",
+            "4",
+            "--mode",
+            "concurrent",
+            "--max-num-seqs",
+            "1,none",
+            "--executor",
+            "serial",
+            "--no-bounds",
+            "--json",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert [r["setting"] for r in rows] == ["max_num_seqs=1", "max_num_seqs=None"]
+    assert all(r["ttft_p50_s"] is not None for r in rows)
+
+
+def test_max_num_seqs_in_a_sequential_sweep_is_an_error(tiny, tmp_path):
+    res = CliRunner().invoke(
+        cli, ["sweep", str(tiny), "--max-num-seqs", "4", "--out", str(tmp_path / "o")]
+    )
+    assert res.exit_code == 2 and "--mode" in res.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -426,3 +427,52 @@ def test_lru_rows_equal_the_one_pass_lru_curve(small):
     assert curve["exact"].all()
     assert df["hit_blocks"].to_list() == curve["hit_blocks"].to_list()
     assert df["token_hit_ratio"].to_list() == pytest.approx(curve["token_hit_ratio"].to_list())
+
+
+# -- issue 12: any configuration field, timing metrics where the mode has a clock ---------------
+def test_sweep_grid_over_mode_and_max_num_seqs_has_timing_columns():
+    from sim.sweep import sweep
+
+    table = read_trace(DEFAULT_TRACE).head(300)
+    df = sweep(
+        [("m", table)],
+        [500],
+        ["lru"],
+        executor="serial",
+        progress=False,
+        mode="concurrent",
+        grid={"max_num_seqs": [1, None]},
+        bounds=False,
+    )
+    assert df["setting"].to_list() == ["max_num_seqs=1", "max_num_seqs=None"]
+    one, free = df.rows(named=True)
+    assert one["ttft_p99_s"] >= free["ttft_p99_s"] and one["throughput_rps"] > 0
+    seq = sweep([("m", table)], [500], ["lru"], executor="serial", progress=False, bounds=False)
+    assert np.isnan(seq["ttft_p50_s"][0]) and seq["mode"][0] == "sequential"
+    # zero cost: concurrent equals sequential
+    zero = sweep(
+        [("m", table)],
+        [500],
+        ["lru"],
+        executor="serial",
+        progress=False,
+        mode="concurrent",
+        grid={"cost": ["prefill_s_per_token=0,prefill_overhead_s=0,decode_s_per_token=0"]},
+        bounds=False,
+    )
+    assert zero["hit_blocks"][0] == seq["hit_blocks"][0]
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"mode": "fleet"}, "mode must be one of"),
+        ({"grid": {"frobnicate": [1]}}, "cannot sweep 'frobnicate'"),
+        ({"grid": {"max_num_seqs": []}}, "has no values"),
+    ],
+)
+def test_sweep_bad_mode_or_grid_is_a_config_error(kw, match):
+    from sim.sweep import sweep
+
+    with pytest.raises(KVConfigError, match=match):
+        sweep([("m", read_trace(DEFAULT_TRACE).head(5))], [10], ["lru"], executor="serial", **kw)
