@@ -1,5 +1,9 @@
 """The replay workbench: trace replay through the library's own pool, bounds and sweeps.
 
+Every replay mode is a configuration of one event engine (``core``) and returns
+one ``SimResult`` (``result``: ``records``, ``summary()``, ``config``):
+
+* ``simulate.simulate`` — the engine's entry point (``from sim.simulate import simulate``);
 * ``replay.replay_sequential`` — each request released before the next (published setting);
 * ``engine.replay_concurrent`` — requests on a simulated clock with queueing and a cost model;
 * ``tiered.replay_tiered`` — GPU/CPU/disk tiers with a modelled TTFT;
@@ -17,6 +21,8 @@ import importlib
 from typing import Any
 
 _LAZY = {
+    "SimResult": "result",
+    "Engine": "core",
     "ReplayResult": "replay",
     "replay_sequential": "replay",
     "hit_ratio_curve": "replay",

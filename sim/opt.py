@@ -64,14 +64,17 @@ from .result import SimResult
 __all__ = ["replay_opt"]
 
 
-def replay_opt(table, capacity_blocks: int | None, *, progress: bool = False) -> SimResult:
+def replay_opt(
+    table, capacity_blocks: int | str | None, *, progress: bool = False, model_shape=None
+) -> SimResult:
     """Belady's optimal sequential replay of ``table`` at ``capacity_blocks`` (None: infinite).
 
     Args:
         table: a canonical trace table (``traces`` package docstring).
-        capacity_blocks: pool size in blocks; None uses as many blocks as the
-            trace has distinct ids, as ``replay_sequential`` does (nothing is
-            ever evicted).
+        capacity_blocks: pool size in blocks, or any capacity text ``sim.config``
+            reads (``"5.12Mt"``, ``"10%"``, ``"40GiB"`` with ``model_shape``); None
+            uses as many blocks as the trace has distinct ids, as
+            ``replay_sequential`` does (nothing is ever evicted).
         progress: show a tqdm progress bar over requests.
 
     Returns:
@@ -87,6 +90,11 @@ def replay_opt(table, capacity_blocks: int | None, *, progress: bool = False) ->
         raise KVInvalidInputError(
             "expected a canonical trace table with block_hashes and input_length columns"
         )
+    if isinstance(capacity_blocks, str):  # any capacity unit: "5.12Mt", "10%", "40GiB", "inf"
+        from .simulate import resolve_blocks
+
+        bs = int(table["block_size"][0]) if len(table) and "block_size" in cols else 512
+        capacity_blocks = resolve_blocks(capacity_blocks, table, bs, model_shape)[0]
     if capacity_blocks is not None and (
         isinstance(capacity_blocks, bool)
         or not isinstance(capacity_blocks, int | np.integer)
