@@ -117,10 +117,21 @@ def test_mooncake_bounds(mooncake):
         assert r.summary()["policy"] == "opt"
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5, "100", True])
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
 def test_bad_capacity_raises(bad):
     with pytest.raises(KVInvalidInputError):
         replay_opt(table_from_chains([[1, 2]]), bad)
+
+
+def test_capacity_text_is_any_unit_and_bad_text_a_config_error():
+    from sagellm_kv_cache.errors import KVConfigError
+
+    t = table_from_chains([[1, 2], [1, 2, 3]])
+    assert replay_opt(t, "2").capacity_blocks == 2
+    assert replay_opt(t, "50%").capacity_blocks == 1  # of 3 distinct blocks, rounded down
+    with pytest.raises(KVConfigError) as err:
+        replay_opt(t, "lots")
+    assert err.value.code == "KV_CONFIG_INVALID"
 
 
 def test_bad_table_raises():
