@@ -210,7 +210,8 @@ def make_backend(spec: Any, **options: Any) -> TransferBackend:
 
     Names: ``"torch"`` (also ``"torch.distributed"``, ``"gloo"``, ``"nccl"``),
     ``"inprocess"`` (also ``"local"``), ``"nixl"`` (``nixl_backend.NixlBackend``,
-    imported only then). ``options`` go to the backend's constructor.
+    imported only then), ``"socket"`` (``socket_backend.SocketTransferBackend``,
+    started here). ``options`` go to the backend's constructor.
     """
     if spec is None:
         spec = "torch"
@@ -227,8 +228,14 @@ def make_backend(spec: Any, **options: Any) -> TransferBackend:
         from .nixl_backend import NixlBackend  # lazy: nixl_cu12 loads UCX
 
         return NixlBackend(**options)
+    if name in ("socket", "tcp"):
+        from .socket_backend import SocketTransferBackend
+
+        return SocketTransferBackend(**options).start()
     if name in ("inprocess", "local", "in-process"):
         if options:
             raise KVConfigError(f"the in-process backend takes no options, got {sorted(options)}")
         return InProcessBackend()
-    raise KVConfigError(f"unknown comm_backend {spec!r}; use 'torch', 'nixl' or 'inprocess'")
+    raise KVConfigError(
+        f"unknown comm_backend {spec!r}; use 'torch', 'nixl', 'socket' or 'inprocess'"
+    )
