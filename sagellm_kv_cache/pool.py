@@ -58,7 +58,7 @@ from .storage import KVStorage, ModelShape, normalize_device
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["KVPool", "check_num_tokens"]
+__all__ = ["KVPool", "admission_reason", "check_num_tokens"]
 
 
 def check_num_tokens(num_tokens: Any, name: str = "num_tokens") -> int:
@@ -73,6 +73,19 @@ def check_num_tokens(num_tokens: Any, name: str = "num_tokens") -> int:
     if num_tokens <= 0:
         raise KVInvalidInputError(f"{name} must be positive, got {num_tokens}")
     return num_tokens
+
+
+def admission_reason(n_new: int, n_hit: int, obtainable: int, num_blocks: int) -> str | None:
+    """The block budget part of admission, one rule for the pool, the scheduler's plan
+    and the simulator: ``"too_large"`` when the request's blocks (``n_hit`` cached
+    plus ``n_new`` new) exceed the whole pool, ``"no_blocks"`` when more new blocks
+    are needed than ``obtainable`` (free plus evictable, less the evictable hits it
+    takes), else ``None``."""
+    if n_new + n_hit > num_blocks:
+        return "too_large"
+    if n_new > obtainable:
+        return "no_blocks"
+    return None
 
 
 def _check_metadata(metadata: Any, request_id: Any = None) -> None:
@@ -531,10 +544,9 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
         bp = self._blocks
         n_ev_hit = bp.num_evictable_among(hit) if hit else 0
         obtainable = bp.num_available - n_ev_hit
-        if n_new + len(hit) > self.num_blocks:
-            return "too_large", obtainable, 0
-        if n_new > obtainable:
-            return "no_blocks", obtainable, 0
+        reason = admission_reason(n_new, len(hit), obtainable, self.num_blocks)
+        if reason is not None:
+            return reason, obtainable, 0
         need = n_new - bp.num_free
         if need > 0 and bp.policy_may_refuse:
             ev_hit = bp.evictable_among(hit) if n_ev_hit else ()

@@ -41,7 +41,7 @@ from .compat.cache_manager import CacheManagerSeedMixin
 from .errors import KVCacheMissError, KVConfigError, KVInvalidInputError, KVInvalidTypeError
 from .handle import KVHandle
 from .offload import KVOffloadManager, OffloadAllocation, OffloadLookup, TierConfig
-from .pool import KVPool, check_num_tokens
+from .pool import KVPool, admission_reason, check_num_tokens
 from .scheduler_checks import (
     as_int,
     check_hashes,
@@ -500,10 +500,8 @@ class SchedulerBridge:
             obtainable = free + evictable_left - len(take)
             if blocked:
                 rp.reason = "blocked"
-            elif n_total > bp.num_blocks:
-                rp.reason = "too_large"
-            elif n_new > obtainable:
-                rp.reason = "no_blocks"
+            elif (why := admission_reason(n_new, d, obtainable, bp.num_blocks)) is not None:
+                rp.reason = why  # the pool's own rule: "too_large" or "no_blocks"
             elif self.max_num_seqs is not None and n_admitted >= self.max_num_seqs:
                 rp.reason = "max_num_seqs"
             elif token_budget is not None and rp.num_uncached_tokens > token_budget:
