@@ -72,6 +72,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
+from ..compat.offload_seed import OffloadSeedMixin
 from ..errors import KVConfigError, KVInvalidInputError, KVInvalidTypeError
 from ..handle import HandleState, KVHandle
 from ..hashing import check_block_hashes
@@ -123,7 +124,7 @@ class _DeviceHook(PoolHook):
                 m._flush_outside_call()
 
 
-class KVOffloadManager:
+class KVOffloadManager(OffloadSeedMixin):
     """A device ``KVPool`` over a chain of lower tiers.
 
     Args:
