@@ -43,6 +43,8 @@ _LAZY: dict[str, str] = {
     "MetricsHook": "observability",
     # transfer
     "KVTransferEngine": "transfer",
+    "SocketTransferBackend": "transfer.socket_backend",
+    "CommTransferBackendAdapter": "transfer.comm_adapter",
     # tiers and scheduling
     "KVOffloadManager": "offload",
     "SchedulerBridge": "scheduler",

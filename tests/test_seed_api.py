@@ -39,6 +39,8 @@ SEED_NAMES = [
     "LifetimePrediction",
     "KVPoolStats",
     "KVTransferEngine",
+    "SocketTransferBackend",
+    "CommTransferBackendAdapter",
     "KVOffloadManager",
     "KVBlockState",
     "DType",
@@ -261,6 +263,82 @@ def test_transfer_engine_record_methods():
     with pytest.raises(E.KVInvalidInputError):
         eng.get_retry_count(tid)
     eng.close()
+
+
+# -- SocketTransferBackend / CommTransferBackendAdapter -----------------------------------------
+def test_socket_backend_seed_methods():
+    """Seed: SocketTransferBackend(rank, world_size, endpoints, *, recv_timeout_s=5.0)."""
+    b0 = kv.SocketTransferBackend(0, 2, recv_timeout_s=5.0).start()
+    b1 = kv.SocketTransferBackend(1, 2, {0: b0.address, 1: ("127.0.0.1", 0)}).start()
+    try:
+        b0.update_endpoints({1: b1.address})
+        assert (b0.get_rank(), b0.get_world_size(), b1.get_rank()) == (0, 2, 1)
+        assert b0.address[0] == "127.0.0.1"  # loopback unless named
+        b0.send(torch.arange(6, dtype=torch.int32), 1)
+        out = torch.empty(6, dtype=torch.int32)
+        b1.recv(out, 0)
+        assert out.tolist() == [0, 1, 2, 3, 4, 5]
+        b1.recv_timeout_s = 0.2
+        with pytest.raises(E.KVTransferTimeoutError):
+            b1.recv(bytearray(), 0)  # nothing sent
+    finally:
+        b0.close()
+        b1.close()
+    with pytest.raises(E.KVConfigError):
+        b0.send(b"x", 1)  # closed
+
+
+def test_comm_adapter_seed_methods():
+    """Seed: CommTransferBackendAdapter(comm_backend, *, interconnect="rdma")."""
+    sent = []
+
+    class Comm:
+        def send(self, tensor, dst_rank):
+            sent.append((tensor.clone(), dst_rank))
+
+        def recv(self, tensor, src_rank):
+            tensor.copy_(sent.pop(0)[0])
+
+        def get_rank(self):
+            return 0
+
+    a = kv.CommTransferBackendAdapter(Comm())
+    assert (a.get_rank(), a.get_world_size(), a.interconnect) == (0, -1, "rdma")
+    a.send(torch.tensor([5.0]), 1)
+    assert sent[0][1] == 1
+    out = torch.empty(1)
+    a.recv(out, 1)
+    assert out.item() == 5.0
+    with pytest.raises(E.KVConfigError):
+        kv.CommTransferBackendAdapter(None)
+    a.close()
+
+
+# -- KVOffloadManager ---------------------------------------------------------------------------
+def test_offload_manager_seed_methods(tmp_path):
+    shape = ModelShape(num_layers=2, num_kv_heads=2, head_dim=4, dtype="float16")
+    m = kv.KVOffloadManager(KVPool(num_blocks=8, block_size=4, model_shape=shape), [])
+    m.nvme_dir = tmp_path
+    assert (m.offload_threshold, m.idle_offload_secs, m.nvme_offload_threshold) == (0.85, None, 0.9)
+    h = m.device.alloc(8)
+    data = torch.randn(2, 2, 8, 2, 4).half()
+    m.device.write_kv(h, data)
+    hid = h.handle_id
+    m.register(h, device="npu:0")
+    m.touch(hid)
+    assert (m.registered_count(), m.offloaded_count(), m.current_device(hid)) == (1, 0, "npu:0")
+    assert m.offload(hid).dst_device == "cpu" and m.is_offloaded(hid) and not m.is_on_nvme(hid)
+    assert m.offload_to_nvme(hid).dst_device == "nvme" and m.is_on_nvme(hid)
+    assert m.restore_from_nvme(hid).dst_device == "cpu" and not m.is_on_nvme(hid)
+    new = m.restore(hid).handle
+    assert m.current_device(hid) == "npu:0" and torch.equal(m.device.read_kv(new), data)
+    assert m.get_handle_info(hid)["offload_count"] == 1
+    assert m.maybe_offload(0.1) == [] and m.maybe_offload_idle() == []
+    assert [s.handle_id for s in m.maybe_offload(0.99, npu_device="npu:0")] == [hid]
+    assert [s.handle_id for s in m.maybe_cascade_to_nvme(0.99)] == [hid]
+    m.unregister(hid)
+    assert m.registered_count() == 0
+    m.close()
 
 
 # -- predictor ----------------------------------------------------------------------------------
