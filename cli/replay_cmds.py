@@ -489,6 +489,7 @@ def _replay_tiers(
             param_hint="--model-shape",
         )
     limit = inf_blocks(table, "concurrent")  # all full blocks: no tier can evict
+    requested = {name: str(spec) for name, spec in tiers.items()}  # as the user gave them
     tiers = resolve_tiers(tiers, table, model_shape=model_shape)
     spec = {name: clamp_capacity(n, limit) for name, n in tiers.items()}
     if spec != tiers:
@@ -518,6 +519,7 @@ def _replay_tiers(
     except KVCacheError as err:
         raise click.ClickException(err.message) from None
     result.config["model_shape"] = str(model_shape)
+    result.config["tiers_requested"] = requested
     figures = {"ttft.png": lambda p: _plot_tiers(result, p)}
     _finish_run(result, out_dir, trace, fmt, stats, figures, as_json)
 
