@@ -120,8 +120,8 @@ def test_sweep_bad_capacities(tiny, tmp_path, value, words):
         ("gpu=100,cpu=0", ["--tiers", "tier 'cpu'", "must be positive"]),
         ("gpu=1.5", ["--tiers", "tier 'gpu'", "whole number"]),
         ("gpu=100,cpu=5,cpu=6", ["--tiers", "twice"]),
-        ("gpu", ["--tiers", "NAME=BLOCKS"]),
-        ("gpu=10GiB", ["--tiers", "block count"]),
+        ("gpu", ["--tiers", "NAME=CAPACITY"]),
+        ("gpu=10GiB", ["--tiers", "model shape"]),
     ],
 )
 def test_bad_tiers_name_the_option_and_tier(tiny, tmp_path, value, words):
@@ -130,7 +130,9 @@ def test_bad_tiers_name_the_option_and_tier(tiny, tmp_path, value, words):
 
 
 def test_huge_tiers_are_clamped(tiny, tmp_path):
-    res = replay(tiny, "--tiers", "gpu=1e12,cpu=1e15", "--out", tmp_path / "t")
+    res = replay(
+        tiny, "--tiers", "gpu=1e12,cpu=1e15", "--model-shape", "llama-3-8b", "--out", tmp_path / "t"
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert summary["tiers"] == {"gpu": 9, "cpu": 9}

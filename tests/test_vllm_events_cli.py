@@ -80,7 +80,7 @@ def test_recording_converts_to_a_trace_that_replays_exactly(tmp_path):
     assert (infinite.hit_blocks, infinite.full_blocks) == (5, 12)  # 0 + 2 + 3 + 0
     # 4 blocks, LRU: C (5 blocks) never fits; D evicts 3
     small = replay_sequential(table, 4, "lru")
-    assert small.records["hit_blocks"].tolist() == [0, 2, 0, 0]
+    assert small.records["hit_blocks"].to_list() == [0, 2, 0, 0]
     assert (small.hit_blocks, small.evictions) == (2, 1)
     cpu = recording_to_trace(tmp_path / "rec", medium="CPU")
     # its parent 3 was never stored on CPU: kept as the chain's first block
