@@ -9,32 +9,11 @@ from pathlib import Path
 
 import click
 
-#: ``--from`` choices ("auto" and ``traces.io.FORMATS``; listed here so --help stays light).
-READ_FORMATS = (
-    "auto",
-    "mooncake",
-    "bailian",
-    "azure",
-    "burstgpt",
-    "tokens",
-    "parquet",
-    "vllm",
-    "sglang",
-    "lmcache",
-    "openai-chat",
-    "kv-events",
-)
-#: ``--to`` choices (``traces.io.WRITE_FORMATS``).
-WRITE_FORMATS = (
-    "mooncake",
-    "bailian",
-    "tokens",
-    "parquet",
-    "burstgpt",
-    "vllm",
-    "sglang",
-    "lmcache",
-)
+from traces.io import FORMATS as _FORMATS  # light: readers load polars only when reading
+from traces.io import WRITE_FORMATS
+
+#: ``--from`` choices: "auto" and every format the readers know; ``--to``: the writers'.
+READ_FORMATS = ("auto", *_FORMATS)
 
 
 def _fail(err, in_path: Path) -> click.ClickException:
