@@ -370,29 +370,24 @@ def test_a_tier_insert_with_resident_blocks_fits_the_new_ones_in_the_other_slots
     tier.check_invariants()
 
 
-def test_the_machine_sequence_that_overfilled_a_tier(tmp_path):
-    pool = KVPool(
-        num_blocks=NUM_BLOCKS, block_size=BS, model_shape=TINY, eviction_policy="leaf:slru"
-    )
+def replay(tmp_path, policy: str, requests: list, **kwargs) -> KVOffloadManager:
+    """Whole requests (prompt blocks, tail) on a synchronous manager shaped like the
+    machine's, checking the invariants after each; the manager, still open."""
+    pool = KVPool(num_blocks=NUM_BLOCKS, block_size=BS, model_shape=TINY, eviction_policy=policy)
     tiers = [
         TierConfig("cpu", 3),
         TierConfig("disk", 4, "disk", directory=str(tmp_path), fsync=False),
     ]
-    m = KVOffloadManager(
-        pool,
-        tiers,
-        device_tier_name="gpu",
-        async_copies=False,
-        promote_on_hit=False,
-        write_policy="write_through",
-    )
+    m = KVOffloadManager(pool, tiers, device_tier_name="gpu", async_copies=False, **kwargs)
     try:
-        for prompt, tail in [([0], 0)] * 4 + [([0, 1, 2], 0), ([2, 2, 1], 0), ([0, 0, 0, 0], 1)]:
+        for prompt, tail in requests:
             tokens = tokens_of(prompt, tail)
             alloc = m.allocate(tokens)
             alloc.wait(10)
             h = alloc.handle
             hit, n = h.num_cached_tokens, len(tokens)
+            for p in range(hit // BS):
+                assert torch.equal(pool.read_kv(h, BS, p * BS), kv_of(h.block_hashes[p]))
             if hit < n:
                 parts = [kv_of(x) for x in h.block_hashes[hit // BS : n // BS]]
                 parts += [kv_for(n % BS, 0)] if n % BS else []
@@ -400,6 +395,28 @@ def test_the_machine_sequence_that_overfilled_a_tier(tmp_path):
             m.cache_blocks(h)
             m.free(h)
             m.check_invariants()
+    except BaseException:
+        m.close()
+        raise
+    return m
+
+
+def test_the_machine_sequence_that_overfilled_a_tier(tmp_path):
+    seq = [([0], 0)] * 4 + [([0, 1, 2], 0), ([2, 2, 1], 0), ([0, 0, 0, 0], 1)]
+    m = replay(tmp_path, "leaf:slru", seq, promote_on_hit=False, write_policy="write_through")
+    m.close()
+
+
+def test_an_exclusive_chain_does_not_keep_below_a_victim_onboarded_right_back(tmp_path):
+    """Found by the machine (fifo device, exclusive write-back): the last request hits
+    ``1`` in the cpu tier and ``11`` on the device, but allocating it evicts ``11``,
+    which is onboarded from the staged victim bytes *and* was spilled to the cpu tier:
+    the exclusive chain held it twice."""
+    seq = [([0], 0), ([1, 1, 0, 0], 0), ([0], 0), ([0, 1], 0), ([0], 1), ([1, 1, 0], 0)]
+    m = replay(tmp_path, "fifo", seq, promote_on_hit=True, write_policy="write_back")
+    try:
+        h11 = m.device.compute_block_hashes(tokens_of([1, 1], 0))[1]
+        assert m.where(h11) == ["gpu"]
     finally:
         m.close()
 

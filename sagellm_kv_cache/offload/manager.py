@@ -512,9 +512,18 @@ class KVOffloadManager(OffloadSeedMixin):
             self.query_blocks += len(hashes)
             self.query_tokens += num_tokens
             self.device_stats.evicted_blocks += len(victims)
-            result.blocks_spilled = self._spill(
-                evicted_hashes, "dev:victims", ops, from_device=True
-            )
+            spill, key = evicted_hashes, "dev:victims"
+            back = groups.get("dev:victims")
+            if back and self._exclusive and not self._write_through:
+                # victims this request onboards right back: an exclusive chain
+                # moves them up again, it does not also keep them below
+                back_set = set(back[1])
+                keep = [i for i, h in enumerate(evicted_hashes) if h not in back_set]
+                spill = [evicted_hashes[i] for i in keep]
+                key = "dev:victims|spilled"
+                if self.has_data:
+                    ops.append(_select_op("dev:victims", key, keep))
+            result.blocks_spilled = self._spill(spill, key, ops, from_device=True)
             # 4. write the onboarded bytes into the device blocks; 5. they become
             # hittable once verified (settle), a failure is a miss (jobs.py)
             onboarded = n_hit - d
