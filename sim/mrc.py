@@ -43,11 +43,25 @@ direct replay skips them entirely (they cache nothing and refresh nothing).
 ``MRCResult.hit_ratios`` marks those rows ``exact=False``. For traces whose
 ids are not prefix-chained (``MRCResult.prefix_chained`` is False) the
 one-pass figures are the stack model's, not necessarily the replay's.
+
+Result type: ``lru_mrc`` returns an ``MRCResult``, the *curve object*. Its
+``hit_ratios``/``curve`` give the whole curve as one DataFrame (the fast path,
+one ``searchsorted`` per capacity); ``result(C)`` and ``results([C, ...])``
+give the same ``sim.result.SimResult`` every other mode returns (``records``
+one row per request, ``summary()`` with the names and plain JSON types of
+``replay_opt``'s, ``config``), with ``mode="mrc"``, ``policy="lru"`` and no
+clock. Per-request figures: ``hit_blocks`` is the count of the request's blocks
+with depth ``< C``, ``rejected`` a request larger than ``C``, and
+``evicted_blocks = min(C, D_before) + allocated - min(C, D_after)`` where ``D``
+counts the distinct blocks seen so far (the pool holds the top ``min(C, D)``
+entries of the stack). ``config["exact"]`` says whether they equal a direct
+replay's (see above).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -86,6 +100,9 @@ class MRCResult:
     _request_blocks: np.ndarray = field(repr=False)
     _sorted_depths: np.ndarray = field(repr=False)
     _sorted_first_depths: np.ndarray = field(repr=False)
+    # per request: distinct full-block ids seen up to and including it (stack size after it)
+    _distinct_through: np.ndarray = field(repr=False)
+    _table: Any = field(repr=False)  # the trace table (records: ids, arrivals, lengths)
 
     # -- per-block view -------------------------------------------------------
     @property
@@ -99,14 +116,19 @@ class MRCResult:
         return d
 
     # -- counts ---------------------------------------------------------------
-    def _capacities(self, capacities) -> np.ndarray:
+    def _capacities(self, capacities, model_shape: Any = None) -> np.ndarray:
         out = []
         for c in capacities:
             if c is None:
                 out.append(self.infinite_capacity_blocks)
                 continue
+            if isinstance(c, str):  # the one capacity grammar: "5.12Mt", "10%", "40GiB", "inf"
+                out.append(self._resolve(c, model_shape)[0])
+                continue
             if isinstance(c, bool) or not isinstance(c, int | np.integer):
-                raise KVInvalidInputError(f"capacity must be an integer or None, got {c!r}")
+                raise KVInvalidInputError(
+                    f"capacity must be an integer, capacity text or None, got {c!r}"
+                )
             if c < 1:
                 raise KVInvalidInputError(f"capacity must be >= 1 block, got {c}")
             out.append(int(c))
@@ -130,7 +152,8 @@ class MRCResult:
         return self._counts(self._capacities(capacities))[0]
 
     def hit_ratios(self, capacities):
-        """Hit ratios at each capacity (blocks; None means infinite) as a polars DataFrame.
+        """Hit ratios at each capacity (blocks, capacity text such as ``"10%"``, or None for
+        infinite) as a polars DataFrame.
 
         Columns: ``capacity_blocks``, ``token_hit_ratio``, ``block_hit_ratio``,
         ``request_hit_ratio``, ``hit_blocks``, ``hit_requests`` and ``exact``
@@ -139,7 +162,8 @@ class MRCResult:
         the order given.
 
         Raises:
-            KVInvalidInputError: a capacity that is not an integer >= 1 or None.
+            KVInvalidInputError: a capacity that is not an integer >= 1, text or None.
+            KVConfigError: capacity text that does not parse.
         """
         import polars as pl
 
@@ -183,6 +207,88 @@ class MRCResult:
     def curve(self):
         """``hit_ratios`` at every breakpoint (see ``breakpoints``)."""
         return self.hit_ratios([int(c) for c in self.breakpoints()])
+
+    # -- one SimResult per capacity ------------------------------------------
+    def _resolve(self, spec: str, model_shape: Any) -> tuple[int, dict]:
+        from .simulate import resolve_blocks
+
+        blocks, info = resolve_blocks(spec, self._table, self.block_size, model_shape)
+        return (self.infinite_capacity_blocks if blocks is None else int(blocks)), info
+
+    def result(self, capacity: Any = None, *, model_shape: Any = None):
+        """The ``SimResult`` a sequential LRU replay at ``capacity`` gives, from the curve.
+
+        Args:
+            capacity: blocks (int), capacity text (``"5.12Mt"``, ``"10%"``,
+                ``"40GiB"`` with ``model_shape``, ``"inf"``) or None (infinite).
+            model_shape: ``ModelShape`` or preset name, for byte capacities.
+
+        Returns:
+            a ``SimResult`` (``mode="mrc"``, ``policy="lru"``, ``clock=None``);
+            ``config["exact"]`` is True when it equals ``replay_sequential(table,
+            capacity, "lru")`` request for request (module docstring).
+
+        Raises:
+            KVInvalidInputError: a capacity that is not an integer >= 1, text or None.
+            KVConfigError: capacity text that does not parse.
+        """
+        return self.results([capacity], model_shape=model_shape)[0]
+
+    def results(self, capacities, *, model_shape: Any = None) -> list:
+        """``result(C)`` for each capacity, in the order given (validated first)."""
+        infos = []
+        caps = []
+        for c in capacities:
+            if isinstance(c, str):
+                blocks, info = self._resolve(c, model_shape)
+            else:
+                blocks = int(self._capacities([c])[0])
+                info = {"spec": "inf" if c is None else str(blocks), "unit": "blocks"}
+                info.update(label=info["spec"], blocks=blocks)
+            caps.append(blocks)
+            infos.append(info)
+        return [self._sim_result(c, info) for c, info in zip(caps, infos)]
+
+    def _sim_result(self, cap: int, info: dict):
+        from .result import build_result
+
+        req = self._request_blocks
+        n = len(req)
+        rejected = (req > 0) & (req > cap)
+        flags = self._depths < cap
+        if cap < self.max_request_blocks:
+            flags &= self._request_blocks_per_block <= cap
+        cs = np.zeros(len(flags) + 1, dtype=np.int64)
+        np.cumsum(flags, out=cs[1:])
+        ends = np.cumsum(req)
+        hit = cs[ends] - cs[ends - req]
+        allocated = np.where(rejected, 0, req - hit)
+        used_after = np.minimum(cap, self._distinct_through)
+        used_before = np.concatenate([[0], used_after[:-1]]) if n else used_after
+        evicted = np.maximum(used_before + allocated - used_after, 0)
+        exact = bool(cap >= self.max_request_blocks and self.prefix_chained)
+        return build_result(
+            self._table,
+            mode="mrc",
+            policy="lru",
+            capacity_blocks=cap,
+            block_size=self.block_size,
+            full=req,
+            hit=hit,
+            allocated=allocated,
+            evicted=evicted,
+            rejected=rejected,
+            evictions=int(evicted.sum()),
+            hits_per_tier={"gpu": hit},
+            config={
+                "mode": "mrc",
+                "policy": "lru",
+                "capacity": info,
+                "capacity_blocks": cap,
+                "block_size": self.block_size,
+                "exact": exact,
+            },
+        )
 
     # -- infinite capacity ----------------------------------------------------
     @property
@@ -233,9 +339,10 @@ def lru_mrc(table, *, progress: bool = False) -> MRCResult:
         progress: show a tqdm progress bar over requests.
 
     Returns:
-        An ``MRCResult``; ``result.hit_ratios([1000, 10000, None])`` gives the
-        figures ``replay_sequential(table, C, "lru")`` would, exactly for
-        ``C >= result.max_request_blocks`` on prefix-chained ids (module docstring).
+        An ``MRCResult`` (the curve object); ``m.hit_ratios([1000, 10000, None])``
+        gives the figures ``replay_sequential(table, C, "lru")`` would, exactly for
+        ``C >= m.max_request_blocks`` on prefix-chained ids (module docstring), and
+        ``m.result(C)`` / ``m.results([...])`` the ``SimResult`` of each capacity.
 
     Raises:
         KVInvalidInputError: ``table`` lacks a needed column.
@@ -257,6 +364,7 @@ def lru_mrc(table, *, progress: bool = False) -> MRCResult:
     chained = True
     depths: list[int] = []
     push = depths.append
+    seen: list[int] = [0] * n  # distinct ids after each request
     t = 0  # next free position
     superseded = 0
 
@@ -268,6 +376,7 @@ def lru_mrc(table, *, progress: bool = False) -> MRCResult:
     for i in it:
         full = fulls[i]
         if not full:
+            seen[i] = len(pos)
             continue
         hs = hashes_col[i][:full]
         # depths against the stack before this request
@@ -306,6 +415,7 @@ def lru_mrc(table, *, progress: bool = False) -> MRCResult:
             pos[h] = new
             new -= 1
         t += full
+        seen[i] = len(pos)
 
     req_blocks = np.asarray(fulls, dtype=np.int64)
     d_arr = np.asarray(depths, dtype=np.int64)
@@ -329,4 +439,6 @@ def lru_mrc(table, *, progress: bool = False) -> MRCResult:
         _request_blocks=req_blocks,
         _sorted_depths=np.sort(d_arr),
         _sorted_first_depths=np.sort(first),
+        _distinct_through=np.asarray(seen, dtype=np.int64),
+        _table=table,
     )

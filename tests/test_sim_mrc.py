@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -10,9 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sagellm_kv_cache.errors import KVInvalidInputError
+from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError
 from sim.mrc import lru_mrc
+from sim.opt import replay_opt
 from sim.replay import replay_sequential
+from sim.result import SimResult
 from tests._chains import random_chained_chains, table_from_chains
 from traces import read_trace
 
@@ -86,10 +89,81 @@ def test_random_chained_traces_equal_direct_replay(seed, num_requests, max_new):
     t = table_from_chains(chains, [rng.choice([0, 5]) for _ in chains])
     m = lru_mrc(t)
     caps = list(range(max(1, m.max_request_blocks), m.distinct_blocks + 2))
-    want = [replay_sequential(t, c, "lru").hit_blocks for c in caps]
-    assert list(m.hit_blocks(caps)) == want
-    reqs = [int((replay_sequential(t, c, "lru").records["hit_blocks"] > 0).sum()) for c in caps]
+    direct = [replay_sequential(t, c, "lru") for c in caps]
+    assert list(m.hit_blocks(caps)) == [r.hit_blocks for r in direct]
+    reqs = [int((r.records["hit_blocks"] > 0).sum()) for r in direct]
     assert list(m.hit_ratios(caps)["hit_requests"]) == reqs
+    # the per-capacity SimResults equal the direct replays request for request
+    for r, got in zip(direct, m.results(caps)):
+        assert got.config["exact"] is True
+        assert got.records.select(_RECORD_COLS).equals(r.records.select(_RECORD_COLS))
+        assert got.evictions == r.evictions
+
+
+_RECORD_COLS = [
+    "request_id",
+    "input_length",
+    "full_blocks",
+    "hit_blocks",
+    "hit_tokens",
+    "hit_blocks_gpu",
+    "allocated_blocks",
+    "evicted_blocks",
+    "rejected",
+]
+
+
+@pytest.mark.parametrize("capacity", [373, 3_000, 40_148, None, "10%", "1Mt"])
+def test_mooncake_sim_results_equal_direct_replay(mooncake, mooncake_mrc, capacity):
+    got = mooncake_mrc.result(capacity)
+    want = replay_sequential(mooncake, capacity, "lru")
+    assert isinstance(got, SimResult)
+    assert got.records.select(_RECORD_COLS).equals(want.records.select(_RECORD_COLS))
+    assert got.capacity_blocks == want.capacity_blocks and got.evictions == want.evictions
+    for k in ("token_hit_ratio", "block_hit_ratio", "request_hit_ratio", "hit_blocks"):
+        assert got[k] == want[k]
+    assert got.config["exact"] is True and got.config["capacity"]["blocks"] == got.capacity_blocks
+    assert got.mode == "mrc" and got.policy == "lru" and got.clock is None
+
+
+def test_sim_result_summary_is_plain_json_with_the_shared_names(synthetic, tmp_path):
+    m = lru_mrc(synthetic)
+    res = m.results([m.max_request_blocks, None])
+    seq = replay_sequential(synthetic, m.max_request_blocks, "lru").summary()
+    opt = replay_opt(synthetic, m.max_request_blocks).summary()
+    for r in res:
+        s = r.summary()
+        assert json.loads(json.dumps(s)) == s  # plain JSON types only
+        assert next(iter(s)) == "token_hit_ratio"
+        assert set(opt) <= set(s) <= set(seq)  # OPT's names, all of them the replay's
+        assert {k: type(s[k]) for k in s if s[k] is not None} == {
+            k: type(seq[k]) for k in s if s[k] is not None
+        }
+        assert s["clock"] is None  # no clock: no timing fields
+        assert r.write(tmp_path / str(r.capacity_blocks)) == [
+            "config.json",
+            "records.parquet",
+            "summary.json",
+        ]
+    assert res[1].capacity_blocks == m.infinite_capacity_blocks and res[1].evictions == 0
+
+
+def test_sim_result_below_largest_request_is_flagged_inexact():
+    t = table_from_chains([[1, 2], [3, 4, 5], [1, 2]], [0, 0, 0])
+    r = lru_mrc(t).result(2)
+    assert r.config["exact"] is False
+    assert r.records["rejected"].to_list() == [False, True, False]
+    assert r.records["allocated_blocks"].to_list() == [2, 0, 2]
+    assert min(r.records["evicted_blocks"].to_list()) >= 0
+    assert r.num_rejected == replay_sequential(t, 2).num_rejected == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "ten blocks", b"10"])
+def test_sim_result_bad_capacity_raises(synthetic, bad):
+    m = lru_mrc(synthetic)
+    with pytest.raises((KVInvalidInputError, KVConfigError)) as e:
+        m.results([100, bad])
+    assert e.value.code in {"KV_INVALID_INPUT", "KV_CONFIG_INVALID"}
 
 
 def test_hand_checkable_depths():
@@ -160,11 +234,18 @@ def test_non_chained_ids_are_flagged():
     assert lru_mrc(table_from_chains([[1, 2], [1, 3]], [0, 0])).prefix_chained is True
 
 
-@pytest.mark.parametrize("bad", [0, -3, 1.5, "10", True])
+@pytest.mark.parametrize("bad", [0, -3, 1.5, b"10", True, "ten"])
 def test_bad_capacity_raises(synthetic, bad):
     m = lru_mrc(synthetic)
-    with pytest.raises(KVInvalidInputError):
+    with pytest.raises((KVInvalidInputError, KVConfigError)):
         m.hit_ratios([100, bad])
+
+
+def test_capacity_text_reads_like_blocks(synthetic):
+    m = lru_mrc(synthetic)
+    blocks = m.result("10%").capacity_blocks
+    assert m.hit_ratios(["10%", "inf"]).equals(m.hit_ratios([blocks, None]))
+    assert m.hit_ratios(["50"])["capacity_blocks"].to_list() == [50]
 
 
 def test_bad_table_raises(synthetic):
