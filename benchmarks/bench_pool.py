@@ -8,7 +8,12 @@
    pool. The issue's reference figures on the same machine: vLLM 0.33 v1
    ``KVCacheManager`` about 6.7M tokens/s, SGLang RadixCache about 5.9M.
 
-    python benchmarks/bench_pool.py [--requests 2000] [--blocks 200000]
+3. ``SchedulerBridge.plan`` cost against the number of evictable blocks: a
+   device pool full of cached, evictable blocks (1k and 100k), a plan of 8
+   requests of 16 new blocks each (every one evicts); goal: flat (100k within
+   1.2x of 1k), since a plan peeks only the victims it needs.
+
+    python benchmarks/bench_pool.py [--requests 2000] [--blocks 200000] [--plan-only]
 """
 
 from __future__ import annotations
@@ -57,13 +62,55 @@ def engine_path(reqs, num_blocks: int) -> float:
     return dt
 
 
+def plan_us(num_evictable: int, repeat: int = 300) -> float:
+    """Median microseconds of one ``SchedulerBridge.plan`` over ``num_evictable`` blocks."""
+    import statistics
+
+    from sagellm_kv_cache.scheduler import SchedRequest, SchedulerBridge
+
+    bs, per = 16, 100
+    bridge = SchedulerBridge(num_evictable * bs, block_size=bs)
+    for i in range(num_evictable // per):  # fill the pool: every block cached, evictable
+        rid = f"f{i}"
+        bridge.allocate_request(rid, per * bs, block_hashes=[(i, j) for j in range(per)])
+        bridge.free_request(rid)
+    assert bridge.pool.get_stats()["free_blocks"] == 0
+    reqs = [
+        SchedRequest(f"r{k}", 16 * bs, block_hashes=[("new", k, j) for j in range(16)])
+        for k in range(8)
+    ]
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        plan = bridge.plan(reqs)
+        times.append(time.perf_counter() - t0)
+    assert plan.blocks_to_evict == 8 * 16
+    return statistics.median(times) * 1e6
+
+
+def plan_rows() -> tuple[list[dict], float]:
+    small, large = plan_us(1_000), plan_us(100_000)
+    ratio = large / small
+    rows = [
+        {"what": "plan us (8 req x 16 blocks), 1k evictable", "value": small},
+        {"what": "plan us (8 req x 16 blocks), 100k evictable", "value": large},
+        {"what": "plan cost 100k / 1k (goal <= 1.2)", "value": ratio},
+    ]
+    return rows, ratio
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--blocks", type=int, default=200_000)
+    ap.add_argument("--plan-only", action="store_true", help="only the scheduler plan rows")
     args = ap.parse_args()
+    prows, pratio = plan_rows()
+    if args.plan_only:
+        print_table(prows, "scheduler plan cost vs evictable blocks (median of 300)")
+        return
     pairs = max(alloc_free_pairs() for _ in range(3))
     reqs = make_requests(args.requests)
     dt = min(engine_path(reqs, args.blocks) for _ in range(3))
@@ -89,6 +136,7 @@ def main() -> None:
             "reference": "",
             "ratio": "",
         },
+        *({"reference": "", "ratio": ""} | r for r in prows),
     ]
     print_table(rows, f"pool: {args.requests} requests x 1536 tokens on {args.blocks:,} blocks")
     write_json(
@@ -101,6 +149,9 @@ def main() -> None:
             "sglang_reference_tokens_per_s": SGLANG_TOKENS_PER_S,
             "requests": args.requests,
             "blocks": args.blocks,
+            "plan_us_1k_evictable": prows[0]["value"],
+            "plan_us_100k_evictable": prows[1]["value"],
+            "plan_100k_over_1k": pratio,
         },
     )
 

@@ -20,13 +20,17 @@ requests of the plan take or evict) and answers, per request: hit blocks per
 tier, new device blocks to allocate, blocks to onboard from lower tiers,
 device blocks its allocation would evict, and, for a request that must wait,
 why. Executing the plan in order (``execute``) does exactly that on the
-device: the admitted set and the device block counts are exact. The split of
+device: the admitted set and the device block counts are exact. Admission is
+the pool's own rule (``KVPool.peek_admission`` / ``obtainable_blocks``), and the
+victim order is peeked only as far as the admitted requests need (a plan costs
+O(its requests' blocks), not O(evictable blocks)). The split of
 lower-tier hits is exact too unless a lower tier itself overflows during the
 plan (a spill pushing a block the plan counts as a hit further down).
 
 Wait reasons: ``"too_large"`` (more blocks than the device has: it can never
 run), ``"no_blocks"`` (not enough free + evictable device blocks now),
-``"max_num_seqs"``, ``"token_budget"`` (uncached tokens over
+``"no_victims"`` (enough evictable blocks, but the policy refuses some now:
+TTL-protected, leaf-only), ``"max_num_seqs"``, ``"token_budget"`` (uncached tokens over
 ``max_num_batched_tokens``), ``"blocked"`` (FCFS: an earlier request waits).
 """
 
@@ -34,7 +38,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from .compat.cache_manager import CacheManagerSeedMixin
@@ -53,6 +56,7 @@ from .scheduler_checks import (
     request_fields,
     sequence_len,
 )
+from .scheduler_plan import WAIT_REASONS, RequestPlan, SchedRequest, SchedulerPlan
 from .storage import ModelShape
 
 __all__ = [
@@ -63,126 +67,6 @@ __all__ = [
     "SchedulerBridge",
     "SchedulerPlan",
 ]
-
-WAIT_REASONS = ("too_large", "no_blocks", "max_num_seqs", "token_budget", "blocked")
-
-
-@dataclass(slots=True)
-class SchedRequest:
-    """A request as the scheduler sees it.
-
-    Args:
-        request_id: unique id.
-        num_tokens: prompt tokens to hold KV for.
-        tokens: token ids (hashed with the pool's hash) ...
-        block_hashes: ... or precomputed hashes of its full blocks (trace replay).
-    """
-
-    request_id: str
-    num_tokens: int
-    tokens: Any = None
-    block_hashes: Sequence[Hashable] | None = None
-
-
-@dataclass(slots=True)
-class RequestPlan:
-    """One request's line of a ``SchedulerPlan``.
-
-    Attributes:
-        hit_blocks_per_tier: tier -> leading blocks found there (device first).
-        blocks_to_allocate: new device blocks (onboarded + computed + partial);
-            set for waiting requests too (what they would need now).
-        blocks_to_onboard: blocks copied up from lower tiers (a subset of the above).
-        blocks_to_evict: device blocks its allocation evicts (spilled down).
-        evict_hashes: their hashes, in eviction order.
-        reason: why it waits (``None`` when admitted).
-    """
-
-    request_id: str
-    num_tokens: int
-    num_blocks: int
-    hit_blocks_per_tier: dict[str, int]
-    block_size: int
-    blocks_to_allocate: int = 0
-    blocks_to_onboard: int = 0
-    blocks_to_evict: int = 0
-    evict_hashes: list = field(default_factory=list)
-    admitted: bool = False
-    reason: str | None = None
-
-    @property
-    def num_hit_blocks(self) -> int:
-        return sum(self.hit_blocks_per_tier.values())
-
-    @property
-    def num_hit_tokens(self) -> int:
-        return min(self.num_hit_blocks * self.block_size, self.num_tokens)
-
-    @property
-    def hit_tokens_per_tier(self) -> dict[str, int]:
-        return {t: n * self.block_size for t, n in self.hit_blocks_per_tier.items()}
-
-    @property
-    def num_uncached_tokens(self) -> int:
-        return self.num_tokens - self.num_hit_tokens
-
-
-@dataclass(slots=True)
-class SchedulerPlan:
-    """What running ``requests`` now would take (see module docstring)."""
-
-    requests: list[RequestPlan]
-    device_free_blocks_after: int
-    device_evictable_blocks_after: int
-
-    @property
-    def admitted(self) -> list[RequestPlan]:
-        return [r for r in self.requests if r.admitted]
-
-    @property
-    def waiting(self) -> list[RequestPlan]:
-        return [r for r in self.requests if not r.admitted]
-
-    @property
-    def admitted_ids(self) -> list[str]:
-        return [r.request_id for r in self.requests if r.admitted]
-
-    @property
-    def wait_reasons(self) -> dict[str, str]:
-        return {r.request_id: r.reason for r in self.requests if not r.admitted}
-
-    @property
-    def blocks_to_allocate(self) -> int:
-        return sum(r.blocks_to_allocate for r in self.requests if r.admitted)
-
-    @property
-    def blocks_to_onboard(self) -> int:
-        return sum(r.blocks_to_onboard for r in self.requests if r.admitted)
-
-    @property
-    def blocks_to_evict(self) -> int:
-        return sum(r.blocks_to_evict for r in self.requests if r.admitted)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "admitted": self.admitted_ids,
-            "waiting": self.wait_reasons,
-            "blocks_to_allocate": self.blocks_to_allocate,
-            "blocks_to_onboard": self.blocks_to_onboard,
-            "blocks_to_evict": self.blocks_to_evict,
-            "requests": [
-                {
-                    "request_id": r.request_id,
-                    "admitted": r.admitted,
-                    "reason": r.reason,
-                    "hit_tokens_per_tier": r.hit_tokens_per_tier,
-                    "blocks_to_allocate": r.blocks_to_allocate,
-                    "blocks_to_onboard": r.blocks_to_onboard,
-                    "blocks_to_evict": r.blocks_to_evict,
-                }
-                for r in self.requests
-            ],
-        }
 
 
 class KVCacheManager(CacheManagerSeedMixin):
@@ -441,19 +325,22 @@ class SchedulerBridge:
 
     def _plan(self, requests: list[SchedRequest]) -> SchedulerPlan:
         off = self.offload
-        bp = self.pool.block_pool
+        pool = self.pool
+        bp = pool.block_pool
         bs = self.block_size
         dev_name = off.device_name
         dev_cached = bp.cached if self.enable_prefix_cache else {}
-        ref, pins = bp.ref_counts, bp.pin_counts
         free = bp.num_free
-        order: list[int] | None = None  # the policy's victim order, fetched when needed
+        # the pool's own admission queries: free + evictable now, and what a hit run takes
+        supply = pool.obtainable_blocks()
+        victims: list[int] = []  # the policy's victim order, peeked only as far as needed
         cursor = 0
-        touched: set[int] = set()  # evictable blocks the plan's hits take
+        touched: set[int] = set()  # device blocks the admitted requests' hits take
+        touched_ev = 0  # how many of those were evictable (supply they take)
+        used = 0  # new blocks the admitted requests take: free ones, then victims
         evicted: dict[Hashable, None] = {}  # hashes the plan evicts from the device
         onboarded: set[Hashable] = set()  # hashes the plan brings onto the device
         plan_hits: Counter = Counter()
-        evictable_left = bp.num_evictable
         spill_tier = off.tiers[0].name if off.tiers else None
         lower = [(t.name, t.pool.cached) for t in off.tiers]
         out: list[RequestPlan] = []
@@ -496,47 +383,57 @@ class SchedulerBridge:
             n_new = n_total - d
             rp.blocks_to_allocate = n_new  # what it needs, admitted or not
             rp.blocks_to_onboard = n_hit - d
-            take = [b for b in run_ids if b not in touched and not ref[b] and not pins[b]]
-            obtainable = free + evictable_left - len(take)
+            rest = [b for b in run_ids if b not in touched] if touched else run_ids
+            n_ev = supply - pool.obtainable_blocks(rest) if rest else 0
             if blocked:
                 rp.reason = "blocked"
-            elif (why := admission_reason(n_new, d, obtainable, bp.num_blocks)) is not None:
-                rp.reason = why  # the pool's own rule: "too_large" or "no_blocks"
-            elif self.max_num_seqs is not None and n_admitted >= self.max_num_seqs:
-                rp.reason = "max_num_seqs"
-            elif token_budget is not None and rp.num_uncached_tokens > token_budget:
-                rp.reason = "token_budget"
+            elif n_admitted == 0:  # the shadow is the pool itself: ask it (its rule, once)
+                rp.reason = pool.peek_admission(n_new, run_ids)
+            else:
+                obtainable = supply - n_ev - touched_ev - used
+                rp.reason = admission_reason(n_new, d, obtainable, bp.num_blocks)
+            if rp.reason is None:
+                if self.max_num_seqs is not None and n_admitted >= self.max_num_seqs:
+                    rp.reason = "max_num_seqs"
+                elif token_budget is not None and rp.num_uncached_tokens > token_budget:
+                    rp.reason = "token_budget"
+            from_free = min(free, n_new)
+            need = n_new - from_free
+            c = cursor
+            if rp.reason is None and need:
+                # victims in policy order, skipping blocks the plan's hits take; at most
+                # touched_ev + n_ev of the entries from the cursor on are such blocks
+                want = cursor + need + touched_ev + n_ev
+                if len(victims) < want:
+                    victims = bp.policy.peek_victims(max(want, 2 * len(victims)))
+                mine = set(rest) if n_ev else ()
+                while len(rp.evict_hashes) < need and c < len(victims):
+                    b = victims[c]
+                    c += 1
+                    if b not in touched and b not in mine:
+                        rp.evict_hashes.append(bp.block_hashes[b])
+                if len(rp.evict_hashes) < need:  # the policy refuses some evictable blocks
+                    rp.evict_hashes.clear()
+                    rp.reason = "no_victims"
             if rp.reason is not None:
                 blocked = blocked or self.fcfs
                 continue
-            # admitted: take its hits, then free blocks, then victims in policy order
+            # admitted: take its hits, then free blocks, then the victims found above
             rp.admitted = True
             n_admitted += 1
             if token_budget is not None:
                 token_budget -= rp.num_uncached_tokens
-            touched.update(take)
-            evictable_left -= len(take)
-            from_free = min(free, n_new)
+            touched.update(rest)
+            touched_ev += n_ev
+            used += n_new
             free -= from_free
-            need = n_new - from_free
-            if need:
-                if order is None:
-                    order = bp.policy.peek_victims(len(bp.policy))
-                while need:
-                    b = order[cursor]
-                    cursor += 1
-                    if b in touched:
-                        continue
-                    h = bp.block_hashes[b]
-                    evicted[h] = None
-                    rp.evict_hashes.append(h)
-                    need -= 1
-                evictable_left -= len(rp.evict_hashes)
+            cursor = c
+            evicted.update(dict.fromkeys(rp.evict_hashes))
             rp.blocks_to_evict = len(rp.evict_hashes)
             for h in hashes[:n_hit]:
                 plan_hits[h] += 1
             onboarded.update(hashes[d:n_hit])
-        return SchedulerPlan(out, free, evictable_left)
+        return SchedulerPlan(out, free, supply - touched_ev - used - free)
 
     def schedule(
         self, requests: Iterable[SchedRequest | Mapping[str, Any]], *, wait: bool = False

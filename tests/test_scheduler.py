@@ -173,9 +173,15 @@ requests_strategy = st.lists(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rounds=requests_strategy, fcfs=st.booleans())
-def test_executing_any_plan_matches_it_and_never_exceeds_a_budget(rounds, fcfs):
-    bridge = make_bridge(device_blocks=8, cpu_blocks=5, fcfs=fcfs, async_copies=False)
+@given(
+    rounds=requests_strategy,
+    fcfs=st.booleans(),
+    policy=st.sampled_from(["lru", "fifo", "arc", "s3fifo", "lfu", "leaf:lru"]),
+)
+def test_executing_any_plan_matches_it_and_never_exceeds_a_budget(rounds, fcfs, policy):
+    bridge = make_bridge(
+        device_blocks=8, cpu_blocks=5, fcfs=fcfs, async_copies=False, eviction_policy=policy
+    )
     n = 0
     for batch in rounds:
         reqs = []
@@ -203,6 +209,78 @@ def test_executing_any_plan_matches_it_and_never_exceeds_a_budget(rounds, fcfs):
         for a in allocs:
             bridge.free_request(a.handle.metadata["request_id"])
     bridge.close()
+
+
+# -- the plan asks the pool, and peeks only the victims it needs ----------------------------------
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _fill(bridge: SchedulerBridge, num_requests: int, blocks_each: int) -> None:
+    for i in range(num_requests):
+        rid = f"fill{i}"
+        bridge.allocate_request(
+            rid, blocks_each * BS, block_hashes=[(i, j) for j in range(blocks_each)]
+        )
+        bridge.free_request(rid)
+
+
+def test_plan_peeks_only_the_victims_it_needs(monkeypatch):
+    bridge = make_bridge(device_blocks=2_000)
+    _fill(bridge, 500, 4)  # 2,000 evictable blocks, none free
+    policy = bridge.pool.block_pool.policy
+    asked: list[int] = []
+    peek = policy.peek_victims
+    monkeypatch.setattr(policy, "peek_victims", lambda n: asked.append(n) or peek(n))
+    # a hits fill0's first 2 blocks and needs 3 new; b needs 2 new
+    a = SchedRequest("a", 5 * BS, block_hashes=[(0, 0), (0, 1), "a2", "a3", "a4"])
+    b = SchedRequest("b", 2 * BS, block_hashes=["b0", "b1"])
+    plan = bridge.plan([a, b])
+    assert plan.admitted_ids == ["a", "b"]
+    assert [r.blocks_to_evict for r in plan.requests] == [3, 2]
+    # LRU: the oldest request's blocks tail-first, skipping a's hits (0,0), (0,1)
+    want = [(0, 3), (0, 2), (1, 3), (1, 2), (1, 1)]
+    assert plan.requests[0].evict_hashes + plan.requests[1].evict_hashes == want
+    assert asked and max(asked) <= 16, asked  # not len(policy) == 2,000
+    _, allocs = bridge.schedule([a, b])
+    assert [x for al in allocs for x in al.evicted_hashes] == want
+
+
+def test_plan_waits_with_no_victims_when_the_policy_refuses_them():
+    clock = _Clock()
+    bridge = make_bridge(device_blocks=4, eviction_policy="ttl", clock=clock)
+    _fill(bridge, 2, 2)  # 4 cached blocks, none free
+    pol = bridge.pool.block_pool.policy
+    pol.pin_for(list(range(4)), 100.0)  # every evictable block protected
+    before = bridge.get_stats()
+    plan = bridge.plan([SchedRequest("x", 2 * BS, block_hashes=["x0", "x1"])])
+    assert plan.wait_reasons == {"x": "no_victims"} and plan.blocks_to_evict == 0
+    assert bridge.pool.peek_admission(2) == "no_victims"  # the pool's own answer
+    assert bridge.get_stats() == before
+    _, allocs = bridge.schedule([SchedRequest("x", 2 * BS, block_hashes=["x0", "x1"])])
+    assert allocs == []  # waits instead of failing mid-schedule
+    clock.t = 200.0  # protection over
+    assert bridge.plan([SchedRequest("x", 2 * BS, block_hashes=["x0", "x1"])]).admitted_ids == ["x"]
+
+
+def test_a_later_request_meets_refused_victims_too():
+    clock = _Clock()
+    bridge = make_bridge(device_blocks=4, eviction_policy="ttl", clock=clock)
+    _fill(bridge, 2, 2)
+    pol = bridge.pool.block_pool.policy
+    pol.pin_for([0, 1], 100.0)  # fill0 protected, fill1 evictable
+    a = SchedRequest("a", 2 * BS, block_hashes=["a0", "a1"])
+    b = SchedRequest("b", 1 * BS, block_hashes=["b0"])
+    plan = bridge.plan([a, b])
+    assert plan.admitted_ids == ["a"] and plan.wait_reasons == {"b": "no_victims"}
+    assert plan.requests[0].evict_hashes == [(1, 1), (1, 0)]
+    _, allocs = bridge.schedule([a, b])
+    assert [al.handle.metadata["request_id"] for al in allocs] == ["a"]
+    bridge.manager.check_invariants()
 
 
 # -- bad input: typed errors, nothing allocated, nothing leaked ----------------------------------
