@@ -45,6 +45,11 @@ _LAZY: dict[str, str] = {
     "KVTransferEngine": "transfer",
     "SocketTransferBackend": "transfer.socket_backend",
     "CommTransferBackendAdapter": "transfer.comm_adapter",
+    # distributed pooling (a global pool over several nodes' pools)
+    "GlobalKVPoolManager": "pooling",
+    "NodeContribution": "pooling",
+    "RemoteKVAccessor": "pooling",
+    "KVTransferPipeline": "pooling",
     # tiers and scheduling
     "KVOffloadManager": "offload",
     "SchedulerBridge": "scheduler",
