@@ -55,6 +55,11 @@ _LAZY: dict[str, str] = {
     "SchedulerBridge": "scheduler",
     "SchedulerPlan": "scheduler",
     "KVCacheManager": "scheduler",
+    # placement (which device / instance a request goes to)
+    "LoadAwareScheduler": "placement",
+    "PlacementStrategy": "placement",
+    "DeviceLoadMetrics": "placement",
+    "LoadMetricsCollector": "placement",
     # the seed's face (compat/) and lifetime prediction
     "PrefixIndex": "compat",
     "KVBlock": "compat",
