@@ -42,3 +42,14 @@ __all__ = [
     "encode_header",
     "make_backend",
 ]
+
+
+def __getattr__(name: str):
+    # The seed imported ``KVTransferPipeline`` from here; it lives with the pooling
+    # layer above transfer (sagellm_kv_cache.pooling), so the alias is lazy: no import
+    # of the upper layer unless a seed-era caller asks for it.
+    if name == "KVTransferPipeline":
+        from ..pooling.pipeline import KVTransferPipeline
+
+        return KVTransferPipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
