@@ -90,6 +90,9 @@ def simulate(
     hooks: tuple = (),
     progress: bool = False,
     config: dict | None = None,
+    instances: int | None = None,
+    router: Any = None,
+    fleet_options: dict | None = None,
 ) -> SimResult:
     """Replay a canonical trace table on the event engine.
 
@@ -110,6 +113,9 @@ def simulate(
         block_size: must equal the table's when given.
         hooks: metric hooks (``sim.core``).
         progress: a progress bar.
+        instances, router: N instances behind a router (``sim.fleet``; router
+            spec as ``sim.routers`` names it, default round-robin); either one
+            set makes it a fleet replay. ``fleet_options``: ``bounds``, ``pooled``.
         config: extra entries for the resolved config (trace path, format...).
 
     Returns:
@@ -123,6 +129,26 @@ def simulate(
     missing = [c for c in _REQUIRED if c not in table.columns]
     if missing:
         raise KVInvalidInputError(f"trace table lacks column(s) {missing}")
+    if instances is not None or router is not None:
+        from .fleet import simulate_fleet
+
+        if tiers or hooks:
+            raise KVConfigError("a fleet replay (instances/router) takes no tiers or hooks yet")
+        return simulate_fleet(
+            table,
+            capacity,
+            policy,
+            instances=1 if instances is None else instances,
+            router=router,
+            mode=mode,
+            cost=cost,
+            max_num_seqs=max_num_seqs,
+            model_shape=model_shape,
+            block_size=block_size,
+            progress=progress,
+            config=config,
+            **(fleet_options or {}),
+        )
     n = len(table)
     bs = int(table["block_size"][0]) if n and "block_size" in table.columns else 512
     if block_size is not None and n and block_size != bs:

@@ -1,0 +1,470 @@
+"""N serving instances on one simulated clock, a router in front (``simulate(instances=N)``).
+
+Each instance is a ``sim.core.PoolInstance`` (its own metadata-only ``KVPool``,
+policy and queue). A request is routed when it arrives by the library's
+``LoadAwareScheduler`` (``sim.routers`` names the strategies) over a
+``LoadMetricsCollector`` attached to the instances' pools; then it lives on
+that instance exactly as in a single-instance replay (``sim.core``)::
+
+    arrival ──route──> instance k: waiting ──admit──> prefill ──> decode ──> finish
+
+Events of all instances share one heap, ordered as in ``sim.core`` (time,
+then finish < prefill end < arrival, then scheduling order); an event only
+changes its own instance, and only that instance is offered admission. With
+round-robin and zero cost the fleet therefore equals replaying each
+instance's subsequence alone, request for request.
+
+Bounds recorded per request (blocks; ``summary()`` gives them as token ratios):
+
+* ``routed_blocks``: what the chosen instance held when it was routed;
+* ``best_blocks``: the best instance's hit at routing time (``regret`` =
+  best - routed: reuse the router left behind);
+* ``held_blocks``: the leading run held in *any* instance's cache when it
+  started (every request could use every instance's cache, N x C in all):
+  ``all_caches_hit_ratio`` >= the delivered ``token_hit_ratio`` always, and
+  equal at N = 1.
+* optionally (``pooled=True``) ``pooled_hit_ratio``: one pool of N x C blocks
+  replayed under the same policy, mode and cost (a what-if, not a bound:
+  under LRU a partitioned fleet can beat it on adversarial traces).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from sagellm_kv_cache.errors import KVConfigError
+
+from .core import PoolInstance, SimClock
+
+__all__ = ["FleetEngine", "check_instances"]
+
+_FINISH, _PREFILL_END, _ARRIVAL = 0, 1, 2
+
+
+def check_instances(instances: Any) -> int:
+    if isinstance(instances, bool) or not isinstance(instances, int | np.integer) or instances < 1:
+        raise KVConfigError(f"instances must be an integer >= 1, got {instances!r}")
+    if instances > 4096:
+        raise KVConfigError(f"instances must be at most 4096, got {instances}")
+    return int(instances)
+
+
+class FleetEngine:
+    """The fleet loop; ``run()`` fills per-request columns (``inst_of``, bounds, times)."""
+
+    def __init__(
+        self,
+        hashes_col: list,
+        lengths: list,
+        outputs: list,
+        arrivals: list,
+        sessions: list | None,
+        *,
+        num_instances: int,
+        capacity_blocks: int,
+        block_size: int,
+        policy: str,
+        cost: Any,
+        router: Any,
+        sequential: bool,
+        max_num_seqs: int | None,
+        bounds: bool = True,
+    ) -> None:
+        from sagellm_kv_cache.placement import LoadMetricsCollector
+
+        from .routers import make_scheduler
+
+        n = len(lengths)
+        self.hashes_col, self.lengths, self.outputs, self.arrivals = (
+            hashes_col,
+            lengths,
+            outputs,
+            arrivals,
+        )
+        self.sessions = sessions
+        self.n = n
+        self.bs = block_size
+        self.cap = capacity_blocks
+        self.cost = cost
+        self.sequential = sequential
+        self.max_num_seqs = max_num_seqs
+        self.bounds = bounds
+        self.clock = SimClock()
+        self.insts = [
+            PoolInstance(capacity_blocks, block_size, policy, self.clock, cost, n)
+            for _ in range(num_instances)
+        ]
+        self.collector = LoadMetricsCollector()
+        self.devices = list(range(num_instances))
+        for k, inst in enumerate(self.insts):
+            mp = inst.bp.match_prefix
+            self.collector.attach_pool(k, inst.pool, match_fn=lambda hs, mp=mp: len(mp(hs)))
+        if hasattr(router, "select_device"):
+            self.scheduler = router  # a caller's own (tests: a router that always picks 0)
+        else:
+            self.scheduler = make_scheduler(router, self.collector)
+        self.metrics = [self.collector.get_metrics(k) for k in self.devices]
+        nan = math.nan
+        self.inst_of = [0] * n
+        self.full = [0] * n
+        self.rejected = [False] * n
+        self.routed = [0] * n
+        self.best = [0] * n
+        self.held = [0] * n
+        self.start_s = [nan] * n
+        self.prefill_end_s = [nan] * n
+        self.finish_s = [nan] * n
+        self.peak_used = [0] * num_instances
+        self.peak_waiting = [0] * num_instances
+
+    # -- routing and bounds -------------------------------------------------------
+    def _route(self, i: int, hs: list) -> int:
+        sched = self.scheduler
+        sess = self.sessions[i] if self.sessions is not None else None
+        k = sched.select_device(
+            self.devices, self.lengths[i], None, block_hashes=hs, session_id=sess
+        )
+        if self.bounds and hs:
+            matches = getattr(sched, "last_matches", None)
+            if matches is None or len(matches) != len(self.insts):
+                matches = [len(inst.bp.match_prefix(hs)) for inst in self.insts]
+            self.routed[i] = matches[k]
+            self.best[i] = max(matches)
+        return k
+
+    def _held(self, i: int, hs: list, at_least: int) -> None:
+        """The leading run held by any instance now (>= the best single instance's)."""
+        j, full = at_least, len(hs)
+        caches = [inst.bp.cached for inst in self.insts]
+        while j < full:
+            h = hs[j]
+            for c in caches:
+                if h in c:
+                    break
+            else:
+                break
+            j += 1
+        self.held[i] = j
+
+    def run(self) -> FleetEngine:
+        if self.sequential:
+            self._run_sequential()
+        else:
+            self._run_clocked()
+        return self
+
+    def _run_sequential(self) -> None:
+        bs, cap, insts = self.bs, self.cap, self.insts
+        hashes_col, lengths = self.hashes_col, self.lengths
+        inst_of, full_l, rejected = self.inst_of, self.full, self.rejected
+        bounds, route = self.bounds, self._route
+        for i in range(self.n):
+            full = lengths[i] // bs
+            full_l[i] = full
+            hs = hashes_col[i][:full]
+            k = route(i, hs)
+            inst_of[i] = k
+            if full > cap:
+                rejected[i] = True
+            elif full:
+                if bounds:
+                    self._held(i, hs, self.best[i])
+                inst = insts[k]
+                inst.start(i, hs, full, False)
+                inst.written(i, hs)
+                inst.finish(i)
+
+    def _run_clocked(self) -> None:
+        bs, cap, insts, clock = self.bs, self.cap, self.insts, self.clock
+        hashes_col, lengths, outputs, arrivals = (
+            self.hashes_col,
+            self.lengths,
+            self.outputs,
+            self.arrivals,
+        )
+        inst_of, full_l = self.inst_of, self.full
+        start_s, prefill_end_s, finish_s = self.start_s, self.prefill_end_s, self.finish_s
+        max_seqs, cost, bounds = self.max_num_seqs, self.cost, self.bounds
+        metrics, peak_used, peak_waiting = self.metrics, self.peak_used, self.peak_waiting
+        route, held = self._route, self._held
+        nk = len(insts)
+        n = self.n
+        order = sorted(range(n), key=arrivals.__getitem__)  # stable: ties keep trace order
+        events: list[tuple[float, int, int, int]] = []
+        waiting: list[deque[int]] = [deque() for _ in range(nk)]
+        running = [0] * nk
+        seq = 0
+
+        def admit(k: int, now: float) -> None:
+            nonlocal seq
+            inst, wq, m = insts[k], waiting[k], metrics[k]
+            while wq and (max_seqs is None or running[k] < max_seqs):
+                i = wq[0]
+                full = full_l[i]
+                if full:
+                    hs = hashes_col[i][:full]
+                    if bounds:
+                        held(i, hs, 0)
+                    if not inst.start(i, hs, full, running[k] > 0):
+                        break
+                wq.popleft()
+                running[k] += 1
+                start_s[i] = now
+                seq += 1
+                uncached = lengths[i] - inst.hit[i] * bs
+                heapq.heappush(events, (now + inst.prefill_s(i, uncached), _PREFILL_END, seq, i))
+                used = inst.num_used
+                if used > peak_used[k]:
+                    peak_used[k] = used
+            m.active_requests, m.queue_length = running[k], len(wq)
+            m.kv_tokens_used = inst.num_used * bs
+            if not running[k] and wq:
+                raise AssertionError(f"request {wq[0]} cannot start in an idle pool")
+
+        p = 0
+        while p < n or events:
+            if events and (p >= n or (events[0][0], events[0][1]) < (arrivals[order[p]], _ARRIVAL)):
+                now, kind, _, i = heapq.heappop(events)
+                clock.now = now
+                k = inst_of[i]
+                inst = insts[k]
+                if kind == _FINISH:
+                    inst.finish(i)
+                    running[k] -= 1
+                    finish_s[i] = now
+                else:
+                    full = full_l[i]
+                    if full:
+                        inst.written(i, hashes_col[i][:full])
+                    prefill_end_s[i] = now
+                    seq += 1
+                    heapq.heappush(events, (now + cost.decode_s(outputs[i]), _FINISH, seq, i))
+                if waiting[k]:
+                    admit(k, now)
+                else:
+                    m = metrics[k]
+                    m.active_requests, m.kv_tokens_used = running[k], inst.num_used * bs
+            else:
+                i = order[p]
+                p += 1
+                now = arrivals[i]
+                clock.now = now
+                full = lengths[i] // bs
+                full_l[i] = full
+                k = route(i, hashes_col[i][:full])
+                inst_of[i] = k
+                if full > cap:
+                    self.rejected[i] = True
+                else:
+                    waiting[k].append(i)
+                    admit(k, now)
+                    if len(waiting[k]) > peak_waiting[k]:
+                        peak_waiting[k] = len(waiting[k])
+
+
+def _per_instance(records: Any, num_instances: int, eng: FleetEngine, bs: int) -> list[dict]:
+    """One dict per instance: load (requests, prompt tokens), hits, blocks in use, queueing, TTFT."""
+    import polars as pl
+
+    from .result import timing_stats
+
+    cols = ["instance", "input_length", "hit_blocks", "full_blocks"]
+    timed = "ttft_s" in records.columns
+    df = records.select(cols + (["queue_s", "ttft_s"] if timed else []))
+    out = []
+    parts = {k: g for (k,), g in df.partition_by("instance", as_dict=True).items()}
+    for k in range(num_instances):
+        g = parts.get(k)
+        if g is None:
+            g = df.clear()
+        prompt = int(g["input_length"].sum() or 0)
+        hit = int(g["hit_blocks"].sum() or 0)
+        row: dict[str, Any] = {
+            "instance": k,
+            "requests": g.height,
+            "prompt_tokens": prompt,
+            "token_hit_ratio": hit * bs / prompt if prompt else 0.0,
+            "evictions": int(eng.insts[k].num_evictions),
+            "blocks_in_use_end": int(eng.insts[k].num_used),
+        }
+        if timed:
+            row["peak_blocks_in_use"] = int(eng.peak_used[k])
+            row["peak_waiting"] = int(eng.peak_waiting[k])
+            for name in ("queue_s", "ttft_s"):
+                st = timing_stats(name, g[name].cast(pl.Float64).to_numpy())
+                base = name[:-2]
+                row.update({key: st[key] for key in (f"{base}_p50_s", f"{base}_p99_s")})
+        out.append(row)
+    return out
+
+
+def _imbalance(values: list[float]) -> float:
+    mean = sum(values) / len(values) if values else 0.0
+    return max(values) / mean if mean > 0 else 1.0
+
+
+def simulate_fleet(
+    table: Any,
+    capacity: Any,
+    policy: str,
+    *,
+    instances: int,
+    router: Any,
+    mode: str,
+    cost: Any,
+    max_num_seqs: int | None,
+    model_shape: Any,
+    block_size: int | None,
+    bounds: bool = True,
+    pooled: bool = False,
+    progress: bool = False,
+    config: dict | None = None,
+) -> Any:
+    """``simulate(..., instances=N, router=SPEC)``: see the module docstring."""
+    import dataclasses
+
+    from .result import build_result
+    from .routers import parse_router
+    from .simulate import _cost, _distinct_blocks, resolve_blocks, simulate
+
+    nk = check_instances(instances)
+    label = router.__class__.__name__ if hasattr(router, "select_device") else None
+    if label is None:
+        label = parse_router("round-robin" if router is None else router).label
+    n = len(table)
+    bs = int(table["block_size"][0]) if n and "block_size" in table.columns else 512
+    if block_size is not None and n and block_size != bs:
+        raise KVConfigError(f"block_size {block_size} differs from the table's {bs}")
+    cost_m = _cost(cost)
+    sequential = mode == "sequential"
+    lengths = table["input_length"].to_list()
+    shape = model_shape
+    if isinstance(shape, str):
+        from sagellm_kv_cache.storage import ModelShape
+
+        shape = ModelShape.named(shape)
+    blocks, cap_info = resolve_blocks(capacity, table, bs, shape)
+    if blocks is None:
+        blocks = _distinct_blocks(table) if sequential else max(1, sum(x // bs for x in lengths))
+    sessions = table["session_id"].to_list() if "session_id" in table.columns else None
+    eng = FleetEngine(
+        table["block_hashes"].to_list(),
+        lengths,
+        table["output_length"].to_list(),
+        table["arrival_s"].to_list(),
+        sessions,
+        num_instances=nk,
+        capacity_blocks=blocks,
+        block_size=bs,
+        policy=policy,
+        cost=cost_m,
+        router=router if router is not None else "round-robin",
+        sequential=sequential,
+        max_num_seqs=max_num_seqs,
+        bounds=bounds,
+    ).run()
+    inst_of = np.asarray(eng.inst_of, dtype=np.int64)
+    cols = np.arange(n)
+
+    def gather(attr: str) -> np.ndarray:
+        if not n:
+            return np.zeros(0, np.int64)
+        return np.asarray([getattr(x, attr) for x in eng.insts], dtype=np.int64)[inst_of, cols]
+
+    hit, alloc, evicted = gather("hit"), gather("alloc"), gather("evicted")
+    rej = np.asarray(eng.rejected, dtype=bool)
+    ran = ~rej
+    if sequential:
+        uncached = np.asarray(lengths, dtype=np.float64) - hit * bs
+        prefill = cost_m.prefill_overhead_s + cost_m.prefill_s_per_token * uncached
+        decode = cost_m.decode_overhead_s + cost_m.decode_s_per_token * np.asarray(
+            table["output_length"].to_list(), dtype=np.float64
+        )
+        start = table["arrival_s"].cast(float).to_numpy().copy() if n else np.zeros(0)
+        times = {
+            "start_s": np.where(ran, start, np.nan),
+            "prefill_s": np.where(ran, prefill, np.nan),
+            "decode_s": np.where(ran, decode, np.nan),
+        }
+        clock_kind = "isolated"
+    else:
+        start = np.asarray(eng.start_s)
+        pend = np.asarray(eng.prefill_end_s)
+        times = {
+            "start_s": start,
+            "prefill_s": pend - start,
+            "decode_s": np.asarray(eng.finish_s) - pend,
+        }
+        clock_kind = "simulated"
+    policy_name = eng.insts[0].policy_name
+    resolved = {
+        "mode": mode,
+        "policy": policy_name,
+        "capacity": cap_info,
+        "capacity_blocks": blocks,
+        "block_size": bs,
+        "max_num_seqs": max_num_seqs,
+        "cost": dataclasses.asdict(cost_m),
+        "model_shape": str(model_shape) if model_shape is not None else None,
+        "instances": nk,
+        "router": label,
+        **(config or {}),
+    }
+    res = build_result(
+        table,
+        mode=mode,
+        policy=policy_name,
+        capacity_blocks=blocks,
+        block_size=bs,
+        full=eng.full,
+        hit=hit,
+        allocated=alloc,
+        evicted=evicted,
+        rejected=rej,
+        evictions=sum(x.num_evictions for x in eng.insts),
+        times=times,
+        clock=clock_kind,
+        config=resolved,
+        more={"max_num_seqs": max_num_seqs, "cost": resolved["cost"]},
+    )
+    import polars as pl
+
+    res.records = res.records.with_columns(
+        pl.Series("instance", inst_of, dtype=pl.Int64),
+        pl.Series("routed_blocks", np.asarray(eng.routed, dtype=np.int64)),
+        pl.Series("best_blocks", np.asarray(eng.best, dtype=np.int64)),
+        pl.Series("held_blocks", np.asarray(eng.held, dtype=np.int64)),
+    )
+    per = _per_instance(res.records, nk, eng, bs)
+    prompt = int(res.stats["prompt_tokens"]) or 0
+
+    def ratio(col: list) -> float:
+        return float(np.asarray(col, dtype=np.int64)[ran].sum() * bs / prompt) if prompt else 0.0
+
+    extra: dict[str, Any] = {
+        "instances": nk,
+        "router": label,
+        "load_imbalance": _imbalance([float(r["prompt_tokens"]) for r in per]),
+        "request_imbalance": _imbalance([float(r["requests"]) for r in per]),
+    }
+    if bounds:
+        routed, best = ratio(eng.routed), ratio(eng.best)
+        extra.update(
+            all_caches_hit_ratio=ratio(eng.held),
+            best_instance_hit_ratio=best,
+            routed_hit_ratio=routed,
+            regret_hit_ratio=best - routed,
+        )
+    if pooled:
+        big = simulate(
+            table, blocks * nk, policy, mode=mode, cost=cost_m, max_num_seqs=max_num_seqs
+        )
+        extra["pooled_hit_ratio"] = float(big.token_hit_ratio)
+    extra["per_instance"] = per
+    res.stats.update(extra)
+    return res

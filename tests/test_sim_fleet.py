@@ -1,0 +1,186 @@
+"""The fleet (N instances behind a router on one clock): exact equalities and bounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sagellm_kv_cache.errors import KVConfigError
+from sim.config import LinearCostModel
+from sim.routers import ROUTERS, parse_router
+from sim.simulate import simulate
+
+TRACE = "traces/data/mooncake_synthetic_trace.jsonl"
+COLS = ["hit_blocks", "allocated_blocks", "evicted_blocks", "rejected"]
+TIMED = ["start_s", "prefill_end_s", "finish_s"]
+ZERO = LinearCostModel.zero()
+
+
+@pytest.fixture(scope="module")
+def trace():
+    from traces import read_trace
+
+    return read_trace(TRACE).head(500)
+
+
+def same(a: pl.DataFrame, b: pl.DataFrame, cols: list[str]) -> None:
+    for c in cols:
+        x, y = a[c].to_numpy(), b[c].to_numpy()
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), c
+
+
+@pytest.mark.parametrize("mode", ["sequential", "concurrent"])
+@pytest.mark.parametrize("cost", [ZERO, None], ids=["zero", "default"])
+@pytest.mark.parametrize("n", [2, 3])
+def test_round_robin_equals_each_subsequence_alone(trace, mode, cost, n):
+    fleet = simulate(trace, 300, mode=mode, cost=cost, instances=n, router="round-robin")
+    recs = fleet.records.with_row_index("row")
+    assert recs["instance"].to_list() == [i % n for i in range(len(trace))]
+    cols = COLS + (TIMED if mode == "concurrent" else [])
+    for k in range(n):
+        sub = trace.with_row_index("row").filter(pl.col("row") % n == k).drop("row")
+        alone = simulate(sub, 300, mode=mode, cost=cost)
+        same(recs.filter(pl.col("instance") == k), alone.records, cols)
+        per = fleet.per_instance[k]
+        assert per["requests"] == len(sub)
+        assert per["token_hit_ratio"] == pytest.approx(alone.token_hit_ratio)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "concurrent"])
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_one_instance_under_any_router_is_the_single_replay(trace, mode, router):
+    one = simulate(trace, 300, mode=mode, instances=1, router=router)
+    ref = simulate(trace, 300, mode=mode)
+    same(one.records, ref.records, COLS + (TIMED if mode == "concurrent" else []))
+    assert one.token_hit_ratio == ref.token_hit_ratio
+    assert one.all_caches_hit_ratio == ref.token_hit_ratio  # the bound is tight at N = 1
+    assert one.load_imbalance == 1.0
+
+
+class AlwaysZero:
+    """A router that sends everything to instance 0."""
+
+    last_matches = None
+
+    def select_device(self, candidates, kv_tokens_required=0, request_id=None, **kw):
+        return candidates[0]
+
+
+@pytest.mark.parametrize("mode", ["sequential", "concurrent"])
+def test_router_always_zero_equals_one_instance(trace, mode):
+    fleet = simulate(trace, 300, mode=mode, instances=4, router=AlwaysZero())
+    ref = simulate(trace, 300, mode=mode)
+    same(fleet.records, ref.records, COLS + (TIMED if mode == "concurrent" else []))
+    assert set(fleet.records["instance"].to_list()) == {0}
+    assert [r["requests"] for r in fleet.per_instance] == [len(trace), 0, 0, 0]
+    assert fleet.load_imbalance == 4.0
+
+
+def test_prefix_aware_beat_round_robin_and_bounds_hold(trace):
+    out = {}
+    for r in ("round-robin", "longest-prefix", "kv-aware", "cache-aware"):
+        s = simulate(trace, 300, mode="concurrent", instances=4, router=r).summary()
+        out[r] = s
+        assert s["best_instance_hit_ratio"] >= s["routed_hit_ratio"]
+        assert s["regret_hit_ratio"] == pytest.approx(
+            s["best_instance_hit_ratio"] - s["routed_hit_ratio"]
+        )
+        assert s["all_caches_hit_ratio"] >= s["token_hit_ratio"]
+        assert len(s["per_instance"]) == 4
+        assert {"ttft_p50_s", "queue_p99_s", "peak_blocks_in_use"} <= set(s["per_instance"][0])
+    for r in ("longest-prefix", "kv-aware", "cache-aware"):
+        assert out[r]["token_hit_ratio"] > out["round-robin"]["token_hit_ratio"]
+
+
+def test_records_and_config(trace, tmp_path):
+    r = simulate(trace, 300, instances=2, router="kv-aware:weight=2,temperature=0")
+    assert r.config["router"] == "kv-aware:weight=2.0,temperature=0.0"
+    assert r.config["instances"] == 2 and r.instances == 2
+    assert {"instance", "routed_blocks", "best_blocks", "held_blocks"} <= set(r.records.columns)
+    h = r.records
+    assert (h["held_blocks"] >= h["hit_blocks"]).all()
+    assert (h["best_blocks"] >= h["routed_blocks"]).all()
+    assert "summary.json" in r.write(tmp_path)
+
+
+def test_pooled_what_if(trace):
+    r = simulate(trace, 300, instances=2, router="longest-prefix", fleet_options={"pooled": True})
+    assert r.pooled_hit_ratio == simulate(trace, 600).token_hit_ratio
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"instances": 0}, "instances"),
+        ({"instances": True}, "instances"),
+        ({"router": "nope"}, "unknown router"),
+        ({"router": "kv-aware:weight=x"}, "weight"),
+        ({"router": "kv-aware:color=1"}, "bad parameter"),
+        ({"router": "consistent-hash:key=user"}, "key"),
+        ({"router": "kv-aware:temperature=-1"}, "temperature"),
+        ({"instances": 2, "tiers": {"gpu": 10, "cpu": 20}}, "tiers"),
+    ],
+)
+def test_bad_fleet_settings(trace, kwargs, needle):
+    with pytest.raises(KVConfigError) as ei:
+        simulate(trace.head(5), 300, **kwargs)
+    assert needle in str(ei.value) and ei.value.code == "KV_CONFIG_INVALID"
+
+
+def test_parse_router_labels():
+    assert parse_router("round_robin").label == "round-robin"
+    assert parse_router("consistent-hash:key=prefix").label == "consistent-hash:key=prefix"
+
+
+# ---------------------------------------------------------------- property: the bound
+
+BS = 4
+
+
+@st.composite
+def small_trace(draw):
+    """Requests over a few shared prefixes (chained ids), random lengths and times."""
+    n = draw(st.integers(1, 40))
+    rows = []
+    t = 0.0
+    for i in range(n):
+        root = draw(st.integers(0, 4))
+        shared = draw(st.integers(0, 5))
+        own = draw(st.integers(0, 3))
+        hashes = [f"r{root}-{j}" for j in range(shared)] + [f"q{i}-{j}" for j in range(own)]
+        tail = draw(st.integers(0, BS - 1))
+        t += draw(st.sampled_from([0.0, 0.01, 0.5]))
+        rows.append(
+            {
+                "request_id": f"q{i}",
+                "arrival_s": t,
+                "input_length": len(hashes) * BS + tail,
+                "output_length": draw(st.integers(0, 20)),
+                "block_hashes": hashes,
+                "block_size": BS,
+                "session_id": f"s{draw(st.integers(0, 3))}",
+            }
+        )
+    return pl.DataFrame(rows)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    table=small_trace(),
+    n=st.integers(1, 4),
+    cap=st.integers(1, 12),
+    router=st.sampled_from(sorted(ROUTERS) + ["kv-aware:temperature=0.5,seed=3"]),
+    mode=st.sampled_from(["sequential", "concurrent"]),
+)
+def test_all_caches_bound_holds(table, n, cap, router, mode):
+    r = simulate(table, cap, mode=mode, instances=n, router=router)
+    assert r.all_caches_hit_ratio >= r.token_hit_ratio
+    assert r.best_instance_hit_ratio >= r.routed_hit_ratio
+    recs = r.records
+    assert (recs["held_blocks"] >= recs["hit_blocks"]).all()
+    if n == 1:
+        ref = simulate(table, cap, mode=mode)
+        assert r.all_caches_hit_ratio == r.token_hit_ratio == ref.token_hit_ratio
