@@ -126,6 +126,11 @@ def simulate(
     """
     if mode not in MODES:
         raise KVConfigError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(getattr(table, "columns", None), list | tuple):
+        raise KVInvalidInputError(
+            f"table must be a trace table (polars DataFrame from traces.read_trace), "
+            f"got {type(table).__name__}"
+        )
     missing = [c for c in _REQUIRED if c not in table.columns]
     if missing:
         raise KVInvalidInputError(f"trace table lacks column(s) {missing}")

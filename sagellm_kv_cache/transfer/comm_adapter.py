@@ -27,8 +27,30 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from ..errors import KVCacheError, KVConfigError, KVTransferFailedError, KVTransferTimeoutError
+from ..errors import (
+    KVCacheError,
+    KVConfigError,
+    KVInvalidInputError,
+    KVInvalidTypeError,
+    KVTransferFailedError,
+    KVTransferTimeoutError,
+)
 from .backends import TransferBackend
+
+
+def _check_peer_args(buffer: Any, rank: Any, name: str) -> None:
+    """A caller's rank and buffer, checked before the comm object sees them."""
+    import torch
+
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise KVInvalidTypeError(f"{name} must be an int, got {type(rank).__name__}")
+    if rank < 0:
+        raise KVInvalidInputError(f"{name} must be >= 0, got {rank}")
+    if not isinstance(buffer, torch.Tensor | bytearray | memoryview):
+        raise KVInvalidTypeError(
+            f"buffer must be a torch.Tensor, bytearray or memoryview, got {type(buffer).__name__}"
+        )
+
 
 __all__ = ["CommTransferBackendAdapter"]
 
@@ -90,9 +112,11 @@ class CommTransferBackendAdapter(TransferBackend):
 
     # -- seed API ----------------------------------------------------------------
     def send(self, tensor: Any, dst_rank: int) -> None:
+        _check_peer_args(tensor, dst_rank, "dst_rank")
         self._comm_backend.send(tensor, dst_rank)
 
     def recv(self, tensor: Any, src_rank: int) -> None:
+        _check_peer_args(tensor, src_rank, "src_rank")
         self._comm_backend.recv(tensor, src_rank)
 
     def get_rank(self) -> int:
