@@ -1,0 +1,195 @@
+"""The iteration-level engine (sim.iteration): hand-checked step schedules and times."""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+import pytest
+
+from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError
+from sim.cost import LinearStepCost
+from sim.iteration_run import parse_slo, simulate_iteration
+from sim.replay import replay_sequential
+from traces import DEFAULT_TRACE, read_trace
+
+
+def table(rows, bs=4):
+    """rows: (arrival, input, output); each request gets its own hash ids unless given."""
+    recs = []
+    nxt = 0
+    for k, row in enumerate(rows):
+        arrival, inp, out = row[:3]
+        if len(row) > 3:
+            hs = list(row[3])
+        else:
+            hs = list(range(nxt, nxt + inp // bs))
+            nxt += inp // bs
+        recs.append((str(k), float(arrival), inp, out, hs, bs))
+    return pl.DataFrame(
+        recs,
+        schema=[
+            "request_id",
+            "arrival_s",
+            "input_length",
+            "output_length",
+            "block_hashes",
+            "block_size",
+        ],
+        orient="row",
+    )
+
+
+class Recording(LinearStepCost):
+    """A linear model that logs each step's new tokens (fast-forwarded steps included)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        object.__setattr__(self, "log", [])
+
+    def time(self, st):
+        self.log.append(st.num_tokens)
+        return super().time(st)
+
+
+def unit(**kw):
+    base = dict(
+        prefill_overhead_s=0.0, prefill_s_per_token=0.0, decode_step_s=0.0, step_overhead_s=0.0
+    )
+    base.update(kw)
+    return Recording(**base)
+
+
+def col(r, name):
+    return r.records[name].to_list()
+
+
+def test_one_request_alone_chunks_and_decode_steps_sum_to_the_expected_time():
+    cost = unit(step_overhead_s=1.0, prefill_s_per_token=0.1, decode_step_s=0.5)
+    r = simulate_iteration(table([(0, 10, 3)]), cost=cost, max_num_batched_tokens=4)
+    assert cost.log == [4, 4, 2, 1, 1]  # chunks 4+4+2 at the budget, then two decodes
+    # 1.4 + 1.4 + 1.2 = 4.0 to the first token; two decode steps of 1 + 0.5
+    assert col(r, "ttft_s") == [pytest.approx(4.0)]
+    assert col(r, "e2e_s") == [pytest.approx(7.0)]
+    assert col(r, "tpot_s") == [pytest.approx(1.5)]
+    assert col(r, "itl_max_s") == [pytest.approx(1.5)]
+    assert r.num_steps == 5 and r.preemptions == 0
+
+
+def test_two_requests_contending_second_ttft_includes_the_shared_step():
+    cost = unit(step_overhead_s=1.0, prefill_s_per_token=0.1, decode_step_s=0.5)
+    r = simulate_iteration(table([(0, 4, 3), (0.5, 4, 2)]), cost=cost, max_num_batched_tokens=8)
+    # step 1 [0, 1.4]: A's prefill; step 2 [1.4, 3.3]: A decodes + B's prefill (1 + 0.4 + 0.5);
+    # step 3 [3.3, 4.8]: both decode
+    assert cost.log == [4, 5, 2]
+    assert col(r, "start_s") == [0.0, pytest.approx(1.4)]
+    assert col(r, "ttft_s") == [pytest.approx(1.4), pytest.approx(3.3 - 0.5)]
+    assert col(r, "queue_s")[1] == pytest.approx(0.9)
+    assert col(r, "finish_s") == [pytest.approx(4.8), pytest.approx(4.8)]
+    assert col(r, "itl_max_s") == [pytest.approx(1.9), pytest.approx(1.5)]
+
+
+def test_preemption_when_blocks_run_out_last_admitted_recomputed():
+    cost = unit(step_overhead_s=1.0)  # every step takes 1 s
+    t = table([(0, 4, 6), (0, 4, 6)])
+    r = simulate_iteration(t, capacity=4, cost=cost, max_num_batched_tokens=64)
+    # steps 1-5 run A and B together (2 blocks each at 8 tokens); step 6 (t=5) A needs a
+    # third block: B (the last admitted) is preempted, A finishes at 6; B resumes at 6
+    # hitting its prompt block (its generated block was evicted for A), recomputes 5
+    # tokens (4 of them computed before) and samples its sixth token at 7
+    assert cost.log == [8, 2, 2, 2, 2, 1, 5]
+    assert col(r, "preemptions") == [0, 1]
+    assert col(r, "recomputed_tokens") == [0, 4]
+    assert r.preemptions == 1 and r.recomputed_tokens == 4
+    assert col(r, "finish_s") == [6.0, 7.0]
+    assert col(r, "itl_max_s") == [1.0, 2.0]  # B's token 6 came 2 s after token 5
+    assert col(r, "hit_blocks") == [0, 0]  # first admission only
+
+
+def test_chunked_prefill_splits_at_the_budget_left_by_decodes():
+    cost = unit(step_overhead_s=1.0)
+    t = table([(0, 4, 4), (0.5, 12, 1)])
+    r = simulate_iteration(t, cost=cost, max_num_batched_tokens=5)
+    # A decodes one token a step; B's prompt gets the other 4: chunks 4, 4, 4
+    assert cost.log == [4, 5, 5, 5]
+    assert col(r, "ttft_s") == [1.0, pytest.approx(4.0 - 0.5)]
+
+
+def test_without_chunked_prefill_a_prompt_waits_for_the_whole_budget():
+    cost = unit(step_overhead_s=1.0)
+    t = table([(0, 4, 3), (0.5, 8, 1), (0, 12, 1)])
+    r = simulate_iteration(t, cost=cost, max_num_batched_tokens=8, chunked_prefill=False)
+    # the 12-token prompt can never fit the budget: rejected; B (8 tokens) needs the whole
+    # budget, so it waits until A's decodes end (steps at 0, 1, 2 -> B starts at 3)
+    assert col(r, "rejected") == [False, False, True]
+    assert cost.log == [4, 1, 1, 8]
+    assert col(r, "start_s")[1] == 3.0
+
+
+def test_zero_cost_one_at_a_time_equals_sequential_replay_request_for_request():
+    t = read_trace(DEFAULT_TRACE).head(400)
+    bs = int(t["block_size"][0])
+    seq = replay_sequential(t, None, "lru")
+    it = simulate_iteration(t, None, cost=LinearStepCost.zero(), max_num_seqs=1)
+    lengths = col(seq, "input_length")
+    # the last-token rule caps a hit at (input - 1) // block_size blocks
+    expect = [min(h, (x - 1) // bs) for h, x in zip(col(seq, "hit_blocks"), lengths)]
+    assert col(it, "hit_blocks") == expect
+    assert col(it, "full_blocks") == col(seq, "full_blocks")
+    assert col(it, "rejected") == col(seq, "rejected")
+    assert set(col(it, "queue_s")) == {0.0} and set(col(it, "ttft_s")) == {0.0}
+
+
+def test_fast_forward_equals_stepping():
+    t = read_trace(DEFAULT_TRACE).head(150)
+    kw = dict(capacity=2000, max_num_batched_tokens=2048, max_num_seqs=8)
+    a = simulate_iteration(t, cost="roofline:gpu=h100,model=llama-3-8b", **kw)
+    import sim.iteration as it
+
+    orig = it.IterationEngine._fast_forward
+    it.IterationEngine._fast_forward = lambda self, running, now, *a: now
+    try:
+        b = simulate_iteration(t, cost="roofline:gpu=h100,model=llama-3-8b", **kw)
+    finally:
+        it.IterationEngine._fast_forward = orig
+    for c in ("ttft_s", "e2e_s", "hit_blocks", "preemptions"):
+        x, y = col(a, c), col(b, c)
+        assert all(math.isclose(u, v, rel_tol=1e-9, abs_tol=1e-9) for u, v in zip(x, y)), c
+    assert a.num_steps == b.num_steps
+
+
+def test_summary_has_serving_metrics_and_goodput():
+    cost = unit(step_overhead_s=1.0)
+    r = simulate_iteration(table([(0, 4, 3), (0, 4, 1)]), cost=cost, slo="ttft=1s,tpot=500ms")
+    s = r.summary()
+    for k in ("ttft_p99_s", "tpot_p50_s", "itl_max_p99_s", "e2e_p90_s", "input_tokens_per_s"):
+        assert k in s
+    # both have TTFT 1 s; A's TPOT is 1 s > 0.5 s, B has one token (no TPOT): 1 of 2 meet
+    assert s["slo_attainment"] == 0.5
+    assert s["goodput_rps"] == pytest.approx(1 / 3.0)
+    assert s["input_tokens_per_s"] == pytest.approx(8 / 3.0)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"max_num_seqs": 0},
+        {"max_num_batched_tokens": True},
+        {"chunked_prefill": "yes"},
+        {"slo": "ttft=fast"},
+        {"cost": "roofline:gpu=h999,model=llama-2-7b"},
+    ],
+)
+def test_bad_settings_are_typed_errors(kw):
+    with pytest.raises(KVConfigError) as e:
+        simulate_iteration(table([(0, 4, 1)]), **kw)
+    assert e.value.code == "KV_CONFIG_INVALID"
+
+
+def test_missing_column_is_typed():
+    with pytest.raises(KVInvalidInputError):
+        simulate_iteration(table([(0, 4, 1)]).drop("block_hashes"))
+
+
+def test_parse_slo_units():
+    assert parse_slo("ttft=2s,tpot=50ms,e2e=3") == {"ttft": 2.0, "tpot": 0.05, "e2e": 3.0}
