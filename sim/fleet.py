@@ -54,6 +54,16 @@ def check_instances(instances: Any) -> int:
     return int(instances)
 
 
+def _matcher(bp: Any) -> Any:
+    """``hashes -> leading blocks cached`` on ``bp`` (most instances miss on the root: one probe)."""
+    cached, match = bp.cached, bp.match_prefix
+
+    def match_prefix(hs: list) -> int:
+        return len(match(hs)) if hs and hs[0] in cached else 0
+
+    return match_prefix
+
+
 class FleetEngine:
     """The fleet loop; ``run()`` fills per-request columns (``inst_of``, bounds, times)."""
 
@@ -102,13 +112,15 @@ class FleetEngine:
         self.collector = LoadMetricsCollector()
         self.devices = list(range(num_instances))
         for k, inst in enumerate(self.insts):
-            mp = inst.bp.match_prefix
-            self.collector.attach_pool(k, inst.pool, match_fn=lambda hs, mp=mp: len(mp(hs)))
+            self.collector.attach_pool(k, inst.pool, match_fn=_matcher(inst.bp))
         if hasattr(router, "select_device"):
             self.scheduler = router  # a caller's own (tests: a router that always picks 0)
         else:
             self.scheduler = make_scheduler(router, self.collector)
         self.metrics = [self.collector.get_metrics(k) for k in self.devices]
+        self._select = self.scheduler.select_device
+        self._matchers = [_matcher(inst.bp) for inst in self.insts]
+        self._caches = [inst.bp.cached for inst in self.insts]  # hash -> block, per instance
         nan = math.nan
         self.inst_of = [0] * n
         self.full = [0] * n
@@ -124,23 +136,20 @@ class FleetEngine:
 
     # -- routing and bounds -------------------------------------------------------
     def _route(self, i: int, hs: list) -> int:
-        sched = self.scheduler
         sess = self.sessions[i] if self.sessions is not None else None
-        k = sched.select_device(
-            self.devices, self.lengths[i], None, block_hashes=hs, session_id=sess
-        )
+        k = self._select(self.devices, self.lengths[i], None, block_hashes=hs, session_id=sess)
         if self.bounds and hs:
-            matches = getattr(sched, "last_matches", None)
+            matches = getattr(self.scheduler, "last_matches", None)
             if matches is None or len(matches) != len(self.insts):
-                matches = [len(inst.bp.match_prefix(hs)) for inst in self.insts]
+                matches = [m(hs) for m in self._matchers]
             self.routed[i] = matches[k]
             self.best[i] = max(matches)
         return k
 
     def _held(self, i: int, hs: list, at_least: int) -> None:
-        """The leading run held by any instance now (>= the best single instance's)."""
+        """The leading run held by any instance now; ``at_least`` blocks are known held."""
         j, full = at_least, len(hs)
-        caches = [inst.bp.cached for inst in self.insts]
+        caches = self._caches
         while j < full:
             h = hs[j]
             for c in caches:
@@ -208,8 +217,8 @@ class FleetEngine:
                 full = full_l[i]
                 if full:
                     hs = hashes_col[i][:full]
-                    if bounds:
-                        held(i, hs, 0)
+                    if bounds:  # what any instance holds as it starts (>= its own hit)
+                        held(i, hs, len(inst.bp.match_prefix(hs)))
                     if not inst.start(i, hs, full, running[k] > 0):
                         break
                 wq.popleft()

@@ -316,14 +316,14 @@ class LoadAwareScheduler:
         )
 
     # -- rules ---------------------------------------------------------------------
-    def _tie(self, d: Hashable) -> int:
-        return self._placement_decisions.get(d, 0)
-
     def _argmin(self, keys: list, candidates: Sequence[Hashable]) -> Hashable:
         """The candidate with the least key; ties: fewest placements, then first."""
-        tie = self._tie
-        best = min(range(len(candidates)), key=lambda j: (keys[j], tie(candidates[j]), j))
-        return candidates[best]
+        low = min(keys)
+        if keys.count(low) == 1:  # the common case: one best, no tie to break
+            return candidates[keys.index(low)]
+        pd = self._placement_decisions
+        tied = [(pd.get(d, 0), j) for j, (k, d) in enumerate(zip(keys, candidates)) if k == low]
+        return candidates[min(tied)[1]]
 
     def _by_metrics(
         self,
@@ -348,8 +348,11 @@ class LoadAwareScheduler:
             ]
             return self._argmin(keys, candidates)
         # prefix-aware: each pool's cached leading blocks (a peek)
-        prefix = self.collector.prefix_blocks
-        matches = [prefix(d, hashes) for d in candidates] if hashes else [0] * len(candidates)
+        if hashes:
+            fns = self.collector._matchers
+            matches = [fns[d](hashes) if d in fns else 0 for d in candidates]
+        else:
+            matches = [0] * len(candidates)
         self.last_matches = matches
         if s is S.LONGEST_PREFIX:
             return self._argmin([(-k, m.total_requests()) for k, m in zip(matches, ms)], candidates)
