@@ -93,6 +93,8 @@ def simulate(
     instances: int | None = None,
     router: Any = None,
     fleet_options: dict | None = None,
+    engine: str = "request",
+    iteration: dict | None = None,
 ) -> SimResult:
     """Replay a canonical trace table on the event engine.
 
@@ -117,6 +119,10 @@ def simulate(
             spec as ``sim.routers`` names it, default round-robin); either one
             set makes it a fleet replay. ``fleet_options``: ``bounds``, ``pooled``.
         config: extra entries for the resolved config (trace path, format...).
+        engine: ``"request"`` (this event engine) or ``"iteration"`` (vLLM-v1-like
+            steps, ``sim.iteration_run.simulate_iteration``; ``cost`` may then be any
+            ``sim.cost`` spec, ``iteration`` its options: ``max_num_batched_tokens``,
+            ``chunked_prefill``, ``slo``; ``mode`` is ignored).
 
     Returns:
         a ``SimResult``.
@@ -124,6 +130,16 @@ def simulate(
     Raises:
         KVConfigError: bad settings. KVInvalidInputError: the table lacks a column.
     """
+    if engine == "iteration":  # the step-level engine (sim.iteration): its own module
+        from .iteration_run import simulate_iteration
+
+        return simulate_iteration(
+            table, capacity, policy, cost=cost, max_num_seqs=max_num_seqs,
+            model_shape=model_shape, block_size=block_size, progress=progress,
+            config=config, **(iteration or {}),
+        )  # fmt: skip
+    if engine != "request":
+        raise KVConfigError(f"engine must be 'request' or 'iteration', got {engine!r}")
     if mode not in MODES:
         raise KVConfigError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(getattr(table, "columns", None), list | tuple):

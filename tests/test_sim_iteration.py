@@ -193,3 +193,15 @@ def test_missing_column_is_typed():
 
 def test_parse_slo_units():
     assert parse_slo("ttft=2s,tpot=50ms,e2e=3") == {"ttft": 2.0, "tpot": 0.05, "e2e": 3.0}
+
+
+def test_simulate_engine_iteration_is_the_same_run():
+    from sim.simulate import simulate
+
+    t = table([(0, 4, 3), (0.5, 4, 2)])
+    cost = LinearStepCost(step_overhead_s=1.0, prefill_s_per_token=0.1, decode_step_s=0.5)
+    a = simulate(t, engine="iteration", cost=cost, iteration={"max_num_batched_tokens": 8})
+    b = simulate_iteration(t, cost=cost, max_num_batched_tokens=8)
+    assert a.records.equals(b.records) and a.mode == "iteration"
+    with pytest.raises(KVConfigError):
+        simulate(t, engine="steps")
