@@ -68,6 +68,10 @@ def _capacity_cb(ctx, param, value):
 
 
 def _cost_cb(ctx, param, value):
+    if value and ":" in value:  # roofline:/table:/linear: specs (--engine iteration)
+        from cli._iteration import check_cost_spec
+
+        return check_cost_spec(value)
     try:
         return LinearCostModel.parse(value)
     except KVConfigError as err:
@@ -209,6 +213,19 @@ def _cost_defaults() -> str:
     "gpu=10%,cpu=40GiB,disk=100000 (gpu first, then any of cpu, host, disk, nvme, ssd).",
 )
 @click.option(
+    "--engine",
+    type=click.Choice(["request", "iteration"]),
+    default="request",
+    show_default=True,
+    help="iteration: vLLM-v1-like steps (token budget, chunked prefill, preemption); "
+    "--cost-model may then be roofline:gpu=h100,model=llama-2-7b or table:FILE.json.",
+)
+@click.option("--max-num-batched-tokens", type=click.IntRange(min=1), default=None,
+              help="--engine iteration: token budget per step (default 8192).")  # fmt: skip
+@click.option("--chunked-prefill/--no-chunked-prefill", default=True, show_default=True,
+              help="--engine iteration: split prompts across steps.")  # fmt: skip
+@click.option("--slo", default=None, help="--engine iteration: goodput SLOs, e.g. ttft=2s,tpot=50ms.")
+@click.option(
     "--skip-bad", is_flag=True, help="Skip and count malformed records instead of stopping."
 )
 @click.option(
@@ -242,6 +259,10 @@ def replay(
     max_num_seqs,
     curve_caps,
     tiers,
+    engine,
+    max_num_batched_tokens,
+    chunked_prefill,
+    slo,
     skip_bad,
     out_dir,
     progress,
@@ -295,6 +316,16 @@ def replay(
     require_model_shape(curve_caps, "--curve", model_shape)
     require_model_shape((tiers or {}).values(), "--tiers", model_shape)
     src = ctx.get_parameter_source
+    if engine == "iteration" or isinstance(cost, str):
+        from cli._iteration import replay_iteration
+
+        table = _read_or_fail(trace, fmt, block_size, skip_bad, stats := {})
+        result, figures = replay_iteration(
+            table, capacity, policy, cost, max_num_seqs, max_num_batched_tokens,
+            chunked_prefill, slo, model_shape, progress, engine,
+        )  # fmt: skip
+        _finish_run(result, out_dir, trace, fmt, stats, figures, as_json)
+        return
     explicit_cost = src("cost") == click.core.ParameterSource.COMMANDLINE
     if mode == "sequential":
         ignored = (("--max-num-seqs", "max_num_seqs"),)
@@ -422,6 +453,15 @@ def _finish_run(result, out_dir: Path, trace, fmt, stats, figures: dict, as_json
     click.echo(f"trace                {trace}")
     click.echo(format_summary(result.summary()))
     click.echo(f"wrote {out_dir}/{', '.join(files)}")
+
+
+def _read_or_fail(trace, fmt, block_size, skip_bad, stats):
+    try:
+        table = _read(trace, fmt, block_size, skip_bad, stats)
+    except KVCacheError as err:
+        raise click.ClickException(err.message) from None
+    check_not_empty(table, trace, stats)
+    return table
 
 
 def _read(trace, fmt, block_size, skip_bad, stats):

@@ -205,3 +205,31 @@ def test_simulate_engine_iteration_is_the_same_run():
     assert a.records.equals(b.records) and a.mode == "iteration"
     with pytest.raises(KVConfigError):
         simulate(t, engine="steps")
+
+
+def test_cli_replay_engine_iteration(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    t = read_trace(DEFAULT_TRACE).head(60)
+    src = tmp_path / "t.jsonl"
+    import json as _json
+
+    with src.open("w") as f:
+        for row in t.iter_rows(named=True):
+            rec = {"timestamp": int(row["arrival_s"] * 1000), "input_length": row["input_length"]}
+            rec.update(output_length=row["output_length"], hash_ids=row["block_hashes"])
+            f.write(_json.dumps(rec) + "\n")
+    out = tmp_path / "out"
+    args = ["replay", str(src), "--engine", "iteration", "--capacity", "2000", "--no-progress"]
+    args += ["--cost-model", "roofline:gpu=h100,model=llama-3-8b", "--slo", "ttft=2s,tpot=50ms"]
+    res = CliRunner().invoke(cli, [*args, "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    s = _json.loads(res.output)
+    assert s["mode"] == "iteration" and s["num_requests"] == 60 and "goodput_rps" in s
+    assert (out / "latency_cdf.png").exists()
+    bad = CliRunner().invoke(cli, [*args[:-4], "--cost-model", "roofline:gpu=nope,model=x"])
+    assert bad.exit_code == 2 and "--cost-model" in bad.output
+    bad = CliRunner().invoke(cli, [*args, "--slo", "ttft=soon", "--out", str(tmp_path / "o2")])
+    assert bad.exit_code == 2 and "--slo" in bad.output
