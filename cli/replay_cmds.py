@@ -25,6 +25,7 @@ from ._common import (
     resolve_option,
     resolve_tiers,
 )
+from ._fleet import format_fleet, router_cb
 
 _DEFAULTS = ReplayConfig.__dataclass_fields__
 
@@ -224,7 +225,27 @@ def _cost_defaults() -> str:
               help="--engine iteration: token budget per step (default 8192).")  # fmt: skip
 @click.option("--chunked-prefill/--no-chunked-prefill", default=True, show_default=True,
               help="--engine iteration: split prompts across steps.")  # fmt: skip
-@click.option("--slo", default=None, help="--engine iteration: goodput SLOs, e.g. ttft=2s,tpot=50ms.")
+@click.option(
+    "--slo", default=None, help="--engine iteration: goodput SLOs, e.g. ttft=2s,tpot=50ms."
+)
+@click.option(
+    "--instances",
+    type=click.IntRange(1, 4096),
+    default=None,
+    help="Serving instances, each with its own cache of --capacity, behind --router "
+    "(default round-robin); records gain an instance column, the summary per-instance "
+    "metrics, load imbalance and the all-caches / best-instance bounds.",
+)
+@click.option(
+    "--router",
+    default=None,
+    callback=router_cb,
+    metavar="NAME[:K=V,...]",
+    help="With --instances: round-robin, random:seed=, least-load, shortest-queue, best-fit, "
+    "longest-prefix, kv-aware:weight=,temperature= (Dynamo's cost), cache-aware:"
+    "cache_threshold=,balance_abs_threshold=,balance_rel_threshold= (SGLang's), "
+    "consistent-hash:key=session|prefix.",
+)
 @click.option(
     "--skip-bad", is_flag=True, help="Skip and count malformed records instead of stopping."
 )
@@ -259,6 +280,8 @@ def replay(
     max_num_seqs,
     curve_caps,
     tiers,
+    instances,
+    router,
     engine,
     max_num_batched_tokens,
     chunked_prefill,
@@ -303,6 +326,8 @@ def replay(
           --cost-model prefill_s_per_token=5e-5,decode_s_per_token=0.01
       sage-kv-stats replay --tiers gpu=2000,cpu=8000 --model-shape llama-3-8b
       sage-kv-stats replay --mode concurrent --json      # the summary as JSON
+      sage-kv-stats replay --mode concurrent --capacity 2000 \\
+          --instances 8 --router kv-aware:weight=1,temperature=0
     """
 
     from sim.replay import hit_ratio_curve, replay_sequential
@@ -334,6 +359,9 @@ def replay(
         for opt, name in ignored:
             if src(name) == click.core.ParameterSource.COMMANDLINE:
                 click.echo(f"note: {opt} only applies to --mode concurrent; ignored", err=True)
+    fleet = instances is not None or router is not None
+    if fleet and tiers:
+        raise click.BadParameter("--instances/--router take no --tiers yet", param_hint="--tiers")
     if tiers:
         _replay_tiers(
             trace,
@@ -388,7 +416,21 @@ def replay(
             progress=progress,
             out_dir=str(out_dir),
         )
-        if mode == "sequential":
+        if fleet:
+            from sim.simulate import simulate
+
+            result = simulate(
+                table,
+                cap_blocks,
+                policy,
+                mode=mode,
+                cost=cost if mode == "concurrent" else None,
+                max_num_seqs=max_num_seqs if mode == "concurrent" else None,
+                instances=instances or 1,
+                router=router,
+                fleet_options={"pooled": True},
+            )
+        elif mode == "sequential":
             result = replay_sequential(table, cap_blocks, policy, progress=progress)
         else:
             from sim.engine import replay_concurrent
@@ -409,9 +451,18 @@ def replay(
     )
     result.extra["curve"] = curve
     figures = {"hit_ratio_vs_capacity.png": lambda p: _plot_curve(curve, result, p, mode)}
-    if mode == "concurrent":
+    if fleet:
+        figures["instances.png"] = lambda p: _plot_instances(result, p)
+    elif mode == "concurrent":
         figures["queue_ttft.png"] = lambda p: _plot_queue(result, p)
     _finish_run(result, out_dir, trace, fmt, stats, figures, as_json)
+
+
+def _plot_instances(result, path: Path) -> None:
+    from sim.analysis.fleet_plots import plot_instances
+    from sim.analysis.plots import save_figure
+
+    save_figure(plot_instances(result.per_instance, title=f"router {result.router}"), path)
 
 
 def _plot_queue(result, path: Path) -> None:
@@ -452,6 +503,8 @@ def _finish_run(result, out_dir: Path, trace, fmt, stats, figures: dict, as_json
 
     click.echo(f"trace                {trace}")
     click.echo(format_summary(result.summary()))
+    if "per_instance" in result.summary():
+        click.echo(format_fleet(result.summary()))
     click.echo(f"wrote {out_dir}/{', '.join(files)}")
 
 

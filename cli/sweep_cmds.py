@@ -23,6 +23,7 @@ from ._common import (
     require_model_shape,
     resolve_option,
 )
+from ._fleet import fleet_grid
 
 __all__ = [
     "COMMANDS",
@@ -226,6 +227,22 @@ from sim.analysis.plots import plot_sweep  # noqa: E402  (moved)
     help="Concurrent mode: the cost model (as replay's --cost-model); repeat the option to "
     "sweep several.",
 )
+@click.option(
+    "--instances",
+    "fleet_instances",
+    default=None,
+    metavar="N[,N...]",
+    help="Serving instances behind a router, each with its own cache of the row's capacity; "
+    "several values are swept (e.g. 1,4,8). Adds routers.png.",
+)
+@click.option(
+    "--routers",
+    "fleet_routers",
+    default=None,
+    metavar="SPEC[,SPEC...]",
+    help="Routers to sweep (replay's --router names), e.g. "
+    "round-robin,kv-aware:weight=1,temperature=0,cache-aware.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the sweep's rows as JSON to stdout.")
 def sweep_cmd(
     traces,
@@ -244,6 +261,8 @@ def sweep_cmd(
     mode,
     max_num_seqs,
     cost_models,
+    fleet_instances,
+    fleet_routers,
     as_json,
 ):
     """Replays of every TRACE x policy x capacity (x setting), run in parallel.
@@ -267,13 +286,15 @@ def sweep_cmd(
       sage-kv-stats sweep t.jsonl --executor ray --ray-address auto
       sage-kv-stats sweep t.jsonl --capacities 1%,5%,20% --policies lru,s3fifo --mode concurrent
       sage-kv-stats sweep --mode concurrent --max-num-seqs 8,32 --json
+      sage-kv-stats sweep --mode concurrent --capacities 2000 --instances 1,4,8 \\
+          --routers round-robin,kv-aware,cache-aware
     """
     import polars as pl
 
     from sim.sweep import opt_available, sweep
     from traces import DEFAULT_TRACE, read_trace
 
-    grid = _grid(mode, max_num_seqs, cost_models)
+    grid = fleet_grid(_grid(mode, max_num_seqs, cost_models), fleet_instances, fleet_routers)
     caps = parse_capacities(capacities)
     require_model_shape(caps, "--capacities", model_shape)
     pols = parse_policies(policies)
@@ -355,6 +376,12 @@ def sweep_cmd(
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+    if grid and ("instances" in grid or "router" in grid):
+        from sim.analysis.fleet_plots import plot_routers
+
+        fig = plot_routers(df)
+        fig.savefig(out_dir / "routers.png", dpi=110)
+        plt.close(fig)
 
     if as_json:
         click.echo(json.dumps(df.to_dicts(), indent=2, default=str).replace("NaN", "null"))

@@ -110,6 +110,7 @@ SWEEP_COLUMNS = (
     "setting",
     *(f"{m}_{q}_s" for m in ("ttft", "tpot", "e2e", "queue") for q in ("p50", "p90", "p99")),
     "throughput_rps",
+    "load_imbalance",
 )
 _TIMING = tuple(
     c for c in SWEEP_COLUMNS if c.endswith("_s") and c[:4] in ("ttft", "tpot", "e2e_", "queu")
@@ -185,6 +186,7 @@ def _run_job(table, job: SweepJob) -> dict[str, Any]:
     nan = float("nan")
     timing = {c: float(s[c]) if clocked and c in s else nan for c in _TIMING}
     timing["throughput_rps"] = float(s.get("throughput_rps", nan)) if clocked else nan
+    timing["load_imbalance"] = float(s.get("load_imbalance", nan))  # fleet rows (max/mean)
     return {
         "token_hit_ratio": float(r.token_hit_ratio),
         "block_hit_ratio": float(r.block_hit_ratio),
@@ -588,5 +590,6 @@ def sweep(
         "setting": pl.Utf8,
         **{c: pl.Float64 for c in _TIMING},
         "throughput_rps": pl.Float64,
+        "load_imbalance": pl.Float64,
     }
     return pl.DataFrame(rows, schema=schema)

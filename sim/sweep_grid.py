@@ -10,7 +10,7 @@ from sagellm_kv_cache.errors import KVConfigError
 __all__ = ["GRID_FIELDS", "grid_settings"]
 
 #: fields ``grid=`` may vary (each is a keyword of ``sim.simulate.simulate``)
-GRID_FIELDS = ("max_num_seqs", "cost", "tiers", "model_shape")
+GRID_FIELDS = ("max_num_seqs", "cost", "tiers", "model_shape", "instances", "router")
 
 
 def grid_settings(grid: dict[str, Sequence[Any]] | None) -> list[tuple]:

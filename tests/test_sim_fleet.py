@@ -184,3 +184,110 @@ def test_all_caches_bound_holds(table, n, cap, router, mode):
     if n == 1:
         ref = simulate(table, cap, mode=mode)
         assert r.all_caches_hit_ratio == r.token_hit_ratio == ref.token_hit_ratio
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_replay_fleet(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    out = tmp_path / "r"
+    res = CliRunner().invoke(
+        cli,
+        [
+            "replay",
+            "--mode",
+            "concurrent",
+            "--capacity",
+            "300",
+            "--instances",
+            "3",
+            "--router",
+            "longest-prefix",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "instances            3  router longest-prefix" in res.output
+    s = json.loads((out / "summary.json").read_text())
+    assert s["instances"] == 3 and len(s["per_instance"]) == 3
+    assert s["all_caches_hit_ratio"] >= s["token_hit_ratio"]
+    recs = pl.read_parquet(out / "records.parquet")
+    assert sorted(set(recs["instance"].to_list())) == [0, 1, 2]
+    assert (out / "instances.png").exists()
+    assert json.loads((out / "config.json").read_text())["router"] == "longest-prefix"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--router", "nope"], "--router"),
+        (["--router", "kv-aware:weight=x"], "--router"),
+        (["--instances", "0"], "--instances"),
+    ],
+)
+def test_cli_replay_fleet_mistakes_are_one_error_line(tmp_path, args, needle):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    res = CliRunner().invoke(cli, ["replay", "--out", str(tmp_path / "x"), *args])
+    assert res.exit_code == 2
+    errs = [ln for ln in res.output.splitlines() if ln.startswith("Error:")]
+    assert len(errs) == 1 and needle in errs[0]
+
+
+def test_cli_sweep_routers_and_instances(tmp_path):
+    from click.testing import CliRunner
+
+    from cli._fleet import split_routers
+    from cli.main import cli
+
+    assert split_routers("round-robin,kv-aware:weight=1,temperature=0,cache-aware") == [
+        "round-robin",
+        "kv-aware:weight=1,temperature=0",
+        "cache-aware",
+    ]
+    out = tmp_path / "s"
+    res = CliRunner().invoke(
+        cli,
+        [
+            "sweep",
+            "--mode",
+            "concurrent",
+            "--capacities",
+            "200",
+            "--instances",
+            "1,2",
+            "--routers",
+            "round-robin,longest-prefix",
+            "--executor",
+            "serial",
+            "--no-bounds",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    df = pl.read_parquet(out / "sweep.parquet")
+    assert df["setting"].to_list() == [
+        "instances=1,router=round-robin",
+        "instances=1,router=longest-prefix",
+        "instances=2,router=round-robin",
+        "instances=2,router=longest-prefix",
+    ]
+    h = df["token_hit_ratio"].to_list()
+    assert h[0] == h[1]  # one instance: the router does not matter
+    assert df["load_imbalance"].to_list()[:2] == [1.0, 1.0]
+    assert (out / "routers.png").exists()
+    bad = CliRunner().invoke(cli, ["sweep", "--routers", "nope", "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "--routers" in bad.output
