@@ -157,3 +157,20 @@ def test_calibrate_bad_input_is_typed(tmp_path):
 
     res = CliRunner().invoke(cmd, [str(p)])
     assert res.exit_code == 1 and "Error: [KV_INVALID_INPUT" in res.output
+
+
+def test_profile_script_smoke_on_cpu_writes_a_table_with_provenance(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step_times.py"
+    spec = importlib.util.spec_from_file_location("profile_step_times", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "t.json"
+    argv = ["--device", "cpu", "--tiny", "--tokens", "1", "8", "--kv-tokens", "0", "32"]
+    mod.main([*argv, "--warmup", "0", "--repeat", "1", "--out", str(out)])
+    t = TableCost.load(out)
+    assert t.tokens == [1.0, 8.0] and t.kv_tokens == [0.0, 32.0]
+    assert t.provenance["device"] == "cpu" and t.provenance["model"]["name"] == "tiny"
+    assert t.step_time([(4, 10)]) > 0
