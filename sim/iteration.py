@@ -32,8 +32,8 @@ and ``update_from_output``; read at commit 00024d3 of vllm-project/vllm):
    blocks up to ``num_computed_tokens + num_new_tokens`` are cached under their
    hashes (vLLM's ``allocate_slots`` calls ``cache_blocks`` before the step runs,
    which is safe because every layer writes the batch's KV before attention reads
-   it). A request admitted in the same step as the writer can therefore hit them
-   only from the next step on (lookups happen at admission, before this caching).
+   it). They are cached as soon as the request is given its slots, so a request
+   looked up later in the same step can already hit them, as in vLLM.
 5. After the step: each scheduled request adds its new tokens to its computed
    tokens; one that reached ``num_tokens`` samples a token (a prefill chunk that
    ends mid-prompt samples nothing). A request finishes when it has
@@ -114,6 +114,8 @@ class IterationEngine:
         self.gen = [0] * n
         self.held: list[list[int]] = [[] for _ in range(n)]
         self.ncached = [0] * n
+        self.room = [0] * n  # tokens the held blocks take: len(held[i]) * block_size
+        self.next_full = [self.bs] * n  # token count at which the next block is full
         self.hs: list[Any] = [None] * n
         self.lost = [0] * n
         self.admitted = [False] * n
@@ -174,12 +176,15 @@ class IterationEngine:
             s = a - 1 if a else 0
             self.bp.cache_blocks(self.held[i][s:full], hs[s:full], a - s)
             self.ncached[i] = full
+            self.next_full[i] = (full + 1) * self.bs
 
     def _preempt(self, i: int, waiting: deque) -> None:
         if self.held[i]:
             self.bp.release(self.held[i])
         self.held[i] = []
         self.ncached[i] = 0
+        self.room[i] = 0
+        self.next_full[i] = self.bs
         self.lost[i] = self.computed[i]
         self.computed[i] = 0
         self.preemptions[i] += 1
@@ -187,21 +192,30 @@ class IterationEngine:
         waiting.appendleft(i)
 
     # -- one step -------------------------------------------------------------
-    def _schedule(self, running: list, waiting: deque, now: float) -> tuple[list, bool, bool]:
-        """vLLM v1's ``schedule()``: (scheduled [(i, new, ctx)], preempted, waiting_blocked)."""
+    def _schedule(self, running: list, waiting: deque, now: float) -> tuple:
+        """vLLM v1's ``schedule()``: (scheduled [(i, new, ctx)], its ``BatchStats``,
+        preempted, waiting_blocked). Each request's full blocks are cached as soon as it
+        is given its slots, so a request looked up later in the same step can hit them
+        (vLLM's ``allocate_slots`` caches before the next request is considered)."""
         bs, L, gen, computed, held = self.bs, self.lengths, self.gen, self.computed, self.held
+        room, next_full, cache = self.room, self.next_full, self._cache
         budget = self.mbt
         sched: list[tuple[int, int, int]] = []
+        push = sched.append
         preempted = False
+        T = D = R = 0
+        A = 0.0
         idx = 0
-        while idx < len(running) and budget > 0:
+        nrun = len(running)
+        while idx < nrun and budget > 0:
             i = running[idx]
             c = computed[i]
             new = L[i] + gen[i] - c
             if new > budget:
                 new = budget
-            need = -(-(c + new) // bs) - len(held[i])
-            if need > 0:
+            tot = c + new
+            if tot > room[i]:
+                need = -(-tot // bs) - len(held[i])
                 got = self._take(need)
                 while got is None:
                     v = running.pop()
@@ -210,11 +224,22 @@ class IterationEngine:
                     if v == i:
                         break
                     got = self._take(need)
+                nrun = len(running)
                 if got is None:
                     break
                 held[i] += got
-            sched.append((i, new, c))
+                room[i] = len(held[i]) * bs
+            push((i, new, c))
             budget -= new
+            if tot >= next_full[i]:
+                cache(i, tot)
+            T += new
+            R += tot
+            if new == 1 and c:
+                D += 1
+                A += tot
+            else:
+                A += new * c + new * (new + 1) / 2
             idx += 1
         blocked = False
         if not preempted:
@@ -238,7 +263,9 @@ class IterationEngine:
                     break
                 waiting.popleft()
                 held[i] = hit + got
+                room[i] = len(held[i]) * bs
                 self.ncached[i] = len(hit)
+                next_full[i] = (len(hit) + 1) * bs
                 computed[i] = hit_tok
                 if not self.admitted[i]:
                     self.admitted[i] = True
@@ -249,32 +276,43 @@ class IterationEngine:
                 else:
                     self.recomputed[i] += max(0, self.lost[i] - hit_tok)
                 running.append(i)
-                sched.append((i, new, hit_tok))
+                push((i, new, hit_tok))
                 budget -= new
-        for i, new, c in sched:  # blocks become hittable when scheduled (module doc, 4)
-            self._cache(i, c + new)
-        return sched, preempted, blocked
+                tot = hit_tok + new
+                if tot >= next_full[i]:  # hittable from now on (module doc, 4)
+                    cache(i, tot)
+                T += new
+                R += tot
+                A += new * hit_tok + new * (new + 1) / 2
+                if new == 1 and hit_tok:
+                    D += 1
+        return sched, BatchStats(T, len(sched), D, A, R), preempted, blocked
 
     def _finish_step(self, sched: list, end: float) -> list:
         """vLLM v1's ``update_from_output``: tokens sampled at ``end``; the finished rows."""
         L, gen, computed, out = self.lengths, self.gen, self.computed, self.outputs
+        last_tok, itl = self.last_tok, self.itl_max
         done = []
         for i, new, c in sched:
             c += new
             computed[i] = c
-            if c == L[i] + gen[i]:
-                g = gen[i] = gen[i] + 1
-                last = self.last_tok[i]
+            g = gen[i]
+            if c == L[i] + g:
+                g += 1
+                gen[i] = g
                 if g == 1:
                     self.first_token_s[i] = end
-                elif not end - last <= self.itl_max[i]:  # NaN-safe max
-                    self.itl_max[i] = end - last
-                self.last_tok[i] = end
+                else:
+                    gap = end - last_tok[i]
+                    if not gap <= itl[i]:  # NaN-safe max
+                        itl[i] = gap
+                last_tok[i] = end
                 if g >= out[i]:
                     self.finish_s[i] = end
                     if self.held[i]:
                         self.bp.release(self.held[i])
                     self.held[i] = []
+                    self.room[i] = 0
                     done.append(i)
         return done
 
@@ -282,18 +320,12 @@ class IterationEngine:
         self, running: list, now: float, next_arrival: float, may_admit: bool
     ) -> float:
         """Advance pure-decode steps in bulk (module doc, Speed); returns the new time."""
-        bs, gen, computed, held, out = (
-            self.bs,
-            self.gen,
-            self.computed,
-            self.held,
-            self.outputs,
-        )
+        room, gen, computed, out = self.room, self.gen, self.computed, self.outputs
         k = 1 << 62
         ctx = 0
         for i in running:
             c = computed[i]
-            lim = min(len(held[i]) * bs - c, out[i] - gen[i]) - 1
+            lim = min(room[i] - c, out[i] - gen[i]) - 1
             if lim < k:
                 k = lim
             ctx += c
@@ -364,12 +396,11 @@ class IterationEngine:
             if not waiting and not running:
                 continue
             clock.now = now
-            sched, preempted, blocked = self._schedule(running, waiting, now)
+            sched, st, preempted, blocked = self._schedule(running, waiting, now)
             if not sched:
                 if not running and waiting and not preempted:
                     raise AssertionError(f"request {waiting[0]} cannot start in an idle pool")
                 continue
-            st = _stats(sched)
             end = now + cost_time(st)
             self.num_steps += 1
             done = self._finish_step(sched, end)
@@ -405,15 +436,3 @@ class IterationEngine:
         if bar is not None:
             bar.close()
         return self
-
-
-def _stats(sched: list) -> BatchStats:
-    t = d = r = 0
-    a = 0.0
-    for _, new, c in sched:
-        t += new
-        if new == 1 and c > 0:
-            d += 1
-        a += new * c + new * (new + 1) / 2
-        r += c + new
-    return BatchStats(t, len(sched), d, a, r)
