@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-__all__ = ["fleet_grid", "format_fleet", "router_cb", "split_routers"]
+__all__ = ["fleet_grid", "format_fleet", "global_pool_cb", "router_cb", "split_routers"]
 
 
 def split_routers(text: str) -> list[str]:
@@ -35,6 +35,20 @@ def _parse(spec: str, option: str) -> str:
 
 def router_cb(ctx: Any, param: Any, value: str | None) -> str | None:
     return None if value is None else _parse(value, "--router")
+
+
+def global_pool_cb(ctx: Any, param: Any, value: str | None) -> str | None:
+    """``--global-pool``: any capacity the --capacity grammar reads."""
+    if value is None:
+        return None
+    from sagellm_kv_cache.errors import KVCacheError
+    from sim.config import parse_capacity
+
+    try:
+        parse_capacity(value)
+    except KVCacheError as err:
+        raise click.BadParameter(err.message, param_hint="--global-pool") from None
+    return str(value).strip()
 
 
 def fleet_grid(grid: dict | None, instances: str | None, routers: str | None) -> dict | None:
@@ -69,6 +83,11 @@ def format_fleet(s: dict) -> str:
             f"bounds               all caches {s['all_caches_hit_ratio']:.4f}  best instance "
             f"{s['best_instance_hit_ratio']:.4f}  routed {s['routed_hit_ratio']:.4f}  "
             f"regret {s['regret_hit_ratio']:.4f}"
+        )
+    if "global_hit_ratio" in s:
+        lines.append(
+            f"global pool          {s['global_pool_blocks']} blocks  hit ratio from it "
+            f"{s['global_hit_ratio']:.4f} (fetched over the link, not recomputed)"
         )
     if "pooled_hit_ratio" in s:
         lines.append(f"one pool of N x C    {s['pooled_hit_ratio']:.4f} (what-if, same policy)")

@@ -25,7 +25,7 @@ from ._common import (
     resolve_option,
     resolve_tiers,
 )
-from ._fleet import format_fleet, router_cb
+from ._fleet import format_fleet, global_pool_cb, router_cb
 
 _DEFAULTS = ReplayConfig.__dataclass_fields__
 
@@ -245,6 +245,15 @@ def _cost_defaults() -> str:
     "consistent-hash:key=session|prefix.",
 )
 @click.option(
+    "--global-pool",
+    default=None,
+    callback=global_pool_cb,
+    metavar="CAPACITY",
+    help="With --instances: a global KV pool of this size (--capacity units) shared by every "
+    "instance; misses on an instance are fetched from it over an RDMA-class link "
+    "(25 GB/s, 20 us) instead of recomputed. Needs --model-shape.",
+)
+@click.option(
     "--skip-bad", is_flag=True, help="Skip and count malformed records instead of stopping."
 )
 @click.option(
@@ -280,6 +289,7 @@ def replay(
     tiers,
     instances,
     router,
+    global_pool,
     engine,
     max_num_batched_tokens,
     chunked_prefill,
@@ -357,7 +367,12 @@ def replay(
         for opt, name in ignored:
             if src(name) == click.core.ParameterSource.COMMANDLINE:
                 click.echo(f"note: {opt} only applies to --mode concurrent; ignored", err=True)
-    fleet = instances is not None or router is not None
+    fleet = instances is not None or router is not None or global_pool is not None
+    if global_pool is not None and model_shape is None:
+        raise click.BadParameter(
+            "a global pool needs --model-shape (the bytes each fetched block costs)",
+            param_hint="--global-pool",
+        )
     if fleet and tiers:
         raise click.BadParameter("--instances/--router take no --tiers yet", param_hint="--tiers")
     if tiers:
@@ -426,7 +441,8 @@ def replay(
                 max_num_seqs=max_num_seqs if mode == "concurrent" else None,
                 instances=instances or 1,
                 router=router,
-                fleet_options={"pooled": True},
+                model_shape=model_shape,
+                fleet_options={"pooled": True, "global_pool": global_pool},
             )
         elif mode == "sequential":
             result = replay_sequential(table, cap_blocks, policy, progress=progress)

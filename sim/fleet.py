@@ -84,6 +84,7 @@ class FleetEngine:
         sequential: bool,
         max_num_seqs: int | None,
         bounds: bool = True,
+        global_pool: dict | None = None,
     ) -> None:
         from sagellm_kv_cache.placement import LoadMetricsCollector
 
@@ -105,10 +106,30 @@ class FleetEngine:
         self.max_num_seqs = max_num_seqs
         self.bounds = bounds
         self.clock = SimClock()
-        self.insts = [
-            PoolInstance(capacity_blocks, block_size, policy, self.clock, cost, n)
-            for _ in range(num_instances)
-        ]
+        self.shared = None
+        if global_pool:  # one shared remote tier behind every instance (sim.global_pool)
+            from .global_pool import GlobalPool, GlobalPoolInstance
+
+            g = dict(global_pool)
+            self.shared = GlobalPool(g.pop("blocks"), block_size, policy, self.clock)
+            self.insts = [
+                GlobalPoolInstance(
+                    capacity_blocks,
+                    block_size,
+                    policy,
+                    self.clock,
+                    cost,
+                    n,
+                    shared=self.shared,
+                    **g,
+                )
+                for _ in range(num_instances)
+            ]
+        else:
+            self.insts = [
+                PoolInstance(capacity_blocks, block_size, policy, self.clock, cost, n)
+                for _ in range(num_instances)
+            ]
         self.collector = LoadMetricsCollector()
         self.devices = list(range(num_instances))
         for k, inst in enumerate(self.insts):
@@ -121,6 +142,8 @@ class FleetEngine:
         self._select = self.scheduler.select_device
         self._matchers = [_matcher(inst.bp) for inst in self.insts]
         self._caches = [inst.bp.cached for inst in self.insts]  # hash -> block, per instance
+        if self.shared is not None:  # what the shared tier holds is usable by every request
+            self._caches.append(self.shared.cached)
         nan = math.nan
         self.inst_of = [0] * n
         self.full = [0] * n
@@ -317,6 +340,44 @@ def _imbalance(values: list[float]) -> float:
     return max(values) / mean if mean > 0 else 1.0
 
 
+def gather_f(eng: FleetEngine, attr: str, inst_of: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Per request, a float column of the instance that served it."""
+    if not len(cols):
+        return np.zeros(0)
+    return np.asarray([getattr(x, attr) for x in eng.insts], dtype=np.float64)[inst_of, cols]
+
+
+def _global_settings(
+    spec: Any, link: Any, overlap: bool, table: Any, bs: int, shape: Any, resolve: Any
+) -> dict | None:
+    """``GlobalPoolInstance`` keywords for ``fleet_options["global_pool"]`` (a capacity)."""
+    if spec is None:
+        return None
+    from .global_pool import GLOBAL_LINK
+    from .tiered import Link
+
+    if shape is None:
+        raise KVConfigError(
+            "a global pool needs a model shape (the bytes each fetched block costs)"
+        )
+    blocks, _ = resolve(spec, table, bs, shape)
+    if blocks is None:
+        blocks = max(1, sum(x // bs for x in table["input_length"].to_list()))
+    if link is None:
+        link = GLOBAL_LINK
+    elif isinstance(link, dict):
+        link = Link(**link)
+    if not isinstance(link, Link):
+        raise KVConfigError(f"global_link must be a sim.tiered.Link, got {link!r}")
+    return {
+        "blocks": blocks,
+        "link": link,
+        "bytes_per_block": shape.bytes_per_block(bs),
+        "num_layers": shape.num_layers,
+        "overlap": bool(overlap),
+    }
+
+
 def simulate_fleet(
     table: Any,
     capacity: Any,
@@ -331,6 +392,9 @@ def simulate_fleet(
     block_size: int | None,
     bounds: bool = True,
     pooled: bool = False,
+    global_pool: Any = None,
+    global_link: Any = None,
+    layerwise_overlap: bool = True,
     progress: bool = False,
     config: dict | None = None,
 ) -> Any:
@@ -353,10 +417,10 @@ def simulate_fleet(
     sequential = mode == "sequential"
     lengths = table["input_length"].to_list()
     shape = model_shape
-    if isinstance(shape, str):
-        from sagellm_kv_cache.storage import ModelShape
+    if isinstance(shape, str):  # a preset, LAYERS,KV_HEADS,HEAD_DIM,DTYPE or a config.json
+        from sagellm_kv_cache.model_shapes import resolve_model_shape
 
-        shape = ModelShape.named(shape)
+        shape = resolve_model_shape(shape)
     blocks, cap_info = resolve_blocks(capacity, table, bs, shape)
     if blocks is None:
         blocks = _distinct_blocks(table) if sequential else max(1, sum(x // bs for x in lengths))
@@ -376,6 +440,9 @@ def simulate_fleet(
         sequential=sequential,
         max_num_seqs=max_num_seqs,
         bounds=bounds,
+        global_pool=_global_settings(
+            global_pool, global_link, layerwise_overlap, table, bs, shape, resolve_blocks
+        ),
     ).run()
     inst_of = np.asarray(eng.inst_of, dtype=np.int64)
     cols = np.arange(n)
@@ -400,6 +467,18 @@ def simulate_fleet(
             "prefill_s": np.where(ran, prefill, np.nan),
             "decode_s": np.where(ran, decode, np.nan),
         }
+        if eng.shared is not None:  # loading the global pool's hits comes first
+            from .tiered import ttft_model
+
+            load = gather_f(eng, "load", inst_of, cols)
+            inst0 = eng.insts[0]
+            prefill = np.asarray(
+                [
+                    ttft_model(ld, c, inst0.num_layers, inst0.overlap) if ld else c
+                    for ld, c in zip(load.tolist(), prefill.tolist(), strict=True)
+                ]
+            )
+            times["prefill_s"] = np.where(ran, prefill, np.nan)
         clock_kind = "isolated"
     else:
         start = np.asarray(eng.start_s)
@@ -422,6 +501,7 @@ def simulate_fleet(
         "model_shape": str(model_shape) if model_shape is not None else None,
         "instances": nk,
         "router": label,
+        "global_pool": None if global_pool is None else str(global_pool),
         **(config or {}),
     }
     res = build_result(
@@ -436,6 +516,9 @@ def simulate_fleet(
         evicted=evicted,
         rejected=rej,
         evictions=sum(x.num_evictions for x in eng.insts),
+        hits_per_tier=None
+        if eng.shared is None
+        else {"gpu": gather("local"), "global": gather("remote")},
         times=times,
         clock=clock_kind,
         config=resolved,
@@ -469,6 +552,9 @@ def simulate_fleet(
             routed_hit_ratio=routed,
             regret_hit_ratio=best - routed,
         )
+    if eng.shared is not None:
+        extra["global_pool_blocks"] = eng.shared.capacity_blocks
+        extra["global_hit_ratio"] = ratio(gather("remote").tolist())
     if pooled:
         big = simulate(
             table, blocks * nk, policy, mode=mode, cost=cost_m, max_num_seqs=max_num_seqs

@@ -291,3 +291,103 @@ def test_cli_sweep_routers_and_instances(tmp_path):
     assert (out / "routers.png").exists()
     bad = CliRunner().invoke(cli, ["sweep", "--routers", "nope", "--out", str(tmp_path / "b")])
     assert bad.exit_code == 2 and "--routers" in bad.output
+
+
+# ---------------------------------------------------------------- global pool
+
+
+def tiny(rows: list[list[str]]) -> pl.DataFrame:
+    return pl.DataFrame(
+        [
+            {
+                "request_id": f"q{i}",
+                "arrival_s": float(i),
+                "input_length": len(h) * BS,
+                "output_length": 1,
+                "block_hashes": h,
+                "block_size": BS,
+            }
+            for i, h in enumerate(rows)
+        ]
+    )
+
+
+def test_global_pool_hit_on_another_instance_with_link_time():
+    from sagellm_kv_cache.storage import ModelShape
+    from sim.global_pool import GLOBAL_LINK
+    from sim.tiered import ttft_model
+
+    table = tiny([["a", "b", "c"], ["a", "b", "c", "d"]])
+    cost = LinearCostModel(1e-3, 0.0, 0.0, 0.0)
+    base = simulate(table, 10, cost=cost, instances=2, router="round-robin")
+    assert base.records["hit_blocks"].to_list() == [0, 0]  # round-robin: two cold caches
+    r = simulate(
+        table,
+        10,
+        cost=cost,
+        instances=2,
+        router="round-robin",
+        model_shape="llama-3-8b",
+        fleet_options={"global_pool": 10},
+    )
+    rec = r.records
+    assert rec["instance"].to_list() == [0, 1]
+    assert rec["hit_blocks"].to_list() == [0, 3]
+    assert rec["hit_blocks_global"].to_list() == [0, 3]
+    assert rec["hit_blocks_gpu"].to_list() == [0, 0]
+    shape = ModelShape.named("llama-3-8b")
+    load = GLOBAL_LINK.load_s(3 * shape.bytes_per_block(BS))
+    want = ttft_model(load, 1e-3 * BS, shape.num_layers, True)
+    assert rec["prefill_s"].to_list()[1] == pytest.approx(want)
+    assert r.global_hit_ratio == pytest.approx(3 / 7)
+    assert r.all_caches_hit_ratio >= r.token_hit_ratio
+
+
+def test_global_pool_needs_a_model_shape(trace):
+    with pytest.raises(KVConfigError) as ei:
+        simulate(trace.head(3), 100, instances=2, fleet_options={"global_pool": 100})
+    assert "model shape" in str(ei.value)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    table=small_trace(),
+    n=st.integers(1, 3),
+    cap=st.integers(1, 8),
+    gcap=st.integers(1, 16),
+    router=st.sampled_from(["round-robin", "longest-prefix", "cache-aware"]),
+    mode=st.sampled_from(["sequential", "concurrent"]),
+)
+def test_global_pool_bound_holds(table, n, cap, gcap, router, mode):
+    r = simulate(
+        table,
+        cap,
+        mode=mode,
+        instances=n,
+        router=router,
+        model_shape="llama-3-8b",
+        fleet_options={"global_pool": gcap},
+    )
+    recs = r.records
+    assert (recs["held_blocks"] >= recs["hit_blocks"]).all()
+    assert (recs["hit_blocks"] == recs["hit_blocks_gpu"] + recs["hit_blocks_global"]).all()
+
+
+def test_cli_replay_global_pool(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    out = tmp_path / "g"
+    args = ["replay", "--capacity", "300", "--instances", "2", "--global-pool", "600"]
+    res = CliRunner().invoke(
+        cli, [*args, "--model-shape", "llama-3-8b", "--out", str(out), "--no-progress"]
+    )
+    assert res.exit_code == 0, res.output
+    s = json.loads((out / "summary.json").read_text())
+    assert s["global_pool_blocks"] == 600 and s["global_hit_ratio"] > 0
+    assert "global pool          600 blocks" in res.output
+    bad = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "--global-pool" in bad.output
