@@ -48,6 +48,9 @@ def main() -> None:
     ap.add_argument("--capacity", type=int, default=2000)
     ap.add_argument("--instances", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument(
+        "--global-pool", type=int, default=8000, help="blocks of the shared pool rows (0: none)"
+    )
     args = ap.parse_args()
 
     from sim.simulate import simulate
@@ -78,11 +81,22 @@ def main() -> None:
     print_table(speed, f"fleet replay speed, {len(table)} requests, {cap:,} blocks per instance")
 
     rows = []
-    for r in ROUTERS:
-        s = simulate(table, cap, mode="concurrent", instances=args.instances, router=r).summary()
+    runs = [(r, None) for r in ROUTERS]
+    if args.global_pool:
+        runs += [(r, args.global_pool) for r in ("round-robin", "cache-aware")]
+    for r, gp in runs:
+        s = simulate(
+            table,
+            cap,
+            mode="concurrent",
+            instances=args.instances,
+            router=r,
+            model_shape="llama-3-8b",
+            fleet_options={"global_pool": gp},
+        ).summary()
         rows.append(
             {
-                "router": r,
+                "router": r if gp is None else f"{r} + global {gp}",
                 "token_hit": s["token_hit_ratio"],
                 "ttft_p50_s": s["ttft_p50_s"],
                 "ttft_p99_s": s["ttft_p99_s"],
