@@ -46,3 +46,6 @@ def calibrate(timings: Path, holdout: float, seed: int, as_json: bool) -> None:
     click.echo(f"fitted on {d['num_fit']} requests, tested on {d['num_holdout']}")
     click.echo(f"TTFT MAPE {d['ttft_mape']:.2%}   ITL MAPE {d['itl_mape']:.2%}")
     click.echo(f"--cost-model {d['spec']}")
+
+
+COMMANDS: list[click.Command] = [calibrate]

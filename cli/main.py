@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import click
 
-from . import convert_cmds, events_cmds, profiling_cmds, replay_cmds, report_cmds, sweep_cmds
+from . import (
+    calibrate_cmds,
+    convert_cmds,
+    events_cmds,
+    profiling_cmds,
+    replay_cmds,
+    report_cmds,
+    sweep_cmds,
+)
 
 
 class KVGroup(click.Group):
@@ -54,7 +62,15 @@ def cli() -> None:
     """
 
 
-for _module in (profiling_cmds, replay_cmds, sweep_cmds, report_cmds, events_cmds, convert_cmds):
+for _module in (
+    profiling_cmds,
+    replay_cmds,
+    sweep_cmds,
+    report_cmds,
+    events_cmds,
+    convert_cmds,
+    calibrate_cmds,
+):
     for _cmd in _module.COMMANDS:
         cli.add_command(_cmd)
 
