@@ -337,20 +337,16 @@ class BlockPool:
                 for b, h in zip(block_ids, hashes):
                     hook.on_evict(b, h, reason, now)
 
-    def _emit_cached(self, block_ids: Sequence[int], block_hashes: Sequence, new: list) -> None:
-        """``on_blocks_cached`` once per run of consecutive newly cached positions."""
+    def _emit_cached(self, block_ids: Sequence[int], block_hashes: Sequence, runs: list) -> None:
+        """``on_blocks_cached`` once per run ``[a, z)`` of consecutive newly cached positions."""
         now = self.clock()
-        runs = []
-        a = prev = new[0]
-        for i in new[1:]:
-            if i != prev + 1:
-                runs.append((a, prev + 1))
-                a = i
-            prev = i
-        runs.append((a, prev + 1))
         for a, z in runs:
-            ids = list(block_ids[a:z])
-            hs = list(block_hashes[a:z])
+            ids = block_ids[a:z]  # a list's slice is a new list: no second copy
+            hs = block_hashes[a:z]
+            if type(ids) is not list:
+                ids = list(ids)
+            if type(hs) is not list:
+                hs = list(hs)
             parent = block_hashes[a - 1] if a > 0 else None
             for hook in self.hooks:
                 many = getattr(hook, "on_blocks_cached", None)
@@ -469,7 +465,9 @@ class BlockPool:
         hashes = self.block_hashes
         parents = self.parent_ids
         on_cached = self.policy.on_cached if self._policy_on_cached else None
-        new: list[int] | None = [] if self.hooks else None
+        # runs [a, z) of consecutive newly cached positions, for the hooks
+        runs: list[tuple[int, int]] = []
+        run_a = run_z = -1
         n = 0
         prev = block_ids[start - 1] if start > 0 else -1
         for i in range(start, len(block_hashes)):
@@ -482,12 +480,16 @@ class BlockPool:
                 if on_cached is not None:
                     on_cached(b, h, prev)
                 n += 1
-                if new is not None:
-                    new.append(i)
+                if i != run_z:
+                    if run_z >= 0:
+                        runs.append((run_a, run_z))
+                    run_a = i
+                run_z = i + 1
             prev = cached.get(h, b)  # the block that holds h: a duplicate is no parent
         self.num_cached_total += n
-        if new:
-            self._emit_cached(block_ids, block_hashes, new)
+        if n and self.hooks:
+            runs.append((run_a, run_z))
+            self._emit_cached(block_ids, block_hashes, runs)
         return n
 
     def uncache(self, block_id: int, reason: str = "explicit") -> bool:

@@ -204,3 +204,120 @@ def test_queued_string_ids_take_the_dictionary_path():
     assert df.height == 200 * 30
     assert df["block_id"].to_list()[:3] == ["b0", "b1", "b0"]
     assert df["block_code"].to_list()[:4] == [0, 1, 0, 1]
+
+
+def _pool_workload(hooks, seed: int, n_ops: int = 1500, flush=None) -> None:
+    """A seeded mix of lookups, caching, frees, evictions, invalidations and resets."""
+    from sagellm_kv_cache.errors import KVCacheError
+    from sagellm_kv_cache.pool import KVPool
+
+    rng = random.Random(seed)
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += rng.choice([0.0, 0.0005, 0.003, 0.2, 7.0])
+        return now[0]
+
+    pool = KVPool(num_blocks=24, block_size=4, clock=clock)
+    for h in hooks(pool):
+        pool.add_hook(h)
+    prefixes = [[rng.randrange(50) for _ in range(rng.choice([4, 8, 12]))] for _ in range(4)]
+    live = []
+    for i in range(n_ops):
+        op = rng.random()
+        try:
+            if op < 0.55:
+                tail = [rng.randrange(50) for _ in range(rng.randrange(0, 14))]
+                h, _ = pool.alloc_with_prefix(
+                    rng.choice(prefixes) + tail, request_id=rng.choice([None, f"r{i}"])
+                )
+                if rng.random() < 0.8:
+                    pool.cache_blocks(h)
+                live.append(h)
+            elif op < 0.85 and live:
+                pool.free(live.pop(rng.randrange(len(live))))
+            elif op < 0.92:
+                pool.evict(rng.randrange(1, 5))
+            elif op < 0.985:
+                pool.invalidate(list(pool.block_pool.cached)[: rng.randrange(1, 4)])
+            else:
+                pool.reset()
+                live.clear()
+        except KVCacheError:
+            pass
+        if flush is not None:
+            flush()
+
+
+def test_collector_tables_do_not_depend_on_when_the_queue_is_flushed():
+    """Differential: flushed after every operation (small batches, the dict path) or
+    once at the end (one batch of > 4096 ids, the vectorised path): identical tables."""
+    for seed in range(3):
+        eager = AccessStatsHook(tier="gpu", block_size_bytes=64)
+        lazy = AccessStatsHook(tier="gpu", block_size_bytes=64)
+        flush = lambda h=eager: len(h.collector)  # noqa: E731
+        _pool_workload(lambda p, h=eager: [h], seed, n_ops=3000, flush=flush)
+        _pool_workload(lambda p, h=lazy: [h], seed, n_ops=3000)
+        assert 0 < len(lazy.collector._pending) < 4096  # flushed in one go below
+        a, b = eager.collector, lazy.collector
+        assert len(b) == len(a)
+        assert len(a) + a.num_evictions > 4096
+        assert b.to_polars().equals(a.to_polars())
+        assert b.evictions_to_polars().equals(a.evictions_to_polars())
+        assert list(b.iter_evictions()) == list(a.iter_evictions())
+        assert b._block_keys == a._block_keys
+
+
+def test_vectorised_interning_agrees_with_record_access_across_flushes():
+    rng = random.Random(11)
+    queued, direct = AccessStatsCollector(), AccessStatsCollector()
+    for c in (queued, direct):  # ids interned one by one before the vectorised path sees them
+        for b in (900, 3, 77):
+            c.record_access(b, False, timestamp=0.0)
+    for flush in range(3):
+        for r in range(250):
+            ids = [rng.randrange(2_000) for _ in range(rng.randrange(1, 40))]
+            hit = rng.randrange(len(ids) + 1)
+            queued.record_prompt(ids, hit, timestamp=float(r))
+            for i, b in enumerate(ids):
+                direct.record_access(b, i < hit, timestamp=float(r), position=i)
+            if r % 5 == 0:
+                ev = [rng.randrange(2_500) for _ in range(6)]
+                hashes = [b"\x01", 7, ("not", "kept"), None, b"\x02", 3]
+                queued.record_evictions(ev, "capacity", timestamp=float(r), block_hashes=hashes)
+                for b, h in zip(ev, hashes):
+                    kept = h if isinstance(h, (bytes, int)) else None
+                    direct.record_eviction(b, "capacity", timestamp=float(r), block_hash=kept)
+        assert queued.to_polars().equals(direct.to_polars()), flush
+        assert list(queued.iter_evictions()) == list(direct.iter_evictions())
+    queued.reset()  # codes restart at 0: the id -> code cache is dropped too
+    queued.record_prompt(list(range(5000, 10_000)), 0, timestamp=1.0)
+    assert queued.to_polars()["block_code"].to_list()[:3] == [0, 1, 2]
+
+
+def test_event_stream_read_lazily_equals_the_events_subscribers_get():
+    """Differential: events kept unmaterialised until read equal those built eagerly
+    for a subscriber, in the same order and with the same sequence numbers."""
+    from sagellm_kv_cache.observability import KVEventStream
+
+    for seed in range(3):
+        lazy_box, eager_box, got = [], [], []
+
+        def lazy(pool, box=lazy_box):
+            box.append(KVEventStream(pool, maxlen=100_000))
+            return box
+
+        def eager(pool, box=eager_box, got=got):
+            s = KVEventStream(pool, maxlen=100_000)
+            s.subscribe(got.append)
+            box.append(s)
+            return box
+
+        _pool_workload(lazy, seed)
+        _pool_workload(eager, seed)
+        events = lazy_box[0].events_since(0)
+        assert len(events) > 100
+        assert events == eager_box[0].events_since(0) == got
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        mid = events[len(events) // 2].seq
+        assert lazy_box[0].events_since(mid) == events[mid:]

@@ -36,6 +36,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import IO, Any, ClassVar
 
 from ..errors import KVEventGapError, KVInvalidInputError, KVInvalidTypeError
@@ -98,6 +99,22 @@ KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 _STORED, _REMOVED = 1, 2
 
 
+def _materialise(item: Any) -> KVEvent:
+    """An event of the ring buffer: kept as a plain tuple ``(kind, seq, ts, hashes,
+    parent or reason, ids, block_size)`` until someone reads it (building the frozen
+    dataclass costs more than the rest of publishing)."""
+    if type(item) is not tuple:
+        return item
+    kind, seq, ts, hashes, extra, ids, block_size = item
+    if kind == _STORED:
+        return BlockStored(seq, ts, hashes, extra, ids, block_size)
+    return BlockRemoved(seq, ts, hashes, ids, extra)
+
+
+def _seq_of(item: Any) -> int:
+    return item[1] if type(item) is tuple else item.seq
+
+
 class KVEventStream(PoolHook):
     """Pool hook publishing ``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared``.
 
@@ -124,17 +141,19 @@ class KVEventStream(PoolHook):
         self.block_size = (
             block_size if block_size is not None else getattr(pool, "block_size", None)
         )
-        self._events: deque[KVEvent] = deque(maxlen=maxlen)
+        # events, or tuples standing for them until read (see _materialise)
+        self._events: deque[Any] = deque(maxlen=maxlen)
         # Hook calls arrive serialised under the pool's lock and take no lock of
         # their own (the hot path); readers take that same lock.
         self._lock = getattr(pool, "_lock", None) or threading.RLock()
         self._subscribers: list[Callable[[KVEvent], Any]] = []
         self._last_seq = 0
         self.num_callback_errors = 0
-        # the batch being built: kind, hashes, ids, first parent / reason, timestamp
+        # the batch being built: kind, hashes, ids (tuples, one per hook call),
+        # first parent / reason, timestamp
         self._kind = 0
-        self._hashes: list[Hashable] = []
-        self._ids: list[int] = []
+        self._hashes: list[tuple[Hashable, ...]] = []
+        self._ids: list[tuple[int, ...]] = []
         self._parent: Hashable | None = None
         self._reason = ""
         self._ts = 0.0
@@ -145,23 +164,21 @@ class KVEventStream(PoolHook):
         if not kind:
             return
         seq = self._last_seq + 1
-        if kind == _STORED:
-            event: KVEvent = BlockStored(
-                seq,
-                float(self._ts),
-                tuple(self._hashes),
-                self._parent,
-                tuple(self._ids),
-                self.block_size,
-            )
+        hashes, ids = self._hashes, self._ids
+        if len(hashes) == 1:
+            hashes, ids = hashes[0], ids[0]
         else:
-            event = BlockRemoved(
-                seq, float(self._ts), tuple(self._hashes), tuple(self._ids), self._reason
-            )
+            hashes, ids = tuple(chain.from_iterable(hashes)), tuple(chain.from_iterable(ids))
+        extra = self._parent if kind == _STORED else self._reason
         self._kind = 0
         self._hashes = []
         self._ids = []
-        self._publish_locked(event)
+        item = (kind, seq, float(self._ts), hashes, extra, ids, self.block_size)
+        if self._subscribers:
+            self._publish_locked(_materialise(item))
+        else:
+            self._last_seq = seq
+            self._events.append(item)
 
     def _publish_locked(self, event: KVEvent) -> None:
         self._last_seq = event.seq
@@ -182,15 +199,13 @@ class KVEventStream(PoolHook):
     def on_block_cached(
         self, block_id: int, block_hash: Hashable, parent_hash: Hashable | None, timestamp: float
     ) -> None:
-        hashes = self._hashes
-        if self._kind != _STORED or parent_hash != hashes[-1]:  # not the same chain
+        if self._kind != _STORED or parent_hash != self._hashes[-1][-1]:  # not the same chain
             self._flush_locked()
             self._kind = _STORED
             self._parent = parent_hash
             self._ts = timestamp
-            hashes = self._hashes
-        hashes.append(block_hash)
-        self._ids.append(block_id)
+        self._hashes.append((block_hash,))
+        self._ids.append((block_id,))
 
     def on_evict(self, block_id: int, block_hash: Hashable, reason: str, timestamp: float) -> None:
         if self._kind != _REMOVED or reason != self._reason or timestamp != self._ts:
@@ -198,8 +213,8 @@ class KVEventStream(PoolHook):
             self._kind = _REMOVED
             self._reason = reason
             self._ts = timestamp
-        self._hashes.append(block_hash)
-        self._ids.append(block_id)
+        self._hashes.append((block_hash,))
+        self._ids.append((block_id,))
 
     def on_blocks_cached(
         self,
@@ -210,13 +225,14 @@ class KVEventStream(PoolHook):
     ) -> None:
         if not block_ids:
             return
-        if self._kind != _STORED or parent_hash != self._hashes[-1]:  # not the same chain
+        if self._kind != _STORED or parent_hash != self._hashes[-1][-1]:  # not the same chain
             self._flush_locked()
             self._kind = _STORED
             self._parent = parent_hash
             self._ts = timestamp
-        self._hashes.extend(block_hashes)
-        self._ids.extend(block_ids)
+        # copies: the caller may reuse its lists before the batch is published
+        self._hashes.append(tuple(block_hashes))
+        self._ids.append(tuple(block_ids))
 
     def on_evict_many(
         self,
@@ -232,8 +248,8 @@ class KVEventStream(PoolHook):
             self._kind = _REMOVED
             self._reason = reason
             self._ts = timestamp
-        self._hashes.extend(block_hashes)
-        self._ids.extend(block_ids)
+        self._hashes.append(tuple(block_hashes))
+        self._ids.append(tuple(block_ids))
 
     def on_cleared(self, timestamp: float) -> None:
         self._flush_locked()
@@ -261,7 +277,7 @@ class KVEventStream(PoolHook):
         """Sequence number of the oldest event still buffered (``last_seq + 1`` if none)."""
         with self._lock:
             self._flush_locked()
-            return self._events[0].seq if self._events else self._last_seq + 1
+            return _seq_of(self._events[0]) if self._events else self._last_seq + 1
 
     def events_since(self, seq: int = 0) -> list[KVEvent]:
         """Events with sequence number > ``seq``, oldest first.
@@ -283,7 +299,7 @@ class KVEventStream(PoolHook):
                     f"seq {seq} is newer than this stream's last event {self._last_seq}"
                 )
             events = self._events
-            first = events[0].seq if events else self._last_seq + 1
+            first = _seq_of(events[0]) if events else self._last_seq + 1
             if seq + 1 < first:
                 raise KVEventGapError(
                     f"events {seq + 1}..{first - 1} were dropped (ring buffer of {self.maxlen}); "
@@ -292,7 +308,7 @@ class KVEventStream(PoolHook):
                     missing_to=first - 1,
                 )
             skip = seq + 1 - first
-            return [events[i] for i in range(skip, len(events))]
+            return [_materialise(events[i]) for i in range(skip, len(events))]
 
     def subscribe(self, callback: Callable[[KVEvent], Any]) -> Callable[[], None]:
         """Call ``callback(event)`` for every event published from now on.

@@ -51,13 +51,14 @@ from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import chain, compress, repeat
+from itertools import chain, compress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import KVCacheError, KVInvalidInputError, KVInvalidTypeError, KVTraceFormatError
+from ._codes import IntCodeTable, extend_eviction_columns, per_request
 from .reuse import previous_access_index, reuse_distances, reuse_times
 from .spill import SpillStore
 
@@ -252,6 +253,7 @@ class AccessStatsCollector:
         self._origin = [clock()]  # one cell: reset() moves it, closures read it
         self._block_codes: dict[Any, int] = {}
         self._block_keys: list[Any] = []
+        self._int_codes = IntCodeTable()  # a cache of _block_codes for pool block ids
         self._request_codes: dict[Any, int] = {}
         self._request_keys: list[Any] = []
         self._tier_codes: dict[Any, int] = {}
@@ -286,6 +288,7 @@ class AccessStatsCollector:
                 container.clear()
             del self._ev_block[:]
             del self._ev_ts[:]
+            self._int_codes.clear()
             if self._spill is not None:
                 self._spill.clear()
 
@@ -562,14 +565,20 @@ class AccessStatsCollector:
             if len(prompts) == n:
                 self._flush_prompts_locked(prompts, codes)
                 return
-            lens = np.fromiter((len(p[0]) for p in batch), dtype=np.int64, count=n)
-            is_prompt = np.fromiter((p[1] is not None for p in batch), dtype=bool, count=n)
-            mask = np.repeat(is_prompt, lens)
             codes_arr = np.asarray(codes, dtype=np.int64)
             if prompts:
+                lens = np.fromiter((len(p[0]) for p in batch), dtype=np.int64, count=n)
+                is_prompt = np.fromiter((p[1] is not None for p in batch), dtype=bool, count=n)
+                mask = np.repeat(is_prompt, lens)
                 self._flush_prompts_locked(prompts, codes_arr[mask])
-            self._flush_evictions_locked(
-                [p for p in batch if p[1] is None], codes_arr[~mask].tolist()
+                codes_arr = codes_arr[~mask]
+            extend_eviction_columns(
+                [p for p in batch if p[1] is None],
+                codes_arr,
+                self._ev_block,
+                self._ev_ts,
+                self._ev_reason,
+                self._ev_hash,
             )
 
     def _codes_locked(self, ids: list) -> Any:
@@ -578,28 +587,12 @@ class AccessStatsCollector:
         codes_map = self._block_codes
         keys = self._block_keys
         if len(ids) > 4096:
-            # pool block ids: one dict operation per distinct id, not per id. Only
-            # when every id is an int (a True among them equals 1, as a dict key would)
-            try:
-                arr = np.array(ids)
-            except (ValueError, OverflowError):
-                arr = None
-            if arr is not None and arr.dtype == np.int64 and arr.ndim == 1:
-                uniq, first, inverse = np.unique(arr, return_index=True, return_inverse=True)
-                order = np.argsort(first, kind="stable")
-                values = uniq[order].tolist()
-                get = codes_map.get
-                ucodes = [get(v) for v in values]
-                if None in ucodes:
-                    for i, c in enumerate(ucodes):
-                        if c is None:
-                            v = values[i]
-                            ucodes[i] = len(keys)
-                            keys.append(v)
-                            codes_map[v] = ucodes[i]
-                mapped = np.empty(len(uniq), dtype=np.int64)
-                mapped[order] = ucodes
-                return mapped[inverse.reshape(-1)]
+            # pool block ids: one numpy gather, a dict operation per id never seen
+            # before. Only when every id is an int (a True among them equals 1, as
+            # a dict key would)
+            codes = self._int_codes.codes(ids, codes_map, keys)
+            if codes is not None:
+                return codes
         codes = list(map(codes_map.get, ids))
         if None in codes:
             # new ids get codes in order of first appearance
@@ -609,18 +602,6 @@ class AccessStatsCollector:
             codes_map.update(zip(missing, range(base, base + len(missing))))
             codes = list(map(codes_map.__getitem__, ids))
         return codes
-
-    def _flush_evictions_locked(self, batch: list[tuple], codes: list[int]) -> None:
-        self._ev_block.extend(codes)
-        ts_col, reason_col, hash_col = self._ev_ts, self._ev_reason, self._ev_hash
-        for ids, _, ts, reason, hashes, _ in batch:
-            k = len(ids)
-            ts_col.extend(repeat(ts, k))
-            reason_col.extend(repeat(reason, k))
-            if hashes is None:
-                hash_col.extend(repeat(None, k))
-            else:
-                hash_col.extend([h if isinstance(h, (bytes, int)) else None for h in hashes])
 
     def _flush_prompts_locked(self, batch: list[tuple], codes: Any) -> None:
         n_req = len(batch)
@@ -638,12 +619,12 @@ class AccessStatsCollector:
         rows = np.empty(total, dtype=ROW_DTYPE)
         rows["block"] = codes
         rows["timestamp"] = np.repeat(np.asarray([p[2] for p in batch], dtype=np.float64), lens)
-        rows["request"] = np.repeat(np.asarray(reqs, dtype=np.int64), lens)
+        rows["request"] = per_request(reqs, lens, np.int64)
         rows["position"] = positions
-        rows["size_bytes"] = np.repeat(
-            np.asarray([-1 if p[5] is None else p[5] for p in batch], dtype=np.int64), lens
+        rows["size_bytes"] = per_request(
+            [-1 if p[5] is None else p[5] for p in batch], lens, np.int64
         )
-        rows["tier"] = np.repeat(np.asarray(tiers, dtype=np.int16), lens)
+        rows["tier"] = per_request(tiers, lens, np.int16)
         hits = np.repeat(np.asarray([p[1] for p in batch], dtype=np.int64), lens)
         rows["is_hit"] = positions < hits
         self._rows += rows.data
