@@ -320,7 +320,7 @@ class SchedulerBridge:
             their wait reason.
         """
         reqs = self._as_requests(requests)
-        with self.offload._lock:
+        with self.offload.lock:
             return self._plan(reqs)
 
     def _plan(self, requests: list[SchedRequest]) -> SchedulerPlan:
@@ -371,7 +371,7 @@ class SchedulerBridge:
                         where = name
                         break
                 if where is None and h in evicted and spill_tier is not None:
-                    hits = off._hits.get(h, 0) + plan_hits[h]
+                    hits = off.hit_count(h) + plan_hits[h]
                     if hits >= off.admit_after_hits:
                         where = spill_tier
                 if where is None:
@@ -445,7 +445,7 @@ class SchedulerBridge:
         this call allocated are freed again before the error propagates.
         """
         reqs = self._as_requests(requests)
-        with self.offload._lock:
+        with self.offload.lock:
             plan = self._plan(reqs)
             by_id = {r.request_id: r for r in reqs}
             allocs: list[OffloadAllocation] = []

@@ -12,10 +12,11 @@
 Scale of the state machine: ``SAGELLM_STATEFUL_STEPS`` is the number of
 steps per policy (default 1500: the CI profile runs all 18 policies in about
 15 s of CPU); each test prints how many steps it checked (``-s``). The
-long profile, at least 100k steps per policy (1-2 minutes per policy)::
+long profile, at least 100k steps per policy (1-2 minutes per policy; ``--timeout=0``
+lifts the suite's per-test limit, which a loaded machine can reach)::
 
     SAGELLM_STATEFUL_STEPS=100000 python -m pytest -q -s -p no:cacheprovider \\
-        tests/test_hardening_pool.py -k machine
+        --timeout=0 tests/test_hardening_pool.py -k machine
 """
 
 from __future__ import annotations

@@ -896,6 +896,17 @@ class KVOffloadManager(OffloadSeedMixin):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def lock(self) -> threading.RLock:
+        """The manager's re-entrant lock: hold it to plan against a consistent
+        view of every tier (``SchedulerBridge`` plans and allocates under it)."""
+        return self._lock
+
+    def hit_count(self, block_hash: Hashable) -> int:
+        """The hit count ``admit_after_hits`` compares against for ``block_hash``
+        (0 when the rule is off or the hash is not counted)."""
+        return self._hits.get(block_hash, 0)
+
     def check_invariants(self) -> None:
         """Every tier within budget; exclusive chains hold each block once; the
         files of a disk tier are its index (after the queued copies ran and settled)."""
