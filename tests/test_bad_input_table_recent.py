@@ -5,8 +5,9 @@ snapshot unchanged, ``check_invariants()`` before and after): the pool's
 admission queries and ``register_blocks``/``estimate_bytes``, ``sim.simulate``,
 the capacity grammar, model shapes, the socket and comm-adapter transfer
 backends, the offload manager's seed methods, ``sim.analysis`` run loading and
-reports, the engine-log and chat trace readers, and the ``convert``, ``report``
-and ``listen`` commands. Rows that record a defect in a file owned elsewhere are
+reports, the engine-log and chat trace readers, the ``convert``, ``report`` and
+``listen`` commands, and (issue 14) placement through the seed's import paths
+and the fleet replay. Rows that record a defect in a file owned elsewhere are
 ``xfail(strict=True)`` with the owner and a one-line repro in the reason.
 """
 
@@ -439,6 +440,75 @@ ROWS.append(
         "vllm-ok", _reader_ep("vllm-ok", _lines(V), ".jsonl"), lambda p: read_trace(p, "vllm"), None
     )
 )
+
+
+# -- placement (through the seed's import paths) and the fleet replay -----------------------------
+def make_placement(tmp_path) -> types.SimpleNamespace:
+    from sagellm_kv_cache.load_aware_scheduler import LoadAwareScheduler
+    from sagellm_kv_cache.load_metrics import LoadMetricsCollector
+
+    col = LoadMetricsCollector()
+    col.attach_pool("d0", KVPool(num_blocks=8, block_size=16, metadata_only=True))
+    col.register_device("d1", kv_tokens_capacity=128)
+    s = LoadAwareScheduler(col, "best_fit")
+    s.select_device(["d0", "d1"], 16)
+    return types.SimpleNamespace(col=col, s=s)
+
+
+def _placement_snap(c):  # two devices (d0 fed by a pool), a scheduler that placed once
+    metrics = {d: m.to_dict() for d, m in c.col.get_all_metrics().items()}
+    return {"metrics": metrics, "stats": c.s.get_placement_stats(), "rng": c.s._rng.getstate()}
+
+
+PLACE = EntryPoint("placement", make_placement, _placement_snap)
+# fmt: off
+ROWS += [
+    Row("select-no-candidates", PLACE, lambda c: c.s.select_device([]), INPUT),
+    Row("select-candidates-str", PLACE, lambda c: c.s.select_device("d0"), TYPE),
+    Row("select-candidates-none", PLACE, lambda c: c.s.select_device(None), TYPE),
+    Row("select-tokens-float", PLACE, lambda c: c.s.select_device(["d0", "d1"], 1.5), TYPE),
+    Row("select-tokens-bool", PLACE, lambda c: c.s.select_device(["d0", "d1"], True), TYPE),
+    Row("select-tokens-negative", PLACE, lambda c: c.s.select_device(["d0", "d1"], -1), INPUT),
+    Row("select-unregistered", PLACE, lambda c: c.s.select_device(["d0", "d9"], 16), INPUT),
+    Row("select-hashes-str", PLACE, lambda c: c.s.select_device(["d0"], 0, block_hashes="ab"), TYPE),
+    Row("select-for-request-float", PLACE, lambda c: c.s.select_device_for_request({"num_tokens": 2.5}), TYPE),
+    Row("requests-active-negative", PLACE, lambda c: c.col.update_request_count("d1", -1, 0), INPUT),
+    Row("requests-queued-negative", PLACE, lambda c: c.col.update_request_count("d1", 0, -2), INPUT),
+    Row("requests-active-float", PLACE, lambda c: c.col.update_request_count("d1", 1.5, 0), TYPE),
+    Row("requests-unknown-device", PLACE, lambda c: c.col.update_request_count("d9", 1, 0), INPUT),
+    Row("metrics-requests-negative", PLACE, lambda c: c.col.get_metrics("d1").update_request_count(-3, 0), INPUT),
+    Row("select-np-int-ok", PLACE, lambda c: c.s.select_device(["d0", "d1"], np.int64(16)), None),
+]
+FLEET = new("sim.simulate.fleet")
+ROWS += [
+    Row("instances-zero", FLEET, lambda c: _sim(instances=0), CONFIG),
+    Row("instances-str", FLEET, lambda c: _sim(instances="x"), CONFIG),
+    Row("instances-bool", FLEET, lambda c: _sim(instances=True), CONFIG),
+    Row("instances-float", FLEET, lambda c: _sim(instances=2.0), CONFIG),
+    Row("router-unknown", FLEET, lambda c: _sim(instances=2, router="nope"), CONFIG),
+    Row("router-int", FLEET, lambda c: _sim(instances=2, router=3), CONFIG),
+    Row("router-bad-param", FLEET, lambda c: _sim(instances=2, router="kv-aware:weight=x"), CONFIG),
+    Row("global-pool-no-shape", FLEET, lambda c: _sim(instances=2, fleet_options={"global_pool": 50}), CONFIG),
+    Row("ok", FLEET, lambda c: _sim(instances=2, router="cache-aware"), None),
+]
+# fmt: on
+
+
+def test_seed_import_paths_are_the_placement_classes():
+    """The seed's modules ``load_metrics`` / ``load_aware_scheduler`` name the placement classes."""
+    from sagellm_kv_cache import load_aware_scheduler, load_metrics, placement
+    from sagellm_kv_cache.load_aware_scheduler import LoadAwareScheduler, PlacementStrategy
+    from sagellm_kv_cache.load_metrics import DeviceLoadMetrics, LoadMetricsCollector
+
+    assert (LoadAwareScheduler, PlacementStrategy, DeviceLoadMetrics, LoadMetricsCollector) == (
+        placement.LoadAwareScheduler, placement.PlacementStrategy,
+        placement.DeviceLoadMetrics, placement.LoadMetricsCollector,
+    )  # fmt: skip
+    assert load_aware_scheduler.__all__ == ["LoadAwareScheduler", "PlacementStrategy"]
+    assert load_metrics.__all__ == ["DeviceLoadMetrics", "LoadMetricsCollector"]
+    assert {"ROUND_ROBIN", "LOWEST_KV", "SHORTEST_QUEUE", "BEST_FIT"} <= set(
+        PlacementStrategy.__members__
+    )
 
 
 # -- run ------------------------------------------------------------------------------------------
