@@ -225,7 +225,9 @@ def _cost_defaults() -> str:
               help="--engine iteration: token budget per step (default 8192).")  # fmt: skip
 @click.option("--chunked-prefill/--no-chunked-prefill", default=True, show_default=True,
               help="--engine iteration: split prompts across steps.")  # fmt: skip
-@click.option("--slo", default=None, help="--engine iteration: goodput SLOs, e.g. ttft=2s,tpot=50ms.")
+@click.option(
+    "--slo", default=None, help="--engine iteration: goodput SLOs, e.g. ttft=2s,tpot=50ms."
+)
 @click.option(
     "--instances",
     type=click.IntRange(1, 4096),
