@@ -34,6 +34,7 @@ from sagellm_kv_cache.errors import (
 from sagellm_kv_cache.offload import DiskBlockStore, KVOffloadManager
 from sagellm_kv_cache.offload.faults import FaultyDiskIO, corrupt_block_file, delete_block_file
 from sagellm_kv_cache.storage import ModelShape
+from tests._offload_faults import FAULTS, check_tiers_and_files, inject_fault
 
 SHAPE = ModelShape(2, 2, 8, "float16")
 BS = 4
@@ -528,28 +529,9 @@ class OffloadFaultMachine(RuleBasedStateMachine):
 
     # -- faults --------------------------------------------------------------
     @precondition(lambda self: self.m is not None)
-    @rule(
-        fault=st.sampled_from(["corrupt", "delete", "disk_full", "disk_ok", "read_fails"]),
-        data=st.data(),
-    )
+    @rule(fault=FAULTS, data=st.data())
     def inject(self, fault, data):
-        if fault == "disk_full":
-            self.io.fail_writes(errno.ENOSPC)
-        elif fault == "disk_ok":
-            self.io.heal()
-        elif fault == "read_fails":  # the next copy out of the disk tier fails
-            self.io.fail_reads(errno.EIO, count=1)
-        else:
-            self.m.wait_all(10)
-            keys = sorted(set(self.store.keys()) & set(self.m.tiers[-1].pool.cached), key=repr)
-            if not keys:
-                return
-            key = data.draw(st.sampled_from(keys))
-            if fault == "corrupt":
-                corrupt_block_file(self.store, key)
-            else:
-                assert delete_block_file(self.store, key)
-                self.deleted.add(key)
+        inject_fault(self, fault, data)
 
     # -- after every step ----------------------------------------------------
     @invariant()
@@ -557,21 +539,7 @@ class OffloadFaultMachine(RuleBasedStateMachine):
         m = self.m
         if m is None:
             return
-        m.wait_all(10)
-        m.where(b"")  # settles finished jobs
-        index = set(m.tiers[-1].pool.cached)
-        files = set(self.store.keys())
-        assert files <= index, f"orphan files {files - index}"
-        # only files deleted behind the store's back may be missing (until a read notices)
-        assert index - files <= self.deleted, f"index entries without files {index - files}"
-        self.deleted = index - files
-        if not self.deleted:
-            m.check_invariants()
-        else:
-            m.device.check_invariants()
-            for t in m.tiers:
-                t.check_invariants()
-        assert not list(self.store.directory.glob(".tmp-*"))
+        check_tiers_and_files(self)
         # no leaked device blocks: exactly the live handles' blocks are in use
         held = {b for alloc, _, _ in self.live for b in alloc.handle.block_ids}
         stats = m.device.get_stats()

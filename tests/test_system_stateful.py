@@ -30,7 +30,6 @@ per-test limit)::
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import tempfile
@@ -52,8 +51,9 @@ from test_hardening_pool import ALL_POLICIES, Clock, assert_same, kv_for, snapsh
 
 from sagellm_kv_cache import errors as E
 from sagellm_kv_cache.offload import KVOffloadManager, TierConfig
-from sagellm_kv_cache.offload.faults import FaultyDiskIO, corrupt_block_file, delete_block_file
+from sagellm_kv_cache.offload.faults import FaultyDiskIO
 from sagellm_kv_cache.pool import KVPool
+from tests._offload_faults import FAULTS, check_tiers_and_files, inject_fault
 
 BS = 4
 NUM_BLOCKS = 6  # device; the cpu tier holds 3, the disk tier 4: blocks move all the time
@@ -262,28 +262,9 @@ class SystemMachine(RuleBasedStateMachine):
 
     # -- faults --------------------------------------------------------------
     @precondition(lambda self: self.m is not None)
-    @rule(
-        fault=st.sampled_from(["corrupt", "delete", "disk_full", "disk_ok", "read_fails"]),
-        data=st.data(),
-    )
+    @rule(fault=FAULTS, data=st.data())
     def inject(self, fault, data):
-        if fault == "disk_full":
-            self.io.fail_writes(errno.ENOSPC)
-        elif fault == "disk_ok":
-            self.io.heal()
-        elif fault == "read_fails":  # the next copy out of the disk tier fails
-            self.io.fail_reads(errno.EIO, count=1)
-        else:
-            self.m.wait_all(10)
-            keys = sorted(set(self.store.keys()) & set(self.m.tiers[-1].pool.cached), key=repr)
-            if not keys:
-                return
-            key = data.draw(st.sampled_from(keys))
-            if fault == "corrupt":
-                corrupt_block_file(self.store, key)
-            else:
-                assert delete_block_file(self.store, key)
-                self.deleted.add(key)
+        inject_fault(self, fault, data)
 
     # -- after every step ----------------------------------------------------
     @invariant()
@@ -292,20 +273,7 @@ class SystemMachine(RuleBasedStateMachine):
         if m is None:
             return
         STEP_COUNTS[self.policy] = STEP_COUNTS.get(self.policy, 0) + 1
-        m.wait_all(10)
-        m.where(b"")  # settles finished jobs
-        index = set(m.tiers[-1].pool.cached)
-        files = set(self.store.keys())
-        assert files <= index, f"orphan files {files - index}"
-        assert index - files <= self.deleted, f"index entries without files {index - files}"
-        self.deleted = index - files
-        if self.deleted:
-            self.pool.check_invariants()
-            for t in m.tiers:
-                t.check_invariants()
-        else:
-            m.check_invariants()  # device, tiers, files == index, exclusive chain
-        assert not list(self.store.directory.glob(".tmp-*"))
+        check_tiers_and_files(self)
         bp = self.pool.block_pool
         handles = [a.handle for a, _ in self.live.values()]
         pins = [0] * NUM_BLOCKS
