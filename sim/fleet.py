@@ -40,6 +40,7 @@ import numpy as np
 from sagellm_kv_cache.errors import KVConfigError
 
 from .core import PoolInstance, SimClock
+from .result import clocked_times
 
 __all__ = ["FleetEngine", "check_instances"]
 
@@ -472,22 +473,12 @@ def simulate_fleet(
 
             load = gather_f(eng, "load", inst_of, cols)
             inst0 = eng.insts[0]
-            prefill = np.asarray(
-                [
-                    ttft_model(ld, c, inst0.num_layers, inst0.overlap) if ld else c
-                    for ld, c in zip(load.tolist(), prefill.tolist(), strict=True)
-                ]
-            )
+            loaded = ttft_model(load, prefill, inst0.num_layers, inst0.overlap)
+            prefill = np.where(load != 0, loaded, prefill)
             times["prefill_s"] = np.where(ran, prefill, np.nan)
         clock_kind = "isolated"
     else:
-        start = np.asarray(eng.start_s)
-        pend = np.asarray(eng.prefill_end_s)
-        times = {
-            "start_s": start,
-            "prefill_s": pend - start,
-            "decode_s": np.asarray(eng.finish_s) - pend,
-        }
+        times = clocked_times(eng)
         clock_kind = "simulated"
     policy_name = eng.insts[0].policy_name
     resolved = {

@@ -124,6 +124,18 @@ def timing_stats(name: str, values: np.ndarray) -> dict[str, float]:
     }
 
 
+def clocked_times(eng: Any) -> dict[str, np.ndarray]:
+    """Start, prefill and decode seconds per request from an engine run on the
+    simulated clock (``start_s``, ``prefill_end_s``, ``finish_s`` columns)."""
+    start = np.asarray(eng.start_s)
+    pend = np.asarray(eng.prefill_end_s)
+    return {
+        "start_s": start,
+        "prefill_s": pend - start,
+        "decode_s": np.asarray(eng.finish_s) - pend,
+    }
+
+
 def build_result(
     table: Any,
     *,

@@ -15,7 +15,7 @@ from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError
 
 from .config import LinearCostModel
 from .core import Engine, PoolInstance, SimClock, TieredInstance
-from .result import SimResult, build_result
+from .result import SimResult, build_result, clocked_times
 
 __all__ = ["MODES", "resolve_blocks", "simulate"]
 
@@ -254,12 +254,9 @@ def simulate(
         uncached = np.asarray(lengths, dtype=np.float64) - hit * bs
         compute = cost_m.prefill_overhead_s + cost_m.prefill_s_per_token * uncached
         if tiers:
-            load = np.asarray(inst.load)
-            L = inst.num_layers
-            if inst.overlap and L > 1:
-                prefill = (load + compute) / L + (L - 1) / L * np.maximum(load, compute)
-            else:
-                prefill = load + compute
+            from .tiered import ttft_model
+
+            prefill = ttft_model(np.asarray(inst.load), compute, inst.num_layers, inst.overlap)
         else:
             prefill = compute
         decode = cost_m.decode_overhead_s + cost_m.decode_s_per_token * np.asarray(
@@ -273,13 +270,7 @@ def simulate(
         }
         clock_kind = "isolated"
     else:
-        start = np.asarray(eng.start_s)
-        pend = np.asarray(eng.prefill_end_s)
-        times = {
-            "start_s": start,
-            "prefill_s": pend - start,
-            "decode_s": np.asarray(eng.finish_s) - pend,
-        }
+        times = clocked_times(eng)
         clock_kind = "simulated"
     resolved = {
         "mode": mode,

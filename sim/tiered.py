@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 __all__ = ["LINKS", "Link", "replay_tiered", "ttft_model"]
 
 
@@ -94,12 +96,19 @@ def _cfg(config: Any, name: str) -> Any:
     return _DEFAULTS[name]
 
 
-def ttft_model(load_s: float, prefill_s: float, num_layers: int, overlap: bool) -> float:
-    """Time to first token from the load and prefill times (see module docstring)."""
+def ttft_model(load_s: Any, prefill_s: Any, num_layers: int, overlap: bool) -> Any:
+    """Time to first token from the load and prefill times (see module docstring).
+
+    Scalars give a float; numpy arrays (one entry per request) give an array.
+    """
     if not overlap or num_layers <= 1:
         return load_s + prefill_s
     L = num_layers
-    return (load_s + prefill_s) / L + (L - 1) / L * max(load_s, prefill_s)
+    if isinstance(load_s, np.ndarray) or isinstance(prefill_s, np.ndarray):
+        peak = np.maximum(load_s, prefill_s)
+    else:
+        peak = max(load_s, prefill_s)
+    return (load_s + prefill_s) / L + (L - 1) / L * peak
 
 
 def replay_tiered(
