@@ -120,13 +120,13 @@ def listen(
     """
     from sagellm_kv_cache.errors import KVConfigError
     from sagellm_kv_cache.observability.shadow import EventRecorder
-    from sagellm_kv_cache.observability.vllm_zmq import VLLMEventSubscriber, _check_endpoint
+    from sagellm_kv_cache.observability.vllm_zmq import VLLMEventSubscriber, check_endpoint
 
     try:
         # endpoints first: a mistake there must not leave an empty --out behind
-        _check_endpoint(endpoint, "endpoint")
+        check_endpoint(endpoint, "endpoint")
         if replay_endpoint is not None:
-            _check_endpoint(replay_endpoint, "--replay-endpoint")
+            check_endpoint(replay_endpoint, "--replay-endpoint")
         recorder = EventRecorder(out_dir, flush_rows=flush_rows)
         sub = VLLMEventSubscriber(
             endpoint, replay_endpoint, topic=topic, recorder=recorder, start_seq=start_seq

@@ -52,13 +52,15 @@ from ..errors import KVConfigError, KVEventGapError, KVInvalidInputError
 from .shadow import EventRecorder, ShadowCache
 from .vllm_wire import END_SEQ, KVEventBatch, decode_batch, encode_batch, pack_seq, unpack_seq
 
-__all__ = ["VLLMEventPublisher", "VLLMEventSubscriber"]
+__all__ = ["VLLMEventPublisher", "VLLMEventSubscriber", "check_endpoint"]
 
 log = logging.getLogger(__name__)
 _MAX_KEPT_GAPS = 100
 
 
-def _check_endpoint(endpoint: Any, what: str) -> str:
+def check_endpoint(endpoint: Any, what: str) -> str:
+    """``endpoint`` if it reads as a ZMQ endpoint (``scheme://address``), else a
+    ``KVConfigError`` naming ``what`` (callers check before they create anything)."""
     if not isinstance(endpoint, str) or "://" not in endpoint:
         raise KVConfigError(f"{what} must be a ZMQ endpoint like tcp://127.0.0.1:5557")
     return endpoint
@@ -90,9 +92,9 @@ class VLLMEventPublisher:
         encoding: str = "array",
         context: Any = None,
     ) -> None:
-        _check_endpoint(endpoint, "endpoint")
+        check_endpoint(endpoint, "endpoint")
         if replay_endpoint is not None:
-            _check_endpoint(replay_endpoint, "replay_endpoint")
+            check_endpoint(replay_endpoint, "replay_endpoint")
         if encoding not in ("array", "map"):
             raise KVConfigError(f"encoding must be 'array' or 'map', got {encoding!r}")
         if isinstance(buffer_steps, bool) or not isinstance(buffer_steps, int) or buffer_steps < 1:
@@ -274,9 +276,9 @@ class VLLMEventSubscriber:
         on_batch: Callable[[int, KVEventBatch], Any] | None = None,
         context: Any = None,
     ) -> None:
-        self.endpoint = _check_endpoint(endpoint, "endpoint")
+        self.endpoint = check_endpoint(endpoint, "endpoint")
         if replay_endpoint is not None:
-            _check_endpoint(replay_endpoint, "replay_endpoint")
+            check_endpoint(replay_endpoint, "replay_endpoint")
         if on_gap not in ("count", "raise"):
             raise KVConfigError(f"on_gap must be 'count' or 'raise', got {on_gap!r}")
         self.replay_endpoint = replay_endpoint
