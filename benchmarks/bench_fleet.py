@@ -21,7 +21,6 @@ import time
 
 from _util import print_table, write_json
 
-TRACE = "traces/data/mooncake_synthetic_trace.jsonl"
 ROUTERS = (
     "round-robin",
     "random:seed=0",
@@ -54,9 +53,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from sim.simulate import simulate
-    from traces import read_trace
+    from traces import DEFAULT_TRACE, read_trace
 
-    table = read_trace(TRACE)
+    table = read_trace(DEFAULT_TRACE)
     cap = args.capacity
     speed = []
     for mode in ("sequential", "concurrent"):
