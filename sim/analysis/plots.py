@@ -4,7 +4,7 @@ Each function takes a DataFrame (polars or pandas; a collector or a list of
 dicts where noted), an optional matplotlib ``ax`` (or ``axes``) to draw into,
 and returns the ``Figure``. The numbers come from
 :mod:`sagellm_kv_cache.profiling.analysis` and :mod:`sim.analysis.access`;
-nothing here computes. matplotlib, seaborn and polars are imported inside the
+nothing here computes. matplotlib and polars are imported inside the
 functions so ``import sim`` stays light::
 
     from sim.analysis.plots import plot_heatmap
@@ -83,7 +83,7 @@ def plot_heatmap(
     With more than ``max_rows`` blocks, consecutive popularity ranks share a
     row (labelled ``#first-last``).
     """
-    import seaborn as sns
+    import numpy as np
 
     from sagellm_kv_cache.profiling import analysis
 
@@ -98,23 +98,19 @@ def plot_heatmap(
         _empty(ax, title)
         return fig
     width = analysis.auto_window_s(events) if window_s is None else window_s
-    heat = analysis.access_heatmap(events, by=by, window_s=width, max_rows=max_rows).to_pandas()
-    matrix = heat.pivot_table(
-        index="row", columns="window", values="accesses", fill_value=0, aggfunc="sum"
-    )
+    heat = analysis.access_heatmap(events, by=by, window_s=width, max_rows=max_rows)
+    rows = heat.select("row", "row_label").unique("row", keep="first").sort("row")
     num_windows = int(heat["window"].max()) + 1
-    matrix = matrix.reindex(columns=range(num_windows), fill_value=0)
-    labels = heat.drop_duplicates("row").set_index("row")["row_label"].reindex(matrix.index)
-    matrix.index = labels.to_numpy()
-    matrix.columns = [f"{w * width:g}" for w in range(num_windows)]
-    sns.heatmap(
-        matrix,
-        ax=ax,
-        cmap="rocket_r",
-        cbar_kws={"label": f"accesses per {width:g} s window"},
-        xticklabels=max(1, num_windows // 12),
-        yticklabels=max(1, len(matrix) // 24),
-    )
+    matrix = np.zeros((rows.height, num_windows))
+    row_of = np.searchsorted(rows["row"].to_numpy(), heat["row"].to_numpy())
+    np.add.at(matrix, (row_of, heat["window"].to_numpy()), heat["accesses"].to_numpy())
+    image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="magma_r")
+    fig.colorbar(image, ax=ax, label=f"accesses per {width:g} s window")
+    x_step, y_step = max(1, num_windows // 12), max(1, rows.height // 24)
+    ax.set_xticks(range(0, num_windows, x_step))
+    ax.set_xticklabels([f"{w * width:g}" for w in range(0, num_windows, x_step)])
+    ax.set_yticks(range(0, rows.height, y_step))
+    ax.set_yticklabels(rows["row_label"].to_list()[::y_step])
     ax.set_title(title)
     ax.set_xlabel("time since first access (s, window start)")
     ax.set_ylabel("block popularity rank" if by == "block" else "prompt position (blocks)")
