@@ -28,6 +28,7 @@ class KVGroup(click.Group):
     prints ``Error: [CODE] message`` and exits 1, never a traceback, and an
     ``EOFError`` or ``MemoryError`` from a command is reported as what it is
     (click would print ``Aborted!`` for the first and a traceback for the second).
+    A missing optional package names the extra that installs it.
     """
 
     def invoke(self, ctx: click.Context):
@@ -43,6 +44,33 @@ class KVGroup(click.Group):
             raise click.ClickException(
                 f"out of memory{f' ({err})' if str(err) else ''}; use a smaller capacity or trace"
             ) from None
+        except ModuleNotFoundError as err:
+            extra = OPTIONAL_EXTRAS.get((err.name or "").partition(".")[0])
+            if extra is None:
+                raise
+            raise click.ClickException(
+                f"this needs {err.name}, which is not installed: "
+                f"pip install 'sagellm-kv-cache[{extra}]'"
+            ) from None
+
+
+#: Optional packages a command may import, and the extra (pyproject.toml) that installs each.
+OPTIONAL_EXTRAS = {
+    "click": "workbench",
+    "tqdm": "workbench",
+    "polars": "workbench",
+    "pyarrow": "workbench",
+    "scipy": "workbench",
+    "matplotlib": "workbench",
+    "pandas": "analysis",
+    "xxhash": "fast",
+    "zmq": "events",
+    "msgspec": "events",
+    "ray": "ray",
+    "nixl": "nixl",
+    "nbclient": "notebooks",
+    "papermill": "notebooks",
+}
 
 
 @click.group(
