@@ -249,8 +249,8 @@ def section_step_table(args) -> dict:
         for t in d["tokens"]:
             for kv in d["kv_tokens"]:
                 meas = table.lookup(t, kv)
-                ctx = max(kv - t, 0)
-                pred = roof.step_time([(t, ctx)])
+                ctx = max(int(kv) - int(t), 0)
+                pred = roof.step_time([(int(t), ctx)])
                 rows.append({"tokens": t, "kv_tokens": kv, "measured_s": meas, "roofline_s": pred})
                 errs.append(abs(pred - meas) / meas)
     return {

@@ -174,3 +174,17 @@ def test_profile_script_smoke_on_cpu_writes_a_table_with_provenance(tmp_path):
     assert t.tokens == [1.0, 8.0] and t.kv_tokens == [0.0, 32.0]
     assert t.provenance["device"] == "cpu" and t.provenance["model"]["name"] == "tiny"
     assert t.step_time([(4, 10)]) > 0
+
+
+def test_bundled_h200_table_loads_by_name_with_its_provenance():
+    from sim.cost.table import TableCost
+
+    assert "h200-llama-3-8b" in TableCost.bundled()
+    m = parse_cost_model("table:h200-llama-3-8b")
+    assert m.provenance["gpu"] == "NVIDIA H200" and m.provenance["model"]["name"] == "llama-3-8b"
+    assert m.tokens[0] == 1 and m.tokens[-1] == 8192 and m.kv_tokens[-1] == 262144
+    # a decode step reads more KV as its context grows; a prefill of 8192 tokens dwarfs a decode
+    assert m.step_time([(1, 262143)]) > m.step_time([(1, 1023)]) > 0
+    assert m.step_time([(8192, 0)]) > 20 * m.step_time([(1, 0)])
+    with pytest.raises(KVConfigError, match="no-such-table"):
+        parse_cost_model("table:no-such-table")

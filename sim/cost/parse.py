@@ -30,7 +30,7 @@ def parse_cost_model(spec: Any) -> StepCostModel:
     """A ``StepCostModel`` from an instance, a ``LinearCostModel``, or text:
 
     * ``roofline:gpu=h100,model=llama-2-7b[,dtype=fp8,tp=2,eff_gemm=0.7,...]``
-    * ``table:PATH.json``
+    * ``table:PATH.json`` or ``table:NAME`` (a bundled measured table, ``TableCost.bundled()``)
     * ``linear:prefill_s_per_token=6e-5,decode_step_s=0.012,...`` (``LinearStepCost`` fields)
     * a bare ``name=value`` list or None: the request-level ``LinearCostModel`` text,
       mapped per step (``LinearStepCost.from_linear``).

@@ -9,7 +9,8 @@ File format (JSON, written by ``benchmarks/profile_step_times.py``)::
 
 A step's time is the bilinear interpolation at (``num_tokens``, ``kv_tokens``),
 extended linearly past the grid's edges (from the last two points of each axis),
-never below zero. The table does not see how tokens split into sequences beyond
+never below zero. Measured tables ship in ``sim/cost/data`` and load by name
+(``table:h200-llama-3-8b``; ``TableCost.bundled()`` lists them). The table does not see how tokens split into sequences beyond
 these two sums (the grid measures one sequence per point).
 """
 
@@ -26,6 +27,8 @@ from sagellm_kv_cache.errors import KVConfigError
 from .base import BatchStats, StepCostModel
 
 __all__ = ["TableCost"]
+
+_BUNDLED = Path(__file__).with_name("data")
 
 
 def _axis(name: str, xs) -> list[float]:
@@ -73,7 +76,15 @@ class TableCost(StepCostModel):
             raise KVConfigError("table seconds must be numbers >= 0")
 
     @classmethod
+    def bundled(cls) -> list[str]:
+        """Names of the measured tables shipped with the package (``sim/cost/data``)."""
+        return sorted(p.stem for p in _BUNDLED.glob("*.json"))
+
+    @classmethod
     def load(cls, path: str | Path) -> TableCost:
+        """A table from a JSON file, or a bundled table by name (``h200-llama-3-8b``)."""
+        if not Path(path).exists() and (_BUNDLED / f"{path}.json").is_file():
+            path = _BUNDLED / f"{path}.json"
         try:
             d = json.loads(Path(path).read_text())
         except (OSError, ValueError) as err:
