@@ -240,3 +240,136 @@ def resolve_tiers(tiers: dict[str, Any], table: Any, *, model_shape: Any = None)
         )  # fmt: skip
         out[name] = cap.blocks if cap.blocks is not None else inf_blocks(table, "concurrent")
     return out
+
+
+def trace_formats() -> tuple[str, ...]:
+    """``--format`` choices: ``auto`` and every format the trace readers know (light:
+    the readers load polars only when reading)."""
+    from traces.io import FORMATS
+
+    return ("auto", *FORMATS)
+
+
+def read_table(trace: Any, fmt: str, block_size: int | None, skip_bad: bool, stats: dict,
+               prefix: str = "") -> Any:  # fmt: skip
+    """The canonical table of a trace that must have requests, or a one-line error
+    (``prefix`` + the reader's message, which names the file and line).
+
+    ``block_size`` goes to readers that re-hash; a format with fixed block ids
+    (mooncake: 512) accepts only its own, and ``--block-size`` is blamed only
+    when the file reads fine at its own size. ``stats`` receives the reader's
+    counts (``skipped``).
+    """
+    from sagellm_kv_cache.errors import KVCacheError
+    from traces import read_trace
+
+    try:
+        table = _read_at(read_trace, trace, fmt, block_size, skip_bad, stats)
+    except FileNotFoundError:
+        raise click.FileError(str(trace), hint="trace file not found") from None
+    except KVCacheError as err:
+        raise click.ClickException(f"{prefix}{err.message}") from None
+    check_not_empty(table, trace, stats)
+    return table
+
+
+def _read_at(read_trace: Any, trace: Any, fmt: str, block_size: int | None, skip_bad: bool,
+             stats: dict) -> Any:  # fmt: skip
+    from sagellm_kv_cache.errors import KVCacheError
+
+    if block_size is None:
+        return read_trace(trace, fmt, skip_bad=skip_bad, stats=stats)
+    try:
+        table = read_trace(trace, fmt, skip_bad=skip_bad, stats=stats, block_size=block_size)
+    except TypeError as err:  # a reader without re-hashing
+        if "block_size" not in str(err):
+            raise
+        stats.clear()
+        table = read_trace(trace, fmt, skip_bad=skip_bad, stats=stats)
+    except KVCacheError as err:
+        try:
+            read_trace(trace, fmt, skip_bad=skip_bad)
+        except KVCacheError:
+            raise err from None
+        raise click.BadParameter(
+            f"{Path(trace).name} cannot be read at block size {block_size}: {err.message}",
+            param_hint="--block-size",
+        ) from None
+    if len(table) and int(table["block_size"][0]) != block_size:
+        raise click.BadParameter(
+            f"{Path(trace).name} has fixed {int(table['block_size'][0])}-token blocks and "
+            f"cannot be re-hashed at block size {block_size}",
+            param_hint="--block-size",
+        )
+    return table
+
+
+# Options several commands share, written once: each is a decorator taking the
+# command-specific help (and default) so every command's --help still says what
+# the option means for it.
+
+
+def out_option(default: str | None = None, help: str = "Output directory.") -> Any:
+    """``--out DIR`` into ``out_dir`` (a folder path; required when no default)."""
+    return click.option(
+        "--out",
+        "out_dir",
+        default=default,
+        required=default is None,
+        show_default=default is not None,
+        type=click.Path(file_okay=False, path_type=Path),
+        help=help,
+    )
+
+
+def format_option(help: str, default: str = "auto") -> Any:
+    """``--format`` into ``fmt``, choices :func:`trace_formats`."""
+    return click.option(
+        "--format",
+        "fmt",
+        default=default,
+        show_default=True,
+        type=click.Choice(trace_formats()),
+        help=help,
+    )
+
+
+def block_size_option(help: str) -> Any:
+    """``--block-size N`` (N >= 1; default: the trace's)."""
+    return click.option("--block-size", type=click.IntRange(min=1), default=None, help=help)
+
+
+def skip_bad_option(help: str = "Skip and count malformed records instead of stopping.") -> Any:
+    return click.option("--skip-bad", is_flag=True, help=help)
+
+
+def progress_option(help: str = "Show progress bars.") -> Any:
+    return click.option("--progress/--no-progress", default=True, show_default=True, help=help)
+
+
+def json_option(help: str) -> Any:
+    """``--json`` into ``as_json``."""
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def model_shape_option(help: str) -> Any:
+    """``--model-shape``, checked now by :class:`ModelShapeType` (the value stays as given)."""
+    return click.option("--model-shape", type=ModelShapeType(), default=None, help=help)
+
+
+def mode_option(default: str, help: str) -> Any:
+    """``--mode sequential|concurrent``."""
+    return click.option(
+        "--mode",
+        type=click.Choice(["sequential", "concurrent"]),
+        default=default,
+        show_default=True,
+        help=help,
+    )
+
+
+def dpi_option(default: int, help: str) -> Any:
+    """``--dpi N`` (N >= 30)."""
+    return click.option(
+        "--dpi", type=click.IntRange(min=30), default=default, show_default=True, help=help
+    )

@@ -12,6 +12,8 @@ import click
 from traces.io import FORMATS as _FORMATS  # light: readers load polars only when reading
 from traces.io import WRITE_FORMATS
 
+from ._common import block_size_option, check_out_dir, skip_bad_option
+
 #: ``--from`` choices: "auto" and every format the readers know; ``--to``: the writers'.
 READ_FORMATS = ("auto", *_FORMATS)
 
@@ -54,12 +56,7 @@ def _fail(err, in_path: Path) -> click.ClickException:
     show_default=True,
     help="Input format; auto: detected from the extension and first record.",
 )
-@click.option(
-    "--block-size",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Tokens per block when reading (default: the input format's).",
-)
+@block_size_option("Tokens per block when reading (default: the input format's).")
 @click.option(
     "--tokenizer",
     default=None,
@@ -71,9 +68,7 @@ def _fail(err, in_path: Path) -> click.ClickException:
 @click.option(
     "--medium", default="GPU", show_default=True, help="kv-events: events of this medium."
 )
-@click.option(
-    "--skip-bad", is_flag=True, help="Skip malformed records (counted) instead of failing."
-)
+@skip_bad_option("Skip malformed records (counted) instead of failing.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 def convert(
     in_path: Path,
@@ -106,8 +101,6 @@ def convert(
     """
     from sagellm_kv_cache.errors import KVCacheError
     from traces import read_trace, write_trace
-
-    from ._common import check_out_dir
 
     if to_fmt is None:
         if out_path.suffix.lower() != ".parquet":

@@ -12,7 +12,7 @@ import sys
 from importlib.util import find_spec
 
 #: Import names of the ``[workbench]`` extra's packages (pyproject.toml), checked in this order.
-WORKBENCH_MODULES = ("click", "tqdm", "polars", "pyarrow", "scipy", "matplotlib")
+WORKBENCH_MODULES = ("click", "tqdm", "polars", "pyarrow", "scipy", "matplotlib", "msgspec")
 #: Exit status when the workbench is not installed (click's own usage errors exit 2).
 EXIT_MISSING = 3
 INSTALL_HINT = (

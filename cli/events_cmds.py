@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from ._common import out_option
+
 
 def status_line(sub: Any, capacity_blocks: int | None = None) -> str:
     """One line of live figures: sequence, batches, occupancy, implied hit ratio, gaps."""
@@ -32,13 +34,7 @@ def status_line(sub: Any, capacity_blocks: int | None = None) -> str:
 
 @click.command("listen")
 @click.argument("endpoint")
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory for the recording (Parquet parts) and listen_summary.json.",
-)
+@out_option(help="Directory for the recording (Parquet parts) and listen_summary.json.")
 @click.option(
     "--replay-endpoint",
     default=None,

@@ -65,7 +65,7 @@ OPTIONAL_EXTRAS = {
     "pandas": "analysis",
     "xxhash": "fast",
     "zmq": "events",
-    "msgspec": "events",
+    "msgspec": "workbench",
     "ray": "ray",
     "nixl": "nixl",
     "nbclient": "notebooks",

@@ -11,33 +11,17 @@ from typing import Any
 
 import click
 
+from sim.analysis.figures import FIGURES
 from sim.analysis.text import format_run_summary, format_summary
+
+from ._common import block_size_option, dpi_option
 
 #: Folder that ``visualize --type all`` writes into when ``--output`` is not given.
 DEFAULT_FIGURE_DIR = "kv_stats_figures"
 
 
-def _figure_names() -> tuple[str, ...]:
-    # the registry's names, listed here so --help does not import the analyses
-    return (
-        "heatmap",
-        "position_heatmap",
-        "timeline",
-        "reuse",
-        "reuse_cdf",
-        "reuse_time_cdf",
-        "hot",
-        "position",
-        "hit_ratio_time",
-        "hit_vs_length",
-        "session_reuse",
-        "footprint",
-        "capacity_curve",
-        "queue_ttft",
-    )
-
-
-_TYPES = (*_figure_names(), "all")
+#: --type choices: the figure registry (light: it imports its plots when drawing) and "all"
+_TYPES = (*FIGURES, "all")
 
 
 def _load_run(path: Path, fmt: str, block_size: int | None) -> Any:
@@ -102,19 +86,8 @@ def _load_run(path: Path, fmt: str, block_size: int | None) -> Any:
     show_default=True,
     help="Trace format when --input is a trace (see `replay --help`).",
 )
-@click.option(
-    "--block-size",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Tokens per block of a token-level trace.",
-)
-@click.option(
-    "--dpi",
-    type=click.IntRange(min=30),
-    default=120,
-    show_default=True,
-    help="Resolution of raster images.",
-)
+@block_size_option("Tokens per block of a token-level trace.")
+@dpi_option(120, "Resolution of raster images.")
 def visualize(
     input_path: Path,
     output: Path | None,

@@ -6,7 +6,6 @@ every run writes the resolved config as ``config.json`` next to its output.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -15,26 +14,29 @@ from sagellm_kv_cache.errors import KVCacheError, KVConfigError
 from sim.config import LinearCostModel, ReplayConfig, field_help, parse_capacity
 
 from ._common import (
-    check_not_empty,
+    CapacityListType,
+    block_size_option,
     check_out_dir,
     clamp_capacity,
     distinct_blocks_of,
+    format_option,
     inf_blocks,
+    json_option,
+    mode_option,
+    model_shape_option,
+    out_option,
     parse_tiers,
+    progress_option,
+    read_table,
     require_model_shape,
     resolve_option,
-    resolve_tiers,
+    skip_bad_option,
 )
-from ._fleet import format_fleet, global_pool_cb, router_cb
+from ._fleet import global_pool_cb, router_cb
+from ._replay_output import finish_run, plot_curve, plot_instances, plot_queue
+from ._tiers import replay_tiers
 
 _DEFAULTS = ReplayConfig.__dataclass_fields__
-
-
-def _trace_formats() -> tuple[str, ...]:
-    """Every format the trace readers know (the --format choices follow them)."""
-    import traces.io
-
-    return tuple(traces.io.FORMATS)
 
 
 def _default(name: str):
@@ -79,36 +81,6 @@ def _cost_cb(ctx, param, value):
         raise click.BadParameter(err.message) from None
 
 
-def _model_shape_cb(ctx, param, value):
-    if value is None:
-        return None
-    from sagellm_kv_cache.model_shapes import resolve_model_shape
-
-    try:
-        resolve_model_shape(value)
-    except KVConfigError as err:
-        raise click.BadParameter(err.message) from None
-    return value
-
-
-def _curve_cb(ctx, param, value):
-    items = [x.strip() for x in str(value).split(",") if x.strip()]
-    if not items:
-        raise click.BadParameter("give at least one capacity, e.g. 1000,10000")
-    out = []
-    for x in items:
-        try:
-            cap = parse_capacity(x)
-        except KVConfigError as err:
-            raise click.BadParameter(err.message) from None
-        if cap.is_infinite:
-            raise click.BadParameter(
-                "the infinite-capacity line is always drawn; list finite sizes"
-            )
-        out.append(cap)
-    return out
-
-
 def _resolve_blocks(cap, block_size: int, model_shape, option: str, table=None) -> int | None:
     distinct = None if table is None else distinct_blocks_of(table)
     return resolve_option(
@@ -128,23 +100,16 @@ def _cost_defaults() -> str:
 
 @click.command()
 @click.argument("trace", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--mode",
-    type=click.Choice(["sequential", "concurrent"]),
-    default=_default("mode"),
-    show_default=True,
-    help="sequential: each request is released before the next arrives (the setting of "
+@mode_option(
+    _default("mode"),
+    "sequential: each request is released before the next arrives (the setting of "
     "published hit ratios); concurrent: overlapping requests on a simulated clock.",
 )
-@click.option(
-    "--format",
-    "fmt",
-    default=_default("format"),
-    show_default=True,
-    type=click.Choice(["auto", *_trace_formats()]),
-    help="Trace format; auto detects it from the file's suffix and first record. "
+@format_option(
+    "Trace format; auto detects it from the file's suffix and first record. "
     "azure and burstgpt carry lengths only: block ids come from a seeded synthetic prefix "
     "model (see traces.synthetic.PrefixModel); tokens are hashed at --block-size.",
+    default=_default("format"),
 )
 @click.option(
     "--capacity",
@@ -157,11 +122,8 @@ def _cost_defaults() -> str:
     "A size above 2**20 blocks that the trace cannot use is clamped to what it can (same "
     "result as inf).",
 )
-@click.option(
-    "--model-shape",
-    default=None,
-    callback=_model_shape_cb,
-    help="Model KV geometry that turns byte capacities into blocks: a preset (llama-3-8b: "
+@model_shape_option(
+    "Model KV geometry that turns byte capacities into blocks: a preset (llama-3-8b: "
     "128 KiB per token in bf16; llama-3-70b, qwen2.5-7b, qwen2.5-72b, mistral-7b, "
     "deepseek-v3, gemma-2-9b, gemma-3-27b), LAYERS,KV_HEADS,HEAD_DIM,DTYPE (32,8,128,bf16) "
     "or a Hugging Face config.json (GQA, MLA and sliding-window layers read from it).",
@@ -173,12 +135,9 @@ def _cost_defaults() -> str:
     show_default=True,
     help="Eviction policy (any registered in sagellm_kv_cache.eviction).",
 )
-@click.option(
-    "--block-size",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Tokens per block. Default: the trace's. Formats with fixed hash ids (mooncake: 512) "
-    "accept only their own; formats that can re-hash are read at this size.",
+@block_size_option(
+    "Tokens per block. Default: the trace's. Formats with fixed hash ids (mooncake: 512) "
+    "accept only their own; formats that can re-hash are read at this size."
 )
 @click.option(
     "--cost-model",
@@ -202,7 +161,7 @@ def _cost_defaults() -> str:
     "curve_caps",
     default=_default("curve"),
     show_default=True,
-    callback=_curve_cb,
+    type=CapacityListType(allow_inf=False),
     help="Capacities of the hit-ratio-vs-capacity figure (sequential replays), comma-separated; "
     "same units as --capacity.",
 )
@@ -255,26 +214,10 @@ def _cost_defaults() -> str:
     "instance; misses on an instance are fetched from it over an RDMA-class link "
     "(25 GB/s, 20 us) instead of recomputed. Needs --model-shape.",
 )
-@click.option(
-    "--skip-bad", is_flag=True, help="Skip and count malformed records instead of stopping."
-)
-@click.option(
-    "--out",
-    "out_dir",
-    default=_default("out_dir"),
-    show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Output directory.",
-)
-@click.option(
-    "--progress/--no-progress", default=True, show_default=True, help="Show progress bars."
-)
-@click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    help="Print the summary (summary.json's content) to stdout as JSON instead of the table.",
-)
+@skip_bad_option()
+@out_option(_default("out_dir"))
+@progress_option()
+@json_option("Print the summary (summary.json's content) to stdout as JSON instead of the table.")
 @click.pass_context
 def replay(
     ctx,
@@ -354,12 +297,12 @@ def replay(
     if engine == "iteration" or isinstance(cost, str):
         from cli._iteration import replay_iteration
 
-        table = _read_or_fail(trace, fmt, block_size, skip_bad, stats := {})
+        table = read_table(trace, fmt, block_size, skip_bad, stats := {})
         result, figures = replay_iteration(
             table, capacity, policy, cost, max_num_seqs, max_num_batched_tokens,
             chunked_prefill, slo, model_shape, progress, engine,
         )  # fmt: skip
-        _finish_run(result, out_dir, trace, fmt, stats, figures, as_json)
+        finish_run(result, out_dir, trace, fmt, stats, figures, as_json)
         return
     explicit_cost = src("cost") == click.core.ParameterSource.COMMANDLINE
     if mode == "sequential":
@@ -378,27 +321,13 @@ def replay(
     if fleet and tiers:
         raise click.BadParameter("--instances/--router take no --tiers yet", param_hint="--tiers")
     if tiers:
-        _replay_tiers(
-            trace,
-            fmt,
-            tiers,
-            policy,
-            skip_bad,
-            out_dir,
-            mode,
-            model_shape,
-            explicit_cost,
-            cost,
-            max_num_seqs,
-            as_json,
-        )
+        replay_tiers(
+            trace, fmt, tiers, policy, skip_bad, out_dir, mode, model_shape,
+            explicit_cost, cost, max_num_seqs, as_json,
+        )  # fmt: skip
         return
     stats: dict = {}
-    try:
-        table = _read(trace, fmt, block_size, skip_bad, stats)
-    except KVCacheError as err:
-        raise click.ClickException(err.message) from None
-    check_not_empty(table, trace, stats)
+    table = read_table(trace, fmt, block_size, skip_bad, stats)
     bs = int(table["block_size"][0])
     requested = _resolve_blocks(capacity, bs, model_shape, "--capacity", table)
     cap_blocks = clamp_capacity(requested, inf_blocks(table, mode))
@@ -466,188 +395,12 @@ def replay(
         }
     )
     result.extra["curve"] = curve
-    figures = {"hit_ratio_vs_capacity.png": lambda p: _plot_curve(curve, result, p, mode)}
+    figures = {"hit_ratio_vs_capacity.png": lambda p: plot_curve(curve, result, p, mode)}
     if fleet:
-        figures["instances.png"] = lambda p: _plot_instances(result, p)
+        figures["instances.png"] = lambda p: plot_instances(result, p)
     elif mode == "concurrent":
-        figures["queue_ttft.png"] = lambda p: _plot_queue(result, p)
-    _finish_run(result, out_dir, trace, fmt, stats, figures, as_json)
-
-
-def _plot_instances(result, path: Path) -> None:
-    from sim.analysis.fleet_plots import plot_instances
-    from sim.analysis.plots import save_figure
-
-    save_figure(plot_instances(result.per_instance, title=f"router {result.router}"), path)
-
-
-def _plot_queue(result, path: Path) -> None:
-    from sim.analysis.plots import plot_queue_ttft, save_figure
-
-    save_figure(plot_queue_ttft(result.records, result.timeline, result.capacity_blocks), path)
-
-
-def _detected_format(trace, fmt: str) -> str:
-    """The format the reader used: ``fmt``, or what ``auto`` detected."""
-    if fmt != "auto":
-        return fmt
-    from traces.detect import detect_format
-
-    try:
-        return detect_format(trace)
-    except KVCacheError:  # pragma: no cover - the reader already accepted the file
-        return fmt
-
-
-def _finish_run(result, out_dir: Path, trace, fmt, stats, figures: dict, as_json: bool) -> None:
-    """What every replay mode does last: the same files, figures and compact table
-    (or the summary as JSON on stdout with ``--json``)."""
-    result.config.update(
-        {"trace": str(trace), "format": _detected_format(trace, fmt), "format_requested": fmt}
-    )
-    result.extra["skipped_records"] = stats.get("skipped", 0)
-    files = result.write(out_dir)
-    for name, draw in figures.items():
-        draw(out_dir / name)
-        files.append(name)
-    if as_json:
-        from sim.result import _plain
-
-        click.echo(json.dumps(_plain(result.summary()), indent=2))
-        return
-    from sim.report_table import format_summary
-
-    click.echo(f"trace                {trace}")
-    click.echo(format_summary(result.summary()))
-    if "per_instance" in result.summary():
-        click.echo(format_fleet(result.summary()))
-    click.echo(f"wrote {out_dir}/{', '.join(files)}")
-
-
-def _read_or_fail(trace, fmt, block_size, skip_bad, stats):
-    try:
-        table = _read(trace, fmt, block_size, skip_bad, stats)
-    except KVCacheError as err:
-        raise click.ClickException(err.message) from None
-    check_not_empty(table, trace, stats)
-    return table
-
-
-def _read(trace, fmt, block_size, skip_bad, stats):
-    """The canonical table; ``block_size`` goes to readers that accept it (re-hashing)."""
-    from traces import read_trace
-
-    if block_size is None:
-        return read_trace(trace, fmt, skip_bad=skip_bad, stats=stats)
-    try:
-        table = read_trace(trace, fmt, skip_bad=skip_bad, stats=stats, block_size=block_size)
-    except TypeError as err:  # a reader without re-hashing
-        if "block_size" not in str(err):
-            raise
-        stats.clear()
-        table = read_trace(trace, fmt, skip_bad=skip_bad, stats=stats)
-    except KVCacheError as err:
-        # blame --block-size only when the file reads fine at its own block size
-        try:
-            read_trace(trace, fmt, skip_bad=skip_bad)
-        except KVCacheError:
-            raise err from None
-        raise click.BadParameter(
-            f"{Path(trace).name} cannot be read at block size {block_size}: {err.message}",
-            param_hint="--block-size",
-        ) from None
-    if len(table) and int(table["block_size"][0]) != block_size:
-        raise click.BadParameter(
-            f"{Path(trace).name} has fixed {int(table['block_size'][0])}-token blocks and "
-            f"cannot be re-hashed at block size {block_size}",
-            param_hint="--block-size",
-        )
-    return table
-
-
-def _replay_tiers(
-    trace,
-    fmt,
-    tiers,
-    policy,
-    skip_bad,
-    out_dir,
-    mode,
-    model_shape,
-    explicit_cost,
-    cost,
-    max_num_seqs=None,
-    as_json=False,
-) -> None:
-
-    from types import SimpleNamespace
-
-    from sim.tiered import replay_tiered
-    from traces import read_trace
-
-    stats: dict = {}
-    try:
-        table = read_trace(trace, fmt, skip_bad=skip_bad, stats=stats)
-    except KVCacheError as err:
-        raise click.ClickException(err.message) from None
-    check_not_empty(table, trace, stats)
-    if model_shape is None:  # the load time of every lower-tier hit depends on it
-        raise click.BadParameter(
-            "a tiered replay needs --model-shape (the bytes each block loaded from a lower "
-            "tier costs), e.g. --model-shape llama-3-8b",
-            param_hint="--model-shape",
-        )
-    limit = inf_blocks(table, "concurrent")  # all full blocks: no tier can evict
-    requested = {name: str(spec) for name, spec in tiers.items()}  # as the user gave them
-    tiers = resolve_tiers(tiers, table, model_shape=model_shape)
-    spec = {name: clamp_capacity(n, limit) for name, n in tiers.items()}
-    if spec != tiers:
-        click.echo(
-            f"note: --tiers capacities above {limit} blocks (all of this trace's full blocks) "
-            "never evict; clamped to it (same result)",
-            err=True,
-        )
-    try:
-        config = SimpleNamespace(
-            block_size=int(table["block_size"][0]),
-            sequential=mode == "sequential",
-            policy=policy,
-        )
-        if model_shape:
-            from sagellm_kv_cache.model_shapes import resolve_model_shape
-
-            config.model = resolve_model_shape(model_shape)  # a ModelShape: presets, custom, HF
-        if explicit_cost:  # otherwise the tiered model keeps its own defaults
-            config.prefill_tokens_per_s = (
-                1.0 / cost.prefill_s_per_token if cost.prefill_s_per_token else float("inf")
-            )
-            config.decode_s_per_token = cost.decode_s_per_token
-        out_dir.mkdir(parents=True, exist_ok=True)
-        config.max_num_seqs = max_num_seqs
-        result = replay_tiered(table, tiers=spec, config=config, out_dir=None)
-    except KVCacheError as err:
-        raise click.ClickException(err.message) from None
-    result.config["model_shape"] = str(model_shape)
-    result.config["tiers_requested"] = requested
-    figures = {"ttft.png": lambda p: _plot_tiers(result, p)}
-    _finish_run(result, out_dir, trace, fmt, stats, figures, as_json)
-
-
-def _plot_tiers(result, path: Path) -> None:
-    from sim.analysis.plots import plot_ttft, save_figure
-
-    rec = result.records.filter(~result.records["rejected"])
-    tps = result["config"]["prefill_tps"]
-    per = {"ttft_s": rec["ttft_s"], "recompute_s": rec["input_length"] / tps}
-    save_figure(plot_ttft(per, None, list(result.tiers)), path)
-
-
-def _plot_curve(curve: list[dict], result, path: Path, mode: str = "sequential") -> None:
-    from sim.analysis.plots import plot_capacity_curve, save_figure
-
-    this_run = (result.capacity_blocks, result.token_hit_ratio)
-    fig = plot_capacity_curve(curve, this_run=this_run, block_size=result.block_size, mode=mode)
-    save_figure(fig, path)
+        figures["queue_ttft.png"] = lambda p: plot_queue(result, p)
+    finish_run(result, out_dir, trace, fmt, stats, figures, as_json)
 
 
 COMMANDS = [replay]

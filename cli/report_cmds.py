@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from ._common import dpi_option
+
 __all__ = ["COMMANDS", "report"]
 
 
@@ -18,13 +20,7 @@ __all__ = ["COMMANDS", "report"]
     default=None,
     help="HTML file to write (default RUN_DIR/report.html of the first run).",
 )
-@click.option(
-    "--dpi",
-    type=click.IntRange(min=30),
-    default=90,
-    show_default=True,
-    help="Resolution of the embedded figures.",
-)
+@dpi_option(90, "Resolution of the embedded figures.")
 def report(run_dirs: tuple[Path, ...], out: Path | None, dpi: int) -> None:
     """Write one self-contained HTML report of one or more runs.
 

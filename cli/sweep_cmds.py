@@ -14,14 +14,22 @@ import click
 from sagellm_kv_cache.errors import KVCacheError
 
 from ._common import (
-    ModelShapeType,
-    check_not_empty,
+    block_size_option,
     check_out_dir,
     clamp_capacity,
     distinct_blocks_of,
+    format_option,
     inf_blocks,
+    json_option,
+    mode_option,
+    model_shape_option,
+    out_option,
+    progress_option,
+    read_table,
     require_model_shape,
     resolve_option,
+    skip_bad_option,
+    trace_formats,
 )
 from ._fleet import fleet_grid
 
@@ -35,15 +43,8 @@ __all__ = [
 ]
 
 
-#: ``--format`` choices: "auto" and ``traces.io.FORMATS`` (listed here so --help stays light)
-def _trace_formats() -> tuple[str, ...]:
-    from traces.io import FORMATS  # light: the readers load polars only when reading
-
-    return ("auto", *FORMATS)
-
-
-#: --format choices: every format the trace readers know
-TRACE_FORMATS = _trace_formats()
+#: --format choices: "auto" and every format the trace readers know
+TRACE_FORMATS = trace_formats()
 
 
 def parse_capacities(text: str) -> list:
@@ -144,12 +145,9 @@ from sim.analysis.plots import plot_sweep  # noqa: E402  (moved)
     "distinct blocks), inf. Sizes above 2**20 blocks that no trace can use (its distinct "
     "blocks) are clamped to that (same result: no evictions).",
 )
-@click.option(
-    "--model-shape",
-    type=ModelShapeType(),
-    default=None,
-    help="Model KV geometry for byte capacities: a preset (llama-3-8b...), "
-    "LAYERS,KV_HEADS,HEAD_DIM,DTYPE (32,8,128,bf16) or a Hugging Face config.json.",
+@model_shape_option(
+    "Model KV geometry for byte capacities: a preset (llama-3-8b...), "
+    "LAYERS,KV_HEADS,HEAD_DIM,DTYPE (32,8,128,bf16) or a Hugging Face config.json."
 )
 @click.option(
     "--policies",
@@ -171,44 +169,22 @@ from sim.analysis.plots import plot_sweep  # noqa: E402  (moved)
     help="Processes (or Ray CPUs of a local instance). [default: all cores]",
 )
 @click.option("--ray-address", default=None, help="Ray cluster address (default: a local Ray).")
-@click.option(
-    "--format",
-    "fmt",
-    default="auto",
-    show_default=True,
-    type=click.Choice(TRACE_FORMATS),
-    help="Format of every TRACE; auto detects it from the file's suffix and first record.",
+@format_option("Format of every TRACE; auto detects it from the file's suffix and first record.")
+@block_size_option(
+    "Tokens per block for traces that are hashed here (token-level, Azure, BurstGPT)."
 )
-@click.option(
-    "--block-size",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Tokens per block for traces that are hashed here (token-level, Azure, BurstGPT).",
-)
-@click.option("--skip-bad", is_flag=True, help="Skip malformed trace records instead of failing.")
+@skip_bad_option("Skip malformed trace records instead of failing.")
 @click.option(
     "--bounds/--no-bounds",
     default=True,
     show_default=True,
     help="Add the infinite-capacity bound and OPT (when sim.opt is available).",
 )
-@click.option(
-    "--out",
-    "out_dir",
-    default="kv_sweep_out",
-    show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Output directory.",
-)
-@click.option(
-    "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar."
-)
-@click.option(
-    "--mode",
-    type=click.Choice(["sequential", "concurrent"]),
-    default="sequential",
-    show_default=True,
-    help="sequential: one request at a time (published hit ratios); concurrent: requests "
+@out_option("kv_sweep_out")
+@progress_option("Show a progress bar.")
+@mode_option(
+    "sequential",
+    "sequential: one request at a time (published hit ratios); concurrent: requests "
     "on a simulated clock, so each row also gets TTFT, TPOT, E2E p50/p90/p99 and throughput.",
 )
 @click.option(
@@ -243,7 +219,7 @@ from sim.analysis.plots import plot_sweep  # noqa: E402  (moved)
     help="Routers to sweep (replay's --router names), e.g. "
     "round-robin,kv-aware:weight=1,temperature=0,cache-aware.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the sweep's rows as JSON to stdout.")
+@json_option("Print the sweep's rows as JSON to stdout.")
 def sweep_cmd(
     traces,
     capacities,
@@ -292,7 +268,7 @@ def sweep_cmd(
     import polars as pl
 
     from sim.sweep import opt_available, sweep
-    from traces import DEFAULT_TRACE, read_trace
+    from traces import DEFAULT_TRACE
 
     grid = fleet_grid(_grid(mode, max_num_seqs, cost_models), fleet_instances, fleet_routers)
     caps = parse_capacities(capacities)
@@ -300,19 +276,10 @@ def sweep_cmd(
     pols = parse_policies(policies)
     check_out_dir(out_dir)
     paths = list(traces) or [Path(DEFAULT_TRACE)]
-    items = []
-    for path in paths:
-        stats: dict = {}
-        try:
-            kwargs = {"skip_bad": skip_bad, "stats": stats}
-            if block_size is not None:
-                kwargs["block_size"] = block_size
-            items.append((path.name, read_trace(path, fmt, **kwargs)))
-        except FileNotFoundError:
-            raise click.FileError(str(path), hint="trace file not found") from None
-        except KVCacheError as err:
-            raise click.ClickException(f"trace {path}: {err.message}") from None
-        check_not_empty(items[-1][1], path, stats)
+    items = [
+        (path.name, read_table(path, fmt, block_size, skip_bad, {}, prefix=f"trace {path}: "))
+        for path in paths
+    ]
     # a pool larger than every trace's distinct blocks never evicts: clamp, never allocate
     res = resolve_capacities(caps, items, model_shape)
     limit, swept = res["limit"], res["swept"]
