@@ -43,11 +43,12 @@ import numbers
 import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from sagellm_kv_cache.errors import KVTraceFormatError
+
+from .columnar import flat_from_lists, list_series
 
 BASE_COLUMNS = (
     "request_id",
@@ -139,23 +140,8 @@ def records_to_frame(records: Iterable[TraceRecord], with_sessions: bool):
         for i, (name, dtype) in enumerate(schema.items())
         if name != "block_hashes"
     }
-    data["block_hashes"] = _list_column(cols[4])
+    data["block_hashes"] = list_series(*flat_from_lists(cols[4]))
     return pl.DataFrame({name: data[name] for name in schema})
-
-
-def _list_column(lists) -> object:
-    """A List(Int64) Series from Python int lists, built from flat values + offsets
-    (several times faster than letting polars convert nested lists)."""
-    import numpy as np
-    import polars as pl
-    import pyarrow as pa
-
-    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-    offsets = np.zeros(len(lists) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(offsets[-1]))
-    arr = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
-    return pl.Series("block_hashes", arr, dtype=pl.List(pl.Int64))
 
 
 def bad(path: Path, line: int, field: str, msg: str) -> KVTraceFormatError:

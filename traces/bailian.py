@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ._common import (
+    INT64_MAX,
     TraceRecord,
     bad,
     check_block_size,
@@ -42,6 +43,7 @@ from ._common import (
     parse_json_object,
     resolve_max_request_tokens,
 )
+from .fastjson import BailianLine, decode_line, ids_ok, timestamp_ok
 
 __all__ = ["BAILIAN_BLOCK_SIZE", "iter_bailian_records"]
 
@@ -78,6 +80,37 @@ def iter_bailian_records(
     state: dict = {"last_ts": None, "t0": None}
 
     def parse(lineno: int, raw: str) -> TraceRecord:
+        f = decode_line(raw, BailianLine)
+        if f is not None:
+            chat, parent, ts, n_in = (
+                str(f.chat_id),
+                str(f.parent_chat_id),
+                f.timestamp,
+                f.input_length,
+            )
+            if (
+                chat not in root_of
+                and chat != ""
+                and parent != ""
+                and parent != chat
+                and timestamp_ok(ts, state["last_ts"])
+                and 1 <= n_in <= max_tokens
+                and 0 <= f.output_length <= max_tokens
+                and 0 <= f.turn <= INT64_MAX
+                and ids_ok(f.hash_ids, n_in, block_size)
+            ):
+                return accept(chat, parent, ts, n_in, f.output_length, f.turn, f.hash_ids)
+        return parse_fields(lineno, raw)  # the reference: names the bad field
+
+    def accept(chat, parent, ts, n_in, n_out, turn, ids) -> TraceRecord:
+        root = chat if parent == "-1" else root_of.get(parent, parent)
+        root_of[chat] = root
+        state["last_ts"] = ts
+        if state["t0"] is None:
+            state["t0"] = ts
+        return TraceRecord(chat, float(ts - state["t0"]), n_in, n_out, ids, block_size, root, turn)
+
+    def parse_fields(lineno: int, raw: str) -> TraceRecord:
         rec = parse_json_object(path, lineno, raw)
         chat = str(_id_field(rec, "chat_id", path, lineno))
         if chat in root_of:
@@ -93,11 +126,6 @@ def iter_bailian_records(
             raise bad(path, lineno, "type", f"expected a string, got {rec['type']!r}")
         turn = int_field(rec, "turn", path, lineno, 0)
         ids = hash_list_field(rec, "hash_ids", path, lineno, n_in, block_size)
-        root = chat if parent == "-1" else root_of.get(parent, parent)
-        root_of[chat] = root
-        state["last_ts"] = ts
-        if state["t0"] is None:
-            state["t0"] = ts
-        return TraceRecord(chat, float(ts - state["t0"]), n_in, n_out, ids, block_size, root, turn)
+        return accept(chat, parent, ts, n_in, n_out, turn, ids)
 
     yield from guarded(jsonl_items(path), parse, skip_bad, stats)

@@ -28,6 +28,7 @@ from ._common import (
     records_to_frame,
     resolve_max_request_tokens,
 )
+from .fastjson import MooncakeLine, decode_line, ids_ok, timestamp_ok
 
 __all__ = [
     "CANONICAL_COLUMNS",
@@ -88,6 +89,22 @@ def iter_mooncake_records(
     state = {"last_ts": None}
 
     def parse(lineno: int, raw: str) -> TraceRecord:
+        fast = decode_line(raw, MooncakeLine)
+        if fast is not None:
+            ts, n_in, n_out, ids = (
+                fast.timestamp, fast.input_length, fast.output_length, fast.hash_ids
+            )  # fmt: skip
+            if (
+                timestamp_ok(ts, state["last_ts"])
+                and 1 <= n_in <= max_tokens
+                and 0 <= n_out <= max_tokens
+                and ids_ok(ids, n_in, block_size)
+            ):
+                state["last_ts"] = ts
+                return TraceRecord(f"{stem}-{lineno}", ts / 1000.0, n_in, n_out, ids, block_size)
+        return parse_fields(lineno, raw)  # the reference: names the bad field
+
+    def parse_fields(lineno: int, raw: str) -> TraceRecord:
         rec = parse_json_object(path, lineno, raw)
         ts = number_field(rec, "timestamp", path, lineno)
         check_sorted(path, lineno, "timestamp", ts, state["last_ts"])
