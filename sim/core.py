@@ -265,16 +265,28 @@ class TieredInstance:
 
 
 class Engine:
-    """The loop. ``run()`` fills per-request columns on ``self`` and on the instance.
+    """The loop. ``run()`` fills per-request columns on ``self`` and on the instances.
 
     Args:
         hashes_col, lengths, outputs, arrivals: the trace's columns (lists).
-        instance: a ``PoolInstance`` or ``TieredInstance`` built on ``clock``.
-        clock: the ``SimClock`` the instance's pool reads.
+        instance: a ``PoolInstance`` or ``TieredInstance`` built on ``clock``, or a
+            list of them (a fleet: then a ``router`` places each request).
+        clock: the ``SimClock`` the instances' pools read.
         sequential: zero time, one request at a time (see the module docstring).
-        max_num_seqs: most requests running at once (None: only the cache limits).
+        max_num_seqs: most requests running at once, per instance (None: only the
+            cache limits).
         hooks: metric hooks (see the module docstring).
         progress: a tqdm bar over finished requests.
+        router: None (every request on instance 0), or an object with
+            ``route(i, hashes) -> k`` (called at each arrival, rejected requests
+            too), and optionally ``starting(i, k, hashes)`` (before instance ``k``
+            tries to start ``i``: its caches are as they were before any
+            eviction the start makes) and ``update(k, running, waiting, used)``
+            (clocked mode: instance ``k``'s state after each event on it).
+
+    An event changes only its own instance, and only that instance is offered
+    admission: with round-robin over N instances and zero cost the run equals
+    replaying each instance's subsequence alone, request for request.
     """
 
     def __init__(
@@ -291,6 +303,7 @@ class Engine:
         hooks: tuple = (),
         progress: bool = False,
         desc: str = "replay",
+        router: Any = None,
     ) -> None:
         self.hashes_col, self.lengths, self.outputs, self.arrivals = (
             hashes_col,
@@ -298,10 +311,14 @@ class Engine:
             outputs,
             arrivals,
         )
-        self.inst = instance
-        self.tail = hasattr(instance, "lengths")  # its partial tail block takes capacity
+        insts = list(instance) if isinstance(instance, list | tuple) else [instance]
+        self.insts = insts
+        self.inst = insts[0]
+        self.router = router
+        self.tail = hasattr(self.inst, "lengths")  # its partial tail block takes capacity
         if self.tail:
-            instance.lengths = lengths
+            for inst in insts:
+                inst.lengths = lengths
         self.clock = clock
         self.sequential = sequential
         self.max_num_seqs = max_num_seqs
@@ -311,18 +328,28 @@ class Engine:
         n = len(lengths)
         self.n = n
         nan = math.nan
+        nk = len(insts)
+        self.inst_of = [0] * n
         self.full = [0] * n
         self.rejected = [False] * n
         self.start_s = [nan] * n
         self.prefill_end_s = [nan] * n
         self.finish_s = [nan] * n
+        #: one instance: its state after every event (a fleet records none)
         self.timeline = {
             "time_s": array("d"),
             "waiting": array("q"),
             "running": array("q"),
             "blocks_in_use": array("q"),
         }
-        self.peaks = [0, 0, 0]  # blocks in use, running, waiting
+        self.peak_used = [0] * nk
+        self.peak_running = [0] * nk
+        self.peak_waiting = [0] * nk
+
+    @property
+    def peaks(self) -> tuple[int, int, int]:
+        """Blocks in use, running, waiting: the highest of any instance."""
+        return max(self.peak_used), max(self.peak_running), max(self.peak_waiting)
 
     def _emit(self, kind: str, i: int, now: float) -> None:
         for fn in self.hooks[kind]:
@@ -345,25 +372,40 @@ class Engine:
     def _run_sequential(self, bar: Any) -> None:
         """Zero time, trace order: arrival, start, prefill end and finish of each request
         before the next (what the clocked loop does with a zero cost model, inline)."""
-        inst = self.inst
+        insts = self.insts
+        inst = insts[0]
         bs = inst.block_size
         cap = inst.capacity_blocks
         start, written, finish = inst.start, inst.written, inst.finish
-        hashes_col, lengths, full_l, rejected = (
+        hashes_col, lengths, full_l, rejected, inst_of = (
             self.hashes_col,
             self.lengths,
             self.full,
             self.rejected,
+            self.inst_of,
         )
+        router = self.router
+        route = router.route if router is not None else None
+        starting = getattr(router, "starting", None)
         hooked = any(self.hooks.values())
         tail = self.tail
+        hs: list = []
         for i in range(self.n):
             full = lengths[i] // bs
             full_l[i] = full
+            if route is not None:
+                hs = hashes_col[i][:full]
+                k = route(i, hs)
+                inst_of[i] = k
+                inst = insts[k]
+                start, written, finish = inst.start, inst.written, inst.finish
             if (-(-lengths[i] // bs) if tail else full) > cap:  # never fits: a miss
                 rejected[i] = True
             elif full:
-                hs = hashes_col[i][:full]
+                if route is None:
+                    hs = hashes_col[i][:full]
+                elif starting is not None:
+                    starting(i, k, hs)
                 start(i, hs, full, False)
                 written(i, hs)
                 finish(i)
@@ -375,9 +417,9 @@ class Engine:
                 bar.update(1)
 
     def _run_clocked(self, bar: Any) -> None:
-        inst = self.inst
-        bs = inst.block_size
-        cap = inst.capacity_blocks
+        insts = self.insts
+        bs = insts[0].block_size
+        cap = insts[0].capacity_blocks
         clock = self.clock
         hashes_col, lengths, outputs, arrivals = (
             self.hashes_col,
@@ -385,12 +427,16 @@ class Engine:
             self.outputs,
             self.arrivals,
         )
-        full_l, hit_l = self.full, inst.hit
+        full_l, inst_of = self.full, self.inst_of
         start_s, prefill_end_s, finish_s = self.start_s, self.prefill_end_s, self.finish_s
         max_seqs = self.max_num_seqs
-        cost = inst.cost
         emit = self._emit
         hooked = any(self.hooks.values())
+        router = self.router
+        route = router.route if router is not None else None
+        starting = getattr(router, "starting", None)
+        update = getattr(router, "update", None)
+        record = len(insts) == 1
         tl = self.timeline
         tl_time, tl_wait, tl_run, tl_used = (
             tl["time_s"],
@@ -398,24 +444,33 @@ class Engine:
             tl["running"],
             tl["blocks_in_use"],
         )
-        peaks = self.peaks
+        peak_used, peak_running, peak_waiting = (
+            self.peak_used,
+            self.peak_running,
+            self.peak_waiting,
+        )
         tail = self.tail
         n = self.n
         order = sorted(range(n), key=arrivals.__getitem__)  # stable: ties keep trace order
         events: list[tuple[float, int, int, int]] = []  # (time, kind, seq, request)
-        waiting: deque[int] = deque()
-        running = 0
+        waiting: list[deque[int]] = [deque() for _ in insts]
+        running = [0] * len(insts)
         seq = 0
 
-        def admit(now: float) -> None:
-            nonlocal running, seq
-            while waiting and (max_seqs is None or running < max_seqs):
-                i = waiting[0]
+        def admit(k: int, inst: Any, wq: deque[int], now: float) -> None:
+            nonlocal seq
+            hit_l = inst.hit
+            while wq and (max_seqs is None or running[k] < max_seqs):
+                i = wq[0]
                 full = full_l[i]
-                if full and not inst.start(i, hashes_col[i][:full], full, running > 0):
-                    break
-                waiting.popleft()
-                running += 1
+                if full:
+                    hs = hashes_col[i][:full]
+                    if starting is not None:
+                        starting(i, k, hs)
+                    if not inst.start(i, hs, full, running[k] > 0):
+                        break
+                wq.popleft()
+                running[k] += 1
                 start_s[i] = now
                 if hooked:
                     emit("on_start", i, now)
@@ -423,19 +478,25 @@ class Engine:
                 uncached = lengths[i] - hit_l[i] * bs
                 heapq.heappush(events, (now + inst.prefill_s(i, uncached), _PREFILL_END, seq, i))
                 used = inst.num_used
-                if used > peaks[0]:
-                    peaks[0] = used
-                if running > peaks[1]:
-                    peaks[1] = running
+                if used > peak_used[k]:
+                    peak_used[k] = used
+                if running[k] > peak_running[k]:
+                    peak_running[k] = running[k]
+            if len(wq) > peak_waiting[k]:
+                peak_waiting[k] = len(wq)
+            if wq and not running[k]:  # the head fits an idle pool: unreachable
+                raise AssertionError(f"request {wq[0]} cannot start in an idle pool")
 
         p = 0
         while p < n or events:
             if events and (p >= n or (events[0][0], events[0][1]) < (arrivals[order[p]], _ARRIVAL)):
                 now, kind, _, i = heapq.heappop(events)
                 clock.now = now
+                k = inst_of[i]
+                inst = insts[k]
                 if kind == _FINISH:
                     inst.finish(i)
-                    running -= 1
+                    running[k] -= 1
                     finish_s[i] = now
                     if hooked:
                         emit("on_finish", i, now)
@@ -449,7 +510,7 @@ class Engine:
                     if hooked:
                         emit("on_prefill_end", i, now)
                     seq += 1
-                    heapq.heappush(events, (now + cost.decode_s(outputs[i]), _FINISH, seq, i))
+                    heapq.heappush(events, (now + inst.cost.decode_s(outputs[i]), _FINISH, seq, i))
             else:
                 i = order[p]
                 p += 1
@@ -457,6 +518,12 @@ class Engine:
                 clock.now = now
                 full = lengths[i] // bs
                 full_l[i] = full
+                if route is not None:
+                    k = route(i, hashes_col[i][:full])
+                    inst_of[i] = k
+                else:
+                    k = 0
+                inst = insts[k]
                 if hooked:
                     emit("on_arrival", i, now)
                 if (-(-lengths[i] // bs) if tail else full) > cap:
@@ -466,14 +533,14 @@ class Engine:
                     if bar is not None:
                         bar.update(1)
                 else:
-                    waiting.append(i)
-            if waiting:
-                admit(now)
-                if len(waiting) > peaks[2]:
-                    peaks[2] = len(waiting)
-                if waiting and not running:  # the head fits an idle pool: unreachable
-                    raise AssertionError(f"request {waiting[0]} cannot start in an idle pool")
-            tl_time.append(now)
-            tl_wait.append(len(waiting))
-            tl_run.append(running)
-            tl_used.append(inst.num_used)
+                    waiting[k].append(i)
+            wq = waiting[k]
+            if wq:
+                admit(k, inst, wq, now)
+            if update is not None:
+                update(k, running[k], len(wq), inst.num_used)
+            if record:
+                tl_time.append(now)
+                tl_wait.append(len(wq))
+                tl_run.append(running[k])
+                tl_used.append(inst.num_used)

@@ -30,21 +30,16 @@ Bounds recorded per request (blocks; ``summary()`` gives them as token ratios):
 
 from __future__ import annotations
 
-import heapq
-import math
-from collections import deque
 from typing import Any
 
 import numpy as np
 
 from sagellm_kv_cache.errors import KVConfigError
 
-from .core import PoolInstance, SimClock
+from .core import Engine, PoolInstance, SimClock
 from .result import clocked_times
 
 __all__ = ["FleetEngine", "check_instances"]
-
-_FINISH, _PREFILL_END, _ARRIVAL = 0, 1, 2
 
 
 def check_instances(instances: Any) -> int:
@@ -66,7 +61,14 @@ def _matcher(bp: Any) -> Any:
 
 
 class FleetEngine:
-    """The fleet loop; ``run()`` fills per-request columns (``inst_of``, bounds, times)."""
+    """The fleet: N instances and their router around the one event engine (``sim.core``).
+
+    It is the engine's ``router``: ``route`` asks the library's scheduler at each
+    arrival (recording the routed and best instance's hits), ``starting`` records
+    the leading run any cache holds as a request starts, and ``update`` keeps the
+    collector's metrics current. ``run()`` fills per-request columns (``inst_of``,
+    bounds, times) on ``self``.
+    """
 
     def __init__(
         self,
@@ -86,25 +88,17 @@ class FleetEngine:
         max_num_seqs: int | None,
         bounds: bool = True,
         global_pool: dict | None = None,
+        progress: bool = False,
     ) -> None:
         from sagellm_kv_cache.placement import LoadMetricsCollector
 
         from .routers import make_scheduler
 
         n = len(lengths)
-        self.hashes_col, self.lengths, self.outputs, self.arrivals = (
-            hashes_col,
-            lengths,
-            outputs,
-            arrivals,
-        )
+        self.lengths = lengths
         self.sessions = sessions
         self.n = n
         self.bs = block_size
-        self.cap = capacity_blocks
-        self.cost = cost
-        self.sequential = sequential
-        self.max_num_seqs = max_num_seqs
         self.bounds = bounds
         self.clock = SimClock()
         self.shared = None
@@ -113,7 +107,7 @@ class FleetEngine:
 
             g = dict(global_pool)
             self.shared = GlobalPool(g.pop("blocks"), block_size, policy, self.clock)
-            self.insts = [
+            self.insts: list[Any] = [
                 GlobalPoolInstance(
                     capacity_blocks,
                     block_size,
@@ -145,21 +139,29 @@ class FleetEngine:
         self._caches = [inst.bp.cached for inst in self.insts]  # hash -> block, per instance
         if self.shared is not None:  # what the shared tier holds is usable by every request
             self._caches.append(self.shared.cached)
-        nan = math.nan
-        self.inst_of = [0] * n
-        self.full = [0] * n
-        self.rejected = [False] * n
         self.routed = [0] * n
         self.best = [0] * n
         self.held = [0] * n
-        self.start_s = [nan] * n
-        self.prefill_end_s = [nan] * n
-        self.finish_s = [nan] * n
-        self.peak_used = [0] * num_instances
-        self.peak_waiting = [0] * num_instances
+        self.engine = Engine(
+            hashes_col,
+            lengths,
+            outputs,
+            arrivals,
+            self.insts,
+            self.clock,
+            sequential=sequential,
+            max_num_seqs=max_num_seqs,
+            progress=progress,
+            desc=f"fleet replay x {num_instances}",
+            router=self,
+        )
+        if not bounds:
+            self.starting = None  # type: ignore[assignment]  # the engine skips it
+        if sequential:
+            self.update = None  # type: ignore[assignment]  # metrics stay as registered
 
-    # -- routing and bounds -------------------------------------------------------
-    def _route(self, i: int, hs: list) -> int:
+    # -- the engine's router ------------------------------------------------------
+    def route(self, i: int, hs: list) -> int:
         sess = self.sessions[i] if self.sessions is not None else None
         k = self._select(self.devices, self.lengths[i], None, block_hashes=hs, session_id=sess)
         if self.bounds and hs:
@@ -170,9 +172,9 @@ class FleetEngine:
             self.best[i] = max(matches)
         return k
 
-    def _held(self, i: int, hs: list, at_least: int) -> None:
-        """The leading run held by any instance now; ``at_least`` blocks are known held."""
-        j, full = at_least, len(hs)
+    def starting(self, i: int, k: int, hs: list) -> None:
+        """The leading run held by any instance now (instance k's own run is held)."""
+        j, full = self._matchers[k](hs), len(hs)
         caches = self._caches
         while j < full:
             h = hs[j]
@@ -184,120 +186,20 @@ class FleetEngine:
             j += 1
         self.held[i] = j
 
+    def update(self, k: int, running: int, waiting: int, used: int) -> None:
+        m = self.metrics[k]
+        m.active_requests, m.queue_length, m.kv_tokens_used = running, waiting, used * self.bs
+
     def run(self) -> FleetEngine:
-        if self.sequential:
-            self._run_sequential()
-        else:
-            self._run_clocked()
-        return self
-
-    def _run_sequential(self) -> None:
-        bs, cap, insts = self.bs, self.cap, self.insts
-        hashes_col, lengths = self.hashes_col, self.lengths
-        inst_of, full_l, rejected = self.inst_of, self.full, self.rejected
-        bounds, route = self.bounds, self._route
-        for i in range(self.n):
-            full = lengths[i] // bs
-            full_l[i] = full
-            hs = hashes_col[i][:full]
-            k = route(i, hs)
-            inst_of[i] = k
-            if full > cap:
-                rejected[i] = True
-            elif full:
-                if bounds:
-                    self._held(i, hs, self.best[i])
-                inst = insts[k]
-                inst.start(i, hs, full, False)
-                inst.written(i, hs)
-                inst.finish(i)
-
-    def _run_clocked(self) -> None:
-        bs, cap, insts, clock = self.bs, self.cap, self.insts, self.clock
-        hashes_col, lengths, outputs, arrivals = (
-            self.hashes_col,
-            self.lengths,
-            self.outputs,
-            self.arrivals,
+        eng = self.engine.run()
+        self.inst_of, self.full, self.rejected = eng.inst_of, eng.full, eng.rejected
+        self.start_s, self.prefill_end_s, self.finish_s = (
+            eng.start_s,
+            eng.prefill_end_s,
+            eng.finish_s,
         )
-        inst_of, full_l = self.inst_of, self.full
-        start_s, prefill_end_s, finish_s = self.start_s, self.prefill_end_s, self.finish_s
-        max_seqs, cost, bounds = self.max_num_seqs, self.cost, self.bounds
-        metrics, peak_used, peak_waiting = self.metrics, self.peak_used, self.peak_waiting
-        route, held = self._route, self._held
-        nk = len(insts)
-        n = self.n
-        order = sorted(range(n), key=arrivals.__getitem__)  # stable: ties keep trace order
-        events: list[tuple[float, int, int, int]] = []
-        waiting: list[deque[int]] = [deque() for _ in range(nk)]
-        running = [0] * nk
-        seq = 0
-
-        def admit(k: int, now: float) -> None:
-            nonlocal seq
-            inst, wq, m = insts[k], waiting[k], metrics[k]
-            while wq and (max_seqs is None or running[k] < max_seqs):
-                i = wq[0]
-                full = full_l[i]
-                if full:
-                    hs = hashes_col[i][:full]
-                    if bounds:  # what any instance holds as it starts (>= its own hit)
-                        held(i, hs, len(inst.bp.match_prefix(hs)))
-                    if not inst.start(i, hs, full, running[k] > 0):
-                        break
-                wq.popleft()
-                running[k] += 1
-                start_s[i] = now
-                seq += 1
-                uncached = lengths[i] - inst.hit[i] * bs
-                heapq.heappush(events, (now + inst.prefill_s(i, uncached), _PREFILL_END, seq, i))
-                used = inst.num_used
-                if used > peak_used[k]:
-                    peak_used[k] = used
-            m.active_requests, m.queue_length = running[k], len(wq)
-            m.kv_tokens_used = inst.num_used * bs
-            if not running[k] and wq:
-                raise AssertionError(f"request {wq[0]} cannot start in an idle pool")
-
-        p = 0
-        while p < n or events:
-            if events and (p >= n or (events[0][0], events[0][1]) < (arrivals[order[p]], _ARRIVAL)):
-                now, kind, _, i = heapq.heappop(events)
-                clock.now = now
-                k = inst_of[i]
-                inst = insts[k]
-                if kind == _FINISH:
-                    inst.finish(i)
-                    running[k] -= 1
-                    finish_s[i] = now
-                else:
-                    full = full_l[i]
-                    if full:
-                        inst.written(i, hashes_col[i][:full])
-                    prefill_end_s[i] = now
-                    seq += 1
-                    heapq.heappush(events, (now + cost.decode_s(outputs[i]), _FINISH, seq, i))
-                if waiting[k]:
-                    admit(k, now)
-                else:
-                    m = metrics[k]
-                    m.active_requests, m.kv_tokens_used = running[k], inst.num_used * bs
-            else:
-                i = order[p]
-                p += 1
-                now = arrivals[i]
-                clock.now = now
-                full = lengths[i] // bs
-                full_l[i] = full
-                k = route(i, hashes_col[i][:full])
-                inst_of[i] = k
-                if full > cap:
-                    self.rejected[i] = True
-                else:
-                    waiting[k].append(i)
-                    admit(k, now)
-                    if len(waiting[k]) > peak_waiting[k]:
-                        peak_waiting[k] = len(waiting[k])
+        self.peak_used, self.peak_waiting = eng.peak_used, eng.peak_waiting
+        return self
 
 
 def _per_instance(records: Any, num_instances: int, eng: FleetEngine, bs: int) -> list[dict]:
@@ -441,6 +343,7 @@ def simulate_fleet(
         sequential=sequential,
         max_num_seqs=max_num_seqs,
         bounds=bounds,
+        progress=progress,
         global_pool=_global_settings(
             global_pool, global_link, layerwise_overlap, table, bs, shape, resolve_blocks
         ),
