@@ -34,7 +34,6 @@ builtin too, so ``except ValueError`` keeps working::
     +-- KVInvalidTypeError            KV_INVALID_TYPE        (also TypeError)
     +-- KVTraceFormatError            KV_TRACE_FORMAT        (also ValueError)
     +-- KVEventGapError               KV_EVENT_GAP
-    +-- KVSweepJobError               KV_SWEEP_JOB_FAILED
 
 The seed package's names (``KVMemoryExhaustedError``, ``KVHandleNotFoundError``,
 ``KVEvictionFailedError``, ``KVAllPinnedError``, ``KVMetadataMismatchError``,
@@ -77,7 +76,6 @@ __all__ = [
     "KVRefCountUnderflowError",
     "KVStorageError",
     "KVStorageLockedError",
-    "KVSweepJobError",
     "KVTraceFormatError",
     "KVTransferFailedError",
     "KVTransferTimeoutError",
@@ -282,13 +280,6 @@ class KVEventGapError(KVCacheError):
     in a replayed sequence); it must resynchronise from a full snapshot."""
 
     code = "KV_EVENT_GAP"
-
-
-class KVSweepJobError(KVCacheError):
-    """One job of a replay sweep failed; ``details["job"]`` names it and
-    ``__cause__`` is the worker's error."""
-
-    code = "KV_SWEEP_JOB_FAILED"
 
 
 def _all_error_classes() -> list[type[KVCacheError]]:

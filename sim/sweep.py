@@ -67,11 +67,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sagellm_kv_cache.errors import (
-    KVConfigError,
-    KVInvalidInputError,
-    KVSweepJobError,
-)
+from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError
+from sim.errors import KVSweepJobError
 from sim.sweep_grid import GRID_FIELDS
 from sim.sweep_grid import grid_settings as _grid_settings
 
