@@ -67,9 +67,11 @@ import numpy as np
 
 from sagellm_kv_cache.errors import KVInvalidInputError
 
+from .mrc_kernel import INF
+
 __all__ = ["MRCResult", "lru_mrc"]
 
-_INF = 1 << 62  # depth of a cold miss: above every capacity
+_INF = INF  # depth of a cold miss: above every capacity
 _REQUIRED = ("input_length", "block_hashes")
 
 
@@ -93,8 +95,6 @@ class MRCResult:
     prefix_chained: bool  # every id always follows the same id (exactness needs it)
     # per full block, in trace order: running-max stack depth (_INF: cold miss)
     _depths: np.ndarray = field(repr=False)
-    # per full block: its request's number of full blocks
-    _request_blocks_per_block: np.ndarray = field(repr=False)
     # per request: running-max depth of its first block (_INF: none or cold), its full blocks
     _first_depths: np.ndarray = field(repr=False)
     _request_blocks: np.ndarray = field(repr=False)
@@ -103,6 +103,12 @@ class MRCResult:
     # per request: distinct full-block ids seen up to and including it (stack size after it)
     _distinct_through: np.ndarray = field(repr=False)
     _table: Any = field(repr=False)  # the trace table (records: ids, arrivals, lengths)
+
+    @property
+    def _request_blocks_per_block(self) -> np.ndarray:
+        """Per full block: its request's number of full blocks (made when needed:
+        only capacities below ``max_request_blocks`` use it)."""
+        return np.repeat(self._request_blocks, self._request_blocks)
 
     # -- per-block view -------------------------------------------------------
     @property
@@ -139,11 +145,11 @@ class MRCResult:
         hit_blocks = np.searchsorted(self._sorted_depths, caps, side="left").astype(np.int64)
         hit_reqs = np.searchsorted(self._sorted_first_depths, caps, side="left").astype(np.int64)
         # below the largest request, requests larger than C are misses (as in the replay)
-        for i in np.flatnonzero(caps < self.max_request_blocks):
+        small = np.flatnonzero(caps < self.max_request_blocks)
+        per_block = self._request_blocks_per_block if len(small) else None
+        for i in small:
             c = caps[i]
-            hit_blocks[i] = np.count_nonzero(
-                (self._depths < c) & (self._request_blocks_per_block <= c)
-            )
+            hit_blocks[i] = np.count_nonzero((self._depths < c) & (per_block <= c))
             hit_reqs[i] = np.count_nonzero((self._first_depths < c) & (self._request_blocks <= c))
         return hit_blocks, hit_reqs
 
@@ -330,13 +336,16 @@ def _check_table(table) -> None:
         raise KVInvalidInputError(f"trace table lacks column(s) {missing}; has {list(cols)}")
 
 
-def lru_mrc(table, *, progress: bool = False) -> MRCResult:
+def lru_mrc(table, *, progress: bool = False, kernel: str = "auto") -> MRCResult:
     """Sequential-LRU hit counts at every capacity from one pass over ``table``.
 
     Args:
         table: a canonical trace table (``traces`` package docstring); only
-            ``input_length``, ``block_hashes`` and ``block_size`` are read.
-        progress: show a tqdm progress bar over requests.
+            ``input_length``, ``block_hashes`` and ``block_size`` are read, as flat
+            columns (``traces.columnar``: no per-request Python lists).
+        progress: a tqdm bar over the pass's three phases (ids, depths, sorting).
+        kernel: ``"auto"`` (numba when installed, else Python), ``"numba"`` or
+            ``"python"`` (the reference); all give identical depths.
 
     Returns:
         An ``MRCResult`` (the curve object); ``m.hit_ratios([1000, 10000, None])``
@@ -344,101 +353,64 @@ def lru_mrc(table, *, progress: bool = False) -> MRCResult:
         ``C >= m.max_request_blocks`` on prefix-chained ids (module docstring), and
         ``m.result(C)`` / ``m.results([...])`` the ``SimResult`` of each capacity.
 
+    Memory: the table, plus about 8 (depths) + 8 (sorted depths) bytes per full
+    block kept, and while the pass runs 4 + 4 (dense ids, tree) per block and
+    8 per distinct id.
+
     Raises:
         KVInvalidInputError: ``table`` lacks a needed column.
     """
+    from traces.columnar import hash_arrays
+
+    from .mrc_kernel import dense_ids, stack_depths
+
     _check_table(table)
-    hashes_col = table["block_hashes"].to_list()
-    lengths = table["input_length"].to_list()
+    values, offsets = hash_arrays(table)
+    lengths = table["input_length"].to_numpy().astype(np.int64, copy=False)
     n = len(lengths)
     block_size = int(table["block_size"][0]) if n and "block_size" in table.columns else 512
-    fulls = [length // block_size for length in lengths]
-    total = sum(fulls)
-
-    # Fenwick tree over positions 1..total counting superseded positions
-    tree = [0] * (total + 1)
-    pos: dict = {}  # id -> its latest position (0-based)
-    pos_get = pos.get
-    parent: dict = {}  # id -> the id before it (None for a first block)
-    parent_setdefault = parent.setdefault
-    chained = True
-    depths: list[int] = []
-    push = depths.append
-    seen: list[int] = [0] * n  # distinct ids after each request
-    t = 0  # next free position
-    superseded = 0
-
-    it = range(n)
+    req_blocks = lengths // block_size
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(it, desc="lru mrc", unit="req")
-    for i in it:
-        full = fulls[i]
-        if not full:
-            seen[i] = len(pos)
-            continue
-        hs = hashes_col[i][:full]
-        # depths against the stack before this request
-        m = -1
-        prev = None
-        for h in hs:
-            if parent_setdefault(h, prev) != prev:
-                chained = False
-            prev = h
-            if m == _INF:
-                push(_INF)
-                continue
-            p = pos_get(h)
-            if p is None:
-                m = _INF
-            else:
-                j = p + 1
-                s = 0
-                while j:
-                    s += tree[j]
-                    j &= j - 1
-                d = t - p - 1 - (superseded - s)
-                if d > m:
-                    m = d
-            push(m)
-        # release tail-first: hn-1 gets position t, ..., h0 gets t + full - 1
-        new = t + full - 1
-        for h in hs:
-            p = pos_get(h)
-            if p is not None:
-                j = p + 1
-                while j <= total:
-                    tree[j] += 1
-                    j += j & -j
-                superseded += 1
-            pos[h] = new
-            new -= 1
-        t += full
-        seen[i] = len(pos)
-
-    req_blocks = np.asarray(fulls, dtype=np.int64)
-    d_arr = np.asarray(depths, dtype=np.int64)
+        bar = tqdm(total=3, desc="lru mrc", unit="phase")
+    ids, num_ids = dense_ids(values)  # every id, the partial tail's too (infinite capacity)
+    partial = np.flatnonzero(offsets[1:] - offsets[:-1] > req_blocks)
+    if len(partial):  # drop each partial tail id: the pass sees full blocks only
+        keep = np.ones(len(ids), dtype=bool)
+        keep[offsets[1:][partial] - 1] = False
+        ids = ids[keep]
+        del keep
+    if bar is not None:
+        bar.update(1)
+    d_arr, seen, chained = stack_depths(ids, req_blocks, num_ids, kernel=kernel)
+    del ids
+    if bar is not None:
+        bar.update(1)
+    total = int(req_blocks.sum())
     first = np.full(n, _INF, dtype=np.int64)
     has = req_blocks > 0
     starts = np.concatenate([[0], np.cumsum(req_blocks)[:-1]]) if n else req_blocks
     first[has] = d_arr[starts[has]]
-    distinct_all = len({h for hs in hashes_col for h in hs})
+    sorted_depths = np.sort(d_arr)
+    if bar is not None:
+        bar.update(1)
+        bar.close()
     return MRCResult(
         block_size=block_size,
         num_requests=n,
         full_blocks=total,
-        prompt_tokens=int(sum(lengths)),
+        prompt_tokens=int(lengths.sum()),
         max_request_blocks=int(req_blocks.max()) if n else 0,
-        distinct_blocks=len(pos),
-        infinite_capacity_blocks=max(1, distinct_all),
+        distinct_blocks=int(seen[-1]) if n else 0,
+        infinite_capacity_blocks=max(1, num_ids),
         prefix_chained=chained,
         _depths=d_arr,
-        _request_blocks_per_block=np.repeat(req_blocks, req_blocks),
         _first_depths=first,
         _request_blocks=req_blocks,
-        _sorted_depths=np.sort(d_arr),
+        _sorted_depths=sorted_depths,
         _sorted_first_depths=np.sort(first),
-        _distinct_through=np.asarray(seen, dtype=np.int64),
+        _distinct_through=seen,
         _table=table,
     )
