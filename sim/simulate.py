@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError
+from traces.columnar import FlatHashes
 
 from .config import LinearCostModel
 from .core import Engine, PoolInstance, SimClock, TieredInstance
@@ -95,6 +96,7 @@ def simulate(
     fleet_options: dict | None = None,
     engine: str = "request",
     iteration: dict | None = None,
+    hashes: Any = None,
 ) -> SimResult:
     """Replay a canonical trace table on the event engine.
 
@@ -123,6 +125,8 @@ def simulate(
             steps, ``sim.iteration_run.simulate_iteration``; ``cost`` may then be any
             ``sim.cost`` spec, ``iteration`` its options: ``max_num_batched_tokens``,
             ``chunked_prefill``, ``slo``; ``mode`` is ignored).
+        hashes: the block hashes as a sequence view (``traces.columnar``; e.g. a
+            ``StreamedHashes`` for ``sim.stream``) in place of the table's column.
 
     Returns:
         a ``SimResult``.
@@ -147,7 +151,7 @@ def simulate(
             f"table must be a trace table (polars DataFrame from traces.read_trace), "
             f"got {type(table).__name__}"
         )
-    missing = [c for c in _REQUIRED if c not in table.columns]
+    missing = [c for c in _REQUIRED[: 4 if hashes is not None else 5] if c not in table.columns]
     if missing:
         raise KVInvalidInputError(f"trace table lacks column(s) {missing}")
     if instances is not None or router is not None:
@@ -183,7 +187,8 @@ def simulate(
         raise KVConfigError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
     cost_m = _cost(cost)
     sequential = mode == "sequential"
-    hashes_col = table["block_hashes"].to_list()
+    # flat values + offsets; each request's ids become a list only when it is served
+    hashes_col = FlatHashes.of(table) if hashes is None else hashes
     lengths = table["input_length"].to_list()
     outputs = table["output_length"].to_list()
     arrivals = table["arrival_s"].to_list()
