@@ -262,23 +262,36 @@ def _check_frame(df, path: Path, first_row: int, last_ts: list, max_tokens: int,
 def _parquet_batches(
     path: Path, batch_size: int, stats: dict, block_size: int | None, max_tokens: int | None
 ):
+    """Batches of up to ``batch_size`` rows, read by polars (one batch in memory)."""
     import polars as pl
-    import pyarrow.parquet as pq
 
     max_tokens = resolve_max_request_tokens(max_tokens)
     last_ts: list = [None]
     seen: set = set()
     row = 0
-    try:
-        pf = pq.ParquetFile(path)
-        batches = pf.iter_batches(batch_size=batch_size)
-    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError...
-        raise KVTraceFormatError(
+
+    def unreadable(exc: Exception) -> KVTraceFormatError:
+        return KVTraceFormatError(
             f"{path.name}:0: field '<parquet>': not a readable Parquet file ({exc})",
             path=str(path),
-        ) from None
-    for batch in batches:
-        df = _check_frame(pl.from_arrow(batch), path, row, last_ts, max_tokens, seen)
+        )
+
+    try:
+        lf = pl.scan_parquet(path)
+        schema = lf.collect_schema()
+        batches = iter(lf.collect_batches(chunk_size=batch_size))
+    except Exception as exc:  # polars raises ComputeError, OSError...
+        raise unreadable(exc) from None
+    while True:
+        try:
+            raw = next(batches, None)
+        except Exception as exc:
+            raise unreadable(exc) from None
+        if raw is None:
+            break
+        if not raw.height:
+            continue
+        df = _check_frame(raw, path, row, last_ts, max_tokens, seen)
         if block_size is not None and (df["block_size"] != block_size).any():
             raise KVConfigError(
                 f"{path.name}: a Parquet trace keeps its stored block size "
@@ -288,8 +301,7 @@ def _parquet_batches(
         stats["rows"] += df.height
         yield df
     if row == 0:  # keep the stored columns on an empty file
-        empty = pl.from_arrow(pf.schema_arrow.empty_table())
-        yield _check_frame(empty, path, 0, last_ts, max_tokens, seen)
+        yield _check_frame(pl.DataFrame(schema=schema), path, 0, last_ts, max_tokens, seen)
 
 
 def _table_batches(
