@@ -1,4 +1,14 @@
-"""Shared helpers for benchmark scripts: a printed table and a JSON file per run."""
+"""Shared helpers for benchmark scripts: a printed table and a JSON file per run.
+
+Run a script as ``python benchmarks/bench_x.py`` with the package installed
+(``pip install -e ".[dev]"``); nothing here edits ``sys.path``.
+
+Smoke runs (``tests/test_benchmarks_smoke.py``): with ``SAGELLM_BENCH_SMOKE=1``
+in the environment a script runs every measurement once (:func:`best_of`) at
+the tiny sizes the test passes, and with ``SAGELLM_BENCH_RESULTS=DIR`` its JSON
+goes to ``DIR`` instead of ``benchmarks/results/``. A smoke run checks that the
+script works, never how fast.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +20,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-RESULTS = Path(__file__).resolve().parent / "results"
+#: Where :func:`write_json` writes (``SAGELLM_BENCH_RESULTS`` overrides it).
+RESULTS = Path(
+    os.environ.get("SAGELLM_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
+)
+#: A smoke run: one repetition of everything (sizes come from the command line).
+SMOKE = os.environ.get("SAGELLM_BENCH_SMOKE") == "1"
 
 
 def best_of(fn, repeat: int = 3) -> float:
-    """Fastest wall time of ``repeat`` runs of ``fn()`` (seconds)."""
+    """Fastest wall time of ``repeat`` runs of ``fn()`` (seconds; one run in a smoke run)."""
     best = float("inf")
-    for _ in range(repeat):
+    for _ in range(1 if SMOKE else repeat):
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _util import write_json
 
 
 def main() -> None:
@@ -43,7 +41,9 @@ def main() -> None:
         rows[f"iteration_{name}_s"] = s
         rows[f"iteration_{name}_ratio"] = s / conc
         rows[f"iteration_{name}_steps"] = r.num_steps
-    print(json.dumps({"requests": len(t), "capacity": a.capacity, **rows}, indent=1))
+    payload = {"requests": len(t), "capacity": a.capacity, **rows}
+    print(json.dumps(payload, indent=1))
+    write_json("iteration", payload)
 
 
 if __name__ == "__main__":

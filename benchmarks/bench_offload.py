@@ -20,18 +20,14 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
+from _util import RESULTS
 
-import torch  # noqa: E402
-
-from sagellm_kv_cache.offload import KVOffloadManager  # noqa: E402
-from sagellm_kv_cache.storage import ModelShape  # noqa: E402
+from sagellm_kv_cache.offload import KVOffloadManager
+from sagellm_kv_cache.storage import ModelShape
 
 SHAPE = ModelShape(32, 8, 128, "bfloat16")  # llama-3-8b KV geometry
 BLOCK_SIZE = 16
@@ -110,7 +106,7 @@ def main() -> None:
     print(f"{'path':<40} {'median GB/s':>12} {'best GB/s':>10}")
     for name, vals in rows.items():
         print(f"{name:<40} {statistics.median(vals):>12.2f} {max(vals):>10.2f}")
-    out = ROOT / "benchmarks" / "results" / "offload.json"
+    out = RESULTS / "offload.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
@@ -131,7 +127,7 @@ def main() -> None:
             indent=2,
         )
     )
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -33,8 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 TOKENS = [1, 16, 64, 256, 512, 1024, 2048, 4096, 8192]
 KV_TOKENS = [0, 1024, 4096, 16384, 65536, 262144]
 _DT = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16"}

@@ -29,8 +29,34 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
     derandomize=True,
     print_blob=True,
+    database=None,  # nothing written into the checkout, nothing shared by xdist workers
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+#: Test modules that take long: gloo process groups, executed notebooks, figure
+#: rendering, a headless browser, subprocess-heavy scripts. They are marked
+#: ``slow`` here, by module, so ``pytest -m "not slow"`` is the fast lane for
+#: development; CI runs everything.
+SLOW_MODULES = frozenset(
+    {
+        "test_transfer_gloo",
+        "test_global_pool_gloo",
+        "test_notebook_01",
+        "test_notebook_02",
+        "test_notebook_03",
+        "test_notebook_params",
+        "test_cli_visualize",
+        "test_report",
+        "test_benchmarks_smoke",
+    }
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.stem in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 from sagellm_kv_cache.pool import KVPool  # noqa: E402
 from sagellm_kv_cache.storage import ModelShape  # noqa: E402
