@@ -1,0 +1,107 @@
+"""Prefix-aware spatial sampling: whole chains or sessions kept, scaled capacity, spread."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+import traces
+from sagellm_kv_cache.errors import KVConfigError
+from sim.mrc import lru_mrc
+from sim.replay import replay_sequential
+from sim.sampling import SampleSpec, sample_table, sampled_curve, sampled_replay
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return traces.generate_trace(1500, seed=7, block_size=16, multi_turn_prob=0.5)
+
+
+@pytest.mark.parametrize("key", ["root", "session"])
+def test_a_sample_keeps_whole_keys(synthetic, key):
+    sample, rate = sample_table(synthetic, SampleSpec(rate=0.3, key=key), salt=1)
+    assert rate == 0.3 and 0 < sample.height < synthetic.height
+    if key == "session":
+        kept = set(sample["session_id"].to_list())
+        assert synthetic.filter(pl.col("session_id").is_in(list(kept))).height == sample.height
+    else:
+        roots = synthetic["block_hashes"].list.first()
+        kept = set(sample["block_hashes"].list.first().to_list())
+        assert int(roots.is_in(list(kept)).sum()) == sample.height
+
+
+def test_salts_give_different_samples_and_a_salt_the_same_one(synthetic):
+    spec = SampleSpec(rate=0.3, key="session")
+    a, _ = sample_table(synthetic, spec, 0)
+    b, _ = sample_table(synthetic, spec, 0)
+    c, _ = sample_table(synthetic, spec, 1)
+    assert a.equals(b) and not a.equals(c)
+
+
+def test_fixed_size_keeps_that_many_keys(synthetic):
+    sample, rate = sample_table(synthetic, SampleSpec(rate=None, size=25, key="session"), 0)
+    n_sessions = synthetic["session_id"].n_unique()
+    assert sample["session_id"].n_unique() == 25
+    assert rate == pytest.approx(25 / n_sessions)
+
+
+def test_rate_one_is_the_exact_curve_with_zero_spread(synthetic):
+    caps = [50, 400, 3000]
+    exact = lru_mrc(synthetic).hit_ratios(caps)
+    s = sampled_curve(synthetic, caps, SampleSpec(rate=1.0, samples=3))
+    assert s["token_hit_ratio"].to_list() == exact["token_hit_ratio"].to_list()
+    assert s["token_hit_ratio_spread"].to_list() == [0.0, 0.0, 0.0]
+    assert s["samples"].to_list() == [3, 3, 3] and s["capacity_blocks"].to_list() == caps
+
+
+def test_sampled_replay_at_rate_one_is_the_replay(synthetic):
+    r = sampled_replay(synthetic, 400, "lru", SampleSpec(rate=1.0, samples=2))
+    exact = replay_sequential(synthetic, 400).summary()
+    assert r["token_hit_ratio"] == exact["token_hit_ratio"]
+    assert r["token_hit_ratio_spread"] == 0.0 and r["samples"] == 2
+
+
+def test_sampled_figures_carry_their_spread(synthetic):
+    s = sampled_curve(synthetic, [200, 2000], SampleSpec(rate=0.2, key="session", samples=4))
+    assert set(s.columns) >= {"token_hit_ratio", "token_hit_ratio_spread", "rate", "samples"}
+    assert (s["token_hit_ratio_spread"] > 0).all()
+    assert np.allclose(s["rate"].to_numpy(), 0.2)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1%", SampleSpec(rate=0.01)),
+        ("0.05:session", SampleSpec(rate=0.05, key="session")),
+        ("1%:root:8", SampleSpec(rate=0.01, key="root", samples=8)),
+        ("size=500", SampleSpec(rate=None, size=500)),
+    ],
+)
+def test_spec_text(text, expected):
+    assert SampleSpec.parse(text) == expected
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"rate": 0},
+        {"rate": 1.5},
+        {"rate": True},
+        {"rate": None, "size": 0},
+        {"key": "block"},
+        {"samples": 0},
+    ],
+)
+def test_bad_spec_is_a_config_error(kw):
+    with pytest.raises(KVConfigError):
+        SampleSpec(**kw)
+
+
+def test_bad_text_and_capacity_and_missing_sessions(synthetic):
+    with pytest.raises(KVConfigError):
+        SampleSpec.parse("lots")
+    with pytest.raises(KVConfigError):
+        sampled_curve(synthetic, [0])
+    with pytest.raises(KVConfigError):
+        sample_table(traces.read_trace(), SampleSpec(key="session"), 0)
