@@ -5,8 +5,8 @@ The notebook is generated, not hand-edited: change the cells here.
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from _build import write_notebook
+from nbformat.v4 import new_code_cell, new_markdown_cell
 
 CELLS = [
     new_markdown_cell(
@@ -221,17 +221,11 @@ much of the gap to OPT is left at the memory you can afford."""
 ]
 
 
+NAME = "02-trace-replay.ipynb"
+
+
 def main() -> Path:
-    nb = new_notebook(cells=CELLS)
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    nb.metadata["language_info"] = {"name": "python"}
-    path = Path(__file__).resolve().parent / "02-trace-replay.ipynb"
-    nbformat.write(nb, path)
-    return path
+    return write_notebook(CELLS, NAME)
 
 
 if __name__ == "__main__":
