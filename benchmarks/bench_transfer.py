@@ -128,7 +128,7 @@ def _raw_nixl(ctx, nbytes: int, repeat: int) -> float:
     import torch
     import torch.distributed as dist
 
-    from sagellm_kv_cache.transfer.nixl_backend import NixlBackend
+    from sagellm_kv_cache.transfer.backends.nixl import NixlBackend
 
     backend = NixlBackend()
     buf = (
@@ -197,7 +197,7 @@ RAW_NAMES = {"gloo": "raw isend/irecv + ack", "nixl": "raw READ + notif"}
 
 
 def bench_dist(backend: str, nbytes: int, repeat: int, zlib: bool) -> list[dict]:
-    from sagellm_kv_cache.transfer.launcher import launch
+    from sagellm_kv_cache.testing.launcher import launch
 
     variants = ["check", "nocheck"] + (["zlib"] if zlib else [])
     res = launch(
@@ -221,7 +221,7 @@ def bench_dist(backend: str, nbytes: int, repeat: int, zlib: bool) -> list[dict]
 
 
 def _nixl_reason() -> str | None:
-    from sagellm_kv_cache.transfer.nixl_backend import nixl_unavailable_reason
+    from sagellm_kv_cache.transfer.backends.nixl import nixl_unavailable_reason
 
     return nixl_unavailable_reason()
 

@@ -43,8 +43,8 @@ _LAZY: dict[str, str] = {
     "MetricsHook": "observability",
     # transfer
     "KVTransferEngine": "transfer",
-    "SocketTransferBackend": "transfer.socket_backend",
-    "CommTransferBackendAdapter": "transfer.comm_adapter",
+    "SocketTransferBackend": "transfer.backends.socket",
+    "CommTransferBackendAdapter": "transfer.backends.comm_adapter",
     # distributed pooling (a global pool over several nodes' pools)
     "GlobalKVPoolManager": "pooling",
     "NodeContribution": "pooling",

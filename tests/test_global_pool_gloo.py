@@ -18,7 +18,7 @@ from sagellm_kv_cache.pool import KVPool
 from sagellm_kv_cache.pooling import GlobalKVPoolManager, NodeContribution, RemoteKVAccessor
 from sagellm_kv_cache.storage import ModelShape
 from sagellm_kv_cache.transfer import KVTransferEngine
-from sagellm_kv_cache.transfer.launcher import launch
+from sagellm_kv_cache.testing.launcher import launch
 
 pytestmark = pytest.mark.timeout(120)
 

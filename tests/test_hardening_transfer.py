@@ -29,9 +29,11 @@ from sagellm_kv_cache.errors import (
 )
 from sagellm_kv_cache.pool import KVPool
 from sagellm_kv_cache.storage import ModelShape
+from sagellm_kv_cache.testing.faults import inject_faults
 from sagellm_kv_cache.transfer import KVTransferEngine
 from sagellm_kv_cache.transfer.backends import TransferBackend
-from sagellm_kv_cache.transfer.engine import _Keys, _tag
+from sagellm_kv_cache.transfer.protocol import Keys as _Keys
+from sagellm_kv_cache.transfer.protocol import tag as _tag
 from sagellm_kv_cache.transfer.wire import (
     Checksum,
     Segment,
@@ -257,7 +259,7 @@ def test_receiver_that_requires_a_checksum_refuses_a_sender_without_one():
             chunk[3] ^= 0x10
 
     s, sp, r, rp = pair(sender_kw={"enable_checksum": False})
-    s._fault_hook = flip
+    inject_faults(s, flip)
     before = accounting(rp)
     sent, got, _ = send_and_receive(s, sp, r, rp, prompt(1))
     # the sender is told at once, before any payload moved
@@ -272,8 +274,11 @@ def test_receiver_that_requires_a_checksum_refuses_a_sender_without_one():
 
 def test_receiver_without_a_checksum_policy_still_verifies_one_that_is_sent():
     s, sp, r, rp = pair(receiver_kw={"enable_checksum": False})
-    s._fault_hook = lambda stage, chunk=None, index=None, **_: (
-        chunk.__setitem__(0, chunk[0] ^ 1) if index == 2 else None
+    inject_faults(
+        s,
+        lambda stage, chunk=None, index=None, **_: (
+            chunk.__setitem__(0, chunk[0] ^ 1) if index == 2 else None
+        ),
     )
     before = accounting(rp)
     sent, got, _ = send_and_receive(s, sp, r, rp, prompt(2))
@@ -346,7 +351,7 @@ def test_zlib_bomb_is_refused_without_inflating_it():
 def test_undecompressable_chunk_is_reported_and_the_checksum_retry_lands():
     kw = {"compression": "zlib", "max_retries": 1, "retry_backoff_ms": 1}
     s, sp, r, rp = pair(sender_kw=kw, receiver_kw=kw)
-    r._fault_hook = _corrupt_first_arrival()
+    inject_faults(r, _corrupt_first_arrival())
     tokens = prompt(5)
     h, kv = fill(sp, tokens, seed=5)
     join = in_thread(r.serve, rp, num_transfers=2, idle_timeout_s=JOIN_S)
@@ -365,8 +370,13 @@ def test_undecompressable_chunk_is_reported_and_the_checksum_retry_lands():
 def test_undecompressable_chunk_without_checksums_fails_fast_and_typed():
     kw = {"compression": "zlib", "enable_checksum": False}
     s, sp, r, rp = pair(sender_kw=kw, receiver_kw=kw)
-    r._fault_hook = lambda stage, chunk=None, index=None, **_: (
-        chunk.__setitem__(slice(2, 10), 0xFF) if stage == "chunk_received" and index == 0 else None
+    inject_faults(
+        r,
+        lambda stage, chunk=None, index=None, **_: (
+            chunk.__setitem__(slice(2, 10), 0xFF)
+            if stage == "chunk_received" and index == 0
+            else None
+        ),
     )
     before = accounting(rp)
     sent, got, _ = send_and_receive(s, sp, r, rp, prompt(6))
@@ -402,7 +412,7 @@ def test_receiver_side_exception_mid_stream_is_reported_to_the_sender():
         if stage == "chunk_received" and index == 1:
             raise RuntimeError("receiver bug")
 
-    r._fault_hook = boom
+    inject_faults(r, boom)
     before = accounting(rp)
     sent, got, _ = send_and_receive(s, sp, r, rp, prompt(7))
     assert type(sent) is KVTransferFailedError
@@ -491,7 +501,7 @@ def rank_store_listeners(ctx):
 
 
 def test_launched_ranks_control_store_listens_on_loopback_only():
-    from sagellm_kv_cache.transfer.launcher import launch
+    from sagellm_kv_cache.testing.launcher import launch
 
     (res,) = launch(rank_store_listeners, 1, timeout_s=60)
     assert res.ok, res.error
@@ -500,7 +510,7 @@ def test_launched_ranks_control_store_listens_on_loopback_only():
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
 def test_make_store_listens_on_the_named_address_only(host):
-    from sagellm_kv_cache.transfer.launcher import make_store
+    from sagellm_kv_cache.testing.launcher import make_store
 
     store = make_store(host, timeout_s=5)
     try:
@@ -516,7 +526,7 @@ def test_make_store_listens_on_the_named_address_only(host):
 
 
 def test_make_store_with_an_unknown_host_is_a_config_error():
-    from sagellm_kv_cache.transfer.launcher import make_store
+    from sagellm_kv_cache.testing.launcher import make_store
 
     with pytest.raises(KVConfigError, match=r"no\.such\.host\.invalid"):
         make_store("no.such.host.invalid")
@@ -579,7 +589,7 @@ class FakeAgent:
 
 
 def nixl_pair(group: str = "default", store=None):
-    from sagellm_kv_cache.transfer.nixl_backend import NixlBackend
+    from sagellm_kv_cache.transfer.backends.nixl import NixlBackend
 
     store = store if store is not None else dist.HashStore()
     made = []
@@ -616,7 +626,7 @@ def test_nixl_abandoned_transfer_deregisters_its_memory():
 
 
 def test_nixl_timed_out_read_keeps_its_memory_until_nixl_is_done_with_it():
-    from sagellm_kv_cache.transfer.nixl_backend import _DESC, _KIND_DESC
+    from sagellm_kv_cache.transfer.backends.nixl import _DESC, _KIND_DESC
 
     _, (b0, _) = nixl_pair()
     out = torch.zeros(256, dtype=torch.uint8)
@@ -635,7 +645,7 @@ def test_nixl_timed_out_read_keeps_its_memory_until_nixl_is_done_with_it():
 
 
 def test_nixl_backends_of_distinct_groups_pair_up_in_any_order():
-    from sagellm_kv_cache.transfer.nixl_backend import NixlBackend
+    from sagellm_kv_cache.transfer.backends.nixl import NixlBackend
 
     store = dist.HashStore()
     mk = lambda rank, group: NixlBackend(  # noqa: E731
@@ -704,7 +714,7 @@ def rank_gloo_scenarios(ctx):
         else:
             before = accounting(pool)
             if name == "zlib-retry":
-                eng._fault_hook = _corrupt_first_arrival()
+                inject_faults(eng, _corrupt_first_arrival())
             records = eng.serve(pool, num_transfers=num_transfers, idle_timeout_s=SLOW_S)
             h2, hit = pool.alloc_with_prefix(tokens)
             res = {
@@ -722,7 +732,7 @@ def rank_gloo_scenarios(ctx):
 
 @pytest.mark.timeout(120)
 def test_gloo_receiver_enforces_its_policy_and_reports_failures_typed():
-    from sagellm_kv_cache.transfer.launcher import launch
+    from sagellm_kv_cache.testing.launcher import launch
 
     results = launch(rank_gloo_scenarios, 2, timeout_s=100)
     for r in results:

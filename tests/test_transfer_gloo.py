@@ -1,6 +1,6 @@
 """KVTransferEngine across processes on 127.0.0.1 with torch.distributed (gloo).
 
-Each test starts its ranks with ``transfer.launcher.launch`` (which kills
+Each test starts its ranks with ``sagellm_kv_cache.testing.launcher.launch`` (which kills
 whatever is still running when it returns); the rank functions below run in
 the spawned processes and return small dicts the test asserts on.
 """
@@ -22,8 +22,9 @@ from sagellm_kv_cache.errors import (
 )
 from sagellm_kv_cache.pool import KVPool
 from sagellm_kv_cache.storage import ModelShape
+from sagellm_kv_cache.testing.faults import inject_faults
+from sagellm_kv_cache.testing.launcher import launch
 from sagellm_kv_cache.transfer import KVTransferEngine
-from sagellm_kv_cache.transfer.launcher import launch
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -135,12 +136,16 @@ def rank_fault(ctx, fault: str, timeout_s: float, direct: bool = False):
         h, _ = fill(pool, tokens, seed=7)
         before = accounting(pool)
         if fault == "corrupt" and not direct:  # flip a bit after the sender hashed it
-            eng._fault_hook = lambda stage, chunk=None, index=None, **_: (
-                chunk.__setitem__(3, chunk[3] ^ 0x10) if index == 5 else None
+            inject_faults(
+                eng,
+                lambda stage, chunk=None, index=None, **_: (
+                    chunk.__setitem__(3, chunk[3] ^ 0x10) if index == 5 else None
+                ),
             )
         elif fault == "sender_hangs":
-            eng._fault_hook = lambda stage, index=None, **_: (
-                time.sleep(timeout_s + 2) if index == 2 else None
+            inject_faults(
+                eng,
+                lambda stage, index=None, **_: time.sleep(timeout_s + 2) if index == 2 else None,
             )
         t0 = time.monotonic()
         try:
@@ -157,7 +162,7 @@ def rank_fault(ctx, fault: str, timeout_s: float, direct: bool = False):
             if stage == "chunk_received" and index == 1:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        eng._fault_hook = die
+        inject_faults(eng, die)
     elif fault == "corrupt" and direct:
         # direct mode sends from the pool's own memory, so flip the bit on arrival
         # (before the receiver hashes it), as a bad link would
@@ -165,9 +170,11 @@ def rank_fault(ctx, fault: str, timeout_s: float, direct: bool = False):
             if stage == "chunk_received" and index == 1:  # of 4 messages
                 chunk[3] ^= 0x10
 
-        eng._fault_hook = flip
+        inject_faults(eng, flip)
     elif fault == "receiver_hangs":
-        eng._fault_hook = lambda stage, **_: time.sleep(timeout_s + 2) if stage == "ready" else None
+        inject_faults(
+            eng, lambda stage, **_: time.sleep(timeout_s + 2) if stage == "ready" else None
+        )
     try:
         eng.receive(pool, timeout_s=20)
         err = None
@@ -195,7 +202,7 @@ def rank_retry_after_corruption(ctx):
                 seen.append(1)
                 chunk[0] ^= 1
 
-        eng._fault_hook = corrupt_first_attempt
+        inject_faults(eng, corrupt_first_attempt)
         tid = eng.transfer_kv_handle(h, 0, 1)
         return {"meta": eng.get_transfer_metadata(tid), "digest": digest(kv)}
     records = eng.serve(pool, num_transfers=2, idle_timeout_s=20)

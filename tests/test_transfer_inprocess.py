@@ -15,6 +15,7 @@ from sagellm_kv_cache.errors import (
 )
 from sagellm_kv_cache.pool import KVPool
 from sagellm_kv_cache.storage import ModelShape
+from sagellm_kv_cache.testing.faults import inject_faults
 from sagellm_kv_cache.transfer import TransferStatus
 
 pytestmark = pytest.mark.timeout(60)
@@ -119,7 +120,7 @@ def test_corrupted_copy_is_detected_retried_and_never_visible():
         if len(calls) == 1:  # first chunk of the first attempt only
             chunk[5] ^= 0xFF
 
-    eng._fault_hook = corrupt_first
+    inject_faults(eng, corrupt_first)
     tid = eng.transfer_kv_handle(h, 0, 1)
     assert eng.get_transfer_metadata(tid)["retries"] == 1
     h2, hit = dst.alloc_with_prefix(tokens)
@@ -128,7 +129,7 @@ def test_corrupted_copy_is_detected_retried_and_never_visible():
 
     # corrupt every attempt: a typed error and nothing on the receiver
     dst.reset()
-    eng._fault_hook = lambda stage, chunk=None, **_: chunk.__setitem__(0, chunk[0] ^ 1)
+    inject_faults(eng, lambda stage, chunk=None, **_: chunk.__setitem__(0, chunk[0] ^ 1))
     with pytest.raises(KVChecksumMismatchError):
         eng.transfer_kv_handle(h, 0, 1)
     assert accounting(dst) == (16, 0, 0, 0)
@@ -139,7 +140,7 @@ def test_without_checksum_corruption_goes_unnoticed():
     # the checksum is what catches corruption: without it the bytes land as sent
     eng, src, dst = make_engine(enable_checksum=False)
     h, kv = filled_handle(src, list(range(8)))
-    eng._fault_hook = lambda stage, chunk=None, **_: chunk.__setitem__(0, chunk[0] ^ 1)
+    inject_faults(eng, lambda stage, chunk=None, **_: chunk.__setitem__(0, chunk[0] ^ 1))
     eng.transfer_kv_handle(h, 0, 1)
     h2, hit = dst.alloc_with_prefix(list(range(8)))
     assert hit == 8 and not torch.equal(dst.read_kv(h2), kv)

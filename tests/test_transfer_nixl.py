@@ -29,9 +29,10 @@ from sagellm_kv_cache.errors import (
 )
 from sagellm_kv_cache.pool import KVPool
 from sagellm_kv_cache.storage import ModelShape
+from sagellm_kv_cache.testing.faults import inject_faults
+from sagellm_kv_cache.testing.launcher import launch
 from sagellm_kv_cache.transfer import KVTransferEngine
-from sagellm_kv_cache.transfer.launcher import launch
-from sagellm_kv_cache.transfer.nixl_backend import nixl_unavailable_reason
+from sagellm_kv_cache.transfer.backends.nixl import nixl_unavailable_reason
 
 # the spawned ranks import this module too: probe only in the pytest process
 _REASON = nixl_unavailable_reason() if multiprocessing.parent_process() is None else None
@@ -105,7 +106,7 @@ def rank_scenarios(ctx):
         eng.chunk_bytes = chunk_bytes
         eng.direct_min_message_bytes = 0 if direct else 1 << 40
         eng.direct_max_message_bytes = 128 if name.endswith("-split") else 16 << 20
-        eng._fault_hook = None
+        inject_faults(eng, None)
         prompts = [prompt(100 * i + j) for j in range(n)]
         if ctx.rank == 0:
             handles, digests = [], []
@@ -120,7 +121,7 @@ def rank_scenarios(ctx):
                     if stage == "chunk_sent" and index == 3:
                         chunk[5] ^= 0x04
 
-                eng._fault_hook = flip_sent
+                inject_faults(eng, flip_sent)
             err, metas = None, []
             try:
                 if batched:
@@ -145,7 +146,7 @@ def rank_scenarios(ctx):
                 if stage == "chunk_received" and index == 1:
                     chunk[3] ^= 0x10
 
-            eng._fault_hook = flip_received
+            inject_faults(eng, flip_received)
         records = eng.serve(pool, num_transfers=1 if batched else n, idle_timeout_s=20)
         out[name] = {
             "records": [r.to_dict() for r in records],
@@ -169,8 +170,11 @@ def rank_fault(ctx, fault: str, timeout_s: float):
         h, _ = fill(pool, tokens, seed=7)
         before = accounting(pool)
         if fault == "sender_hangs":
-            eng._fault_hook = lambda stage, index=None, **_: (
-                time.sleep(timeout_s + 1) if stage == "chunk_sent" and index == 2 else None
+            inject_faults(
+                eng,
+                lambda stage, index=None, **_: (
+                    time.sleep(timeout_s + 1) if stage == "chunk_sent" and index == 2 else None
+                ),
             )
         t0 = time.monotonic()
         try:
@@ -187,7 +191,7 @@ def rank_fault(ctx, fault: str, timeout_s: float):
             if stage == "chunk_received" and index == 1:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        eng._fault_hook = die
+        inject_faults(eng, die)
     t0 = time.monotonic()
     try:
         eng.receive(pool, timeout_s=20)
@@ -314,7 +318,7 @@ def test_backend_without_process_group_or_store_is_a_config_error():
 def test_backend_rejects_itself_and_unknown_ranks_as_peers():
     import torch.distributed as dist
 
-    from sagellm_kv_cache.transfer.nixl_backend import NixlBackend
+    from sagellm_kv_cache.transfer.backends.nixl import NixlBackend
 
     store = dist.HashStore()
     with pytest.raises(KVConfigError):
@@ -389,7 +393,7 @@ def test_local_copy_corrupted_in_flight_is_caught_and_nothing_lands(direct):
         if index == 1:
             chunk[0] ^= 0x01
 
-    eng._fault_hook = flip
+    inject_faults(eng, flip)
     with pytest.raises(KVChecksumMismatchError):
         eng.transfer_kv_handle(h, 0, 1)
     assert seen[:2] == [0, 1]

@@ -30,10 +30,11 @@ from sagellm_kv_cache.errors import (
 )
 from sagellm_kv_cache.pool import KVPool
 from sagellm_kv_cache.storage import ModelShape
+from sagellm_kv_cache.testing.faults import inject_faults
 from sagellm_kv_cache.transfer import KVTransferEngine
-from sagellm_kv_cache.transfer.comm_adapter import CommTransferBackendAdapter
-from sagellm_kv_cache.transfer.socket_backend import SocketTransferBackend
-from sagellm_kv_cache.transfer.socket_frames import (
+from sagellm_kv_cache.transfer.backends.comm_adapter import CommTransferBackendAdapter
+from sagellm_kv_cache.transfer.backends.socket import SocketTransferBackend
+from sagellm_kv_cache.transfer.backends.socket_frames import (
     REQUEST_MAGIC,
     REQUEST_STRUCT,
     RESPONSE_STRUCT,
@@ -163,7 +164,7 @@ def test_corrupted_transfer_is_all_or_nothing(pair):
             if stage == "chunk_received" and index == 1:
                 chunk[3] ^= 0x10
 
-        e1._fault_hook = flip
+        inject_faults(e1, flip)
         get = run_receiver(lambda: e1.receive(dst_pool, timeout_s=20))
         with pytest.raises(KVChecksumMismatchError) as ei:
             e0.transfer_kv_handle(h, 0, 1)
@@ -360,7 +361,7 @@ def test_transfer_to_a_subprocess_receiver():
         from sagellm_kv_cache.pool import KVPool
         from sagellm_kv_cache.storage import ModelShape
         from sagellm_kv_cache.transfer import KVTransferEngine
-        from sagellm_kv_cache.transfer.socket_backend import SocketTransferBackend
+        from sagellm_kv_cache.transfer.backends.socket import SocketTransferBackend
         port0 = int(sys.argv[1])
         b = SocketTransferBackend(1, 2, {{0: ("127.0.0.1", port0), 1: ("127.0.0.1", 0)}}).start()
         print(b.address[1], flush=True)

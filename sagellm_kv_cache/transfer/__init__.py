@@ -17,16 +17,19 @@
     # the same calls over NIXL (nixl-cu12): the receiver READs over UCX
     engine = KVTransferEngine("nixl", timeout_s=10)
 
-See ``engine.py`` for the protocol, ``wire.py`` for the wire format,
-``guard.py`` for the receiver's own checks (checksum policy, lengths, zlib),
-``backends.py`` and ``nixl_backend.py`` for transports and ``launcher.py`` for
-starting local ranks in tests and benchmarks.
+See ``engine.py`` for the protocol (its parts: ``plan.py``, ``protocol.py``,
+``sender.py``, ``receiver.py``, ``pipeline.py``, ``local.py``, ``records.py``),
+``wire.py`` for the wire format, ``guard.py`` for the receiver's own checks
+(checksum policy, lengths), ``codec.py`` for compression and ``backends/``
+for transports. ``sagellm_kv_cache.testing`` starts local ranks and injects
+faults in tests and benchmarks.
 """
 
 from __future__ import annotations
 
 from .backends import InProcessBackend, TorchDistBackend, TransferBackend, make_backend
-from .engine import KVTransferEngine, ReceivedTransfer, TransferRecord, TransferStatus
+from .engine import KVTransferEngine
+from .records import ReceivedTransfer, TransferRecord, TransferStatus
 from .wire import TransferHeader, decode_header, encode_header
 
 __all__ = [

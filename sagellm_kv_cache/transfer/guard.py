@@ -1,4 +1,4 @@
-"""The receiver's own integrity policy for KV transfers (``engine.py`` applies it).
+"""The receiver's own integrity policy for KV transfers (``receiver.py`` applies it).
 
 A sender cannot switch the receiver's checks off (DESIGN.md):
 
@@ -13,8 +13,8 @@ A sender cannot switch the receiver's checks off (DESIGN.md):
   is posted: a message at least ``NONCE_BYTES`` short leaves it in place and
   is refused (``field="length"``). One shorter by fewer bytes leaves part of
   the nonce (never an earlier transfer's bytes) and fails the checksum.
-* **compression**: a zlib chunk inflates to at most its declared size plus
-  one byte (``inflate``); more, less or undecodable is refused
+* **compression**: a compressed chunk inflates to at most its declared size
+  plus one byte (``codec.decompress``); more, less or undecodable is refused
   (``field="compression"``) without ever holding more than that.
 
 A failure while the payload streams in does not stop the receiver: it keeps
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import random
-import zlib
 from typing import TYPE_CHECKING
 
 from ..errors import KVChecksumMismatchError, KVConfigError, KVTransferFailedError
@@ -37,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .wire import TransferHeader
 
-__all__ = ["NONCE_BYTES", "TailGuard", "check_policy", "inflate", "verdict"]
+__all__ = ["NONCE_BYTES", "TailGuard", "check_policy", "verdict"]
 
 #: bytes of random nonce at the end of every receive destination
 NONCE_BYTES = 8
@@ -51,29 +50,6 @@ def check_policy(header: TransferHeader, require_checksum: bool) -> None:
             "one: build the sender with enable_checksum=True",
             field="checksum_algo",
         )
-
-
-def inflate(data, expected: int, chunk: int) -> bytes:
-    """Decompress a zlib chunk that must inflate to exactly ``expected`` bytes,
-    never producing more than ``expected + 1``."""
-    d = zlib.decompressobj()
-    try:
-        raw = d.decompress(data, expected + 1)
-    except zlib.error as exc:
-        raise KVTransferFailedError(
-            f"chunk {chunk} does not decompress: {exc}", field="compression"
-        ) from None
-    if len(raw) > expected:
-        raise KVTransferFailedError(
-            f"chunk {chunk} inflates past its declared {expected} bytes", field="compression"
-        )
-    if len(raw) != expected or not d.eof or d.unused_data:
-        raise KVTransferFailedError(
-            f"chunk {chunk} is not one zlib stream of {expected} bytes "
-            f"({len(raw)} bytes, {'complete' if d.eof else 'truncated'})",
-            field="compression",
-        )
-    return raw
 
 
 class TailGuard:

@@ -83,7 +83,7 @@ _LAYOUT_BY_CODE = {v: k for k, v in LAYOUT_CODES.items()}
 #: checksum algorithm code -> name
 CHECKSUM_ALGOS = {0: "none", 1: "crc32", 2: "xxh3_64"}
 #: compression code -> name
-COMPRESSIONS = {0: "none", 1: "zlib"}
+COMPRESSIONS = {0: "none", 1: "zlib", 2: "zstd"}
 HASH_KIND_NONE, HASH_KIND_BYTES, HASH_KIND_INT = 0, 1, 2
 #: flags bit 0: the sender's block ids follow the hashes (u32 each), so the
 #: receiver can plan zero-copy runs (see engine.py, "direct" mode)

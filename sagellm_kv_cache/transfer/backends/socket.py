@@ -43,7 +43,7 @@ import time
 from collections import deque
 from typing import Any
 
-from ..errors import (
+from ...errors import (
     KVCacheError,
     KVConfigError,
     KVInvalidInputError,
@@ -51,7 +51,7 @@ from ..errors import (
     KVTransferFailedError,
     KVTransferTimeoutError,
 )
-from .backends import TransferBackend
+from .base import TransferBackend
 from .socket_frames import (
     FRAME_VERSION,
     MAX_ERROR_BYTES,

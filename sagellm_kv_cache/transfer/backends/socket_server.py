@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from ..errors import KVCacheError, KVTransferFailedError, KVTransferTimeoutError
+from ...errors import KVCacheError, KVTransferFailedError, KVTransferTimeoutError
 from .socket_frames import (
     FRAME_VERSION,
     MAX_KEY_BYTES,

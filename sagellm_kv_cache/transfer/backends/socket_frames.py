@@ -33,7 +33,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from ..errors import KVInvalidInputError, KVTransferFailedError, KVTransferTimeoutError
+from ...errors import KVInvalidInputError, KVTransferFailedError, KVTransferTimeoutError
 
 __all__ = [
     "FRAME_VERSION",

@@ -2,7 +2,7 @@
 
 ::
 
-    from sagellm_kv_cache.transfer.launcher import launch
+    from sagellm_kv_cache.testing.launcher import launch
 
     def worker(ctx, n):            # importable, top level (spawned processes import it)
         ...                        # ctx.rank, ctx.world_size, ctx.store; dist is initialised

@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from ..errors import (
+from ...errors import (
     KVCacheError,
     KVConfigError,
     KVInvalidInputError,
@@ -35,7 +35,7 @@ from ..errors import (
     KVTransferFailedError,
     KVTransferTimeoutError,
 )
-from .backends import TransferBackend
+from .base import TransferBackend
 
 
 def _check_peer_args(buffer: Any, rank: Any, name: str) -> None:

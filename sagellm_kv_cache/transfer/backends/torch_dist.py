@@ -1,89 +1,17 @@
-"""Transports under ``KVTransferEngine``: one small interface, several backends.
-
-A backend moves opaque byte buffers; the engine owns the protocol (header,
-chunks, checksum, ack) and the pools. A backend has:
-
-* ``rank`` / ``world_size`` and a ``store`` (the control plane: a c10d
-  ``Store`` with ``set/get/check/wait/compare_set/delete_key``) for
-  distributed backends; ``local = True`` for the in-process one;
-* ``expose(peer, tag, tensor) -> Work``: make ``tensor`` available to
-  ``peer`` under ``tag`` (gloo/NCCL: ``isend``; a one-sided transport such
-  as NIXL would register it and publish its descriptor for the peer to READ);
-* ``fetch(peer, tag, out) -> Work``: fill ``out`` with what ``peer`` exposed
-  under ``tag`` (gloo/NCCL: ``irecv``; one-sided: READ);
-* ``Work.wait(timeout_s)``: block at most ``timeout_s``; a dead peer raises
-  ``KVTransferFailedError``, a silent one ``KVTransferTimeoutError``.
-
-Every wait takes the caller's remaining time: nothing here ever waits on a
-library default (gloo's is 30 minutes).
-"""
+"""``torch.distributed`` point-to-point backend: gloo for CPU tensors, NCCL for CUDA ones."""
 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from ..errors import KVConfigError, KVTransferFailedError, KVTransferTimeoutError
+from ...errors import KVConfigError, KVTransferFailedError, KVTransferTimeoutError
+from .base import TransferBackend, default_store
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = [
-    "InProcessBackend",
-    "TorchDistBackend",
-    "TransferBackend",
-    "Work",
-    "make_backend",
-]
-
-
-class Work(Protocol):
-    def wait(self, timeout_s: float) -> None: ...
-
-
-class TransferBackend:
-    """Base class; see the module docstring for the contract."""
-
-    name = "base"
-    local = False
-    rank: int = 0
-    world_size: int = 1
-    store: Any = None
-
-    def expose(self, peer: int, tag: int, tensor: torch.Tensor) -> Work:  # pragma: no cover
-        raise NotImplementedError
-
-    def fetch(self, peer: int, tag: int, out: torch.Tensor) -> Work:  # pragma: no cover
-        raise NotImplementedError
-
-    def check_peer(self, peer: int) -> None:
-        """Raise ``KVTransferFailedError`` if the link to ``peer`` is known to be unusable."""
-
-    def close(self) -> None:
-        """Release transport resources (registrations, groups this backend created)."""
-
-
-class InProcessBackend(TransferBackend):
-    """Moves between pools of one process (CPU -> CPU, CUDA -> host...).
-
-    The engine copies block chunks directly from the source pool's tensor to
-    the destination pool's; register both pools with
-    ``engine.register_pool(pool, rank)`` and name them by those ranks.
-    """
-
-    name = "inprocess"
-    local = True
-
-
-def _default_store():
-    import torch.distributed as dist
-
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except Exception as exc:  # pragma: no cover - depends on how the group was made
-        raise KVConfigError(
-            "no c10d store found for the default process group; pass store= to the backend"
-        ) from exc
+__all__ = ["TorchDistBackend"]
 
 
 class _DistWork:
@@ -122,7 +50,7 @@ class TorchDistBackend(TransferBackend):
     """``torch.distributed`` point-to-point: gloo for CPU tensors, NCCL for CUDA ones.
 
     The process group must exist (``dist.init_process_group`` or
-    ``transfer.launcher``); give it a ``timeout=`` of seconds, not gloo's
+    ``sagellm_kv_cache.testing.launcher``); give it a ``timeout=`` of seconds, not gloo's
     30-minute default, although every wait here passes its own timeout.
 
     Args:
@@ -145,13 +73,13 @@ class TorchDistBackend(TransferBackend):
         if not (dist.is_available() and dist.is_initialized()):
             raise KVConfigError(
                 "the torch backend needs an initialised process group "
-                "(dist.init_process_group or sagellm_kv_cache.transfer.launcher)"
+                "(dist.init_process_group or sagellm_kv_cache.testing.launcher)"
             )
         self._dist = dist
         self.group = group
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.store = store if store is not None else _default_store()
+        self.store = store if store is not None else default_store()
         self.cpu_backend = str(dist.get_backend(group))
         self._nccl_group = dist.new_group(backend="nccl") if enable_nccl else None
         self._broken: dict[int, str] = {}
@@ -203,39 +131,3 @@ class TorchDistBackend(TransferBackend):
 
     def fetch(self, peer: int, tag: int, out: torch.Tensor) -> _DistWork:
         return self._post(self._dist.irecv, peer, out, tag, "recv")
-
-
-def make_backend(spec: Any, **options: Any) -> TransferBackend:
-    """A backend from a name or an object that already implements the interface.
-
-    Names: ``"torch"`` (also ``"torch.distributed"``, ``"gloo"``, ``"nccl"``),
-    ``"inprocess"`` (also ``"local"``), ``"nixl"`` (``nixl_backend.NixlBackend``,
-    imported only then), ``"socket"`` (``socket_backend.SocketTransferBackend``,
-    started here). ``options`` go to the backend's constructor.
-    """
-    if spec is None:
-        spec = "torch"
-    if not isinstance(spec, str):
-        if (hasattr(spec, "expose") and hasattr(spec, "fetch")) or getattr(spec, "local", False):
-            return spec
-        raise KVConfigError(f"comm_backend {spec!r} implements neither expose/fetch nor local")
-    name = spec.lower()
-    if name in ("torch", "torch.distributed", "gloo", "nccl", "dist"):
-        if name == "nccl":
-            options.setdefault("enable_nccl", True)
-        return TorchDistBackend(**options)
-    if name == "nixl":
-        from .nixl_backend import NixlBackend  # lazy: nixl_cu12 loads UCX
-
-        return NixlBackend(**options)
-    if name in ("socket", "tcp"):
-        from .socket_backend import SocketTransferBackend
-
-        return SocketTransferBackend(**options).start()
-    if name in ("inprocess", "local", "in-process"):
-        if options:
-            raise KVConfigError(f"the in-process backend takes no options, got {sorted(options)}")
-        return InProcessBackend()
-    raise KVConfigError(
-        f"unknown comm_backend {spec!r}; use 'torch', 'nixl', 'socket' or 'inprocess'"
-    )

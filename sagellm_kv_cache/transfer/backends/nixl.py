@@ -50,8 +50,8 @@ import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from ..errors import KVCacheError, KVConfigError, KVTransferFailedError, KVTransferTimeoutError
-from .backends import TransferBackend
+from ...errors import KVCacheError, KVConfigError, KVTransferFailedError, KVTransferTimeoutError
+from .base import TransferBackend, default_store
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -278,9 +278,7 @@ class NixlBackend(TransferBackend):
             rank = dist.get_rank() if rank is None else rank
             world_size = dist.get_world_size() if world_size is None else world_size
             if store is None:
-                from .backends import _default_store
-
-                store = _default_store()
+                store = default_store()
         if not 0 <= rank < world_size:
             raise KVConfigError(f"rank {rank} is outside world size {world_size}")
         self.rank = int(rank)

@@ -1,0 +1,110 @@
+"""Direct-mode data plane: move a transfer's slab views one message each, a
+bounded window in flight, and hash them in message order.
+
+Messages go to the backend in groups of ``backend.batch_messages``
+(``expose_many`` / ``fetch_many``): one call and one completion per group,
+which a one-sided transport such as NIXL turns into one READ with many
+descriptors. Both sides cut the same views into the same groups.
+
+The receiver checks each message's length (``TailGuard``) and hashes it
+once its group has landed; a failure there (a short message, a fault on
+this side) is collected in ``errors`` and the stream goes on, so the sender
+finishes and reads the typed verdict from the ack. Transport failures
+(``KVCacheError`` from a wait: timeouts, dead peers) end the transfer at once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from ..errors import KVCacheError
+from .backends.base import TransferBackend
+from .guard import TailGuard
+from .plan import bytes_of
+from .protocol import check_time, tag
+from .wire import Checksum, TransferHeader
+
+__all__ = ["land", "move_direct"]
+
+
+def land(work: Any, deadline: float, what: str, errors: list[Exception]) -> bool:
+    """Wait for a receive to land. Transport errors raise; anything else (a
+    fault after the bytes landed) goes to ``errors``; returns whether it landed
+    cleanly."""
+    try:
+        work.wait(check_time(deadline, what))
+    except KVCacheError:
+        raise
+    except Exception as exc:
+        errors.append(exc)
+        return False
+    return True
+
+
+def move_direct(
+    backend: TransferBackend,
+    header: TransferHeader,
+    views: Iterable[Any],
+    peer: int,
+    seq: int,
+    deadline: float,
+    window: int,
+    *,
+    send: bool,
+    errors: list[Exception] | None = None,
+    guard: TailGuard | None = None,
+) -> int:
+    """Send (``send``) or receive ``views``, at most ``window`` messages in
+    flight; returns the checksum of the bytes in message order."""
+    cs = Checksum(header.checksum_algo)
+    check = header.checksum_algo != "none"
+    batch = max(1, int(getattr(backend, "batch_messages", 1)))
+    groups: deque[tuple[int, Any, list[Any], list[Any]]] = deque()
+    sink: list[Exception] = errors if errors is not None else []
+
+    def finish_one() -> None:
+        first, work, group, tokens = groups.popleft()
+        what = f"messages {first}..{first + len(group) - 1}"
+        if send:
+            work.wait(check_time(deadline, what))
+            return
+        if not land(work, deadline, what, sink):
+            return
+        for i, (view, token) in enumerate(zip(group, tokens)):
+            try:
+                if guard is not None:
+                    guard.check(token, f"message {first + i}")
+                if check:
+                    cs.update(bytes_of(view))
+            except Exception as exc:
+                sink.append(exc)
+
+    def post(first: int, group: list[Any]) -> None:
+        tags = [tag(seq, first + i) for i in range(len(group))]
+        if send:
+            groups.append((first, backend.expose_many(peer, tags, group), group, []))
+        else:
+            tokens = [guard.arm(v) if guard is not None else None for v in group]
+            groups.append((first, backend.fetch_many(peer, tags, group), group, tokens))
+
+    pending: list[Any] = []
+    first = 0
+    for m, view in enumerate(views):
+        if send and check:
+            # hash first: the message is then hot in cache when the transport reads it
+            cs.update(bytes_of(view))
+        pending.append(view)
+        if len(pending) == batch:
+            while len(groups) * batch >= window:
+                finish_one()
+            post(first, pending)
+            first, pending = m + 1, []
+    if pending:
+        while len(groups) * batch >= window:
+            finish_one()
+        post(first, pending)
+    while groups:
+        finish_one()
+    return cs.value()

@@ -1,0 +1,163 @@
+"""The sending side of a distributed transfer (see ``engine.py`` for the protocol)::
+
+    hdr --> store;  wait ready (OK [+ direct plan] | error | CANCELLED at the deadline)
+    payload: direct slabs (pipeline.move_direct) or staged chunks (stream)
+    trl --> store;  wait ack (OK | error | CANCELLED at the deadline)
+
+Each attempt is a new transfer (its own sequence number, id and record);
+``protocol.with_retries`` decides which failures are tried again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from ..errors import KVTransferTimeoutError
+from .context import TransferContext
+from .pipeline import move_direct
+from .plan import Plan, bytes_of, direct_views, gather, runs_of
+from .protocol import (
+    CANCELLED,
+    MODE_DIRECT,
+    OK,
+    Keys,
+    check_time,
+    parse_ready,
+    remote_error,
+    settle,
+    tag,
+    with_retries,
+)
+from .records import TransferRecord
+from .wire import Checksum, encode_header, encode_trailer
+
+__all__ = ["Sender"]
+
+
+class Sender:
+    """Sends plans from this rank; transfers to one peer take sequence numbers in order."""
+
+    def __init__(self, ctx: TransferContext) -> None:
+        self.ctx = ctx
+        self._seq: dict[int, int] = {}
+        self._seq_lock = threading.Lock()
+        self._pair_locks: dict[int, threading.Lock] = {}
+
+    def transfer(self, plan: Plan, src: int, dst: int) -> int:
+        """Send ``plan`` to ``dst``, retrying as the settings allow; returns the id."""
+        s = self.ctx.settings
+
+        def attempt(retries: int) -> int:
+            holder: list[TransferRecord] = []
+            t0 = time.perf_counter()
+            try:
+                tid = self._send_once(plan, src, dst, holder)
+            except BaseException as exc:
+                if holder:
+                    holder[0].retries = retries
+                    self.ctx.book.finish(holder[0], t0, exc)
+                raise
+            holder[0].retries = retries
+            self.ctx.book.finish(holder[0], t0, None)
+            return tid
+
+        return with_retries(s.max_retries, s.retry_backoff_ms, attempt)
+
+    def _pair_lock(self, dst: int) -> threading.Lock:
+        with self._seq_lock:
+            return self._pair_locks.setdefault(dst, threading.Lock())
+
+    def _send_once(self, plan: Plan, src: int, dst: int, holder: list[TransferRecord]) -> int:
+        ctx, s = self.ctx, self.ctx.settings
+        store = ctx.backend.store
+        header = plan.header
+        with self._pair_lock(dst):
+            with self._seq_lock:
+                seq = self._seq.get(dst, 0)
+                self._seq[dst] = seq + 1
+            tid = (src << 40) | (seq & ((1 << 40) - 1))
+            header.transfer_id = tid
+            rec = ctx.book.open(src, dst, "sender", tid)
+            holder.append(rec)
+            rec.fill(header)
+            keys = Keys(src, dst, seq)
+            deadline = time.monotonic() + s.timeout_s
+            store.set(keys.hdr, encode_header(header))
+            ready = settle(store, keys.ready, deadline, "waiting for the receiver")
+            if ready == CANCELLED:  # the mark stays for the receiver to find
+                raise KVTransferTimeoutError(
+                    f"transfer {tid}: rank {dst} did not take it within {s.timeout_s} s"
+                )
+            store.delete_key(keys.ready)
+            if not ready.startswith(OK):
+                raise remote_error(ready, "receiver refused the transfer", tid, dst)
+            mode, per_message, dst_ids = parse_ready(ready, header)
+            if mode == MODE_DIRECT:
+                views = direct_views(
+                    plan.source, runs_of(header.src_block_ids, dst_ids), 0, per_message
+                )
+                window = s.max_inflight * 16
+                checksum = move_direct(
+                    ctx.backend, header, views, dst, seq, deadline, window, send=True
+                )
+            else:
+                checksum = self._stream(plan, dst, seq, deadline)
+            store.set(
+                keys.trl, encode_trailer(tid, header.num_chunks, header.checksum_algo, checksum)
+            )
+            ack = settle(store, keys.ack, deadline, "waiting for the receiver's ack")
+            if ack == CANCELLED:
+                raise KVTransferTimeoutError(
+                    f"transfer {tid}: rank {dst} did not acknowledge within {s.timeout_s} s"
+                )
+            store.delete_key(keys.ack)
+            if ack != OK:
+                raise remote_error(ack, "receiver rejected the data", tid, dst)
+            return tid
+
+    def _stream(self, plan: Plan, dst: int, seq: int, deadline: float) -> int:
+        """Staged mode: gather each chunk into a staging buffer (or take its
+        compressed bytes), hash it and expose it, ``max_inflight`` at once."""
+        ctx, h = self.ctx, plan.header
+        cs = Checksum(h.checksum_algo)
+        dev = str(plan.source.device)
+        cap = h.blocks_per_chunk * h.bytes_per_block
+        inflight_max = ctx.settings.max_inflight
+        nbuf = min(inflight_max, h.num_chunks)
+        free: list[Any] = (
+            []
+            if plan.wire_chunks is not None
+            else [ctx.staging.take(dev, cap) for _ in range(nbuf)]
+        )
+        inflight: deque[tuple[Any, Any]] = deque()
+        ok = False
+
+        def finish_one(what: str) -> None:
+            work, buf = inflight.popleft()
+            work.wait(check_time(deadline, what))
+            if buf is not None:
+                free.append(buf)
+
+        try:
+            for c in range(h.num_chunks):
+                if len(inflight) >= inflight_max:
+                    finish_one(f"sending chunk {c}")
+                if plan.wire_chunks is not None:
+                    wire, buf = plan.wire_chunks[c], None
+                else:
+                    buf = free.pop()
+                    wire = gather(plan, c, buf)
+                if h.checksum_algo != "none":
+                    cs.update(bytes_of(wire))
+                inflight.append((ctx.backend.expose(dst, tag(seq, c), wire), buf))
+            while inflight:
+                finish_one("sending the last chunks")
+            ok = True
+        finally:
+            if ok:  # buffers of failed sends may still be read by the transport
+                for buf in free:
+                    ctx.staging.give(dev, buf)
+        return cs.value()
