@@ -363,7 +363,7 @@ class KVTransferEngine(TransferSeedMixin):
                 out.append(got.record)
             except KVTransferFailedError as exc:
                 tid = exc.details.get("transfer_id")
-                if tid is None:  # nothing arrived in this slice
+                if not isinstance(tid, int):  # nothing arrived in this slice
                     continue
                 out.append(self.book.get(tid))
             idle_deadline = time.monotonic() + idle

@@ -67,7 +67,8 @@ class TailGuard:
             self._mv = None
             return
         self._base = base.data_ptr()
-        self._mv = memoryview(base.reshape(-1).view(torch.uint8).numpy())
+        flat = base.reshape(-1).view(torch.uint8).numpy()
+        self._mv = memoryview(flat)  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only on Python >= 3.12
         # seeded from the OS: a sender never sees a nonce, so cannot predict the next
         self._rng = random.Random(os.urandom(16))
 
@@ -84,7 +85,8 @@ class TailGuard:
 
     def check(self, token: tuple | None, what: str) -> None:
         """Raise if the message did not reach the end of its destination."""
-        if token is not None and self._mv[token[0] : token[1]] == token[2]:
+        mv = self._mv
+        if token is not None and mv is not None and mv[token[0] : token[1]] == token[2]:
             raise KVTransferFailedError(
                 f"{what} arrived short: fewer bytes than the header declares", field="length"
             )

@@ -117,7 +117,7 @@ def bytes_of(t: torch.Tensor) -> memoryview:
         t = t.cpu()
     if t.dtype != torch.uint8:  # numpy has no bfloat16/fp8: hash the raw bytes
         t = t.reshape(-1).view(torch.uint8)
-    return memoryview(t.numpy())
+    return memoryview(t.numpy())  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only on Python >= 3.12
 
 
 @dataclass(slots=True)
@@ -302,6 +302,8 @@ def scatter(
 def check_compatible(pool: KVPool, h: TransferHeader) -> None:
     """The sender's KV geometry must be the receiving pool's."""
     s = pool.model_shape
+    if s is None:
+        raise KVConfigError("a metadata-only pool holds no KV to transfer")
     mine = (pool.block_size, pool.dtype, pool.layout, s.num_layers, s.num_kv_heads, s.head_dim)
     theirs = (h.block_size, h.dtype, h.layout, h.num_layers, h.num_kv_heads, h.head_dim)
     if mine != theirs:
@@ -359,7 +361,7 @@ class Staging:
         with self._lock:
             lst = self._free.get((device, nbytes))
             if lst:
-                return lst.pop()  # type: ignore[no-any-return]
+                return lst.pop()
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
     def give(self, device: str, buf: torch.Tensor) -> None:

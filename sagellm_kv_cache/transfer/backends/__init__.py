@@ -40,7 +40,7 @@ def make_backend(spec: Any, **options: Any) -> TransferBackend:
         spec = "torch"
     if not isinstance(spec, str):
         if (hasattr(spec, "expose") and hasattr(spec, "fetch")) or getattr(spec, "local", False):
-            return spec  # type: ignore[no-any-return]
+            return spec
         raise KVConfigError(f"comm_backend {spec!r} implements neither expose/fetch nor local")
     name = spec.lower()
     if name in ("torch", "torch.distributed", "gloo", "nccl", "dist"):

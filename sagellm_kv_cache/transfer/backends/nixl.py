@@ -178,7 +178,7 @@ class _FetchWork:
         self.tag = tag
         self.out = out  # alive until the READ is done (or close())
         self.local = local  # the local transfer descriptor list
-        self.handle = None
+        self.handle: Any = None
         self.done = False
 
     def wait(self, timeout_s: float) -> None:

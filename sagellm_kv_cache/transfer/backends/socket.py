@@ -94,16 +94,14 @@ def _endpoint(rank: int, ep: Any) -> tuple[str, int]:
 
 def _in_view(data: Any) -> memoryview:
     """Raw bytes of what ``send``/``expose`` were given (tensor or bytes-like)."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        torch = None
-    if torch is not None and isinstance(data, torch.Tensor):
+    import torch
+
+    if isinstance(data, torch.Tensor):
         t = data.detach()
         if t.device.type != "cpu":
             t = t.cpu()
         t = t.contiguous().reshape(-1)
-        return memoryview(t.view(torch.uint8).numpy())
+        return memoryview(t.view(torch.uint8).numpy())  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only on Python >= 3.12
     try:
         return memoryview(data).cast("B")
     except TypeError:
@@ -114,15 +112,14 @@ def _in_view(data: Any) -> memoryview:
 
 def _out_view(out: Any) -> tuple[memoryview, Any]:
     """A writable byte view for ``out`` and a bounce tensor to copy back (or None)."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        torch = None
-    if torch is not None and isinstance(out, torch.Tensor):
+    import torch
+
+    if isinstance(out, torch.Tensor):
         if out.device.type == "cpu" and out.is_contiguous():
-            return memoryview(out.reshape(-1).view(torch.uint8).numpy()), None
+            flat = out.reshape(-1).view(torch.uint8).numpy()
+            return memoryview(flat), None  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only on Python >= 3.12
         bounce = torch.empty(out.numel() * out.element_size(), dtype=torch.uint8)
-        return memoryview(bounce.numpy()), bounce
+        return memoryview(bounce.numpy()), bounce  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only on Python >= 3.12
     try:
         mv = memoryview(out)
     except TypeError:
@@ -525,13 +522,14 @@ class SocketTransferBackend(SocketServerMixin, TransferBackend):
             body = recv_exact(s, n, what)
             keep = status != ST_ERROR  # the server closes after an error
         finally:
+            pooled = False
             if keep:
                 with self._cond:
                     idle = self._idle.setdefault(peer, [])
                     if len(idle) < _MAX_IDLE_PER_PEER and not self._closed:
                         idle.append(s)
-                        s = None
-            if s is not None:
+                        pooled = True
+            if not pooled:
                 s.close()
         if status == ST_ERROR:
             code, msg = decode_error(body)

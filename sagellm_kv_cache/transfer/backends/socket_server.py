@@ -15,6 +15,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from ...errors import KVCacheError, KVTransferFailedError, KVTransferTimeoutError
@@ -37,6 +38,7 @@ from .socket_frames import (
     ST_ERROR,
     ST_MISSING,
     ST_OK,
+    LocalStore,
     encode_error,
     protocol_error,
     recv_exact,
@@ -86,12 +88,35 @@ class RemoteStore:
 
 
 class SocketServerMixin:
-    """Server half of ``SocketTransferBackend`` (reads its limits, inbox and slots)."""
+    """Server half of ``SocketTransferBackend`` (reads its limits, inbox and slots,
+    which ``SocketTransferBackend.__init__`` sets; declared here for the type checker)."""
+
+    rank: int
+    world_size: int
+    recv_timeout_s: float
+    idle_timeout_s: float
+    max_message_bytes: int
+    max_inbox_bytes: int
+    max_store_bytes: int
+    max_connections: int
+    protocol_errors: deque[KVCacheError]
+    _local_store: LocalStore | None
+    _cond: threading.Condition
+    _posted: dict[tuple[int, int], Any]
+    _inbox: dict[tuple[int, int], bytearray]
+    _inbox_bytes: int
+    _conns: set[socket.socket]
+    _threads: list[threading.Thread]
+    _listener: socket.socket | None
+    _running: bool
+    _closed: bool
 
     def _accept_loop(self) -> None:
+        listener = self._listener
+        assert listener is not None, "start() opens the listener before the accept thread"
         while self._running:
             try:
-                conn, _addr = self._listener.accept()
+                conn, _addr = listener.accept()
             except TimeoutError:
                 continue
             except OSError:
