@@ -51,7 +51,7 @@ def _pl() -> Any:
     return pl
 
 
-def _frame(df: Any) -> Any:
+def as_frame(df: Any) -> Any:
     pl = _pl()
     if isinstance(df, pl.DataFrame):
         return df
@@ -124,7 +124,7 @@ def accesses_from_trace(
         ev = ev.with_columns(seen.alias("_seen"))
         hit = pl.col("_seen").cum_min().over("req_idx").cast(pl.Boolean)
     else:
-        hits = _frame(records).select(
+        hits = as_frame(records).select(
             pl.col("request_id").cast(pl.String), pl.col("hit_blocks").alias("_hit_blocks")
         )
         ev = ev.join(hits, on="request_id", how="inner", maintain_order="left")
@@ -149,7 +149,7 @@ def requests_from_accesses(events: Any, table: Any) -> Any:
     pl = _pl()
     block_size = int(table["block_size"][0]) if table.height else 1
     per = (
-        _frame(events)
+        as_frame(events)
         .group_by("request_id", maintain_order=True)
         .agg(
             pl.len().cast(pl.Int64).alias("full_blocks"),
@@ -173,7 +173,7 @@ def with_sessions(records: Any, table: Any = None) -> tuple[Any, bool]:
     prompt or a conversation's opening), turns numbered by arrival.
     """
     pl = _pl()
-    records = _frame(records)
+    records = as_frame(records)
     if "session_id" in records.columns and "turn" in records.columns:
         return records, False
     if table is not None and "session_id" in table.columns:
@@ -218,7 +218,7 @@ def hit_ratio_over_time(records: Any, *, window_s: float | None = None) -> Any:
     from sagellm_kv_cache.profiling import analysis
 
     pl = _pl()
-    df = _frame(records).with_columns(pl.col("arrival_s").alias("timestamp"))
+    df = as_frame(records).with_columns(pl.col("arrival_s").alias("timestamp"))
     df = analysis.with_window(df, window_s)
     return (
         df.group_by("window_start_s")
@@ -243,7 +243,7 @@ def hit_ratio_by_prompt_length(records: Any) -> Any:
         ``prompt_tokens``, ``hit_tokens``, ``token_hit_ratio``.
     """
     pl = _pl()
-    df = _frame(records)
+    df = as_frame(records)
     lo = (
         pl.when(pl.col("input_length") <= 1)
         .then(0)
@@ -289,7 +289,7 @@ def session_reuse(records: Any, *, max_turn: int = 16) -> Any:
         ``turn``, ``label``, ``requests``, ``sessions``, ``token_hit_ratio``.
     """
     pl = _pl()
-    df = _frame(records).filter(pl.col("session_id").is_not_null())
+    df = as_frame(records).filter(pl.col("session_id").is_not_null())
     turn = pl.col("turn").clip(upper_bound=max_turn)
     return (
         df.with_columns(turn.alias("turn_bucket"))
@@ -324,7 +324,7 @@ def cache_footprint(records: Any) -> Any:
         ``arrival_s``, ``cached_blocks``, ``inserted_blocks``, ``evicted_blocks`` (cumulative).
     """
     pl = _pl()
-    df = _frame(records)
+    df = as_frame(records)
     ran = ~pl.col("rejected") if "rejected" in df.columns else pl.lit(True)
     inserted = pl.when(ran).then(pl.col("full_blocks") - pl.col("hit_blocks")).otherwise(0)
     evicted = pl.col("evicted_blocks") if "evicted_blocks" in df.columns else pl.lit(0)
@@ -356,7 +356,7 @@ def reuse_cdf(events: Any, *, by: str = "distance", max_points: int = _CDF_POINT
         from sagellm_kv_cache.errors import KVInvalidInputError
 
         raise KVInvalidInputError(f"by must be 'distance' or 'time', got {by!r}")
-    df = _frame(events)
+    df = as_frame(events)
     codes = df["block_code"].to_numpy()
     prev = previous_access_index(codes)
     if by == "distance":

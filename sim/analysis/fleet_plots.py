@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .plots import _axes, _polars
+from .plots import as_polars_frame, new_axes
 
 __all__ = ["plot_instances", "plot_routers", "router_columns"]
 
 
 def plot_instances(per_instance: list[dict], ax: Any = None, *, title: str | None = None) -> Any:
     """Bars of each instance's prompt tokens (load) with its token hit ratio on a second axis."""
-    fig, ax = _axes(ax, (7, 3.5))
+    fig, ax = new_axes(ax, (7, 3.5))
     ks = [r["instance"] for r in per_instance]
     ax.bar(ks, [r["prompt_tokens"] for r in per_instance], color="#9ecae1", label="prompt tokens")
     ax.set_xlabel("instance")
@@ -29,7 +29,7 @@ def router_columns(df: Any) -> Any:
     """A sweep table with ``instances`` and ``router`` columns read from ``setting``."""
     import polars as pl
 
-    df = _polars(df)
+    df = as_polars_frame(df)
     return df.with_columns(
         pl.col("setting")
         .str.extract(r"instances=(\d+)")

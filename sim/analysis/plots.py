@@ -45,7 +45,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _polars(df: Any) -> Any:
+def as_polars_frame(df: Any) -> Any:
     import polars as pl
 
     if isinstance(df, pl.DataFrame):
@@ -55,7 +55,7 @@ def _polars(df: Any) -> Any:
     return pl.from_pandas(df)
 
 
-def _axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
+def new_axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
     plt = _pyplot()
     if ax is not None:
         return ax.figure, ax
@@ -63,7 +63,7 @@ def _axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
     return fig, ax
 
 
-def _empty(ax: Any, title: str) -> None:
+def draw_no_data(ax: Any, title: str) -> None:
     ax.set_title(title)
     ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, fontsize=14)
     ax.set_axis_off()
@@ -87,7 +87,7 @@ def plot_heatmap(
 
     from sagellm_kv_cache.profiling import analysis
 
-    fig, ax = _axes(ax, (11, 7))
+    fig, ax = new_axes(ax, (11, 7))
     events = analysis.as_polars(df)
     title = (
         "KV block accesses over time"
@@ -95,7 +95,7 @@ def plot_heatmap(
         else "KV accesses by prompt position over time"
     )
     if events.height == 0:
-        _empty(ax, title)
+        draw_no_data(ax, title)
         return fig
     width = analysis.auto_window_s(events) if window_s is None else window_s
     heat = analysis.access_heatmap(events, by=by, window_s=width, max_rows=max_rows)
@@ -121,11 +121,11 @@ def plot_timeline(df: Any, ax: Any = None, *, window_s: float | None = None) -> 
     """Stacked hits and misses per time window, with the block hit ratio on a second axis."""
     from sagellm_kv_cache.profiling import analysis
 
-    fig, ax = _axes(ax, (11, 5))
+    fig, ax = new_axes(ax, (11, 5))
     events = analysis.as_polars(df)
     title = "Hits and misses over time"
     if events.height == 0:
-        _empty(ax, title)
+        draw_no_data(ax, title)
         return fig
     width = analysis.auto_window_s(events) if window_s is None else window_s
     tl = analysis.hit_miss_timeline(events, window_s=width).to_pandas()
@@ -161,11 +161,11 @@ def plot_reuse(df: Any, ax: Any = None) -> Any:
     """Histogram of reuse distances (distinct blocks between two accesses of a block), log x."""
     from sagellm_kv_cache.profiling import analysis
 
-    fig, ax = _axes(ax, (9, 5))
+    fig, ax = new_axes(ax, (9, 5))
     title = "Reuse distance distribution"
     hist = analysis.reuse_distance_histogram(analysis.as_polars(df)).to_pandas()
     if hist.empty:
-        _empty(ax, title)
+        draw_no_data(ax, title)
         return fig
     # bins [lo, hi] drawn on a log axis; distance 0 is drawn at 0.5 so it shows
     left = hist["bin_lo"].clip(lower=0.5).to_numpy(dtype=float)
@@ -184,11 +184,11 @@ def plot_hot_blocks(df: Any, ax: Any = None, *, n: int = 20) -> Any:
     """Bar chart of the ``n`` most accessed blocks, hits and misses stacked."""
     from sagellm_kv_cache.profiling import analysis
 
-    fig, ax = _axes(ax, (10, 6))
+    fig, ax = new_axes(ax, (10, 6))
     title = f"Top {n} hottest blocks"
     hot = analysis.hottest_blocks(analysis.as_polars(df), n=n).to_pandas()
     if hot.empty:
-        _empty(ax, title)
+        draw_no_data(ax, title)
         return fig
     labels = [str(b) for b in hot["block_id"]][::-1]
     hits = hot["hits"].to_numpy()[::-1]
@@ -206,13 +206,13 @@ def plot_position(df: Any, ax: Any = None, *, bucket_width: int | None = None) -
     """Block hit ratio by prompt position bucket (bars), with the access count per bucket."""
     from sagellm_kv_cache.profiling import analysis
 
-    fig, ax = _axes(ax, (10, 5))
+    fig, ax = new_axes(ax, (10, 5))
     title = "Hit ratio by prompt position"
     pos = analysis.hit_ratio_by_position(
         analysis.as_polars(df), bucket_width=bucket_width
     ).to_pandas()
     if pos.empty:
-        _empty(ax, title)
+        draw_no_data(ax, title)
         return fig
     x = range(len(pos))
     ax.bar(x, pos["hit_ratio"] * 100, color="#2a9d8f")
@@ -253,7 +253,7 @@ def plot_queue_ttft(
     import polars as pl
 
     plt = _pyplot()
-    records, timeline = _polars(records), _polars(timeline)
+    records, timeline = as_polars_frame(records), as_polars_frame(timeline)
     if axes is None:
         fig, axes = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
     fig = axes[0].figure
@@ -348,8 +348,8 @@ def plot_capacity_curve(
     """
     import polars as pl
 
-    fig, ax = _axes(ax, (8, 5))
-    df = _polars(curve)
+    fig, ax = new_axes(ax, (8, 5))
+    df = as_polars_frame(curve)
     if df.height:
         finite = df.filter(pl.col("policy") != "infinite")
         for policy in sorted(finite["policy"].unique().to_list()):
@@ -405,7 +405,7 @@ def plot_sweep(
     import polars as pl
 
     plt = _pyplot()
-    df = _polars(df)
+    df = as_polars_frame(df)
     trace_names = df["trace"].unique(maintain_order=True).to_list() or ["(no data)"]
     n = len(trace_names)
     if axes is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .plots import _axes, _empty
+from .plots import draw_no_data, new_axes
 
 __all__ = [
     "plot_cache_footprint",
@@ -23,11 +23,11 @@ def plot_hit_ratio_over_time(records: Any, ax: Any = None, *, window_s: float | 
     """Token and request hit ratios per arrival window (lines), requests per window (bars)."""
     from . import access
 
-    fig, ax = _axes(ax, (10, 5))
+    fig, ax = new_axes(ax, (10, 5))
     title = "Hit ratio over time"
-    df = access._frame(records)
+    df = access.as_frame(records)
     if df.height == 0:
-        _empty(ax, title)
+        draw_no_data(ax, title)
         return fig
     tl = access.hit_ratio_over_time(df, window_s=window_s)
     x = tl["window_start_s"].to_numpy()
@@ -52,11 +52,11 @@ def plot_hit_vs_prompt_length(records: Any, ax: Any = None) -> Any:
     """Token hit ratio per prompt-length bucket, with the request count of each."""
     from . import access
 
-    fig, ax = _axes(ax, (10, 5))
+    fig, ax = new_axes(ax, (10, 5))
     title = "Token hit ratio by prompt length"
-    df = access._frame(records)
+    df = access.as_frame(records)
     if df.height == 0:
-        _empty(ax, title)
+        draw_no_data(ax, title)
         return fig
     b = access.hit_ratio_by_prompt_length(df)
     x = list(range(b.height))
@@ -84,11 +84,11 @@ def plot_session_reuse(records: Any, ax: Any = None, *, inferred: bool = False) 
     """Token hit ratio by turn within a session (``session_id``, ``turn`` columns)."""
     from . import access
 
-    fig, ax = _axes(ax, (10, 5))
+    fig, ax = new_axes(ax, (10, 5))
     title = "Reuse by session turn" + (" (sessions inferred from first block)" if inferred else "")
-    df = access._frame(records)
+    df = access.as_frame(records)
     if df.height == 0 or "session_id" not in df.columns:
-        _empty(ax, title)
+        draw_no_data(ax, title)
         return fig
     s = access.session_reuse(df)
     x = list(range(s.height))
@@ -112,11 +112,11 @@ def plot_cache_footprint(
     """Blocks held by the cache after each request (inserted minus evicted), capacity dashed."""
     from . import access
 
-    fig, ax = _axes(ax, (10, 5))
+    fig, ax = new_axes(ax, (10, 5))
     title = "Cache footprint over time"
-    df = access._frame(records)
+    df = access.as_frame(records)
     if df.height == 0:
-        _empty(ax, title)
+        draw_no_data(ax, title)
         return fig
     fp = access.cache_footprint(df)
     ax.step(fp["arrival_s"], fp["cached_blocks"], where="post", label="blocks cached")
@@ -142,11 +142,11 @@ def plot_reuse_cdf(events: Any, ax: Any = None, *, by: str = "distance") -> Any:
     """CDF of reuse distances (``by="distance"``) or reuse times (``by="time"``), log x."""
     from . import access
 
-    fig, ax = _axes(ax, (9, 5))
+    fig, ax = new_axes(ax, (9, 5))
     title = "Reuse distance CDF" if by == "distance" else "Reuse time CDF"
     cdf = access.reuse_cdf(events, by=by)
     if cdf.height == 0:
-        _empty(ax, title)
+        draw_no_data(ax, title)
         return fig
     # distance 0 (immediate reuse) is drawn at 0.5 so the log axis shows it
     x = cdf["value"].clip(lower_bound=0.5 if by == "distance" else 1e-6).to_numpy()
