@@ -31,6 +31,7 @@ SMOKE_RUNS: dict[str, tuple[list[str], str]] = {
     "bench_pool.py": (["--requests", "20", "--blocks", "2048"], "pool.json"),
     "bench_prefix_cache.py": (["--requests", "20"], "prefix_cache.json"),
     "bench_profiling.py": (["--calls", "2000"], "profiling.json"),
+    "bench_scale.py": (["--blocks", "20000", "--capacity", "1000", "--points", "3", "--samples", "1"], "bench_scale.json"),
     "bench_replay.py": (["--capacity", "500", "--repeat", "1"], "replay.json"),
     "bench_sweep.py": (["--jobs", "2", "--workers", "1", "--repeat", "1"], "sweep.json"),
     "bench_transfer.py": (["--sizes-mib", "4", "--repeat", "1", "--backends", "gloo"], "bench_transfer.json"),
