@@ -12,7 +12,6 @@ timeout: a timeout would surface as a different error type.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import zlib
 from datetime import timedelta
@@ -27,7 +26,6 @@ from sagellm_kv_cache.errors import (
     KVTransferFailedError,
     KVTransferTimeoutError,
 )
-from sagellm_kv_cache.pool import KVPool
 from sagellm_kv_cache.storage import ModelShape
 from sagellm_kv_cache.testing.faults import inject_faults
 from sagellm_kv_cache.transfer import KVTransferEngine
@@ -41,12 +39,19 @@ from sagellm_kv_cache.transfer.wire import (
     encode_header,
     encode_trailer,
 )
+from tests._transfer_harness import (
+    BPB,
+    BS,
+    SHAPE,
+    accounting,
+    digest,
+    fill,
+    make_pool,
+    prompt,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
-SHAPE = ModelShape(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16")
-BS = 4
-BPB = SHAPE.bytes_per_block(BS)
 SLOW_S = 60.0  # every engine's timeout: never reached by a passing test
 JOIN_S = 30.0
 
@@ -111,10 +116,6 @@ class LoopBackend(TransferBackend):
         return _Recv(self.link, (peer, self.rank, tag), out)
 
 
-def make_pool(num_blocks: int = 32, shape: ModelShape = SHAPE, bs: int = BS) -> KVPool:
-    return KVPool(num_blocks=num_blocks, block_size=bs, model_shape=shape)
-
-
 def pair(sender_kw=None, receiver_kw=None, mangle=None, num_blocks: int = 32):
     """(sender engine, its pool, receiver engine, its pool) on one link."""
     link = _Link()
@@ -125,32 +126,6 @@ def pair(sender_kw=None, receiver_kw=None, mangle=None, num_blocks: int = 32):
     s.register_pool(sp)
     r.register_pool(rp)
     return s, sp, r, rp
-
-
-def prompt(i: int, n: int = 26) -> list[int]:
-    return [i * 1000 + t for t in range(n)]
-
-
-def fill(pool: KVPool, tokens: list[int], seed: int):
-    h, _ = pool.alloc_with_prefix(tokens)
-    g = torch.Generator().manual_seed(seed)
-    shape = pool.model_shape
-    kv = torch.randn(
-        shape.num_layers, 2, len(tokens), shape.num_kv_heads, shape.head_dim, generator=g
-    ).half()
-    pool.write_kv(h, kv)
-    pool.cache_blocks(h)
-    return h, kv
-
-
-def digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def accounting(pool: KVPool) -> dict:
-    pool.check_invariants()
-    s = pool.get_stats()
-    return {k: s[k] for k in ("free_blocks", "used_blocks", "cached_blocks", "num_handles")}
 
 
 def in_thread(fn, *args, **kwargs):
@@ -391,7 +366,7 @@ def test_undecompressable_chunk_without_checksums_fails_fast_and_typed():
 def test_bad_trailer_is_reported_to_the_sender():
     link = _Link()
     r = KVTransferEngine(LoopBackend(link, 1), timeout_s=SLOW_S)
-    pool = make_pool()
+    pool = make_pool(32)
     r.register_pool(pool)
     before = accounting(pool)
     header = make_header()
@@ -460,7 +435,7 @@ HOSTILE_HEADERS = [
 def test_hostile_header_is_refused_with_nothing_allocated(raw, code):
     link = _Link()
     r = KVTransferEngine(LoopBackend(link, 1), timeout_s=SLOW_S)
-    pool = make_pool()
+    pool = make_pool(32)
     r.register_pool(pool)
     before = accounting(pool)
     join = in_thread(r.receive, pool, timeout_s=JOIN_S)

@@ -7,72 +7,36 @@ the spawned processes and return small dicts the test asserts on.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import time
 
 import pytest
-import torch
 
 from sagellm_kv_cache.errors import (
     KVChecksumMismatchError,
     KVTransferFailedError,
     KVTransferTimeoutError,
 )
-from sagellm_kv_cache.pool import KVPool
-from sagellm_kv_cache.storage import ModelShape
 from sagellm_kv_cache.testing.faults import inject_faults
 from sagellm_kv_cache.testing.launcher import launch
 from sagellm_kv_cache.transfer import KVTransferEngine
+from tests._transfer_harness import (
+    BPB,
+    accounting,
+    digest,
+    fill,
+    make_pool,
+    prompt,
+    receiver_view,
+)
 
 pytestmark = pytest.mark.timeout(120)
-
-SHAPE = ModelShape(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16")
-BS = 4
-BPB = SHAPE.bytes_per_block(BS)  # 256 bytes per block
-
-
-def prompt(i: int, n: int = 26) -> list[int]:
-    return [i * 1000 + t for t in range(n)]
-
-
-def digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def make_rank_pool(num_blocks: int = 64) -> KVPool:
-    return KVPool(num_blocks=num_blocks, block_size=BS, model_shape=SHAPE)
-
-
-def fill(pool: KVPool, tokens: list[int], seed: int):
-    h, _ = pool.alloc_with_prefix(tokens)
-    g = torch.Generator().manual_seed(seed)
-    kv = torch.randn(SHAPE.num_layers, 2, len(tokens), 2, 8, generator=g).half()
-    pool.write_kv(h, kv)
-    pool.cache_blocks(h)
-    return h, kv
-
-
-def accounting(pool: KVPool) -> dict:
-    pool.check_invariants()
-    s = pool.get_stats()
-    return {k: s[k] for k in ("free_blocks", "used_blocks", "cached_blocks", "num_handles")}
-
-
-def receiver_view(pool: KVPool, prompts: list[list[int]]) -> list[dict]:
-    """For each prompt: hit tokens on the receiver and the digest of the hit KV."""
-    out = []
-    for tokens in prompts:
-        h, hit = pool.alloc_with_prefix(tokens)
-        out.append({"hit": hit, "kv": digest(pool.read_kv(h, num_tokens=hit)) if hit else None})
-        pool.free(h)
-    return out
 
 
 # -- rank functions (run in spawned processes) -------------------------------------
 def rank_roundtrip(ctx, num_handles: int, batched: bool, chunk_bytes: int, direct: bool = False):
-    pool = make_rank_pool(320)
+    pool = make_pool(320)
     kw = {"direct_min_message_bytes": 0} if direct else {}
     eng = KVTransferEngine("torch", timeout_s=20, chunk_bytes=chunk_bytes, **kw)
     eng.register_pool(pool)
@@ -100,7 +64,7 @@ def rank_roundtrip(ctx, num_handles: int, batched: bool, chunk_bytes: int, direc
 
 def rank_concurrent(ctx, per_sender: int):
     """Ranks 1.. send ``per_sender`` handles each to rank 0, all at once (async)."""
-    pool = make_rank_pool(256)
+    pool = make_pool(256)
     eng = KVTransferEngine("torch", timeout_s=20, chunk_bytes=2 * BPB, max_inflight=2)
     eng.register_pool(pool)
     senders = list(range(1, ctx.world_size))
@@ -125,7 +89,7 @@ def rank_concurrent(ctx, per_sender: int):
 
 def rank_fault(ctx, fault: str, timeout_s: float, direct: bool = False):
     """Rank 0 sends one handle (many chunks) to rank 1; ``fault`` breaks it."""
-    pool = make_rank_pool(128)
+    pool = make_pool(128)
     kw = {"direct_min_message_bytes": 0} if direct else {}
     eng = KVTransferEngine(
         "torch", timeout_s=timeout_s, max_retries=0, chunk_bytes=2 * BPB, max_inflight=2, **kw
@@ -189,7 +153,7 @@ def rank_fault(ctx, fault: str, timeout_s: float, direct: bool = False):
 
 
 def rank_retry_after_corruption(ctx):
-    pool = make_rank_pool(64)
+    pool = make_pool(64)
     eng = KVTransferEngine("torch", timeout_s=20, max_retries=1, retry_backoff_ms=5)
     eng.register_pool(pool)
     tokens = prompt(3, 32)

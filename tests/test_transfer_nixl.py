@@ -12,7 +12,6 @@ their own launches.
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import os
 import signal
@@ -28,58 +27,28 @@ from sagellm_kv_cache.errors import (
     KVTransferTimeoutError,
 )
 from sagellm_kv_cache.pool import KVPool
-from sagellm_kv_cache.storage import ModelShape
 from sagellm_kv_cache.testing.faults import inject_faults
 from sagellm_kv_cache.testing.launcher import launch
 from sagellm_kv_cache.transfer import KVTransferEngine
 from sagellm_kv_cache.transfer.backends.nixl import nixl_unavailable_reason
+from tests._transfer_harness import (
+    BPB,
+    BS,
+    SHAPE,
+    accounting,
+    digest,
+    error_of,
+    fill,
+    prompt,
+    receiver_view,
+)
 
 # the spawned ranks import this module too: probe only in the pytest process
 _REASON = nixl_unavailable_reason() if multiprocessing.parent_process() is None else None
 needs_nixl = pytest.mark.skipif(_REASON is not None, reason=f"NIXL unusable here: {_REASON}")
 
+
 pytestmark = pytest.mark.timeout(120)
-
-SHAPE = ModelShape(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16")
-BS = 4
-BPB = SHAPE.bytes_per_block(BS)  # 256 bytes per block
-
-
-def prompt(i: int, n: int = 26) -> list[int]:
-    return [i * 1000 + t for t in range(n)]
-
-
-def digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def fill(pool: KVPool, tokens: list[int], seed: int):
-    h, _ = pool.alloc_with_prefix(tokens)
-    g = torch.Generator().manual_seed(seed)
-    kv = torch.randn(SHAPE.num_layers, 2, len(tokens), 2, 8, generator=g).half()
-    pool.write_kv(h, kv)
-    pool.cache_blocks(h)
-    return h, kv
-
-
-def accounting(pool: KVPool) -> dict:
-    pool.check_invariants()
-    s = pool.get_stats()
-    return {k: s[k] for k in ("free_blocks", "used_blocks", "cached_blocks", "num_handles")}
-
-
-def receiver_view(pool: KVPool, prompts: list[list[int]]) -> list[dict]:
-    """For each prompt: hit tokens on the receiver and the digest of the hit KV."""
-    out = []
-    for tokens in prompts:
-        h, hit = pool.alloc_with_prefix(tokens)
-        out.append({"hit": hit, "kv": digest(pool.read_kv(h, num_tokens=hit)) if hit else None})
-        pool.free(h)
-    return out
-
-
-def error_of(exc: KVTransferFailedError) -> dict:
-    return {"type": type(exc).__name__, "code": exc.code, "msg": str(exc)}
 
 
 # (name, num_handles, batched, chunk_bytes, direct, fault); "-split": direct

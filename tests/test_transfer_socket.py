@@ -8,7 +8,6 @@ ended by the test). Every wait is bounded; no outcome depends on timing.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import queue
 import socket
 import struct
@@ -28,8 +27,6 @@ from sagellm_kv_cache.errors import (
     KVTransferFailedError,
     KVTransferTimeoutError,
 )
-from sagellm_kv_cache.pool import KVPool
-from sagellm_kv_cache.storage import ModelShape
 from sagellm_kv_cache.testing.faults import inject_faults
 from sagellm_kv_cache.transfer import KVTransferEngine
 from sagellm_kv_cache.transfer.backends.comm_adapter import CommTransferBackendAdapter
@@ -40,38 +37,16 @@ from sagellm_kv_cache.transfer.backends.socket_frames import (
     RESPONSE_STRUCT,
     LocalStore,
 )
+from tests._transfer_harness import (
+    BS,
+    accounting,
+    digest,
+    fill,
+    make_pool,
+    prompt,
+)
 
 pytestmark = pytest.mark.timeout(120)
-
-SHAPE = ModelShape(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16")
-BS = 4
-
-
-def prompt(i: int, n: int = 26) -> list[int]:
-    return [i * 1000 + t for t in range(n)]
-
-
-def digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def make_pool(num_blocks: int = 64) -> KVPool:
-    return KVPool(num_blocks=num_blocks, block_size=BS, model_shape=SHAPE)
-
-
-def fill(pool: KVPool, tokens: list[int], seed: int):
-    h, _ = pool.alloc_with_prefix(tokens)
-    g = torch.Generator().manual_seed(seed)
-    kv = torch.randn(SHAPE.num_layers, 2, len(tokens), 2, 8, generator=g).half()
-    pool.write_kv(h, kv)
-    pool.cache_blocks(h)
-    return h, kv
-
-
-def accounting(pool: KVPool) -> dict:
-    pool.check_invariants()
-    s = pool.get_stats()
-    return {k: s[k] for k in ("free_blocks", "used_blocks", "cached_blocks", "num_handles")}
 
 
 @pytest.fixture
