@@ -601,13 +601,13 @@ def test_nixl_abandoned_transfer_deregisters_its_memory():
 
 
 def test_nixl_timed_out_read_keeps_its_memory_until_nixl_is_done_with_it():
-    from sagellm_kv_cache.transfer.backends.nixl import _DESC, _KIND_DESC
+    from sagellm_kv_cache.transfer.backends.nixl import desc_message
 
     _, (b0, _) = nixl_pair()
     out = torch.zeros(256, dtype=torch.uint8)
     fetch = b0.fetch(1, _tag(3, 0), out)
     # the sender's descriptor arrives: the READ is posted and stays in progress
-    desc = _DESC.pack(_KIND_DESC, _tag(3, 0), 0x1000, 256, 0, 0, 9, 0)
+    desc = desc_message(_tag(3, 0), 9, [(0x1000, 256, 0, 0)], b"")
     b0._agent.notifs = {b"default-1": [desc]}
     with pytest.raises(KVTransferTimeoutError):
         fetch.wait(0.01)
@@ -729,3 +729,35 @@ def test_gloo_receiver_enforces_its_policy_and_reports_failures_typed():
     assert receiver["zlib-retry"]["codes"] == [KVChecksumMismatchError.code, None]
     assert receiver["zlib-retry"]["hit"] == 24
     assert receiver["zlib-retry"]["digest"] == sender["zlib-retry"]["digest"]
+
+
+def test_nixl_group_of_messages_is_one_notification_and_one_read():
+    from sagellm_kv_cache.transfer.backends.nixl import desc_message
+
+    _, (b0, b1) = nixl_pair()
+    sent, reads = [], []
+    b0._agent.send_notif = lambda name, msg: sent.append(bytes(msg))
+    b1._agent.initialize_xfer = lambda op, local, remote, peer, notif: (
+        reads.append((op, local, remote)) or ("xfer", 1)
+    )
+    src = torch.arange(3 * 64, dtype=torch.uint8)
+    views = [src[i * 64 : (i + 1) * 64] for i in range(3)]
+    tags = [_tag(4, m) for m in range(3)]
+    b0.expose_many(1, tags, views)
+    assert len(sent) == 1
+    entries = [(v.data_ptr(), 64, 0, 0) for v in views]
+    md = b"md:default-0"  # new memory: the agent's metadata rides along
+    assert sent[0] == desc_message(tags[0], 1, entries, md)
+    outs = [torch.empty(64, dtype=torch.uint8) for _ in range(3)]
+    b1._agent.notifs = {b"default-0": sent}
+    b1._connect_locked(0)
+    fw = b1.fetch_many(0, tags, outs)
+    assert len(reads) == 1 and reads[0][0] == "READ"
+    assert reads[0][2] == ("descs", [(v.data_ptr(), 64, 0) for v in views])
+    assert fw.handle == ("xfer", 1)
+    # a group whose tags do not count up is refused before anything is sent
+    with pytest.raises(KVTransferFailedError):
+        b0.expose_many(1, [tags[0], tags[2]], views[:2])
+    assert len(sent) == 1
+    b0.close()
+    b1.close()

@@ -3,12 +3,16 @@
 The engine's ``expose``/``fetch`` pair maps onto NIXL like this::
 
     sender (rank s)                                  receiver (rank d)
-    expose(d, tag, buf)                              fetch(s, tag, out)
-      register buf's storage (once, cached)            register out's storage (once)
-      notif "D" (tag, addr, nbytes, dev, id) ------>   descriptor arrives in the inbox
-        [+ the agent's metadata if new memory]         READ out <- (addr, nbytes) of s
-                                                       with completion notif id
+    expose_many(d, tags, bufs)                       fetch_many(s, tags, outs)
+      register bufs' storage (once, cached)            register outs' storage (once)
+      notif "D" (first tag, id, n x (addr,  ------->   descriptors arrive in the inbox
+        nbytes, dev, mem)) [+ the agent's metadata     ONE READ outs <- bufs of s
+        if new memory]                                 (n descriptors), completion notif id
       wait: notif "C" id arrives  <-----------------   wait: READ state DONE
+
+``expose`` / ``fetch`` are the one-message case. The engine hands a window
+of direct-mode messages over as one group (``batch_messages``), so a
+transfer costs a few READs and notifications, not one per message.
 
 * Memory is registered once per tensor storage (a pool's whole KV tensor, a
   reused staging buffer) and stays registered while transfers use it; a
@@ -47,10 +51,11 @@ import os
 import struct
 import threading
 import time
-from datetime import timedelta
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ...errors import KVCacheError, KVConfigError, KVTransferFailedError, KVTransferTimeoutError
+from ..protocol import store_wait
 from .base import TransferBackend, default_store
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,9 +64,12 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["NixlBackend", "nixl_unavailable_reason"]
 
 _KEY_ROOT = "skvx-nixl"
-# kind u8 | tag u32 | addr u64 | nbytes u64 | dev_id u32 | mem u8 (0 DRAM, 1 VRAM) |
-# id u64 | md_len u32
-_DESC = struct.Struct("<BIQQIBQI")
+# kind u8 | first tag u32 | count u32 | id u64 | md_len u32, then count entries
+_DESC = struct.Struct("<BIIQI")
+# addr u64 | nbytes u64 | dev_id u32 | mem u8 (0 DRAM, 1 VRAM)
+_ENTRY = struct.Struct("<QQIB")
+#: most messages in one descriptor notification (and one READ)
+MAX_BATCH = 64
 _KIND_DESC, _KIND_DONE = ord("D"), ord("C")
 _DONE = struct.Struct("<BQ")  # kind u8 | id u64
 _MEM_TYPES = ("DRAM", "VRAM")
@@ -91,17 +99,25 @@ def nixl_unavailable_reason() -> str | None:
     return None
 
 
-def _store_wait(store: Any, key: str, timeout_s: float, what: str) -> bytes:
-    try:
-        store.wait([key], timedelta(seconds=max(timeout_s, 0.001)))
-    except Exception as exc:
-        text = str(exc).lower()
-        if "timeout" in text or "timed out" in text:
-            raise KVTransferTimeoutError(
-                f"{what}: not published within {timeout_s:.3f} s"
-            ) from None
-        raise KVTransferFailedError(f"{what}: control store failed: {exc}") from None
-    return bytes(store.get(key))
+def _check_group(tags: Sequence[int], tensors: Sequence[Any]) -> None:
+    n = len(tags)
+    if (
+        n == 0
+        or n != len(tensors)
+        or n > MAX_BATCH
+        or list(tags) != list(range(tags[0], tags[0] + n))
+    ):
+        raise KVTransferFailedError(
+            f"a NIXL group is 1..{MAX_BATCH} messages with consecutive tags, got {list(tags)[:4]}..."
+        )
+    if len({t.is_cuda for t in tensors}) != 1:
+        raise KVTransferFailedError("a NIXL group mixes host and device memory")
+
+
+def desc_message(tag: int, xid: int, entries: list[tuple[int, int, int, int]], md: bytes) -> bytes:
+    """The descriptor notification of a group of messages (see the module docstring)."""
+    body = b"".join(_ENTRY.pack(*e) for e in entries)
+    return _DESC.pack(_KIND_DESC, tag, len(entries), xid, len(md)) + body + md
 
 
 @contextlib.contextmanager
@@ -118,106 +134,115 @@ def _typed(what: str, peer: int):
         ) from None
 
 
-class _Sleeper:
-    """Polling backoff: 50 us doubling to 2 ms (a busy spin would starve the transport)."""
+class _Work:
+    """A group of messages in flight; ``wait`` polls the agent until ``_done_locked``."""
 
-    __slots__ = ("pause",)
+    __slots__ = ("backend", "done", "peer", "tag")
 
-    def __init__(self) -> None:
-        self.pause = 0.00005
-
-    def __call__(self) -> None:
-        time.sleep(self.pause)
-        self.pause = min(self.pause * 2, 0.002)
-
-
-class _ExposeWork:
-    """Sender side: done when the peer's completion notification arrives."""
-
-    __slots__ = ("backend", "done", "id", "peer", "tag", "tensor")
-
-    def __init__(self, backend: NixlBackend, peer: int, tag: int, xid: int, tensor: Any) -> None:
+    def __init__(self, backend: NixlBackend, peer: int, tag: int) -> None:
         self.backend = backend
         self.peer = peer
         self.tag = tag
-        self.id = xid
-        self.tensor = tensor  # alive until the peer has read it
         self.done = False
+
+    def memory(self) -> list[Any]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _done_locked(self) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _timeout_message(self, timeout_s: float) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
 
     def wait(self, timeout_s: float) -> None:
         if self.done:
             return
         deadline = time.monotonic() + max(timeout_s, 0.0)
-        sleep = _Sleeper()
-        b = self.backend
-        while True:
-            with b._lock, _typed(f"waiting for rank {self.peer}", self.peer):
-                b._poll_locked()
-                if self.id in b._completed:
-                    b._completed.discard(self.id)
-                    b._live.pop(self.id, None)
-                    self.done = True
-                    return
-            if time.monotonic() >= deadline:
-                b._abandon(self)
-                raise KVTransferTimeoutError(
-                    f"rank {self.peer} did not read message {self.tag:#x} within {timeout_s:.3f} s",
-                    peer=self.peer,
-                )
-            sleep()
-
-
-class _FetchWork:
-    """Receiver side: a READ posted as soon as the sender's descriptor is here."""
-
-    __slots__ = ("backend", "done", "handle", "local", "out", "peer", "tag")
-
-    def __init__(self, backend: NixlBackend, peer: int, tag: int, out: Any, local: Any) -> None:
-        self.backend = backend
-        self.peer = peer
-        self.tag = tag
-        self.out = out  # alive until the READ is done (or close())
-        self.local = local  # the local transfer descriptor list
-        self.handle: Any = None
-        self.done = False
-
-    def wait(self, timeout_s: float) -> None:
-        if self.done:
-            return
-        deadline = time.monotonic() + max(timeout_s, 0.0)
-        sleep = _Sleeper()
+        pause = 0.00005  # doubling to 2 ms: a busy spin would starve the transport
         b = self.backend
         while True:
             try:
-                with b._lock, _typed(f"reading from rank {self.peer}", self.peer):
+                with b._lock, _typed(f"messages {self.tag:#x} with rank {self.peer}", self.peer):
                     b._poll_locked()
-                    if self.handle is None:
-                        b._try_post_locked(self)
-                    if self.handle is not None:
-                        state = b._agent.check_xfer_state(self.handle)
-                        if state == "DONE":
-                            b._pending.pop((self.peer, self.tag), None)
-                            with contextlib.suppress(Exception):
-                                b._agent.release_xfer_handle(self.handle)
-                            self.handle = None
-                            self.done = True
-                            return
-                        if state == "ERR":
-                            raise KVTransferFailedError(
-                                f"NIXL READ of message {self.tag:#x} from rank {self.peer} failed",
-                                peer=self.peer,
-                            )
+                    if self._done_locked():
+                        self.done = True
+                        return
             except KVCacheError:
                 b._abandon(self)
                 raise
             if time.monotonic() >= deadline:
                 b._abandon(self)
-                what = "no descriptor" if self.handle is None else "the READ did not complete"
-                raise KVTransferTimeoutError(
-                    f"message {self.tag:#x} from rank {self.peer}: {what} within {timeout_s:.3f} s",
-                    peer=self.peer,
-                )
-            sleep()
+                raise KVTransferTimeoutError(self._timeout_message(timeout_s), peer=self.peer)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
+
+
+class _ExposeWork(_Work):
+    """Sender side: done when the peer's completion notification arrives."""
+
+    __slots__ = ("id", "tensors")
+
+    def __init__(
+        self, backend: NixlBackend, peer: int, tag: int, xid: int, tensors: list[Any]
+    ) -> None:
+        super().__init__(backend, peer, tag)
+        self.id = xid
+        self.tensors = tensors  # alive until the peer has read them
+
+    def memory(self) -> list[Any]:
+        return self.tensors
+
+    def _done_locked(self) -> bool:
+        b = self.backend
+        if self.id not in b._completed:
+            return False
+        b._completed.discard(self.id)
+        b._live.pop(self.id, None)
+        return True
+
+    def _timeout_message(self, timeout_s: float) -> str:
+        return f"rank {self.peer} did not read message {self.tag:#x} within {timeout_s:.3f} s"
+
+
+class _FetchWork(_Work):
+    """Receiver side: one READ posted as soon as the sender's descriptors are here."""
+
+    __slots__ = ("handle", "local", "outs")
+
+    def __init__(
+        self, backend: NixlBackend, peer: int, tag: int, outs: list[Any], local: Any
+    ) -> None:
+        super().__init__(backend, peer, tag)
+        self.outs = outs  # alive until the READ is done (or close())
+        self.local = local  # the local transfer descriptor list
+        self.handle: Any = None
+
+    def memory(self) -> list[Any]:
+        return self.outs
+
+    def _done_locked(self) -> bool:
+        b = self.backend
+        if self.handle is None:
+            b._try_post_locked(self)
+        if self.handle is None:
+            return False
+        state = b._agent.check_xfer_state(self.handle)
+        if state == "ERR":
+            raise KVTransferFailedError(
+                f"NIXL READ of message {self.tag:#x} from rank {self.peer} failed",
+                peer=self.peer,
+            )
+        if state != "DONE":
+            return False
+        b._pending.pop((self.peer, self.tag), None)
+        with contextlib.suppress(Exception):
+            b._agent.release_xfer_handle(self.handle)
+        self.handle = None
+        return True
+
+    def _timeout_message(self, timeout_s: float) -> str:
+        what = "no descriptor" if self.handle is None else "the READ did not complete"
+        return f"message {self.tag:#x} from rank {self.peer}: {what} within {timeout_s:.3f} s"
 
 
 class NixlBackend(TransferBackend):
@@ -244,6 +269,7 @@ class NixlBackend(TransferBackend):
 
     name = "nixl"
     direct_cuda = False
+    batch_messages = 16
 
     def __init__(
         self,
@@ -302,7 +328,7 @@ class NixlBackend(TransferBackend):
         self._md_sent: dict[int, int] = {}  # peer -> metadata version it has from us
         self._peer_names: dict[int, str] = {}
         self._name_to_rank: dict[str, int] = {}
-        self._descs: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}
+        self._descs: dict[tuple[int, int], tuple[list[tuple[Any, ...]], int]] = {}
         self._pending: dict[tuple[int, int], _FetchWork] = {}
         self._completed: set[int] = set()
         self._live: dict[int, _ExposeWork] = {}  # exposed, not yet read by the peer
@@ -333,12 +359,18 @@ class NixlBackend(TransferBackend):
     def _connect_locked(self, peer: int) -> str:
         name = self._peer_names.get(peer)
         if name is None:
-            md = _store_wait(
+            got = store_wait(
                 self.store,
                 self._md_key(peer),
                 self.connect_timeout_s,
                 f"NIXL metadata of rank {peer}",
             )
+            if got is None:
+                raise KVTransferTimeoutError(
+                    f"NIXL metadata of rank {peer}: not published within "
+                    f"{self.connect_timeout_s:.3f} s"
+                )
+            md = got
             name = self._agent.add_remote_agent(md[8:])
             name = name.decode() if isinstance(name, bytes) else str(name)
             self._peer_names[peer] = name
@@ -387,25 +419,38 @@ class NixlBackend(TransferBackend):
             return
         if msg[0] != _KIND_DESC or len(msg) < _DESC.size:
             return  # not ours: ignore
-        _, tag, addr, nbytes, dev, mem, xid, md_len = _DESC.unpack_from(msg)
+        _, tag, count, xid, md_len = _DESC.unpack_from(msg)
+        end = _DESC.size + count * _ENTRY.size
+        if count == 0 or count > MAX_BATCH or len(msg) != end + md_len:
+            return  # malformed: the fetch times out, typed
         if md_len:  # the sender registered new memory: refresh what we know of it
-            self._agent.add_remote_agent(msg[_DESC.size : _DESC.size + md_len])
+            self._agent.add_remote_agent(msg[end:])
         peer = self._name_to_rank.get(name)
         if peer is None:
             return  # a sender we never connected to cannot be addressed
-        self._descs[(peer, tag)] = (addr, nbytes, dev, mem, xid)
+        entries = [_ENTRY.unpack_from(msg, _DESC.size + i * _ENTRY.size) for i in range(count)]
+        self._descs[(peer, tag)] = (entries, xid)
 
     def _try_post_locked(self, fw: _FetchWork) -> None:
         desc = self._descs.pop((fw.peer, fw.tag), None)
         if desc is None:
             return
-        addr, nbytes, dev, mem, xid = desc
-        want = fw.out.numel() * fw.out.element_size()
-        if nbytes != want:
+        entries, xid = desc
+        if len(entries) != len(fw.outs):
             raise KVTransferFailedError(
-                f"message {fw.tag:#x} from rank {fw.peer} has {nbytes} bytes, expected {want}"
+                f"message {fw.tag:#x} from rank {fw.peer}: {len(entries)} descriptors, "
+                f"expected {len(fw.outs)}"
             )
-        remote = self._agent.get_xfer_descs([(addr, nbytes, dev)], _MEM_TYPES[mem])
+        for i, (out, (_, nbytes, _, mem)) in enumerate(zip(fw.outs, entries)):
+            want = out.numel() * out.element_size()
+            if nbytes != want or mem != entries[0][3]:
+                raise KVTransferFailedError(
+                    f"message {fw.tag + i:#x} from rank {fw.peer} has {nbytes} bytes, "
+                    f"expected {want}"
+                )
+        remote = self._agent.get_xfer_descs(
+            [(addr, nbytes, dev) for addr, nbytes, dev, _ in entries], _MEM_TYPES[entries[0][3]]
+        )
         handle = self._agent.initialize_xfer(
             "READ", fw.local, remote, self._peer_names[fw.peer], _DONE.pack(_KIND_DONE, xid)
         )
@@ -429,15 +474,14 @@ class NixlBackend(TransferBackend):
             for w in doomed:
                 if isinstance(w, _FetchWork):
                     self._pending.pop((w.peer, w.tag), None)
-                    mem = w.out
                 else:
                     self._live.pop(w.id, None)
-                    mem = w.tensor
                 if w not in self._abandoned:
                     self._abandoned.append(w)
-                reg = self._reg_of(mem)
-                if reg is not None:
-                    self._retired.add(reg[0])
+                for mem in w.memory():
+                    reg = self._reg_of(mem)
+                    if reg is not None:
+                        self._retired.add(reg[0])
             self._reap_locked()
 
     def _reg_of(self, tensor: Any) -> tuple | None:
@@ -459,7 +503,7 @@ class NixlBackend(TransferBackend):
                 except Exception:
                     state = "ERR"
                 if state not in ("DONE", "ERR"):
-                    running.append(w)  # the READ may still write into w.out
+                    running.append(w)  # the READ may still write into its buffers
                     continue
                 with contextlib.suppress(Exception):
                     self._agent.release_xfer_handle(h)
@@ -467,9 +511,8 @@ class NixlBackend(TransferBackend):
         self._abandoned = running
         if not self._retired:
             return
-        busy = [w.out.data_ptr() for w in self._pending.values()]
-        busy += [w.tensor.data_ptr() for w in self._live.values()]
-        busy += [w.out.data_ptr() for w in running]
+        works = [*self._pending.values(), *self._live.values(), *running]
+        busy = [t.data_ptr() for w in works for t in w.memory()]
         keep = []
         for reg in self._regs:
             start, end, descs, _ = reg
@@ -483,29 +526,45 @@ class NixlBackend(TransferBackend):
 
     # -- the engine's interface ------------------------------------------------
     def expose(self, peer: int, tag: int, tensor: torch.Tensor) -> _ExposeWork:
+        return self.expose_many(peer, [tag], [tensor])
+
+    def fetch(self, peer: int, tag: int, out: torch.Tensor) -> _FetchWork:
+        return self.fetch_many(peer, [tag], [out])
+
+    def expose_many(self, peer: int, tags: Sequence[int], tensors: Sequence[Any]) -> _ExposeWork:
+        """Publish the group's descriptors in one notification; the peer reads them
+        with one READ (tags must count up by one from ``tags[0]``)."""
         self.check_peer(peer)
-        with self._lock, _typed(f"exposing message {tag:#x} to rank {peer}", peer):
+        _check_group(tags, tensors)
+        with self._lock, _typed(f"exposing message {tags[0]:#x} to rank {peer}", peer):
             name = self._connect_locked(peer)
-            addr, nbytes, mem = self._register_locked(tensor)
-            dev = tensor.get_device() if tensor.is_cuda else 0
+            entries = []
+            for t in tensors:
+                addr, nbytes, mem = self._register_locked(t)
+                entries.append((addr, nbytes, t.get_device() if t.is_cuda else 0, mem))
             xid = next(self._ids)
             md = b""
             if self._md_sent.get(peer, 0) < self._md_version:
-                md = self._agent.get_agent_metadata()
+                md = bytes(self._agent.get_agent_metadata())
                 self._md_sent[peer] = self._md_version
-            msg = _DESC.pack(_KIND_DESC, tag, addr, nbytes, dev, mem, xid, len(md)) + md
-            self._agent.send_notif(name, msg)
-            work = _ExposeWork(self, peer, tag, xid, tensor)
+            self._agent.send_notif(name, desc_message(tags[0], xid, entries, md))
+            work = _ExposeWork(self, peer, tags[0], xid, list(tensors))
             self._live[xid] = work
             return work
 
-    def fetch(self, peer: int, tag: int, out: torch.Tensor) -> _FetchWork:
+    def fetch_many(self, peer: int, tags: Sequence[int], outs: Sequence[Any]) -> _FetchWork:
+        """Post one READ for the group as soon as its descriptors are here."""
         self.check_peer(peer)
-        with self._lock, _typed(f"fetching message {tag:#x} from rank {peer}", peer):
+        _check_group(tags, outs)
+        with self._lock, _typed(f"fetching message {tags[0]:#x} from rank {peer}", peer):
             self._connect_locked(peer)
-            self._register_locked(out)
-            fw = _FetchWork(self, peer, tag, out, self._agent.get_xfer_descs(out))
-            self._pending[(peer, tag)] = fw
+            local = []
+            for out in outs:
+                addr, nbytes, mem = self._register_locked(out)
+                local.append((addr, nbytes, out.get_device() if out.is_cuda else 0))
+            descs = self._agent.get_xfer_descs(local, _MEM_TYPES[mem])
+            fw = _FetchWork(self, peer, tags[0], list(outs), descs)
+            self._pending[(peer, tags[0])] = fw
             self._poll_locked()
             if fw.handle is None:
                 self._try_post_locked(fw)
