@@ -100,7 +100,19 @@ class PoolInstance:
         self.alloc = [0] * n
         self.evicted = [0] * n
         self.held: list[Any] = [None] * n
-        self.hits_per_tier = {"gpu": self.hit}
+
+    #: the per-request columns (indexed by trace row)
+    COLUMNS: tuple[str, ...] = ("hit", "alloc", "evicted", "held")
+
+    def share_columns(self, other: PoolInstance) -> None:
+        """Write the per-request columns into ``other``'s lists (a fleet: each request
+        lives on one instance, so one set of columns serves them all)."""
+        for name in self.COLUMNS:
+            setattr(self, name, getattr(other, name))
+
+    @property
+    def hits_per_tier(self) -> dict[str, list]:
+        return {"gpu": self.hit}
 
     @property
     def num_used(self) -> int:
@@ -377,6 +389,9 @@ class Engine:
         bs = inst.block_size
         cap = inst.capacity_blocks
         start, written, finish = inst.start, inst.written, inst.finish
+        starts = [x.start for x in insts]
+        writes = [x.written for x in insts]
+        finishes = [x.finish for x in insts]
         hashes_col, lengths, full_l, rejected, inst_of = (
             self.hashes_col,
             self.lengths,
@@ -397,8 +412,7 @@ class Engine:
                 hs = hashes_col[i][:full]
                 k = route(i, hs)
                 inst_of[i] = k
-                inst = insts[k]
-                start, written, finish = inst.start, inst.written, inst.finish
+                start, written, finish = starts[k], writes[k], finishes[k]
             if (-(-lengths[i] // bs) if tail else full) > cap:  # never fits: a miss
                 rejected[i] = True
             elif full:

@@ -30,6 +30,7 @@ Bounds recorded per request (blocks; ``summary()`` gives them as token ratios):
 
 from __future__ import annotations
 
+from itertools import islice, takewhile
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,17 @@ def _matcher(bp: Any) -> Any:
         return len(match(hs)) if hs and hs[0] in cached else 0
 
     return match_prefix
+
+
+def _match_all(bps: list) -> Any:
+    """``hashes -> [leading blocks cached on each of bps]`` in one call (hashes not empty)."""
+    pairs = [(bp.cached, bp.match_prefix) for bp in bps]
+
+    def match_all(hs: list) -> list[int]:
+        h0 = hs[0]
+        return [len(match(hs)) if h0 in cached else 0 for cached, match in pairs]
+
+    return match_all
 
 
 class FleetEngine:
@@ -125,6 +137,8 @@ class FleetEngine:
                 PoolInstance(capacity_blocks, block_size, policy, self.clock, cost, n)
                 for _ in range(num_instances)
             ]
+        for inst in self.insts[1:]:
+            inst.share_columns(self.insts[0])
         self.collector = LoadMetricsCollector()
         self.devices = list(range(num_instances))
         for k, inst in enumerate(self.insts):
@@ -133,12 +147,23 @@ class FleetEngine:
             self.scheduler = router  # a caller's own (tests: a router that always picks 0)
         else:
             self.scheduler = make_scheduler(router, self.collector)
+        self._match_all = _match_all([inst.bp for inst in self.insts])
+        self.collector.attach_match_many(self.devices, self._match_all)
         self.metrics = [self.collector.get_metrics(k) for k in self.devices]
-        self._select = self.scheduler.select_device
-        self._matchers = [_matcher(inst.bp) for inst in self.insts]
-        self._caches = [inst.bp.cached for inst in self.insts]  # hash -> block, per instance
+        place = getattr(self.scheduler, "place", None)
+        if place is None:  # a router with select_device only
+            select = self.scheduler.select_device
+
+            def place(devices: list, need: int, hs: list, sess: Any) -> Any:
+                return select(devices, need, None, block_hashes=hs, session_id=sess)
+
+        self._place = place
+        self._sequential = sequential
+        caches = [inst.bp.cached for inst in self.insts]  # hash -> block, per instance
+        self._holds = [c.__contains__ for c in caches]
         if self.shared is not None:  # what the shared tier holds is usable by every request
-            self._caches.append(self.shared.cached)
+            caches.append(self.shared.cached)
+        self._all_holds = [c.__contains__ for c in caches]
         self.routed = [0] * n
         self.best = [0] * n
         self.held = [0] * n
@@ -157,33 +182,37 @@ class FleetEngine:
         )
         if not bounds:
             self.starting = None  # type: ignore[assignment]  # the engine skips it
-        if sequential:
+        if sequential or not getattr(self.scheduler, "needs_metrics", True):
             self.update = None  # type: ignore[assignment]  # metrics stay as registered
 
     # -- the engine's router ------------------------------------------------------
     def route(self, i: int, hs: list) -> int:
         sess = self.sessions[i] if self.sessions is not None else None
-        k = self._select(self.devices, self.lengths[i], None, block_hashes=hs, session_id=sess)
+        k = self._place(self.devices, self.lengths[i], hs, sess)
         if self.bounds and hs:
             matches = getattr(self.scheduler, "last_matches", None)
             if matches is None or len(matches) != len(self.insts):
-                matches = [m(hs) for m in self._matchers]
+                matches = self._match_all(hs)
             self.routed[i] = matches[k]
             self.best[i] = max(matches)
         return k
 
     def starting(self, i: int, k: int, hs: list) -> None:
-        """The leading run held by any instance now (instance k's own run is held)."""
-        j, full = self._matchers[k](hs), len(hs)
-        caches = self._caches
+        """The leading run held by any cache now (``held_blocks``): from a run known held
+        (sequential: the best instance's at routing, nothing changed since; else instance
+        k's own), extended by whichever cache holds the next block, as far as it goes."""
+        j = self.best[i] if self._sequential else len(list(takewhile(self._holds[k], hs)))
+        full = len(hs)
+        holds = self._all_holds
         while j < full:
-            h = hs[j]
-            for c in caches:
-                if h in c:
-                    break
-            else:
+            j0 = j
+            for hold in holds:
+                if hold(hs[j]):
+                    j += len(list(takewhile(hold, islice(hs, j, None))))
+                    if j == full:
+                        break
+            if j == j0:
                 break
-            j += 1
         self.held[i] = j
 
     def update(self, k: int, running: int, waiting: int, used: int) -> None:
@@ -204,34 +233,34 @@ class FleetEngine:
 
 def _per_instance(records: Any, num_instances: int, eng: FleetEngine, bs: int) -> list[dict]:
     """One dict per instance: load (requests, prompt tokens), hits, blocks in use, queueing, TTFT."""
-    import polars as pl
-
     from .result import timing_stats
 
-    cols = ["instance", "input_length", "hit_blocks", "full_blocks"]
-    timed = "ttft_s" in records.columns
-    df = records.select(cols + (["queue_s", "ttft_s"] if timed else []))
+    inst = records["instance"].to_numpy()
+    requests = np.bincount(inst, minlength=num_instances)
+    prompt = np.bincount(inst, records["input_length"].to_numpy(), num_instances)
+    hit = np.bincount(inst, records["hit_blocks"].to_numpy(), num_instances)
+    timed = (
+        {name: records[name].cast(float).to_numpy() for name in ("queue_s", "ttft_s")}
+        if "ttft_s" in records.columns
+        else {}
+    )
     out = []
-    parts = {k: g for (k,), g in df.partition_by("instance", as_dict=True).items()}
     for k in range(num_instances):
-        g = parts.get(k)
-        if g is None:
-            g = df.clear()
-        prompt = int(g["input_length"].sum() or 0)
-        hit = int(g["hit_blocks"].sum() or 0)
+        p = int(prompt[k])
         row: dict[str, Any] = {
             "instance": k,
-            "requests": g.height,
-            "prompt_tokens": prompt,
-            "token_hit_ratio": hit * bs / prompt if prompt else 0.0,
+            "requests": int(requests[k]),
+            "prompt_tokens": p,
+            "token_hit_ratio": int(hit[k]) * bs / p if p else 0.0,
             "evictions": int(eng.insts[k].num_evictions),
             "blocks_in_use_end": int(eng.insts[k].num_used),
         }
         if timed:
             row["peak_blocks_in_use"] = int(eng.peak_used[k])
             row["peak_waiting"] = int(eng.peak_waiting[k])
-            for name in ("queue_s", "ttft_s"):
-                st = timing_stats(name, g[name].cast(pl.Float64).to_numpy())
+            mine = inst == k
+            for name, col in timed.items():
+                st = timing_stats(name, col[mine])
                 base = name[:-2]
                 row.update({key: st[key] for key in (f"{base}_p50_s", f"{base}_p99_s")})
         out.append(row)
@@ -241,13 +270,6 @@ def _per_instance(records: Any, num_instances: int, eng: FleetEngine, bs: int) -
 def _imbalance(values: list[float]) -> float:
     mean = sum(values) / len(values) if values else 0.0
     return max(values) / mean if mean > 0 else 1.0
-
-
-def gather_f(eng: FleetEngine, attr: str, inst_of: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Per request, a float column of the instance that served it."""
-    if not len(cols):
-        return np.zeros(0)
-    return np.asarray([getattr(x, attr) for x in eng.insts], dtype=np.float64)[inst_of, cols]
 
 
 def _global_settings(
@@ -349,12 +371,10 @@ def simulate_fleet(
         ),
     ).run()
     inst_of = np.asarray(eng.inst_of, dtype=np.int64)
-    cols = np.arange(n)
+    inst0 = eng.insts[0]  # its per-request columns are every instance's (share_columns)
 
     def gather(attr: str) -> np.ndarray:
-        if not n:
-            return np.zeros(0, np.int64)
-        return np.asarray([getattr(x, attr) for x in eng.insts], dtype=np.int64)[inst_of, cols]
+        return np.asarray(getattr(inst0, attr), dtype=np.int64)
 
     hit, alloc, evicted = gather("hit"), gather("alloc"), gather("evicted")
     rej = np.asarray(eng.rejected, dtype=bool)
@@ -374,8 +394,7 @@ def simulate_fleet(
         if eng.shared is not None:  # loading the global pool's hits comes first
             from .tiered import ttft_model
 
-            load = gather_f(eng, "load", inst_of, cols)
-            inst0 = eng.insts[0]
+            load = np.asarray(inst0.load, dtype=np.float64)
             loaded = ttft_model(load, prefill, inst0.num_layers, inst0.overlap)
             prefill = np.where(load != 0, loaded, prefill)
             times["prefill_s"] = np.where(ran, prefill, np.nan)
@@ -383,7 +402,7 @@ def simulate_fleet(
     else:
         times = clocked_times(eng)
         clock_kind = "simulated"
-    policy_name = eng.insts[0].policy_name
+    policy_name = inst0.policy_name
     resolved = {
         "mode": mode,
         "policy": policy_name,

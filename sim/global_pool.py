@@ -105,7 +105,12 @@ class GlobalPoolInstance(PoolInstance):
         self.local = [0] * n
         self.remote = [0] * n
         self.load = [0.0] * n
-        self.hits_per_tier = {"gpu": self.local, "global": self.remote}
+
+    COLUMNS = PoolInstance.COLUMNS + ("local", "remote", "load")
+
+    @property
+    def hits_per_tier(self) -> dict[str, list]:
+        return {"gpu": self.local, "global": self.remote}
 
     def start(self, i: int, hashes: list, full: int, anything_running: bool) -> bool:
         bp = self.bp

@@ -175,6 +175,8 @@ class LoadMetricsCollector:
         self._metrics: dict[Hashable, DeviceLoadMetrics] = {}
         self._pools: dict[Hashable, Any] = {}
         self._matchers: dict[Hashable, Callable[[Sequence[Hashable]], int]] = {}
+        #: devices answered together by one ``match_many`` (``attach_match_many``)
+        self._group: tuple[list[Hashable], Callable[[Sequence[Hashable]], list[int]]] | None = None
 
     # -- devices ---------------------------------------------------------------
     def register_device(
@@ -214,12 +216,34 @@ class LoadMetricsCollector:
         self._matchers[device] = matcher
         self._apply(self._metrics[device], stats)
 
+    def attach_match_many(
+        self,
+        devices: Sequence[Hashable],
+        match_many: Callable[[Sequence[Hashable]], list[int]],
+    ) -> None:
+        """One peek for several attached devices at once.
+
+        ``match_many(hashes)`` returns, in ``devices`` order, what each device's
+        own peek would (its leading cached blocks); ``prefix_blocks_many`` over
+        exactly these devices then makes one call instead of one per device (the
+        simulator answers all its instances so).
+        """
+        devices = list(devices)
+        for d in devices:
+            if d not in self._matchers:
+                raise KVInvalidInputError(f"device {d!r} has no attached pool")
+        if not callable(match_many):
+            raise KVInvalidTypeError("match_many must be callable")
+        self._group = (devices, match_many)
+
     def unregister_device(self, device: Hashable) -> None:
         """Stop tracking ``device`` (its pool too)."""
         self._require(device)
         del self._metrics[device]
         self._pools.pop(device, None)
         self._matchers.pop(device, None)
+        if self._group is not None and device in self._group[0]:
+            self._group = None
 
     def list_devices(self) -> list[Hashable]:
         """Registered devices, in registration order."""
@@ -235,6 +259,22 @@ class LoadMetricsCollector:
 
     def has_pool(self, device: Hashable) -> bool:
         return device in self._matchers
+
+    def get_pool(self, device: Hashable) -> Any:
+        """The pool attached to ``device`` (None without one)."""
+        return self._pools.get(device)
+
+    def metrics_of(self, devices: Sequence[Hashable]) -> list[DeviceLoadMetrics]:
+        """The live metrics of ``devices``, in order (KVInvalidInputError naming the
+        first one not registered)."""
+        metrics = self._metrics
+        try:
+            return [metrics[d] for d in devices]
+        except (KeyError, TypeError):
+            bad = next(d for d in devices if not _known(metrics, d))
+            raise KVInvalidInputError(
+                f"device {bad!r} is not registered with the collector"
+            ) from None
 
     # -- updates ---------------------------------------------------------------
     def update_kv_usage(self, device: Hashable, kv_tokens_used: int) -> None:
@@ -261,11 +301,23 @@ class LoadMetricsCollector:
         m = self._matchers.get(device)
         return m(block_hashes) if m is not None else 0
 
+    def prefix_blocks_many(
+        self, devices: Sequence[Hashable], block_hashes: Sequence[Hashable]
+    ) -> list[int]:
+        """``prefix_blocks`` of each of ``devices`` (one call when they are the
+        ``attach_match_many`` group)."""
+        group = self._group
+        if group is not None and group[0] == devices:
+            return group[1](block_hashes)
+        fns = self._matchers
+        return [fns[d](block_hashes) if d in fns else 0 for d in devices]
+
     def reset(self) -> None:
         """Forget every device and pool."""
         self._metrics.clear()
         self._pools.clear()
         self._matchers.clear()
+        self._group = None
 
     # -- helpers ---------------------------------------------------------------
     @staticmethod
@@ -287,6 +339,13 @@ class LoadMetricsCollector:
 
     def __repr__(self) -> str:
         return f"LoadMetricsCollector(devices={len(self._metrics)})"
+
+
+def _known(metrics: dict, device: Any) -> bool:
+    try:
+        return device in metrics
+    except TypeError:  # unhashable
+        return False
 
 
 def _check_device(device: Any) -> None:

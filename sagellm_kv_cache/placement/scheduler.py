@@ -48,7 +48,7 @@ from enum import StrEnum
 from typing import Any
 
 from ..errors import KVConfigError, KVInvalidInputError, KVInvalidTypeError
-from .metrics import LoadMetricsCollector
+from .metrics import DeviceLoadMetrics, LoadMetricsCollector
 
 __all__ = ["PREFIX_STRATEGIES", "LoadAwareScheduler", "PlacementStrategy"]
 
@@ -175,8 +175,23 @@ class LoadAwareScheduler:
         self.last_matches: list[int] | None = None
         s = self.strategy if self.enable_load_awareness else S.ROUND_ROBIN
         self._effective = s
+        #: what the effective strategy reads: the pools' prefixes, KV figures, any metric
         self.needs_prefix = s in PREFIX_STRATEGIES
         self.needs_kv = s in _KV_STRATEGIES
+        self.needs_metrics = s in _METRIC_STRATEGIES
+        #: the rule of the effective strategy: (candidates, metrics, need, hashes,
+        #: session, request) -> device
+        self._rule = {
+            S.ROUND_ROBIN: self._round_robin,
+            S.RANDOM: self._random,
+            S.CONSISTENT_HASH: self._consistent,
+            S.LOWEST_KV: self._lowest_kv,
+            S.SHORTEST_QUEUE: self._shortest_queue,
+            S.BEST_FIT: self._best_fit,
+            S.LONGEST_PREFIX: self._longest_prefix,
+            S.KV_COST: self._kv_cost,
+            S.CACHE_AWARE: self._cache_aware,
+        }[s]
 
     # -- public ------------------------------------------------------------------
     def is_enabled(self) -> bool:
@@ -228,24 +243,31 @@ class LoadAwareScheduler:
             raise KVInvalidTypeError(
                 f"block_hashes must be a list or tuple, got {type(block_hashes).__name__}"
             )
-        s = self._effective
-        if s in _METRIC_STRATEGIES:
-            metrics = self.collector._metrics
-            for d in candidate_devices:
-                if d not in metrics:
-                    raise KVInvalidInputError(f"device {d!r} is not registered with the collector")
-            if self.auto_refresh and s in _KV_STRATEGIES:
+        return self.place(
+            candidate_devices, int(kv_tokens_required), block_hashes, session_id, request_id
+        )
+
+    def place(
+        self,
+        candidate_devices: Sequence[Hashable],
+        kv_tokens_required: int = 0,
+        block_hashes: Sequence[Hashable] | None = None,
+        session_id: Hashable | None = None,
+        request_id: str | None = None,
+    ) -> Hashable:
+        """``select_device`` without its type checks, for a caller whose arguments are
+        known good (a simulator's inner loop): a non-empty list of devices, an int >= 0,
+        a list of hashes or None. An unregistered device is still a
+        ``KVInvalidInputError`` for the metric-reading strategies."""
+        ms: list[DeviceLoadMetrics] = []
+        if self.needs_metrics:
+            ms = self.collector.metrics_of(candidate_devices)  # checks they are registered
+            if self.auto_refresh and self.needs_kv:
                 self.collector.refresh(candidate_devices)
         self.last_matches = None
-        if s is S.ROUND_ROBIN:
-            device = candidate_devices[self._round_robin_index % len(candidate_devices)]
-            self._round_robin_index += 1
-        elif s is S.RANDOM:
-            device = candidate_devices[self._rng.randrange(len(candidate_devices))]
-        elif s is S.CONSISTENT_HASH:
-            device = self._consistent(candidate_devices, block_hashes, session_id, request_id)
-        else:
-            device = self._by_metrics(s, candidate_devices, int(kv_tokens_required), block_hashes)
+        device = self._rule(
+            candidate_devices, ms, kv_tokens_required, block_hashes, session_id, request_id
+        )
         self._placement_count += 1
         pd = self._placement_decisions
         pd[device] = pd.get(device, 0) + 1
@@ -281,8 +303,8 @@ class LoadAwareScheduler:
         hashes = get("block_hashes")
         tokens = get("prompt_tokens")
         if hashes is None and tokens is not None and self.needs_prefix:
-            pools = self.collector._pools
-            pool = next((pools[d] for d in candidates if d in pools), None)
+            pools = (self.collector.get_pool(d) for d in candidates)
+            pool = next((p for p in pools if p is not None), None)
             if pool is not None and hasattr(pool, "compute_block_hashes"):
                 hashes = pool.compute_block_hashes(tokens)
         if hashes is not None and not isinstance(hashes, list | tuple):
@@ -325,44 +347,47 @@ class LoadAwareScheduler:
         tied = [(pd.get(d, 0), j) for j, (k, d) in enumerate(zip(keys, candidates)) if k == low]
         return candidates[min(tied)[1]]
 
-    def _by_metrics(
-        self,
-        s: PlacementStrategy,
-        candidates: Sequence[Hashable],
-        need: int,
-        hashes: Sequence[Hashable] | None,
-    ) -> Hashable:
-        ms = [self.collector._metrics[d] for d in candidates]
-        if s is S.LOWEST_KV:
-            return self._argmin([m.kv_utilization() for m in ms], candidates)
-        if s is S.SHORTEST_QUEUE:
-            return self._argmin([m.total_requests() for m in ms], candidates)
-        if s is S.BEST_FIT:
-            keys = [
-                (
-                    0 if m.available_kv_tokens() >= need else 1,
-                    m.kv_utilization(),
-                    m.total_requests(),
-                )
-                for m in ms
-            ]
-            return self._argmin(keys, candidates)
-        # prefix-aware: each pool's cached leading blocks (a peek)
+    def _round_robin(self, candidates, ms, need, hashes, session_id, request_id) -> Hashable:
+        device = candidates[self._round_robin_index % len(candidates)]
+        self._round_robin_index += 1
+        return device
+
+    def _random(self, candidates, ms, need, hashes, session_id, request_id) -> Hashable:
+        return candidates[self._rng.randrange(len(candidates))]
+
+    def _lowest_kv(self, candidates, ms, need, hashes, session_id, request_id) -> Hashable:
+        return self._argmin([m.kv_utilization() for m in ms], candidates)
+
+    def _shortest_queue(self, candidates, ms, need, hashes, session_id, request_id) -> Hashable:
+        return self._argmin([m.total_requests() for m in ms], candidates)
+
+    def _best_fit(self, candidates, ms, need, hashes, session_id, request_id) -> Hashable:
+        keys = [
+            (0 if m.available_kv_tokens() >= need else 1, m.kv_utilization(), m.total_requests())
+            for m in ms
+        ]
+        return self._argmin(keys, candidates)
+
+    def _matches(self, candidates: Sequence[Hashable], hashes: Any) -> list[int]:
+        """Each candidate's cached leading blocks (a peek), kept in ``last_matches``."""
         if hashes:
-            fns = self.collector._matchers
-            matches = [fns[d](hashes) if d in fns else 0 for d in candidates]
+            matches = self.collector.prefix_blocks_many(candidates, hashes)
         else:
             matches = [0] * len(candidates)
         self.last_matches = matches
-        if s is S.LONGEST_PREFIX:
-            return self._argmin([(-k, m.total_requests()) for k, m in zip(matches, ms)], candidates)
-        if s is S.KV_COST:
-            return self._kv_cost(candidates, ms, matches, len(hashes) if hashes else 0)
-        return self._cache_aware(candidates, ms, matches, len(hashes) if hashes else 0)
+        return matches
 
-    def _kv_cost(self, candidates, ms, matches, num_blocks: int) -> Hashable:
+    def _longest_prefix(self, candidates, ms, need, hashes, session_id, request_id) -> Hashable:
+        matches = self._matches(candidates, hashes)
+        return self._argmin([(-k, m.total_requests()) for k, m in zip(matches, ms)], candidates)
+
+    def _kv_cost(self, candidates, ms, need, hashes, session_id, request_id) -> Hashable:
+        matches = self._matches(candidates, hashes)
+        num_blocks = len(hashes) if hashes else 0
         w = self.overlap_score_weight
-        costs = [w * (num_blocks - k) + m.kv_blocks_used() for k, m in zip(matches, ms)]
+        costs = [
+            w * (num_blocks - k) + m.kv_tokens_used // m.block_size for k, m in zip(matches, ms)
+        ]
         if self.temperature == 0.0 or len(candidates) == 1:
             return self._argmin(costs, candidates)
         lo, hi = min(costs), max(costs)
@@ -370,8 +395,10 @@ class LoadAwareScheduler:
         weights = [math.exp(-(c - lo) / span / self.temperature) for c in costs]
         return candidates[self._rng.choices(range(len(candidates)), weights=weights)[0]]
 
-    def _cache_aware(self, candidates, ms, matches, num_blocks: int) -> Hashable:
-        loads = [m.total_requests() for m in ms]
+    def _cache_aware(self, candidates, ms, need, hashes, session_id, request_id) -> Hashable:
+        matches = self._matches(candidates, hashes)
+        num_blocks = len(hashes) if hashes else 0
+        loads = [m.active_requests + m.queue_length for m in ms]
         hi, lo = max(loads), min(loads)
         if hi - lo > self.balance_abs_threshold and hi > self.balance_rel_threshold * lo:
             return self._argmin(loads, candidates)
@@ -380,7 +407,7 @@ class LoadAwareScheduler:
             return self._argmin([(-k, load) for k, load in zip(matches, loads)], candidates)
         return self._argmin([m.kv_tokens_used for m in ms], candidates)
 
-    def _consistent(self, candidates, hashes, session_id, request_id) -> Hashable:
+    def _consistent(self, candidates, ms, need, hashes, session_id, request_id) -> Hashable:
         key: Any = None
         if self.hash_key == "session" and session_id is not None:
             key = ("s", session_id)
