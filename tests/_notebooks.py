@@ -27,3 +27,15 @@ def execute_notebook(path: Path, workdir: Path, monkeypatch) -> list[dict]:
         out for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
     ]
     return outputs
+
+
+def load_builder(path: Path, monkeypatch):
+    """The module of a ``notebooks/build_NN_*.py`` script (its ``CELLS``, ``NAME``), loaded
+    from its file with ``notebooks/`` importable, as when the script is run."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(path.parent))  # the scripts import notebooks/_build.py
+    spec = importlib.util.spec_from_file_location(f"_nb_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -7,7 +7,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-from tests._notebooks import ROOT, execute_notebook  # noqa: E402
+from tests._notebooks import ROOT, execute_notebook, load_builder  # noqa: E402
 
 NOTEBOOK = ROOT / "notebooks" / "02-trace-replay.ipynb"
 
@@ -24,14 +24,8 @@ def test_notebook_02_executes(tmp_path, monkeypatch):
     assert "infinite" in text and "lru" in text
 
 
-def test_notebook_02_is_built_from_its_script():
+def test_notebook_02_is_built_from_its_script(monkeypatch):
     """The committed notebook's sources equal the builder script's cells."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "build_02", ROOT / "notebooks" / "build_02_trace_replay.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_builder(ROOT / "notebooks" / "build_02_trace_replay.py", monkeypatch)
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert [c.source for c in nb.cells] == [c.source for c in module.CELLS]

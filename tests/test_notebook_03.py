@@ -7,7 +7,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-from tests._notebooks import ROOT, execute_notebook  # noqa: E402
+from tests._notebooks import ROOT, execute_notebook, load_builder  # noqa: E402
 
 NOTEBOOK = ROOT / "notebooks" / "03-fleet-routing.ipynb"
 
@@ -27,15 +27,9 @@ def test_notebook_03_executes(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # the notebook writes nothing
 
 
-def test_notebook_03_is_built_from_its_script():
+def test_notebook_03_is_built_from_its_script(monkeypatch):
     """The committed notebook's sources equal the builder script's cells."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "build_03", ROOT / "notebooks" / "build_03_fleet_routing.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_builder(ROOT / "notebooks" / "build_03_fleet_routing.py", monkeypatch)
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert [c.source for c in nb.cells] == [c.source for c in module.CELLS]
     first = next(c for c in nb.cells if c.cell_type == "code")

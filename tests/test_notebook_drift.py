@@ -3,22 +3,12 @@ exactly what that script writes (regenerate with ``python notebooks/build_NN_*.p
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from tests._notebooks import ROOT
+from tests._notebooks import ROOT, load_builder
 
 NOTEBOOKS = ROOT / "notebooks"
 BUILDERS = sorted(NOTEBOOKS.glob("build_[0-9][0-9]_*.py"))
-
-
-def _load(path, monkeypatch):
-    monkeypatch.syspath_prepend(str(NOTEBOOKS))  # the scripts import notebooks/_build.py
-    spec = importlib.util.spec_from_file_location(f"_nb_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_every_notebook_has_a_build_script():
@@ -29,7 +19,7 @@ def test_every_notebook_has_a_build_script():
 
 @pytest.mark.parametrize("path", BUILDERS, ids=lambda p: p.name)
 def test_committed_notebook_is_what_its_script_builds(path, monkeypatch):
-    module = _load(path, monkeypatch)
+    module = load_builder(path, monkeypatch)
     from _build import notebook_text
 
     committed = (NOTEBOOKS / module.NAME).read_text()
