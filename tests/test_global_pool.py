@@ -106,6 +106,43 @@ def test_directory_is_seeded_with_what_a_pool_already_caches_and_invalidation_re
     assert mgr.locate(hashes) == (0, 4)
 
 
+def test_directory_fed_by_another_nodes_kv_events_in_order_gaps_refused():
+    from sagellm_kv_cache.errors import KVEventGapError
+    from sagellm_kv_cache.observability.events import (
+        KVEventStream,
+        events_from_jsonl,
+        events_to_jsonl,
+    )
+
+    a = make_pool(num_blocks=8)  # "another process": only its events reach the directory
+    stream = KVEventStream(a)
+    a.add_hook(stream)
+    d = BlockDirectory()
+    hashes = a.compute_block_hashes(prompt(1))
+    fill(a, prompt(1), seed=1)
+    assert d.apply_events(0, events_from_jsonl(events_to_jsonl(stream.events_since(0)))) == 1
+    assert d.longest_prefix(hashes) == (0, 6) and d.num_blocks(0) == 6
+    h = a.alloc(7 * BS)  # evicts 5 blocks tail first: BlockRemoved
+    a.free(h)
+    fill(a, prompt(2), seed=2)  # evicts the 6th, stores 6 of prompt 2
+    a.reset()  # AllBlocksCleared
+    events = stream.events_since(1)
+    kinds = [e.type for e in events]
+    assert kinds[0] == "block_removed" and kinds[-1] == "all_blocks_cleared"
+    before = (d.longest_prefix(hashes), len(d))
+    with pytest.raises(KVEventGapError) as ei:  # the first removal lost: nothing applied
+        d.apply_events(0, events[1:])
+    assert ei.value.code == "KV_EVENT_GAP" and (d.longest_prefix(hashes), len(d)) == before
+    with pytest.raises(KVInvalidTypeError):
+        d.apply_events(0, [events[0], "not an event"])
+    assert (d.longest_prefix(hashes), len(d)) == before
+    assert d.apply_events(0, events[:1]) == 2
+    assert d.longest_prefix(hashes) == (0, 1)
+    assert d.apply_events(0, events[1:-1]) == events[-2].seq
+    assert d.longest_prefix(a.compute_block_hashes(prompt(2))) == (0, 6)
+    assert d.apply_events(0, events[-1:]) == events[-1].seq and len(d) == 0
+
+
 def test_block_directory_longest_prefix_prefers_longest_then_lowest_rank():
     d = BlockDirectory()
     d.add(2, [b"a", b"b", b"c"])

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from sagellm_kv_cache.errors import KVChecksumMismatchError, KVTransferTimeoutError
+from sagellm_kv_cache.observability.events import KVEventStream, events_from_jsonl, events_to_jsonl
 from sagellm_kv_cache.pool import KVPool
 from sagellm_kv_cache.pooling import GlobalKVPoolManager, NodeContribution, RemoteKVAccessor
 from sagellm_kv_cache.storage import ModelShape
-from sagellm_kv_cache.transfer import KVTransferEngine
 from sagellm_kv_cache.testing.launcher import launch
+from sagellm_kv_cache.transfer import KVTransferEngine
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,8 +45,10 @@ def rank_global_pool(ctx):
     pool = KVPool(num_blocks=64, block_size=BS, model_shape=SHAPE)
     eng = KVTransferEngine("torch", timeout_s=15, max_retries=0, chunk_bytes=2 * 512)
     if ctx.rank == 0:  # node A: caches prompts 1 and 3, answers B's fetches
+        stream = KVEventStream(pool)  # A's own KV events feed B's directory
+        pool.add_hook(stream)
         digests = {}
-        for i in (1, 3):
+        for i in (1, 2, 3):
             h, _ = pool.alloc_with_prefix(prompt(i))
             g = torch.Generator().manual_seed(i)
             kv = torch.randn(SHAPE.num_layers, 2, 26, 2, 8, generator=g).half()
@@ -53,6 +56,8 @@ def rank_global_pool(ctx):
             pool.cache_blocks(h)
             pool.free(h)
             digests[i] = digest(kv[:, :, :24])
+        ctx.store.set("a_events", events_to_jsonl(stream.events_since(0)).encode())
+        pool.invalidate(pool.compute_block_hashes(prompt(2)))  # B's entry for 2 goes stale
         acc = RemoteKVAccessor(eng, pool, timeout_s=15)
         before = acct(pool)
         served = acc.serve(num_requests=2, idle_timeout_s=30)  # the hit and the stale one
@@ -71,8 +76,11 @@ def rank_global_pool(ctx):
     )
     out = {"start": acct(pool)}
     hashes = {i: pool.compute_block_hashes(prompt(i)) for i in (1, 2, 3)}
-    for i in (1, 2, 3):  # the directory's remote feed: what A announced (2 is stale)
-        mgr.directory.add(0, hashes[i])
+    ctx.store.wait(["a_events"], timedelta(seconds=60))  # A's KV events, as JSON lines
+    last = mgr.directory.apply_events(
+        0, events_from_jsonl(bytes(ctx.store.get("a_events")).decode())
+    )
+    out["fed"] = (last, [mgr.locate(hashes[i]) for i in (1, 2, 3)])  # 2 is stale by now
     out["remote_before"] = mgr.accessor.is_remote(hashes[1], 1)
     h, hit = mgr.alloc_with_prefix(prompt(1), node_rank=1)
     out["hit"] = (hit, h.metadata["remote_hit_tokens"])
@@ -106,6 +114,7 @@ def test_block_cached_on_a_is_hit_on_b_through_a_real_transfer_all_or_nothing():
         assert r.ok, f"rank {r.rank}: {r.status} {r.error}"
     a, b = results[0].value, results[1].value
     # the hit: 6 full blocks, A's bytes exactly, now cached and evictable on B
+    assert b["fed"] == (3, [(0, 6), (0, 6), (0, 6)])  # three BlockStored, one per prompt
     assert b["remote_before"] is True
     assert b["hit"] == (24, 24) and b["kv"] == a["digests"][1]
     assert b["after_hit"] == {

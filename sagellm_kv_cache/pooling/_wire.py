@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Hashable, Sequence
+from typing import cast
 
 from ..errors import KVInvalidInputError, KVTransferFailedError
 
@@ -43,7 +44,8 @@ def encode_request(hashes: Sequence[Hashable], min_blocks: int) -> bytes:
             raise KVInvalidInputError(
                 "remote block hashes must be bytes of one length (1..64) or ints in [0, 2**64)"
             )
-        return _HEAD.pack(_MAGIC, _VERSION, 0, hl, n, min_blocks) + b"".join(hashes)
+        raw = cast("list[bytes]", hashes)  # checked above: bytes of one length
+        return _HEAD.pack(_MAGIC, _VERSION, 0, hl, n, min_blocks) + b"".join(raw)
     if all(type(h) is int and 0 <= h < 1 << 64 for h in hashes):
         return _HEAD.pack(_MAGIC, _VERSION, 1, 8, n, min_blocks) + struct.pack(f"<{n}Q", *hashes)
     raise KVInvalidInputError(

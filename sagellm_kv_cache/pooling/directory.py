@@ -4,9 +4,11 @@ The directory is kept current by the pools themselves: ``DirectoryHook`` is a
 ``PoolHook`` attached to each node's pool, so a block registered in the
 prefix cache (``on_blocks_cached``) enters the directory under its node and
 an evicted or invalidated one (``on_evict_many``) or a cleared pool
-(``on_cleared``) leaves it, in the same call that changed the pool. Nodes in
-other processes feed it through ``add`` / ``discard`` (e.g. from their KV
-event stream); such entries may be stale, which fetchers treat as a miss.
+(``on_cleared``) leaves it, in the same call that changed the pool. A node in
+another process feeds it with its pool's own KV events
+(``observability.events.KVEventStream`` on that pool, shipped as JSON lines):
+``apply_events(rank, events)`` applies them in sequence, a gap refused. Such
+entries may be stale by the time they are used, which fetchers treat as a miss.
 
 Lock order: a pool's lock, then the directory's; the directory never calls a pool.
 """
@@ -15,8 +17,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Hashable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from ..errors import KVEventGapError, KVInvalidTypeError
 from ..hashing import check_block_hashes
 from ..hooks import PoolHook
 from ..transfer._args import check_rank
@@ -26,6 +29,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["BlockDirectory", "DirectoryHook"]
 
+_EVENT_KINDS = ("block_stored", "block_removed", "all_blocks_cleared")
+
 
 class BlockDirectory:
     """Block hash -> the set of node ranks that hold it cached."""
@@ -33,6 +38,7 @@ class BlockDirectory:
     def __init__(self) -> None:
         self._holders: dict[Hashable, set[int]] = {}
         self._per_node: dict[int, int] = {}
+        self._last_seq: dict[int, int] = {}  # per node fed by events: the last applied
         self._lock = threading.Lock()
 
     def add(self, rank: int, block_hashes: Iterable[Hashable]) -> None:
@@ -80,8 +86,58 @@ class BlockDirectory:
         """Forget every entry of node ``rank``."""
         check_rank("rank", rank)
         with self._lock:
-            gone = [h for h, s in self._holders.items() if rank in s]
-            self._discard(rank, gone)
+            self._clear(rank)
+
+    def _clear(self, rank: int) -> None:
+        self._discard(rank, [h for h, s in self._holders.items() if rank in s])
+
+    def apply_events(self, rank: int, events: Iterable[Any]) -> int:
+        """Apply node ``rank``'s KV events (``BlockStored`` adds, ``BlockRemoved``
+        discards, ``AllBlocksCleared`` forgets the node), in order.
+
+        Sequence numbers must follow the last one applied for ``rank`` without a
+        hole (the first batch may start anywhere; a ``snapshot_events()`` list,
+        whose events share its clear's number, is accepted at any point).
+
+        Returns:
+            the last sequence number applied for ``rank``.
+
+        Raises:
+            KVEventGapError: events are missing; KVInvalidTypeError: not a KV event.
+            Nothing is applied then.
+        """
+        check_rank("rank", rank)
+        events = list(events)
+        with self._lock:
+            last = self._last_seq.get(rank)
+            cleared = None
+            steps: list[tuple[str, Any]] = []
+            for e in events:
+                kind = getattr(e, "type", None)
+                if kind not in _EVENT_KINDS:
+                    raise KVInvalidTypeError(f"not a KV event: {type(e).__name__}")
+                seq = e.seq
+                if kind == "all_blocks_cleared":
+                    cleared = seq
+                elif last is not None and seq != last + 1 and not (seq == last == cleared):
+                    raise KVEventGapError(
+                        f"node {rank}: event {seq} follows {last}: events in between are missing",
+                        missing_from=last + 1,
+                        missing_to=seq - 1,
+                    )
+                last = seq
+                hashes = [] if kind == "all_blocks_cleared" else check_block_hashes(e.block_hashes)
+                steps.append((kind, hashes))
+            for kind, hashes in steps:  # all checked: now apply
+                if kind == "block_stored":
+                    self._add(rank, hashes)
+                elif kind == "block_removed":
+                    self._discard(rank, hashes)
+                else:
+                    self._clear(rank)
+            if last is not None:
+                self._last_seq[rank] = last
+            return -1 if last is None else last
 
     def holders(self, block_hash: Hashable) -> list[int]:
         """Ranks holding ``block_hash``, ascending."""
@@ -131,11 +187,19 @@ class DirectoryHook(PoolHook):
         self.rank = check_rank("rank", rank)
 
     def sync(self, pool: KVPool) -> None:
-        """Enter the blocks ``pool`` holds cached now (before the hook saw any event)."""
-        with pool._lock:  # the pool's own lock: no event can slip between read and add
-            hashes = list(pool.block_pool.cached)
+        """Enter the blocks ``pool`` holds cached now; call it once the hook is attached.
+
+        The snapshot is read and entered under the directory's lock: an eviction
+        the pool makes meanwhile reaches ``on_evict_many`` only after the entry
+        (its discard waits for the lock), and one made before the snapshot is not
+        in it; cached blocks are entered once either way. The pool's lock is not
+        taken (the order is a pool's lock, then the directory's).
+        """
+        d = self.directory
+        with d._lock:
+            hashes = list(pool.block_pool.cached)  # one C-level pass under the GIL
             if hashes:
-                self.directory.add(self.rank, hashes)
+                d._add(self.rank, hashes)
 
     # the pool validated these hashes already: no second check per event
     def on_blocks_cached(self, block_ids, block_hashes, parent_hash, timestamp) -> None:

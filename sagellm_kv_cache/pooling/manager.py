@@ -337,7 +337,7 @@ class GlobalKVPoolManager:
             dst = min(ranks, key=lambda r: (occ[r], r))
             if occ[src] - occ[dst] <= tolerance:
                 break
-            chain = self._movable_chain(src, dst, tried)
+            chain = self._movable_chain(self.accessor.pools, src, dst, tried)
             if chain is None:
                 break
             if max_blocks is not None:
@@ -354,11 +354,12 @@ class GlobalKVPoolManager:
             moves.append({"src": src, "dst": dst, "num_blocks": res.num_blocks - res.local_blocks})
         return moves
 
-    def _movable_chain(self, src: int, dst: int, tried: set) -> list | None:
+    @staticmethod
+    def _movable_chain(pools: dict, src: int, dst: int, tried: set) -> list | None:
         """Hashes of one root-to-leaf chain of unreferenced cached blocks on ``src``
         whose leaf ``dst`` lacks, the least recently cached leaf first."""
-        pool = self.accessor.pools[src]
-        dst_pool = self.accessor.pools[dst]
+        pool = pools[src]
+        dst_pool = pools[dst]
         with pool._lock:
             bp = pool.block_pool
             hashes, parents, refs = bp.block_hashes, bp.parent_ids, bp.ref_counts

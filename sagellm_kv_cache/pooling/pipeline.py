@@ -125,7 +125,7 @@ class KVTransferPipeline:
 
     def _finished(self, fut: Future, on_done) -> None:
         exc = fut.exception() if not fut.cancelled() else KVConfigError("cancelled")
-        tid = None if exc is not None else fut.result()
+        tid: Any = None if exc is not None else fut.result()
         with self._lock:
             self._pending.discard(fut)
             if exc is None:

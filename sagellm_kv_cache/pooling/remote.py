@@ -138,7 +138,7 @@ class RemoteKVAccessor:
         self.directory = directory
         self.timeout_s = float(timeout_s if timeout_s is not None else engine.timeout_s)
         for rank, pool in self.pools.items():
-            if engine._pools.get(rank) is not pool:
+            if engine.registered_pool(rank) is not pool:
                 engine.register_pool(pool, rank)
         self._max_prefetch = max_prefetch
         self._executor: ThreadPoolExecutor | None = None
@@ -298,12 +298,7 @@ class RemoteKVAccessor:
         src_pool = self.pools.get(src)
         if src_pool is None:
             raise KVConfigError(f"rank {src}'s pool is not in this process")
-        bs = src_pool.block_size
-        with src_pool._lock:  # match and take under one lock: nothing evicted between
-            k = len(src_pool.match_prefix(block_hashes=hashes)[0])
-            handle = None
-            if k > k0:
-                handle, _ = src_pool.alloc_with_prefix(block_hashes=hashes[:k], num_tokens=k * bs)
+        handle, k = _take_cached_run(src_pool, hashes, k0 + 1)
         if handle is None:
             self._forget(src, hashes[k:])
             return self._miss(rank, src, k0)
@@ -411,12 +406,7 @@ class RemoteKVAccessor:
             store.compare_set(ans, b"", f"ERR:{exc.code}:{exc.message[:200]}".encode())
             rec["error_code"] = exc.code
             return rec
-        bs = pool.block_size
-        handle = None
-        with pool._lock:
-            k = len(pool.match_prefix(block_hashes=hashes)[0]) if hashes else 0
-            if k >= max(min_blocks, 1):
-                handle, _ = pool.alloc_with_prefix(block_hashes=hashes[:k], num_tokens=k * bs)
+        handle, k = _take_cached_run(pool, hashes, max(min_blocks, 1))
         try:
             offer = f"OK:{k if handle is not None else 0}".encode()
             if bytes(store.compare_set(ans, b"", offer)) != offer:
@@ -433,6 +423,18 @@ class RemoteKVAccessor:
             if handle is not None:
                 pool.free(handle)
         return rec
+
+
+def _take_cached_run(pool: KVPool, hashes: list, min_blocks: int) -> tuple[KVHandle | None, int]:
+    """``(handle, k)``: the leading run of ``hashes`` cached in ``pool`` (``k`` blocks),
+    taken as a handle when ``k >= min_blocks`` (else None); matched and taken under
+    the pool's lock, so nothing is evicted between (the pool has no public form yet)."""
+    with pool._lock:
+        k = len(pool.match_prefix(block_hashes=hashes)[0]) if hashes else 0
+        if k < min_blocks:
+            return None, k
+        handle, _ = pool.alloc_with_prefix(block_hashes=hashes[:k], num_tokens=k * pool.block_size)
+        return handle, k
 
 
 def _store_wait(store: Any, key: str, deadline: float) -> bytes | None:
