@@ -1,31 +1,48 @@
-"""Eviction policy cost and hit ratios on the bundled Mooncake trace.
+"""Eviction policy cost: whole replays on the bundled Mooncake trace, and the cost of a plan.
 
 Every registered policy (``sagellm_kv_cache.eviction.registry.POLICIES``) plus
-``leaf:lru`` and ``leaf:s3fifo`` replays the bundled Mooncake synthetic trace sequentially
-(``sim.replay.replay_sequential``: lookup, touch hits, allocate, cache,
-release, one request at a time) through the library's ``BlockPool`` at a
-capacity that forces eviction. Reported per policy:
+``leaf:lru`` and ``leaf:s3fifo``:
 
-* ``seconds``: best of ``--repeat`` replays in CPU time of this process
-  (``time.process_time``: other processes on a shared machine do not count;
-  the trace is read once before), rounds interleaving the policies;
-* ``policy_events``: calls the pool makes into the policy, counted per block
-  (``add_many([a, b])`` counts 2; ``on_hit`` only when the policy tracks
-  hits; ``on_cached`` / ``on_evicted`` only when it overrides them), from one
-  extra untimed replay with counting wrappers on the instance;
-* ``Mevents_per_s`` = policy_events / seconds (whole replay time: pool included);
-* ``x_lru`` = seconds / LRU's seconds (goal: <= 3 for every policy);
-* block and token hit ratios and evictions.
+1. replays the bundled Mooncake synthetic trace sequentially
+   (``sim.replay.replay_sequential``: lookup, touch hits, allocate, cache,
+   release, one request at a time) through the library's ``BlockPool`` at a
+   capacity that forces eviction. Reported per policy:
+
+   * ``seconds``: best of ``--repeat`` replays in CPU time of the process
+     (``time.process_time``: other processes on a shared machine do not
+     count; the trace is read once before), rounds interleaving the policies;
+   * ``policy_events``: calls the pool makes into the policy, counted per block
+     (``add_many([a, b])`` counts 2; ``on_hit`` only when the policy tracks
+     hits; ``on_cached`` / ``on_evicted`` only when it overrides them), from one
+     extra untimed replay with counting wrappers on the instance;
+   * ``Mevents_per_s`` = policy_events / seconds (whole replay time: pool included);
+   * ``x_lru`` = seconds / LRU's seconds (goal: <= 3 for every policy);
+   * block and token hit ratios and evictions.
+
+2. measures a plan (``peek_victims(32)``, what the offload manager and the
+   scheduler ask) at 1k and at 100k evictable blocks: the policy is fed
+   directly (chains of 8 blocks cached prefix first, one block in 5 hit, all
+   released tail-first), then ``peek_victims(32)`` is timed; ``peek_x`` =
+   100k / 1k cost per plan (goal: <= 1.2, the cost is flat in the evictable count).
+
+``--baseline DIR`` runs every round twice, once on this tree and once on the
+checkout ``DIR`` (``git worktree add /tmp/base REV``), each in a fresh
+subprocess, rounds interleaved, and adds ``before_s`` / ``speedup`` columns::
 
     python benchmarks/bench_eviction.py [--capacity 10000] [--repeat 5] [--policies lru,arc]
+    python benchmarks/bench_eviction.py --baseline /tmp/base --repeat 3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 
-from _util import print_table, write_json
+from _util import ROOT, SMOKE, print_table, write_json
 
 _COUNTED = (
     "add",
@@ -39,6 +56,8 @@ _COUNTED = (
     "on_evicted",
     "on_removed",
 )
+PEEK_K = 32
+PEEK_SIZES = (1_000, 100_000)
 
 
 def _counting(policy, counts: dict[str, int]):
@@ -78,87 +97,179 @@ def policy_names() -> list[str]:
     return ["lru", *names, "leaf:lru", "leaf:s3fifo"]
 
 
-def main() -> None:
+def filled_policy(name: str, n: int):
+    """A policy holding ``n`` evictable blocks: chains of 8 cached prefix first, one block
+    in 5 hit, every chain released tail-first (as a pool releases a request)."""
+    from sagellm_kv_cache.eviction import make_policy
+
+    p = make_policy(name, clock=lambda: 0.0)
+    p.set_capacity(n)
+    for b in range(n):
+        p.on_cached(b, ("h", b), b - 1 if b % 8 else -1)
+    if p.tracks_hits:
+        for b in range(0, n, 5):
+            p.on_hit(b)
+    for start in range(0, n, 8):
+        p.add_many(reversed(range(start, min(start + 8, n))))
+    return p
+
+
+def peek_seconds(name: str, n: int) -> float:
+    """CPU seconds per ``peek_victims(PEEK_K)`` on a policy holding ``n`` evictable blocks
+    (best of 3 batches of about 50 ms each)."""
+    p = filled_policy(name, n)
+    peek = p.peek_victims
+    t0 = time.process_time()
+    peek(PEEK_K)
+    calls = 3 if SMOKE else max(3, min(2000, int(0.05 / max(time.process_time() - t0, 1e-6))))
+    best = float("inf")
+    for _ in range(1 if SMOKE else 3):
+        t0 = time.process_time()
+        for _ in range(calls):
+            peek(PEEK_K)
+        best = min(best, (time.process_time() - t0) / calls)
+    return best
+
+
+def worker(names: list[str], capacity: int, counted: bool) -> dict:
+    """One round on the ``sagellm_kv_cache`` first on ``sys.path``: replay seconds (and the
+    event counts and ratios when ``counted``) and peek costs, per policy."""
     from sagellm_kv_cache.eviction import make_policy
     from sim.replay import replay_sequential
     from traces import read_trace
 
+    table = read_trace()
+    out: dict[str, dict] = {}
+    for name in names:
+        try:
+            row: dict = {}
+            if counted:
+                counts: dict[str, int] = {}
+                r = replay_sequential(table, capacity, _counting(make_policy(name), counts))
+                row.update(
+                    events=counts,
+                    block_hit_ratio=r.block_hit_ratio,
+                    token_hit_ratio=r.token_hit_ratio,
+                    evictions=r.evictions,
+                )
+            t0 = time.process_time()
+            replay_sequential(table, capacity, name)
+            row["seconds"] = time.process_time() - t0
+            for n in PEEK_SIZES:
+                row[f"peek_{n}_s"] = peek_seconds(name, n)
+            out[name] = row
+        except Exception as e:  # a policy that needs arguments: report, keep going
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    return {"num_requests": len(table), "results": out}
+
+
+def run_round(src: str, names: list[str], capacity: int, counted: bool) -> dict:
+    """``worker`` in a fresh interpreter importing the library (and ``sim``, ``traces``) from
+    the checkout ``src``."""
+    cmd = [sys.executable, __file__, "--worker", "--capacity", str(capacity)]
+    cmd += ["--policies", ",".join(names)] + (["--counted"] if counted else [])
+    path = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=3600, env=env)
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _best(rounds: list[dict], name: str, key: str) -> float:
+    return min(r["results"][name].get(key, float("inf")) for r in rounds)
+
+
+def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--capacity", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--policies", default="", help="comma-separated subset (default: all)")
+    ap.add_argument("--baseline", default="", help="a checkout to measure against (subprocess)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--counted", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        names = args.policies.split(",")
+        print(json.dumps(worker(names, args.capacity, args.counted)))
+        return
     names = [p for p in args.policies.split(",") if p] or policy_names()
     if "lru" not in names:
         names.insert(0, "lru")
 
-    table = read_trace()
-    counted, errors = {}, {}
-    for name in names:
-        try:
-            counts: dict[str, int] = {}
-            r = replay_sequential(table, args.capacity, _counting(make_policy(name), counts))
-            counted[name] = (r, counts)
-        except Exception as e:  # a policy that needs arguments: report, keep going
-            errors[name] = f"{type(e).__name__}: {e}"
-    # timed rounds interleave the policies, so load from other processes hits them alike
-    best = dict.fromkeys(counted, float("inf"))
-    for _ in range(args.repeat):
-        for name in counted:
-            t0 = time.process_time()
-            replay_sequential(table, args.capacity, name)
-            best[name] = min(best[name], time.process_time() - t0)
+    after: list[dict] = []
+    before: list[dict] = []
+    # rounds interleave the trees, so load from other processes hits them alike
+    for i in range(args.repeat):
+        after.append(run_round(str(ROOT), names, args.capacity, counted=i == 0))
+        if args.baseline:
+            before.append(run_round(args.baseline, names, args.capacity, counted=False))
+    first = after[0]["results"]
     rows, res = [], {}
-    lru_s = best["lru"]
+    lru_s = _best(after, "lru", "seconds")
     for name in names:
-        if name in errors:
-            res[name] = {"error": errors[name]}
-            rows.append({"policy": name, "note": errors[name]})
+        if "error" in first[name]:
+            res[name] = {"error": first[name]["error"]}
+            rows.append({"policy": name, "note": first[name]["error"]})
             continue
-        r, counts = counted[name]
-        events = sum(counts.values())
-        sec = best[name]
+        sec = _best(after, name, "seconds")
+        events = sum(first[name]["events"].values())
+        p1, p2 = (_best(after, name, f"peek_{n}_s") for n in PEEK_SIZES)
         res[name] = {
+            **first[name],
             "seconds": sec,
             "policy_events": events,
-            "events": counts,
             "events_per_s": events / sec,
             "x_lru": sec / lru_s,
-            "block_hit_ratio": r.block_hit_ratio,
-            "token_hit_ratio": r.token_hit_ratio,
-            "evictions": r.evictions,
+            "peek_us": {n: _best(after, name, f"peek_{n}_s") * 1e6 for n in PEEK_SIZES},
+            "peek_x": p2 / p1,
         }
-        rows.append(
-            {
-                "policy": name,
-                "seconds": sec,
-                "x_lru": round(sec / lru_s, 2),
-                "policy_events": events,
-                "Mevents_per_s": events / sec / 1e6,
-                "block_hit_ratio": round(r.block_hit_ratio, 4),
-                "token_hit_ratio": round(r.token_hit_ratio, 4),
-                "evictions": r.evictions,
+        row = {
+            "policy": name,
+            "seconds": sec,
+            "x_lru": round(sec / lru_s, 2),
+            "Mevents_per_s": events / sec / 1e6,
+            "block_hit_ratio": round(first[name]["block_hit_ratio"], 4),
+            "evictions": first[name]["evictions"],
+            "peek1k_us": p1 * 1e6,
+            "peek100k_us": p2 * 1e6,
+            "peek_x": round(p2 / p1, 2),
+        }
+        if before and "error" not in before[0]["results"].get(name, {"error": 1}):
+            b_sec = _best(before, name, "seconds")
+            b1, b2 = (_best(before, name, f"peek_{n}_s") for n in PEEK_SIZES)
+            res[name]["before"] = {
+                "seconds": b_sec,
+                "peek_us": {1_000: b1 * 1e6, 100_000: b2 * 1e6},
             }
-        )
+            row.update(
+                before_s=b_sec,
+                speedup=round(b_sec / sec, 2),
+                before_peek100k_us=b2 * 1e6,
+                before_peek_x=round(b2 / b1, 2),
+            )
+        rows.append(row)
     cols = max((list(r) for r in rows), key=len)
     rows = [{c: r.get(c, "") for c in cols} for r in rows]
     print_table(
         rows,
         f"sequential replay per eviction policy, Mooncake synthetic trace, "
-        f"{args.capacity:,} blocks (best of {args.repeat})",
+        f"{args.capacity:,} blocks (best of {args.repeat}); peek_victims({PEEK_K}) per plan",
     )
     slow = [n for n, v in res.items() if v.get("x_lru", 0) > 3]
+    steep = [n for n, v in res.items() if v.get("peek_x", 0) > 1.2]
     print(f"\npolicies more than 3x slower than LRU: {slow or 'none'}")
+    print(f"plans more than 1.2x dearer at 100k than at 1k evictable blocks: {steep or 'none'}")
     write_json(
         "eviction",
         {
             "capacity_blocks": args.capacity,
             "repeat": args.repeat,
-            "num_requests": len(table),
+            "baseline": args.baseline or None,
+            "num_requests": after[0]["num_requests"],
             "results": res,
             "slower_than_3x_lru": slow,
+            "peek_steeper_than_1_2x": steep,
         },
     )
 

@@ -3,6 +3,7 @@
 from .arc import ARCPolicy
 from .base import EvictionPolicy
 from .fifo import FIFOPolicy
+from .keyed import KeyedPolicy
 from .leaf import LeafOnly
 from .lfu import LFUPolicy
 from .lru import LRUPolicy
@@ -25,6 +26,7 @@ __all__ = [
     "EvictionStrategy",
     "FIFOEviction",
     "FIFOPolicy",
+    "KeyedPolicy",
     "LFUPolicy",
     "LRUEviction",
     "LRUPolicy",

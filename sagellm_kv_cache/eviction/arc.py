@@ -40,7 +40,8 @@ keeps its evictable members in an ``OrderedDict``, so every event is O(1).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
+from itertools import chain
 
 from .base import EvictionPolicy
 
@@ -49,10 +50,17 @@ __all__ = ["ARCPolicy"]
 _NONE, _T1, _T2 = 0, 1, 2
 
 
+def _none(block_id: int) -> int:
+    return -1
+
+
 class ARCPolicy(EvictionPolicy):
     """ARC (FAST'03) over block ids; ghost lists B1/B2 are keyed by block hash."""
 
     name = "arc"
+    p: float  # adaptive target size of T1
+    _n1: int  # blocks in T1 (in use or evictable)
+    _n2: int
     description = "ARC (FAST'03): recency list T1 + frequency list T2, adaptive target p, ghosts"
     tracks_hits = True
 
@@ -124,18 +132,33 @@ class ARCPolicy(EvictionPolicy):
         return [pop() for _ in range(n)]
 
     def peek_victims(self, n: int) -> list[int]:
+        return self.peek_cascade(n, _none)
+
+    def peek_cascade(self, n: int, after: Callable[[int], int]) -> list[int]:
         # REPLACE depends only on |T1| and p, which popping changes: walk both lists
+        lst = self._list
         out: list[int] = []
-        i1, i2 = iter(self._t1), iter(self._t2)
+        add1: list[int] = []  # counted as added (MRU end of T1 / T2), in order
+        add2: list[int] = []
+        i1, i2 = chain(self._t1, add1), chain(self._t2, add2)
         left1, left2, n1 = len(self._t1), len(self._t2), self._n1
-        for _ in range(min(n, left1 + left2)):
+        while len(out) < n and left1 + left2:
             if left1 and (n1 > self.p or not left2):
-                out.append(next(i1))
+                b = next(i1)
                 left1 -= 1
                 n1 -= 1
             else:
-                out.append(next(i2))
+                b = next(i2)
                 left2 -= 1
+            out.append(b)
+            a = after(b)
+            if a >= 0:
+                if lst[a] == _T1:
+                    add1.append(a)
+                    left1 += 1
+                else:
+                    add2.append(a)
+                    left2 += 1
         return out
 
     def __len__(self) -> int:

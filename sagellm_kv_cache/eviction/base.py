@@ -93,7 +93,33 @@ class EvictionPolicy:
         return [pop() for _ in range(n)]
 
     def peek_victims(self, n: int) -> list[int]:
-        """Up to ``n`` ids in the order they would be evicted now (no side effect)."""
+        """Up to ``n`` ids in the order they would be evicted now (no side effect).
+
+        Costs O(n log size) or better in every policy of this package, never
+        O(evictable blocks): a plan asks for the few victims it needs.
+        """
+        raise NotImplementedError
+
+    def pop_cascade(self, n: int, after: Callable[[int], int]) -> list[int]:
+        """``n`` victims as ``n`` successive ``pop_victim`` calls, where ``after(b)``, called
+        after each victim ``b`` leaves, returns a block id to ``add`` at that point (or -1);
+        it counts for the following victims (``LeafOnly`` uncovering a parent). The
+        caller checked that ``n`` victims exist."""
+        out: list[int] = []
+        pop, add = self.pop_victim, self.add
+        for _ in range(n):
+            b = pop()
+            out.append(b)
+            a = after(b)
+            if a >= 0:
+                add(a)
+        return out
+
+    def peek_cascade(self, n: int, after: Callable[[int], int]) -> list[int]:
+        """What ``pop_cascade(n, after)`` would give now (up to ``n`` ids), with no side
+        effect: the blocks ``after`` returns count as added without being added.
+        Policies that do not override it have no cascading peek (``LeafOnly`` then
+        peeks on a copy)."""
         raise NotImplementedError
 
     def is_protected(self, block_id: int) -> bool:

@@ -43,7 +43,6 @@ from collections.abc import Collection, Hashable, Iterable
 
 from ..errors import KVConfigError
 from .base import EvictionPolicy
-from .lru import LRUPolicy
 
 __all__ = ["LeafOnly"]
 
@@ -57,6 +56,7 @@ class LeafOnly(EvictionPolicy):
     """
 
     name = "leaf"
+    _next_inc: int  # the next caching incarnation
     description = (
         "leaf-only wrapper: a block is a victim only when no cached block descends from it"
     )
@@ -77,13 +77,12 @@ class LeafOnly(EvictionPolicy):
         self.inner = inner
         self.name = f"leaf:{inner.name}"
         self.tracks_hits = inner.tracks_hits
-        self.on_hit = inner.on_hit  # hits go straight to the inner policy (no wrapper call)
         kind = type(inner)
         self._inner_on_cached = (
             inner.on_cached if kind.on_cached is not EvictionPolicy.on_cached else None
         )
-        # over a plain LRU, pop_victims works on its OrderedDict directly
-        self._lru = inner._order if kind is LRUPolicy else None
+        # a cascading peek needs the inner policy's; without one, peeks run on a copy
+        self._inner_peeks = kind.peek_cascade is not EvictionPolicy.peek_cascade
         self.reset()
 
     def set_capacity(self, num_blocks: int | None) -> None:
@@ -101,17 +100,9 @@ class LeafOnly(EvictionPolicy):
 
     def _detach(self, b: int) -> None:
         """``b`` stops being cached: its parent loses a child (and may become eligible)."""
-        p = self._parent[b]
-        self._inc[b] = 0
-        if p < 0:
-            return
-        self._parent[b] = -1
-        if self._inc[p] == self._pinc[b]:
-            c = self._children[p] - 1
-            self._children[p] = c
-            if not c and p in self._blocked:
-                self._blocked.remove(p)
-                self.inner.add(p)
+        p = self._uncover(b)
+        if p >= 0:
+            self.inner.add(p)
 
     # -- evictable set -------------------------------------------------------
     def add(self, block_id: int) -> None:
@@ -193,10 +184,39 @@ class LeafOnly(EvictionPolicy):
         return got
 
     def pop_victims(self, n: int) -> list[int]:
-        inner = self.inner
         # all or nothing: count first (len(inner) may include TTL-protected blocks)
         if self.num_victims(n) < n:
             raise self._no_victim()
+        return self.inner.pop_cascade(n, self._uncover)
+
+    def _uncover(self, v: int) -> int:
+        """Victim ``v`` left: its parent loses a child; the parent if that made it a victim
+        candidate (to be added to the inner policy), else -1."""
+        inc = self._inc
+        inc[v] = 0
+        p = self._parent[v]
+        if p >= 0:
+            self._parent[v] = -1
+            if inc[p] == self._pinc[v]:
+                c = self._children[p] - 1
+                self._children[p] = c
+                if not c and p in self._blocked:
+                    self._blocked.remove(p)
+                    return p
+        return -1
+
+    def pop_victim(self) -> int:
+        return self.pop_victims(1)[0]
+
+    def peek_victims(self, n: int) -> list[int]:
+        """``pop_victims``' order without popping: the inner policy's cascading peek, with
+        the parents the victims would uncover counted as added; O(n log size)."""
+        if not self._inner_peeks:
+            clone = self._clone()
+            out: list[int] = []
+            while len(out) < n and clone.inner.num_victims(1):
+                out.append(clone.inner.pop_cascade(1, clone._uncover)[0])
+            return out
         parent, inc, pinc, children, blocked = (
             self._parent,
             self._inc,
@@ -204,71 +224,18 @@ class LeafOnly(EvictionPolicy):
             self._children,
             self._blocked,
         )
-        out: list[int] = []
-        if self._lru is not None:
-            # the loop below with LRUPolicy's pop_victim and add inlined (its OrderedDict)
-            order = self._lru
-            popitem = order.popitem
-            for _ in range(n):
-                v = popitem(False)[0]
-                out.append(v)
-                inc[v] = 0
-                p = parent[v]
-                if p >= 0:
-                    parent[v] = -1
-                    if inc[p] == pinc[v]:
-                        c = children[p] - 1
-                        children[p] = c
-                        if not c and p in blocked:
-                            blocked.remove(p)
-                            order[p] = None
-            return out
-        pop_each = getattr(inner, "_pop_each", None)
-        if pop_each is not None:
-            # the inner policy pops one victim at a time, calls back after each and adds
-            # the block the callback returns (a parent the victim uncovered)
-            def uncover(v: int) -> int:
-                inc[v] = 0
-                p = parent[v]
-                if p >= 0:
-                    parent[v] = -1
-                    if inc[p] == pinc[v]:
-                        c = children[p] - 1
-                        children[p] = c
-                        if not c and p in blocked:
-                            blocked.remove(p)
-                            return p
-                return -1
+        left: dict[int, int] = {}  # children left, for parents the walk has touched
 
-            return pop_each(n, uncover)
-        pop = inner.pop_victim
-        for _ in range(n):
-            v = pop()
-            out.append(v)
-            inc[v] = 0
+        def uncover(v: int) -> int:
             p = parent[v]
-            if p >= 0:  # _detach, inlined
-                parent[v] = -1
-                if inc[p] == pinc[v]:
-                    c = children[p] - 1
-                    children[p] = c
-                    if not c and p in blocked:
-                        blocked.remove(p)
-                        inner.add(p)
-        return out
+            if p >= 0 and inc[p] == pinc[v]:
+                c = left.get(p, children[p]) - 1
+                left[p] = c
+                if not c and p in blocked:
+                    return p
+            return -1
 
-    def pop_victim(self) -> int:
-        return self.pop_victims(1)[0]
-
-    def peek_victims(self, n: int) -> list[int]:
-        clone = self._clone()
-        inner = clone.inner
-        out: list[int] = []
-        while len(out) < n and inner.num_victims(1):
-            v = inner.pop_victim()
-            clone._detach(v)
-            out.append(v)
-        return out
+        return self.inner.peek_cascade(n, uncover)
 
     def _clone(self) -> LeafOnly:
         # clocks may be bound methods of a pool: share them instead of copying the pool

@@ -10,8 +10,8 @@ remove and pop are O(1).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
-from itertools import islice
+from collections.abc import Callable, Iterable
+from itertools import chain, islice
 
 from .base import EvictionPolicy
 
@@ -22,7 +22,7 @@ class LRUPolicy(EvictionPolicy):
     name = "lru"
     description = "least recently released first; a request's blocks released tail-first (vLLM v1)"
 
-    def __init__(self, clock=None) -> None:
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
         super().__init__(clock)
         self._order: OrderedDict[int, None] = OrderedDict()
 
@@ -58,6 +58,32 @@ class LRUPolicy(EvictionPolicy):
 
     def peek_victims(self, n: int) -> list[int]:
         return list(islice(self._order, n))
+
+    def pop_cascade(self, n: int, after: Callable[[int], int]) -> list[int]:
+        order = self._order
+        popitem = order.popitem
+        out: list[int] = []
+        for _ in range(n):
+            b = popitem(False)[0]
+            out.append(b)
+            a = after(b)
+            if a >= 0:
+                order[a] = None  # add(a): the most recent end
+        return out
+
+    def peek_cascade(self, n: int, after: Callable[[int], int]) -> list[int]:
+        out: list[int] = []
+        added: list[int] = []  # counted as added, at the most recent end, in order
+        if n <= 0:
+            return out
+        for b in chain(self._order, added):
+            out.append(b)
+            if len(out) == n:
+                break
+            a = after(b)
+            if a >= 0:
+                added.append(a)
+        return out
 
     def __len__(self) -> int:
         return len(self._order)

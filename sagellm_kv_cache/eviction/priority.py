@@ -1,5 +1,9 @@
 """Retention priorities with an optional duration (TensorRT-LLM's KV cache retention).
 
+Key: ``(retention priority, release number)``, smallest first, where an
+expired duration has put the block back at the default priority with the
+release number of its expiry.
+
 Definition (TensorRT-LLM ``KvCacheRetentionConfig`` and its prioritized
 ``LRUEvictionPolicy`` in ``batch_manager/evictionPolicy.cpp``): every cached
 block carries a retention priority in 0..100 (default 35). Evictable blocks
@@ -21,33 +25,18 @@ blocks already cached count; call it after the blocks are cached). A block
 that is evictable when its priority is set keeps its release place and, if
 a duration is given, starts its timer at that call.
 
-Expiry never scans: expiring evictable blocks sit in a second heap ordered
-by expiry time, processed (in expiry order, ties by release order) at the
-start of every ``add``, ``pop`` and ``peek`` and of ``set_retention``, with
-the policy clock (``clock`` argument; the pool passes its own). Because
-every release processes due expiries first, the order is the same whenever
-the processing happens. Every event is O(log n) amortized.
-
-Implementation: evictable blocks at the default priority that joined it in
-release order (a release, or an expiry, which counts as a release) sit in an
-``OrderedDict`` (block -> release number); every other evictable block (a
-non-default priority, or moved to the default one by ``set_retention`` while
-evictable, keeping its older place) sits in a lazy-deletion heap keyed by
-``(priority, release number)``, and a pop takes the smaller of the two
-fronts. With no retention set the policy is an LRU (add, remove, pop O(1))
-and the clock is not read.
+Expiry never scans: running durations are the keyed base's timers, due in
+expiry order (ties by release order) at the start of every add, pop and
+peek and of ``set_retention``, with the policy clock (``clock`` argument;
+the pool passes its own).
 """
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Sequence
-from itertools import count, islice
+from collections.abc import Callable, Hashable, Iterable
 
 from ..errors import KVConfigError, KVInvalidInputError
-from ._lazyheap import LazyHeap
-from .base import EvictionPolicy
+from .keyed import Key, KeyedPolicy, check_cached_ids, check_seconds
 
 __all__ = ["DEFAULT_PRIORITY", "MAX_PRIORITY", "MIN_PRIORITY", "PriorityPolicy"]
 
@@ -66,7 +55,7 @@ def _check_priority(priority: object, what: str, error: type[Exception]) -> int:
     return priority
 
 
-class PriorityPolicy(EvictionPolicy):
+class PriorityPolicy(KeyedPolicy):
     """Lowest retention priority first, LRU within a priority; durations fall back to default.
 
     Args:
@@ -85,15 +74,10 @@ class PriorityPolicy(EvictionPolicy):
     ) -> None:
         super().__init__(clock)
         self.default_priority = _check_priority(default_priority, "default_priority", KVConfigError)
-        # evictable at the default priority, in release order: block -> release number
-        self._order: OrderedDict[int, int] = OrderedDict()
-        self._heap = LazyHeap()  # other evictable blocks: (priority, release number)
-        self._heap_rel: dict[int, int] = {}  # block in _heap -> release number
-        self._expiring = LazyHeap()  # evictable with a running timer: (expiry time, release number)
+        self._lane_k0 = self.default_priority  # releases at the default come in key order
         self._cached: set[int] = set()
         self._priority: dict[int, int] = {}  # cached block -> priority, when not the default
         self._duration: dict[int, float] = {}  # cached block -> duration_s of its priority
-        self._next = 0
 
     # -- public API ----------------------------------------------------------
     def set_retention(
@@ -111,184 +95,70 @@ class PriorityPolicy(EvictionPolicy):
                 not cached (nothing is changed then).
         """
         priority = _check_priority(priority, "priority", KVInvalidInputError)
-        if duration_s is not None and (
-            isinstance(duration_s, bool)
-            or not isinstance(duration_s, int | float)
-            or not (duration_s > 0 and math.isfinite(duration_s))
-        ):
-            raise KVInvalidInputError(f"duration_s must be a positive number, got {duration_s!r}")
+        if duration_s is not None:
+            duration_s = check_seconds(duration_s, "duration_s")
         ids = check_cached_ids(block_ids, self._cached)
+        self._run_timers()
         now = self.clock()
-        self._expire(now)
-        default = self.default_priority
+        due = None
+        if priority != self.default_priority and duration_s is not None:
+            due = now + duration_s
         for b in ids:
-            if priority == default:
+            self._duration.pop(b, None)
+            if priority == self.default_priority:
                 self._priority.pop(b, None)
-                self._duration.pop(b, None)
             else:
                 self._priority[b] = priority
-                if duration_s is None:
-                    self._duration.pop(b, None)
-                else:
-                    self._duration[b] = float(duration_s)
-            r = self._order.pop(b, None)
-            if r is None:
-                r = self._heap_rel.get(b)
+                if duration_s is not None:
+                    self._duration[b] = duration_s
+            r = self._rel.get(b)
             if r is not None:  # evictable: re-filed at its release place
-                self._heap.push(b, priority, r)
-                self._heap_rel[b] = r
-                if priority != default and duration_s is not None:
-                    self._expiring.push(b, now + duration_s, r)
+                self._refile(b)
+                if due is not None:
+                    self._timers.push(b, due, r)
                 else:
-                    self._expiring.discard(b)
+                    self._timers.discard(b)
 
     def priority_of(self, block_id: int) -> int:
         """The priority ``block_id`` is filed under now (expired durations applied)."""
-        self._expire(self.clock())
+        self._run_timers()
         return self._priority.get(block_id, self.default_priority)
 
-    # -- expiry --------------------------------------------------------------
-    def _expire(self, now: float) -> None:
-        expiring = self._expiring
-        top = expiring.top_key()
-        while top is not None and top[0] <= now:
-            b = expiring.pop()
-            self._priority.pop(b, None)
-            self._duration.pop(b, None)
-            self._heap.discard(b)
-            del self._heap_rel[b]
-            self._next = r = self._next + 1
-            self._order[b] = r  # as if released now: the default queue's recent end
-            top = expiring.top_key()
+    # -- keyed policy ----------------------------------------------------------
+    def _key(self, block_id: int, release: int) -> Key:
+        return self._priority.get(block_id, self.default_priority), release
 
-    # -- evictable set -------------------------------------------------------
-    def add(self, block_id: int) -> None:
-        if self._priority or self._expiring:
-            self.add_many((block_id,))
-        else:
-            self._next = r = self._next + 1
-            self._order[block_id] = r
+    def _file(self, block_id: int, release: int) -> None:
+        self._enqueue(block_id, self._priority.get(block_id, self.default_priority), release)
+        d = self._duration.get(block_id)
+        if d is not None:
+            self._timers.push(block_id, self.clock() + d, release)
 
-    def add_many(self, block_ids: Iterable[int]) -> None:
-        if self._expiring:
-            self._expire(self.clock())
-        if not self._priority:  # every cached block at the default priority
-            c = count(self._next + 1)
-            self._order.update(zip(block_ids, c))
-            self._next = next(c) - 1
-            return
-        now = self.clock() if self._duration else 0.0
-        prio, dur, order = self._priority, self._duration, self._order
-        r = self._next
-        for b in block_ids:
-            r += 1
-            p = prio.get(b)
-            if p is None:
-                order[b] = r
-                continue
-            self._heap.push(b, p, r)
-            self._heap_rel[b] = r
-            d = dur.get(b)
-            if d is not None:
-                self._expiring.push(b, now + d, r)
-        self._next = r
+    def _on_timer(self, block_id: int) -> None:
+        # back to the default priority, as if released now
+        self._forget_priority(block_id)
+        self._next = r = self._next + 1
+        self._rel[block_id] = r
+        self._refile(block_id)
 
-    def remove(self, block_id: int) -> None:
-        if self._order.pop(block_id, None) is None:
-            del self._heap_rel[block_id]  # KeyError: not evictable
-            self._heap.discard(block_id)
-            if self._expiring:
-                self._expiring.discard(block_id)
-
-    def remove_many(self, block_ids: Iterable[int]) -> None:
-        if self._heap_rel:
-            remove = self.remove
-            for b in block_ids:
-                remove(b)
-            return
-        order = self._order
-        for b in block_ids:
-            del order[b]
-
-    def pop_victim(self) -> int:
-        return self.pop_victims(1)[0]
-
-    def pop_victims(self, n: int) -> list[int]:
-        order = self._order
-        if n > len(order) + len(self._heap_rel):
-            raise self._no_victim()
-        if self._expiring:
-            self._expire(self.clock())
-        if not self._heap_rel:
-            popitem = order.popitem
-            return [popitem(False)[0] for _ in range(n)]
-        heap, heap_rel, default = self._heap, self._heap_rel, self.default_priority
-        out: list[int] = []
-        for _ in range(n):
-            top = heap.top_key()
-            if top is None or (order and (default, next(iter(order.values()))) < top):
-                out.append(order.popitem(False)[0])
-            else:
-                b = heap.pop()
-                del heap_rel[b]
-                out.append(b)
-        if self._expiring:
-            discard = self._expiring.discard
-            for b in out:
-                discard(b)
-        return out
-
-    def peek_victims(self, n: int) -> list[int]:
-        if self._expiring:
-            self._expire(self.clock())
-        default = self.default_priority
-        first = [((default, r), b) for b, r in islice(self._order.items(), n)]
-        if not self._heap_rel:
-            return [b for _, b in first]
-        prio, rel = self._priority, self._heap_rel
-        first += [((prio.get(b, default), rel[b]), b) for b in self._heap.peek(n)]
-        first.sort()
-        return [b for _, b in first[:n]]
+    def _forget_priority(self, b: int) -> None:
+        self._priority.pop(b, None)
+        self._duration.pop(b, None)
 
     # -- lifecycle -----------------------------------------------------------
     def on_cached(self, block_id: int, block_hash: Hashable, parent_block_id: int) -> None:
         self._cached.add(block_id)
 
     def on_evicted(self, block_id: int, block_hash: Hashable) -> None:
-        self._forget(block_id)
+        self._cached.discard(block_id)
+        self._forget_priority(block_id)
 
     def on_removed(self, block_id: int, block_hash: Hashable) -> None:
-        self._forget(block_id)
-
-    def _forget(self, b: int) -> None:
-        self._cached.discard(b)
-        self._priority.pop(b, None)
-        self._duration.pop(b, None)
-
-    def __len__(self) -> int:
-        return len(self._order) + len(self._heap_rel)
-
-    def __contains__(self, block_id: object) -> bool:
-        return block_id in self._order or block_id in self._heap_rel
+        self._cached.discard(block_id)
+        self._forget_priority(block_id)
 
     def reset(self) -> None:
-        self._order.clear()
-        self._heap.clear()
-        self._heap_rel.clear()
-        self._expiring.clear()
+        super().reset()
         self._cached.clear()
         self._priority.clear()
         self._duration.clear()
-
-
-def check_cached_ids(block_ids: Iterable[int], cached: set[int]) -> Sequence[int]:
-    """``block_ids`` as a list, each a cached block (KVInvalidInputError otherwise)."""
-    if isinstance(block_ids, str | bytes) or not isinstance(block_ids, Iterable):
-        raise KVInvalidInputError(f"block_ids must be a list of ints, got {block_ids!r}")
-    ids = list(block_ids)
-    for b in ids:
-        if isinstance(b, bool) or not isinstance(b, int):
-            raise KVInvalidInputError(f"block id {b!r} is not an int")
-        if b not in cached:
-            raise KVInvalidInputError(f"block {b} is not cached; only cached blocks can be set")
-    return ids

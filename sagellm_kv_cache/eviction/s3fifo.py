@@ -49,8 +49,9 @@ not pushed twice.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from heapq import heappop, heappush
+from typing import Any
 
 from ..errors import KVConfigError
 from .base import EvictionPolicy
@@ -70,6 +71,10 @@ class S3FIFOPolicy(EvictionPolicy):
     """
 
     name = "s3fifo"
+    _n_small: int  # blocks in S (in use or evictable)
+    _n_main: int
+    _n_ev: int  # evictable blocks
+    _next_seq: int
     description = "S3-FIFO (SOSP'23): small FIFO 10%, main FIFO with 2-bit freq, ghost of hashes"
     tracks_hits = True
 
@@ -141,110 +146,104 @@ class S3FIFOPolicy(EvictionPolicy):
     def pop_victims(self, n: int) -> list[int]:
         if n > self._n_ev:
             raise self._no_victim()
-        return self._pop_each(n, None)
-
-    def _pop_each(self, n: int, after) -> list[int]:
-        """``n`` victims as ``n`` successive ``pop_victim`` calls. When ``after`` is not None,
-        ``after(b)`` is called after each victim ``b`` leaves and returns a block id to
-        ``add`` at that point (or -1), which counts for the following victims (``LeafOnly``
-        uncovering a parent). The caller checked that ``n`` victims exist."""
-        hs, hm = self._heap_s, self._heap_m
-        slot, seq, freq, queue, ev = self._slot, self._seq, self._freq, self._queue, self._ev
-        small_cap, main_cap = self.small_capacity, self.main_capacity
-        ghost, hashes = self._ghost, self._hash
-        n_small, n_main, next_seq = self._n_small, self._n_main, self._next_seq
-        out: list[int] = []
-        added = 0
-        while len(out) < n:
-            # drop stale entries (blocks now in use, moved or dropped) off S's top
-            while hs:
-                s = hs[0]
-                b = slot[s]
-                if ev[b] and seq[b] == s:
-                    break
-                heappop(hs)
-                del slot[s]
-            if not hs or n_small < small_cap:
-                while hm:
-                    s = hm[0]
-                    b = slot[s]
-                    if ev[b] and seq[b] == s:
-                        break
-                    heappop(hm)
-                    del slot[s]
-                if hm:  # evict from M: its tail candidate is hm[0]
-                    s = heappop(hm)
-                    b = slot.pop(s)
-                    if freq[b]:
-                        freq[b] -= 1
-                        seq[b] = next_seq
-                        slot[next_seq] = b
-                        heappush(hm, next_seq)
-                        next_seq += 1
-                        continue
-                    n_main -= 1
-                    queue[b] = _NONE
-                    ev[b] = False
-                    hashes[b] = None
-                    out.append(b)
-                    if after is not None:
-                        a = after(b)
-                        if a >= 0:  # add(a), inlined
-                            ev[a] = True
-                            added += 1
-                            sa = seq[a]
-                            if sa not in slot:
-                                slot[sa] = a
-                                heappush(hs if queue[a] == _SMALL else hm, sa)
-                    continue
-            # evict from S (due, or M has no candidate); an evictable block exists, so hs
-            s = heappop(hs)
-            b = slot.pop(s)
-            n_small -= 1
-            if freq[b]:
-                freq[b] = 0
-                queue[b] = _MAIN
-                n_main += 1
-                seq[b] = next_seq
-                slot[next_seq] = b
-                heappush(hm, next_seq)
-                next_seq += 1
-                continue
-            queue[b] = _NONE
-            ev[b] = False
-            out.append(b)
-            ghost[hashes[b]] = None  # the hash of a block evicted from S enters G
-            hashes[b] = None
-            if len(ghost) > main_cap:
-                ghost.popitem(last=False)
-            if after is not None:
-                a = after(b)
-                if a >= 0:  # add(a), inlined
-                    ev[a] = True
-                    added += 1
-                    sa = seq[a]
-                    if sa not in slot:
-                        slot[sa] = a
-                        heappush(hs if queue[a] == _SMALL else hm, sa)
-        self._n_small, self._n_main, self._next_seq = n_small, n_main, next_seq
-        self._n_ev += added - n
-        return out
+        return self.pop_cascade(n, None)
 
     def pop_victim(self) -> int:
         return self.pop_victims(1)[0]
 
-    def peek_victims(self, n: int) -> list[int]:
-        clone = self._clone()
-        return clone.pop_victims(min(n, clone._n_ev))
+    def pop_cascade(self, n: int, after: Callable[[int], int] | None) -> list[int]:
+        heaps = _Heaps(self._heap_s, self._heap_m, self._slot, self._ev, self._seq)
+        k = self._n_small, self._n_main, self._next_seq
+        out, added, k = self._select(n, after, heaps, self._seq, self._freq, self._queue, k)
+        self._n_small, self._n_main, self._next_seq = k
+        self._n_ev += added - len(out)
+        return out
 
-    def _clone(self) -> S3FIFOPolicy:
-        c = object.__new__(type(self))
-        c.__dict__.update(self.__dict__)
-        for k in ("_queue", "_seq", "_freq", "_ev", "_hash", "_heap_s", "_heap_m"):
-            setattr(c, k, list(getattr(self, k)))
-        c._slot = dict(self._slot)
-        c._ghost = OrderedDict(self._ghost)
-        return c
+    def peek_victims(self, n: int) -> list[int]:
+        return self.peek_cascade(n, None)
+
+    def peek_cascade(self, n: int, after: Callable[[int], int] | None) -> list[int]:
+        """The victims ``pop_cascade`` would give, found by running the same steps over
+        copy-on-write views of the queues (nothing here changes): O((n + m) log size)
+        for the m blocks the steps move between queues on the way."""
+        seq, freq, queue = _Overlay(self._seq), _Overlay(self._freq), _Overlay(self._queue)
+        heaps = _HeapWalks(self._heap_s, self._heap_m, self._slot, _Overlay(self._ev), seq)
+        k = self._n_small, self._n_main, self._next_seq
+        return self._select(n, after, heaps, seq, freq, queue, k, real=False)[0]
+
+    def _select(
+        self,
+        n: int,
+        after: Callable[[int], int] | None,
+        heaps: _Heaps,
+        seq: Any,
+        freq: Any,
+        queue: Any,
+        counts: tuple[int, int, int],
+        real: bool = True,
+    ) -> tuple[list[int], int, tuple[int, int, int]]:
+        """The victim loop of the docstring, on the real queues or on views of them.
+
+        Returns (victims, blocks ``after`` added, (n_small, n_main, next_seq)).
+        Up to ``n`` victims: fewer only when the queues run dry (a peek)."""
+        small_cap, main_cap = self.small_capacity, self.main_capacity
+        ghost, hashes = self._ghost, self._hash
+        n_small, n_main, next_seq = counts
+        top_s, top_m, pop_s, pop_m, push = (
+            heaps.top_s,
+            heaps.top_m,
+            heaps.pop_s,
+            heaps.pop_m,
+            heaps.push,
+        )
+        out: list[int] = []
+        added = 0
+        while len(out) < n:
+            s_small = top_s()
+            if s_small < 0 or n_small < small_cap:
+                if top_m() >= 0:  # evict from M: its tail candidate
+                    b = pop_m()
+                    if freq[b]:
+                        freq[b] -= 1
+                        seq[b] = next_seq
+                        push(next_seq, b, True)
+                        next_seq += 1
+                        continue
+                    n_main -= 1
+                    queue[b] = _NONE
+                elif s_small < 0:
+                    break  # nothing evictable left (a peek past the end)
+                else:
+                    b = -1
+            else:
+                b = -1
+            if b < 0:  # evict from S (due, or M has no candidate)
+                b = pop_s()
+                n_small -= 1
+                if freq[b]:
+                    freq[b] = 0
+                    queue[b] = _MAIN
+                    n_main += 1
+                    seq[b] = next_seq
+                    push(next_seq, b, True)
+                    next_seq += 1
+                    continue
+                queue[b] = _NONE
+                if real:  # the hash of a block evicted from S enters G
+                    ghost[hashes[b]] = None
+                    if len(ghost) > main_cap:
+                        ghost.popitem(last=False)
+            heaps.evicted(b)
+            if real:
+                hashes[b] = None
+            out.append(b)
+            if after is not None:
+                a = after(b)
+                if a >= 0:  # add(a)
+                    heaps.revive(a)
+                    added += 1
+                    push(seq[a], a, queue[a] == _MAIN)
+        return out, added, (n_small, n_main, next_seq)
 
     def __len__(self) -> int:
         return self._n_ev
@@ -325,3 +324,139 @@ class S3FIFOPolicy(EvictionPolicy):
             "small_capacity": self.small_capacity,
             "main_capacity": self.main_capacity,
         }
+
+
+class _Overlay:
+    """A per-block list seen through a copy-on-write layer: writes stay here."""
+
+    __slots__ = ("base", "local")
+
+    def __init__(self, base: list) -> None:
+        self.base = base
+        self.local: dict[int, Any] = {}
+
+    def __getitem__(self, i: int) -> Any:
+        local = self.local
+        return local[i] if i in local else self.base[i]
+
+    def __setitem__(self, i: int, v: Any) -> None:
+        self.local[i] = v
+
+
+class _Heaps:
+    """S's and M's heaps of sequence numbers (``slot``: number -> block), for the victim
+    loop: ``top_*`` drops stale entries (blocks now in use, moved or dropped) and gives the
+    number of the oldest candidate (-1: none), ``pop_*`` takes it and gives its block."""
+
+    __slots__ = ("ev", "hm", "hs", "seq", "slot")
+
+    def __init__(self, hs: list[int], hm: list[int], slot: dict, ev: Any, seq: Any) -> None:
+        self.hs, self.hm, self.slot, self.ev, self.seq = hs, hm, slot, ev, seq
+
+    def _top(self, h: list[int]) -> int:
+        slot, ev, seq = self.slot, self.ev, self.seq
+        while h:
+            s = h[0]
+            b = slot[s]
+            if ev[b] and seq[b] == s:
+                return s
+            heappop(h)
+            del slot[s]
+        return -1
+
+    def top_s(self) -> int:
+        return self._top(self.hs)
+
+    def top_m(self) -> int:
+        return self._top(self.hm)
+
+    def pop_s(self) -> int:
+        return self.slot.pop(heappop(self.hs))
+
+    def pop_m(self) -> int:
+        return self.slot.pop(heappop(self.hm))
+
+    def push(self, s: int, b: int, main: bool) -> None:
+        """Block ``b`` is a candidate under number ``s`` (kept if its entry is still there)."""
+        slot = self.slot
+        if s not in slot:
+            slot[s] = b
+            heappush(self.hm if main else self.hs, s)
+
+    def evicted(self, b: int) -> None:
+        self.ev[b] = False
+
+    def revive(self, b: int) -> None:
+        self.ev[b] = True
+
+
+class _HeapWalks(_Heaps):
+    """``_Heaps`` read-only: best-first walks down the real heaps, numbers pushed on the way
+    in a local heap, slot changes in a local layer."""
+
+    __slots__ = ("gone", "mine", "walks")
+
+    def __init__(self, hs: list[int], hm: list[int], slot: dict, ev: Any, seq: Any) -> None:
+        super().__init__(hs, hm, slot, ev, seq)
+        self.walks = ([(hs[0], 0)] if hs else [], [(hm[0], 0)] if hm else [])
+        self.mine: tuple[list[int], list[int]] = ([], [])  # pushed numbers, per queue
+        self.gone: dict[int, int] = {}  # slot overlay: number -> block, -1 for dropped
+
+    def _slot(self, s: int) -> int:
+        b = self.gone.get(s)
+        return self.slot[s] if b is None else b
+
+    def _next(self, q: int, take: bool) -> int:
+        """The smallest number left in queue ``q`` (0: S, 1: M), taken when ``take``."""
+        walk, mine = self.walks[q], self.mine[q]
+        if walk and (not mine or walk[0][0] < mine[0]):
+            s, i = walk[0]
+            if take:
+                heappop(walk)
+                h = self.hs if q == 0 else self.hm
+                c = 2 * i + 1
+                if c < len(h):
+                    heappush(walk, (h[c], c))
+                    if c + 1 < len(h):
+                        heappush(walk, (h[c + 1], c + 1))
+            return s
+        if mine:
+            return heappop(mine) if take else mine[0]
+        return -1
+
+    def _top_q(self, q: int) -> int:
+        ev, seq = self.ev, self.seq
+        while True:
+            s = self._next(q, False)
+            if s < 0:
+                return -1
+            b = self._slot(s)
+            if b >= 0 and ev[b] and seq[b] == s:
+                return s
+            self._next(q, True)
+            self.gone[s] = -1
+
+    def top_s(self) -> int:
+        return self._top_q(0)
+
+    def top_m(self) -> int:
+        return self._top_q(1)
+
+    def pop_s(self) -> int:
+        s = self._next(0, True)
+        b = self._slot(s)
+        self.gone[s] = -1
+        return b
+
+    def pop_m(self) -> int:
+        s = self._next(1, True)
+        b = self._slot(s)
+        self.gone[s] = -1
+        return b
+
+    def push(self, s: int, b: int, main: bool) -> None:
+        cur = self.gone.get(s)
+        if (cur is None and s in self.slot) or (cur is not None and cur >= 0):
+            return
+        self.gone[s] = b
+        heappush(self.mine[1 if main else 0], s)

@@ -29,7 +29,7 @@ MRU end of protected. Each segment keeps its evictable members in an
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from itertools import chain, islice
 
 from ..errors import KVConfigError
@@ -133,6 +133,38 @@ class SLRUPolicy(EvictionPolicy):
 
     def peek_victims(self, n: int) -> list[int]:
         return list(islice(chain(self._prob, self._prot), n))
+
+    def peek_cascade(self, n: int, after: Callable[[int], int]) -> list[int]:
+        seg, cap = self._seg, self.protected_capacity
+        out: list[int] = []
+        add_prob: list[int] = []  # counted as added (MRU end of each segment), in order
+        add_prot: list[int] = []
+        prob, prot = chain(self._prob, add_prob), chain(self._prot, add_prot)
+        left_prob, left_prot, n_prot = len(self._prob), len(self._prot), self._n_prot
+        while len(out) < n and left_prob + left_prot:
+            if left_prob:
+                b = next(prob)
+                left_prob -= 1
+            else:
+                b = next(prot)
+                left_prot -= 1
+                n_prot -= 1
+            out.append(b)
+            a = after(b)
+            if a < 0:
+                continue
+            if seg[a] != _PROT:
+                add_prob.append(a)
+                left_prob += 1
+                continue
+            add_prot.append(a)
+            left_prot += 1
+            while n_prot > cap and left_prot:  # add's demotion of the overflow
+                add_prob.append(next(prot))
+                left_prot -= 1
+                n_prot -= 1
+                left_prob += 1
+        return out
 
     def __len__(self) -> int:
         return len(self._prob) + len(self._prot)

@@ -1,5 +1,8 @@
 """Time-pinned prefixes (explicit prompt caching with a TTL), LRU otherwise.
 
+Key: ``(0, release number)`` among the unprotected evictable blocks, smallest
+first; a protected block is no victim until its protection ends.
+
 Definition (explicit prompt-cache control as offered by LLM APIs, e.g.
 Anthropic's ``cache_control: {"type": "ephemeral", "ttl": ...}``: a marked
 prefix stays cached for at least its TTL, each new mark refreshing it):
@@ -24,47 +27,30 @@ Reaching it: ``block_pool.policy.pin_for(ids, ttl_s)`` or, on a ``KVPool``,
 ``kv_pool.policy.pin_for(handle.block_ids, ttl_s)`` once the blocks are
 cached.
 
-Implementation: unprotected evictable blocks released in order sit in an
-``OrderedDict`` (block -> release number), so with no protection in play the
-policy is an LRU (add, remove, pop O(1)); a block that becomes eligible out of
-release order (its protection expired or was ended while it was evictable)
-goes to a small lazy-deletion heap keyed by release number, and a pop takes
-the older of the two fronts. Protected evictable blocks sit in a heap ordered
-by expiry time, moved to the eligible side lazily at ``pop``/``peek``: expiry
-never scans, every event is O(log n) amortized, with the policy clock
-(``clock`` argument), and the clock is not read while no block is protected.
+Protected evictable blocks wait on the keyed base's timers (by expiry time),
+out of the victim heap; expiry never scans, and the clock is not read while
+no block is protected.
 """
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Iterable
-from itertools import count, islice
 
-from ..errors import KVInvalidInputError, KVNoVictimError
-from ._lazyheap import LazyHeap
-from .base import EvictionPolicy
-from .priority import check_cached_ids
+from ..errors import KVNoVictimError
+from .keyed import Key, KeyedPolicy, check_cached_ids, check_seconds
 
 __all__ = ["TTLPolicy"]
 
 
-class TTLPolicy(EvictionPolicy):
+class TTLPolicy(KeyedPolicy):
     name = "ttl"
     description = "LRU, but blocks pinned with pin_for(ids, ttl_s) are never victims until expiry"
+    _lane_k0 = 0  # unprotected releases come in key order
 
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         super().__init__(clock)
-        # eligible (unprotected) evictable blocks: in release order, or out of order
-        self._order: OrderedDict[int, int] = OrderedDict()  # block -> release number
-        self._late = LazyHeap()  # (release number,) of eligible blocks out of order
-        self._late_rel: dict[int, int] = {}  # block in _late -> release number
-        self._guarded = LazyHeap()  # protected evictable: (expiry time, release number)
-        self._guarded_rel: dict[int, int] = {}  # block in _guarded -> release number
         self._until: dict[int, float] = {}  # cached block -> protection expiry
         self._cached: set[int] = set()
-        self._next = 0
 
     # -- public API ----------------------------------------------------------
     def pin_for(self, block_ids: Iterable[int], ttl_s: float) -> None:
@@ -74,31 +60,24 @@ class TTLPolicy(EvictionPolicy):
             KVInvalidInputError: ``ttl_s`` not a positive finite number, or a
                 block that is not cached (nothing is changed then).
         """
-        if (
-            isinstance(ttl_s, bool)
-            or not isinstance(ttl_s, int | float)
-            or not (ttl_s > 0 and math.isfinite(ttl_s))
-        ):
-            raise KVInvalidInputError(f"ttl_s must be a positive number, got {ttl_s!r}")
+        ttl_s = check_seconds(ttl_s, "ttl_s")
         ids = check_cached_ids(block_ids, self._cached)
         until = self.clock() + ttl_s
         for b in ids:
             u = self._until.get(b)
             if u is None or u < until:
                 self._until[b] = u = until
-            r = self._take_eligible(b)
-            if r is None:
-                r = self._guarded_rel.get(b)
-            if r is not None:
-                self._guarded.push(b, u, r)
-                self._guarded_rel[b] = r
+            r = self._rel.get(b)
+            if r is not None:  # evictable: no victim until u
+                self._dequeue(b)
+                self._timers.push(b, u, r)
 
     def unprotect(self, block_ids: Iterable[int]) -> None:
         """End the protection of cached blocks now (no-op for unprotected ones)."""
         ids = check_cached_ids(block_ids, self._cached)
         for b in ids:
-            if self._until.pop(b, None) is not None and self._guarded.discard(b):
-                self._make_eligible(b, self._guarded_rel.pop(b))
+            if self._until.pop(b, None) is not None and self._timers.discard(b):
+                self._refile(b)
 
     def protected_until(self, block_id: int) -> float | None:
         """Expiry time of ``block_id``'s protection, None when it is not protected now."""
@@ -107,134 +86,48 @@ class TTLPolicy(EvictionPolicy):
 
     def num_eligible(self) -> int:
         """Evictable blocks that may be victims now (unprotected or expired)."""
-        self._expire(self.clock())
-        return len(self._order) + len(self._late_rel)
+        self._run_timers()
+        return self._num_eligible()
 
     def is_protected(self, block_id: int) -> bool:
         u = self._until.get(block_id)
         return u is not None and u > self.clock()
 
     def num_victims(self, limit: int, exclude: Collection[int] = ()) -> int:
-        if self._guarded_rel:
-            self._expire(self.clock())  # what pop_victims does first: no visible change
-        order, late = self._order, self._late_rel
-        n = len(order) + len(late)
+        self._run_timers()  # what pop_victims does first: no visible change
+        heap, lane = self._heap, self._lane
+        n = len(heap) + len(lane)
         if exclude:
-            n -= sum(1 for b in exclude if b in order or b in late)
+            n -= sum(1 for b in exclude if b in heap or b in lane)
         return limit if n >= limit else n
 
-    # -- eligible set ---------------------------------------------------------
-    def _take_eligible(self, b: int) -> int | None:
-        """Drop ``b`` from the eligible blocks; its release number (None if not eligible)."""
-        r = self._order.pop(b, None)
-        if r is None:
-            r = self._late_rel.pop(b, None)
-            if r is not None:
-                self._late.discard(b)
-        return r
+    # -- keyed policy ----------------------------------------------------------
+    def _key(self, block_id: int, release: int) -> Key:
+        return 0, release
 
-    def _make_eligible(self, b: int, r: int) -> None:
-        """``b`` (release number ``r``) becomes eligible, at its release place."""
-        order = self._order
-        if not order or r > next(reversed(order.values())):
-            order[b] = r  # still in release order: append
-        else:
-            self._late.push(b, r)
-            self._late_rel[b] = r
+    def _file(self, block_id: int, release: int) -> None:
+        u = self._until.get(block_id)
+        if u is not None:
+            if u > self.clock():
+                self._timers.push(block_id, u, release)
+                return
+            del self._until[block_id]
+        self._enqueue(block_id, 0, release)
 
-    # -- expiry --------------------------------------------------------------
-    def _expire(self, now: float) -> None:
-        guarded = self._guarded
-        top = guarded.top_key()
-        while top is not None and top[0] <= now:
-            b = guarded.pop()
-            self._until.pop(b, None)
-            self._make_eligible(b, self._guarded_rel.pop(b))
-            top = guarded.top_key()
+    def _on_timer(self, block_id: int) -> None:
+        # protection over: back at the place its release gave it
+        self._until.pop(block_id, None)
+        self._refile(block_id)
 
-    # -- evictable set -------------------------------------------------------
-    def add(self, block_id: int) -> None:
-        if self._until:
-            self.add_many((block_id,))
-        else:
-            self._next = r = self._next + 1
-            self._order[block_id] = r
-
-    def add_many(self, block_ids: Iterable[int]) -> None:
-        if not self._until:  # nothing protected: plain LRU appends
-            c = count(self._next + 1)
-            self._order.update(zip(block_ids, c))
-            self._next = next(c) - 1
-            return
-        now = self.clock()
-        until = self._until
-        order = self._order
-        r = self._next
-        for b in block_ids:
-            r += 1
-            u = until.get(b)
-            if u is not None:
-                if u > now:
-                    self._guarded.push(b, u, r)
-                    self._guarded_rel[b] = r
-                    continue
-                del until[b]
-            order[b] = r
-        self._next = r
-
-    def remove(self, block_id: int) -> None:
-        if self._order.pop(block_id, None) is None:
-            if block_id in self._late_rel:
-                del self._late_rel[block_id]
-                self._late.discard(block_id)
-            else:
-                del self._guarded_rel[block_id]  # KeyError: not evictable
-                self._guarded.discard(block_id)
-
-    def remove_many(self, block_ids: Iterable[int]) -> None:
-        if self._late_rel or self._guarded_rel:
-            remove = self.remove
-            for b in block_ids:
-                remove(b)
-            return
-        order = self._order
-        for b in block_ids:
-            del order[b]
-
-    def pop_victim(self) -> int:
-        return self.pop_victims(1)[0]
-
-    def pop_victims(self, n: int) -> list[int]:
-        if self._guarded_rel:
-            self._expire(self.clock())
-        order = self._order
-        if n > len(order) + len(self._late_rel):
-            raise self._no_victim()
-        if not self._late_rel:
-            popitem = order.popitem
-            return [popitem(False)[0] for _ in range(n)]
-        late, late_rel = self._late, self._late_rel
-        out: list[int] = []
-        for _ in range(n):
-            top = late.top_key()
-            if top is None or (order and next(iter(order.values())) < top[0]):
-                out.append(order.popitem(False)[0])
-            else:
-                b = late.pop()
-                del late_rel[b]
-                out.append(b)
-        return out
-
-    def peek_victims(self, n: int) -> list[int]:
-        if self._guarded_rel:
-            self._expire(self.clock())
-        first = list(islice(self._order.items(), n))
-        if not self._late_rel:
-            return [b for b, _ in first]
-        rel = self._late_rel
-        merged = first + [(b, rel[b]) for b in self._late.peek(n)]
-        merged.sort(key=lambda e: e[1])
-        return [b for b, _ in merged[:n]]
+    def _no_victim(self) -> KVNoVictimError:
+        eligible = self._num_eligible()
+        guarded = len(self._rel) - eligible
+        if not guarded:
+            return super()._no_victim()
+        return KVNoVictimError(
+            f"{self.name}: {guarded} evictable blocks are TTL-protected, "
+            f"only {eligible} can be evicted now"
+        )
 
     # -- lifecycle -----------------------------------------------------------
     def on_cached(self, block_id: int, block_hash: Hashable, parent_block_id: int) -> None:
@@ -248,27 +141,7 @@ class TTLPolicy(EvictionPolicy):
         self._cached.discard(block_id)
         self._until.pop(block_id, None)
 
-    def _no_victim(self) -> KVNoVictimError:
-        if not self._guarded_rel:
-            return super()._no_victim()
-        return KVNoVictimError(
-            f"{self.name}: {len(self._guarded_rel)} evictable blocks are TTL-protected, "
-            f"only {len(self._order) + len(self._late_rel)} can be evicted now"
-        )
-
-    def __len__(self) -> int:
-        return len(self._order) + len(self._late_rel) + len(self._guarded_rel)
-
-    def __contains__(self, block_id: object) -> bool:
-        return (
-            block_id in self._order or block_id in self._late_rel or block_id in self._guarded_rel
-        )
-
     def reset(self) -> None:
-        self._order.clear()
-        self._late.clear()
-        self._late_rel.clear()
-        self._guarded.clear()
-        self._guarded_rel.clear()
+        super().reset()
         self._until.clear()
         self._cached.clear()

@@ -220,7 +220,9 @@ class WorkloadAwarePolicy(EvictionPolicy):
         return self._n
 
     def __contains__(self, block_id: object) -> bool:
-        q = self._queues.get(self._cat.get(block_id))  # type: ignore[arg-type]
+        if not isinstance(block_id, int):
+            return False
+        q = self._queues.get(self._cat.get(block_id))
         return q is not None and block_id in q
 
     def reset(self) -> None:
