@@ -1,32 +1,36 @@
 """KV transfer bandwidth: the engine next to its raw backend and a memory copy.
 
 For each payload size (KV blocks of a Llama-3-8B-shaped pool, 2 MiB per
-block of 16 tokens) it measures, best of ``--repeat`` after a warm-up:
+block of 16 tokens) it runs ``--repeat`` rounds after a warm-up; each round
+times every variant once (round-robin), so load on the shared cores hits
+them alike, and the ratios are medians over rounds:
 
-* ``memcpy``: ``dst.copy_(src)`` of the same bytes in one process (the
-  memory-bandwidth ceiling of this machine);
-* ``inprocess engine``: pool -> pool in one process through the engine;
+* ``memcpy``: ``dst.copy_(src)`` of the same bytes in one process;
+* ``inprocess``: pool -> pool through the engine, checksum off and on
+  (``vs_copy``: throughput against the tensor copy), and two transfers of
+  half the blocks each, in turn and at once from two threads (``vs_turn``:
+  throughput at once / in turn);
 * ``gloo raw``: one ``isend``/``irecv`` of a contiguous tensor of the same
   bytes between two processes on 127.0.0.1, plus a 1-byte ack;
 * ``nixl raw``: one NIXL READ (UCX, ``UCX_NET_DEVICES=lo``) of a contiguous
-  tensor through ``NixlBackend.expose``/``fetch``; the sender's wait ends
-  with the reader's completion notification;
+  tensor through ``NixlBackend.expose``/``fetch``;
 * ``<backend> engine``: ``transfer_kv_handle`` of the blocks (header, pipelined
   messages, checksum, receiver alloc + prefix-cache registration, ack), with
-  and without the checksum; ``vs_raw`` is raw time / engine time of the same
-  backend;
-* ``zlib``: the engine with compression (ratio and cost on this data).
+  and without the checksum; ``vs_raw``: raw time / engine time (receiver's clock);
+* ``zstd``/``zlib``: the gloo engine with compression (its wire ratio), and a
+  table of both codecs' speed and ratio on bf16 KV.
 
 Usage::
 
     python benchmarks/bench_transfer.py                 # 64 MiB and 1 GiB
-    python benchmarks/bench_transfer.py --sizes-mib 64 256 --repeat 3
-    python benchmarks/bench_transfer.py --backends gloo --no-zlib
+    python benchmarks/bench_transfer.py --sizes-mib 4 --repeat 1    # smoke run
+    python benchmarks/bench_transfer.py --backends gloo --codec none
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import _util
@@ -61,145 +65,193 @@ def _best(fn, repeat: int) -> float:
     return _util.best_of(fn, repeat)
 
 
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
 def bench_local(nbytes: int, repeat: int) -> list[dict]:
+    """In-process rows, measured round-robin: each round times every variant once,
+    so a burst of load on the shared cores hits all of them alike; ``vs_copy`` is
+    the median over rounds of (copy time / variant time), throughput-normalised."""
+    import threading
+
     import torch
 
     from sagellm_kv_cache.pool import KVPool
     from sagellm_kv_cache.transfer import KVTransferEngine
 
-    rows = []
     src = torch.ones(nbytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
-    t = _best(lambda: dst.copy_(src), repeat)
-    rows.append({"backend": "memcpy", "variant": "tensor copy", "seconds": t})
-    num_blocks = nbytes // _shape().bytes_per_block(BLOCK_SIZE)
-    pool, h = _filled_pool(num_blocks, num_blocks * BLOCK_SIZE)
+    bpb = _shape().bytes_per_block(BLOCK_SIZE)
+    num_blocks = max(2, nbytes // bpb) // 2 * 2
+    half = num_blocks // 2
+    pool = KVPool(num_blocks=num_blocks, block_size=BLOCK_SIZE, model_shape=_shape())
+    g = torch.Generator().manual_seed(0)
+    view = pool.storage.kv.view(torch.int16)
+    view.copy_(torch.randint(-30000, 30000, view.shape, generator=g, dtype=torch.int16))
+    # two handles of half the blocks each: one transfer moves both, two move one each
+    h1, _ = pool.alloc_with_prefix(list(range(half * BLOCK_SIZE)))
+    h2, _ = pool.alloc_with_prefix(list(range(10**7, 10**7 + half * BLOCK_SIZE)))
+    pool.cache_blocks(h1)
+    pool.cache_blocks(h2)
+    engines = {}
     for checksum in (False, True):
         dst_pool = KVPool(num_blocks=num_blocks, block_size=BLOCK_SIZE, model_shape=_shape())
         eng = KVTransferEngine("inprocess", enable_checksum=checksum)
         eng.register_pool(pool, 0)
         eng.register_pool(dst_pool, 1)
+        engines[checksum] = (eng, dst_pool)
 
-        def once(eng=eng, dst_pool=dst_pool):
-            dst_pool.reset()
-            eng.transfer_kv_handle(h, 0, 1)
+    def one(checksum: bool) -> None:
+        eng, dst_pool = engines[checksum]
+        dst_pool.reset()
+        eng.transfer_kv_handles([h1, h2], 0, 1)
 
-        t = _best(once, repeat)
-        rows.append(
-            {
-                "backend": "inprocess",
-                "variant": f"engine, checksum {'on' if checksum else 'off'}",
-                "seconds": t,
-            }
-        )
+    def sequential_halves() -> None:
+        eng, dst_pool = engines[True]
+        dst_pool.reset()
+        eng.transfer_kv_handle(h1, 0, 1)
+        eng.transfer_kv_handle(h2, 0, 1)
+
+    def concurrent_halves() -> None:
+        eng, dst_pool = engines[True]
+        dst_pool.reset()
+        t = threading.Thread(target=eng.transfer_kv_handle, args=(h2, 0, 1))
+        t.start()
+        eng.transfer_kv_handle(h1, 0, 1)
+        t.join(timeout=600)
+
+    variants = {
+        "tensor copy": lambda: dst.copy_(src),
+        "engine, checksum off": lambda: one(False),
+        "engine, checksum on": lambda: one(True),
+        "2 transfers in turn, checksum on": sequential_halves,
+        "2 transfers at once, checksum on": concurrent_halves,
+    }
+    for fn in variants.values():
+        fn()  # warm-up: page faults, staging buffers
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(max(repeat, 1)):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    moved = num_blocks * bpb
+    copy_t = times["tensor copy"]
+    rows = []
+    for name, ts in times.items():
+        nb = nbytes if name == "tensor copy" else moved
+        ratio = _median([(c / nbytes) / (t / nb) for c, t in zip(copy_t, ts)])
+        row = {"backend": "memcpy" if name == "tensor copy" else "inprocess", "variant": name}
+        rows.append({**row, "seconds": min(ts), "vs_copy": ratio, "nbytes": nb})
+    turn = times["2 transfers in turn, checksum on"]
+    once = times["2 transfers at once, checksum on"]
+    rows[-1]["vs_turn"] = _median([a / b for a, b in zip(turn, once)])
     return rows
 
 
-def _raw_gloo(ctx, nbytes: int, repeat: int) -> float:
+def _raw_gloo_once(ctx, buf, ack) -> None:
     """One contiguous isend/irecv, then a 1-byte ack (the engine also waits for one)."""
     from datetime import timedelta
 
-    import torch
     import torch.distributed as dist
 
-    buf = (
-        torch.ones(nbytes, dtype=torch.uint8)
-        if ctx.rank == 0
-        else torch.empty(nbytes, dtype=torch.uint8)
-    )
-    ack = torch.zeros(1, dtype=torch.uint8)
-    times = []
-    for _ in range(repeat + 1):
-        dist.barrier()
-        t0 = time.perf_counter()
-        if ctx.rank == 0:
-            dist.isend(buf, 1, tag=1).wait(timeout=timedelta(seconds=120))
-            dist.irecv(ack, 1, tag=2).wait(timeout=timedelta(seconds=120))
-        else:
-            dist.irecv(buf, 0, tag=1).wait(timeout=timedelta(seconds=120))
-            dist.isend(ack, 0, tag=2).wait(timeout=timedelta(seconds=120))
-        times.append(time.perf_counter() - t0)
-    return min(times[1:])
-
-
-def _raw_nixl(ctx, nbytes: int, repeat: int) -> float:
-    """One READ of a contiguous tensor through the NIXL backend's expose/fetch; the
-    sender's wait ends with the reader's completion notification (its ack)."""
-    import torch
-    import torch.distributed as dist
-
-    from sagellm_kv_cache.transfer.backends.nixl import NixlBackend
-
-    backend = NixlBackend()
-    buf = (
-        torch.ones(nbytes, dtype=torch.uint8)
-        if ctx.rank == 0
-        else torch.empty(nbytes, dtype=torch.uint8)
-    )
-    times = []
-    try:
-        for i in range(repeat + 1):
-            dist.barrier()
-            t0 = time.perf_counter()
-            if ctx.rank == 0:
-                backend.expose(1, i, buf).wait(120)
-            else:
-                backend.fetch(0, i, buf).wait(120)
-            times.append(time.perf_counter() - t0)
-        dist.barrier()  # the reader is done before the memory is deregistered
-    finally:
-        backend.close()
-    return min(times[1:])
+    w = timedelta(seconds=120)
+    if ctx.rank == 0:
+        dist.isend(buf, 1, tag=1).wait(timeout=w)
+        dist.irecv(ack, 1, tag=2).wait(timeout=w)
+    else:
+        dist.irecv(buf, 0, tag=1).wait(timeout=w)
+        dist.isend(ack, 0, tag=2).wait(timeout=w)
 
 
 def rank_bench(ctx, nbytes: int, repeat: int, variants: list[str], backend: str):
-    """Runs in two spawned ranks: rank 0 sends, rank 1 receives."""
+    """Runs in two spawned ranks: rank 0 sends, rank 1 receives. Each round times
+    the raw transport and every engine variant once (round-robin); returns the
+    times per variant and rank 0's wire/payload ratios."""
+    import itertools
+
+    import torch
     import torch.distributed as dist
 
     from sagellm_kv_cache.pool import KVPool
     from sagellm_kv_cache.transfer import KVTransferEngine
+    from sagellm_kv_cache.transfer.backends.nixl import NixlBackend
 
     bpb = _shape().bytes_per_block(BLOCK_SIZE)
     num_blocks = nbytes // bpb
-    out = {"raw": (_raw_gloo if backend == "gloo" else _raw_nixl)(ctx, nbytes, repeat)}
     if ctx.rank == 0:
         pool, h = _filled_pool(num_blocks, num_blocks * BLOCK_SIZE)
     else:
         pool = KVPool(num_blocks=num_blocks, block_size=BLOCK_SIZE, model_shape=_shape())
-    for variant in variants:
+    make = torch.ones if ctx.rank == 0 else torch.empty
+    buf = make(nbytes, dtype=torch.uint8)
+    ack = torch.zeros(1, dtype=torch.uint8)
+    raw_nixl = NixlBackend(group="raw") if backend == "nixl" else None
+    tags = itertools.count()
+    engines = {}
+    for v in variants:
+        opts = {"group": f"engine-{v}"} if backend == "nixl" else {}
         eng = KVTransferEngine(
             "torch" if backend == "gloo" else backend,
             timeout_s=120,
-            enable_checksum=variant != "nocheck",
-            compression="zlib" if variant == "zlib" else None,
+            enable_checksum=v != "nocheck",
+            compression=v if v in ("zlib", "zstd") else None,
+            **opts,
         )
         eng.register_pool(pool)
-        times, metas = [], []
-        for _ in range(repeat + 1 if variant != "zlib" else 2):
-            dist.barrier()
-            t0 = time.perf_counter()
+        engines[v] = eng
+
+    def raw() -> None:
+        if raw_nixl is None:
+            _raw_gloo_once(ctx, buf, ack)
+        elif ctx.rank == 0:
+            raw_nixl.expose(1, next(tags), buf).wait(120)
+        else:
+            raw_nixl.fetch(0, next(tags), buf).wait(120)
+
+    def engine(v: str):
+        def run() -> None:
+            eng = engines[v]
             if ctx.rank == 0:
-                tid = eng.transfer_kv_handle(h, 0, 1)
-                metas.append(eng.get_transfer_metadata(tid))
+                eng.transfer_kv_handle(h, 0, 1)
             else:
                 pool.reset()
                 eng.receive(pool, timeout_s=120, keep_handles=False)
-            times.append(time.perf_counter() - t0)
-        dist.barrier()
+
+        return run
+
+    fns = {"raw": raw, **{v: engine(v) for v in variants}}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeat + 1):  # round 0 warms up (connections, registrations, buffers)
+        for k, fn in fns.items():
+            if k in ("zlib", "zstd") and r > 1:
+                continue  # slow: one timed run is enough
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                times[k].append(time.perf_counter() - t0)
+    dist.barrier()  # every READ is done before memory is deregistered
+    out = {"times": times}
+    if ctx.rank == 0:
+        for v in variants:
+            meta = engines[v].get_transfer_metadata(engines[v].transfer_ids()[-1])
+            out[v + "_ratio"] = meta["wire_nbytes"] / meta["payload_nbytes"]
+    for eng in engines.values():
         eng.close()
-        out[variant] = min(times[1:])
-        if ctx.rank == 0:
-            out[variant + "_ratio"] = metas[-1]["wire_nbytes"] / metas[-1]["payload_nbytes"]
+    if raw_nixl is not None:
+        raw_nixl.close()
     return out
 
 
 RAW_NAMES = {"gloo": "raw isend/irecv + ack", "nixl": "raw READ + notif"}
 
 
-def bench_dist(backend: str, nbytes: int, repeat: int, zlib: bool) -> list[dict]:
+def bench_dist(backend: str, nbytes: int, repeat: int, codec: str | None) -> list[dict]:
     from sagellm_kv_cache.testing.launcher import launch
 
-    variants = ["check", "nocheck"] + (["zlib"] if zlib else [])
+    variants = ["check", "nocheck"] + ([codec] if codec else [])
     res = launch(
         rank_bench,
         2,
@@ -212,11 +264,44 @@ def bench_dist(backend: str, nbytes: int, repeat: int, zlib: bool) -> list[dict]
         if not r.ok:
             raise RuntimeError(f"{backend} rank {r.rank}: {r.status} {r.error}")
     s = res[0].value
-    rows = [{"backend": backend, "variant": RAW_NAMES[backend], "seconds": s["raw"]}]
+    # the receiver's clock: a transfer is done when its data is in place
+    times = res[1].value["times"]
+    raw_t = times["raw"]
+    rows = [{"backend": backend, "variant": RAW_NAMES[backend], "seconds": min(raw_t)}]
+    rows[0]["vs_raw"] = 1.0
     names = {"check": "engine, checksum on", "nocheck": "engine, checksum off"}
     for v in variants:
-        name = names.get(v) or f"engine, zlib-1 (wire {s[v + '_ratio']:.3f}x)"
-        rows.append({"backend": backend, "variant": name, "seconds": s[v]})
+        name = names.get(v) or f"engine, {v}-1 (wire {s[v + '_ratio']:.3f}x)"
+        ts = times[v]
+        ratio = _median([r / t for r, t in zip(raw_t, ts)])
+        rows.append({"backend": backend, "variant": name, "seconds": min(ts), "vs_raw": ratio})
+    return rows
+
+
+def bench_codecs(nbytes: int) -> list[dict]:
+    """Compression speed and ratio of zlib-1 and zstd-1 on bf16 KV-like data."""
+    import zlib
+
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    kv = (torch.randn(nbytes // 2, generator=g) * 0.5).to(torch.bfloat16)
+    raw = kv.view(torch.uint8).numpy().tobytes()
+    rows = []
+    codecs = {"zlib": lambda b: zlib.compress(b, 1)}
+    try:
+        import zstandard
+
+        codecs["zstd"] = zstandard.ZstdCompressor(level=1).compress
+    except ImportError:
+        print("skipping zstd: pip install 'sagellm-kv-cache[zstd]'")
+    for name, fn in codecs.items():
+        t0 = time.perf_counter()
+        out = fn(raw)
+        dt = time.perf_counter() - t0
+        rows.append(
+            {"codec": f"{name}-1", "mb_per_s": nbytes / dt / 1e6, "ratio": len(out) / nbytes}
+        )
     return rows
 
 
@@ -229,35 +314,52 @@ def _nixl_reason() -> str | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes-mib", type=int, nargs="+", default=[64, 1024])
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--no-zlib", action="store_true", help="skip the compression variant")
+    ap.add_argument("--repeat", type=int, default=5, help="rounds (each times every variant)")
+    ap.add_argument("--codec", choices=["zstd", "zlib", "none"], default="zstd")
     ap.add_argument("--backends", nargs="+", default=["gloo", "nixl"], choices=["gloo", "nixl"])
+    ap.add_argument("--no-local", action="store_true", help="skip the in-process rows")
     a = ap.parse_args()
     backends = list(a.backends)
     if "nixl" in backends and (reason := _nixl_reason()) is not None:
         print(f"skipping nixl: {reason}")
         backends.remove("nixl")
+    codec = None if a.codec == "none" else a.codec
+    if codec == "zstd":
+        try:
+            import zstandard  # noqa: F401
+        except ImportError:
+            print("skipping zstd: pip install 'sagellm-kv-cache[zstd]'")
+            codec = None
     rows = []
     for mib in a.sizes_mib:
         nbytes = mib << 20
         t0 = time.perf_counter()
-        size_rows = bench_local(nbytes, a.repeat)
+        size_rows = [] if a.no_local else bench_local(nbytes, a.repeat)
         for backend in backends:
-            size_rows += bench_dist(
-                backend, nbytes, a.repeat, zlib=not a.no_zlib and mib <= 256 and backend == "gloo"
-            )
-        raw = {r["backend"]: r["seconds"] for r in size_rows if r["variant"].startswith("raw")}
+            with_codec = codec if mib <= 256 and backend == "gloo" else None
+            size_rows += bench_dist(backend, nbytes, a.repeat, with_codec)
         for r in size_rows:
-            r["size_mib"] = mib
-            r["gbps"] = nbytes / r["seconds"] / 1e9
-            r["vs_raw"] = raw[r["backend"]] / r["seconds"] if r["backend"] in raw else float("nan")
+            nb = r.get("nbytes", nbytes)
             rows.append(
-                {k: r[k] for k in ("size_mib", "backend", "variant", "seconds", "gbps", "vs_raw")}
+                {
+                    "size_mib": mib,
+                    "backend": r["backend"],
+                    "variant": r["variant"],
+                    "seconds": r["seconds"],
+                    "gbps": nb / r["seconds"] / 1e9,
+                    "vs_copy": r.get("vs_copy", float("nan")),
+                    "vs_raw": r.get("vs_raw", float("nan")),
+                    "vs_turn": r.get("vs_turn", float("nan")),
+                }
             )
         print(f"{mib} MiB done in {time.perf_counter() - t0:.1f} s", flush=True)
-    _util.print_table(rows, "KV transfer bandwidth (GB/s = 1e9 bytes/s, best of runs)")
+    title = "KV transfer (GB/s = 1e9 bytes/s of the best run; vs_*: median over rounds)"
+    _util.print_table(rows, title)
+    codec_rows = bench_codecs(min(a.sizes_mib[0], 64) << 20)
+    _util.print_table(codec_rows, "Compression of bf16 KV (one core)")
     _util.write_json(
-        "bench_transfer", {"shape": SHAPE_ARGS, "block_size": BLOCK_SIZE, "rows": rows}
+        "bench_transfer",
+        {"shape": SHAPE_ARGS, "block_size": BLOCK_SIZE, "rows": rows, "codecs": codec_rows},
     )
 
 
