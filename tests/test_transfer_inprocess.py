@@ -230,3 +230,80 @@ def test_device_to_host_move():  # pragma: no cover - no GPU in CI
     eng.transfer_kv_handle(h, 0, 1)
     h2, hit = cpu.alloc_with_prefix(list(range(16)))
     assert hit == 16 and torch.equal(cpu.read_kv(h2), kv.cpu())
+
+
+@pytest.mark.parametrize("codec", ["zlib", "zstd"])
+def test_compressed_transfer_round_trips_bit_exact(codec):
+    if codec == "zstd":
+        pytest.importorskip("zstandard")
+    eng, src, dst = make_engine(compression=codec, chunk_bytes=512)
+    tokens = list(range(40))
+    h, _ = src.alloc_with_prefix(tokens)
+    kv = torch.zeros(2, 2, 40, 2, 4, dtype=torch.float16)
+    kv[:, :, ::3] = 1.5  # compressible
+    src.write_kv(h, kv)
+    src.cache_blocks(h)
+    meta = eng.get_transfer_metadata(eng.transfer_kv_handle(h, 0, 1))
+    assert (meta["compression"], meta["num_blocks"]) == (codec, 10)
+    assert meta["wire_nbytes"] < meta["payload_nbytes"]
+    h2, hit = dst.alloc_with_prefix(tokens)
+    assert hit == 40 and torch.equal(dst.read_kv(h2), kv)
+
+
+def test_missing_zstandard_is_a_config_error_naming_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # import fails as if not installed
+    with pytest.raises(KVConfigError) as ei:
+        KVTransferEngine("inprocess", compression="zstd")
+    assert ei.value.code == "KV_CONFIG_INVALID"
+    assert "sagellm-kv-cache[zstd]" in ei.value.message
+    with pytest.raises(KVConfigError):
+        KVTransferEngine("inprocess", compression="lz4")
+
+
+def test_two_transfers_at_once_both_land_bit_exact():
+    import threading
+
+    src = make_tensor_pool(64)
+    dst = make_tensor_pool(64)
+    eng = KVTransferEngine("inprocess", direct_min_message_bytes=0)
+    eng.register_pool(src, rank=0)
+    eng.register_pool(dst, rank=1)
+    (h1, kv1), (h2, kv2) = (
+        filled_handle(src, [i * 1000 + t for t in range(40)], i) for i in (1, 2)
+    )
+    errors: list[BaseException] = []
+
+    def send(h):
+        try:
+            eng.transfer_kv_handle(h, 0, 1)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(h,)) for h in (h1, h2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+    for i, kv in ((1, kv1), (2, kv2)):
+        h, hit = dst.alloc_with_prefix([i * 1000 + t for t in range(40)])
+        assert hit == 40 and torch.equal(dst.read_kv(h), kv)
+        dst.free(h)
+    assert accounting(dst) == (44, 0, 20, 0)
+    assert eng.transfer_ids() == [1, 2] and eng.registered_pool(1) is dst
+
+
+def test_injected_faults_stop_when_the_hook_is_removed():
+    eng, src, dst = make_engine(max_retries=0)
+    tokens = list(range(16))
+    h, kv = filled_handle(src, tokens)
+    wrapped = inject_faults(eng, lambda stage, chunk=None, **_: chunk.__setitem__(0, chunk[0] ^ 1))
+    assert eng.backend is wrapped and wrapped.inner.name == "inprocess"
+    with pytest.raises(KVChecksumMismatchError):
+        eng.transfer_kv_handle(h, 0, 1)
+    assert inject_faults(eng, None) is wrapped  # wrapped once; the hook is cleared
+    eng.transfer_kv_handle(h, 0, 1)
+    h2, hit = dst.alloc_with_prefix(tokens)
+    assert hit == 16 and torch.equal(dst.read_kv(h2), kv)
