@@ -51,7 +51,7 @@ from typing import Any
 
 from sagellm_kv_cache.errors import KVBudgetExceededError, KVNoVictimError
 
-__all__ = ["Engine", "PoolInstance", "SimClock", "TieredInstance"]
+__all__ = ["Engine", "PoolInstance", "SimClock", "TieredInstance", "metadata_pool"]
 
 _FINISH, _PREFILL_END, _ARRIVAL = 0, 1, 2
 _HOOKS = ("on_arrival", "on_start", "on_prefill_end", "on_finish", "on_reject")
@@ -69,6 +69,19 @@ class SimClock:
         return self.now
 
 
+def metadata_pool(capacity_blocks: int, block_size: int, policy: Any, clock: Any) -> Any:
+    """A metadata-only ``KVPool`` on the simulated clock (no KV tensors)."""
+    from sagellm_kv_cache.pool import KVPool
+
+    return KVPool(
+        num_blocks=capacity_blocks,
+        block_size=block_size,
+        eviction_policy=policy,
+        metadata_only=True,
+        clock=clock,
+    )
+
+
 class PoolInstance:
     """One serving instance whose cache is a metadata-only ``KVPool`` on the sim clock.
 
@@ -82,15 +95,7 @@ class PoolInstance:
     def __init__(
         self, capacity_blocks: int, block_size: int, policy: Any, clock: SimClock, cost: Any, n: int
     ) -> None:
-        from sagellm_kv_cache.pool import KVPool
-
-        self.pool = KVPool(
-            num_blocks=capacity_blocks,
-            block_size=block_size,
-            eviction_policy=policy,
-            metadata_only=True,
-            clock=clock,
-        )
+        self.pool = metadata_pool(capacity_blocks, block_size, policy, clock)
         self.bp = self.pool.block_pool
         self.capacity_blocks = capacity_blocks
         self.block_size = block_size
@@ -158,6 +163,10 @@ class PoolInstance:
 
     def prefill_s(self, i: int, uncached_tokens: int) -> float:
         return self.cost.prefill_s(uncached_tokens)
+
+    def prefill_times(self, compute_s: Any) -> Any:
+        """``prefill_s`` of every request at once, from each one's compute time (an array)."""
+        return compute_s
 
     def written(self, i: int, hashes: list) -> None:
         """Prefill ended: the KV is written, its full blocks become hittable."""
@@ -257,6 +266,13 @@ class TieredInstance:
         return ttft_model(
             self.load[i], self.cost.prefill_s(uncached_tokens), self.num_layers, self.overlap
         )
+
+    def prefill_times(self, compute_s: Any) -> Any:
+        import numpy as np
+
+        from .tiered import ttft_model
+
+        return ttft_model(np.asarray(self.load), compute_s, self.num_layers, self.overlap)
 
     def written(self, i: int, hashes: list) -> None:
         h = self.held[i]

@@ -38,7 +38,7 @@ import numpy as np
 from sagellm_kv_cache.errors import KVConfigError
 
 from .core import Engine, PoolInstance, SimClock
-from .result import clocked_times
+from .result import clocked_times, isolated_times
 
 __all__ = ["FleetEngine", "check_instances"]
 
@@ -380,24 +380,7 @@ def simulate_fleet(
     rej = np.asarray(eng.rejected, dtype=bool)
     ran = ~rej
     if sequential:
-        uncached = np.asarray(lengths, dtype=np.float64) - hit * bs
-        prefill = cost_m.prefill_overhead_s + cost_m.prefill_s_per_token * uncached
-        decode = cost_m.decode_overhead_s + cost_m.decode_s_per_token * np.asarray(
-            table["output_length"].to_list(), dtype=np.float64
-        )
-        start = table["arrival_s"].cast(float).to_numpy().copy() if n else np.zeros(0)
-        times = {
-            "start_s": np.where(ran, start, np.nan),
-            "prefill_s": np.where(ran, prefill, np.nan),
-            "decode_s": np.where(ran, decode, np.nan),
-        }
-        if eng.shared is not None:  # loading the global pool's hits comes first
-            from .tiered import ttft_model
-
-            load = np.asarray(inst0.load, dtype=np.float64)
-            loaded = ttft_model(load, prefill, inst0.num_layers, inst0.overlap)
-            prefill = np.where(load != 0, loaded, prefill)
-            times["prefill_s"] = np.where(ran, prefill, np.nan)
+        times = isolated_times(table, inst0, hit, cost_m, ran)
         clock_kind = "isolated"
     else:
         times = clocked_times(eng)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .core import PoolInstance
+from .core import PoolInstance, metadata_pool
 from .tiered import Link, ttft_model
 
 __all__ = ["GLOBAL_LINK", "GlobalPool", "GlobalPoolInstance"]
@@ -35,15 +35,7 @@ class GlobalPool:
     """The shared tier: a metadata-only ``KVPool``; ``match`` peeks, ``put`` writes."""
 
     def __init__(self, capacity_blocks: int, block_size: int, policy: Any, clock: Any) -> None:
-        from sagellm_kv_cache.pool import KVPool
-
-        self.pool = KVPool(
-            num_blocks=capacity_blocks,
-            block_size=block_size,
-            eviction_policy=policy,
-            metadata_only=True,
-            clock=clock,
-        )
+        self.pool = metadata_pool(capacity_blocks, block_size, policy, clock)
         self.bp = self.pool.block_pool
         self.capacity_blocks = capacity_blocks
         self.cached = self.bp.cached  # hash -> block (the union bound reads it)
@@ -131,6 +123,13 @@ class GlobalPoolInstance(PoolInstance):
         compute = self.cost.prefill_s(uncached_tokens)
         load = self.load[i]
         return ttft_model(load, compute, self.num_layers, self.overlap) if load else compute
+
+    def prefill_times(self, compute_s: Any) -> Any:
+        import numpy as np
+
+        load = np.asarray(self.load, dtype=np.float64)
+        loaded = ttft_model(load, compute_s, self.num_layers, self.overlap)
+        return np.where(load != 0, loaded, compute_s)
 
     def written(self, i: int, hashes: list) -> None:
         ids = self.held[i]

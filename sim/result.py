@@ -41,7 +41,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TIMING_METRICS", "SimResult", "build_result", "timing_stats"]
+__all__ = [
+    "TIMING_METRICS",
+    "SimResult",
+    "build_result",
+    "clocked_times",
+    "isolated_times",
+    "timing_stats",
+]
 
 #: per-request times summarised as mean/p50/p90/p99/max in ``summary()``
 TIMING_METRICS = ("queue_s", "ttft_s", "tpot_s", "e2e_s")
@@ -133,6 +140,25 @@ def clocked_times(eng: Any) -> dict[str, np.ndarray]:
         "start_s": start,
         "prefill_s": pend - start,
         "decode_s": np.asarray(eng.finish_s) - pend,
+    }
+
+
+def isolated_times(table: Any, inst: Any, hit: np.ndarray, cost: Any, ran: np.ndarray) -> dict:
+    """Start, prefill and decode seconds per request, each request's cost alone (the
+    sequential mode): prefill from the uncached tokens by ``cost`` (then the
+    instance's own rule, ``inst.prefill_times``: loading lower tiers' hits first),
+    decode from the output tokens; NaN where a request never ran."""
+    lengths = table["input_length"].to_numpy().astype(np.float64)
+    uncached = lengths - hit * inst.block_size
+    compute = cost.prefill_overhead_s + cost.prefill_s_per_token * uncached
+    prefill = inst.prefill_times(compute)
+    outputs = table["output_length"].to_numpy().astype(np.float64)
+    decode = cost.decode_overhead_s + cost.decode_s_per_token * outputs
+    start = table["arrival_s"].cast(float).to_numpy().copy() if len(table) else np.zeros(0)
+    return {
+        "start_s": np.where(ran, start, np.nan),
+        "prefill_s": np.where(ran, prefill, np.nan),
+        "decode_s": np.where(ran, decode, np.nan),
     }
 
 

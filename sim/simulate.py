@@ -16,7 +16,7 @@ from traces.columnar import FlatHashes
 
 from .config import LinearCostModel
 from .core import Engine, PoolInstance, SimClock, TieredInstance
-from .result import SimResult, build_result, clocked_times
+from .result import SimResult, build_result, clocked_times, isolated_times
 
 __all__ = ["MODES", "resolve_blocks", "simulate"]
 
@@ -256,23 +256,7 @@ def simulate(
     rej = np.asarray(eng.rejected, dtype=bool)
     ran = ~rej
     if sequential:  # each request's cost alone
-        uncached = np.asarray(lengths, dtype=np.float64) - hit * bs
-        compute = cost_m.prefill_overhead_s + cost_m.prefill_s_per_token * uncached
-        if tiers:
-            from .tiered import ttft_model
-
-            prefill = ttft_model(np.asarray(inst.load), compute, inst.num_layers, inst.overlap)
-        else:
-            prefill = compute
-        decode = cost_m.decode_overhead_s + cost_m.decode_s_per_token * np.asarray(
-            outputs, dtype=np.float64
-        )
-        start = table["arrival_s"].cast(float).to_numpy().copy() if n else np.zeros(0)
-        times = {
-            "start_s": np.where(ran, start, np.nan),
-            "prefill_s": np.where(ran, prefill, np.nan),
-            "decode_s": np.where(ran, decode, np.nan),
-        }
+        times = isolated_times(table, inst, hit, cost_m, ran)
         clock_kind = "isolated"
     else:
         times = clocked_times(eng)
