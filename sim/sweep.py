@@ -61,7 +61,6 @@ from __future__ import annotations
 import operator
 import os
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,18 +140,12 @@ class SweepJob:
 
 
 def opt_available() -> bool:
-    """Whether ``sim.opt.replay_opt`` (the offline-optimal bound) can be imported."""
-    return _replay_opt() is not None
+    """Always True: ``sim.opt`` ships with ``sim``, and an import failure there raises
+    (it is a bug, never a reason to drop the OPT rows). Kept for the callers that
+    still ask; new code imports ``sim.opt.replay_opt``."""
+    from sim.opt import replay_opt  # noqa: F401  (raises when sim.opt is broken)
 
-
-def _replay_opt():
-    try:
-        from sim.opt import replay_opt
-    except ImportError as err:  # sim.opt not built yet, or without replay_opt
-        if isinstance(err, ModuleNotFoundError) and err.name not in ("sim.opt", "sim"):
-            raise  # sim.opt exists but one of its own imports is missing: a real error
-        return None
-    return replay_opt
+    return True
 
 
 # ---------------------------------------------------------------- one job
@@ -171,9 +164,8 @@ def _run_job(table, job: SweepJob) -> dict[str, Any]:
     elif job.kind == "infinite":
         r = replay_sequential(table, None, "lru")
     elif job.kind == "opt":
-        replay_opt = _replay_opt()
-        if replay_opt is None:
-            raise KVConfigError("the OPT bound needs sim.opt.replay_opt, which is not available")
+        from sim.opt import replay_opt
+
         r = replay_opt(table, job.capacity_blocks)
     else:  # pragma: no cover - jobs are built here
         raise KVInvalidInputError(f"unknown job kind {job.kind!r}")
@@ -512,10 +504,6 @@ def sweep(
     caps = _normalise_capacities(capacities)
     pols = _normalise_policies(policies)
     wanted_bounds = _normalise_bounds(bounds)
-    if "opt" in wanted_bounds and not opt_available():
-        if bounds is not True:
-            warnings.warn("OPT bound skipped: sim.opt.replay_opt is not available", stacklevel=2)
-        wanted_bounds.remove("opt")
     items = _trace_items(traces)
     from .simulate import MODES
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import polars as pl
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError
 from sim.replay import replay_sequential
-from sim.sweep import SWEEP_COLUMNS, SweepJobError, opt_available, sweep
+from sim.sweep import SWEEP_COLUMNS, SweepJobError, sweep
 from traces import DEFAULT_TRACE, read_trace
 
 CAPS = [40, 150, 600]
@@ -111,8 +112,7 @@ def test_serial_rows_equal_direct_replays(small, other):
 def test_row_order_is_traces_then_policies_then_capacities_then_bounds(small):
     df = sweep([("t", small)], [300, 20], ["lru"], executor="serial", progress=False)
     expected = [("lru", "policy", 300), ("lru", "policy", 20)]
-    if opt_available():
-        expected += [("opt", "bound", 300), ("opt", "bound", 20)]
+    expected += [("opt", "bound", 300), ("opt", "bound", 20)]
     expected += [("infinite", "bound", 300), ("infinite", "bound", 20)]
     assert df.select("policy", "kind", "capacity_blocks").rows() == expected
 
@@ -174,7 +174,6 @@ def test_no_bounds_and_infinite_only(small):
     assert df["policy"].to_list() == ["lru", "infinite"]
 
 
-@pytest.mark.skipif(not opt_available(), reason="sim.opt (the OPT bound) is not in this checkout")
 def test_opt_bound_rows_bound_every_policy(small):
     pols = _policies("lru", "fifo", "lfu", "arc", "s3fifo", "slru")
     df = sweep([("t", small)], CAPS, pols, executor="serial", progress=False)
@@ -193,15 +192,13 @@ def test_opt_bound_rows_bound_every_policy(small):
         assert at_cap["hit_blocks"].max() <= row["hit_blocks"] <= inf_hits
 
 
-def test_opt_skipped_gracefully_when_missing(small, monkeypatch):
-    import sim.sweep as sweep_mod
-
-    monkeypatch.setattr(sweep_mod, "_replay_opt", lambda: None)
-    df = sweep([("t", small)], [50], ["lru"], executor="serial", progress=False)
-    assert df["policy"].to_list() == ["lru", "infinite"]
-    with pytest.warns(UserWarning, match="OPT bound skipped"):
-        df = sweep([("t", small)], [50], ["lru"], executor="serial", bounds=["opt"], progress=False)
-    assert df["policy"].to_list() == ["lru"]
+def test_an_opt_import_failure_fails_the_sweep(small, monkeypatch):
+    # sim.opt ships with sim: a broken import is a bug to report, never rows to drop
+    monkeypatch.setitem(sys.modules, "sim.opt", None)
+    with pytest.raises(SweepJobError) as info:
+        sweep([("t", small)], [50], ["lru"], executor="serial", progress=False)
+    assert isinstance(info.value.__cause__, ImportError)
+    assert info.value.details["policy"] == "opt"
 
 
 hashes = st.lists(st.integers(0, 12), min_size=0, max_size=6)
@@ -227,12 +224,13 @@ def test_property_policies_never_beat_infinite_and_match_direct(reqs, caps):
     for row in df.filter(pl.col("policy") == "lru").iter_rows(named=True):
         assert row["hit_blocks"] == replay_sequential(t, row["capacity_blocks"]).hit_blocks
         assert row["hit_blocks"] <= inf
-    if opt_available():
-        for row in df.filter(pl.col("policy") == "opt").iter_rows(named=True):
-            lru = df.filter(
-                (pl.col("policy") == "lru") & (pl.col("capacity_blocks") == row["capacity_blocks"])
-            )["hit_blocks"][0]
-            assert lru <= row["hit_blocks"] <= inf
+    opt_rows = df.filter(pl.col("policy") == "opt")
+    assert opt_rows.height == df.filter(pl.col("policy") == "lru").height
+    for row in opt_rows.iter_rows(named=True):
+        lru = df.filter(
+            (pl.col("policy") == "lru") & (pl.col("capacity_blocks") == row["capacity_blocks"])
+        )["hit_blocks"][0]
+        assert lru <= row["hit_blocks"] <= inf
 
 
 @pytest.mark.parametrize(
@@ -404,13 +402,12 @@ def test_ray_executor_keeps_a_running_instance_and_names_failed_jobs(small, monk
 
 @pytest.mark.ray
 def test_ray_executor_matches_serial_and_shuts_down(small, monkeypatch):
-    ray = pytest.importorskip("ray", reason="ray is not installed")
-    if ray.is_initialized():
-        pytest.skip("a Ray instance is already running in this process")
+    ray = pytest.importorskip("ray", reason="ray is not installed (the ray extra; CI installs it)")
+    assert not ray.is_initialized()  # no test leaves an instance running
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     try:
         got = sweep(
-            [("t", small.head(120))], [40, 300], ["lru"], executor="ray", workers=1, progress=False
+            [("t", small.head(120))], [40, 300], ["lru"], executor="ray", workers=2, progress=False
         )
         assert not ray.is_initialized()  # it shut down the instance it started
     finally:
@@ -420,7 +417,8 @@ def test_ray_executor_matches_serial_and_shuts_down(small, monkeypatch):
 
 
 def test_lru_rows_equal_the_one_pass_lru_curve(small):
-    mrc = pytest.importorskip("sim.mrc", reason="sim.mrc (one-pass LRU curve) is not here")
+    import sim.mrc as mrc
+
     caps = [300, 600, 3000]  # at or above the largest request (263 blocks): the curve is exact
     df = sweep([("t", small)], caps, ["lru"], executor="serial", bounds=False, progress=False)
     curve = mrc.lru_mrc(small).hit_ratios(caps)
