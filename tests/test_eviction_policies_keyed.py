@@ -64,6 +64,40 @@ def test_victims_sorted_by_the_stated_key(name, program):
     assert policy.pop_victims(len(want)) == want
 
 
+def keyed_reference(name: str, clock: Clock):
+    """The policy with its fast paths off: no release-order lane (every block on the heap)
+    and no kept entries (every release files the block again)."""
+    p = make_policy(name, clock)
+    p._lane_k0 = None
+    p._keep_entries = False
+    return p
+
+
+@pytest.mark.parametrize("name", KEYED)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=st.lists(ops, max_size=50))
+def test_fast_paths_equal_the_keyed_reference(name, program):
+    """The lane (blocks released in key order kept in an OrderedDict) and FIFO's kept
+    entries (dormant while in use) change the speed, never the order."""
+    clock = Clock()
+    fast = BlockPool(NUM_BLOCKS, policy=name, clock=clock)
+    ref = BlockPool(NUM_BLOCKS, policy=keyed_reference(name, clock), clock=clock)
+    held_f: list[list[int]] = []
+    held_r: list[list[int]] = []
+    for step, op in enumerate(PRELUDE + program):
+        if op[0] == "tick":
+            clock.t += op[1]
+        else:
+            assert apply(fast, held_f, op) == apply(ref, held_r, op), f"step {step} {op}"
+        assert fast.policy.peek_victims(NUM_BLOCKS) == ref.policy.peek_victims(NUM_BLOCKS)
+        assert peek_state(fast) == peek_state(ref), f"step {step} {op}"
+    for bp, held in ((fast, held_f), (ref, held_r)):
+        for ids in held:
+            bp.release(ids)
+    n = ref.policy.num_victims(NUM_BLOCKS)
+    assert fast.policy.pop_victims(n) == ref.policy.pop_victims(n)
+
+
 def peek_state(bp: BlockPool) -> tuple:
     """What a peek could disturb, seen from outside: the pool and the full victim order."""
     return (

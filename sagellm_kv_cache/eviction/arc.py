@@ -33,89 +33,41 @@ every cached block, in use or not. Only evictable blocks are candidates. A
 block's *recency* position is set when it becomes evictable (``add``: MRU end
 of its list), as in this package's LRU: a request's blocks, released
 tail-first, leave its prefix more recent than its suffix. A hit on an
-evictable block (standalone caches) moves it to the MRU end of T2. Each list
-keeps its evictable members in an ``OrderedDict``, so every event is O(1).
+evictable block (standalone caches) moves it to the MRU end of T2. The two
+lists are ``twolists.TwoListPolicy``'s (T1 its list 1): every event is O(1).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable
-from itertools import chain
+from collections.abc import Hashable
 
-from .base import EvictionPolicy
+from .twolists import TwoListPolicy
 
 __all__ = ["ARCPolicy"]
 
-_NONE, _T1, _T2 = 0, 1, 2
 
-
-def _none(block_id: int) -> int:
-    return -1
-
-
-class ARCPolicy(EvictionPolicy):
+class ARCPolicy(TwoListPolicy):
     """ARC (FAST'03) over block ids; ghost lists B1/B2 are keyed by block hash."""
 
     name = "arc"
-    p: float  # adaptive target size of T1
-    _n1: int  # blocks in T1 (in use or evictable)
-    _n2: int
     description = "ARC (FAST'03): recency list T1 + frequency list T2, adaptive target p, ghosts"
     tracks_hits = True
-
-    def __init__(self, clock=None) -> None:
-        super().__init__(clock)
-        self._max_cached = 0
-        self.reset()
+    _unlisted_second = True
+    p: float  # adaptive target size of T1
 
     def _c(self) -> int:
         c = self.capacity
         return c if c is not None else max(1, self._max_cached)
 
-    def set_capacity(self, num_blocks: int | None) -> None:
-        super().set_capacity(num_blocks)
-        if num_blocks:
-            self._grow(num_blocks - 1)
+    # -- two lists: REPLACE ------------------------------------------------------
+    def _first_due(self, n1: int, left1: int, left2: int) -> bool:
+        return n1 > self.p or not left2
 
-    def _grow(self, b: int) -> None:
-        n = max(b + 1, 2 * len(self._list), 16) - len(self._list)
-        self._list += [_NONE] * n
-        self._hash += [None] * n
-
-    # -- evictable set -------------------------------------------------------
-    def add(self, block_id: int) -> None:
-        (self._t1 if self._list[block_id] == _T1 else self._t2)[block_id] = None
-
-    def add_many(self, block_ids: Iterable[int]) -> None:
-        lst, t1, t2 = self._list, self._t1, self._t2
-        for b in block_ids:
-            (t1 if lst[b] == _T1 else t2)[b] = None
-
-    def remove(self, block_id: int) -> None:
-        del (self._t1 if self._list[block_id] == _T1 else self._t2)[block_id]
-
-    def remove_many(self, block_ids: Iterable[int]) -> None:
-        lst, t1, t2 = self._list, self._t1, self._t2
-        for b in block_ids:
-            del (t1 if lst[b] == _T1 else t2)[b]
-
-    def pop_victim(self) -> int:
-        t1, t2 = self._t1, self._t2
-        if t1 and (self._n1 > self.p or not t2):
-            b = t1.popitem(last=False)[0]
-            self._n1 -= 1
-            ghost = self._b1
-        elif t2:
-            b = t2.popitem(last=False)[0]
-            self._n2 -= 1
-            ghost = self._b2
-        else:
-            raise self._no_victim()
-        self._list[b] = _NONE
-        ghost[self._hash[b]] = None  # MRU end of B1 / B2
-        self._hash[b] = None
-        if ghost is self._b1:
+    def _on_victim(self, block_id: int, from_first: bool) -> None:
+        ghost = self._b1 if from_first else self._b2
+        ghost[self._hash.pop(block_id)] = None  # MRU end of B1 / B2
+        if from_first:
             c = self._c()
             while self._n1 + len(ghost) > c:
                 ghost.popitem(last=False)
@@ -123,68 +75,19 @@ class ARCPolicy(EvictionPolicy):
             c2 = 2 * self._c()
             while ghost and self._n1 + self._n2 + len(self._b1) + len(ghost) > c2:
                 ghost.popitem(last=False)
-        return b
-
-    def pop_victims(self, n: int) -> list[int]:
-        if n > len(self._t1) + len(self._t2):
-            raise self._no_victim()
-        pop = self.pop_victim
-        return [pop() for _ in range(n)]
-
-    def peek_victims(self, n: int) -> list[int]:
-        return self.peek_cascade(n, _none)
-
-    def peek_cascade(self, n: int, after: Callable[[int], int]) -> list[int]:
-        # REPLACE depends only on |T1| and p, which popping changes: walk both lists
-        lst = self._list
-        out: list[int] = []
-        add1: list[int] = []  # counted as added (MRU end of T1 / T2), in order
-        add2: list[int] = []
-        i1, i2 = chain(self._t1, add1), chain(self._t2, add2)
-        left1, left2, n1 = len(self._t1), len(self._t2), self._n1
-        while len(out) < n and left1 + left2:
-            if left1 and (n1 > self.p or not left2):
-                b = next(i1)
-                left1 -= 1
-                n1 -= 1
-            else:
-                b = next(i2)
-                left2 -= 1
-            out.append(b)
-            a = after(b)
-            if a >= 0:
-                if lst[a] == _T1:
-                    add1.append(a)
-                    left1 += 1
-                else:
-                    add2.append(a)
-                    left2 += 1
-        return out
-
-    def __len__(self) -> int:
-        return len(self._t1) + len(self._t2)
-
-    def __contains__(self, block_id: object) -> bool:
-        return block_id in self._t1 or block_id in self._t2
 
     # -- lifecycle -----------------------------------------------------------
     def on_cached(self, block_id: int, block_hash: Hashable, parent_block_id: int) -> None:
-        lst = self._list
-        if block_id >= len(lst):
-            self._grow(block_id)
-            lst = self._list
         b1 = self._b1
         b2 = self._b2
         if block_hash in b1:  # case II
             self.p = min(self._c(), self.p + max(1.0, len(b2) / len(b1)))
             del b1[block_hash]
-            lst[block_id] = _T2
-            self._n2 += 1
+            self._join(block_id, True)
         elif block_hash in b2:  # case III
             self.p = max(0.0, self.p - max(1.0, len(b1) / len(b2)))
             del b2[block_hash]
-            lst[block_id] = _T2
-            self._n2 += 1
+            self._join(block_id, True)
         else:  # case IV
             c = self.capacity
             if c is None:
@@ -195,54 +98,19 @@ class ARCPolicy(EvictionPolicy):
                     b1.popitem(last=False)
             elif b2 and n1 + self._n2 + len(b1) + len(b2) >= 2 * c:
                 b2.popitem(last=False)
-            lst[block_id] = _T1
-            self._n1 = n1 + 1
+            self._join(block_id, False)
         self._hash[block_id] = block_hash
-        if self.capacity is None:
-            cached = self._n1 + self._n2
-            if cached > self._max_cached:
-                self._max_cached = cached
-
-    def on_hit(self, block_id: int) -> None:
-        lst = self._list
-        if block_id >= len(lst):
-            return
-        state = lst[block_id]
-        if state == _T1:
-            lst[block_id] = _T2
-            self._n1 -= 1
-            self._n2 += 1
-            if block_id in self._t1:
-                del self._t1[block_id]
-                self._t2[block_id] = None
-        elif state == _T2 and block_id in self._t2:
-            self._t2.move_to_end(block_id)
 
     def on_removed(self, block_id: int, block_hash: Hashable) -> None:
-        lst = self._list
-        state = lst[block_id]
-        if state == _T1:
-            self._n1 -= 1
-            self._t1.pop(block_id, None)
-        elif state == _T2:
-            self._n2 -= 1
-            self._t2.pop(block_id, None)
-        lst[block_id] = _NONE
-        self._hash[block_id] = None
+        super().on_removed(block_id, block_hash)
+        self._hash.pop(block_id, None)
 
     def reset(self) -> None:
-        self._list: list[int] = []  # per block: _NONE / _T1 / _T2
-        self._hash: list[Hashable | None] = []  # per block: its hash while cached
-        self._t1: OrderedDict[int, None] = OrderedDict()  # evictable T1 members, LRU first
-        self._t2: OrderedDict[int, None] = OrderedDict()
+        super().reset()
+        self._hash: dict[int, Hashable] = {}  # cached block -> its hash
         self._b1: OrderedDict[Hashable, None] = OrderedDict()  # ghost hashes, LRU first
         self._b2: OrderedDict[Hashable, None] = OrderedDict()
-        self._n1 = 0  # blocks in T1 (in use or evictable)
-        self._n2 = 0
         self.p = 0.0
-        self._max_cached = 0
-        if self.capacity:
-            self._grow(self.capacity - 1)
 
     def stats(self) -> dict:
         """List sizes (blocks in use included), ghost lengths and the target ``p``."""

@@ -39,7 +39,7 @@ plus the inner policy's cost.
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Hashable, Iterable
+from collections.abc import Callable, Collection, Hashable, Iterable
 
 from ..errors import KVConfigError
 from .base import EvictionPolicy
@@ -158,29 +158,18 @@ class LeafOnly(EvictionPolicy):
             return limit
         if not self._blocked:
             return got
-        parent, inc, pinc, children, blocked = (
-            self._parent,
-            self._inc,
-            self._pinc,
-            self._children,
-            self._blocked,
-        )
         protected = inner.is_protected
-        left: dict[int, int] = {}
+        uncover = self._would_uncover()
         stack = inner.peek_victims(got + len(ex_inner))
         if ex_inner:
             stack = [b for b in stack if b not in ex]
         while stack:
-            x = stack.pop()
-            p = parent[x]
-            if p >= 0 and inc[p] == pinc[x]:
-                c = left.get(p, children[p]) - 1
-                left[p] = c
-                if not c and p in blocked and p not in ex and not protected(p):
-                    got += 1
-                    if got >= limit:
-                        return limit
-                    stack.append(p)
+            p = uncover(stack.pop())
+            if p >= 0 and p not in ex and not protected(p):
+                got += 1
+                if got >= limit:
+                    return limit
+                stack.append(p)
         return got
 
     def pop_victims(self, n: int) -> list[int]:
@@ -217,6 +206,11 @@ class LeafOnly(EvictionPolicy):
             while len(out) < n and clone.inner.num_victims(1):
                 out.append(clone.inner.pop_cascade(1, clone._uncover)[0])
             return out
+        return self.inner.peek_cascade(n, self._would_uncover())
+
+    def _would_uncover(self) -> Callable[[int], int]:
+        """``_uncover`` without side effects: a function of victims in pop order giving the
+        parent each would make a candidate (else -1), counting children in its own dict."""
         parent, inc, pinc, children, blocked = (
             self._parent,
             self._inc,
@@ -224,7 +218,7 @@ class LeafOnly(EvictionPolicy):
             self._children,
             self._blocked,
         )
-        left: dict[int, int] = {}  # children left, for parents the walk has touched
+        left: dict[int, int] = {}  # children left, for parents met so far
 
         def uncover(v: int) -> int:
             p = parent[v]
@@ -235,7 +229,7 @@ class LeafOnly(EvictionPolicy):
                     return p
             return -1
 
-        return self.inner.peek_cascade(n, uncover)
+        return uncover
 
     def _clone(self) -> LeafOnly:
         # clocks may be bound methods of a pool: share them instead of copying the pool
