@@ -37,7 +37,8 @@ import numpy as np
 
 from sagellm_kv_cache.errors import KVConfigError
 
-from .core import Engine, PoolInstance, SimClock
+from .core import Engine
+from .instances import PoolInstance, SimClock
 from .result import clocked_times, isolated_times
 
 __all__ = ["FleetEngine", "check_instances"]

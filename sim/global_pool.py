@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .core import PoolInstance, metadata_pool
+from .instances import PoolInstance, metadata_pool
 from .tiered import Link, ttft_model
 
 __all__ = ["GLOBAL_LINK", "GlobalPool", "GlobalPoolInstance"]

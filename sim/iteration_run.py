@@ -87,7 +87,7 @@ def simulate_iteration(
     """
     from sagellm_kv_cache.pool import KVPool
 
-    from .core import SimClock
+    from .instances import SimClock
     from .simulate import _REQUIRED, resolve_blocks
 
     missing = [c for c in _REQUIRED if c not in table.columns]

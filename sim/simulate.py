@@ -15,7 +15,8 @@ from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError
 from traces.columnar import FlatHashes
 
 from .config import LinearCostModel
-from .core import Engine, PoolInstance, SimClock, TieredInstance
+from .core import Engine
+from .instances import PoolInstance, SimClock, TieredInstance
 from .result import SimResult, build_result, clocked_times, isolated_times
 
 __all__ = ["MODES", "resolve_blocks", "simulate"]
