@@ -7,10 +7,12 @@ it needs, so eviction hooks run too. Variants: no hook, ``MetricsHook``,
 ``KVEventStream`` (subscriber-free ring buffer), both, and
 ``AccessStatsHook`` when the profiling package provides it (its time includes
 turning the queued requests into rows, done once at the end). Each variant runs
-``--repeat`` times interleaved with the others; the best run (process CPU
-time) counts.
+``--repeat`` times interleaved with the others (one round runs every variant
+once, in order); a variant's slowdown is the median over the rounds of its
+process CPU time over that round's bare pool, so drift between rounds on a
+shared machine cancels. The best run of each is printed too.
 
-    python benchmarks/bench_hooks.py [--requests 2000] [--blocks 8192] [--repeat 5]
+    python benchmarks/bench_hooks.py [--requests 2000] [--blocks 8192] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import random
+import statistics
 import time
 
 from _util import print_table, write_json
@@ -94,29 +97,31 @@ def main() -> None:
     )
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--blocks", type=int, default=8192)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     reqs = make_requests(args.requests)
-    best = dict.fromkeys(VARIANTS, float("inf"))
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     stats: dict = {}
     for _ in range(args.repeat):  # interleaved, so drift hits every variant alike
         for name, make in VARIANTS.items():
             dt, stats = run_once(reqs, args.blocks, make)
-            best[name] = min(best[name], dt)
-    base = best["no hook"]
+            times[name].append(dt)
+    base = times["no hook"]
     rows = [
         {
             "hooks": name,
-            "requests/s": args.requests / dt,
-            "us/request": dt / args.requests * 1e6,
-            "slowdown": dt / base,
+            "requests/s": args.requests / min(ts),
+            "us/request": min(ts) / args.requests * 1e6,
+            "slowdown": statistics.median(t / b for t, b in zip(ts, base)),
+            "slowdown (best)": min(ts) / min(base),
         }
-        for name, dt in best.items()
+        for name, ts in times.items()
     ]
     print_table(
         rows,
         f"hooks: {args.requests} requests x 1536 tokens on {args.blocks:,} blocks "
-        f"({stats['num_evictions']:,} evictions per run), best of {args.repeat}",
+        f"({stats['num_evictions']:,} evictions per run); slowdown: median over "
+        f"{args.repeat} rounds of the ratio to that round's bare pool",
     )
     write_json(
         "hooks",
@@ -130,6 +135,7 @@ def main() -> None:
                     "requests_per_s": r["requests/s"],
                     "us_per_request": r["us/request"],
                     "slowdown": r["slowdown"],
+                    "slowdown_best": r["slowdown (best)"],
                 }
                 for r in rows
             },

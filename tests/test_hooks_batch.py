@@ -258,14 +258,14 @@ def test_collector_tables_do_not_depend_on_when_the_queue_is_flushed():
         flush = lambda h=eager: len(h.collector)  # noqa: E731
         _pool_workload(lambda p, h=eager: [h], seed, n_ops=3000, flush=flush)
         _pool_workload(lambda p, h=lazy: [h], seed, n_ops=3000)
-        assert 0 < len(lazy.collector._pending) < 4096  # flushed in one go below
+        assert 0 < lazy.collector.num_queued < 4096  # flushed in one go below
         a, b = eager.collector, lazy.collector
         assert len(b) == len(a)
         assert len(a) + a.num_evictions > 4096
         assert b.to_polars().equals(a.to_polars())
         assert b.evictions_to_polars().equals(a.evictions_to_polars())
         assert list(b.iter_evictions()) == list(a.iter_evictions())
-        assert b._block_keys == a._block_keys
+        assert b.snapshot()["block_keys"] == a.snapshot()["block_keys"]
 
 
 def test_vectorised_interning_agrees_with_record_access_across_flushes():

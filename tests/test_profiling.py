@@ -455,7 +455,7 @@ def test_hook_memory_is_bounded_and_the_summary_exact(tmp_path):
     assert (
         list(a.iter_evictions())[-3:][0].block_hash == list(b.iter_evictions())[-3:][0].block_hash
     )
-    spill_dir = b._spill.directory
+    spill_dir = b.spill_directory
     assert spill_dir is not None and spill_dir.parent == tmp_path and any(spill_dir.iterdir())
     b.reset()
     assert len(b) == 0 and b.num_evictions == 0 and not spill_dir.exists()
