@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from sagellm_kv_cache.errors import KVConfigError
+from sagellm_kv_cache.placement import LoadAwareScheduler, LoadMetricsCollector
 
 from .core import Engine
 from .instances import PoolInstance, SimClock
@@ -64,11 +65,11 @@ def _matcher(bp: Any) -> Any:
 
 def _match_all(bps: list) -> Any:
     """``hashes -> [leading blocks cached on each of bps]`` in one call (hashes not empty)."""
-    pairs = [(bp.cached, bp.match_prefix) for bp in bps]
+    pairs = [(bp.cached, bp.cached.__contains__) for bp in bps]
 
     def match_all(hs: list) -> list[int]:
         h0 = hs[0]
-        return [len(match(hs)) if h0 in cached else 0 for cached, match in pairs]
+        return [len(list(takewhile(has, hs))) if h0 in c else 0 for c, has in pairs]
 
     return match_all
 
@@ -103,8 +104,6 @@ class FleetEngine:
         global_pool: dict | None = None,
         progress: bool = False,
     ) -> None:
-        from sagellm_kv_cache.placement import LoadMetricsCollector
-
         from .routers import make_scheduler
 
         n = len(lengths)
@@ -148,6 +147,9 @@ class FleetEngine:
             self.scheduler = router  # a caller's own (tests: a router that always picks 0)
         else:
             self.scheduler = make_scheduler(router, self.collector)
+        self.routed = [0] * n
+        self.best = [0] * n
+        self.held = [0] * n
         self._match_all = _match_all([inst.bp for inst in self.insts])
         self.collector.attach_match_many(self.devices, self._match_all)
         self.metrics = [self.collector.get_metrics(k) for k in self.devices]
@@ -159,15 +161,13 @@ class FleetEngine:
                 return select(devices, need, None, block_hashes=hs, session_id=sess)
 
         self._place = place
+        self._route = self._make_route()
         self._sequential = sequential
         caches = [inst.bp.cached for inst in self.insts]  # hash -> block, per instance
         self._holds = [c.__contains__ for c in caches]
         if self.shared is not None:  # what the shared tier holds is usable by every request
             caches.append(self.shared.cached)
         self._all_holds = [c.__contains__ for c in caches]
-        self.routed = [0] * n
-        self.best = [0] * n
-        self.held = [0] * n
         self.engine = Engine(
             hashes_col,
             lengths,
@@ -188,15 +188,28 @@ class FleetEngine:
 
     # -- the engine's router ------------------------------------------------------
     def route(self, i: int, hs: list) -> int:
-        sess = self.sessions[i] if self.sessions is not None else None
-        k = self._place(self.devices, self.lengths[i], hs, sess)
-        if self.bounds and hs:
-            matches = getattr(self.scheduler, "last_matches", None)
-            if matches is None or len(matches) != len(self.insts):
-                matches = self._match_all(hs)
-            self.routed[i] = matches[k]
-            self.best[i] = max(matches)
-        return k
+        """The instance for request ``i`` (and, with bounds, the routed and best hits)."""
+        return self._route(i, hs)
+
+    def _make_route(self) -> Any:
+        place, devices, lengths, sessions = self._place, self.devices, self.lengths, self.sessions
+        if not self.bounds:
+            if sessions is None:
+                return lambda i, hs: place(devices, lengths[i], hs, None)
+            return lambda i, hs: place(devices, lengths[i], hs, sessions[i])
+        sched, match_all, routed, best = self.scheduler, self._match_all, self.routed, self.best
+        # a prefix-aware library scheduler peeked every instance already (last_matches)
+        peeked = isinstance(sched, LoadAwareScheduler) and sched.needs_prefix
+
+        def route(i: int, hs: list) -> int:
+            k = place(devices, lengths[i], hs, None if sessions is None else sessions[i])
+            if hs:
+                matches = sched.last_matches if peeked else match_all(hs)
+                routed[i] = matches[k]
+                best[i] = max(matches)
+            return k
+
+        return route
 
     def starting(self, i: int, k: int, hs: list) -> None:
         """The leading run held by any cache now (``held_blocks``): from a run known held

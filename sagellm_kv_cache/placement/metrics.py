@@ -175,6 +175,8 @@ class LoadMetricsCollector:
         self._metrics: dict[Hashable, DeviceLoadMetrics] = {}
         self._pools: dict[Hashable, Any] = {}
         self._matchers: dict[Hashable, Callable[[Sequence[Hashable]], int]] = {}
+        #: the last ``metrics_of`` answer (devices, metrics), until a device is (re)registered
+        self._last_of: tuple[list[Hashable], list[DeviceLoadMetrics]] | None = None
         #: devices answered together by one ``match_many`` (``attach_match_many``)
         self._group: tuple[list[Hashable], Callable[[Sequence[Hashable]], list[int]]] | None = None
 
@@ -187,6 +189,7 @@ class LoadMetricsCollector:
         self._metrics[device] = DeviceLoadMetrics.create(
             device, kv_tokens_capacity, memory_capacity_mb
         )
+        self._last_of = None
 
     def attach_pool(
         self,
@@ -212,6 +215,7 @@ class LoadMetricsCollector:
         stats = pool.get_stats()
         if device not in self._metrics:
             self._metrics[device] = DeviceLoadMetrics.create(device)
+            self._last_of = None
         self._pools[device] = pool
         self._matchers[device] = matcher
         self._apply(self._metrics[device], stats)
@@ -240,6 +244,7 @@ class LoadMetricsCollector:
         """Stop tracking ``device`` (its pool too)."""
         self._require(device)
         del self._metrics[device]
+        self._last_of = None
         self._pools.pop(device, None)
         self._matchers.pop(device, None)
         if self._group is not None and device in self._group[0]:
@@ -267,9 +272,14 @@ class LoadMetricsCollector:
     def metrics_of(self, devices: Sequence[Hashable]) -> list[DeviceLoadMetrics]:
         """The live metrics of ``devices``, in order (KVInvalidInputError naming the
         first one not registered)."""
+        last = self._last_of
+        if last is not None and last[0] == devices:  # a router asks for the same list
+            return last[1][:]
         metrics = self._metrics
         try:
-            return [metrics[d] for d in devices]
+            out = [metrics[d] for d in devices]
+            self._last_of = (list(devices), out)
+            return out[:]
         except (KeyError, TypeError):
             bad = next(d for d in devices if not _known(metrics, d))
             raise KVInvalidInputError(
@@ -318,6 +328,7 @@ class LoadMetricsCollector:
         self._pools.clear()
         self._matchers.clear()
         self._group = None
+        self._last_of = None
 
     # -- helpers ---------------------------------------------------------------
     @staticmethod

@@ -341,11 +341,18 @@ class LoadAwareScheduler:
     def _argmin(self, keys: list, candidates: Sequence[Hashable]) -> Hashable:
         """The candidate with the least key; ties: fewest placements, then first."""
         low = min(keys)
-        if keys.count(low) == 1:  # the common case: one best, no tie to break
-            return candidates[keys.index(low)]
-        pd = self._placement_decisions
-        tied = [(pd.get(d, 0), j) for j, (k, d) in enumerate(zip(keys, candidates)) if k == low]
-        return candidates[min(tied)[1]]
+        ties = keys.count(low)
+        j = keys.index(low)
+        if ties == 1:  # the common case: one best, no tie to break
+            return candidates[j]
+        get = self._placement_decisions.get
+        best_j, best_n = j, get(candidates[j], 0)
+        for _ in range(ties - 1):  # the other tied ones, in order: strictly fewer wins
+            j = keys.index(low, j + 1)
+            n = get(candidates[j], 0)
+            if n < best_n:
+                best_j, best_n = j, n
+        return candidates[best_j]
 
     def _round_robin(self, candidates, ms, need, hashes, session_id, request_id) -> Hashable:
         device = candidates[self._round_robin_index % len(candidates)]
