@@ -7,9 +7,10 @@ distinct ids seen through it, and whether the ids are prefix-chained (each
 id always follows the same id). The algorithm is the one ``sim.mrc``'s
 docstring derives.
 
-Two implementations of the same loop: :func:`depths_python`, the reference
-and the fallback, and a numba-compiled one used when numba is installed (the
-``fast`` extra); a test holds them bit-identical. Memory: the tree and the
+One loop (:func:`_loop`), run two ways: by the interpreter over plain lists
+(:func:`depths_python`, the reference and the fallback) and compiled by numba
+over arrays (:func:`depths_numba`, used when numba is installed: the ``numba``
+extra); a test holds them bit-identical. Memory: the tree and the
 depths take 4 + 8 bytes per full block (the tree's cells are 4 bytes below
 2**31 blocks), the id -> position and id -> parent maps 4 bytes per distinct
 id each.
@@ -48,26 +49,32 @@ def dense_ids(values: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def depths_python(ids: Any, fulls: Any, num_ids: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """The reference loop (plain Python over lists): ``(depths, distinct_through, chained)``."""
+    """The reference: :func:`_loop` run by the interpreter over plain lists."""
     ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
     fulls = fulls.tolist() if hasattr(fulls, "tolist") else list(fulls)
-    total = len(ids)
-    tree = [0] * (total + 1)
-    pos = [-1] * num_ids
-    parent = [_UNSET] * num_ids
-    chained = True
-    depths = [0] * total
+    depths = [0] * len(ids)
     seen = [0] * len(fulls)
+    tree = [0] * (len(ids) + 1)
+    chained = _loop(ids, fulls, tree, [-1] * num_ids, [_UNSET] * num_ids, depths, seen)
+    return np.asarray(depths, dtype=np.int64), np.asarray(seen, dtype=np.int64), bool(chained)
+
+
+def _loop(ids, fulls, tree, pos, parent, depths, seen):
+    """The pass itself, written once: run as is over lists (the reference) or compiled
+    by numba over arrays. Fills ``depths`` and ``seen``; returns ``chained``."""
+    total = len(ids)
+    chained = True
     distinct = 0
-    t = 0  # next free position; also the start of the request's blocks in ids
+    t = 0
     superseded = 0
-    for i, full in enumerate(fulls):
-        if not full:
+    for i in range(len(fulls)):
+        full = fulls[i]
+        if full == 0:
             seen[i] = distinct
             continue
         m = -1
         prev = -1
-        for k in range(t, t + full):
+        for k in range(t, t + full):  # depths against the stack before this request
             h = ids[k]
             if parent[h] == _UNSET:
                 parent[h] = prev
@@ -89,59 +96,6 @@ def depths_python(ids: Any, fulls: Any, num_ids: int) -> tuple[np.ndarray, np.nd
                         m = d
             depths[k] = m
         # release tail-first: the last block gets position t, the first t + full - 1
-        new = t + full - 1
-        for k in range(t, t + full):
-            h = ids[k]
-            p = pos[h]
-            if p >= 0:
-                j = p + 1
-                while j <= total:
-                    tree[j] += 1
-                    j += j & -j
-                superseded += 1
-            else:
-                distinct += 1
-            pos[h] = new
-            new -= 1
-        t += full
-        seen[i] = distinct
-    return np.asarray(depths, dtype=np.int64), np.asarray(seen, dtype=np.int64), chained
-
-
-def _loop(ids, fulls, tree, pos, parent, depths, seen):  # pragma: no cover - numba
-    total = len(ids)
-    chained = True
-    distinct = 0
-    t = 0
-    superseded = 0
-    for i in range(len(fulls)):
-        full = fulls[i]
-        if full == 0:
-            seen[i] = distinct
-            continue
-        m = -1
-        prev = -1
-        for k in range(t, t + full):
-            h = ids[k]
-            if parent[h] == _UNSET:
-                parent[h] = prev
-            elif parent[h] != prev:
-                chained = False
-            prev = h
-            if m != INF:
-                p = pos[h]
-                if p < 0:
-                    m = INF
-                else:
-                    j = p + 1
-                    s = 0
-                    while j:
-                        s += tree[j]
-                        j &= j - 1
-                    d = t - p - 1 - (superseded - s)
-                    if d > m:
-                        m = d
-            depths[k] = m
         new = t + full - 1
         for k in range(t, t + full):
             h = ids[k]
