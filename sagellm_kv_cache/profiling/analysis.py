@@ -220,7 +220,7 @@ def reuse_distance_histogram(df: Any) -> pl.DataFrame:
         .alias("bin")
     )
     counts = binned.group_by("bin").agg(pl.len().cast(pl.Int64).alias("count"))
-    num_bins = int(counts["bin"].max()) + 1
+    num_bins = int(counts["bin"].to_numpy().max()) + 1
     bins = pl.DataFrame({"bin": np.arange(num_bins, dtype=np.int64)})
     return (
         bins.join(counts, on="bin", how="left")

@@ -34,17 +34,17 @@ import threading
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import KVCacheError, KVInvalidInputError, KVInvalidTypeError
-from . import export
+from . import columns, export, records
+from .batches import BatchQueue, build
 from .export import FORMAT_NAME, FORMAT_VERSION
 from .interning import Interner, check_id, kind_of
+from .records import AccessEvent, BlockId, EvictionEvent
 from .spill import SpillStore
 from .summary import position_bucket_edges, summarize
 
@@ -60,11 +60,7 @@ __all__ = [
 
 #: Window sizes of the per-window statistics: name -> seconds.
 TIME_WINDOWS: dict[str, float] = {"1s": 1.0, "10s": 10.0, "60s": 60.0}
-#: Queued batches that trigger turning the queue into records.
-_QUEUE_FLUSH_AT = 4096
-_HASH_TYPES = frozenset((bytes, int, type(None)))
 
-BlockId = str | int | bytes
 
 #: One access as a packed, fixed-width record (43 bytes, no padding):
 #: block code, timestamp (s), request code, position, size in bytes,
@@ -84,44 +80,12 @@ ROW_DTYPE = np.dtype(
 assert ROW_DTYPE.itemsize == _ROW.size, "record layout and numpy view disagree"
 
 
-@dataclass(frozen=True, slots=True)
-class AccessEvent:
-    """One recorded access (built on demand by :meth:`AccessStatsCollector.iter_events`)."""
-
-    block_id: BlockId
-    timestamp: float
-    is_hit: bool
-    request_id: str | int | None = None
-    position: int | None = None
-    tier: str | None = None
-    size_bytes: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class EvictionEvent:
-    """One recorded eviction."""
-
-    block_id: BlockId
-    timestamp: float
-    reason: str
-    block_hash: bytes | int | None = None
-
-
 def _bad_record(exc: Exception) -> KVCacheError:
     """The typed error of a field that does not fit its packed column."""
     text = str(exc)
     if "out of range" in text or "format requires" in text:
         return KVInvalidInputError(f"a field does not fit its 64-bit column ({text})")
     return KVInvalidTypeError(f"bad field type ({text}): ids are str/int/bytes, numbers numeric")
-
-
-def _per_batch(values: list, lens: np.ndarray, dtype: Any) -> Any:
-    """One value per batch repeated over its rows; a scalar when all are equal
-    (a pool hook's request / tier / size columns: one broadcast write)."""
-    arr = np.asarray(values, dtype=dtype)
-    if (arr == arr[0]).all():
-        return arr[0]
-    return np.repeat(arr, lens)
 
 
 class AccessStatsCollector:
@@ -202,18 +166,15 @@ class AccessStatsCollector:
         self._ev_ts = array("d")
         self._ev_reason: list[str] = []
         self._ev_hash: list[Any] = []
-        # the queue of record_prompt / record_evictions calls (see _flush_queue):
-        # every queued id in call order, one tuple per call, evicted hashes in order
-        self._queued_ids: list[Any] = []
-        self._pending: list[tuple[int, int, float, Any, Any, Any]] = []
-        self._queued_hashes: list[Any] = []
+        # record_prompt / record_evictions calls not yet made into records
+        self._pending = BatchQueue(self._lock)
         self._spill_at = ((limit or 0) + 1) * ROW_DTYPE.itemsize
 
     # ------------------------------------------------------------------ recording
     def reset(self) -> None:
         """Drop every recorded access and eviction and restart the clock."""
+        self._pending.clear()
         with self._lock:
-            del self._pending[:], self._queued_ids[:], self._queued_hashes[:]
             del self._rows[:]
             self._origin = self._clock()
             for interner in (self._blocks, self._requests, self._tiers):
@@ -321,37 +282,17 @@ class AccessStatsCollector:
             return
         if self._pending:
             self._flush()
-        rows = np.empty(n, dtype=ROW_DTYPE)
-        # every plain column and every id is checked before anything is interned
-        try:
-            if timestamps is None:
-                rows["timestamp"] = self._clock() - self._origin
-            else:
-                rows["timestamp"] = self._column(timestamps, n, np.float64, "timestamps")
-            rows["is_hit"] = self._column(is_hit, n, bool, "is_hit")
-            rows["position"] = self._column(
-                -1 if positions is None else positions, n, np.int64, "positions"
-            )
-            rows["size_bytes"] = self._column(
-                -1 if size_bytes is None else size_bytes, n, np.int64, "size_bytes"
-            )
-        except KVCacheError:
-            raise
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise KVInvalidTypeError(f"record_many: a column is not numeric ({exc})") from None
-        for name, values in (("request_ids", request_ids), ("tiers", tiers)):
-            scalar = values is None or isinstance(values, (str, int, bytes))
-            if not scalar and len(values) != n:
-                raise KVInvalidInputError(f"{name} has {len(values)} entries, expected {n}")
-        if not (isinstance(block_ids, np.ndarray) and block_ids.dtype.kind in "iu"):
-            for key in set(map(type, block_ids)):
-                if key is bool or not issubclass(key, (str, int, bytes)):
-                    raise KVInvalidTypeError(
-                        f"block_ids must be str, int or bytes, got {key.__name__}"
-                    )
-        rows["block"] = self._blocks.codes(block_ids)
-        rows["request"] = self._requests.column(request_ids, n)
-        rows["tier"] = self._tiers.column(tiers, n)
+        rows = columns.build_rows(
+            ROW_DTYPE,
+            block_ids,
+            is_hit,
+            self._clock() - self._origin if timestamps is None else timestamps,
+            request_ids,
+            positions,
+            tiers,
+            size_bytes,
+            (self._blocks, self._requests, self._tiers),
+        )
         self._rows.extend(rows.tobytes())
         self._maybe_spill()
 
@@ -389,8 +330,10 @@ class AccessStatsCollector:
             )
         if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float, np.number)):
             raise KVInvalidTypeError(f"timestamp must be a number, got {type(timestamp).__name__}")
-        if len(block_ids):
-            self._enqueue(block_ids, int(num_hit_blocks), timestamp, request_id, tier, size_bytes)
+        if len(block_ids) and self._pending.push(
+            block_ids, int(num_hit_blocks), timestamp, request_id, tier, size_bytes
+        ):
+            self._flush()
 
     def record_evictions(
         self,
@@ -414,96 +357,25 @@ class AccessStatsCollector:
             )
         if timestamp is None:
             timestamp = self._clock() - self._origin
-        with self._lock:
-            if block_hashes is None:
-                self._queued_hashes.extend(repeat(None, len(block_ids)))
-            else:
-                self._queued_hashes.extend(block_hashes)
-        # num_hit_blocks -1 marks an eviction batch; reason in the request slot
-        self._enqueue(block_ids, -1, float(timestamp), str(reason), None, None)
-
-    def _enqueue(self, ids: Any, hits: int, timestamp: float, a: Any, b: Any, c: Any) -> None:
-        with self._lock:
-            self._queued_ids.extend(ids)
-            self._pending.append((len(ids), hits, timestamp, a, b, c))
-            full = len(self._pending) >= _QUEUE_FLUSH_AT
-        if full:
+        # hits -1 marks an eviction batch; its reason goes where a prompt's request goes
+        if self._pending.push(
+            block_ids, -1, float(timestamp), str(reason), None, None, block_hashes
+        ):
             self._flush()
 
     def _flush(self) -> None:
-        """Record the queued calls (:meth:`_flush_queue`), then spill if over the bound."""
-        self._flush_queue()
+        """Turn the queued calls into records (call order kept), then spill if over the bound."""
+        rec = build(self._pending.take(), ROW_DTYPE, self._blocks, self._requests, self._tiers)
+        with self._lock:
+            if rec.rows is not None:
+                self._rows += rec.rows.data
+            if rec.ev_codes is not None and rec.ev_ts is not None:
+                self._ev_block.frombytes(rec.ev_codes.tobytes())
+                self._ev_ts.frombytes(rec.ev_ts.tobytes())
+                self._ev_reason.extend(rec.ev_reasons)
+                self._ev_hash.extend(rec.ev_hashes)
         if self._spill is not None:
             self._maybe_spill()
-
-    def _flush_queue(self) -> None:
-        """Turn queued prompt / eviction batches into records, in call order.
-
-        Block codes are assigned over every queued id in call order (as
-        per-call recording would), then all prompts become rows in one
-        vectorised step and all evictions in one extension of each column.
-        """
-        with self._lock:
-            batches = self._pending
-            if not batches:
-                return
-            ids, hashes = self._queued_ids, self._queued_hashes
-            self._pending, self._queued_ids, self._queued_hashes = [], [], []
-        codes = self._blocks.codes(ids)
-        lens_t, hits_t, ts_t, a_t, b_t, c_t = zip(*batches)
-        lens = np.array(lens_t, dtype=np.int64)
-        hits = np.array(hits_t, dtype=np.int64)
-        ts = np.array(ts_t, dtype=np.float64)
-        is_prompt = hits >= 0
-        rows = None
-        if is_prompt.all():
-            rows = self._prompt_rows(codes, lens, hits, ts, a_t, b_t, c_t)
-        else:
-            mask = np.repeat(is_prompt, lens)
-            ev = ~is_prompt
-            ev_lens = lens[ev]
-            if is_prompt.any():
-                keep = is_prompt.tolist()
-                rows = self._prompt_rows(
-                    codes[mask],
-                    lens[is_prompt],
-                    hits[is_prompt],
-                    ts[is_prompt],
-                    *(tuple(x for x, k in zip(col, keep) if k) for col in (a_t, b_t, c_t)),
-                )
-            reasons = [r for r, e in zip(a_t, ev.tolist()) if e]
-            if not set(map(type, hashes)) <= _HASH_TYPES:  # rare: some other hash type
-                hashes = [h if isinstance(h, (bytes, int)) else None for h in hashes]
-        with self._lock:
-            if rows is not None:
-                self._rows += rows.data
-            if not is_prompt.all():
-                self._ev_block.frombytes(codes[~mask].tobytes())
-                self._ev_ts.frombytes(np.repeat(ts[ev], ev_lens).tobytes())
-                self._ev_reason.extend(chain.from_iterable(map(repeat, reasons, ev_lens.tolist())))
-                self._ev_hash.extend(hashes)
-
-    def _prompt_rows(
-        self,
-        codes: np.ndarray,
-        lens: np.ndarray,
-        hits: np.ndarray,
-        ts: np.ndarray,
-        requests: Sequence[Any],
-        tiers: Sequence[Any],
-        sizes: Sequence[Any],
-    ) -> np.ndarray:
-        total = int(lens.sum())
-        positions = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
-        rows = np.empty(total, dtype=ROW_DTYPE)
-        rows["block"] = codes
-        rows["timestamp"] = np.repeat(ts, lens)
-        rows["request"] = _per_batch(self._requests.column(requests, len(lens)), lens, np.int64)
-        rows["position"] = positions
-        rows["size_bytes"] = _per_batch([-1 if s is None else s for s in sizes], lens, np.int64)
-        rows["tier"] = _per_batch(self._tiers.column(tiers, len(lens)), lens, np.int16)
-        rows["is_hit"] = positions < np.repeat(hits, lens)
-        return rows
 
     def record_eviction(
         self,
@@ -531,17 +403,6 @@ class AccessStatsCollector:
             self._ev_hash.append(block_hash)
         if self._spill is not None:
             self._maybe_spill()
-
-    @staticmethod
-    def _column(values: Any, n: int, dtype: Any, name: str) -> np.ndarray:
-        arr = np.asarray(values)
-        if arr.ndim == 0:
-            return np.full(n, arr, dtype=dtype)
-        if len(arr) != n:
-            raise KVInvalidInputError(f"{name} has {len(arr)} entries, expected {n}")
-        if arr.dtype == object:  # None entries mean missing
-            arr = np.asarray([-1 if v is None else v for v in arr.tolist()])
-        return arr.astype(dtype, copy=False)
 
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
@@ -621,35 +482,11 @@ class AccessStatsCollector:
 
     def iter_events(self) -> Iterator[AccessEvent]:
         """Yield every access as an :class:`AccessEvent` (slow; for small collections and tests)."""
-        s = self.snapshot()
-        for b, t, h, r, p, tr, sz in zip(
-            s["block"].tolist(),
-            s["timestamp"].tolist(),
-            s["is_hit"].tolist(),
-            s["request"].tolist(),
-            s["position"].tolist(),
-            s["tier"].tolist(),
-            s["size_bytes"].tolist(),
-        ):
-            yield AccessEvent(
-                block_id=s["block_keys"][b],
-                timestamp=t,
-                is_hit=h,
-                request_id=None if r < 0 else s["request_keys"][r],
-                position=None if p < 0 else p,
-                tier=None if tr < 0 else s["tier_keys"][tr],
-                size_bytes=None if sz < 0 else sz,
-            )
+        return records.iter_access_events(self.snapshot())
 
     def iter_evictions(self) -> Iterator[EvictionEvent]:
         """Yield every recorded eviction as an :class:`EvictionEvent`."""
-        s = self.snapshot()
-        for b, t, reason, h in zip(
-            s["evict_block"].tolist(), s["evict_ts"].tolist(), s["evict_reason"], s["evict_hash"]
-        ):
-            yield EvictionEvent(
-                block_id=s["block_keys"][b], timestamp=t, reason=reason, block_hash=h
-            )
+        return records.iter_eviction_events(self.snapshot())
 
     @property
     def block_id_type(self) -> str:

@@ -11,6 +11,7 @@ a request with ``num_blocks`` prompt blocks becomes ``num_blocks`` accesses::
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 from ..hooks import PoolHook
 from .collector import AccessStatsCollector
@@ -87,8 +88,10 @@ class AccessStatsHook(PoolHook):
         timestamp: float,
     ) -> None:
         """Record the eviction of ``block_ids`` (one collector call per batch)."""
+        # hashes that are not bytes / int are stored as None by the collector
+        hashes: Any = block_hashes
         self.collector.record_evictions(
-            block_ids, reason, timestamp=float(timestamp), block_hashes=block_hashes
+            block_ids, reason, timestamp=float(timestamp), block_hashes=hashes
         )
 
     def on_evict(self, block_id: int, block_hash: Hashable, reason: str, timestamp: float) -> None:

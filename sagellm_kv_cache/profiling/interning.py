@@ -80,14 +80,12 @@ class Interner:
         """Codes of distinct keys, the new ones added in the order given (C-level bulk
         operations: a pool's first pass interns thousands of block ids at once)."""
         codes_map = self.codes_map
-        out = list(map(codes_map.get, distinct))
-        if None in out:
-            new = list(compress(distinct, [c is None for c in out]))
+        new = [k for k in distinct if k not in codes_map]
+        if new:
             base = len(self.keys)
             self.keys.extend(new)
             codes_map.update(zip(new, range(base, base + len(new))))
-            out = list(map(codes_map.__getitem__, distinct))
-        return out
+        return list(map(codes_map.__getitem__, distinct))
 
     def codes(self, ids: Any) -> np.ndarray:
         """Codes of ``ids`` (a sequence or a 1-d int array) as an int64 array; new ids
@@ -116,12 +114,11 @@ class Interner:
 
     def _codes_list(self, ids: Any) -> list[int]:
         codes_map = self.codes_map
-        out = list(map(codes_map.get, ids))
-        if None in out:
+        known = list(map(codes_map.__contains__, ids))
+        if not all(known):
             with self.lock:  # new ids get codes in order of first appearance
-                self._add_many_locked(list(dict.fromkeys(compress(ids, [c is None for c in out]))))
-            out = list(map(codes_map.__getitem__, ids))
-        return out
+                self._add_many_locked(list(dict.fromkeys(compress(ids, [not k for k in known]))))
+        return list(map(codes_map.__getitem__, ids))
 
     def _table_codes(self, arr: np.ndarray) -> np.ndarray | None:
         """Codes of an int64 array through the flat table, or None when the ids are not

@@ -41,6 +41,7 @@ class SpillStore:
 
     def __init__(self, row_dtype: np.dtype, directory: str | Path | None = None) -> None:
         self._dtype = row_dtype
+        self._fields: tuple[str, ...] = row_dtype.names or ()
         self._parent = None if directory is None else str(directory)
         self._dir: Path | None = None
         self._finalizer: Any = None
@@ -63,7 +64,7 @@ class SpillStore:
         rows = np.frombuffer(raw, dtype=self._dtype)
         if not len(rows):
             return
-        table = pa.table({name: rows[name].copy() for name in self._dtype.names})
+        table = pa.table({name: rows[name].copy() for name in self._fields})
         path = self._folder() / f"rows-{len(self._row_parts):06d}.parquet"
         pq.write_table(table, path)
         self._row_parts.append(path)
@@ -107,7 +108,7 @@ class SpillStore:
         for path in self._row_parts:
             table = pq.read_table(path)
             n = table.num_rows
-            for name in self._dtype.names:
+            for name in self._fields:
                 out[name][at : at + n] = table.column(name).to_numpy()
             at += n
         return out

@@ -94,16 +94,16 @@ def summarize(s: dict[str, Any], time_windows: dict[str, float]) -> dict[str, An
     prev = previous_access_index(blocks)
     dist = reuse_distances(blocks, prev)
     reused = dist[dist >= 0]
-    hist = {"bin_lo": [], "bin_hi": [], "count": []}
+    hist: dict[str, list[int]] = {"bin_lo": [], "bin_hi": [], "count": []}
     if len(reused):
         # bins [0], [1], [2,3], [4,7], ...
         bin_idx = np.where(
             reused == 0, 0, np.floor(np.log2(np.maximum(reused, 1))).astype(np.int64) + 1
         )
         counts = np.bincount(bin_idx)
-        lo = [0] + [2 ** (k - 1) for k in range(1, len(counts))]
-        hi = [0] + [2**k - 1 for k in range(1, len(counts))]
-        hist = {"bin_lo": lo, "bin_hi": hi, "count": counts.tolist()}
+        bin_lo = [0] + [2 ** (k - 1) for k in range(1, len(counts))]
+        bin_hi = [0] + [2**k - 1 for k in range(1, len(counts))]
+        hist = {"bin_lo": bin_lo, "bin_hi": bin_hi, "count": counts.tolist()}
     summary["reuse_distance"] = {
         "count": len(reused),
         "cold": int(n - len(reused)),

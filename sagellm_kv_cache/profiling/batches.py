@@ -1,0 +1,166 @@
+"""The queue behind ``record_prompt`` / ``record_evictions``: whole requests and
+eviction batches, turned into records in one vectorised step.
+
+A pool hook reports one request's blocks per lookup and one batch per
+eviction. Recording them one access at a time would cost a Python call per
+block; instead a call appends its ids to one flat list (a C-level copy) and
+one small tuple describing the batch::
+
+    ids      [7, 3, 12, 40, 41 | 9, 8 | ...]        every queued id, call order
+    batches  (5, 3, t0, "r1", "gpu", 64)            n, hits (-1: evictions), time,
+             (2, -1, t1, "capacity", None, None)    request or reason, tier, size
+    hashes   [h9, h8, ...]                          evicted blocks' hashes, in order
+
+:func:`build` interns every queued id at once (the first-seen order is the
+call order, as one-by-one recording would give), and makes all prompt rows
+with numpy and all eviction columns with list and array extensions.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from itertools import chain, compress, repeat
+from typing import Any
+
+import numpy as np
+
+from .interning import Interner
+
+__all__ = ["BatchQueue", "Records", "build"]
+
+_HASH_TYPES = frozenset((bytes, int, type(None)))
+#: Queued batches that make :meth:`BatchQueue.push` ask for a flush.
+FLUSH_AT = 4096
+
+
+class BatchQueue:
+    """Queued prompt and eviction batches (see the module doc); thread-safe under ``lock``."""
+
+    __slots__ = ("batches", "hashes", "ids", "lock")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+        self.ids: list[Any] = []
+        self.batches: list[tuple[int, int, float, Any, Any, Any]] = []
+        self.hashes: list[Any] = []
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def push(
+        self, ids: Any, hits: int, timestamp: float, a: Any, b: Any, c: Any, hashes: Any = None
+    ) -> bool:
+        """Queue one batch (``hits`` -1 for evictions, whose ``hashes`` are None or one
+        per id); True when the queue is full enough to be flushed."""
+        with self.lock:
+            if hits < 0:
+                self.hashes.extend(repeat(None, len(ids)) if hashes is None else hashes)
+            self.ids.extend(ids)
+            self.batches.append((len(ids), hits, timestamp, a, b, c))
+            return len(self.batches) >= FLUSH_AT
+
+    def clear(self) -> None:
+        with self.lock:
+            self.ids, self.batches, self.hashes = [], [], []
+
+    def take(self) -> tuple[list[Any], list[tuple[int, int, float, Any, Any, Any]], list[Any]]:
+        """Everything queued (ids, batches, hashes), leaving the queue empty."""
+        with self.lock:
+            taken = self.ids, self.batches, self.hashes
+            self.ids, self.batches, self.hashes = [], [], []
+        return taken
+
+
+@dataclass(slots=True)
+class Records:
+    """What :func:`build` makes of a queue: prompt rows and eviction columns."""
+
+    rows: np.ndarray | None = None
+    ev_codes: np.ndarray | None = None
+    ev_ts: np.ndarray | None = None
+    ev_reasons: list[str] = field(default_factory=list)
+    ev_hashes: list[Any] = field(default_factory=list)
+
+
+def _per_batch(values: Any, lens: np.ndarray, dtype: Any) -> Any:
+    """One value per batch repeated over its rows; a scalar when all are equal
+    (a pool hook's request / tier / size columns: one broadcast write)."""
+    arr = np.asarray(values, dtype=dtype)
+    if (arr == arr[0]).all():
+        return arr[0]
+    return np.repeat(arr, lens)
+
+
+def build(
+    taken: tuple[list[Any], list[tuple[int, int, float, Any, Any, Any]], list[Any]],
+    row_dtype: np.dtype,
+    blocks: Interner,
+    requests: Interner,
+    tiers: Interner,
+) -> Records:
+    """Intern the queued ids and build the records (rows of ``row_dtype``)."""
+    ids, batches, hashes = taken
+    out = Records()
+    if not batches:
+        return out
+    codes = blocks.codes(ids)
+    lens_t, hits_t, ts_t, a_t, b_t, c_t = zip(*batches)
+    lens = np.array(lens_t, dtype=np.int64)
+    hits = np.array(hits_t, dtype=np.int64)
+    ts = np.array(ts_t, dtype=np.float64)
+    is_prompt = hits >= 0
+    if is_prompt.all():
+        out.rows = _prompt_rows(row_dtype, codes, lens, hits, ts, a_t, b_t, c_t, requests, tiers)
+        return out
+    mask = np.repeat(is_prompt, lens)
+    if is_prompt.any():
+        keep = is_prompt.tolist()
+        req_p, tier_p, size_p = (tuple(compress(col, keep)) for col in (a_t, b_t, c_t))
+        out.rows = _prompt_rows(
+            row_dtype,
+            codes[mask],
+            lens[is_prompt],
+            hits[is_prompt],
+            ts[is_prompt],
+            req_p,
+            tier_p,
+            size_p,
+            requests,
+            tiers,
+        )
+    ev = ~is_prompt
+    ev_lens = lens[ev]
+    out.ev_codes = codes[~mask]
+    out.ev_ts = np.repeat(ts[ev], ev_lens)
+    reasons = [r for r, e in zip(a_t, ev.tolist()) if e]
+    out.ev_reasons = list(chain.from_iterable(map(repeat, reasons, ev_lens.tolist())))
+    if not set(map(type, hashes)) <= _HASH_TYPES:  # rare: some other hash type
+        hashes = [h if isinstance(h, (bytes, int)) else None for h in hashes]
+    out.ev_hashes = hashes
+    return out
+
+
+def _prompt_rows(
+    row_dtype: np.dtype,
+    codes: np.ndarray,
+    lens: np.ndarray,
+    hits: np.ndarray,
+    ts: np.ndarray,
+    requests: tuple[Any, ...],
+    tiers: tuple[Any, ...],
+    sizes: tuple[Any, ...],
+    request_codes: Interner,
+    tier_codes: Interner,
+) -> np.ndarray:
+    total = int(lens.sum())
+    positions = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+    rows = np.empty(total, dtype=row_dtype)
+    rows["block"] = codes
+    rows["timestamp"] = np.repeat(ts, lens)
+    rows["request"] = _per_batch(request_codes.column(requests, len(lens)), lens, np.int64)
+    rows["position"] = positions
+    rows["size_bytes"] = _per_batch([-1 if s is None else s for s in sizes], lens, np.int64)
+    rows["tier"] = _per_batch(tier_codes.column(tiers, len(lens)), lens, np.int16)
+    rows["is_hit"] = positions < np.repeat(hits, lens)
+    return rows
