@@ -18,6 +18,21 @@ because every release runs the due timers first, the order is the same
 whenever they run. add, remove and pop are O(log n) amortized, a peek of
 ``k`` victims O(k log n) (a best-first walk down the heap).
 
+Two fast paths, each chosen by a class attribute and each tested against the
+plain mechanism on random event sequences (``tests/test_eviction_policies_keyed.py``),
+kept because ``benchmarks/bench_eviction.py`` measured the plain heap 1.5-2x
+slower than the structures they replace on the pool's replay:
+
+* the *lane* (``_lane_k0``): blocks keyed ``(_lane_k0, x)`` that arrive with
+  ``x`` past the lane's last (most releases: the default priority, an
+  unprotected TTL block, a never-hit LFU block, every MRU release) are
+  appended to an ``OrderedDict`` instead of the heap, and a pop takes the
+  smaller of the two fronts: O(1) per event in the common case;
+* *kept entries* (``_keep_entries``, FIFO): when a block's key is fixed while
+  it is cached, its entry stays queued while the block is in use (dormant;
+  a pop or a peek that meets it drops it), so a hit and a release re-file
+  nothing; FIFO queues a block as it is cached, in key order, on the lane.
+
 Subclasses: ``FIFOPolicy``, ``MRUPolicy``, ``LFUPolicy``, ``PriorityPolicy``,
 ``TTLPolicy``; each docstring states its key and its source.
 """

@@ -49,11 +49,12 @@ not pushed twice.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
-from heapq import heappop, heappush
+from collections.abc import Callable, Hashable, Iterable
+from heapq import heappush
 from typing import Any
 
 from ..errors import KVConfigError
+from ._queueviews import Heaps, HeapWalks, Overlay
 from .base import EvictionPolicy
 
 __all__ = ["S3FIFOPolicy"]
@@ -110,14 +111,9 @@ class S3FIFOPolicy(EvictionPolicy):
 
     # -- evictable set -------------------------------------------------------
     def add(self, block_id: int) -> None:
-        self._ev[block_id] = True
-        self._n_ev += 1
-        s = self._seq[block_id]
-        if s not in self._slot:
-            self._slot[s] = block_id
-            heappush(self._heap_s if self._queue[block_id] == _SMALL else self._heap_m, s)
+        self.add_many((block_id,))
 
-    def add_many(self, block_ids) -> None:
+    def add_many(self, block_ids: Iterable[int]) -> None:
         ev, seq, queue, slot = self._ev, self._seq, self._queue, self._slot
         hs, hm = self._heap_s, self._heap_m
         n = 0
@@ -131,11 +127,10 @@ class S3FIFOPolicy(EvictionPolicy):
         self._n_ev += n
 
     def remove(self, block_id: int) -> None:
-        # lazy: the heap entry stays and is skipped (or reused on the next release)
-        self._ev[block_id] = False
-        self._n_ev -= 1
+        self.remove_many((block_id,))
 
-    def remove_many(self, block_ids) -> None:
+    def remove_many(self, block_ids: Iterable[int]) -> None:
+        # lazy: the heap entries stay and are skipped (or reused on the next release)
         ev = self._ev
         n = 0
         for b in block_ids:
@@ -152,7 +147,7 @@ class S3FIFOPolicy(EvictionPolicy):
         return self.pop_victims(1)[0]
 
     def pop_cascade(self, n: int, after: Callable[[int], int] | None) -> list[int]:
-        heaps = _Heaps(self._heap_s, self._heap_m, self._slot, self._ev, self._seq)
+        heaps = Heaps(self._heap_s, self._heap_m, self._slot, self._ev, self._seq)
         k = self._n_small, self._n_main, self._next_seq
         out, added, k = self._select(n, after, heaps, self._seq, self._freq, self._queue, k)
         self._n_small, self._n_main, self._next_seq = k
@@ -166,8 +161,8 @@ class S3FIFOPolicy(EvictionPolicy):
         """The victims ``pop_cascade`` would give, found by running the same steps over
         copy-on-write views of the queues (nothing here changes): O((n + m) log size)
         for the m blocks the steps move between queues on the way."""
-        seq, freq, queue = _Overlay(self._seq), _Overlay(self._freq), _Overlay(self._queue)
-        heaps = _HeapWalks(self._heap_s, self._heap_m, self._slot, _Overlay(self._ev), seq)
+        seq, freq, queue = Overlay(self._seq), Overlay(self._freq), Overlay(self._queue)
+        heaps = HeapWalks(self._heap_s, self._heap_m, self._slot, Overlay(self._ev), seq)
         k = self._n_small, self._n_main, self._next_seq
         return self._select(n, after, heaps, seq, freq, queue, k, real=False)[0]
 
@@ -175,7 +170,7 @@ class S3FIFOPolicy(EvictionPolicy):
         self,
         n: int,
         after: Callable[[int], int] | None,
-        heaps: _Heaps,
+        heaps: Heaps,
         seq: Any,
         freq: Any,
         queue: Any,
@@ -324,139 +319,3 @@ class S3FIFOPolicy(EvictionPolicy):
             "small_capacity": self.small_capacity,
             "main_capacity": self.main_capacity,
         }
-
-
-class _Overlay:
-    """A per-block list seen through a copy-on-write layer: writes stay here."""
-
-    __slots__ = ("base", "local")
-
-    def __init__(self, base: list) -> None:
-        self.base = base
-        self.local: dict[int, Any] = {}
-
-    def __getitem__(self, i: int) -> Any:
-        local = self.local
-        return local[i] if i in local else self.base[i]
-
-    def __setitem__(self, i: int, v: Any) -> None:
-        self.local[i] = v
-
-
-class _Heaps:
-    """S's and M's heaps of sequence numbers (``slot``: number -> block), for the victim
-    loop: ``top_*`` drops stale entries (blocks now in use, moved or dropped) and gives the
-    number of the oldest candidate (-1: none), ``pop_*`` takes it and gives its block."""
-
-    __slots__ = ("ev", "hm", "hs", "seq", "slot")
-
-    def __init__(self, hs: list[int], hm: list[int], slot: dict, ev: Any, seq: Any) -> None:
-        self.hs, self.hm, self.slot, self.ev, self.seq = hs, hm, slot, ev, seq
-
-    def _top(self, h: list[int]) -> int:
-        slot, ev, seq = self.slot, self.ev, self.seq
-        while h:
-            s = h[0]
-            b = slot[s]
-            if ev[b] and seq[b] == s:
-                return s
-            heappop(h)
-            del slot[s]
-        return -1
-
-    def top_s(self) -> int:
-        return self._top(self.hs)
-
-    def top_m(self) -> int:
-        return self._top(self.hm)
-
-    def pop_s(self) -> int:
-        return self.slot.pop(heappop(self.hs))
-
-    def pop_m(self) -> int:
-        return self.slot.pop(heappop(self.hm))
-
-    def push(self, s: int, b: int, main: bool) -> None:
-        """Block ``b`` is a candidate under number ``s`` (kept if its entry is still there)."""
-        slot = self.slot
-        if s not in slot:
-            slot[s] = b
-            heappush(self.hm if main else self.hs, s)
-
-    def evicted(self, b: int) -> None:
-        self.ev[b] = False
-
-    def revive(self, b: int) -> None:
-        self.ev[b] = True
-
-
-class _HeapWalks(_Heaps):
-    """``_Heaps`` read-only: best-first walks down the real heaps, numbers pushed on the way
-    in a local heap, slot changes in a local layer."""
-
-    __slots__ = ("gone", "mine", "walks")
-
-    def __init__(self, hs: list[int], hm: list[int], slot: dict, ev: Any, seq: Any) -> None:
-        super().__init__(hs, hm, slot, ev, seq)
-        self.walks = ([(hs[0], 0)] if hs else [], [(hm[0], 0)] if hm else [])
-        self.mine: tuple[list[int], list[int]] = ([], [])  # pushed numbers, per queue
-        self.gone: dict[int, int] = {}  # slot overlay: number -> block, -1 for dropped
-
-    def _slot(self, s: int) -> int:
-        b = self.gone.get(s)
-        return self.slot[s] if b is None else b
-
-    def _next(self, q: int, take: bool) -> int:
-        """The smallest number left in queue ``q`` (0: S, 1: M), taken when ``take``."""
-        walk, mine = self.walks[q], self.mine[q]
-        if walk and (not mine or walk[0][0] < mine[0]):
-            s, i = walk[0]
-            if take:
-                heappop(walk)
-                h = self.hs if q == 0 else self.hm
-                c = 2 * i + 1
-                if c < len(h):
-                    heappush(walk, (h[c], c))
-                    if c + 1 < len(h):
-                        heappush(walk, (h[c + 1], c + 1))
-            return s
-        if mine:
-            return heappop(mine) if take else mine[0]
-        return -1
-
-    def _top_q(self, q: int) -> int:
-        ev, seq = self.ev, self.seq
-        while True:
-            s = self._next(q, False)
-            if s < 0:
-                return -1
-            b = self._slot(s)
-            if b >= 0 and ev[b] and seq[b] == s:
-                return s
-            self._next(q, True)
-            self.gone[s] = -1
-
-    def top_s(self) -> int:
-        return self._top_q(0)
-
-    def top_m(self) -> int:
-        return self._top_q(1)
-
-    def pop_s(self) -> int:
-        s = self._next(0, True)
-        b = self._slot(s)
-        self.gone[s] = -1
-        return b
-
-    def pop_m(self) -> int:
-        s = self._next(1, True)
-        b = self._slot(s)
-        self.gone[s] = -1
-        return b
-
-    def push(self, s: int, b: int, main: bool) -> None:
-        cur = self.gone.get(s)
-        if (cur is None and s in self.slot) or (cur is not None and cur >= 0):
-            return
-        self.gone[s] = b
-        heappush(self.mine[1 if main else 0], s)
