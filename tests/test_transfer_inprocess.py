@@ -307,3 +307,20 @@ def test_injected_faults_stop_when_the_hook_is_removed():
     eng.transfer_kv_handle(h, 0, 1)
     h2, hit = dst.alloc_with_prefix(tokens)
     assert hit == 16 and torch.equal(dst.read_kv(h2), kv)
+
+
+def test_a_kept_source_digest_that_went_stale_is_rechecked_not_trusted():
+    # direct pieces: the source digest of cached blocks is kept after the first move
+    eng, src, dst = make_engine(direct_min_message_bytes=0, max_retries=0)
+    tokens = list(range(32))
+    h, kv = filled_handle(src, tokens, seed=3)
+    eng.transfer_kv_handle(h, 0, 1)
+    # the source bytes change under the same block hashes (what immutability forbids):
+    # the kept digest no longer matches, the bytes are hashed again, the move lands
+    src.storage.kv.add_(1)
+    dst.reset()
+    tid = eng.transfer_kv_handle(h, 0, 1)
+    assert eng.get_transfer_metadata(tid)["retries"] == 0
+    h2, hit = dst.alloc_with_prefix(tokens)
+    assert hit == 32 and torch.equal(dst.read_kv(h2), src.read_kv(h))
+    assert not torch.equal(dst.read_kv(h2), kv)

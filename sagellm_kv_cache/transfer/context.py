@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import KVConfigError
 from .backends.base import TransferBackend
+from .digests import PieceDigests
 from .plan import Staging
 from .records import TransferBook
 
@@ -43,6 +44,7 @@ class TransferContext:
     staging: Staging = field(default_factory=Staging)
     pools: dict[int, KVPool] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    digests: PieceDigests = field(default_factory=PieceDigests)
 
     def pool_for(self, rank: int) -> KVPool:
         with self.lock:

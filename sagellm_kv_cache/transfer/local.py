@@ -11,20 +11,21 @@ receiver without room is retried (``protocol.with_retries``).
 from __future__ import annotations
 
 import itertools
+import threading
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..errors import KVBudgetExceededError, KVTransferFailedError
 from .backends.inprocess import InProcessBackend
 from .context import TransferContext
+from .digests import digest
 from .plan import (
     LOCAL_PIECE_BYTES,
     Plan,
     Receipt,
     bytes_of,
     check_compatible,
-    direct_views,
+    direct_slices,
     gather,
     num_direct_messages,
     pool_kv,
@@ -38,7 +39,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..handle import KVHandle
     from ..pool import KVPool
 
-__all__ = ["LocalMover"]
+__all__ = ["PARALLEL_MIN_BYTES", "LocalMover"]
+
+#: direct moves of at least this many bytes copy and hash on two threads
+PARALLEL_MIN_BYTES = 16 << 20
 
 
 class LocalMover:
@@ -87,24 +91,20 @@ class LocalMover:
         receipt = Receipt(dst_pool, header)
         try:
             dst_kv = pool_kv(dst_pool)
-            pieces = self._direct_pieces(plan, header, receipt, dst_kv)
-            if pieces is not None:
-                sums = self._copy_direct(header, pieces)
+            direct = self._direct_runs(plan, header, receipt, dst_kv)
+            if direct is not None:
+                self._copy_direct(plan, header, *direct, dst_kv)
             else:
-                sums = self._copy_staged(plan, header, receipt, dst_kv)
-            if header.checksum_algo != "none":
-                bad = mismatch(header.transfer_id, sums[1], sums[0])
-                if bad is not None:
-                    raise bad
+                self._copy_staged(plan, header, receipt, dst_kv)
             return receipt.publish(keep_handles=False)
         except BaseException:
             receipt.abort()
             raise
 
-    def _direct_pieces(
+    def _direct_runs(
         self, plan: Plan, header: TransferHeader, receipt: Receipt, dst_kv: Any
-    ) -> Iterator[tuple[Any, Any]] | None:
-        """Pairs of (source, destination) views for a one-copy CPU -> CPU move, or None
+    ) -> tuple[list[tuple[int, int, int]], int] | None:
+        """(runs, blocks per piece) for a one-copy CPU -> CPU move, or None
         (compression, explicit tensors, CUDA, or runs too short to beat staging)."""
         src = plan.source
         if plan.wire_chunks is not None or not plan.block_ids or src.is_cuda or dst_kv.is_cuda:
@@ -115,30 +115,99 @@ class LocalMover:
         n = num_direct_messages(runs, header.num_layers, per_piece)
         if header.payload_nbytes / n < self.ctx.settings.direct_min_message_bytes:
             return None
-        return zip(direct_views(src, runs, 0, per_piece), direct_views(dst_kv, runs, 1, per_piece))
+        return runs, per_piece
 
     def _copy_direct(
-        self, header: TransferHeader, pieces: Iterator[tuple[Any, Any]]
-    ) -> tuple[int, int]:
-        """Copy each piece straight into the destination blocks; hash the source
-        piece before and the destination piece right after the copy, while both
-        are still in cache. Returns (source, destination) checksums."""
-        backend = self._backend()
-        check = header.checksum_algo != "none"
-        send_sum, recv_sum = Checksum(header.checksum_algo), Checksum(header.checksum_algo)
-        for m, (s, d) in enumerate(pieces):
-            if check:
-                send_sum.update(bytes_of(s))
-            backend.copy_into(d, s, m)
-            if check:
-                recv_sum.update(bytes_of(d))
-        return send_sum.value(), recv_sum.value()
+        self,
+        plan: Plan,
+        header: TransferHeader,
+        runs: list[tuple[int, int, int]],
+        per_piece: int,
+        dst_kv: Any,
+    ) -> None:
+        """Copy each piece straight into the destination blocks and compare its
+        digest with the source piece's: kept from an earlier move of the same
+        cached blocks (``digests.py``) or hashed now, just before the copy
+        while the piece is coming into cache. A difference is checked once
+        more against freshly hashed source bytes before it is reported.
+
+        A large move runs in two halves on two threads (the copies and hashes
+        release the GIL): one core copies and hashes at the speed of a plain
+        single-threaded copy, and torch's own copy uses both."""
+        num_layers = header.num_layers
+        pieces = list(
+            zip(
+                direct_slices(runs, num_layers, 0, per_piece),
+                direct_slices(runs, num_layers, 1, per_piece),
+            )
+        )
+        versions: dict[tuple[int, int], tuple[Any, ...] | None] = {}
+        if header.checksum_algo != "none":
+            for (_, _, a, b), _ in pieces:
+                if (a, b) not in versions:
+                    versions[(a, b)] = _version(plan, a, b)
+        half = len(pieces) // 2
+        if header.payload_nbytes < PARALLEL_MIN_BYTES or half == 0:
+            self._copy_pieces(plan, header, dst_kv, pieces, 0, versions)
+            return
+        errors: list[BaseException] = []
+
+        def second_half() -> None:
+            try:
+                self._copy_pieces(plan, header, dst_kv, pieces[half:], half, versions)
+            except BaseException as exc:  # re-raised on the calling thread
+                errors.append(exc)
+
+        worker = threading.Thread(target=second_half, name="kvx-local", daemon=True)
+        worker.start()
+        try:
+            self._copy_pieces(plan, header, dst_kv, pieces[:half], 0, versions)
+        finally:
+            worker.join()
+        if errors:
+            raise errors[0]
+
+    def _copy_pieces(
+        self,
+        plan: Plan,
+        header: TransferHeader,
+        dst_kv: Any,
+        pieces: list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]],
+        first: int,
+        versions: dict[tuple[int, int], tuple[Any, ...] | None],
+    ) -> None:
+        backend, cache = self._backend(), self.ctx.digests
+        algo = header.checksum_algo
+        src = plan.source
+        where = (src.data_ptr(), tuple(src.shape), str(src.dtype), algo)
+        for m, ((layer, k, a, b), (_, _, c, d)) in enumerate(pieces, first):
+            s = src[layer, k, a:b].view(-1)
+            t = dst_kv[layer, k, c:d].view(-1)
+            if algo == "none":
+                backend.copy_into(t, s, m)
+                continue
+            key = (where, layer, k, a, b)
+            version = versions[(a, b)]
+            want = cache.get(key, version) if version else None
+            if want is None:
+                want = digest(algo, bytes_of(s))
+                if version:
+                    cache.put(key, version, want)
+            backend.copy_into(t, s, m)
+            got = digest(algo, bytes_of(t))
+            if got != want:
+                want = digest(algo, bytes_of(s))  # a kept digest may be stale
+                if version:
+                    cache.put(key, version, want)
+                bad = mismatch(header.transfer_id, got, want)
+                if bad is not None:
+                    raise bad
 
     def _copy_staged(
         self, plan: Plan, header: TransferHeader, receipt: Receipt, dst_kv: Any
-    ) -> tuple[int, int]:
-        """Gather each chunk (or take its compressed bytes), carry it to the
-        destination device and scatter it. Returns (source, destination) checksums."""
+    ) -> None:
+        """Gather each chunk (or take its compressed bytes), hash it, carry it to
+        the destination device, hash what arrived and scatter it."""
         ctx, backend = self.ctx, self._backend()
         check = header.checksum_algo != "none"
         src_dev, dst_dev = str(plan.source.device), str(dst_kv.device)
@@ -158,4 +227,13 @@ class LocalMover:
                 scatter(header, receipt.block_ids, c, moved, dst_kv)
         finally:
             ctx.staging.give(src_dev, buf)
-        return send_sum.value(), recv_sum.value()
+        bad = mismatch(header.transfer_id, recv_sum.value(), send_sum.value())
+        if check and bad is not None:
+            raise bad
+
+
+def _version(plan: Plan, a: int, b: int) -> tuple[Any, ...] | None:
+    """The block hashes of source blocks ``a..b-1`` (None when one is uncached)."""
+    by_block = plan.hash_by_block()
+    hashes = tuple(by_block.get(x) for x in range(a, b))
+    return None if any(h is None for h in hashes) else hashes

@@ -38,6 +38,7 @@ __all__ = [
     "as_rows",
     "bytes_of",
     "check_compatible",
+    "direct_slices",
     "direct_views",
     "gather",
     "make_plan",
@@ -77,19 +78,26 @@ def runs_of(src_ids: Sequence[int], dst_ids: Sequence[int]) -> list[Run]:
     return runs
 
 
-def direct_views(kv: Any, runs: list[Run], side: int, per_message: int) -> Iterator[Any]:
-    """Contiguous flat views of ``kv[l, k, a:b]`` in (run, layer, K/V, piece) order,
-    each of at most ``per_message`` blocks; ``side`` 0 takes the source starts,
-    1 the destination starts."""
-    num_layers = kv.shape[0]
+def direct_slices(
+    runs: list[Run], num_layers: int, side: int, per_message: int
+) -> Iterator[tuple[int, int, int, int]]:
+    """``(layer, k, a, b)`` of each message in (run, layer, K/V, piece) order, each
+    of at most ``per_message`` blocks; ``side`` 0 takes the source starts, 1 the
+    destination starts."""
     for run in runs:
         start, n = run[side], run[2]
         for layer in range(num_layers):
             for k in range(2):
                 for a in range(start, start + n, per_message):
-                    # flat: torch copies a 1-D view several times faster than the
-                    # same bytes as a multi-dimensional one
-                    yield kv[layer, k, a : min(a + per_message, start + n)].view(-1)
+                    yield layer, k, a, min(a + per_message, start + n)
+
+
+def direct_views(kv: Any, runs: list[Run], side: int, per_message: int) -> Iterator[Any]:
+    """Contiguous flat views ``kv[layer, k, a:b]`` of ``direct_slices``."""
+    for layer, k, a, b in direct_slices(runs, kv.shape[0], side, per_message):
+        # flat: torch copies a 1-D view several times faster than the
+        # same bytes as a multi-dimensional one
+        yield kv[layer, k, a:b].view(-1)
 
 
 def num_direct_messages(runs: list[Run], num_layers: int, per_message: int) -> int:
@@ -128,6 +136,20 @@ class Plan:
     source: Any  # [L, 2, num_blocks_in_storage, <block dims>] tensor
     header: TransferHeader
     wire_chunks: list[Any] | None = None  # pre-compressed chunks (compression only)
+    _hashes: dict[int, Any] | None = None
+
+    def hash_by_block(self) -> dict[int, Any]:
+        """Source block id -> its block hash, for the full (cacheable) blocks."""
+        if self._hashes is None:
+            out: dict[int, Any] = {}
+            ids = iter(self.block_ids)
+            for seg in self.header.segments:
+                for i in range(seg.num_blocks):
+                    b = next(ids, None)
+                    if b is not None and i < len(seg.block_hashes):
+                        out[b] = seg.block_hashes[i]
+            self._hashes = out
+        return self._hashes
 
 
 def _segments(handles: Sequence[Any]) -> list[Segment]:
