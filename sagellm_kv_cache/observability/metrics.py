@@ -107,14 +107,16 @@ class _SecondsHistogram:
 
     ``values`` buffers single observations. A batch sharing one end time is
     buffered as its start times in ``starts`` and one ``(end, count)`` in
-    ``marks``. The owner appends to these lists directly (plain Python floats:
-    the cheapest append there is); ``fold`` counts them with one numpy pass
-    and empties them in place, so held references stay valid. NaN
-    observations (unknown start) are dropped. Not thread-safe: the owner
-    calls everything under one lock (the pool's).
+    ``marks``; when ``guards`` is used (one per start), a start counts only
+    if it is ``>=`` its guard. The owner extends these lists directly with
+    C-level ``map`` over its per-block lists (no Python work per block);
+    ``fold`` counts them with one numpy pass and empties them in place, so
+    held references stay valid. NaN observations (unknown start) are
+    dropped. Not thread-safe: the owner calls everything under one lock (the
+    pool's).
     """
 
-    __slots__ = ("bounds", "counts", "marks", "starts", "sum", "values")
+    __slots__ = ("bounds", "counts", "guards", "marks", "starts", "sum", "values")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = np.asarray(bounds, dtype=np.float64)
@@ -123,6 +125,10 @@ class _SecondsHistogram:
         self.values: list[float] = []
         self.starts: list[float] = []
         self.marks: list[tuple[float, int]] = []
+        self.guards: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.values) + len(self.starts)
 
     def fold(self) -> None:
         if not self.values and not self.starts:
@@ -130,9 +136,10 @@ class _SecondsHistogram:
         values = np.array(self.values, dtype=np.float64)
         if self.starts:
             ends, counts = zip(*self.marks)
-            batch = np.repeat(np.array(ends, dtype=np.float64), counts) - np.array(
-                self.starts, dtype=np.float64
-            )
+            starts = np.array(self.starts, dtype=np.float64)
+            batch = np.repeat(np.array(ends, dtype=np.float64), counts) - starts
+            if self.guards:
+                batch = batch[starts >= np.array(self.guards, dtype=np.float64)]
             values = np.concatenate([values, batch])
         values = values[~np.isnan(values)]
         # side="left": a value equal to a bound counts in that bound's bucket (le)
@@ -142,6 +149,7 @@ class _SecondsHistogram:
         self.values.clear()
         self.starts.clear()
         self.marks.clear()
+        self.guards.clear()
 
     def snapshot(self) -> tuple[list[tuple[str, int]], float]:
         """Cumulative ``(le, count)`` buckets ending with ``+Inf``, and the sum."""
@@ -295,7 +303,7 @@ class MetricsHook(PoolHook):
                 self._hit_requests += 1
                 self._hit_tokens += hit
                 self._hit_blocks += hit // handle.block_size
-            if len(self._reuse_starts) > _FOLD_AT:
+            if len(self._reuse) > _FOLD_AT:
                 self._reuse.fold()
 
     def on_free(self, handle: KVHandle, timestamp: float) -> None:
@@ -306,7 +314,7 @@ class MetricsHook(PoolHook):
         released = self._last_release
         for b in ids:
             released[b] = timestamp
-        if len(self._lifetime_values) > _FOLD_AT:
+        if len(self._lifetime) > _FOLD_AT:
             self._lifetime.fold()
             self._idle.fold()
 
@@ -357,24 +365,29 @@ class MetricsHook(PoolHook):
         reason: str,
         timestamp: float,
     ) -> None:
+        n = len(block_ids)
         try:
-            self._evictions[reason] += len(block_ids)
+            self._evictions[reason] += n
         except KeyError:
-            self._evictions[reason] = len(block_ids)
-        cached_at = self._cached_at
-        if self._growable:  # pool-less mode: blocks cached before attach are unknown
-            block_ids = [b for b in block_ids if b < len(cached_at)]
-        self._lifetime_values.extend([timestamp - cached_at[b] for b in block_ids])
-        released = self._last_release
-        last = self._last_access
+            self._evictions[reason] = n
+        if not n:
+            return
+        if self._growable:  # pool-less mode: blocks cached before attach stay unknown (NaN)
+            self._grow(max(block_ids))
+        # the observations are deferred to the fold: start times and guards gathered
+        # by C-level map, one (end, count) mark per batch
+        self._lifetime.starts.extend(map(self._cached_at.__getitem__, block_ids))
+        self._lifetime.marks.append((timestamp, n))
+        idle = self._idle
+        released = map(self._last_release.__getitem__, block_ids)
         refs = self._refs
-        if refs:
-            idle = [
-                timestamp - released[b] for b in block_ids if released[b] >= last[b] and not refs[b]
-            ]
-        else:
-            idle = [timestamp - released[b] for b in block_ids if released[b] >= last[b]]
-        self._idle_values.extend(idle)
+        # victims of "capacity" are unreferenced by construction; an explicit drop
+        # (invalidate) may hit a block in use, which has no idle time
+        if refs and reason != "capacity" and any(map(refs.__getitem__, block_ids)):
+            released = iter([_UNKNOWN if refs[b] else r for b, r in zip(block_ids, released)])
+        idle.starts.extend(released)
+        idle.guards.extend(map(self._last_access.__getitem__, block_ids))
+        idle.marks.append((timestamp, n))
 
     def on_cleared(self, timestamp: float) -> None:
         # every hash is gone; counters and histograms keep their history
