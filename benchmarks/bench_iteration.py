@@ -1,5 +1,10 @@
 """Iteration-level engine vs today's concurrent replay on the bundled trace (wall time).
 
+Runs, interleaved ``--repeat`` times (best of each kept): the concurrent replay, the
+iteration engine with the linear and the roofline cost model, and the plain per-step
+loop it equals (``simulate_iteration(..., reference=True)``) as the before figure.
+Ratios are over the concurrent replay of the same run.
+
 Usage::
 
     python benchmarks/bench_iteration.py [--capacity 3000] [--repeat 3]
@@ -8,10 +13,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-from _util import write_json
+from _util import SMOKE, print_table, write_json
+
+ROOFLINE = "roofline:gpu=h100,model=llama-3-8b"
 
 
 def main() -> None:
@@ -22,27 +28,41 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--capacity", default="3000")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=0, help="first N requests (0: all)")
     a = ap.parse_args()
     t = read_trace(DEFAULT_TRACE)
+    if a.requests:
+        t = t.head(a.requests)
     cap = None if a.capacity == "inf" else int(a.capacity)
-
-    def best(fn):
-        out = []
-        for _ in range(a.repeat):
+    runs = {
+        "concurrent": lambda: simulate(t, cap, mode="concurrent"),
+        "iteration_linear": lambda: simulate_iteration(t, cap),
+        "iteration_roofline": lambda: simulate_iteration(t, cap, cost=ROOFLINE),
+        "plain_loop_linear": lambda: simulate_iteration(t, cap, reference=True),
+        "plain_loop_roofline": lambda: simulate_iteration(t, cap, cost=ROOFLINE, reference=True),
+    }
+    best = dict.fromkeys(runs, float("inf"))
+    steps = {}
+    for _ in range(1 if SMOKE else a.repeat):
+        for name, fn in runs.items():
             t0 = time.perf_counter()
             r = fn()
-            out.append(time.perf_counter() - t0)
-        return min(out), r
-
-    conc, _ = best(lambda: simulate(t, cap, mode="concurrent"))
-    rows = {"concurrent_s": conc}
-    for name, cost in (("linear", None), ("roofline", "roofline:gpu=h100,model=llama-3-8b")):
-        s, r = best(lambda cost=cost: simulate_iteration(t, cap, cost=cost))
-        rows[f"iteration_{name}_s"] = s
-        rows[f"iteration_{name}_ratio"] = s / conc
-        rows[f"iteration_{name}_steps"] = r.num_steps
-    payload = {"requests": len(t), "capacity": a.capacity, **rows}
-    print(json.dumps(payload, indent=1))
+            best[name] = min(best[name], time.perf_counter() - t0)
+            steps[name] = r.stats.get("num_steps")
+    conc = best["concurrent"]
+    rows = [
+        {"run": k, "seconds": v, "over_concurrent": v / conc, "steps": str(steps[k])}
+        for k, v in best.items()
+    ]
+    print_table(rows, f"{len(t)} requests, capacity {a.capacity} blocks")
+    payload = {
+        "requests": len(t),
+        "capacity": a.capacity,
+        "repeat": a.repeat,
+        "seconds": best,
+        "over_concurrent": {k: v / conc for k, v in best.items()},
+        "steps": steps,
+    }
     write_json("iteration", payload)
 
 

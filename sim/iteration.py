@@ -1,438 +1,184 @@
 """The iteration-level engine: one instance stepping like vLLM v1's scheduler.
 
-Where the request-level engine (``sim.core``) gives each request a prefill and a
-decode duration of its own, this one runs *steps*: each step schedules a batch,
-the cost model (``sim.cost``) times it from the batch's new tokens and context
-lengths, and every sequence that caught up with its tokens samples one token at
-the step's end. Requests therefore contend for the GPU: a prefill that shares a
-step with decodes slows them down, and a queue lengthens TTFT.
+The scheduling rules, blocks and PD decode admission are those of the plain per-step
+loop in ``sim.iteration_ref`` (its module doc states them, with the vLLM source they
+follow); ``IterationEngine`` is that engine with lazy decode bookkeeping, and equals
+it request for request (tests/test_sim_iteration.py checks both on random traces).
 
-The scheduling rules follow ``vllm/v1/core/sched/scheduler.py`` (``Scheduler.schedule``
-and ``update_from_output``; read at commit 00024d3 of vllm-project/vllm):
+Lazy decodes: a running request that just sampled a token and decodes next costs the
+step nothing in Python until its next *event*: the step where it needs a new block
+(its tokens reach its blocks' room), fills a block (which is then cached), or samples
+its last token. Until then it takes one token a step, so it is kept as a base step and
+a base context: its context at step ``k`` is ``off + k``, and the step's sums
+(``BatchStats``) add ``nlazy`` tokens, sequences and decodes and ``sum(off) + nlazy*(k+1)``
+KV tokens and query-key pairs. An event heap says which steps wake which requests;
+woken, preempted or finishing requests are *materialized* (tokens and counters caught
+up; their ITL max is the range max of the step gaps they sampled at).
 
-1. Running requests first, in the running list's order. Each asks for
-   ``num_tokens - num_computed_tokens`` new tokens (one for a decode, the rest of
-   its prompt for a chunked prefill), capped by the step's remaining token budget
-   (``max_num_batched_tokens``), and the blocks to hold them.
-2. When the pool cannot give those blocks, the *last* request of the running list
-   is preempted (``self.running.pop()``: the most recently admitted), its blocks
-   freed, its computed tokens reset to zero (recompute) and it goes back to the
-   *front* of the waiting queue (``prepend_request``); repeat until the request
-   fits or it preempted itself.
-3. Waiting requests (FCFS) are admitted only when nothing was preempted this step
-   (``if not preempted_reqs``), while the running list is shorter than
-   ``max_num_seqs`` and budget remains. A request's cached prefix is looked up
-   first, capped at ``num_tokens - 1`` tokens (the last-token rule: the last token
-   is always computed, so a fully cached prompt still has one token of work; the
-   cap works in whole blocks, so a block-aligned fully cached prompt recomputes its
-   last block). Without chunked prefill, a request whose new tokens exceed the
-   remaining budget stops admission (``break``); with it, its first chunk takes
-   what is left. When its blocks do not fit, admission stops (head-of-line).
-4. Blocks become hittable *when scheduled*: at schedule time the request's full
-   blocks up to ``num_computed_tokens + num_new_tokens`` are cached under their
-   hashes (vLLM's ``allocate_slots`` calls ``cache_blocks`` before the step runs,
-   which is safe because every layer writes the batch's KV before attention reads
-   it). They are cached as soon as the request is given its slots, so a request
-   looked up later in the same step can already hit them, as in vLLM.
-5. After the step: each scheduled request adds its new tokens to its computed
-   tokens; one that reached ``num_tokens`` samples a token (a prefill chunk that
-   ends mid-prompt samples nothing). A request finishes when it has
-   ``output_length`` tokens (an output length of 0 is run as 1: the prefill samples
-   one) and frees its blocks tail-first.
-
-Blocks: a request holds ``ceil(tokens_with_kv / block_size)`` blocks from the
-library's ``BlockPool`` (``match_prefix``, ``touch``, ``allocate``, ``cache_blocks``,
-``release``); they grow by one when decoding crosses a block boundary. Prompt
-blocks carry the trace's hashes; blocks holding generated tokens carry hashes of
-their own (``("gen", row, index)``) so that a preempted request finds its own
-blocks again on resumption, as vLLM's do. A request whose prompt plus output
-needs more blocks than the pool holds (or, without chunked prefill, more tokens
-than the budget) can never run: it is rejected.
-
-Speed: a run of pure-decode steps (every running request decoding, nothing to
-admit, no block boundary, no finish, no arrival that could be admitted) is
-advanced in one go, timing each step from the batch sums (``BatchStats``)
-without touching the requests; the result is the same as stepping.
+A step stays on this path when the lazy decodes all get their token: the token demand
+of every running request up to the last lazy one (in running order, which is
+admission order) fits the budget. Otherwise every lazy request is materialized and
+the reference ``_schedule`` runs the step (rare: it needs a prompt still being chunked
+ahead of a decode in the running list). Step times, token counts and block operations
+are the reference's, in the same order, so the results are identical (the query-key
+pair sums are whole numbers, exact in any order).
 """
 
 from __future__ import annotations
 
-import math
-from array import array
+import heapq
 from collections import deque
-from typing import Any
-
-from sagellm_kv_cache.errors import KVNoVictimError
 
 from .cost.base import BatchStats
+from .iteration_ref import ReferenceIterationEngine
 
 __all__ = ["IterationEngine"]
 
+_OUT, _ACTIVE, _LAZY = 0, 1, 2
 
-class IterationEngine:
-    """Steps one instance over a trace's columns; ``run()`` fills per-request columns.
 
-    Args:
-        hashes_col, lengths, outputs, arrivals: the trace's columns (lists).
-        block_pool: a metadata-only ``BlockPool`` (``KVPool(...).block_pool``) on ``clock``.
-        clock: the ``SimClock`` the pool's policy reads.
-        cost: a ``StepCostModel``.
-        max_num_batched_tokens: the step's token budget.
-        max_num_seqs: most requests running at once.
-        chunked_prefill: split prompts across steps at the budget.
-    """
+class IterationEngine(ReferenceIterationEngine):
+    """``ReferenceIterationEngine`` with lazy decodes (module doc); same arguments."""
 
-    def __init__(
-        self,
-        hashes_col: list,
-        lengths: list,
-        outputs: list,
-        arrivals: list,
-        block_pool: Any,
-        clock: Any,
-        cost: Any,
-        *,
-        max_num_batched_tokens: int,
-        max_num_seqs: int,
-        chunked_prefill: bool = True,
-        progress: bool = False,
-    ) -> None:
-        self.hashes_col, self.lengths, self.arrivals = hashes_col, lengths, arrivals
-        self.outputs = [max(1, int(o)) for o in outputs]
-        self.bp = block_pool
-        self.bs = block_pool.block_size
-        self.clock = clock
-        self.cost = cost
-        self.mbt = max_num_batched_tokens
-        self.max_seqs = max_num_seqs
-        self.chunked = chunked_prefill
-        self.progress = progress
-        n = len(lengths)
-        self.n = n
-        nan = math.nan
-        self.computed = [0] * n
-        self.gen = [0] * n
-        self.held: list[list[int]] = [[] for _ in range(n)]
-        self.ncached = [0] * n
-        self.room = [0] * n  # tokens the held blocks take: len(held[i]) * block_size
-        self.next_full = [self.bs] * n  # token count at which the next block is full
-        self.hs: list[Any] = [None] * n
-        self.lost = [0] * n
-        self.admitted = [False] * n
-        # outputs
-        self.full = [x // self.bs for x in lengths]
-        self.hit = [0] * n
-        self.alloc = [0] * n
-        self.evicted = [0] * n
-        self.rejected = [False] * n
-        self.start_s = [nan] * n
-        self.first_token_s = [nan] * n
-        self.finish_s = [nan] * n
-        self.last_tok = [nan] * n
-        self.itl_max = [nan] * n
-        self.preemptions = [0] * n
-        self.recomputed = [0] * n
-        self.num_steps = 0
-        self.num_preemptions = 0
-        self.timeline = {
-            "time_s": array("d"),
-            "waiting": array("q"),
-            "running": array("q"),
-            "blocks_in_use": array("q"),
-        }
-        self.peaks = [0, 0, 0]
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        n = self.n
+        self.state = [_OUT] * n
+        self.seq = [0] * n  # admission number: the running list is sorted by it
+        self.k0 = [0] * n  # a lazy request's first lazy step
+        self.off = [0] * n  # a lazy request's context at step k is off + k
+        self.active: set[int] = set()
+        self.nlazy = 0
+        self.lazy_off = 0  # sum of off over lazy requests
+        self.events: list[tuple[int, int, int]] = []  # (step, request, k0)
+        self.lazy_tail: list[tuple[int, int, int]] = []  # (-seq, request, k0): max seq
+        self.ends: list[float] = []  # each step's end time
+        self.gaps: list[float] = []  # ends[k] - ends[k - 1]
+        self._nseq = 0
 
-    # -- blocks ---------------------------------------------------------------
-    def _hashes(self, i: int, upto: int) -> list:
-        hs = self.hs[i]
-        if hs is None:
-            hs = self.hs[i] = list(self.hashes_col[i][: self.full[i]])
-        if len(hs) < upto:
-            hs.extend(("gen", i, k) for k in range(len(hs), upto))
-        return hs
+    # -- lazy bookkeeping -----------------------------------------------------
+    def _on_admit(self, i: int) -> None:
+        self._nseq += 1
+        self.seq[i] = self._nseq
+        self.state[i] = _ACTIVE
+        self.active.add(i)
 
-    def _take(self, need: int, protect: list | None = None) -> list | None:
-        """``need`` new blocks, or None when the pool cannot give them (nothing changed)."""
-        bp = self.bp
-        avail = len(bp.free_queue) + len(bp.policy)
-        if protect:
-            avail -= bp.num_evictable_among(protect)
-        if need > avail:
-            return None
-        if protect:
-            bp.touch(protect)
-        try:
-            return bp.allocate(need)
-        except KVNoVictimError:  # a policy that refuses victims: as good as full
-            if protect:
-                bp.release(protect)
-            return None
+    def _wake(self, i: int) -> None:
+        """Catch a lazy request up to the current step and make it active."""
+        k = self.num_steps
+        k0 = self.k0[i]
+        d = k - k0
+        self.state[i] = _ACTIVE
+        self.active.add(i)
+        self.nlazy -= 1
+        self.lazy_off -= self.off[i]
+        if d:
+            self.computed[i] += d
+            self.gen[i] += d
+            m = max(self.gaps[k0:k])
+            if not m <= self.itl_max[i]:
+                self.itl_max[i] = m
+            self.last_tok[i] = self.ends[k - 1]
 
-    def _cache(self, i: int, upto_tokens: int) -> None:
-        full = upto_tokens // self.bs
-        a = self.ncached[i]
-        if full > a:
-            hs = self._hashes(i, full)
-            s = a - 1 if a else 0
-            self.bp.cache_blocks(self.held[i][s:full], hs[s:full], a - s)
-            self.ncached[i] = full
-            self.next_full[i] = (full + 1) * self.bs
+    def _sleep(self, i: int) -> None:
+        """Make a request that just sampled and decodes next lazy until its next event."""
+        k = self.num_steps
+        c = self.computed[i]
+        wait = min(self.room[i] - c, self.next_full[i] - 1 - c, self.outputs[i] - self.gen[i] - 1)
+        if wait <= 0:
+            return
+        self.active.discard(i)
+        self.state[i] = _LAZY
+        self.k0[i] = k
+        self.off[i] = c - k
+        self.nlazy += 1
+        self.lazy_off += c - k
+        heapq.heappush(self.events, (k + wait, i, k))
+        heapq.heappush(self.lazy_tail, (-self.seq[i], i, k))
+
+    def _is_lazy(self, i: int, k0: int) -> bool:
+        return self.state[i] == _LAZY and self.k0[i] == k0
 
     def _preempt(self, i: int, waiting: deque) -> None:
-        if self.held[i]:
-            self.bp.release(self.held[i])
-        self.held[i] = []
-        self.ncached[i] = 0
-        self.room[i] = 0
-        self.next_full[i] = self.bs
-        self.lost[i] = self.computed[i]
-        self.computed[i] = 0
-        self.preemptions[i] += 1
-        self.num_preemptions += 1
-        waiting.appendleft(i)
+        if self.state[i] == _LAZY:
+            self._wake(i)
+        self.state[i] = _OUT
+        self.active.discard(i)
+        super()._preempt(i, waiting)
 
     # -- one step -------------------------------------------------------------
     def _schedule(self, running: list, waiting: deque, now: float) -> tuple:
-        """vLLM v1's ``schedule()``: (scheduled [(i, new, ctx)], its ``BatchStats``,
-        preempted, waiting_blocked). Each request's full blocks are cached as soon as it
-        is given its slots, so a request looked up later in the same step can hit them
-        (vLLM's ``allocate_slots`` caches before the next request is considered)."""
-        bs, L, gen, computed, held = self.bs, self.lengths, self.gen, self.computed, self.held
-        room, next_full, cache = self.room, self.next_full, self._cache
-        budget = self.mbt
+        k = self.num_steps
+        ev = self.events
+        while ev and ev[0][0] <= k:
+            _, i, k0 = heapq.heappop(ev)
+            if self._is_lazy(i, k0):
+                self._wake(i)
+        seq, L, gen, computed = self.seq, self.lengths, self.gen, self.computed
+        act = sorted(self.active, key=seq.__getitem__)
+        last = 0  # seq of the last lazy request in running order
+        if self.nlazy:
+            tail = self.lazy_tail
+            while not self._is_lazy(tail[0][1], tail[0][2]):
+                heapq.heappop(tail)
+            last = -tail[0][0]
+            demand = self.nlazy
+            for i in act:
+                if seq[i] > last:
+                    break
+                demand += L[i] + gen[i] - computed[i]
+            if demand > self.mbt:  # a lazy decode would lose its token: step plainly
+                for i in running:
+                    if self.state[i] == _LAZY:
+                        self._wake(i)
+                self.lazy_tail.clear()
+                return super()._schedule(running, waiting, now)
+        mbt = self.mbt
+        used = 0
         sched: list[tuple[int, int, int]] = []
-        push = sched.append
         preempted = False
-        T = D = R = 0
-        A = 0.0
-        idx = 0
-        nrun = len(running)
-        while idx < nrun and budget > 0:
-            i = running[idx]
-            c = computed[i]
-            new = L[i] + gen[i] - c
-            if new > budget:
-                new = budget
-            tot = c + new
-            if tot > room[i]:
-                need = -(-tot // bs) - len(held[i])
-                got = self._take(need)
-                while got is None:
-                    v = running.pop()
-                    self._preempt(v, waiting)
-                    preempted = True
-                    if v == i:
-                        break
-                    got = self._take(need)
-                nrun = len(running)
-                if got is None:
-                    break
-                held[i] += got
-                room[i] = len(held[i]) * bs
-            push((i, new, c))
-            budget -= new
-            if tot >= next_full[i]:
-                cache(i, tot)
-            T += new
-            R += tot
-            if new == 1 and c:
-                D += 1
-                A += tot
-            else:
-                A += new * c + new * (new + 1) / 2
-            idx += 1
-        blocked = False
+        for i in act:
+            if self.state[i] != _ACTIVE:  # preempted earlier in this step
+                continue
+            budget = mbt - used - (self.nlazy if seq[i] > last else 0)
+            if budget <= 0:
+                break
+            n0 = self.num_preemptions
+            g = self._grant(i, budget, running, waiting)
+            preempted = preempted or self.num_preemptions > n0
+            if g is None:
+                break
+            sched.append((i, *g))
+            used += g[0]
+        nl = self.nlazy
         if not preempted:
-            bp = self.bp
-            while waiting and budget > 0 and len(running) < self.max_seqs:
-                i = waiting[0]
-                ntok = L[i] + gen[i]
-                hit = bp.match_prefix(self._hashes(i, (ntok - 1) // bs)[: (ntok - 1) // bs])
-                hit_tok = len(hit) * bs
-                new = ntok - hit_tok
-                if not self.chunked and new > budget:
-                    blocked = True
-                    break
-                if new > budget:
-                    new = budget
-                need = -(-(hit_tok + new) // bs) - len(hit)
-                before = bp.num_evictions
-                got = self._take(need, hit)
-                if got is None:
-                    blocked = True
-                    break
-                waiting.popleft()
-                held[i] = hit + got
-                room[i] = len(held[i]) * bs
-                self.ncached[i] = len(hit)
-                next_full[i] = (len(hit) + 1) * bs
-                computed[i] = hit_tok
-                if not self.admitted[i]:
-                    self.admitted[i] = True
-                    self.hit[i] = len(hit)
-                    self.alloc[i] = need
-                    self.evicted[i] = bp.num_evictions - before
-                    self.start_s[i] = now
-                else:
-                    self.recomputed[i] += max(0, self.lost[i] - hit_tok)
-                running.append(i)
-                push((i, new, hit_tok))
-                budget -= new
-                tot = hit_tok + new
-                if tot >= next_full[i]:  # hittable from now on (module doc, 4)
-                    cache(i, tot)
-                T += new
-                R += tot
-                A += new * hit_tok + new * (new + 1) / 2
-                if new == 1 and hit_tok:
-                    D += 1
-        return sched, BatchStats(T, len(sched), D, A, R), preempted, blocked
+            self._admit(running, waiting, mbt - used - nl, now, sched.append)
+        T, D, A, R = self._sums(sched)
+        if nl:
+            kv = self.lazy_off + nl * (k + 1)
+            T += nl
+            D += nl
+            A += kv
+            R += kv
+        return sched, BatchStats(T, len(sched) + nl, D, A, R), preempted
 
     def _finish_step(self, sched: list, end: float) -> list:
-        """vLLM v1's ``update_from_output``: tokens sampled at ``end``; the finished rows."""
-        L, gen, computed, out = self.lengths, self.gen, self.computed, self.outputs
-        last_tok, itl = self.last_tok, self.itl_max
-        done = []
-        for i, new, c in sched:
-            c += new
-            computed[i] = c
-            g = gen[i]
-            if c == L[i] + g:
-                g += 1
-                gen[i] = g
-                if g == 1:
-                    self.first_token_s[i] = end
-                else:
-                    gap = end - last_tok[i]
-                    if not gap <= itl[i]:  # NaN-safe max
-                        itl[i] = gap
-                last_tok[i] = end
-                if g >= out[i]:
-                    self.finish_s[i] = end
-                    if self.held[i]:
-                        self.bp.release(self.held[i])
-                    self.held[i] = []
-                    self.room[i] = 0
-                    done.append(i)
+        ends = self.ends
+        self.gaps.append(end - ends[-1] if ends else 0.0)
+        ends.append(end)
+        done = super()._finish_step(sched, end)
+        for i in done:
+            self.state[i] = _OUT
+            self.active.discard(i)
+        L, gen, computed, state, last = (
+            self.lengths,
+            self.gen,
+            self.computed,
+            self.state,
+            self.last_tok,
+        )
+        for i, _, _ in sched:
+            # sampled at this step (so its next gap is a step's) and decodes next
+            if state[i] == _ACTIVE and last[i] == end and computed[i] == L[i] + gen[i] - 1:
+                self._sleep(i)
         return done
-
-    def _fast_forward(
-        self, running: list, now: float, next_arrival: float, may_admit: bool
-    ) -> float:
-        """Advance pure-decode steps in bulk (module doc, Speed); returns the new time."""
-        room, gen, computed, out = self.room, self.gen, self.computed, self.outputs
-        k = 1 << 62
-        ctx = 0
-        for i in running:
-            c = computed[i]
-            lim = min(room[i] - c, out[i] - gen[i]) - 1
-            if lim < k:
-                k = lim
-            ctx += c
-        if k < 2:
-            return now
-        n = len(running)
-        time = self.cost.time
-        t = now
-        steps = 0
-        dmax = 0.0
-        while steps < k and (not may_admit or t < next_arrival):
-            a = ctx + n * (steps + 1)
-            d = time(BatchStats(n, n, n, a, a))
-            if d > dmax:
-                dmax = d
-            t += d
-            steps += 1
-        if not steps:
-            return now
-        itl = self.itl_max
-        for i in running:
-            computed[i] += steps
-            g = gen[i] + steps
-            # every running request sampled at ``now``: each gap is one step's time
-            if not dmax <= itl[i]:
-                itl[i] = dmax
-            gen[i] = g
-            self.last_tok[i] = t
-        self.num_steps += steps
-        return t
-
-    # -- the loop -------------------------------------------------------------
-    def run(self) -> IterationEngine:
-        bs, L, out, arrivals = self.bs, self.lengths, self.outputs, self.arrivals
-        cap = self.bp.num_blocks
-        clock = self.clock
-        cost_time = self.cost.time
-        n = self.n
-        order = sorted(range(n), key=arrivals.__getitem__)
-        waiting: deque[int] = deque()
-        running: list[int] = []
-        tl = self.timeline
-        tl_t, tl_w, tl_r, tl_u = tl["time_s"], tl["waiting"], tl["running"], tl["blocks_in_use"]
-        peaks = self.peaks
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=n, desc="iteration replay", unit="req")
-        p = 0
-        now = 0.0
-        inf = math.inf
-        while p < n or waiting or running:
-            if not waiting and not running:
-                now = max(now, arrivals[order[p]])
-            while p < n and arrivals[order[p]] <= now:
-                i = order[p]
-                p += 1
-                tokens_with_kv = L[i] + out[i] - 1
-                if -(-tokens_with_kv // bs) > cap or (
-                    not self.chunked and tokens_with_kv > self.mbt
-                ):
-                    self.rejected[i] = True
-                    if bar is not None:
-                        bar.update(1)
-                else:
-                    waiting.append(i)
-            if not waiting and not running:
-                continue
-            clock.now = now
-            sched, st, preempted, blocked = self._schedule(running, waiting, now)
-            if not sched:
-                if not running and waiting and not preempted:
-                    raise AssertionError(f"request {waiting[0]} cannot start in an idle pool")
-                continue
-            end = now + cost_time(st)
-            self.num_steps += 1
-            done = self._finish_step(sched, end)
-            if done:
-                ds = set(done)
-                running[:] = [r for r in running if r not in ds]
-                if bar is not None:
-                    bar.update(len(done))
-            now = end
-            used = self.bp.num_used
-            if used > peaks[0]:
-                peaks[0] = used
-            if len(running) > peaks[1]:
-                peaks[1] = len(running)
-            if len(waiting) > peaks[2]:
-                peaks[2] = len(waiting)
-            tl_t.append(now)
-            tl_w.append(len(waiting))
-            tl_r.append(len(running))
-            tl_u.append(used)
-            # a pure-decode step that will repeat unchanged: every running request was
-            # scheduled for one decode token, nothing preempted, nothing admissible
-            if (
-                not done
-                and not preempted
-                and st.num_decodes == st.num_seqs == len(running)
-                and (not waiting or blocked or len(running) >= self.max_seqs)
-            ):
-                may_admit = not waiting and len(running) < self.max_seqs
-                nxt = arrivals[order[p]] if p < n else inf
-                clock.now = now
-                now = self._fast_forward(running, now, nxt, may_admit)
-        if bar is not None:
-            bar.close()
-        return self

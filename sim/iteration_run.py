@@ -21,6 +21,7 @@ from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError
 
 from .cost import parse_cost_model
 from .iteration import IterationEngine
+from .iteration_ref import ReferenceIterationEngine
 from .result import SimResult, build_result, timing_stats
 
 __all__ = ["DEFAULTS", "parse_slo", "simulate_iteration"]
@@ -75,12 +76,15 @@ def simulate_iteration(
     block_size: int | None = None,
     progress: bool = False,
     config: dict | None = None,
+    reference: bool = False,
 ) -> SimResult:
     """Replay a trace table on one iteration-level instance (see ``sim.iteration``).
 
     ``capacity`` as in ``simulate`` (None: every request's prompt and output blocks
     at once, so nothing is ever evicted or preempted); ``cost`` anything
     ``sim.cost.parse_cost_model`` reads (default: the linear model's defaults).
+    ``reference=True`` runs the plain per-step loop (``sim.iteration_ref``), which
+    the default engine equals request for request (for checks and benchmarks).
 
     Raises:
         KVConfigError: bad settings. KVInvalidInputError: the table lacks a column.
@@ -127,7 +131,7 @@ def simulate_iteration(
         num_blocks=blocks, block_size=bs, eviction_policy=policy, metadata_only=True, clock=clock
     )
     bp = pool.block_pool
-    eng = IterationEngine(
+    eng = (ReferenceIterationEngine if reference else IterationEngine)(
         hashes_col,
         lengths,
         outputs,
@@ -186,7 +190,7 @@ def simulate_iteration(
     return _add_serving_metrics(res, eng, slos)
 
 
-def _add_serving_metrics(res: SimResult, eng: IterationEngine, slos: dict) -> SimResult:
+def _add_serving_metrics(res: SimResult, eng: ReferenceIterationEngine, slos: dict) -> SimResult:
     import polars as pl
 
     rec = res.records
