@@ -34,11 +34,12 @@ def dense_ids(values: np.ndarray) -> tuple[np.ndarray, int]:
     if not len(values):
         return np.zeros(0, dtype=np.int32), 0
     order = np.argsort(values, kind="stable")
-    sv = values[order]
-    step = np.empty(len(sv), dtype=bool)
+    step = np.empty(len(values), dtype=bool)
     step[0] = False
-    np.not_equal(sv[1:], sv[:-1], out=step[1:])
-    del sv
+    chunk = 1 << 22  # compare neighbours in slices: no sorted copy of the values
+    for a in range(1, len(values), chunk):
+        b = min(a + chunk, len(values))
+        np.not_equal(values[order[a:b]], values[order[a - 1 : b - 1]], out=step[a:b])
     k = int(np.count_nonzero(step)) + 1
     dtype = np.int32 if k < 2**31 else np.int64
     ranks = np.cumsum(step, dtype=dtype)
