@@ -12,8 +12,9 @@ one small tuple describing the batch::
     hashes   [h9, h8, ...]                          evicted blocks' hashes, in order
 
 :func:`build` interns every queued id at once (the first-seen order is the
-call order, as one-by-one recording would give), and makes all prompt rows
-with numpy and all eviction columns with list and array extensions.
+call order, as one-by-one recording would give), keeps the prompts as one
+:class:`PromptSegment` (codes per row, the rest per request; rows are made
+when read) and the evictions as columns made with list and array extensions.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 
 from .interning import Interner
 
-__all__ = ["BatchQueue", "Records", "build"]
+__all__ = ["BatchQueue", "PromptSegment", "Records", "build"]
 
 _HASH_TYPES = frozenset((bytes, int, type(None)))
 #: Queued batches that make :meth:`BatchQueue.push` ask for a flush.
@@ -86,20 +87,55 @@ class BatchQueue:
 
 
 @dataclass(slots=True)
-class Records:
-    """What :func:`build` makes of a queue: prompt rows and eviction columns."""
+class PromptSegment:
+    """Queued prompts as the collector keeps them: one block code per row, the rest per
+    request. Rows (positions, hit flags, repeated request fields) are made only when
+    someone reads them (:meth:`rows`), so recording a request costs no per-row work
+    beyond its codes."""
 
-    rows: np.ndarray | None = None
+    codes: np.ndarray  # int64, one per row
+    lens: np.ndarray  # int64, rows per request
+    hits: np.ndarray  # int64, leading hit rows per request
+    ts: np.ndarray  # float64
+    requests: np.ndarray  # int64 codes, -1 none
+    tiers: np.ndarray  # int64 codes, -1 none
+    sizes: np.ndarray  # int64 bytes, -1 none
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.codes)
+
+    def rows(self, row_dtype: np.dtype) -> np.ndarray:
+        """The segment's records as a ``row_dtype`` array, in call order."""
+        lens = self.lens
+        positions = np.arange(len(self.codes), dtype=np.int64) - np.repeat(
+            np.cumsum(lens) - lens, lens
+        )
+        rows = np.empty(len(self.codes), dtype=row_dtype)
+        rows["block"] = self.codes
+        rows["timestamp"] = np.repeat(self.ts, lens)
+        rows["request"] = _per_batch(self.requests, lens)
+        rows["position"] = positions
+        rows["size_bytes"] = _per_batch(self.sizes, lens)
+        rows["tier"] = _per_batch(self.tiers, lens)
+        rows["is_hit"] = positions < np.repeat(self.hits, lens)
+        return rows
+
+
+@dataclass(slots=True)
+class Records:
+    """What :func:`build` makes of a queue: a prompt segment and eviction columns."""
+
+    segment: PromptSegment | None = None
     ev_codes: np.ndarray | None = None
     ev_ts: np.ndarray | None = None
     ev_reasons: list[str] = field(default_factory=list)
     ev_hashes: list[Any] = field(default_factory=list)
 
 
-def _per_batch(values: Any, lens: np.ndarray, dtype: Any) -> Any:
-    """One value per batch repeated over its rows; a scalar when all are equal
+def _per_batch(arr: np.ndarray, lens: np.ndarray) -> Any:
+    """One value per request repeated over its rows; a scalar when all are equal
     (a pool hook's request / tier / size columns: one broadcast write)."""
-    arr = np.asarray(values, dtype=dtype)
     if (arr == arr[0]).all():
         return arr[0]
     return np.repeat(arr, lens)
@@ -107,12 +143,11 @@ def _per_batch(values: Any, lens: np.ndarray, dtype: Any) -> Any:
 
 def build(
     taken: tuple[Any, list[tuple[int, int, float, Any, Any, Any]], list[Any]],
-    row_dtype: np.dtype,
     blocks: Interner,
     requests: Interner,
     tiers: Interner,
 ) -> Records:
-    """Intern the queued ids and build the records (rows of ``row_dtype``)."""
+    """Intern the queued ids and build the records."""
     ids, batches, hashes = taken
     out = Records()
     if not batches:
@@ -124,14 +159,13 @@ def build(
     ts = np.array(ts_t, dtype=np.float64)
     is_prompt = hits >= 0
     if is_prompt.all():
-        out.rows = _prompt_rows(row_dtype, codes, lens, hits, ts, a_t, b_t, c_t, requests, tiers)
+        out.segment = _segment(codes, lens, hits, ts, a_t, b_t, c_t, requests, tiers)
         return out
     mask = np.repeat(is_prompt, lens)
     if is_prompt.any():
         keep = is_prompt.tolist()
         req_p, tier_p, size_p = (tuple(compress(col, keep)) for col in (a_t, b_t, c_t))
-        out.rows = _prompt_rows(
-            row_dtype,
+        out.segment = _segment(
             codes[mask],
             lens[is_prompt],
             hits[is_prompt],
@@ -154,8 +188,7 @@ def build(
     return out
 
 
-def _prompt_rows(
-    row_dtype: np.dtype,
+def _segment(
     codes: np.ndarray,
     lens: np.ndarray,
     hits: np.ndarray,
@@ -165,15 +198,14 @@ def _prompt_rows(
     sizes: tuple[Any, ...],
     request_codes: Interner,
     tier_codes: Interner,
-) -> np.ndarray:
-    total = int(lens.sum())
-    positions = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
-    rows = np.empty(total, dtype=row_dtype)
-    rows["block"] = codes
-    rows["timestamp"] = np.repeat(ts, lens)
-    rows["request"] = _per_batch(request_codes.column(requests, len(lens)), lens, np.int64)
-    rows["position"] = positions
-    rows["size_bytes"] = _per_batch([-1 if s is None else s for s in sizes], lens, np.int64)
-    rows["tier"] = _per_batch(tier_codes.column(tiers, len(lens)), lens, np.int16)
-    rows["is_hit"] = positions < np.repeat(hits, lens)
-    return rows
+) -> PromptSegment:
+    n = len(lens)
+    return PromptSegment(
+        codes=np.ascontiguousarray(codes, dtype=np.int64),
+        lens=lens,
+        hits=hits,
+        ts=ts,
+        requests=request_codes.column(requests, n),
+        tiers=tier_codes.column(tiers, n),
+        sizes=np.array([-1 if x is None else x for x in sizes], dtype=np.int64),
+    )

@@ -16,7 +16,10 @@ columns::
 
 Why one packed buffer and not seven column arrays: a row goes in with one
 C call (``struct.pack`` then ``bytearray.extend``), which is atomic, so
-:meth:`AccessStatsCollector.record_access` needs no lock. Block, request and
+:meth:`AccessStatsCollector.record_access` needs no lock. Requests queued by
+a pool hook are kept as prompt segments (a block code per row, the rest per
+request, :class:`~.batches.PromptSegment`) between the packed chunks, in call
+order, and become rows only when read or spilled. Block, request and
 tier ids go through one :class:`~.interning.Interner` each, so a block id may
 be a ``str`` (``"block_001"``), an ``int`` (pool block ids) or ``bytes``.
 
@@ -41,7 +44,7 @@ import numpy as np
 
 from ..errors import KVCacheError, KVInvalidInputError, KVInvalidTypeError
 from . import columns, export, records
-from .batches import BatchQueue, build
+from .batches import BatchQueue, PromptSegment, build
 from .export import FORMAT_NAME, FORMAT_VERSION
 from .interning import Interner, check_id, kind_of
 from .records import AccessEvent, BlockId, EvictionEvent
@@ -106,7 +109,8 @@ class AccessStatsCollector:
     id, queueing a batch, evictions, snapshots and :meth:`reset`. Analyses
     work on a snapshot.
 
-    Memory: unbounded by default (43 bytes per access, about 40 per eviction).
+    Memory: unbounded by default (43 bytes per access, 8 per block of a queued
+    request, about 40 per eviction).
     With ``max_records_in_memory=N`` the collector keeps at most about ``N``
     access + eviction records in memory and moves older ones to Parquet part
     files (:mod:`sagellm_kv_cache.profiling.spill`); every summary, table and
@@ -153,6 +157,7 @@ class AccessStatsCollector:
         self._clock = clock
         self._origin = clock()
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self._blocks = Interner(self._lock)
         self._requests = Interner(self._lock)
         self._tiers = Interner(self._lock)
@@ -160,6 +165,10 @@ class AccessStatsCollector:
         self._block_keys = self._blocks.keys
         self._request_keys = self._requests.keys
         self._tier_keys = self._tiers.keys
+        # records in call order: sealed chunks (packed rows, or prompt segments from
+        # the queue, expanded to rows when read), then the open packed rows
+        self._sealed: list[bytes | PromptSegment] = []
+        self._sealed_rows = 0
         self._rows = bytearray()
         # evictions, columnar (no object per eviction for the garbage collector to walk)
         self._ev_block = array("q")
@@ -175,7 +184,8 @@ class AccessStatsCollector:
         """Drop every recorded access and eviction and restart the clock."""
         self._pending.clear()
         with self._lock:
-            del self._rows[:]
+            del self._rows[:], self._sealed[:]
+            self._sealed_rows = 0
             self._origin = self._clock()
             for interner in (self._blocks, self._requests, self._tiers):
                 interner.clear()
@@ -186,7 +196,7 @@ class AccessStatsCollector:
     @property
     def records_in_memory(self) -> int:
         """Access + eviction records held in memory now (queued calls not counted)."""
-        return len(self._rows) // ROW_DTYPE.itemsize + len(self._ev_block)
+        return len(self._rows) // ROW_DTYPE.itemsize + self._sealed_rows + len(self._ev_block)
 
     def _maybe_spill(self) -> None:
         """Move the in-memory records to the spill store once over the bound."""
@@ -194,12 +204,20 @@ class AccessStatsCollector:
         if spill is None or self.records_in_memory <= (self.max_records_in_memory or 0):
             return
         with self._lock:
-            n = len(self._rows) // ROW_DTYPE.itemsize * ROW_DTYPE.itemsize
-            raw = bytes(self._rows[:n])
-            del self._rows[:n]  # rows appended meanwhile (lock-free) land after n and stay
+            raw = b"".join(self._take_chunks_locked())
             spill.write_evictions(self._ev_block, self._ev_ts, self._ev_reason, self._ev_hash)
             del self._ev_block[:], self._ev_ts[:], self._ev_reason[:], self._ev_hash[:]
             spill.write_rows(raw)
+
+    def _take_chunks_locked(self) -> list[bytes]:
+        """Every in-memory access record as packed-row chunks, in order, leaving none."""
+        chunks = [c if isinstance(c, bytes) else c.rows(ROW_DTYPE).tobytes() for c in self._sealed]
+        del self._sealed[:]
+        self._sealed_rows = 0
+        n = len(self._rows) // ROW_DTYPE.itemsize * ROW_DTYPE.itemsize
+        chunks.append(bytes(self._rows[:n]))
+        del self._rows[:n]  # rows appended meanwhile (lock-free) land after n and stay
+        return chunks
 
     def record_access(
         self,
@@ -365,17 +383,27 @@ class AccessStatsCollector:
 
     def _flush(self) -> None:
         """Turn the queued calls into records (call order kept), then spill if over the bound."""
-        rec = build(self._pending.take(), ROW_DTYPE, self._blocks, self._requests, self._tiers)
+        with self._flush_lock:  # concurrent flushes append their records in queue order
+            self._flush_locked()
+        if self._spill is not None:
+            self._maybe_spill()
+
+    def _flush_locked(self) -> None:
+        rec = build(self._pending.take(), self._blocks, self._requests, self._tiers)
         with self._lock:
-            if rec.rows is not None:
-                self._rows += rec.rows.data
+            if rec.segment is not None:
+                n = len(self._rows) // ROW_DTYPE.itemsize * ROW_DTYPE.itemsize
+                if n:  # rows recorded before the segment stay before it
+                    self._sealed.append(bytes(self._rows[:n]))
+                    self._sealed_rows += n // ROW_DTYPE.itemsize
+                    del self._rows[:n]
+                self._sealed.append(rec.segment)
+                self._sealed_rows += rec.segment.num_rows
             if rec.ev_codes is not None and rec.ev_ts is not None:
                 self._ev_block.frombytes(rec.ev_codes.tobytes())
                 self._ev_ts.frombytes(rec.ev_ts.tobytes())
                 self._ev_reason.extend(rec.ev_reasons)
                 self._ev_hash.extend(rec.ev_hashes)
-        if self._spill is not None:
-            self._maybe_spill()
 
     def record_eviction(
         self,
@@ -409,7 +437,7 @@ class AccessStatsCollector:
         if self._pending:
             self._flush()
         spilled = self._spill.num_rows if self._spill is not None else 0
-        return spilled + len(self._rows) // ROW_DTYPE.itemsize
+        return spilled + self._sealed_rows + len(self._rows) // ROW_DTYPE.itemsize
 
     @property
     def num_evictions(self) -> int:
@@ -442,7 +470,10 @@ class AccessStatsCollector:
         if self._pending:
             self._flush()
         with self._lock:
-            raw = bytes(self._rows)  # a copy: the bytearray never stays exported
+            chunks = [
+                *self._sealed,
+                bytes(self._rows),
+            ]  # a copy: the bytearray never stays exported
             keys = (list(self._block_keys), list(self._request_keys), list(self._tier_keys))
             ev_block = np.array(self._ev_block, dtype=np.int64)
             ev_ts = np.array(self._ev_ts, dtype=np.float64)
@@ -456,29 +487,18 @@ class AccessStatsCollector:
                 old_block, old_ts, old_reason, old_hash = spill.read_evictions()
             else:
                 spill = None
-        rows = np.frombuffer(raw, dtype=ROW_DTYPE)
+        parts = [
+            np.frombuffer(c, dtype=ROW_DTYPE) if isinstance(c, bytes) else c.rows(ROW_DTYPE)
+            for c in chunks
+        ]
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if spill is not None:
             rows = np.concatenate([old_rows, rows])
             ev_block = np.concatenate([old_block, ev_block])
             ev_ts = np.concatenate([old_ts, ev_ts])
             ev_reason = old_reason + ev_reason
             ev_hash = old_hash + ev_hash
-        return {
-            "block": rows["block"].astype(np.int64),
-            "timestamp": rows["timestamp"].astype(np.float64),
-            "is_hit": rows["is_hit"].astype(bool),
-            "request": rows["request"].astype(np.int64),
-            "position": rows["position"].astype(np.int64),
-            "tier": rows["tier"].astype(np.int64),
-            "size_bytes": rows["size_bytes"].astype(np.int64),
-            "block_keys": keys[0],
-            "request_keys": keys[1],
-            "tier_keys": keys[2],
-            "evict_block": ev_block,
-            "evict_ts": ev_ts,
-            "evict_reason": ev_reason,
-            "evict_hash": ev_hash,
-        }
+        return records.snapshot_columns(rows, keys, (ev_block, ev_ts, ev_reason, ev_hash))
 
     def iter_events(self) -> Iterator[AccessEvent]:
         """Yield every access as an :class:`AccessEvent` (slow; for small collections and tests)."""

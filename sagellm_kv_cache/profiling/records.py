@@ -10,7 +10,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AccessEvent", "BlockId", "EvictionEvent", "iter_access_events", "iter_eviction_events"]
+import numpy as np
+
+__all__ = [
+    "AccessEvent",
+    "BlockId",
+    "EvictionEvent",
+    "iter_access_events",
+    "iter_eviction_events",
+    "snapshot_columns",
+]
 
 BlockId = str | int | bytes
 
@@ -66,3 +75,27 @@ def iter_eviction_events(s: dict[str, Any]) -> Iterator[EvictionEvent]:
         s["evict_block"].tolist(), s["evict_ts"].tolist(), s["evict_reason"], s["evict_hash"]
     ):
         yield EvictionEvent(block_id=s["block_keys"][b], timestamp=t, reason=reason, block_hash=h)
+
+
+def snapshot_columns(
+    rows: np.ndarray, keys: tuple[list[Any], list[Any], list[Any]], evictions: tuple[Any, ...]
+) -> dict[str, Any]:
+    """The snapshot dict of packed ``rows``, the interned ``keys`` (block, request,
+    tier) and the eviction columns (codes, seconds, reasons, hashes)."""
+    ev_block, ev_ts, ev_reason, ev_hash = evictions
+    return {
+        "block": rows["block"].astype(np.int64),
+        "timestamp": rows["timestamp"].astype(np.float64),
+        "is_hit": rows["is_hit"].astype(bool),
+        "request": rows["request"].astype(np.int64),
+        "position": rows["position"].astype(np.int64),
+        "tier": rows["tier"].astype(np.int64),
+        "size_bytes": rows["size_bytes"].astype(np.int64),
+        "block_keys": keys[0],
+        "request_keys": keys[1],
+        "tier_keys": keys[2],
+        "evict_block": ev_block,
+        "evict_ts": ev_ts,
+        "evict_reason": ev_reason,
+        "evict_hash": ev_hash,
+    }
