@@ -86,11 +86,7 @@ class FleetEngine:
 
     def __init__(
         self,
-        hashes_col: list,
-        lengths: list,
-        outputs: list,
-        arrivals: list,
-        sessions: list | None,
+        table: Any,
         *,
         num_instances: int,
         capacity_blocks: int,
@@ -106,9 +102,9 @@ class FleetEngine:
     ) -> None:
         from .routers import make_scheduler
 
-        n = len(lengths)
-        self.lengths = lengths
-        self.sessions = sessions
+        n = len(table)
+        self.lengths = lengths = table["input_length"].to_list()
+        self.sessions = table["session_id"].to_list() if "session_id" in table.columns else None
         self.n = n
         self.bs = block_size
         self.bounds = bounds
@@ -169,10 +165,10 @@ class FleetEngine:
             caches.append(self.shared.cached)
         self._all_holds = [c.__contains__ for c in caches]
         self.engine = Engine(
-            hashes_col,
+            table["block_hashes"].to_list(),
             lengths,
-            outputs,
-            arrivals,
+            table["output_length"].to_list(),
+            table["arrival_s"].to_list(),
             self.insts,
             self.clock,
             sequential=sequential,
@@ -363,13 +359,8 @@ def simulate_fleet(
     blocks, cap_info = resolve_blocks(capacity, table, bs, shape)
     if blocks is None:
         blocks = _distinct_blocks(table) if sequential else max(1, sum(x // bs for x in lengths))
-    sessions = table["session_id"].to_list() if "session_id" in table.columns else None
     eng = FleetEngine(
-        table["block_hashes"].to_list(),
-        lengths,
-        table["output_length"].to_list(),
-        table["arrival_s"].to_list(),
-        sessions,
+        table,
         num_instances=nk,
         capacity_blocks=blocks,
         block_size=bs,
