@@ -1,4 +1,4 @@
-"""``replay --engine iteration``: option checks and the run (kept out of replay_cmds)."""
+"""``replay --engine iteration`` (and ``--pd``): option checks and the run (kept out of replay_cmds)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,41 @@ def check_cost_spec(value: str) -> str:
     return value
 
 
+def pd_cb(ctx, param, value):
+    """``--pd P:D`` -> (P, D) or None."""
+    from sagellm_kv_cache.errors import KVConfigError
+    from sim.pd.run import parse_pd
+
+    if value is None:
+        return None
+    try:
+        return parse_pd(value)
+    except KVConfigError as err:
+        raise click.BadParameter(err.message, param_hint="--pd") from None
+
+
+def link_cb(ctx, param, value):
+    """``--link`` spec, checked (``sim.pd.parse_link``)."""
+    from sagellm_kv_cache.errors import KVConfigError
+    from sim.pd.link import parse_link
+
+    try:
+        parse_link(value)
+    except KVConfigError as err:
+        raise click.BadParameter(err.message, param_hint="--link") from None
+    return value
+
+
 def replay_iteration(
-    table, capacity, policy, cost, max_num_seqs, mbt, chunked, slo, shape, progress, engine
-):
-    """The result and its figures; typed errors become one ``Error:`` line."""
+    table, capacity, policy, cost, max_num_seqs, mbt, chunked, slo, shape, progress, engine,
+    pd=None, link="nvlink",
+):  # fmt: skip
+    """The result and its figures; typed errors become one ``Error:`` line. With ``pd``
+    (prefill, decode) counts: prefill/decode disaggregation (``sim.pd``) over ``link``."""
     from sagellm_kv_cache.errors import KVCacheError
     from sim.iteration_run import parse_slo, simulate_iteration
 
-    if engine != "iteration":
+    if pd is None and engine != "iteration":
         raise click.BadParameter(
             "roofline:/table:/linear: cost models need --engine iteration",
             param_hint="--cost-model",
@@ -34,19 +61,16 @@ def replay_iteration(
         parse_slo(slo)
     except KVCacheError as err:
         raise click.BadParameter(err.message, param_hint="--slo") from None
+    cap = None if str(capacity).strip().lower() == "inf" else capacity
+    kw = dict(cost=cost, max_num_seqs=max_num_seqs, max_num_batched_tokens=mbt)
+    kw.update(chunked_prefill=chunked, slo=slo, model_shape=shape)
     try:
-        res = simulate_iteration(
-            table,
-            None if str(capacity).strip().lower() == "inf" else capacity,
-            policy,
-            cost=cost,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=mbt,
-            chunked_prefill=chunked,
-            slo=slo,
-            model_shape=shape,
-            progress=progress,
-        )
+        if pd is None:
+            res = simulate_iteration(table, cap, policy, progress=progress, **kw)
+        else:
+            from sim.pd import simulate_pd
+
+            res = simulate_pd(table, pd, cap, policy, link=link, **kw)
     except KVCacheError as err:
         raise click.ClickException(f"[{err.code}] {err.message}") from None
     return res, {"latency_cdf.png": lambda p: plot_cdfs(res, p)}

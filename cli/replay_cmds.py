@@ -33,6 +33,7 @@ from ._common import (
     skip_bad_option,
 )
 from ._fleet import global_pool_cb, router_cb
+from ._iteration import link_cb, pd_cb
 from ._replay_output import finish_run, plot_curve, plot_instances, plot_queue
 from ._tiers import replay_tiers
 
@@ -188,6 +189,22 @@ def _cost_defaults() -> str:
     "--slo", default=None, help="--engine iteration: goodput SLOs, e.g. ttft=2s,tpot=50ms."
 )
 @click.option(
+    "--pd",
+    default=None,
+    metavar="P:D",
+    callback=pd_cb,
+    help="Prefill/decode disaggregation (iteration engine): P prefill and D decode instances, "
+    "each with --capacity blocks; the prompt KV moves over --link (TTFT includes it).",
+)
+@click.option(
+    "--link",
+    default="nvlink",
+    show_default=True,
+    callback=link_cb,
+    help="With --pd: nvlink, ib-ndr, tcp-100g, none, bw=25GB/s,lat=10us, or "
+    "bench:FILE.json (bench_transfer.py's measured GB/s). KV bytes from --model-shape.",
+)
+@click.option(
     "--instances",
     type=click.IntRange(1, 4096),
     default=None,
@@ -239,6 +256,8 @@ def replay(
     max_num_batched_tokens,
     chunked_prefill,
     slo,
+    pd,
+    link,
     skip_bad,
     out_dir,
     progress,
@@ -294,13 +313,13 @@ def replay(
     require_model_shape(curve_caps, "--curve", model_shape)
     require_model_shape((tiers or {}).values(), "--tiers", model_shape)
     src = ctx.get_parameter_source
-    if engine == "iteration" or isinstance(cost, str):
+    if engine == "iteration" or isinstance(cost, str) or pd is not None:
         from cli._iteration import replay_iteration
 
         table = read_table(trace, fmt, block_size, skip_bad, stats := {})
         result, figures = replay_iteration(
             table, capacity, policy, cost, max_num_seqs, max_num_batched_tokens,
-            chunked_prefill, slo, model_shape, progress, engine,
+            chunked_prefill, slo, model_shape, progress, engine, pd, link,
         )  # fmt: skip
         finish_run(result, out_dir, trace, fmt, stats, figures, as_json)
         return

@@ -366,7 +366,7 @@ class ReferenceIterationEngine:
                 p += 1
                 tokens_with_kv = L[i] + out[i] - 1
                 if -(-tokens_with_kv // bs) > cap or (
-                    not self.chunked and tokens_with_kv - self.ready[i] > self.mbt
+                    not self.chunked and tokens_with_kv > self.mbt
                 ):
                     self.rejected[i] = True
                     self.on_done(i)

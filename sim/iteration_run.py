@@ -24,7 +24,14 @@ from .iteration import IterationEngine
 from .iteration_ref import ReferenceIterationEngine
 from .result import SimResult, build_result, timing_stats
 
-__all__ = ["DEFAULTS", "parse_slo", "simulate_iteration"]
+__all__ = [
+    "DEFAULTS",
+    "add_serving_metrics",
+    "check_settings",
+    "parse_slo",
+    "run_instance",
+    "simulate_iteration",
+]
 
 #: vLLM v1's defaults vary with the GPU and the entry point; these are the
 #: online-serving figures for a large GPU (max_num_seqs 256, budget 8192 tokens).
@@ -89,31 +96,11 @@ def simulate_iteration(
     Raises:
         KVConfigError: bad settings. KVInvalidInputError: the table lacks a column.
     """
-    from sagellm_kv_cache.pool import KVPool
+    from .simulate import resolve_blocks
 
-    from .instances import SimClock
-    from .simulate import _REQUIRED, resolve_blocks
-
-    missing = [c for c in _REQUIRED if c not in table.columns]
-    if missing:
-        raise KVInvalidInputError(f"trace table lacks column(s) {missing}")
-    seqs = _pos_int(
-        "max_num_seqs", DEFAULTS["max_num_seqs"] if max_num_seqs is None else max_num_seqs
+    seqs, mbt, slos, cost_m, bs = check_settings(
+        table, max_num_seqs, max_num_batched_tokens, chunked_prefill, slo, cost, block_size
     )
-    mbt = _pos_int(
-        "max_num_batched_tokens",
-        DEFAULTS["max_num_batched_tokens"]
-        if max_num_batched_tokens is None
-        else max_num_batched_tokens,
-    )
-    if not isinstance(chunked_prefill, bool):
-        raise KVConfigError(f"chunked_prefill must be True or False, got {chunked_prefill!r}")
-    slos = parse_slo(slo)
-    cost_m = parse_cost_model(cost)
-    n = len(table)
-    bs = int(table["block_size"][0]) if n and "block_size" in table.columns else 512
-    if block_size is not None and n and block_size != bs:
-        raise KVConfigError(f"block_size {block_size} differs from the table's {bs}")
     lengths = table["input_length"].to_list()
     outputs = table["output_length"].to_list()
     arrivals = table["arrival_s"].to_list()
@@ -126,25 +113,19 @@ def simulate_iteration(
     blocks, cap_info = resolve_blocks(capacity, table, bs, shape)
     if blocks is None:
         blocks = max(1, sum(-(-(x + max(1, o)) // bs) for x, o in zip(lengths, outputs)))
-    clock = SimClock()
-    pool = KVPool(
-        num_blocks=blocks, block_size=bs, eviction_policy=policy, metadata_only=True, clock=clock
-    )
-    bp = pool.block_pool
-    eng = (ReferenceIterationEngine if reference else IterationEngine)(
-        hashes_col,
-        lengths,
-        outputs,
-        arrivals,
-        bp,
-        clock,
+    eng = run_instance(
+        (hashes_col, lengths, outputs, arrivals),
+        blocks,
+        bs,
+        policy,
         cost_m,
-        max_num_batched_tokens=mbt,
-        max_num_seqs=seqs,
-        chunked_prefill=chunked_prefill,
+        mbt=mbt,
+        seqs=seqs,
+        chunked=chunked_prefill,
         progress=progress,
-    ).run()
-    bp.check_invariants()
+        reference=reference,
+    )
+    bp = eng.bp
     start = np.asarray(eng.start_s)
     first = np.asarray(eng.first_token_s)
     fin = np.asarray(eng.finish_s)
@@ -187,10 +168,88 @@ def simulate_iteration(
             "chunked_prefill": chunked_prefill,
         },
     )
-    return _add_serving_metrics(res, eng, slos)
+    return add_serving_metrics(res, eng, slos)
 
 
-def _add_serving_metrics(res: SimResult, eng: ReferenceIterationEngine, slos: dict) -> SimResult:
+def check_settings(
+    table: Any,
+    max_num_seqs: Any,
+    max_num_batched_tokens: Any,
+    chunked_prefill: Any,
+    slo: Any,
+    cost: Any,
+    block_size: Any = None,
+) -> tuple:
+    """Checked ``(max_num_seqs, max_num_batched_tokens, slos, cost model, block_size)``.
+
+    Raises:
+        KVConfigError: bad settings. KVInvalidInputError: the table lacks a column.
+    """
+    from .simulate import _REQUIRED
+
+    missing = [c for c in _REQUIRED if c not in table.columns]
+    if missing:
+        raise KVInvalidInputError(f"trace table lacks column(s) {missing}")
+    seqs = _pos_int(
+        "max_num_seqs", DEFAULTS["max_num_seqs"] if max_num_seqs is None else max_num_seqs
+    )
+    mbt = _pos_int(
+        "max_num_batched_tokens",
+        DEFAULTS["max_num_batched_tokens"]
+        if max_num_batched_tokens is None
+        else max_num_batched_tokens,
+    )
+    if not isinstance(chunked_prefill, bool):
+        raise KVConfigError(f"chunked_prefill must be True or False, got {chunked_prefill!r}")
+    slos = parse_slo(slo)
+    cost_m = parse_cost_model(cost)
+    n = len(table)
+    bs = int(table["block_size"][0]) if n and "block_size" in table.columns else 512
+    if block_size is not None and n and block_size != bs:
+        raise KVConfigError(f"block_size {block_size} differs from the table's {bs}")
+    return seqs, mbt, slos, cost_m, bs
+
+
+def run_instance(
+    cols: tuple,
+    blocks: int,
+    block_size: int,
+    policy: str,
+    cost: Any,
+    *,
+    mbt: int,
+    seqs: int,
+    chunked: bool,
+    kv_ready: list | None = None,
+    progress: bool = False,
+    reference: bool = False,
+) -> ReferenceIterationEngine:
+    """One instance with its own metadata-only pool of ``blocks`` run over ``cols``
+    (``(hashes, lengths, outputs, arrivals)`` lists); the engine, its pool as ``.bp``
+    (invariants checked)."""
+    from .instances import SimClock, metadata_pool
+
+    clock = SimClock()
+    pool = metadata_pool(blocks, block_size, policy, clock)
+    eng = (ReferenceIterationEngine if reference else IterationEngine)(
+        *cols,
+        pool.block_pool,
+        clock,
+        cost,
+        max_num_batched_tokens=mbt,
+        max_num_seqs=seqs,
+        chunked_prefill=chunked,
+        progress=progress,
+        kv_ready=kv_ready,
+    ).run()
+    eng.bp.check_invariants()
+    return eng
+
+
+def add_serving_metrics(res: SimResult, eng: Any, slos: dict) -> SimResult:
+    """Serving columns and figures (module doc) from ``eng``'s per-request lists
+    (``outputs``, ``first_token_s``, ``itl_max``, ``preemptions``, ``recomputed``) and
+    counts (``num_steps``, ``num_preemptions``)."""
     import polars as pl
 
     rec = res.records
