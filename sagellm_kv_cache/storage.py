@@ -174,6 +174,7 @@ class KVStorage:
         else:
             dims = (L, 2, num_blocks, H, block_size, D)
         self._check_fits(num_blocks * shape.bytes_per_block(block_size))
+        self._pieces: Any = None  # numpy view of kv for block_buffers (built on first use)
         try:
             self.kv = torch.zeros(
                 dims,
@@ -259,6 +260,73 @@ class KVStorage:
             return
         dst, src = self._index(dst_ids), self._index(src_ids)
         self.kv.index_copy_(2, dst, self.kv.index_select(2, src))
+
+    def copy_blocks_from(self, src: KVStorage, src_ids, dst_ids) -> None:
+        """``kv[:, :, dst[i]] = src.kv[:, :, src[i]]`` for every i, from another storage of
+        the same geometry (onboarding from a lower tier): one ``copy_`` per run of
+        consecutive ids on both sides, no intermediate tensor."""
+        if len(src_ids) != len(dst_ids):
+            raise KVInvalidInputError(
+                f"copy_blocks_from: {len(src_ids)} sources but {len(dst_ids)} destinations"
+            )
+        if src.kv.shape[:2] != self.kv.shape[:2] or src.kv.shape[3:] != self.kv.shape[3:]:
+            raise KVInvalidInputError(
+                f"copy_blocks_from: block shape {tuple(src.kv.shape)} does not match "
+                f"{tuple(self.kv.shape)}"
+            )
+        from .block_pool import check_block_ids
+
+        s_ids = check_block_ids(src_ids, src.num_blocks)
+        d_ids = check_block_ids(dst_ids, self.num_blocks)
+        n, i = len(s_ids), 0
+        non_blocking = self.device != src.device
+        while i < n:
+            j = i + 1
+            while j < n and s_ids[j] == s_ids[j - 1] + 1 and d_ids[j] == d_ids[j - 1] + 1:
+                j += 1
+            s0, d0, k = s_ids[i], d_ids[i], j - i
+            self.kv[:, :, d0 : d0 + k].copy_(src.kv[:, :, s0 : s0 + k], non_blocking=non_blocking)
+            i = j
+
+    def block_buffers(self, block_id: int) -> list:
+        """The writable memory of one CPU block as its contiguous pieces, in the order
+        ``read_blocks([block_id])`` lays them out (layer, then K/V): uint8 arrays a file
+        read fills directly."""
+        if self.device != "cpu":
+            raise KVInvalidInputError(f"block_buffers needs a CPU storage, not {self.device}")
+        (b,) = self._check_ids([block_id])
+        pieces = self._pieces
+        if pieces is None:  # [L, 2, num_blocks, bytes of one piece], a view of kv
+            import torch
+
+            kv = self.kv.view(torch.uint8) if self.kv.dtype != torch.uint8 else self.kv
+            pieces = self._pieces = kv.reshape(*kv.shape[:3], -1).numpy()
+        return list(pieces[:, :, b].reshape(-1, pieces.shape[3]))
+
+    def bounce_block(self) -> torch.Tensor:
+        """A CPU tensor shaped like one block ``[L, 2, 1, <block dims>]`` (pinned with CUDA),
+        to read into before copying to a device block."""
+        import torch
+
+        return torch.empty(
+            (*self.kv.shape[:2], 1, *self.kv.shape[3:]),
+            dtype=self.storage_dtype,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    @staticmethod
+    def chunks_of(block: torch.Tensor) -> list:
+        """The contiguous pieces of a contiguous CPU ``[L, 2, 1, ...]`` block as uint8
+        arrays (writable buffers), in ``block_buffers`` order."""
+        import torch
+
+        flat = block.view(torch.uint8) if block.dtype != torch.uint8 else block
+        return list(flat.reshape(flat.shape[0] * 2, -1).numpy())
+
+    def _check_ids(self, block_ids) -> list[int]:
+        from .block_pool import check_block_ids
+
+        return check_block_ids(block_ids, self.num_blocks)
 
     # -- token granularity (what an engine writes and reads) ------------------
     def _to_tokens(self, blocks: torch.Tensor) -> torch.Tensor:

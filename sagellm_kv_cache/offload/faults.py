@@ -88,14 +88,21 @@ class FaultyDiskIO(DiskIO):
             raise OSError(err, os.strerror(err))
         return super().write(fd, data)
 
-    def read(self, path: Path, offset: int, nbytes: int):
+    def _before_read(self) -> None:
         gate = self.read_gate
         if gate is not None and not gate.wait(self.gate_timeout_s):
             raise OSError(errno_.ETIMEDOUT, "read gate was never opened")
         err = self._take("read")
         if err is not None:
             raise OSError(err, os.strerror(err))
+
+    def read(self, path: Path, offset: int, nbytes: int):
+        self._before_read()
         return super().read(path, offset, nbytes)
+
+    def preadv(self, fd: int, buffers: list, offset: int) -> int:
+        self._before_read()
+        return super().preadv(fd, buffers, offset)
 
 
 def corrupt_block_file(store: DiskBlockStore, key: Hashable) -> Path:

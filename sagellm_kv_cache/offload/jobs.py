@@ -1,8 +1,8 @@
 """Copy jobs of the offload manager: what the worker runs and what it reports back.
 
-A manager call plans under the manager's lock and queues one ``Job``: the
-ops (callables over a ``staged`` dict of bytes) in the order they must run,
-plus what running them teaches. The worker never takes the lock (the lock
+A manager call plans under the manager's lock and queues one ``CopyPlan``
+(``plan.py``): typed steps in the order they must run, plus what running
+them teaches. The worker never takes the lock (the lock
 holder may be waiting for the worker); what it learns is *settled* under the
 lock by the next manager call, by ``OffloadAllocation.wait()`` or by
 ``check_invariants()``, oldest job first::
@@ -47,62 +47,18 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..handle import KVHandle
-    from .tiers import LowerTier
+    from .plan import CopyPlan
 
-__all__ = ["CopyQueue", "Job", "Onboarding"]
+__all__ = ["CopyQueue", "Onboarding"]
 
 WORKER_PREFIX = "kv-offload"
-
-
-class Job(list):
-    """The ops of one manager call, in order, and what running them taught.
-
-    Attributes:
-        drops: ``(tier, hash, generation, kind, error)`` of lower-tier copies
-            that failed to read (``kind="read"``) or write (``"write"``).
-        errors: typed errors of the blocks the request itself asked for.
-        onboarding: the allocation's onboarded blocks, if any.
-    """
-
-    __slots__ = ("drops", "errors", "onboarding")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.drops: list[tuple[LowerTier, Hashable, int | None, str, BaseException]] = []
-        self.errors: list[BaseException] = []
-        self.onboarding: Onboarding | None = None
-
-    def failed(
-        self,
-        tier: LowerTier,
-        key: Hashable,
-        gen: int | None,
-        kind: str,
-        exc: BaseException,
-        *,
-        requested: bool = False,
-    ) -> None:
-        self.drops.append((tier, key, gen, kind, exc))
-        if requested:
-            self.errors.append(exc)
-
-    def run(self) -> None:
-        """Run every op (a failing op fails its own blocks, never the rest)."""
-        staged: dict = {}
-        for op in self:
-            try:
-                op(staged)
-            except Exception as exc:  # its blocks count as failed downstream
-                self.errors.append(exc)
-        if self.onboarding is not None:
-            self.onboarding.finish(self.errors)
 
 
 @dataclass(slots=True)
@@ -149,11 +105,11 @@ class CopyQueue:
         self.async_copies = async_copies
         self._executor: ThreadPoolExecutor | None = None
         self._last: Future | None = None
-        self._unsettled: deque[tuple[Future, Job]] = deque()
+        self._unsettled: deque[tuple[Future, CopyPlan]] = deque()
         #: handle id -> future of its onboarding (free / cache wait for it)
         self.onboarding: dict[str, Future] = {}
 
-    def submit(self, job: Job, result: Any, settle: Callable[[Job], None]) -> Future:
+    def submit(self, job: CopyPlan, result: Any, settle: Callable[[CopyPlan], None]) -> Future:
         """Queue ``job``; its future resolves to ``result``. Inline jobs settle at once."""
         f: Future
         if not job and job.onboarding is None and (self._last is None or self._last.done()):
@@ -189,7 +145,7 @@ class CopyQueue:
             self.onboarding[job.onboarding.handle.handle_id] = fut
         return fut
 
-    def run_inline(self, job: Job, settle: Callable[[Job], None]) -> None:
+    def run_inline(self, job: CopyPlan, settle: Callable[[CopyPlan], None]) -> None:
         """Run ``job`` now, after everything queued, and settle it."""
         if job:
             self.wait_all()
@@ -197,7 +153,7 @@ class CopyQueue:
         self.settle(settle)  # older jobs first
         settle(job)
 
-    def settle(self, apply: Callable[[Job], None]) -> None:
+    def settle(self, apply: Callable[[CopyPlan], None]) -> None:
         """Apply finished jobs, oldest first (stops at the first one still running)."""
         q = self._unsettled
         while q and q[0][0].done():

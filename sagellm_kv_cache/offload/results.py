@@ -102,5 +102,5 @@ class OffloadAllocation:
         """The job's result once its bytes are in place; the verified blocks are hittable then."""
         result = self.future.result(timeout)
         if self.manager is not None:
-            self.manager._settle_now()
+            self.manager.settle()
         return result

@@ -1,27 +1,40 @@
-"""Staged bytes between the ops of one copy job, and the small ops that reshape them.
+"""Staged bytes between the steps of one copy plan: the buffer handle and its two shapes.
 
-A job's ops share a ``staged`` dict: key -> the bytes of some blocks, either
-a tensor ``[L, 2, n, <block dims>]`` (host or device) or a list of per-block
-uint8 arrays (disk), where a block whose read failed is ``None``.
+A ``Buf`` is filled by one step of a plan and read by later ones (``plan.py``).
+Its ``data`` is either a tensor ``[L, 2, n, <block dims>]`` (read from a host
+or device storage) or a list of per-block uint8 payloads (read from disk),
+where a block whose read failed is ``None``; ``None`` as a whole when nothing
+was staged (metadata-only, or the read that fills it failed).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from typing import Any
 
 from ..errors import KVCacheError, KVStorageError
 
-__all__ = ["Op", "Staged", "staged_as_block_payloads", "staged_as_tensor"]
-
-#: staged bytes of some blocks: a tensor ``[L, 2, n, <block dims>]`` (host/device)
-#: or a list of per-block uint8 arrays (disk); ``None`` in metadata-only mode.
-Staged = Any
-Op = Callable[[dict], None]
+__all__ = ["Buf", "as_block_payloads", "as_tensor", "present_blocks"]
 
 
-def staged_as_tensor(staged: Any, block_dims: tuple[int, ...], storage_dtype: Any):
+class Buf:
+    """A staging buffer handle: one step writes ``data``, later steps of the same plan read it.
+
+    ``label`` only names it in ``repr`` (debugging a plan).
+    """
+
+    __slots__ = ("data", "label")
+
+    def __init__(self, label: str = "") -> None:
+        self.data: Any = None
+        self.label = label
+
+    def __repr__(self) -> str:
+        return f"Buf({self.label!r})"
+
+
+def as_tensor(staged: Any, block_dims: tuple[int, ...], storage_dtype: Any) -> Any:
     """Staged bytes as a ``[L, 2, n, <block dims>]`` tensor in ``storage_dtype``.
 
     ``block_dims`` is the shape of one block with the block dimension (index 2) of 1.
@@ -34,19 +47,14 @@ def staged_as_tensor(staged: Any, block_dims: tuple[int, ...], storage_dtype: An
     return staged
 
 
-def staged_as_block_payloads(staged: Any) -> list:
+def as_block_payloads(staged: Any) -> list:
     """Staged bytes as one contiguous payload per block."""
     if isinstance(staged, list):
         return staged
     return [staged[:, :, i].contiguous() for i in range(staged.shape[2])]
 
 
-def _job(ops: list) -> Any:
-    """The job collecting failures when ``ops`` is one (``jobs.Job``)."""
-    return ops if hasattr(ops, "failed") else None
-
-
-def _present(data: Any, n: int) -> list[int]:
+def present_blocks(data: Any, n: int) -> list[int]:
     """Indices of the blocks whose bytes are staged in ``data`` (per-block lists may hold None)."""
     if data is None:
         return []
@@ -55,7 +63,8 @@ def _present(data: Any, n: int) -> list[int]:
     return list(range(n))
 
 
-def _typed(exc: BaseException, key: Hashable) -> BaseException:
+def typed_error(exc: BaseException, key: Hashable) -> BaseException:
+    """``exc`` as the project's typed error (an ``OSError`` becomes a ``KVStorageError``)."""
     if isinstance(exc, KVCacheError):
         return exc
     err = KVStorageError(f"block {key!r}: {type(exc).__name__}: {exc}", key=str(key))
@@ -63,50 +72,11 @@ def _typed(exc: BaseException, key: Hashable) -> BaseException:
     return err
 
 
-def _not_staged(key: Hashable) -> KVStorageError:
+def not_staged(key: Hashable) -> KVStorageError:
     return KVStorageError(f"block {key!r}: its bytes were not staged (an earlier read failed)")
 
 
-def _delete_quietly(disk: Any, key: Hashable) -> None:
+def delete_quietly(disk: Any, key: Hashable) -> None:
     """Remove a block file after a failure; a failing delete must not mask it."""
     with contextlib.suppress(KVCacheError):
         disk.delete(key)
-
-
-def _select_op(src: str, dst: str, index: list[int]) -> Op:
-    """An op that stages ``staged[src]`` restricted to blocks ``index`` under ``dst``."""
-    idx = list(index)
-
-    def select(staged: dict) -> None:
-        data = staged.get(src)
-        if data is None:
-            return
-        if isinstance(data, list):
-            staged[dst] = [data[i] for i in idx]
-        else:
-            import torch
-
-            index = torch.as_tensor(idx, dtype=torch.long, device=data.device)
-            staged[dst] = data.index_select(2, index)
-
-    return select
-
-
-def _concat_key(ops: list, key_a: str, key_b: str | None) -> str:
-    if key_b is None:
-        return key_a
-    out = f"{key_a}+{key_b}"
-
-    def concat(staged: dict) -> None:
-        a, b = staged.get(key_a), staged.get(key_b)
-        if a is None or b is None:
-            return
-        if isinstance(a, list) or isinstance(b, list):
-            staged[out] = list(staged_as_block_payloads(a)) + list(staged_as_block_payloads(b))
-        else:
-            import torch
-
-            staged[out] = torch.cat([a, b.to(a.device)], dim=2)
-
-    ops.append(concat)
-    return out

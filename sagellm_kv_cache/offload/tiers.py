@@ -16,11 +16,11 @@ recent. The victims are returned with a snapshot of their bytes so the
 manager can spill them one tier further down.
 
 Everything here is synchronous and not thread-safe; the manager serialises
-calls and moves the bytes in its worker (``ops``: a ``Job``, a list of
-callables). The ops fail per block: a disk block that cannot be read (missing
+calls and moves the bytes in its worker (the steps of a ``CopyPlan``,
+``plan.py``). The steps fail per block: a disk block that cannot be read (missing
 file, bad checksum, I/O error) stages ``None`` and has its file removed; a
 block that cannot be written (disk full, its bytes never staged) is not
-stored; both are reported to the job (``Job.failed``) with the generation the
+stored; both are reported to the plan (``CopyPlan.failed``) with the generation the
 tier stamped on that admission, and the manager drops them at settle
 (``drop_if_current``, see ``jobs.py``).
 """
@@ -29,24 +29,29 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..block_pool import BlockPool
-from ..errors import KVCacheError, KVConfigError
+from ..errors import KVConfigError
 from ..hooks import PoolHook
-from .staging import (
-    Op,
-    _concat_key,
-    _delete_quietly,
-    _job,
-    _not_staged,
-    _present,
-    _select_op,
-    _typed,
-    staged_as_block_payloads,
-    staged_as_tensor,
+from .plan import (
+    Concat,
+    CopyIn,
+    DeleteFiles,
+    FilesIn,
+    ReadBlocks,
+    ReadFiles,
+    Select,
+    Step,
+    WriteFiles,
+    WriteSlots,
 )
+from .staging import Buf
+
+if TYPE_CHECKING:
+    from ..storage import KVStorage
+    from .jobs import Onboarding
 
 __all__ = ["LowerTier", "TierConfig", "TierKind", "TierStats"]
 
@@ -116,7 +121,6 @@ class TierStats:
     dropped_blocks: int = 0  # evicted and not admitted below (or no tier below)
     read_errors: int = 0
     write_errors: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -215,6 +219,7 @@ class LowerTier:
     def _adopt(self, keys: list[Hashable]) -> None:
         """Register blocks found on disk (oldest first), keeping the newest that fit."""
         if len(keys) > self.num_blocks:
+            assert self.disk is not None  # only a disk tier adopts files
             for k in keys[: len(keys) - self.num_blocks]:
                 self.disk.delete(k)
             keys = keys[len(keys) - self.num_blocks :]
@@ -264,172 +269,116 @@ class LowerTier:
             self.pool.touch(slots)
             self.pool.release(slots[::-1])
 
-    # -- bytes ---------------------------------------------------------------
-    def read_op(
-        self,
-        block_hashes: Sequence[Hashable],
-        key: str,
-        slots: Sequence[int] | None = None,
-        job: Any = None,
-        *,
-        requested: bool = False,
-    ) -> Op | None:
-        """An op that stages the bytes of blocks under ``key`` (slots resolved now).
-
-        ``slots`` names them for blocks whose hash was just dropped (victims).
-        With a ``job``, a disk block that cannot be read stages ``None``, loses
-        its file and is reported (``requested``: as the request's own error);
-        without one (a debugging read) the typed error propagates.
-        """
-        n = len(block_hashes)
+    # -- bytes (steps of a copy plan, see ``plan.py``) ---------------------------------
+    def count_out(self, n: int) -> None:
+        """Traffic out of this tier (what was planned, failed reads included)."""
         self.stats.blocks_out += n
         self.stats.bytes_out += n * self.block_nbytes
+
+    def gens_of(self, block_hashes: Sequence[Hashable]) -> list[int | None]:
+        """The admission stamps of resident blocks (see ``drop_if_current``)."""
+        gen = self._gen
+        return [gen.get(k) for k in block_hashes]
+
+    def read_step(
+        self,
+        block_hashes: Sequence[Hashable],
+        out: Buf,
+        slots: Sequence[int] | None = None,
+        *,
+        requested: bool = False,
+    ) -> Step | None:
+        """A step staging the bytes of blocks into ``out`` (slots resolved now).
+
+        ``slots`` names them for blocks whose hash was just dropped (victims).
+        A disk block that cannot be read stages ``None``, loses its file and is
+        reported to the plan (``requested``: as the request's own error).
+        """
+        n = len(block_hashes)
+        self.count_out(n)
         if not self.has_data or not n:
             return None
         if self.storage is not None:
-            if slots is None:
-                slots = [self.pool.cached[h] for h in block_hashes]
-            slots = list(slots)
-            storage = self.storage
-
-            def read_host(staged: dict) -> None:
-                staged[key] = storage.read_blocks(slots)
-
-            return read_host
-        disk = self.disk
+            ids = list(slots) if slots is not None else [self.pool.cached[h] for h in block_hashes]
+            return ReadBlocks(self.storage, ids, out)
         keys = list(block_hashes)
-        gens = [self._gen.get(k) for k in keys] if slots is None else [None] * len(keys)
+        gens: list[int | None] = self.gens_of(keys) if slots is None else [None] * n
+        return ReadFiles(self, keys, gens, out, requested)
 
-        def read_disk(staged: dict) -> None:
-            out = []
-            for k, gen in zip(keys, gens):
-                try:
-                    out.append(disk.read(k))
-                except Exception as exc:
-                    if job is None:
-                        raise
-                    out.append(None)
-                    _delete_quietly(disk, k)  # a bad copy is dropped, not retried forever
-                    job.failed(self, k, gen, "read", _typed(exc, k), requested=requested)
-            staged[key] = out
+    def onboard_step(
+        self,
+        block_hashes: Sequence[Hashable],
+        dst: KVStorage,
+        dst_ids: list[int],
+        positions: list[int],
+        onboarding: Onboarding,
+    ) -> Step | None:
+        """A step copying resident blocks straight into device blocks ``dst_ids`` (no
+        staging), marking ``positions`` verified for ``onboarding`` as they land."""
+        self.count_out(len(block_hashes))
+        if not self.has_data or not block_hashes:
+            return None
+        keys = list(block_hashes)
+        if self.storage is not None:
+            slots = [self.pool.cached[h] for h in keys]
+            return CopyIn(self.storage, slots, dst, dst_ids, positions, onboarding)
+        return FilesIn(self, keys, self.gens_of(keys), dst, dst_ids, positions, onboarding)
 
-        return read_disk
-
-    def write_op(
-        self, slots: Sequence[int], keys: Sequence[Hashable], key: str, job: Any = None
-    ) -> Op | None:
-        """An op that writes staged bytes ``staged[key]`` into ``slots`` (hashes ``keys``).
-
-        With a ``job``, a block whose bytes were not staged or whose write
-        fails is reported as not stored (the manager drops it at settle).
-        """
+    def write_step(self, slots: Sequence[int], keys: Sequence[Hashable], src: Buf) -> Step | None:
+        """A step writing the staged ``src`` into ``slots`` (hashes ``keys``); a block whose
+        bytes were not staged or whose write fails is reported as not stored."""
         n = len(slots)
         self.stats.blocks_in += n
         self.stats.bytes_in += n * self.block_nbytes
         if not self.has_data or not n:
             return None
         keys = list(keys)
-        gens = [self._gen.get(k) for k in keys]
-
-        def fail(i: int, exc: BaseException) -> None:
-            if job is None:
-                raise exc
-            job.failed(self, keys[i], gens[i], "write", _typed(exc, keys[i]))
-
         if self.storage is not None:
-            storage = self.storage
-            slots = list(slots)
+            return WriteSlots(self, list(slots), keys, self.gens_of(keys), src)
+        return WriteFiles(self, keys, self.gens_of(keys), src)
 
-            def write_host(staged: dict) -> None:
-                data = staged.get(key)
-                good = _present(data, n)
-                try:
-                    if len(good) == n:
-                        part = staged_as_tensor(data, self.block_dims, self.storage_dtype)
-                        storage.write_blocks(slots, part)
-                    elif good:
-                        part = [staged_as_block_payloads(data)[i] for i in good]
-                        storage.write_blocks(
-                            [slots[i] for i in good],
-                            staged_as_tensor(part, self.block_dims, self.storage_dtype),
-                        )
-                except Exception as exc:
-                    for i in good:
-                        fail(i, exc)
-                for i in sorted(set(range(n)) - set(good)):
-                    fail(i, _not_staged(keys[i]))
-
-            return write_host
-        disk = self.disk
-
-        def write_disk(staged: dict) -> None:
-            data = staged.get(key)
-            payloads = staged_as_block_payloads(data) if data is not None else [None] * n
-            for i, (k, payload) in enumerate(zip(keys, payloads)):
-                if payload is None:
-                    fail(i, _not_staged(k))
-                    continue
-                try:
-                    disk.write(k, payload)
-                except Exception as exc:
-                    fail(i, exc)
-
-        return write_disk
-
-    def delete_op(self, block_hashes: Sequence[Hashable], job: Any = None) -> Op | None:
-        """An op that removes the files of blocks that left the tier (a failure is reported)."""
+    def delete_step(self, block_hashes: Sequence[Hashable]) -> Step | None:
+        """A step removing the files of blocks that left the tier."""
         if self.disk is None or not block_hashes:
             return None
-        disk = self.disk
-        keys = list(block_hashes)
-
-        def delete_disk(staged: dict) -> None:
-            for k in keys:
-                try:
-                    disk.delete(k)
-                except KVCacheError as exc:
-                    if job is None:
-                        raise
-                    job.failed(self, k, None, "delete", exc)
-
-        return delete_disk
+        return DeleteFiles(self, list(block_hashes))
 
     # -- membership ----------------------------------------------------------
     def insert(
         self,
         block_hashes: Sequence[Hashable],
-        source: str | None,
-        ops: list,
+        source: Buf | None,
+        plan: Any,
         *,
         keep_victim_bytes: bool = True,
-    ) -> tuple[list[Hashable], str | None]:
+    ) -> tuple[list[Hashable], Buf | None]:
         """Make ``block_hashes`` resident, the first given the least recent.
 
         Hashes already resident are only refreshed and keep their slots; the
         new ones share the other slots, the oldest that do not fit fall
-        through. Bytes come from ``staged[source]`` (one entry per given hash,
-        in order).
+        through. Bytes come from ``source`` (one entry per given hash, in order).
 
         Args:
             block_hashes: blocks to insert, least recent first.
-            source: staging key of their bytes (``None``: metadata-only).
-            ops: byte-moving ops are appended here, in the order they must run.
+            source: the buffer of their bytes (``None``: metadata-only).
+            plan: the ``CopyPlan`` (or a list) the byte-moving steps are appended to,
+                in the order they must run.
             keep_victim_bytes: stage the victims' bytes (there is a tier below).
 
         Returns:
-            ``(victim_hashes, victim_key)``: blocks that left this tier for room
+            ``(victim_hashes, victim_buf)``: blocks that left this tier for room
             (least recent first; new blocks that could never fit come first)
-            and the staging key their bytes will be under.
+            and the buffer their bytes will be in.
         """
         bp = self.pool
         cached = bp.cached
         present = list(dict.fromkeys(cached[h] for h in block_hashes if h in cached))
         seen_new: set = set()
-        new_idx = [
-            i
-            for i, h in enumerate(block_hashes)
-            if h not in cached and not (h in seen_new or seen_new.add(h))
-        ]
+        new_idx: list[int] = []
+        for i, h in enumerate(block_hashes):
+            if h not in cached and h not in seen_new:
+                seen_new.add(h)
+                new_idx.append(i)
         if present:
             bp.touch(present)
         overflow: list[int] = []
@@ -449,51 +398,51 @@ class LowerTier:
             for h in victim_hashes:
                 self._gen.pop(h, None)
         self.stats.evicted_blocks += len(victim_hashes)
-        victim_key = None
+        victim_buf = None
         if victim_hashes:
             # the victims' bytes must be staged before their slots are overwritten
             if keep_victim_bytes:
-                victim_key = f"{source}>{self.name}:victims"
-                op = self.read_op(victim_hashes, victim_key, victim_slots, _job(ops))
-                if op is not None:
-                    ops.append(op)
-            op = self.delete_op(victim_hashes, _job(ops))
-            if op is not None:
-                ops.append(op)
+                victim_buf = Buf(f"{self.name}:victims")
+                step = self.read_step(victim_hashes, victim_buf, victim_slots)
+                if step is None:
+                    victim_buf = None
+                plan.append(step)
+            plan.append(self.delete_step(victim_hashes))
         if new_idx:
             new_hashes = [block_hashes[i] for i in new_idx]
-            key = f"{source}@{self.name}"
             self._stamp(new_hashes)
-            op = self.write_op(slots, new_hashes, key, _job(ops))
-            if op is not None:
-                ops.append(_select_op(source, key, new_idx))
-                ops.append(op)
+            if source is not None and self.has_data:
+                part = Buf(f"{source.label}@{self.name}")
+                plan.append(Select(source, new_idx, part))
+                plan.append(self.write_step(slots, new_hashes, part))
+            else:
+                self.write_step(slots, new_hashes, Buf())  # counts the traffic only
             bp.cache_blocks(slots, new_hashes)
         # release least recent last: release() is tail-first, so pass newest first
-        order = [cached[h] for h in block_hashes if h in cached]
-        seen: set[int] = set()
-        order = [b for b in order if not (b in seen or seen.add(b))]
+        order = list(dict.fromkeys(cached[h] for h in block_hashes if h in cached))
         if order:
             bp.release(order[::-1])
         if overflow:
             of_hashes = [block_hashes[i] for i in overflow]
-            if not keep_victim_bytes:
+            if not keep_victim_bytes or source is None:
                 return of_hashes + victim_hashes, None
-            key = f"{source}>{self.name}:overflow"
-            ops.append(_select_op(source, key, overflow))
-            return of_hashes + victim_hashes, _concat_key(ops, key, victim_key)
-        return victim_hashes, victim_key
+            of_buf = Buf(f"{source.label}>{self.name}:overflow")
+            plan.append(Select(source, overflow, of_buf))
+            if victim_buf is None:
+                return of_hashes + victim_hashes, of_buf
+            both = Buf(f"{of_buf.label}+{victim_buf.label}")
+            plan.append(Concat(of_buf, victim_buf, both))
+            return of_hashes + victim_hashes, both
+        return victim_hashes, victim_buf
 
-    def remove(self, block_hashes: Sequence[Hashable], ops: list) -> None:
+    def remove(self, block_hashes: Sequence[Hashable], plan: Any) -> None:
         """Drop resident blocks (promotion out of an exclusive tier). Read them first."""
         for h in block_hashes:
             self.pool.uncache(self.pool.cached[h], reason="promote")
         if self._gen:
             for h in block_hashes:
                 self._gen.pop(h, None)
-        op = self.delete_op(block_hashes, _job(ops))
-        if op is not None:
-            ops.append(op)
+        plan.append(self.delete_step(block_hashes))
 
     def reset(self) -> None:
         if self.disk is not None:
