@@ -42,17 +42,20 @@ with ``KVConfigError`` before anything is allocated.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Sequence
-from numbers import Integral
-from typing import Any
+from typing import Any, cast
 
+from .checks import (
+    BOOKKEEPING_BYTES_PER_BLOCK,
+    MAX_NUM_BLOCKS,
+    check_block_ids,
+    check_count,
+    check_num_blocks,
+)
 from .errors import (
-    KVConfigError,
     KVInvalidInputError,
-    KVInvalidTypeError,
     KVNoVictimError,
     KVPoolFullError,
     KVRefCountUnderflowError,
@@ -69,90 +72,23 @@ __all__ = [
     "check_num_blocks",
 ]
 
-#: the largest pool: 2**32 blocks (68.7 billion tokens at block size 16)
-MAX_NUM_BLOCKS = 1 << 32
-#: host bytes of bookkeeping per block (ref, pin, hash, parent lists, free queue, policy)
-BOOKKEEPING_BYTES_PER_BLOCK = 96
-
-_INT_ONLY = frozenset((int,))
-
-
-def check_count(value: Any, name: str, minimum: int = 0) -> int:
-    """An int (not a bool) ``>= minimum``, or a typed error."""
-    if type(value) is not int:
-        if isinstance(value, bool) or not isinstance(value, Integral):
-            raise KVInvalidTypeError(
-                f"{name} must be an int, got {type(value).__name__} ({value!r:.40})"
-            )
-        value = int(value)
-    if value < minimum:
-        raise KVInvalidInputError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def check_block_ids(block_ids: Any, num_blocks: int, name: str = "block_ids") -> list[int]:
-    """``block_ids`` as a list of ints in ``[0, num_blocks)`` (numpy ints too, bools not),
-    or ``KVInvalidTypeError`` / ``KVInvalidInputError``; C-level passes for a list of ints."""
-    if type(block_ids) is not list:
-        if isinstance(block_ids, str | bytes | set | frozenset | dict) or not hasattr(
-            block_ids, "__len__"
-        ):
-            raise KVInvalidTypeError(
-                f"{name} must be a list of block ids, got {type(block_ids).__name__}"
-            )
-        block_ids = list(block_ids)
-    if not block_ids:
-        return block_ids
-    if not set(map(type, block_ids)) <= _INT_ONLY:
-        for b in block_ids:
-            if isinstance(b, bool) or not isinstance(b, Integral):
-                raise KVInvalidTypeError(
-                    f"{name}: block id {b!r:.40} is a {type(b).__name__}, not an int"
-                )
-        block_ids = [int(b) for b in block_ids]
-    lo, hi = min(block_ids), max(block_ids)
-    if lo < 0 or hi >= num_blocks:
-        raise KVInvalidInputError(
-            f"{name}: block id {lo if lo < 0 else hi} out of range [0, {num_blocks})"
-        )
-    return block_ids
-
-
-def _physical_memory_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
-        return None
-
-
-def check_num_blocks(num_blocks: Any) -> int:
-    """A pool size in blocks: an int in ``[1, MAX_NUM_BLOCKS]`` whose bookkeeping fits
-    the host's physical memory (``KVConfigError`` otherwise, before allocating)."""
-    n = check_count(num_blocks, "num_blocks", 1)
-    if n > MAX_NUM_BLOCKS:
-        raise KVConfigError(
-            f"num_blocks={n} is above the maximum of {MAX_NUM_BLOCKS} blocks per pool"
-        )
-    need = n * BOOKKEEPING_BYTES_PER_BLOCK
-    have = _physical_memory_bytes()
-    if have is not None and need > have:
-        raise KVConfigError(
-            f"num_blocks={n} needs about {need / 2**30:.1f} GiB of bookkeeping "
-            f"({BOOKKEEPING_BYTES_PER_BLOCK} B per block); this host has "
-            f"{have / 2**30:.1f} GiB of memory"
-        )
-    return n
-
 
 class BlockPool:
     """Fixed set of KV blocks with ref counts, pins, a hash map and a policy.
 
     Args:
-        num_blocks: number of blocks (>= 1).
+        num_blocks: number of blocks (>= 1; >= 0 when ``growable``).
         block_size: token slots per block.
         policy: eviction policy name, enum, class or instance (default ``"lru"``).
         enable_caching: when False no block is ever registered under a hash.
         clock: monotonic seconds; the simulator injects its simulated clock.
+        growable: start with ``num_blocks`` blocks and add new ones (ids
+            ``num_blocks, num_blocks + 1...``) when an allocation finds too few
+            free blocks, before evicting, up to ``max_num_blocks`` (``None``:
+            unbounded; the policy's capacity is ``max_num_blocks``). A
+            standalone ``PrefixCache`` counts its capacity in entries this way
+            without preallocating them.
+        max_num_blocks: the growable pool's cap.
     """
 
     def __init__(
@@ -163,19 +99,33 @@ class BlockPool:
         *,
         enable_caching: bool = True,
         clock: Callable[[], float] | None = None,
+        growable: bool = False,
+        max_num_blocks: int | None = None,
     ) -> None:
-        num_blocks = check_num_blocks(num_blocks)
+        if growable:
+            num_blocks = check_count(num_blocks, "num_blocks")
+            if max_num_blocks is not None:
+                max_num_blocks = check_num_blocks(max_num_blocks)
+        else:
+            num_blocks = max_num_blocks = check_num_blocks(num_blocks)
         self.num_blocks = num_blocks
+        self.growable = growable
+        #: the most blocks the pool may hold (``None``: a growable pool without a cap)
+        self.max_num_blocks = max_num_blocks
+        self._initial_num_blocks = num_blocks
         self.block_size = check_count(block_size, "block_size", 1)
         self.enable_caching = enable_caching
         self.clock = clock or time.monotonic
         self.policy = make_policy(policy, self.clock)
-        self.policy.set_capacity(num_blocks)
+        self.policy.set_capacity(max_num_blocks)
         self._policy_tracks_hits = self.policy.tracks_hits
         # hooks a policy does not override are skipped on the hot path
         kind = type(self.policy)
         self._policy_on_cached = kind.on_cached is not EvictionPolicy.on_cached
         self._policy_on_evicted = kind.on_evicted is not EvictionPolicy.on_evicted
+        # a policy that refreshes blocks in place (LRU's move to the end) is cheaper
+        # touched than taken out and put back (put_chain)
+        self._policy_touches = kind.touch_many is not EvictionPolicy.touch_many
         #: the policy may refuse evictable blocks (TTL-protected, leaf-only): admission
         #: asks it how many victims it can give before anything is changed
         self.policy_may_refuse = kind.num_victims is not EvictionPolicy.num_victims
@@ -219,17 +169,35 @@ class BlockPool:
         """Blocks registered under a hash (in use or evictable)."""
         return len(self.cached)
 
+    @property
+    def growth_room(self) -> int:
+        """Blocks a growable pool may still add (0 for a fixed pool)."""
+        if not self.growable:
+            return 0
+        cap = MAX_NUM_BLOCKS if self.max_num_blocks is None else self.max_num_blocks
+        return cap - self.num_blocks
+
+    def _grow(self, n: int) -> None:
+        """Add ``n`` FREE blocks at the end of the id range (the caller checked the room)."""
+        old = self.num_blocks
+        self.num_blocks = old + n
+        self.ref_counts += [0] * n
+        self.pin_counts += [0] * n
+        self.block_hashes += [None] * n
+        self.parent_ids += [-1] * n
+        self.free_queue.extend(range(old, old + n))
+
     # -- prefix lookup -------------------------------------------------------
     def match_prefix(self, block_hashes: Sequence[Hashable]) -> list[int]:
         """Ids of the leading run of cached blocks (stops at the first miss). No side effect."""
         try:
-            out: list[int] = list(map(self.cached.get, block_hashes))  # one C-level pass
+            out: list[int | None] = list(map(self.cached.get, block_hashes))  # one C pass
         except TypeError:  # an unhashable hash (or not a sequence): the full check says which
             check_block_hashes(block_hashes)
             raise  # pragma: no cover - check_block_hashes raises first
         if None in out:
             del out[out.index(None) :]
-        return out
+        return cast("list[int]", out)  # the None and all after it are gone
 
     def num_evictable_among(self, block_ids: Sequence[int]) -> int:
         """How many of ``block_ids`` are evictable now (a hit on them shrinks the pool's supply)."""
@@ -279,27 +247,37 @@ class BlockPool:
         """
         num_blocks = check_count(num_blocks, "num_blocks")
         free_q = self.free_queue
-        num_free = len(free_q)
-        if num_blocks <= num_free:
+        if num_blocks <= len(free_q):
             out = [free_q.popleft() for _ in range(num_blocks)]
         else:
-            if num_blocks > num_free + len(self.policy):
-                raise KVPoolFullError(
-                    f"need {num_blocks} blocks, only {num_free} free + "
-                    f"{len(self.policy)} evictable of {self.num_blocks}",
-                    needed=num_blocks,
-                    free=num_free,
-                    evictable=len(self.policy),
-                )
-            # evict first: a policy that cannot give enough victims (a leaf-only
-            # constraint) raises KVNoVictimError with the free queue untouched
-            victims = self._evict_many(num_blocks - num_free, "capacity")
-            out = list(free_q)
-            free_q.clear()
-            out += victims
+            out = self._take_short(num_blocks)
         ref = self.ref_counts
         for b in out:
             ref[b] = 1
+        return out
+
+    def _take_short(self, num_blocks: int) -> list[int]:
+        """``num_blocks`` blocks when fewer are free: every free one, new ones (growable),
+        then victims in policy order; checked before anything changes."""
+        free_q = self.free_queue
+        num_free = len(free_q)
+        grow = min(num_blocks - num_free, self.growth_room) if self.growable else 0
+        if num_blocks > num_free + grow + len(self.policy):
+            raise KVPoolFullError(
+                f"need {num_blocks} blocks, only {num_free} free + "
+                f"{len(self.policy)} evictable of {self.num_blocks}",
+                needed=num_blocks,
+                free=num_free,
+                evictable=len(self.policy),
+            )
+        # evict first: a policy that cannot give enough victims (a leaf-only
+        # constraint) raises KVNoVictimError with the free queue untouched
+        victims = self._evict_many(num_blocks - num_free - grow, "capacity")
+        if grow:
+            self._grow(grow)
+        out = list(free_q)
+        free_q.clear()
+        out += victims
         return out
 
     def _evict_many(self, n: int, reason: str) -> list[int]:
@@ -553,8 +531,9 @@ class BlockPool:
 
     # -- whole pool ----------------------------------------------------------
     def reset(self) -> None:
-        """Everything free, nothing cached, counters zeroed."""
-        n = self.num_blocks
+        """Everything free, nothing cached, counters zeroed (a growable pool shrinks back
+        to its initial size)."""
+        n = self.num_blocks = self._initial_num_blocks
         self.ref_counts[:] = [0] * n
         self.pin_counts[:] = [0] * n
         self.block_hashes[:] = [None] * n

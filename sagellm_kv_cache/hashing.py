@@ -33,7 +33,6 @@ import hashlib
 import struct
 import sys
 from array import array
-from collections import deque
 from collections.abc import Callable, Sequence
 from numbers import Integral
 from typing import Any
@@ -210,22 +209,28 @@ def check_block_hashes(block_hashes: Any, name: str = "block_hashes") -> list:
 
     A block hash is the key of a cached block: ``bytes`` from the token
     hashers or an int/str/tuple id from a trace. ``None`` means "no hash" in
-    the pool's bookkeeping, so it is never a key. Two C-level passes.
+    the pool's bookkeeping, so it is never a key. One C-level pass (a set: it hashes
+    every entry and then answers "is ``None`` there" in O(1)).
     """
-    if isinstance(block_hashes, str | bytes | bytearray) or not isinstance(block_hashes, Sequence):
+    if type(block_hashes) is list:
+        hashes = block_hashes
+    elif isinstance(block_hashes, str | bytes | bytearray) or not isinstance(
+        block_hashes, Sequence
+    ):
         raise KVInvalidTypeError(
             f"{name} must be a list of block hashes, got {type(block_hashes).__name__}"
         )
-    hashes = block_hashes if type(block_hashes) is list else list(block_hashes)
+    else:
+        hashes = list(block_hashes)
     try:
-        deque(map(hash, hashes), maxlen=0)
+        distinct = set(hashes)
     except TypeError:
         bad = next(h for h in hashes if not _hashable(h))
         raise KVInvalidTypeError(
             f"{name}: {type(bad).__name__} {bad!r:.60} is not hashable; a block hash is "
             "bytes, an int, a str or a tuple of those"
         ) from None
-    if None in hashes:
+    if None in distinct:
         raise KVInvalidInputError(f"{name}[{hashes.index(None)}] is None; None is not a block hash")
     return hashes
 

@@ -32,13 +32,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from numbers import Integral
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from ._pool_info import PoolInfoMixin
 from ._pool_kv import PoolKVMixin
-from .block_pool import BlockPool, check_count
+from .block_pool import BlockPool
+from .checks import check_count, check_metadata, check_num_tokens
 from .errors import (
     KVBudgetExceededError,
     KVConfigError,
@@ -61,20 +61,6 @@ _log = logging.getLogger(__name__)
 __all__ = ["KVPool", "admission_reason", "check_num_tokens"]
 
 
-def check_num_tokens(num_tokens: Any, name: str = "num_tokens") -> int:
-    """A positive int (numpy ints too), or a typed error (bools and floats are refused,
-    not rounded)."""
-    if type(num_tokens) is not int:
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, Integral):
-            raise KVInvalidTypeError(
-                f"{name} must be an int, got {type(num_tokens).__name__} ({num_tokens!r:.40})"
-            )
-        num_tokens = int(num_tokens)
-    if num_tokens <= 0:
-        raise KVInvalidInputError(f"{name} must be positive, got {num_tokens}")
-    return num_tokens
-
-
 def admission_reason(n_new: int, n_hit: int, obtainable: int, num_blocks: int) -> str | None:
     """The block budget part of admission, one rule for the pool, the scheduler's plan
     and the simulator: ``"too_large"`` when the request's blocks (``n_hit`` cached
@@ -86,19 +72,6 @@ def admission_reason(n_new: int, n_hit: int, obtainable: int, num_blocks: int) -
     if n_new > obtainable:
         return "no_blocks"
     return None
-
-
-def _check_metadata(metadata: Any, request_id: Any = None) -> None:
-    if metadata is not None and not isinstance(metadata, Mapping):
-        raise KVInvalidTypeError(
-            f"metadata must be a dict or None, got {type(metadata).__name__} ({metadata!r:.40})"
-        )
-    if request_id is not None and (
-        isinstance(request_id, bool) or not isinstance(request_id, str | int)
-    ):
-        raise KVInvalidTypeError(
-            f"request_id must be a str, an int or None, got {type(request_id).__name__}"
-        )
 
 
 #: the methods ``KVPool`` calls on a hook (``hooks.PoolHook`` has them all as no-ops)
@@ -263,6 +236,12 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
         return self._blocks
 
     @property
+    def lock(self) -> threading.RLock:
+        """The re-entrant lock every public method holds (a pool-bound ``PrefixCache``
+        shares it)."""
+        return self._lock
+
+    @property
     def policy(self) -> EvictionPolicy:
         return self._blocks.policy
 
@@ -368,7 +347,7 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
             KVPoolFullError: not enough free + evictable blocks now.
         """
         num_tokens = check_num_tokens(num_tokens)
-        _check_metadata(metadata)
+        check_metadata(metadata)
         dev, dt, lay = self._check_attrs(device, dtype, layout)
         n = self._num_blocks_for(num_tokens)
         with self._lock:
@@ -462,7 +441,7 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
             KVInvalidTypeError / KVInvalidInputError: bad tokens, hashes, counts,
                 ``metadata`` or ``request_id``; nothing is allocated.
         """
-        _check_metadata(metadata, request_id)
+        check_metadata(metadata, request_id)
         num_tokens, hashes = self._prompt_hashes(tokens, block_hashes, num_tokens, extra_keys)
         bs = self.block_size
         n_total = -(-num_tokens // bs)

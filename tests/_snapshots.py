@@ -82,12 +82,8 @@ def snap_prefix_cache(pc: Any) -> dict:
     if pc.pool is not None:
         out["pool"] = snap_pool(pc.pool)
     else:
-        out["index"] = dict(pc._index)
-        out["slots"] = (list(pc._slot_hash), list(pc._slot_block), list(pc._slot_handle))
-        out["free_slots"] = list(pc._free_slots)
-        out["by_handle"] = {k: sorted(v) for k, v in pc._by_handle.items()}
-        pol = pc._policy
-        out["order"] = list(pol.peek_victims(len(pol))) if len(pol) else []
+        out["entries"] = pc.entries()
+        out["blocks"] = snap_block_pool(pc.block_pool)
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sagellm_kv_cache.block_pool import BlockPool
+from sagellm_kv_cache.entry_pool import EntryPool
 from sagellm_kv_cache.errors import KVInvalidInputError, KVPoolFullError, KVRefCountUnderflowError
 
 
@@ -171,3 +172,29 @@ def test_snapshot_names_the_hash_holder_as_parent():
     bp.cache_blocks(b, ["p", "c"])
     parents = {e.block_hashes[0]: e.parent_block_hash for e in stream.snapshot_events()[1:]}
     assert parents == {"p": None, "c": "p"}
+
+
+def test_growable_pool_adds_blocks_before_evicting_and_shrinks_on_reset():
+    bp = BlockPool(0, 4, growable=True, max_num_blocks=3)
+    assert run_request(bp, ["a", "b"]) == [0, 1] and bp.num_blocks == 2
+    # one block may still be added, the second is a victim: b's block (released first)
+    assert run_request(bp, ["c", "d"]) == [2, 1] and bp.num_blocks == 3
+    assert "b" not in bp.cached and bp.growth_room == 0
+    with pytest.raises(KVPoolFullError):
+        bp.allocate(4)
+    bp.check_invariants()
+    bp.reset()
+    assert bp.num_blocks == 0 and not bp.free_queue and not bp.cached
+
+
+def test_entry_pool_put_chain_keeps_its_chain_grows_then_evicts():
+    ep = EntryPool(3, block_size=1)
+    assert ep.put_chain(["a", "b"]) == ([0, 1], [0, 1])
+    assert ep.put_chain(["a", "c"]) == ([0, 2], [1])
+    assert ep.policy.peek_victims(3) == [1, 2, 0]  # b, c, then the refreshed a
+    # full: the chain's a is kept out of the order, b is the victim and its block reused
+    assert ep.put_chain(["a", "d"]) == ([0, 1], [1])
+    assert ep.policy.peek_victims(3) == [2, 1, 0] and "b" not in ep.cached
+    assert ep.hit_prefix(["c", "x", "a"]) == [2]  # stops at the first miss
+    assert ep.policy.peek_victims(3) == [1, 0, 2]
+    ep.check_invariants()

@@ -556,7 +556,8 @@ ROWS = [
 
 
 def spc_state(spc: PrefixCache) -> tuple:
-    return (dict(spc._index), list(spc._slot_block), spc._policy.peek_victims(99), spc.get_stats())
+    policy = spc.block_pool.policy
+    return (spc.entries(), dict(spc.block_pool.cached), policy.peek_victims(99), spc.get_stats())
 
 
 @pytest.mark.parametrize(("name", "call", "error"), ROWS, ids=[r[0] for r in ROWS])

@@ -98,17 +98,17 @@ def test_standalone_insert_that_cannot_evict_changes_nothing():
     first = cache.compute_block_hashes([1, 2, 3, 4])
     cache.insert(first, ["a", "b"])  # slots 0, 1
     cache.insert(cache.compute_block_hashes([8, 8]), ["c"])  # slot 2
-    cache._policy.pin_for([0, 1, 2], 100.0)  # every entry protected
+    cache.block_pool.policy.pin_for([0, 1, 2], 100.0)  # every entry protected
     with pytest.raises(KVNoVictimError):
         cache.insert(cache.compute_block_hashes([7, 7]), ["d"])
     assert len(cache) == 3
     # re-touching the protected prefix plus one new block fails the same way
     with pytest.raises(KVNoVictimError):
         cache.insert(cache.compute_block_hashes([1, 2, 3, 4, 5, 6]), ["a", "b", "x"])
-    assert len(cache._policy) == 3  # the prefix went back into the order
+    assert len(cache.block_pool.policy) == 3  # the prefix went back into the order
     assert cache.lookup(first) == (["a", "b"], 4)
     assert cache.evict_by_count(5) == 0  # all protected: nothing to evict, no error
-    cache._policy.unprotect([0, 1, 2])
+    cache.block_pool.policy.unprotect([0, 1, 2])
     assert cache.evict_by_count(5) == 3
 
 

@@ -68,9 +68,9 @@ def test_stats_definitions():
     cache.lookup(h[:1], num_tokens=6)  # 1 of 1 block, prompt of 6 tokens
     s = cache.get_stats()
     assert (s["query_tokens"], s["hit_tokens"]) == (12 + 8 + 6, 8 + 4)
-    assert s["hit_rate"] == s["token_hit_rate"] == pytest.approx(12 / 26)
-    assert s["block_hit_rate"] == pytest.approx(3 / 6)
-    assert s["request_hit_rate"] == pytest.approx(2 / 3)
+    assert s["hit_rate"] == s["token_hit_ratio"] == pytest.approx(12 / 26)
+    assert s["block_hit_ratio"] == pytest.approx(3 / 6)
+    assert s["request_hit_ratio"] == pytest.approx(2 / 3)
     assert s["evictions"] == 0 and s["insertions"] == 2
 
 
@@ -114,10 +114,10 @@ def test_bad_input_changes_nothing(call, error):
     cache = PrefixCache(block_size=4, max_cached_blocks=10)
     h = cache.compute_block_hashes(list(range(12)))
     cache.insert(h, blocks_for(h))
-    before = (cache.get_stats(), dict(cache._index))
+    before = (cache.get_stats(), dict(cache.block_pool.cached))
     with pytest.raises(error):
         call(cache, h)
-    assert (cache.get_stats(), dict(cache._index)) == before
+    assert (cache.get_stats(), dict(cache.block_pool.cached)) == before
 
 
 def test_bad_construction():
