@@ -108,11 +108,8 @@ def test_directory_is_seeded_with_what_a_pool_already_caches_and_invalidation_re
 
 def test_directory_fed_by_another_nodes_kv_events_in_order_gaps_refused():
     from sagellm_kv_cache.errors import KVEventGapError
-    from sagellm_kv_cache.observability.events import (
-        KVEventStream,
-        events_from_jsonl,
-        events_to_jsonl,
-    )
+    from sagellm_kv_cache.observability.event_json import events_from_jsonl, events_to_jsonl
+    from sagellm_kv_cache.observability.events import KVEventStream
 
     a = make_pool(num_blocks=8)  # "another process": only its events reach the directory
     stream = KVEventStream(a)

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from sagellm_kv_cache.errors import KVChecksumMismatchError, KVTransferTimeoutError
-from sagellm_kv_cache.observability.events import KVEventStream, events_from_jsonl, events_to_jsonl
+from sagellm_kv_cache.observability.event_json import events_from_jsonl, events_to_jsonl
+from sagellm_kv_cache.observability.events import KVEventStream
 from sagellm_kv_cache.pool import KVPool
 from sagellm_kv_cache.pooling import GlobalKVPoolManager, NodeContribution, RemoteKVAccessor
 from sagellm_kv_cache.storage import ModelShape

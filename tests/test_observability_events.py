@@ -276,3 +276,48 @@ def test_jsonl_round_trip_with_bytes_and_int_hashes():
 def test_malformed_lines_are_refused(line):
     with pytest.raises(KVInvalidInputError, match="line 1"):
         events_from_jsonl(line)
+
+
+_EDGE_LINES = [
+    '{"type": "block_stored", "seq": 1, "ts": 0, "block_hashes": ["0a", 7], "block_ids": [1, 2]}',
+    '{"type": "block_stored", "seq": 2, "ts": 1.5, "block_hashes": [18446744073709551616], '
+    '"block_ids": [3], "parent_block_hash": "ff", "block_size": 16, "extra": [1]}',
+    '{"type": "block_removed", "seq": 3, "ts": 2.0, "block_hashes": [7], "block_ids": [2], '
+    '"reason": "capacity"}',
+    '{"type": "all_blocks_cleared", "seq": 4, "ts": 3}',
+    '{"type": "all_blocks_cleared", "seq": true, "ts": 3}',
+    '{"type": "block_stored", "seq": 5, "ts": false, "block_hashes": [], "block_ids": []}',
+    '{"type": "block_stored", "seq": 5, "ts": 1, "block_hashes": [null], "block_ids": [1]}',
+    '{"type": "block_stored", "seq": 5, "ts": 1, "block_hashes": [1], "block_ids": [true]}',
+    '{"type": "block_stored", "seq": 5, "ts": 1, "block_hashes": [1], "block_ids": [1], '
+    '"block_size": 1.0}',
+    '{"type": "block_removed", "seq": 5, "ts": 1, "block_hashes": [1], "block_ids": [1], '
+    '"reason": 3}',
+    "[1, 2]",
+    '{"seq": 1, "ts": 0}',
+]
+
+
+@pytest.mark.parametrize("line", _EDGE_LINES)
+def test_msgspec_fast_path_decodes_exactly_as_the_field_parser(line, monkeypatch):
+    """Differential: each line gives the same event, or the same error, with the typed
+    structs (msgspec) as with the field-by-field parser alone."""
+    pytest.importorskip("msgspec")
+    from sagellm_kv_cache.observability import event_json
+
+    def decode() -> object:
+        try:
+            return events_from_jsonl(line)
+        except KVInvalidInputError as exc:
+            return ("error", exc.code, str(exc))
+
+    fast = decode()
+    monkeypatch.setattr(event_json, "_FAST", [None])  # the field parser alone
+    assert decode() == fast
+
+
+def test_msgspec_fast_path_takes_the_valid_lines():
+    pytest.importorskip("msgspec")
+    from sagellm_kv_cache.observability._event_structs import decode_line
+
+    assert [decode_line(line) is not None for line in _EDGE_LINES[:5]] == [1, 1, 1, 1, 0]

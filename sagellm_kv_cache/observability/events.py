@@ -1,15 +1,8 @@
 """KV events: what a KV-aware router needs to mirror a pool's cache contents.
 
-``KVEventStream`` is a pool hook that publishes three kinds of events, each
-with a sequence number (1, 2, 3, ... with no holes) and the pool's timestamp::
-
-    BlockStored(block_hashes, parent_block_hash, block_ids, block_size)
-        blocks registered in the prefix cache, in chain order; the first
-        block's parent is ``parent_block_hash`` (None: a request's first block)
-    BlockRemoved(block_hashes, block_ids, reason)
-        hashes dropped ("capacity", "explicit" or "clear")
-    AllBlocksCleared()
-        every hash dropped (pool reset)
+``KVEventStream`` is a pool hook that publishes ``BlockStored``,
+``BlockRemoved`` and ``AllBlocksCleared`` (:mod:`.event_types`), each with a
+sequence number (1, 2, 3, ... with no holes) and the pool's timestamp.
 
 Blocks the pool reports one by one are batched: consecutive stored blocks of
 one chain become one ``BlockStored``, consecutive drops of one eviction
@@ -21,11 +14,9 @@ Events sit in a bounded ring buffer. A consumer polls ``events_since(seq)``
 with the last sequence number it applied; when the buffer has dropped events
 it has not seen, ``KVEventGapError`` tells it to resynchronise (start over
 from ``AllBlocksCleared`` or ``snapshot_events()``). ``subscribe`` pushes
-events to callbacks instead. ``replay`` / ``CacheIndex`` rebuild hash ->
-block id from events, which is what a router keeps per worker.
-
-Serialisation is JSON lines: bytes hashes as hex strings, int hashes (trace
-ids) as JSON ints. Nothing is pickled, nothing read is evaluated.
+events to callbacks instead. ``replay`` / ``CacheIndex`` (:mod:`.event_index`)
+rebuild hash -> block id from events, which is what a router keeps per
+worker; :mod:`.event_json` writes and reads them as JSON lines.
 """
 
 from __future__ import annotations
@@ -34,67 +25,22 @@ import json
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
 from itertools import chain
-from typing import IO, Any, ClassVar
+from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import KVEventGapError, KVInvalidInputError, KVInvalidTypeError
 from ..hooks import PoolHook
+from .event_json import event_to_dict
+from .event_types import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
-__all__ = [
-    "AllBlocksCleared",
-    "BlockRemoved",
-    "BlockStored",
-    "CacheIndex",
-    "KVEvent",
-    "KVEventGapError",
-    "KVEventStream",
-    "event_from_dict",
-    "event_to_dict",
-    "events_from_jsonl",
-    "events_to_jsonl",
-    "replay",
-]
+if TYPE_CHECKING:  # pragma: no cover
+    from ..handle import KVHandle
+
+__all__ = ["KVEventGapError", "KVEventStream"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True, slots=True)
-class BlockStored:
-    """Blocks registered under their hashes, in chain order."""
-
-    seq: int
-    timestamp: float
-    block_hashes: tuple[Hashable, ...]
-    parent_block_hash: Hashable | None
-    block_ids: tuple[int, ...]
-    block_size: int | None = None
-    type: ClassVar[str] = "block_stored"
-
-
-@dataclass(frozen=True, slots=True)
-class BlockRemoved:
-    """Hashes dropped from the cache (their blocks may be reused at once)."""
-
-    seq: int
-    timestamp: float
-    block_hashes: tuple[Hashable, ...]
-    block_ids: tuple[int, ...]
-    reason: str = "capacity"
-    type: ClassVar[str] = "block_removed"
-
-
-@dataclass(frozen=True, slots=True)
-class AllBlocksCleared:
-    """Every hash dropped (pool reset)."""
-
-    seq: int
-    timestamp: float
-    type: ClassVar[str] = "all_blocks_cleared"
-
-
-KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 _STORED, _REMOVED = 1, 2
 
@@ -164,11 +110,11 @@ class KVEventStream(PoolHook):
         if not kind:
             return
         seq = self._last_seq + 1
-        hashes, ids = self._hashes, self._ids
-        if len(hashes) == 1:
-            hashes, ids = hashes[0], ids[0]
+        parts = self._hashes
+        if len(parts) == 1:
+            hashes, ids = parts[0], self._ids[0]
         else:
-            hashes, ids = tuple(chain.from_iterable(hashes)), tuple(chain.from_iterable(ids))
+            hashes, ids = tuple(chain.from_iterable(parts)), tuple(chain.from_iterable(self._ids))
         extra = self._parent if kind == _STORED else self._reason
         self._kind = 0
         self._hashes = []
@@ -196,25 +142,34 @@ class KVEventStream(PoolHook):
             self._flush_locked()
 
     # -- pool hook -----------------------------------------------------------
+    def _add(
+        self, kind: int, key: Any, hashes: tuple[Hashable, ...], ids: tuple[int, ...], ts: float
+    ) -> None:
+        """Add to the batch being built, or start a new one: stored blocks join it while
+        they continue its chain (``key``: their parent), drops while they share its
+        reason and time (``key``: the reason)."""
+        if kind != self._kind or (
+            key != self._hashes[-1][-1]
+            if kind == _STORED
+            else key != self._reason or ts != self._ts
+        ):
+            self._flush_locked()
+            self._kind = kind
+            if kind == _STORED:
+                self._parent = key
+            else:
+                self._reason = key
+            self._ts = ts
+        self._hashes.append(hashes)
+        self._ids.append(ids)
+
     def on_block_cached(
         self, block_id: int, block_hash: Hashable, parent_hash: Hashable | None, timestamp: float
     ) -> None:
-        if self._kind != _STORED or parent_hash != self._hashes[-1][-1]:  # not the same chain
-            self._flush_locked()
-            self._kind = _STORED
-            self._parent = parent_hash
-            self._ts = timestamp
-        self._hashes.append((block_hash,))
-        self._ids.append((block_id,))
+        self._add(_STORED, parent_hash, (block_hash,), (block_id,), timestamp)
 
     def on_evict(self, block_id: int, block_hash: Hashable, reason: str, timestamp: float) -> None:
-        if self._kind != _REMOVED or reason != self._reason or timestamp != self._ts:
-            self._flush_locked()
-            self._kind = _REMOVED
-            self._reason = reason
-            self._ts = timestamp
-        self._hashes.append((block_hash,))
-        self._ids.append((block_id,))
+        self._add(_REMOVED, reason, (block_hash,), (block_id,), timestamp)
 
     def on_blocks_cached(
         self,
@@ -223,16 +178,9 @@ class KVEventStream(PoolHook):
         parent_hash: Hashable | None,
         timestamp: float,
     ) -> None:
-        if not block_ids:
-            return
-        if self._kind != _STORED or parent_hash != self._hashes[-1][-1]:  # not the same chain
-            self._flush_locked()
-            self._kind = _STORED
-            self._parent = parent_hash
-            self._ts = timestamp
         # copies: the caller may reuse its lists before the batch is published
-        self._hashes.append(tuple(block_hashes))
-        self._ids.append(tuple(block_ids))
+        if block_ids:
+            self._add(_STORED, parent_hash, tuple(block_hashes), tuple(block_ids), timestamp)
 
     def on_evict_many(
         self,
@@ -241,28 +189,32 @@ class KVEventStream(PoolHook):
         reason: str,
         timestamp: float,
     ) -> None:
-        if not block_ids:
-            return
-        if self._kind != _REMOVED or reason != self._reason or timestamp != self._ts:
-            self._flush_locked()
-            self._kind = _REMOVED
-            self._reason = reason
-            self._ts = timestamp
-        self._hashes.append(tuple(block_hashes))
-        self._ids.append(tuple(block_ids))
+        if block_ids:
+            self._add(_REMOVED, reason, tuple(block_hashes), tuple(block_ids), timestamp)
 
     def on_cleared(self, timestamp: float) -> None:
         self._flush_locked()
         self._publish_locked(AllBlocksCleared(self._last_seq + 1, float(timestamp)))
 
-    def _end_batch(self, *_: Any) -> None:
+    # any other pool event ends a batch, so consumers see it one request later at most
+    def on_lookup(
+        self,
+        request_id: str | None,
+        block_ids: Sequence[int],
+        num_hit_blocks: int,
+        num_blocks: int,
+        timestamp: float,
+    ) -> None:
         if self._kind:
             self._flush_locked()
 
-    # any other pool event ends a batch, so consumers see it one request later at most
-    on_lookup = _end_batch
-    on_alloc = _end_batch
-    on_free = _end_batch
+    def on_alloc(self, handle: KVHandle, timestamp: float) -> None:
+        if self._kind:
+            self._flush_locked()
+
+    def on_free(self, handle: KVHandle, timestamp: float) -> None:
+        if self._kind:
+            self._flush_locked()
 
     # -- reading -------------------------------------------------------------
     @property
@@ -402,188 +354,3 @@ class KVEventStream(PoolHook):
         return (
             f"KVEventStream(last_seq={self._last_seq}, buffered={len(self._events)}/{self.maxlen})"
         )
-
-
-# -- consumers ----------------------------------------------------------------
-class CacheIndex:
-    """A consumer's mirror of one pool's cache: ``hash -> block id``.
-
-    ``apply`` checks that sequence numbers follow each other without holes
-    (``KVEventGapError`` otherwise); events of a ``snapshot_events()`` list
-    carry the same number and reset the index with their ``AllBlocksCleared``.
-    """
-
-    __slots__ = ("_cleared_seq", "blocks", "last_seq")
-
-    def __init__(self) -> None:
-        self.blocks: dict[Hashable, int] = {}
-        self.last_seq = 0
-        self._cleared_seq = 0  # a snapshot's stored blocks repeat its clear's number
-
-    def apply(self, event: KVEvent) -> None:
-        """Apply one event. Raises ``KVEventGapError`` when events are missing before it."""
-        seq = event.seq
-        if isinstance(event, AllBlocksCleared):
-            self.blocks.clear()
-            self._cleared_seq = seq
-        elif seq != self.last_seq + 1 and not (seq == self.last_seq == self._cleared_seq):
-            raise KVEventGapError(
-                f"event {seq} follows {self.last_seq}: events in between are missing",
-                missing_from=self.last_seq + 1,
-                missing_to=seq - 1,
-            )
-        elif isinstance(event, BlockStored):
-            self.blocks.update(zip(event.block_hashes, event.block_ids))
-        elif isinstance(event, BlockRemoved):
-            pop = self.blocks.pop
-            for h in event.block_hashes:
-                pop(h, None)
-        else:
-            raise KVInvalidTypeError(f"not a KV event: {type(event).__name__}")
-        self.last_seq = seq
-
-    def apply_many(self, events: Iterable[KVEvent]) -> None:
-        for e in events:
-            self.apply(e)
-
-    def __contains__(self, block_hash: object) -> bool:
-        return block_hash in self.blocks
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __call__(self, event: KVEvent) -> None:  # usable as a subscriber
-        self.apply(event)
-
-
-def replay(events: Iterable[KVEvent]) -> dict[Hashable, int]:
-    """Rebuild ``hash -> block id`` from a gap-free event sequence (from seq 1
-    or starting with ``AllBlocksCleared``)."""
-    index = CacheIndex()
-    index.apply_many(events)
-    return index.blocks
-
-
-# -- JSON lines ---------------------------------------------------------------
-def _enc_hash(h: Any) -> Any:
-    if isinstance(h, bytes):
-        return h.hex()
-    if isinstance(h, int) and not isinstance(h, bool):
-        return h
-    if h is None:
-        return None
-    raise KVInvalidTypeError(f"block hash of type {type(h).__name__} has no JSON encoding")
-
-
-def _dec_hash(v: Any) -> Any:
-    if isinstance(v, str):
-        try:
-            return bytes.fromhex(v)
-        except ValueError:
-            raise KVInvalidInputError(f"block hash {v!r} is not hex") from None
-    if (isinstance(v, int) and not isinstance(v, bool)) or v is None:
-        return v
-    raise KVInvalidInputError(f"block hash {v!r} is neither a hex string nor an int")
-
-
-def event_to_dict(event: KVEvent) -> dict[str, Any]:
-    """JSON-ready dict of an event (bytes hashes as hex)."""
-    d: dict[str, Any] = {"type": event.type, "seq": event.seq, "ts": event.timestamp}
-    if isinstance(event, BlockStored):
-        d["block_hashes"] = [_enc_hash(h) for h in event.block_hashes]
-        d["parent_block_hash"] = _enc_hash(event.parent_block_hash)
-        d["block_ids"] = list(event.block_ids)
-        d["block_size"] = event.block_size
-    elif isinstance(event, BlockRemoved):
-        d["block_hashes"] = [_enc_hash(h) for h in event.block_hashes]
-        d["block_ids"] = list(event.block_ids)
-        d["reason"] = event.reason
-    return d
-
-
-def _int_field(d: dict[str, Any], key: str, *, optional: bool = False) -> Any:
-    v = d.get(key)
-    if v is None and optional:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise KVInvalidInputError(f"event field {key!r} must be an int, got {v!r}")
-    return v
-
-
-def _ids(d: dict[str, Any], n: int) -> tuple[int, ...]:
-    ids = d.get("block_ids")
-    if not isinstance(ids, list) or len(ids) != n:
-        raise KVInvalidInputError(f"event needs {n} block_ids, got {ids!r}")
-    for b in ids:
-        if isinstance(b, bool) or not isinstance(b, int):
-            raise KVInvalidInputError(f"block id {b!r} is not an int")
-    return tuple(ids)
-
-
-def event_from_dict(d: dict[str, Any]) -> KVEvent:
-    """Inverse of ``event_to_dict``; validates every field.
-
-    Raises:
-        KVInvalidInputError: unknown type or a malformed field.
-    """
-    if not isinstance(d, dict):
-        raise KVInvalidInputError(f"an event is a JSON object, got {type(d).__name__}")
-    kind = d.get("type")
-    seq = _int_field(d, "seq")
-    ts = d.get("ts")
-    if isinstance(ts, bool) or not isinstance(ts, int | float):
-        raise KVInvalidInputError(f"event field 'ts' must be a number, got {ts!r}")
-    ts = float(ts)
-    if kind == AllBlocksCleared.type:
-        return AllBlocksCleared(seq, ts)
-    if kind not in (BlockStored.type, BlockRemoved.type):
-        raise KVInvalidInputError(f"unknown event type {kind!r}")
-    raw = d.get("block_hashes")
-    if not isinstance(raw, list):
-        raise KVInvalidInputError(f"event field 'block_hashes' must be a list, got {raw!r}")
-    hashes = tuple(_dec_hash(h) for h in raw)
-    if None in hashes:
-        raise KVInvalidInputError("a block hash is null")
-    ids = _ids(d, len(hashes))
-    if kind == BlockStored.type:
-        return BlockStored(
-            seq,
-            ts,
-            hashes,
-            _dec_hash(d.get("parent_block_hash")),
-            ids,
-            _int_field(d, "block_size", optional=True),
-        )
-    reason = d.get("reason")
-    if not isinstance(reason, str):
-        raise KVInvalidInputError(f"event field 'reason' must be a string, got {reason!r}")
-    return BlockRemoved(seq, ts, hashes, ids, reason)
-
-
-def events_to_jsonl(events: Iterable[KVEvent]) -> str:
-    """One compact JSON object per line (a trailing newline after each)."""
-    dumps = json.dumps
-    return "".join(dumps(event_to_dict(e), separators=(",", ":")) + "\n" for e in events)
-
-
-def events_from_jsonl(lines: str | Iterable[str]) -> list[KVEvent]:
-    """Parse JSON lines back into events (blank lines skipped).
-
-    Raises:
-        KVInvalidInputError: a line is not JSON or not a valid event (its line number given).
-    """
-    if isinstance(lines, str):
-        lines = lines.splitlines()
-    out: list[KVEvent] = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise KVInvalidInputError(f"line {i}: not JSON ({exc.msg})") from None
-        try:
-            out.append(event_from_dict(d))
-        except KVInvalidInputError as exc:
-            raise KVInvalidInputError(f"line {i}: {exc.message}") from None
-    return out

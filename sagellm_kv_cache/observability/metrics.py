@@ -379,12 +379,12 @@ class MetricsHook(PoolHook):
         self._lifetime.starts.extend(map(self._cached_at.__getitem__, block_ids))
         self._lifetime.marks.append((timestamp, n))
         idle = self._idle
-        released = map(self._last_release.__getitem__, block_ids)
+        released: Iterable[float] = map(self._last_release.__getitem__, block_ids)
         refs = self._refs
         # victims of "capacity" are unreferenced by construction; an explicit drop
         # (invalidate) may hit a block in use, which has no idle time
         if refs and reason != "capacity" and any(map(refs.__getitem__, block_ids)):
-            released = iter([_UNKNOWN if refs[b] else r for b, r in zip(block_ids, released)])
+            released = [_UNKNOWN if refs[b] else r for b, r in zip(block_ids, released)]
         idle.starts.extend(released)
         idle.guards.extend(map(self._last_access.__getitem__, block_ids))
         idle.marks.append((timestamp, n))
