@@ -761,3 +761,41 @@ def test_nixl_group_of_messages_is_one_notification_and_one_read():
     assert len(sent) == 1
     b0.close()
     b1.close()
+
+
+def test_sender_reuses_kept_digests_and_a_stale_one_costs_one_retry(monkeypatch):
+    import sagellm_kv_cache.transfer.digests as digests_mod
+
+    direct = {"direct_min_message_bytes": 0}
+    s, sp, r, rp = pair(sender_kw={**direct, "max_retries": 1}, receiver_kw=direct)
+    tokens = prompt(9, 32)  # 8 full blocks: every direct message holds cached blocks only
+    h, _ = fill(sp, tokens, seed=9)
+    hashed: list[int] = []
+    real = digests_mod.digest
+    monkeypatch.setattr(digests_mod, "digest", lambda a, b: hashed.append(1) or real(a, b))
+
+    def send_once():
+        rp.reset()
+        join = in_thread(r.receive, rp, timeout_s=JOIN_S, keep_handles=False)
+        tid = s.transfer_kv_handle(h, 0, 1)
+        _, exc = join()
+        return tid, exc
+
+    tid, exc = send_once()
+    first = len(hashed)
+    assert exc is None and first == 4  # 2 layers x K/V, one message each: hashed once
+    tid, exc = send_once()
+    assert exc is None and len(hashed) == first  # the kept digests, nothing re-hashed
+    assert s.get_transfer_metadata(tid)["retries"] == 0
+    # the source bytes change under the same block hashes (what immutability forbids):
+    # the receiver sees a mismatch, the retry hashes afresh, the new bytes land
+    sp.storage.kv.add_(1)
+    rp.reset()
+    join = in_thread(r.serve, rp, num_transfers=2, idle_timeout_s=JOIN_S)
+    tid = s.transfer_kv_handle(h, 0, 1)
+    records, exc = join()
+    assert exc is None
+    assert s.get_transfer_metadata(tid)["retries"] == 1
+    assert [rec.error_code for rec in records] == [KVChecksumMismatchError.code, None]
+    h2, hit = rp.alloc_with_prefix(tokens)
+    assert hit == 32 and torch.equal(rp.read_kv(h2), sp.read_kv(h))

@@ -14,6 +14,7 @@ from sagellm_kv_cache.transfer.wire import (
     TransferHeader,
     decode_header,
     decode_trailer,
+    digest,
     encode_header,
     encode_trailer,
 )
@@ -134,18 +135,24 @@ def test_trailer_round_trip_and_mismatch():
 
 
 @pytest.mark.parametrize("algo", ["xxh3_64", "crc32"])
-def test_streaming_checksum_equals_one_shot_and_sees_one_bit(algo):
+def test_message_checksum_folds_per_message_digests_and_sees_one_bit(algo):
     data = bytes(range(256)) * 100
-    one, parts = Checksum(algo), Checksum(algo)
-    one.update(data)
-    for i in range(0, len(data), 777):
-        parts.update(data[i : i + 777])
-    assert one.value() == parts.value() != 0
+    messages = [data[i : i + 777] for i in range(0, len(data), 777)]
+    hashed, kept = Checksum(algo), Checksum(algo)
+    for m in messages:
+        hashed.update(m)
+        kept.add(digest(algo, m))  # a digest kept from an earlier send of the same bytes
+    assert hashed.value() == kept.value() != 0
+    whole = Checksum(algo)
+    whole.update(data)
+    assert whole.value() != hashed.value()  # the same bytes cut otherwise: another value
     flipped = bytearray(data)
     flipped[1234] ^= 1
     other = Checksum(algo)
-    other.update(bytes(flipped))
-    assert other.value() != one.value()
+    for i in range(0, len(flipped), 777):
+        other.update(bytes(flipped[i : i + 777]))
+    assert other.value() != hashed.value()
+    assert Checksum("none").value() == 0
 
 
 def test_header_is_not_pickle():

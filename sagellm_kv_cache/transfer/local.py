@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import KVBudgetExceededError, KVTransferFailedError
 from .backends.inprocess import InProcessBackend
 from .context import TransferContext
-from .digests import digest
+from .digests import SourcePieces
 from .plan import (
     LOCAL_PIECE_BYTES,
     Plan,
@@ -33,7 +33,7 @@ from .plan import (
     scatter,
 )
 from .protocol import mismatch, with_retries
-from .wire import Checksum, TransferHeader, decode_header, encode_header
+from .wire import Checksum, TransferHeader, decode_header, digest, encode_header
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..handle import KVHandle
@@ -141,27 +141,25 @@ class LocalMover:
                 direct_slices(runs, num_layers, 1, per_piece),
             )
         )
-        versions: dict[tuple[int, int], tuple[Any, ...] | None] = {}
+        sources = SourcePieces(self.ctx.digests, plan, header.checksum_algo)
         if header.checksum_algo != "none":
-            for (_, _, a, b), _ in pieces:
-                if (a, b) not in versions:
-                    versions[(a, b)] = _version(plan, a, b)
+            sources.prepare(p[0] for p in pieces)
         half = len(pieces) // 2
         if header.payload_nbytes < PARALLEL_MIN_BYTES or half == 0:
-            self._copy_pieces(plan, header, dst_kv, pieces, 0, versions)
+            self._copy_pieces(plan, header, dst_kv, pieces, 0, sources)
             return
         errors: list[BaseException] = []
 
         def second_half() -> None:
             try:
-                self._copy_pieces(plan, header, dst_kv, pieces[half:], half, versions)
+                self._copy_pieces(plan, header, dst_kv, pieces[half:], half, sources)
             except BaseException as exc:  # re-raised on the calling thread
                 errors.append(exc)
 
         worker = threading.Thread(target=second_half, name="kvx-local", daemon=True)
         worker.start()
         try:
-            self._copy_pieces(plan, header, dst_kv, pieces[:half], 0, versions)
+            self._copy_pieces(plan, header, dst_kv, pieces[:half], 0, sources)
         finally:
             worker.join()
         if errors:
@@ -174,31 +172,22 @@ class LocalMover:
         dst_kv: Any,
         pieces: list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]],
         first: int,
-        versions: dict[tuple[int, int], tuple[Any, ...] | None],
+        sources: SourcePieces,
     ) -> None:
-        backend, cache = self._backend(), self.ctx.digests
+        backend = self._backend()
         algo = header.checksum_algo
         src = plan.source
-        where = (src.data_ptr(), tuple(src.shape), str(src.dtype), algo)
         for m, ((layer, k, a, b), (_, _, c, d)) in enumerate(pieces, first):
             s = src[layer, k, a:b].view(-1)
             t = dst_kv[layer, k, c:d].view(-1)
             if algo == "none":
                 backend.copy_into(t, s, m)
                 continue
-            key = (where, layer, k, a, b)
-            version = versions[(a, b)]
-            want = cache.get(key, version) if version else None
-            if want is None:
-                want = digest(algo, bytes_of(s))
-                if version:
-                    cache.put(key, version, want)
+            want = sources.of(layer, k, a, b, s)
             backend.copy_into(t, s, m)
             got = digest(algo, bytes_of(t))
             if got != want:
-                want = digest(algo, bytes_of(s))  # a kept digest may be stale
-                if version:
-                    cache.put(key, version, want)
+                want = sources.refresh(layer, k, a, b, s)  # a kept digest may be stale
                 bad = mismatch(header.transfer_id, got, want)
                 if bad is not None:
                     raise bad
@@ -230,10 +219,3 @@ class LocalMover:
         bad = mismatch(header.transfer_id, recv_sum.value(), send_sum.value())
         if check and bad is not None:
             raise bad
-
-
-def _version(plan: Plan, a: int, b: int) -> tuple[Any, ...] | None:
-    """The block hashes of source blocks ``a..b-1`` (None when one is uncached)."""
-    by_block = plan.hash_by_block()
-    hashes = tuple(by_block.get(x) for x in range(a, b))
-    return None if any(h is None for h in hashes) else hashes

@@ -16,7 +16,7 @@ finishes and reads the typed verdict from the ack. Transport failures
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import KVCacheError
@@ -55,9 +55,12 @@ def move_direct(
     send: bool,
     errors: list[Exception] | None = None,
     guard: TailGuard | None = None,
+    source_digest: Callable[[int, Any], int] | None = None,
 ) -> int:
     """Send (``send``) or receive ``views``, at most ``window`` messages in
-    flight; returns the checksum of the bytes in message order."""
+    flight; returns the checksum of the messages in order. A sender may pass
+    ``source_digest(m, view)`` for the digest of message ``m`` (kept digests
+    of cached source pieces, ``digests.SourcePieces``)."""
     cs = Checksum(header.checksum_algo)
     check = header.checksum_algo != "none"
     batch = max(1, int(getattr(backend, "batch_messages", 1)))
@@ -93,8 +96,11 @@ def move_direct(
     first = 0
     for m, view in enumerate(views):
         if send and check:
-            # hash first: the message is then hot in cache when the transport reads it
-            cs.update(bytes_of(view))
+            if source_digest is not None:
+                cs.add(source_digest(m, view))
+            else:
+                # hash first: the message is then hot in cache when the transport reads it
+                cs.update(bytes_of(view))
         pending.append(view)
         if len(pending) == batch:
             while len(groups) * batch >= window:

@@ -17,8 +17,9 @@ from typing import Any
 
 from ..errors import KVTransferTimeoutError
 from .context import TransferContext
+from .digests import SourcePieces
 from .pipeline import move_direct
-from .plan import Plan, bytes_of, direct_views, gather, runs_of
+from .plan import Plan, bytes_of, direct_slices, direct_views, gather, runs_of
 from .protocol import (
     CANCELLED,
     MODE_DIRECT,
@@ -54,7 +55,7 @@ class Sender:
             holder: list[TransferRecord] = []
             t0 = time.perf_counter()
             try:
-                tid = self._send_once(plan, src, dst, holder)
+                tid = self._send_once(plan, src, dst, holder, retries)
             except BaseException as exc:
                 if holder:
                     holder[0].retries = retries
@@ -70,7 +71,9 @@ class Sender:
         with self._seq_lock:
             return self._pair_locks.setdefault(dst, threading.Lock())
 
-    def _send_once(self, plan: Plan, src: int, dst: int, holder: list[TransferRecord]) -> int:
+    def _send_once(
+        self, plan: Plan, src: int, dst: int, holder: list[TransferRecord], retries: int
+    ) -> int:
         ctx, s = self.ctx, self.ctx.settings
         store = ctx.backend.store
         header = plan.header
@@ -96,12 +99,24 @@ class Sender:
                 raise remote_error(ready, "receiver refused the transfer", tid, dst)
             mode, per_message, dst_ids = parse_ready(ready, header)
             if mode == MODE_DIRECT:
-                views = direct_views(
-                    plan.source, runs_of(header.src_block_ids, dst_ids), 0, per_message
-                )
-                window = s.max_inflight * 16
+                runs = runs_of(header.src_block_ids, dst_ids)
+                slices = list(direct_slices(runs, header.num_layers, 0, per_message))
+                # a retry hashes every piece afresh: a kept digest may be what failed
+                sources = SourcePieces(ctx.digests, plan, header.checksum_algo, retries == 0)
+
+                def source_digest(m: int, view: Any) -> int:
+                    return sources.of(*slices[m], view)
+
                 checksum = move_direct(
-                    ctx.backend, header, views, dst, seq, deadline, window, send=True
+                    ctx.backend,
+                    header,
+                    direct_views(plan.source, runs, 0, per_message),
+                    dst,
+                    seq,
+                    deadline,
+                    s.max_inflight * 16,
+                    send=True,
+                    source_digest=source_digest,
                 )
             else:
                 checksum = self._stream(plan, dst, seq, deadline)

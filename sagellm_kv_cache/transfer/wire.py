@@ -27,8 +27,10 @@ bit 0 is set, ``num_blocks`` x u32 source block ids.
 
 Payload chunk ``c`` holds blocks ``[c*k, min((c+1)*k, num_blocks))`` as the
 pool stores them, ``[num_layers, 2, n, <block dims>]`` (C order), optionally
-zlib-compressed. The checksum covers the chunks' *wire* bytes in order; it
-travels in the trailer so the sender can hash while the data is in flight::
+compressed. The checksum covers the *wire* bytes message by message (chunks,
+or direct-mode slabs): the digest of the per-message digests in order
+(``Checksum``). It travels in the trailer so the sender can hash while the
+data is in flight::
 
     magic b"SKVT" | version u16 | checksum_algo u8 | pad u8 | transfer_id u64 |
     num_chunks u32 | checksum u64
@@ -42,8 +44,10 @@ from __future__ import annotations
 
 import struct
 import zlib
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import KVTransferFailedError
 from ..handle import KV_DTYPES
@@ -61,6 +65,7 @@ __all__ = [
     "TransferHeader",
     "decode_header",
     "decode_trailer",
+    "digest",
     "encode_header",
     "encode_trailer",
     "make_checksum",
@@ -429,36 +434,50 @@ def decode_trailer(data: bytes, header: TransferHeader) -> int:
     return checksum
 
 
-class Checksum:
-    """Streaming checksum over buffers (``update`` then ``value``).
+def digest(algo: str, buf: Any) -> int:
+    """One message's checksum (``xxh3_64``, ``crc32``, or 0 for ``none``)."""
+    if algo == "xxh3_64":
+        import xxhash
 
-    ``xxh3_64`` (needs ``xxhash``; ~10x faster than crc32 here), ``crc32``
-    (zlib, always available) or ``none`` (value 0).
+        return int(xxhash.xxh3_64_intdigest(buf))
+    if algo == "crc32":
+        return zlib.crc32(buf)
+    return 0
+
+
+class Checksum:
+    """Checksum of a payload that moves as messages (chunks or direct slabs).
+
+    Each message gets its own digest (``update``, or ``add`` for one known
+    already), and the value is the digest of the per-message digests packed in
+    message order: the same bytes cut into other messages give another value,
+    and a sender can reuse the digests of source pieces it hashed before.
+    ``xxh3_64`` needs ``xxhash`` (~10x faster than crc32 here); ``crc32`` is
+    zlib's, always available; ``none`` is 0.
     """
 
-    __slots__ = ("_crc", "_h", "algo")
+    __slots__ = ("_digests", "algo")
 
     def __init__(self, algo: str) -> None:
-        self.algo = algo
-        self._h = None
-        self._crc = 0
-        if algo == "xxh3_64":
-            import xxhash
-
-            self._h = xxhash.xxh3_64()
-        elif algo not in ("crc32", "none"):
+        if algo not in ("xxh3_64", "crc32", "none"):
             raise KVTransferFailedError(f"unknown checksum algorithm {algo!r}")
+        self.algo = algo
+        self._digests = array("Q")
 
-    def update(self, buf) -> None:
-        if self._h is not None:
-            self._h.update(buf)
-        elif self.algo == "crc32":
-            self._crc = zlib.crc32(buf, self._crc)
+    def update(self, buf: Any) -> None:
+        """Digest one message's bytes."""
+        if self.algo != "none":
+            self._digests.append(digest(self.algo, buf))
+
+    def add(self, message_digest: int) -> None:
+        """One message's digest, computed earlier from the same bytes."""
+        if self.algo != "none":
+            self._digests.append(message_digest)
 
     def value(self) -> int:
-        if self._h is not None:
-            return self._h.intdigest()
-        return self._crc
+        if self.algo == "none":
+            return 0
+        return digest(self.algo, self._digests.tobytes())
 
 
 def make_checksum(enabled: bool) -> str:
