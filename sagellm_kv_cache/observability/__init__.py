@@ -33,8 +33,8 @@ from typing import Any
 
 _LAZY: dict[str, str] = {
     "MetricsCollector": "metrics",
-    "MetricsHook": "metrics",
-    "instrument": "metrics",
+    "MetricsHook": "metrics_hook",
+    "instrument": "metrics_hook",
     "DEFAULT_SECONDS_BUCKETS": "metrics",
     "start_metrics_server": "server",
     "MetricsServer": "server",

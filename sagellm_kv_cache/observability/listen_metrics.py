@@ -28,8 +28,7 @@ from typing import Any
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 
-from ..errors import KVConfigError
-from .metrics import _NAME_RE
+from .metrics import check_metric_prefix
 
 __all__ = ["SubscriberCollector"]
 
@@ -49,8 +48,7 @@ class SubscriberCollector:
         prefix: str = "sagellm_kv_events",
         registry: CollectorRegistry | None = None,
     ) -> None:
-        if not isinstance(prefix, str) or not _NAME_RE.match(prefix):
-            raise KVConfigError(f"metric prefix {prefix!r} is not a valid Prometheus name")
+        check_metric_prefix(prefix)
         self.subscribers = list(subscribers)
         self.prefix = prefix
         self.registry = CollectorRegistry() if registry is None else registry
