@@ -217,7 +217,7 @@ def demo(
       sage-kv-stats visualize --input demo_stats.json --type all --summary
     """
     from sagellm_kv_cache.errors import KVInvalidInputError
-    from sagellm_kv_cache.profiling.demo import run_demo_workload
+    from sim.demo_workload import run_demo_workload
 
     if output.suffix.lower() not in (".json", ".parquet"):
         raise click.BadParameter(

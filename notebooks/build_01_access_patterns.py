@@ -36,7 +36,7 @@ MAX_CACHED_BLOCKS = 512""",
 from sim.analysis import plots
 from sim.analysis.text import format_summary
 from sagellm_kv_cache.profiling import AccessStatsCollector, analysis
-from sagellm_kv_cache.profiling.demo import run_demo_workload
+from sim.demo_workload import run_demo_workload
 
 %matplotlib inline"""
     ),

@@ -211,7 +211,7 @@ def test_bad_record_names_file_line_and_field(tmp_path):
 )
 def test_errors_escaping_a_command_become_one_line(tmp_path, monkeypatch, exc, words):
     from sagellm_kv_cache.errors import KVConfigError
-    from sagellm_kv_cache.profiling import demo
+    from sim import demo_workload as demo
 
     def boom(*a, **k):
         raise {

@@ -1,4 +1,5 @@
-"""A realistic access workload driven through the real ``PrefixCache``.
+"""A realistic access workload driven through the real ``PrefixCache`` (a workload
+generator of the workbench, not part of the library).
 
 Used by ``sage-kv-stats demo`` and the notebooks. The workload::
 
@@ -24,8 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..prefix_cache import PrefixCache
-from .collector import AccessStatsCollector
+from sagellm_kv_cache.prefix_cache import PrefixCache
+from sagellm_kv_cache.profiling import AccessStatsCollector
 
 __all__ = ["run_demo_workload"]
 
