@@ -197,17 +197,7 @@ class KVEventStream(PoolHook):
         self._publish_locked(AllBlocksCleared(self._last_seq + 1, float(timestamp)))
 
     # any other pool event ends a batch, so consumers see it one request later at most
-    def on_lookup(
-        self,
-        request_id: str | None,
-        block_ids: Sequence[int],
-        num_hit_blocks: int,
-        num_blocks: int,
-        timestamp: float,
-    ) -> None:
-        if self._kind:
-            self._flush_locked()
-
+    # (a lookup is always followed by its allocation: on_alloc ends the batch then)
     def on_alloc(self, handle: KVHandle, timestamp: float) -> None:
         if self._kind:
             self._flush_locked()
