@@ -73,33 +73,8 @@ def keyed_reference(name: str, clock: Clock):
     return p
 
 
-@pytest.mark.parametrize("name", KEYED)
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(program=st.lists(ops, max_size=50))
-def test_fast_paths_equal_the_keyed_reference(name, program):
-    """The lane (blocks released in key order kept in an OrderedDict) and FIFO's kept
-    entries (dormant while in use) change the speed, never the order."""
-    clock = Clock()
-    fast = BlockPool(NUM_BLOCKS, policy=name, clock=clock)
-    ref = BlockPool(NUM_BLOCKS, policy=keyed_reference(name, clock), clock=clock)
-    held_f: list[list[int]] = []
-    held_r: list[list[int]] = []
-    for step, op in enumerate(PRELUDE + program):
-        if op[0] == "tick":
-            clock.t += op[1]
-        else:
-            assert apply(fast, held_f, op) == apply(ref, held_r, op), f"step {step} {op}"
-        assert fast.policy.peek_victims(NUM_BLOCKS) == ref.policy.peek_victims(NUM_BLOCKS)
-        assert peek_state(fast) == peek_state(ref), f"step {step} {op}"
-    for bp, held in ((fast, held_f), (ref, held_r)):
-        for ids in held:
-            bp.release(ids)
-    n = ref.policy.num_victims(NUM_BLOCKS)
-    assert fast.policy.pop_victims(n) == ref.policy.pop_victims(n)
-
-
 def peek_state(bp: BlockPool) -> tuple:
-    """What a peek could disturb, seen from outside: the pool and the full victim order."""
+    """What a peek could disturb, seen from outside the policy."""
     return (
         list(bp.free_queue),
         dict(bp.cached),
@@ -109,33 +84,61 @@ def peek_state(bp: BlockPool) -> tuple:
     )
 
 
+def lockstep(a: BlockPool, b: BlockPool, program: list, clock: Clock, between=None) -> None:
+    """Run the prelude and ``program`` on pools ``a`` and ``b`` alike: the same results and
+    states after every step (``between(step)`` runs before each), then release what they
+    hold and drain both: the same victims."""
+    held_a: list[list[int]] = []
+    held_b: list[list[int]] = []
+    for step, op in enumerate(PRELUDE + program):
+        if between is not None:
+            between(step)
+        if op[0] == "tick":
+            clock.t += op[1]
+        else:
+            assert apply(a, held_a, op) == apply(b, held_b, op), f"step {step} {op}"
+        assert peek_state(a) == peek_state(b), f"step {step} {op}"
+    for bp, held in ((a, held_a), (b, held_b)):
+        for ids in held:
+            bp.release(ids)
+    n = b.policy.num_victims(NUM_BLOCKS)
+    assert a.policy.pop_victims(n) == b.policy.pop_victims(n)
+
+
+@pytest.mark.parametrize("name", KEYED)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=st.lists(ops, max_size=50))
+def test_fast_paths_equal_the_keyed_reference(name, program):
+    """The lane (blocks released in key order kept in an OrderedDict) and FIFO's kept
+    entries (dormant while in use) change the speed, never the order."""
+    clock = Clock()
+    fast = BlockPool(NUM_BLOCKS, policy=name, clock=clock)
+    ref = BlockPool(NUM_BLOCKS, policy=keyed_reference(name, clock), clock=clock)
+
+    def same_order(step: int) -> None:
+        assert fast.policy.peek_victims(NUM_BLOCKS) == ref.policy.peek_victims(NUM_BLOCKS)
+
+    lockstep(fast, ref, program, clock, same_order)
+
+
 @pytest.mark.parametrize("name", ALL)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=st.lists(ops, max_size=40), ks=st.lists(st.integers(0, NUM_BLOCKS + 1)))
 def test_peek_changes_nothing_and_is_the_pop_order(name, program, ks):
+    """One pool peeks before every step, the other never: they stay equal, and what a peek
+    names is what a copy of the policy pops."""
     clock = Clock()
-    quiet = BlockPool(NUM_BLOCKS, policy=name, clock=clock)
     peeked = BlockPool(NUM_BLOCKS, policy=name, clock=clock)
-    held_q: list[list[int]] = []
-    held_p: list[list[int]] = []
-    for step, op in enumerate(PRELUDE + program):
+
+    def peek(step: int) -> None:
         k = ks[step % len(ks)] if ks else 1
         seen = peeked.policy.peek_victims(k)
-        # a copy pops what the peek promised (a peek walks no further than asked)
         twin = copy.deepcopy(peeked.policy, {id(clock): clock})
         n = twin.num_victims(k)
         assert twin.pop_victims(n) == seen[:n], f"step {step}"
         assert seen == peeked.policy.peek_victims(NUM_BLOCKS)[:k]
-        if op[0] == "tick":
-            clock.t += op[1]
-        else:
-            assert apply(peeked, held_p, op) == apply(quiet, held_q, op), f"step {step} {op}"
-        assert peek_state(peeked) == peek_state(quiet), f"step {step} {op}"
-    for bp, held in ((quiet, held_q), (peeked, held_p)):
-        for ids in held:
-            bp.release(ids)
-    n = quiet.policy.num_victims(NUM_BLOCKS)
-    assert peeked.policy.pop_victims(n) == quiet.policy.pop_victims(n)
+
+    lockstep(peeked, BlockPool(NUM_BLOCKS, policy=name, clock=clock), program, clock, peek)
 
 
 @pytest.mark.parametrize("name", ["s3fifo", "arc", "slru", "lfu", "leaf:lru", "leaf:s3fifo"])
