@@ -43,18 +43,18 @@ DEFAULT_SECONDS_BUCKETS: tuple[float, ...] = (
 class SecondsHistogram:
     """Bucket counts plus buffered observations not yet counted.
 
-    ``values`` buffers single observations. A batch sharing one end time is
-    buffered as its start times in ``starts`` and one ``(end, count)`` in
-    ``marks``; when ``guards`` is used (one per start), a start counts only
-    if it is ``>=`` its guard. The owner extends these lists directly with
-    C-level ``map`` over its per-block lists (no Python work per block);
-    ``fold`` counts them with one numpy pass and empties them in place, so
-    held references stay valid. NaN observations (unknown start) are
-    dropped. Not thread-safe: the owner calls everything under one lock (the
-    pool's).
+    ``values`` buffers single observations. A batch sharing one end time goes
+    in through :meth:`add_batch`: when all its start times are equal (blocks
+    cached, hit or released together, the common case) it is one
+    ``(end, start, count)`` in ``runs``; otherwise its start times go to
+    ``starts`` with one ``(end, count)`` in ``marks``. With guards (one per
+    start) a start counts only if it is ``>=`` its guard. ``fold`` counts
+    everything with one numpy pass and empties the buffers in place. NaN
+    observations (unknown start) are dropped. Not thread-safe: the owner
+    calls everything under one lock (the pool's).
     """
 
-    __slots__ = ("bounds", "counts", "guards", "marks", "starts", "sum", "values")
+    __slots__ = ("bounds", "counts", "guards", "marks", "runs", "starts", "sum", "values")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = np.asarray(bounds, dtype=np.float64)
@@ -64,11 +64,41 @@ class SecondsHistogram:
         self.starts: list[float] = []
         self.marks: list[tuple[float, int]] = []
         self.guards: list[float] = []
+        self.runs: list[tuple[float, float, int]] = []
 
     def __len__(self) -> int:
-        return len(self.values) + len(self.starts)
+        return len(self.values) + len(self.starts) + len(self.runs)
+
+    def add_batch(
+        self, end: float, starts: Sequence[float], guards: Sequence[float] | None = None
+    ) -> None:
+        """Observe ``end - start`` for each start (with ``guards``: only where
+        ``start >= guard``). ``starts``/``guards`` are lists or tuples."""
+        n = len(starts)
+        if not n:
+            return
+        s0 = starts[0]
+        if starts.count(s0) == n and (guards is None or guards.count(guards[0]) == n):
+            if guards is None or s0 >= guards[0]:
+                self.runs.append((end, s0, n))
+            return
+        self.starts.extend(starts)
+        self.marks.append((end, n))
+        if guards is not None:
+            self.guards.extend(guards)
 
     def fold(self) -> None:
+        if self.runs:
+            r_end, r_start, r_count = (np.array(c, dtype=np.float64) for c in zip(*self.runs))
+            self.runs.clear()
+            r_values = r_end - r_start
+            ok = ~np.isnan(r_values)
+            r_values, r_count = r_values[ok], r_count[ok]
+            idx = np.searchsorted(self.bounds, r_values, side="left")
+            self.counts += np.bincount(idx, weights=r_count, minlength=len(self.counts)).astype(
+                np.int64
+            )
+            self.sum += float((r_values * r_count).sum())
         if not self.values and not self.starts:
             return
         values = np.array(self.values, dtype=np.float64)

@@ -10,7 +10,7 @@ counted at scrape time (``snapshot``), under the pool's lock.
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from itertools import repeat
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,12 @@ __all__ = ["EVICTION_REASONS", "MetricsHook", "instrument"]
 #: Reasons the pool reports (``hooks.PoolHook.on_evict``); exported as zero
 #: series from the start so rate() queries see them before the first eviction.
 EVICTION_REASONS: tuple[str, ...] = ("capacity", "explicit", "clear")
+
+
+def _one(block_id: int) -> Callable[[list[float]], tuple[float]]:
+    """``itemgetter`` of one index that still returns a tuple."""
+    return lambda values: (values[block_id],)
+
 
 _FOLD_AT = 16384  # buffered observations per histogram before an eager fold
 _UNKNOWN = float("nan")
@@ -83,8 +89,6 @@ class MetricsHook(PoolHook):
         "_refs",
         "_requests",
         "_reuse",
-        "_reuse_marks",
-        "_reuse_starts",
         "block_pool",
         "collector",
         "name",
@@ -129,8 +133,6 @@ class MetricsHook(PoolHook):
         # the hot path appends straight to the buffers
         self._lifetime_values = self._lifetime.values
         self._idle_values = self._idle.values
-        self._reuse_starts = self._reuse.starts
-        self._reuse_marks = self._reuse.marks
         self.collector.register_hook(self)
 
     # -- pool events (hot path: plain ints and C-level batch updates) ---------
@@ -155,11 +157,8 @@ class MetricsHook(PoolHook):
             last = self._last_access
             if self._growable:
                 self._grow(max(hits))
-            if num_hit_blocks == 1:
-                self._reuse_starts.append(last[hits[0]])
-            else:
-                self._reuse_starts.extend(itemgetter(*hits)(last))
-            self._reuse_marks.append((timestamp, num_hit_blocks))
+            get = itemgetter(*hits) if num_hit_blocks > 1 else _one(hits[0])
+            self._reuse.add_batch(timestamp, get(last))
             for b in hits:
                 last[b] = timestamp
 
@@ -247,19 +246,16 @@ class MetricsHook(PoolHook):
         if self._growable:  # pool-less mode: blocks cached before attach stay unknown (NaN)
             self._grow(max(block_ids))
         # the observations are deferred to the fold: start times and guards gathered
-        # by C-level map, one (end, count) mark per batch
-        self._lifetime.starts.extend(map(self._cached_at.__getitem__, block_ids))
-        self._lifetime.marks.append((timestamp, n))
-        idle = self._idle
-        released: Iterable[float] = map(self._last_release.__getitem__, block_ids)
+        # by one C-level getter (a batch of equal starts is one run)
+        get = itemgetter(*block_ids) if n > 1 else _one(block_ids[0])
+        self._lifetime.add_batch(timestamp, get(self._cached_at))
+        released = get(self._last_release)
         refs = self._refs
         # victims of "capacity" are unreferenced by construction; an explicit drop
         # (invalidate) may hit a block in use, which has no idle time
         if refs and reason != "capacity" and any(map(refs.__getitem__, block_ids)):
             released = [_UNKNOWN if refs[b] else r for b, r in zip(block_ids, released)]
-        idle.starts.extend(released)
-        idle.guards.extend(map(self._last_access.__getitem__, block_ids))
-        idle.marks.append((timestamp, n))
+        self._idle.add_batch(timestamp, released, get(self._last_access))
 
     def on_cleared(self, timestamp: float) -> None:
         # every hash is gone; counters and histograms keep their history

@@ -20,7 +20,6 @@ when read) and the evictions as columns made with list and array extensions.
 from __future__ import annotations
 
 import threading
-from array import array
 from dataclasses import dataclass, field
 from itertools import chain, compress, repeat
 from typing import Any
@@ -43,8 +42,7 @@ class BatchQueue:
 
     def __init__(self, lock: threading.Lock) -> None:
         self.lock = lock
-        # int64 while every queued id is an int that fits, else a list of the ids
-        self.ids: array[int] | list[Any] = array("q")
+        self.ids: list[Any] = []
         self.batches: list[tuple[int, int, float, Any, Any, Any]] = []
         self.hashes: list[Any] = []
 
@@ -57,18 +55,9 @@ class BatchQueue:
         """Queue one batch (``hits`` -1 for evictions, whose ``hashes`` are None or one
         per id); True when the queue is full enough to be flushed."""
         with self.lock:
-            queued = self.ids
-            if type(queued) is array:
-                # pool block ids: copied as int64 (no reference kept to the caller's ints)
-                n = len(queued)
-                try:
-                    queued.extend(ids)
-                except (TypeError, OverflowError):
-                    del queued[n:]  # a failed extend may have appended a prefix
-                    self.ids = queued = queued.tolist()
-                    queued.extend(ids)
-            else:
-                queued.extend(ids)
+            # a list extension copies references at C speed; an int64 array's
+            # extend from a list converts item by item and costs 3-4x more here
+            self.ids.extend(ids)
             if hits < 0:
                 self.hashes.extend(repeat(None, len(ids)) if hashes is None else hashes)
             self.batches.append((len(ids), hits, timestamp, a, b, c))
@@ -76,13 +65,13 @@ class BatchQueue:
 
     def clear(self) -> None:
         with self.lock:
-            self.ids, self.batches, self.hashes = array("q"), [], []
+            self.ids, self.batches, self.hashes = [], [], []
 
     def take(self) -> tuple[Any, list[tuple[int, int, float, Any, Any, Any]], list[Any]]:
         """Everything queued (ids, batches, hashes), leaving the queue empty."""
         with self.lock:
             taken = self.ids, self.batches, self.hashes
-            self.ids, self.batches, self.hashes = array("q"), [], []
+            self.ids, self.batches, self.hashes = [], [], []
         return taken
 
 
@@ -152,7 +141,7 @@ def build(
     out = Records()
     if not batches:
         return out
-    codes = blocks.codes(np.frombuffer(ids, dtype=np.int64) if type(ids) is array else ids)
+    codes = blocks.codes(ids)
     lens_t, hits_t, ts_t, a_t, b_t, c_t = zip(*batches)
     lens = np.array(lens_t, dtype=np.int64)
     hits = np.array(hits_t, dtype=np.int64)
