@@ -135,6 +135,9 @@ class FaultyBackend(TransferBackend):
         self.fire("local_chunk", chunk=_flat(moved), index=index)
         return moved
 
+    def progress(self) -> None:
+        self.inner.progress()
+
     def check_peer(self, peer: int) -> None:
         self.inner.check_peer(peer)
 

@@ -81,6 +81,7 @@ def move_direct(
                     guard.check(token, f"message {first + i}")
                 if check:
                     cs.update(bytes_of(view))
+                    backend.progress()  # the messages behind keep moving meanwhile
             except Exception as exc:
                 sink.append(exc)
 
@@ -101,6 +102,7 @@ def move_direct(
             else:
                 # hash first: the message is then hot in cache when the transport reads it
                 cs.update(bytes_of(view))
+                backend.progress()
         pending.append(view)
         if len(pending) == batch:
             while len(groups) * batch >= window:

@@ -39,9 +39,13 @@ def make_backend(spec: Any, **options: Any) -> TransferBackend:
     if spec is None:
         spec = "torch"
     if not isinstance(spec, str):
-        if (hasattr(spec, "expose") and hasattr(spec, "fetch")) or getattr(spec, "local", False):
+        if isinstance(spec, TransferBackend):
             return spec
-        raise KVConfigError(f"comm_backend {spec!r} implements neither expose/fetch nor local")
+        if hasattr(spec, "expose") and hasattr(spec, "fetch"):
+            return _Borrowed(spec)
+        raise KVConfigError(
+            f"comm_backend {spec!r} is no TransferBackend and implements no expose/fetch"
+        )
     name = spec.lower()
     if name in ("torch", "torch.distributed", "gloo", "nccl", "dist"):
         if name == "nccl":
@@ -62,3 +66,29 @@ def make_backend(spec: Any, **options: Any) -> TransferBackend:
     raise KVConfigError(
         f"unknown comm_backend {spec!r}; use 'torch', 'nixl', 'socket' or 'inprocess'"
     )
+
+
+class _Borrowed(TransferBackend):
+    """An object with only ``expose``/``fetch`` (and optionally ``rank``,
+    ``world_size``, ``store``, ``check_peer``, ``close``) as a full backend."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = str(getattr(inner, "name", type(inner).__name__))
+        self.rank = getattr(inner, "rank", 0)
+        self.world_size = getattr(inner, "world_size", 1)
+        self.store = getattr(inner, "store", None)
+
+    def expose(self, peer: int, tag: int, tensor: Any) -> Work:
+        return self.inner.expose(peer, tag, tensor)
+
+    def fetch(self, peer: int, tag: int, out: Any) -> Work:
+        return self.inner.fetch(peer, tag, out)
+
+    def check_peer(self, peer: int) -> None:
+        if hasattr(self.inner, "check_peer"):
+            self.inner.check_peer(peer)
+
+    def close(self) -> None:
+        if hasattr(self.inner, "close"):
+            self.inner.close()

@@ -82,6 +82,10 @@ class TransferBackend:
         works = [self.fetch(peer, t, x) for t, x in zip(tags, outs)]
         return works[0] if len(works) == 1 else AllOf(works)
 
+    def progress(self) -> None:
+        """Let the transport move messages in flight while the caller computes
+        (a transport progressed only by its caller's polls needs it)."""
+
     def check_peer(self, peer: int) -> None:
         """Raise ``KVTransferFailedError`` if the link to ``peer`` is known to be unusable."""
 

@@ -525,6 +525,16 @@ class NixlBackend(TransferBackend):
         self._regs = keep
 
     # -- the engine's interface ------------------------------------------------
+    def progress(self) -> None:
+        """Poll the agent: UCX moves our READs, and serves the peer's READs of our
+        memory, only while this process polls (``num_threads=0``), so the engine
+        calls this between the messages it hashes."""
+        with self._lock, contextlib.suppress(Exception):
+            self._poll_locked()
+            for fw in self._pending.values():
+                if fw.handle is not None:
+                    self._agent.check_xfer_state(fw.handle)
+
     def expose(self, peer: int, tag: int, tensor: torch.Tensor) -> _ExposeWork:
         return self.expose_many(peer, [tag], [tensor])
 
