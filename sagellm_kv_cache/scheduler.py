@@ -1,4 +1,4 @@
-"""The scheduler's view of the KV cache: ``KVCacheManager`` and ``SchedulerBridge``.
+"""``SchedulerBridge``: the seed's scheduler facade over the tiered KV cache.
 
 ::
 
@@ -6,26 +6,17 @@
         |  plan(requests) -> SchedulerPlan      what can run now, and what it costs
         |  allocate_request / free_request      what the engine then does
         v
-    SchedulerBridge  (seed API)
+    SchedulerBridge  (seed API; this module)
+        |-- BatchPlanner   plans over the pool's public queries     scheduler_planner.py
         v
-    KVCacheManager   (the facade an engine holds: request id -> allocation)
+    KVCacheManager   (the facade an engine holds: request id -> allocation)   cache_manager.py
         v
     KVOffloadManager (device pool + host / disk tiers)      offload/
         v
     KVPool -> BlockPool -> EvictionPolicy                    pool.py ...
 
-``plan()`` changes nothing. It walks the requests in order over a shadow of
-the device pool (free blocks, the policy's victim order, blocks the earlier
-requests of the plan take or evict) and answers, per request: hit blocks per
-tier, new device blocks to allocate, blocks to onboard from lower tiers,
-device blocks its allocation would evict, and, for a request that must wait,
-why. Executing the plan in order (``execute``) does exactly that on the
-device: the admitted set and the device block counts are exact. Admission is
-the pool's own rule (``KVPool.peek_admission`` / ``obtainable_blocks``), and the
-victim order is peeked only as far as the admitted requests need (a plan costs
-O(its requests' blocks), not O(evictable blocks)). The split of
-lower-tier hits is exact too unless a lower tier itself overflows during the
-plan (a spill pushing a block the plan counts as a hit further down).
+``plan()`` changes nothing (``scheduler_planner.py`` says what a plan answers
+and what it costs); ``schedule()`` plans and allocates the admitted requests.
 
 Wait reasons: ``"too_large"`` (more blocks than the device has: it can never
 run), ``"no_blocks"`` (not enough free + evictable device blocks now),
@@ -36,27 +27,22 @@ TTL-protected, leaf-only), ``"max_num_seqs"``, ``"token_budget"`` (uncached toke
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
-from .compat.cache_manager import CacheManagerSeedMixin
-from .errors import KVCacheMissError, KVConfigError, KVInvalidInputError, KVInvalidTypeError
-from .handle import KVHandle
-from .offload import KVOffloadManager, OffloadAllocation, OffloadLookup, TierConfig
-from .pool import KVPool, admission_reason, check_num_tokens
+from .cache_manager import KVCacheManager
+from .errors import KVConfigError, KVInvalidTypeError
+from .offload import KVOffloadManager, OffloadAllocation, TierConfig
+from .pool import KVPool, check_num_tokens
 from .scheduler_checks import (
-    as_int,
-    check_hashes,
     check_limit,
     check_prompt,
     check_request_batch,
     check_request_id,
-    check_timeout,
     request_fields,
-    sequence_len,
 )
 from .scheduler_plan import WAIT_REASONS, RequestPlan, SchedRequest, SchedulerPlan
+from .scheduler_planner import BatchPlanner
 from .storage import ModelShape
 
 __all__ = [
@@ -67,122 +53,6 @@ __all__ = [
     "SchedulerBridge",
     "SchedulerPlan",
 ]
-
-
-class KVCacheManager(CacheManagerSeedMixin):
-    """The single KV-cache facade an engine holds: request ids over the tiered cache.
-
-    Args:
-        offload: the ``KVOffloadManager`` (device pool + lower tiers) to drive.
-    """
-
-    def __init__(self, offload: KVOffloadManager) -> None:
-        self.offload = offload
-        self._requests: dict[str, OffloadAllocation] = {}
-
-    @property
-    def pool(self) -> KVPool:
-        """The device pool (``write_kv`` / ``read_kv`` on a request's handle)."""
-        return self.offload.device
-
-    @property
-    def block_size(self) -> int:
-        return self.offload.block_size
-
-    def block_hashes_of(self, tokens: Any = None, block_hashes: Any = None) -> list | None:
-        if tokens is not None:
-            sequence_len(tokens, "tokens")
-            return self.pool.compute_block_hashes(tokens)
-        return None if block_hashes is None else check_hashes(block_hashes)
-
-    def lookup(self, tokens: Any = None, *, block_hashes: Any = None) -> OffloadLookup:
-        """Where the cached prefix of a prompt lives (no side effect)."""
-        if tokens is not None and block_hashes is not None:
-            raise KVInvalidInputError("give tokens or block_hashes, not both")
-        hashes = self.block_hashes_of(tokens, block_hashes)
-        if hashes is None:
-            raise KVInvalidInputError("lookup needs tokens or block_hashes")
-        return self.offload.lookup(hashes)
-
-    def allocate(
-        self,
-        request_id: str,
-        num_tokens: int | None = None,
-        *,
-        tokens: Any = None,
-        block_hashes: Sequence[Hashable] | None = None,
-        wait: bool = False,
-        timeout: float | None = None,
-    ) -> OffloadAllocation:
-        """Allocate KV for a request (prefix reuse across tiers when hashes or tokens are given).
-
-        Raises:
-            KVInvalidTypeError / KVInvalidInputError: a bad argument (a non-str id,
-                a generator or set of tokens, unhashable or ``None`` hashes,
-                ``num_tokens`` that disagrees with ``tokens``, a bad ``timeout``),
-                or ``request_id`` already holds an allocation. Nothing changed.
-            KVBudgetExceededError: it does not fit the device now (nothing changed).
-        """
-        check_request_id(request_id)
-        if request_id in self._requests:
-            raise KVInvalidInputError(f"request {request_id!r} already holds KV blocks")
-        num_tokens, block_hashes = check_prompt(num_tokens, tokens, block_hashes)
-        check_timeout(timeout)
-        alloc = self.offload.allocate(
-            tokens, block_hashes=block_hashes, num_tokens=num_tokens, request_id=request_id
-        )
-        self._requests[request_id] = alloc
-        if wait:
-            alloc.wait(timeout)
-        return alloc
-
-    def get_allocation(self, request_id: str) -> OffloadAllocation:
-        check_request_id(request_id)
-        try:
-            return self._requests[request_id]
-        except KeyError:
-            raise KVCacheMissError(f"no allocation for request {request_id!r}") from None
-
-    def get_handle(self, request_id: str) -> KVHandle:
-        return self.get_allocation(request_id).handle
-
-    def cache(self, request_id: str, num_tokens: int | None = None) -> int:
-        """Register the request's computed full blocks (their KV is written)."""
-        handle = self.get_handle(request_id)
-        kwargs = {}
-        if num_tokens is not None:
-            kwargs["num_tokens"] = n = as_int(num_tokens, "num_tokens")
-            if not 0 <= n <= handle.num_tokens:
-                raise KVInvalidInputError(f"num_tokens={n} outside [0, {handle.num_tokens}]")
-        return self.offload.cache_blocks(handle, **kwargs)
-
-    def free(self, request_id: str, *, cache: bool = True) -> None:
-        """Release a request; with ``cache`` its full blocks are registered first."""
-        alloc = self.get_allocation(request_id)
-        if cache and alloc.handle.block_hashes:
-            self.offload.cache_blocks(alloc.handle)
-        self.offload.free(alloc.handle)
-        del self._requests[request_id]
-
-    @property
-    def running(self) -> list[str]:
-        return list(self._requests)
-
-    def get_stats(self) -> dict[str, Any]:
-        out = self.offload.get_stats()
-        out["device_pool"] = self.pool.get_stats()
-        out["running_requests"] = len(self._requests)
-        return out
-
-    def reset(self) -> None:
-        self._requests.clear()
-        self.offload.reset()
-
-    def close(self) -> None:
-        self.offload.close()
-
-    def check_invariants(self) -> None:
-        self.offload.check_invariants()
 
 
 class SchedulerBridge:
@@ -274,6 +144,14 @@ class SchedulerBridge:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.fcfs = fcfs
+        self.planner = BatchPlanner(
+            offload,
+            self.manager.block_hashes_of,
+            enable_prefix_cache=enable_prefix_cache,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            fcfs=fcfs,
+        )
 
     @property
     def offload(self) -> KVOffloadManager:
@@ -308,7 +186,7 @@ class SchedulerBridge:
                 f"requests must be an iterable of requests, got {type(requests).__name__}"
             )
         reqs = [self._as_request(r) for r in requests]
-        check_request_batch([r.request_id for r in reqs], self.manager._requests)
+        check_request_batch([r.request_id for r in reqs], self.manager.allocations)
         return reqs
 
     def plan(self, requests: Iterable[SchedRequest | Mapping[str, Any]]) -> SchedulerPlan:
@@ -321,119 +199,7 @@ class SchedulerBridge:
         """
         reqs = self._as_requests(requests)
         with self.offload.lock:
-            return self._plan(reqs)
-
-    def _plan(self, requests: list[SchedRequest]) -> SchedulerPlan:
-        off = self.offload
-        pool = self.pool
-        bp = pool.block_pool
-        bs = self.block_size
-        dev_name = off.device_name
-        dev_cached = bp.cached if self.enable_prefix_cache else {}
-        free = bp.num_free
-        # the pool's own admission queries: free + evictable now, and what a hit run takes
-        supply = pool.obtainable_blocks()
-        victims: list[int] = []  # the policy's victim order, peeked only as far as needed
-        cursor = 0
-        touched: set[int] = set()  # device blocks the admitted requests' hits take
-        touched_ev = 0  # how many of those were evictable (supply they take)
-        used = 0  # new blocks the admitted requests take: free ones, then victims
-        evicted: dict[Hashable, None] = {}  # hashes the plan evicts from the device
-        onboarded: set[Hashable] = set()  # hashes the plan brings onto the device
-        plan_hits: Counter = Counter()
-        spill_tier = off.tiers[0].name if off.tiers else None
-        lower = [(t.name, t.pool.cached) for t in off.tiers]
-        out: list[RequestPlan] = []
-        n_admitted = 0
-        token_budget = self.max_num_batched_tokens
-        blocked = False
-        for req in requests:
-            hashes = self.manager.block_hashes_of(req.tokens, req.block_hashes) or []
-            hashes = hashes[: req.num_tokens // bs] if self.enable_prefix_cache else []
-            n_total = -(-req.num_tokens // bs)
-            per = dict.fromkeys(off.tier_names, 0)
-            dev_run = True
-            d = 0
-            run_ids: list[int] = []
-            for h in hashes:
-                b = dev_cached.get(h)
-                if h in onboarded or (b is not None and h not in evicted):
-                    if dev_run:
-                        d += 1
-                        if b is not None and h not in onboarded:
-                            run_ids.append(b)
-                    per[dev_name] += 1
-                    continue
-                dev_run = False
-                where = None
-                for name, cached in lower:
-                    if h in cached:
-                        where = name
-                        break
-                if where is None and h in evicted and spill_tier is not None:
-                    hits = off.hit_count(h) + plan_hits[h]
-                    if hits >= off.admit_after_hits:
-                        where = spill_tier
-                if where is None:
-                    break
-                per[where] += 1
-            rp = RequestPlan(req.request_id, req.num_tokens, n_total, per, bs)
-            out.append(rp)
-            n_hit = sum(per.values())
-            n_new = n_total - d
-            rp.blocks_to_allocate = n_new  # what it needs, admitted or not
-            rp.blocks_to_onboard = n_hit - d
-            rest = [b for b in run_ids if b not in touched] if touched else run_ids
-            n_ev = supply - pool.obtainable_blocks(rest) if rest else 0
-            if blocked:
-                rp.reason = "blocked"
-            elif n_admitted == 0:  # the shadow is the pool itself: ask it (its rule, once)
-                rp.reason = pool.peek_admission(n_new, run_ids)
-            else:
-                obtainable = supply - n_ev - touched_ev - used
-                rp.reason = admission_reason(n_new, d, obtainable, bp.num_blocks)
-            if rp.reason is None:
-                if self.max_num_seqs is not None and n_admitted >= self.max_num_seqs:
-                    rp.reason = "max_num_seqs"
-                elif token_budget is not None and rp.num_uncached_tokens > token_budget:
-                    rp.reason = "token_budget"
-            from_free = min(free, n_new)
-            need = n_new - from_free
-            c = cursor
-            if rp.reason is None and need:
-                # victims in policy order, skipping blocks the plan's hits take; at most
-                # touched_ev + n_ev of the entries from the cursor on are such blocks
-                want = cursor + need + touched_ev + n_ev
-                if len(victims) < want:
-                    victims = bp.policy.peek_victims(max(want, 2 * len(victims)))
-                mine = set(rest) if n_ev else ()
-                while len(rp.evict_hashes) < need and c < len(victims):
-                    b = victims[c]
-                    c += 1
-                    if b not in touched and b not in mine:
-                        rp.evict_hashes.append(bp.block_hashes[b])
-                if len(rp.evict_hashes) < need:  # the policy refuses some evictable blocks
-                    rp.evict_hashes.clear()
-                    rp.reason = "no_victims"
-            if rp.reason is not None:
-                blocked = blocked or self.fcfs
-                continue
-            # admitted: take its hits, then free blocks, then the victims found above
-            rp.admitted = True
-            n_admitted += 1
-            if token_budget is not None:
-                token_budget -= rp.num_uncached_tokens
-            touched.update(rest)
-            touched_ev += n_ev
-            used += n_new
-            free -= from_free
-            cursor = c
-            evicted.update(dict.fromkeys(rp.evict_hashes))
-            rp.blocks_to_evict = len(rp.evict_hashes)
-            for h in hashes[:n_hit]:
-                plan_hits[h] += 1
-            onboarded.update(hashes[d:n_hit])
-        return SchedulerPlan(out, free, supply - touched_ev - used - free)
+            return self.planner.plan(reqs)
 
     def schedule(
         self, requests: Iterable[SchedRequest | Mapping[str, Any]], *, wait: bool = False
@@ -446,7 +212,7 @@ class SchedulerBridge:
         """
         reqs = self._as_requests(requests)
         with self.offload.lock:
-            plan = self._plan(reqs)
+            plan = self.planner.plan(reqs)
             by_id = {r.request_id: r for r in reqs}
             allocs: list[OffloadAllocation] = []
             try:

@@ -96,7 +96,7 @@ class SchedulerPlan:
 
     @property
     def wait_reasons(self) -> dict[str, str]:
-        return {r.request_id: r.reason for r in self.requests if not r.admitted}
+        return {r.request_id: r.reason or "" for r in self.requests if not r.admitted}
 
     @property
     def blocks_to_allocate(self) -> int:

@@ -425,6 +425,13 @@ class KVOffloadManager(OffloadSeedMixin):
                 return t
         raise KVInvalidInputError(f"no tier named {name!r}; tiers are {self.tier_names}")
 
+    def lower_tier_of(self, block_hash: Hashable) -> str | None:
+        """The first lower tier holding ``block_hash`` (``None``: none does)."""
+        for t in self.tiers:
+            if block_hash in t:
+                return t.name
+        return None
+
     def tier_stats(self, name: str) -> TierStats:
         """The counters of tier ``name`` (the device's included)."""
         return self.device_stats if name == self.device_name else self.tier(name).stats
