@@ -116,7 +116,8 @@ def listen(
     """
     from sagellm_kv_cache.errors import KVConfigError
     from sagellm_kv_cache.observability.shadow import EventRecorder
-    from sagellm_kv_cache.observability.vllm_zmq import VLLMEventSubscriber, check_endpoint
+    from sagellm_kv_cache.observability.vllm_subscriber import VLLMEventSubscriber
+    from sagellm_kv_cache.observability.vllm_zmq import check_endpoint
 
     try:
         # endpoints first: a mistake there must not leave an empty --out behind

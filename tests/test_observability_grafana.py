@@ -10,7 +10,7 @@ from conftest import make_pool
 from prometheus_client.parser import text_string_to_metric_families
 
 from sagellm_kv_cache.observability import MetricsCollector, MetricsHook, SubscriberCollector
-from sagellm_kv_cache.observability.vllm_zmq import VLLMEventSubscriber
+from sagellm_kv_cache.observability.vllm_subscriber import VLLMEventSubscriber
 
 DASHBOARD = (
     Path(__file__).resolve().parent.parent

@@ -52,7 +52,7 @@ _LAZY: dict[str, str] = {
     "events_from_jsonl": "event_json",
     # vLLM's wire format over ZMQ (the [events] extra: pyzmq, msgspec)
     "VLLMEventPublisher": "vllm_zmq",
-    "VLLMEventSubscriber": "vllm_zmq",
+    "VLLMEventSubscriber": "vllm_subscriber",
     "ShadowCache": "shadow",
     "EventRecorder": "shadow",
     "read_recording": "shadow",

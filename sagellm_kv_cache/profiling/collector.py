@@ -562,8 +562,7 @@ class AccessStatsCollector:
         ``position`` and ``size_bytes`` are pandas nullable ``Int64``;
         ``request_id`` and ``tier`` hold ``None``/NA where missing.
         """
-        df = self.to_polars().to_pandas()
-        return df.astype({"position": "Int64", "size_bytes": "Int64"})
+        return export.to_pandas(self.snapshot())
 
     def evictions_to_polars(self) -> Any:
         """Evictions as a ``polars.DataFrame``: ``timestamp``, ``block_id``, ``reason``, ``block_hash``."""

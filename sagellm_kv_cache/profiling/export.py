@@ -39,6 +39,7 @@ __all__ = [
     "export_stats",
     "load",
     "to_json_dict",
+    "to_pandas",
     "to_polars",
 ]
 
@@ -315,6 +316,11 @@ def to_polars(s: dict[str, Any]) -> Any:
             pl.Series("size_bytes", size, dtype=pl.Int64).set(pl.Series(size < 0), None),
         ]
     )
+
+
+def to_pandas(s: dict[str, Any]) -> Any:
+    """:func:`to_polars` as a ``pandas.DataFrame`` (``position``, ``size_bytes`` nullable ``Int64``)."""
+    return to_polars(s).to_pandas().astype({"position": "Int64", "size_bytes": "Int64"})
 
 
 def evictions_to_polars(s: dict[str, Any]) -> Any:
