@@ -35,7 +35,6 @@ from __future__ import annotations
 import struct
 import threading
 import time
-from array import array
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,11 +43,12 @@ import numpy as np
 
 from ..errors import KVCacheError, KVInvalidInputError, KVInvalidTypeError
 from . import columns, export, records
-from .batches import BatchQueue, PromptSegment, build
+from .batches import BatchQueue, build
 from .export import FORMAT_NAME, FORMAT_VERSION
 from .interning import Interner, check_id, kind_of
 from .records import AccessEvent, BlockId, EvictionEvent
 from .spill import SpillStore
+from .store import RecordStore
 from .summary import position_bucket_edges, summarize
 
 __all__ = [
@@ -142,7 +142,8 @@ class AccessStatsCollector:
                 f"max_records_in_memory must be a positive int or None, got {limit!r}"
             )
         self.max_records_in_memory = limit
-        self._spill = SpillStore(ROW_DTYPE, spill_dir) if limit is not None else None
+        spill = SpillStore(ROW_DTYPE, spill_dir) if limit is not None else None
+        self._bounded = spill is not None
         windows = dict(TIME_WINDOWS if time_windows is None else time_windows)
         for name, seconds in windows.items():
             if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
@@ -165,16 +166,11 @@ class AccessStatsCollector:
         self._block_keys = self._blocks.keys
         self._request_keys = self._requests.keys
         self._tier_keys = self._tiers.keys
-        # records in call order: sealed chunks (packed rows, or prompt segments from
-        # the queue, expanded to rows when read), then the open packed rows
-        self._sealed: list[bytes | PromptSegment] = []
-        self._sealed_rows = 0
-        self._rows = bytearray()
-        # evictions, columnar (no object per eviction for the garbage collector to walk)
-        self._ev_block = array("q")
-        self._ev_ts = array("d")
-        self._ev_reason: list[str] = []
-        self._ev_hash: list[Any] = []
+        self._store = RecordStore(ROW_DTYPE, self._lock, spill, limit or 0)
+        # the open packed rows and the eviction columns (containers cleared in place)
+        self._rows = self._store.rows
+        self._ev_block, self._ev_ts = self._store.ev_block, self._store.ev_ts
+        self._ev_reason, self._ev_hash = self._store.ev_reason, self._store.ev_hash
         # record_prompt / record_evictions calls not yet made into records
         self._pending = BatchQueue(self._lock)
         self._spill_at = ((limit or 0) + 1) * ROW_DTYPE.itemsize
@@ -183,41 +179,16 @@ class AccessStatsCollector:
     def reset(self) -> None:
         """Drop every recorded access and eviction and restart the clock."""
         self._pending.clear()
+        self._store.clear()
         with self._lock:
-            del self._rows[:], self._sealed[:]
-            self._sealed_rows = 0
             self._origin = self._clock()
             for interner in (self._blocks, self._requests, self._tiers):
                 interner.clear()
-            del self._ev_block[:], self._ev_ts[:], self._ev_reason[:], self._ev_hash[:]
-            if self._spill is not None:
-                self._spill.clear()
 
     @property
     def records_in_memory(self) -> int:
         """Access + eviction records held in memory now (queued calls not counted)."""
-        return len(self._rows) // ROW_DTYPE.itemsize + self._sealed_rows + len(self._ev_block)
-
-    def _maybe_spill(self) -> None:
-        """Move the in-memory records to the spill store once over the bound."""
-        spill = self._spill
-        if spill is None or self.records_in_memory <= (self.max_records_in_memory or 0):
-            return
-        with self._lock:
-            raw = b"".join(self._take_chunks_locked())
-            spill.write_evictions(self._ev_block, self._ev_ts, self._ev_reason, self._ev_hash)
-            del self._ev_block[:], self._ev_ts[:], self._ev_reason[:], self._ev_hash[:]
-            spill.write_rows(raw)
-
-    def _take_chunks_locked(self) -> list[bytes]:
-        """Every in-memory access record as packed-row chunks, in order, leaving none."""
-        chunks = [c if isinstance(c, bytes) else c.rows(ROW_DTYPE).tobytes() for c in self._sealed]
-        del self._sealed[:]
-        self._sealed_rows = 0
-        n = len(self._rows) // ROW_DTYPE.itemsize * ROW_DTYPE.itemsize
-        chunks.append(bytes(self._rows[:n]))
-        del self._rows[:n]  # rows appended meanwhile (lock-free) land after n and stay
-        return chunks
+        return self._store.records_in_memory
 
     def record_access(
         self,
@@ -268,8 +239,8 @@ class AccessStatsCollector:
             raise _bad_record(exc) from None
         rows = self._rows
         rows += row
-        if self._spill is not None and len(rows) >= self._spill_at:
-            self._maybe_spill()
+        if self._bounded and len(rows) >= self._spill_at:
+            self._store.maybe_spill()
 
     def record_many(
         self,
@@ -312,7 +283,7 @@ class AccessStatsCollector:
             (self._blocks, self._requests, self._tiers),
         )
         self._rows.extend(rows.tobytes())
-        self._maybe_spill()
+        self._store.maybe_spill()
 
     def record_prompt(
         self,
@@ -385,25 +356,14 @@ class AccessStatsCollector:
         """Turn the queued calls into records (call order kept), then spill if over the bound."""
         with self._flush_lock:  # concurrent flushes append their records in queue order
             self._flush_locked()
-        if self._spill is not None:
-            self._maybe_spill()
+        self._store.maybe_spill()
 
     def _flush_locked(self) -> None:
         rec = build(self._pending.take(), self._blocks, self._requests, self._tiers)
-        with self._lock:
-            if rec.segment is not None:
-                n = len(self._rows) // ROW_DTYPE.itemsize * ROW_DTYPE.itemsize
-                if n:  # rows recorded before the segment stay before it
-                    self._sealed.append(bytes(self._rows[:n]))
-                    self._sealed_rows += n // ROW_DTYPE.itemsize
-                    del self._rows[:n]
-                self._sealed.append(rec.segment)
-                self._sealed_rows += rec.segment.num_rows
-            if rec.ev_codes is not None and rec.ev_ts is not None:
-                self._ev_block.frombytes(rec.ev_codes.tobytes())
-                self._ev_ts.frombytes(rec.ev_ts.tobytes())
-                self._ev_reason.extend(rec.ev_reasons)
-                self._ev_hash.extend(rec.ev_hashes)
+        if rec.segment is not None:
+            self._store.add_segment(rec.segment)
+        if rec.ev_codes is not None and rec.ev_ts is not None:
+            self._store.add_evictions(rec.ev_codes, rec.ev_ts, rec.ev_reasons, rec.ev_hashes)
 
     def record_eviction(
         self,
@@ -424,28 +384,21 @@ class AccessStatsCollector:
         except (TypeError, ValueError):
             raise KVInvalidTypeError(f"timestamp must be a number, got {timestamp!r}") from None
         code = self._blocks.code(block_id)
-        with self._lock:
-            self._ev_block.append(code)
-            self._ev_ts.append(timestamp)
-            self._ev_reason.append(str(reason))
-            self._ev_hash.append(block_hash)
-        if self._spill is not None:
-            self._maybe_spill()
+        self._store.add_eviction(code, timestamp, str(reason), block_hash)
+        self._store.maybe_spill()
 
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
         if self._pending:
             self._flush()
-        spilled = self._spill.num_rows if self._spill is not None else 0
-        return spilled + self._sealed_rows + len(self._rows) // ROW_DTYPE.itemsize
+        return self._store.num_rows
 
     @property
     def num_evictions(self) -> int:
         """Number of recorded evictions."""
         if self._pending:
             self._flush()
-        spilled = self._spill.num_evictions if self._spill is not None else 0
-        return spilled + len(self._ev_block)
+        return self._store.num_evictions
 
     @property
     def num_queued(self) -> int:
@@ -455,7 +408,8 @@ class AccessStatsCollector:
     @property
     def spill_directory(self) -> Path | None:
         """The folder spilled records are in (None: unbounded, or nothing spilled yet)."""
-        return None if self._spill is None else self._spill.directory
+        spill = self._store.spill
+        return None if spill is None else spill.directory
 
     def snapshot(self) -> dict[str, Any]:
         """Every record as numpy columns, plus the interned keys, taken under the lock.
@@ -470,35 +424,9 @@ class AccessStatsCollector:
         if self._pending:
             self._flush()
         with self._lock:
-            chunks = [
-                *self._sealed,
-                bytes(self._rows),
-            ]  # a copy: the bytearray never stays exported
             keys = (list(self._block_keys), list(self._request_keys), list(self._tier_keys))
-            ev_block = np.array(self._ev_block, dtype=np.int64)
-            ev_ts = np.array(self._ev_ts, dtype=np.float64)
-            ev_reason = list(self._ev_reason)
-            ev_hash = list(self._ev_hash)
-            spill = self._spill
-            if spill is not None and (spill.num_rows or spill.num_evictions):
-                # spilled records come first (they are older), read under the lock so
-                # a concurrent spill cannot move records between the two reads
-                old_rows = spill.read_rows()
-                old_block, old_ts, old_reason, old_hash = spill.read_evictions()
-            else:
-                spill = None
-        parts = [
-            np.frombuffer(c, dtype=ROW_DTYPE) if isinstance(c, bytes) else c.rows(ROW_DTYPE)
-            for c in chunks
-        ]
-        rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        if spill is not None:
-            rows = np.concatenate([old_rows, rows])
-            ev_block = np.concatenate([old_block, ev_block])
-            ev_ts = np.concatenate([old_ts, ev_ts])
-            ev_reason = old_reason + ev_reason
-            ev_hash = old_hash + ev_hash
-        return records.snapshot_columns(rows, keys, (ev_block, ev_ts, ev_reason, ev_hash))
+        rows, evictions = self._store.read()
+        return records.snapshot_columns(rows, keys, evictions)
 
     def iter_events(self) -> Iterator[AccessEvent]:
         """Yield every access as an :class:`AccessEvent` (slow; for small collections and tests)."""
