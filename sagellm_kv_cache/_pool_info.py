@@ -1,28 +1,28 @@
 """Introspection and retention of ``KVPool``: ``get_stats``, ``check_invariants``,
 ``set_retention`` / ``pin_prefix`` (policies ``"priority"`` and ``"ttl"``).
 
-Mixed into ``KVPool`` (``pool.py``), whose lock, block pool and counters
-these methods read.
+Mixed into ``KVPool`` (``pool.py``); the state it reads is declared in
+``_pool_base.PoolBase``. Hit ratios say what they count: ``token_hit_ratio``,
+``block_hit_ratio``, ``request_hit_ratio`` (DESIGN.md).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ._pool_base import PoolBase
 from .errors import KVConfigError, KVInvalidInputError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .handle import KVHandle
+from .handle import KVHandle
 
 __all__ = ["PoolInfoMixin"]
 
 
-class PoolInfoMixin:
+class PoolInfoMixin(PoolBase):
     """Retention calls, stats and invariant checks for ``KVPool``."""
 
     # -- retention (policies "priority" and "ttl", also under "leaf:") -------
     def _policy_method(self, name: str) -> Any:
-        p = self._blocks.policy
+        p: Any = self._blocks.policy
         while p is not None:
             method = getattr(p, name, None)
             if method is not None:
@@ -94,13 +94,13 @@ class PoolInfoMixin:
                 "prefix_hit_tokens": self._prefix_hit_tokens,
                 "prefix_query_blocks": self._prefix_query_blocks,
                 "prefix_hit_blocks": self._prefix_hit_blocks,
-                "token_hit_rate": self._prefix_hit_tokens / q_tok if q_tok else 0.0,
-                "block_hit_rate": (
+                "token_hit_ratio": self._prefix_hit_tokens / q_tok if q_tok else 0.0,
+                "block_hit_ratio": (
                     self._prefix_hit_blocks / self._prefix_query_blocks
                     if self._prefix_query_blocks
                     else 0.0
                 ),
-                "request_hit_rate": (
+                "request_hit_ratio": (
                     self._prefix_hit_requests / self._prefix_requests
                     if self._prefix_requests
                     else 0.0

@@ -1,7 +1,7 @@
 """KV data movement of ``KVPool`` (``write_kv``, ``read_kv``, ``copy_blocks``).
 
 Kept apart from the bookkeeping in ``pool.py``; mixed into ``KVPool``, whose
-lock, handles, block pool and storage these methods use.
+state (declared in ``_pool_base.PoolBase``) these methods use.
 
 What may be written (a cached block is immutable, DESIGN.md)::
 
@@ -25,19 +25,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .block_pool import check_count
+from ._pool_base import PoolBase
+from .checks import check_count
 from .errors import KVBlockImmutableError, KVConfigError, KVInvalidInputError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .handle import KVHandle
-    from .storage import KVStorage
+from .handle import KVHandle
+from .storage import KVStorage
 
 __all__ = ["PoolKVMixin"]
 
 
-class PoolKVMixin:
+class PoolKVMixin(PoolBase):
     """``write_kv`` / ``read_kv`` / ``copy_blocks`` for ``KVPool``."""
 
     def _require_storage(self) -> KVStorage:

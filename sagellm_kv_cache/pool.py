@@ -35,24 +35,24 @@ import uuid
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
+from ._pool_admission import PoolAdmissionMixin, admission_reason
+from ._pool_cache import PoolCacheMixin
 from ._pool_info import PoolInfoMixin
 from ._pool_kv import PoolKVMixin
 from .block_pool import BlockPool
-from .checks import check_count, check_metadata, check_num_tokens
+from .checks import check_metadata, check_num_tokens
 from .errors import (
     KVBudgetExceededError,
     KVConfigError,
-    KVDoubleFreeError,
     KVHandlePinnedError,
     KVInvalidHandleError,
     KVInvalidInputError,
     KVInvalidTypeError,
-    KVNoVictimError,
     KVRefCountUnderflowError,
 )
 from .eviction import EvictionPolicy
 from .handle import HandleState, KVHandle, KVLayout, MemoryTier, normalize_dtype
-from .hashing import check_block_hashes, compute_block_hashes, get_hash_fn, root_hash
+from .hashing import get_hash_fn, root_hash
 from .model_shapes import estimate_pool_bytes, format_bytes, resolve_model_shape
 from .storage import KVStorage, ModelShape, normalize_device
 
@@ -60,25 +60,11 @@ _log = logging.getLogger(__name__)
 
 __all__ = ["KVPool", "admission_reason", "check_num_tokens"]
 
-
-def admission_reason(n_new: int, n_hit: int, obtainable: int, num_blocks: int) -> str | None:
-    """The block budget part of admission, one rule for the pool, the scheduler's plan
-    and the simulator: ``"too_large"`` when the request's blocks (``n_hit`` cached
-    plus ``n_new`` new) exceed the whole pool, ``"no_blocks"`` when more new blocks
-    are needed than ``obtainable`` (free plus evictable, less the evictable hits it
-    takes), else ``None``."""
-    if n_new + n_hit > num_blocks:
-        return "too_large"
-    if n_new > obtainable:
-        return "no_blocks"
-    return None
-
-
 #: the methods ``KVPool`` calls on a hook (``hooks.PoolHook`` has them all as no-ops)
 _HOOK_METHODS = ("on_lookup", "on_alloc", "on_free", "on_evict", "on_cleared")
 
 
-class KVPool(PoolKVMixin, PoolInfoMixin):
+class KVPool(PoolCacheMixin, PoolAdmissionMixin, PoolKVMixin, PoolInfoMixin):
     """A budgeted pool of paged KV blocks with prefix caching.
 
     Size it with exactly one of ``max_tokens``, ``num_blocks`` or ``max_bytes``
@@ -203,7 +189,7 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
             clock=self.clock,
         )
         self.storage: KVStorage | None = None
-        if not metadata_only:
+        if model_shape is not None and not metadata_only:
             nbytes = n_blocks * model_shape.bytes_per_block(block_size)
             _log.info(
                 "KVPool allocates %s of KV tensors on %s: %d blocks x %d tokens x %d bytes/token",
@@ -218,16 +204,6 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
     #: ``KVPool.estimate_bytes(65536, model_shape="llama-3-8b")``: the bytes of KV
     #: tensors a pool of these arguments would allocate, without allocating them.
     estimate_bytes = staticmethod(estimate_pool_bytes)
-
-    def _reset_counters(self) -> None:
-        self._num_allocs = 0
-        self._num_frees = 0
-        self._prefix_requests = 0
-        self._prefix_hit_requests = 0
-        self._prefix_query_tokens = 0
-        self._prefix_hit_tokens = 0
-        self._prefix_query_blocks = 0
-        self._prefix_hit_blocks = 0
 
     # -- introspection -------------------------------------------------------
     @property
@@ -281,9 +257,6 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
         with self._lock:
             return list(self._handles.values())
 
-    def _num_blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
     # -- validation ----------------------------------------------------------
     def _next_handle_id(self) -> str:
         """A UUID4-formatted id: this pool's random 80-bit prefix + a 48-bit counter.
@@ -311,23 +284,6 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
                 f"got device={dev}, dtype={dt}, layout={lay}"
             )
         return dev, dt, lay
-
-    def _check_handle(self, handle: Any) -> KVHandle:
-        if not isinstance(handle, KVHandle):
-            raise KVInvalidTypeError(f"expected a KVHandle, got {type(handle).__name__}")
-        if handle.pool_id != self.pool_id:
-            raise KVInvalidHandleError(f"handle {handle.handle_id} belongs to another pool")
-        if handle.state is HandleState.FREED:
-            raise KVDoubleFreeError(f"handle {handle.handle_id} was already freed")
-        if self._handles.get(handle.handle_id) is not handle:
-            raise KVInvalidHandleError(
-                f"handle {handle.handle_id} is not live in this pool (reset?)"
-            )
-        return handle
-
-    def _after(self) -> None:
-        if self.debug:
-            self._blocks.check_invariants()
 
     # -- allocation ----------------------------------------------------------
     def alloc(
@@ -378,38 +334,6 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
                     hook.on_alloc(handle, now)
             self._after()
             return handle
-
-    def compute_block_hashes(self, tokens: Any, extra_keys: Any = None) -> list[bytes]:
-        """This pool's chained hashes of the full blocks of ``tokens``."""
-        root = self._root if extra_keys is None else root_hash(extra_keys, self._hash_fn)
-        return compute_block_hashes(
-            tokens, self.block_size, parent_hash=root, hash_fn=self._hash_fn
-        )
-
-    def _prompt_hashes(self, tokens, block_hashes, num_tokens, extra_keys) -> tuple[int, list]:
-        if num_tokens is not None:
-            num_tokens = check_num_tokens(num_tokens)
-        if tokens is not None:
-            if block_hashes is not None:
-                raise KVInvalidInputError("give tokens or block_hashes, not both")
-            hashes = self.compute_block_hashes(tokens, extra_keys)  # validates the tokens
-            n = len(tokens)
-            if num_tokens is not None and num_tokens != n:
-                raise KVInvalidInputError(f"num_tokens={num_tokens} but {n} tokens given")
-            check_num_tokens(n, "len(tokens)")
-            return n, hashes
-        if block_hashes is None or num_tokens is None:
-            raise KVInvalidInputError(
-                "alloc_with_prefix needs tokens, or block_hashes and num_tokens"
-            )
-        block_hashes = check_block_hashes(block_hashes)
-        full = num_tokens // self.block_size
-        if len(block_hashes) > -(-num_tokens // self.block_size) or len(block_hashes) < full:
-            raise KVInvalidInputError(
-                f"{len(block_hashes)} block hashes do not fit {num_tokens} tokens at block size "
-                f"{self.block_size} (expected {full} or {-(-num_tokens // self.block_size)})"
-            )
-        return num_tokens, list(block_hashes[:full])
 
     def alloc_with_prefix(
         self,
@@ -487,176 +411,6 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
             self._after()
             return handle, len(hit) * bs
 
-    def _admit(self, n_new: int, hit: list[int], num_tokens: int) -> None:
-        """Raise unless ``n_new`` blocks can be had once the ``hit`` blocks are taken.
-
-        Hit blocks that are evictable now stop counting as obtainable once
-        taken; a policy that refuses some evictable blocks (TTL, leaf-only) is
-        asked how many victims it would give with the hits taken out. Nothing
-        is changed here, so a refusal leaves the pool exactly as it was.
-        """
-        reason, obtainable, got = self._admission(n_new, hit)
-        if reason in ("too_large", "no_blocks"):
-            raise KVBudgetExceededError(
-                f"request of {num_tokens} tokens needs {n_new} new blocks beyond its "
-                f"{len(hit)} cached ones; {obtainable} obtainable",
-                needed=n_new,
-                hit=len(hit),
-            )
-        if reason == "no_victims":
-            need = n_new - self._blocks.num_free
-            raise KVNoVictimError(
-                f"{self._blocks.policy.name}: request of {num_tokens} tokens needs {need} "
-                f"victims beyond {self._blocks.num_free} free blocks; the policy gives {got} "
-                "now (the rest are protected or not leaves)",
-                needed=need,
-                victims=got,
-            )
-
-    def _admission(self, n_new: int, hit: Sequence[int]) -> tuple[str | None, int, int]:
-        """The admission rule, written once (``alloc_with_prefix``, ``peek_admission``,
-        the simulator): ``(reason, obtainable, victims)``; ``reason`` is ``None`` when
-        ``n_new`` blocks beyond the cached run ``hit`` can be had now, else
-        ``"too_large"`` (more than the whole pool), ``"no_blocks"`` (more than free +
-        evictable blocks once the hits are taken) or ``"no_victims"`` (the policy
-        refuses some evictable blocks now). Changes nothing; the caller holds the lock."""
-        bp = self._blocks
-        n_ev_hit = bp.num_evictable_among(hit) if hit else 0
-        obtainable = bp.num_available - n_ev_hit
-        reason = admission_reason(n_new, len(hit), obtainable, self.num_blocks)
-        if reason is not None:
-            return reason, obtainable, 0
-        need = n_new - bp.num_free
-        if need > 0 and bp.policy_may_refuse:
-            ev_hit = bp.evictable_among(hit) if n_ev_hit else ()
-            got = bp.policy.num_victims(need, ev_hit)
-            if got < need:
-                return "no_victims", obtainable, got
-        return None, obtainable, 0
-
-    def obtainable_blocks(self, hit_block_ids: Sequence[int] = ()) -> int:
-        """Blocks an allocation could obtain now beyond ``hit_block_ids`` (a request's
-        cached leading run, from ``match_prefix``, which it would take): free plus
-        evictable blocks, less the evictable hits. Changes nothing.
-
-        Raises:
-            KVInvalidTypeError / KVInvalidInputError: bad block ids.
-        """
-        with self._lock:
-            hit = self._blocks.check_block_ids(hit_block_ids, "hit_block_ids")
-            return self._admission(0, hit)[1]
-
-    def peek_admission(self, num_new_blocks: int, hit_block_ids: Sequence[int] = ()) -> str | None:
-        """Why allocating ``num_new_blocks`` beyond the cached run ``hit_block_ids``
-        would fail now, or ``None`` when it would succeed (the rule ``alloc_with_prefix``
-        applies): ``"too_large"``, ``"no_blocks"`` or ``"no_victims"``. Changes nothing.
-
-        Raises:
-            KVInvalidTypeError / KVInvalidInputError: a bad count or bad block ids.
-        """
-        n_new = check_count(num_new_blocks, "num_new_blocks")
-        with self._lock:
-            hit = self._blocks.check_block_ids(hit_block_ids, "hit_block_ids")
-            return self._admission(n_new, hit)[0]
-
-    def cache_blocks(
-        self,
-        handle: KVHandle,
-        *,
-        tokens: Any = None,
-        block_hashes: Sequence[Hashable] | None = None,
-        num_tokens: int | None = None,
-    ) -> int:
-        """Register ``handle``'s full blocks in the prefix cache (their KV is written).
-
-        Hashes come from the handle (``alloc_with_prefix``) or are given here
-        (``tokens`` or ``block_hashes``) for a handle from ``alloc``. With
-        ``num_tokens`` only the first ``num_tokens // block_size`` blocks are
-        cached (chunked prefill). Returns the number of newly cached blocks.
-
-        Raises:
-            KVInvalidTypeError / KVInvalidInputError: both ``tokens`` and
-                ``block_hashes``, bad tokens, an unhashable or ``None`` hash,
-                more hashes than full blocks, ``num_tokens`` not an int in
-                ``[0, handle.num_tokens]``. Nothing is registered then.
-        """
-        if tokens is not None and block_hashes is not None:
-            raise KVInvalidInputError("give tokens or block_hashes, not both")
-        if num_tokens is not None:
-            num_tokens = check_count(num_tokens, "num_tokens")
-        given = None
-        if tokens is not None:
-            given = self.compute_block_hashes(tokens)
-        elif block_hashes is not None:
-            given = list(check_block_hashes(block_hashes))
-        with self._lock:
-            self._check_handle(handle)
-            if num_tokens is not None and num_tokens > handle.num_tokens:
-                raise KVInvalidInputError(
-                    f"num_tokens={num_tokens} beyond the handle's {handle.num_tokens} tokens"
-                )
-            if given is not None:
-                if len(given) > handle.num_tokens // self.block_size:
-                    raise KVInvalidInputError(
-                        f"{len(given)} block hashes for a handle of {handle.num_tokens} tokens "
-                        f"({handle.num_tokens // self.block_size} full blocks)"
-                    )
-                handle.block_hashes = given
-            hashes = handle.block_hashes
-            if num_tokens is not None:
-                hashes = hashes[: num_tokens // self.block_size]
-            n = self._blocks.cache_blocks(
-                handle.block_ids, hashes, handle.num_cached_tokens // self.block_size
-            )
-            if hashes:
-                handle.state = HandleState.CACHED
-            self._after()
-            return n
-
-    def register_blocks(
-        self, handle: KVHandle, block_hashes: Sequence[Hashable], start_block: int = 0
-    ) -> int:
-        """Register blocks ``start_block .. len(block_hashes)-1`` of a live handle, already
-        written, under ``block_hashes[i]``; returns how many were newly registered.
-
-        The path for KV copied in from another tier or node (``KVOffloadManager``
-        onboarding, a transfer receiver): call it only once the bytes are in the
-        handle's blocks *and verified*; from then on they are prefix-cache hits.
-        ``block_hashes[:start_block]`` name the blocks before (the parents).
-        A hash already cached keeps its block; a block that already has a hash
-        is skipped. The handle's ``num_cached_tokens`` is left to the caller.
-
-        Raises:
-            KVInvalidTypeError / KVInvalidInputError: not a live handle of this
-                pool, a bad hash list (unhashable, ``None``), ``start_block`` not
-                an int in ``[0, len(block_hashes)]``, more hashes than the
-                handle's full blocks, or hashes that contradict the handle's own.
-                Everything is checked before anything is registered.
-        """
-        hashes = check_block_hashes(block_hashes)
-        start = check_count(start_block, "start_block")
-        if start > len(hashes):
-            raise KVInvalidInputError(f"start_block={start} beyond {len(hashes)} block hashes")
-        with self._lock:
-            self._check_handle(handle)
-            if len(hashes) > handle.num_tokens // self.block_size:
-                raise KVInvalidInputError(
-                    f"{len(hashes)} block hashes for a handle of {handle.num_tokens} tokens "
-                    f"({handle.num_tokens // self.block_size} full blocks)"
-                )
-            own = handle.block_hashes
-            if own and own[: len(hashes)] != hashes:
-                raise KVInvalidInputError(
-                    f"block_hashes differ from handle {handle.handle_id}'s own block hashes"
-                )
-            n = self._blocks.cache_blocks(handle.block_ids, hashes, start)
-            if not own:
-                handle.block_hashes = list(hashes)
-            if len(hashes) > start:
-                handle.state = HandleState.CACHED
-            self._after()
-            return n
-
     def free(self, handle: KVHandle) -> None:
         """Release a handle. Its cached blocks stay reusable until evicted.
 
@@ -697,47 +451,6 @@ class KVPool(PoolKVMixin, PoolInfoMixin):
             self._blocks.unpin(handle.block_ids)
             handle.pin_count -= 1
             self._after()
-
-    # -- prefix cache --------------------------------------------------------
-    def match_prefix(
-        self, tokens: Any = None, *, block_hashes: Sequence[Hashable] | None = None
-    ) -> tuple[list[int], int]:
-        """Peek: ids of the cached leading blocks and their token count. Takes no reference."""
-        if tokens is not None:
-            if block_hashes is not None:
-                raise KVInvalidInputError("give tokens or block_hashes, not both")
-            block_hashes = self.compute_block_hashes(tokens)
-        elif block_hashes is None:
-            raise KVInvalidInputError("match_prefix needs tokens or block_hashes")
-        else:
-            block_hashes = check_block_hashes(block_hashes)
-        with self._lock:
-            hit = self._blocks.match_prefix(block_hashes) if self.enable_prefix_caching else []
-            return hit, len(hit) * self.block_size
-
-    def evict(self, num_blocks: int) -> list[int]:
-        """Evict up to ``num_blocks`` evictable blocks now, in policy order; their ids."""
-        num_blocks = check_num_tokens(num_blocks, "num_blocks")
-        with self._lock:
-            out = self._blocks.evict(num_blocks)
-            self._after()
-            return out
-
-    def invalidate(self, block_hashes: Sequence[Hashable]) -> int:
-        """Drop these hashes from the cache (blocks in use stay allocated). Returns count dropped.
-
-        The whole list is checked first (hashable, not ``None``): a bad entry
-        drops nothing.
-        """
-        block_hashes = check_block_hashes(block_hashes)
-        with self._lock:
-            n = 0
-            for h in block_hashes:
-                b = self._blocks.cached.get(h)
-                if b is not None:
-                    n += self._blocks.uncache(b)
-            self._after()
-            return n
 
     # -- budget --------------------------------------------------------------
     def can_admit(self, num_tokens: int) -> bool:

@@ -153,8 +153,8 @@ def test_engine_path_reuses_cached_prefix_and_counts_hits():
     s = pool.get_stats()
     assert (s["prefix_query_tokens"], s["prefix_hit_tokens"]) == (14 + 21, 12)
     assert (s["prefix_query_blocks"], s["prefix_hit_blocks"]) == (3 + 5, 3)
-    assert s["request_hit_rate"] == 0.5
-    assert s["token_hit_rate"] == pytest.approx(12 / 35)
+    assert s["request_hit_ratio"] == 0.5
+    assert s["token_hit_ratio"] == pytest.approx(12 / 35)
     pool.free(h2)
     pool.check_invariants()
 

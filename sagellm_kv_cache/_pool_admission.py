@@ -1,0 +1,106 @@
+"""Admission of ``KVPool``: may ``n`` new blocks be had beyond a cached run, and why not.
+
+One rule (``admission_reason`` plus the policy's say on victims) for
+``alloc_with_prefix``, ``peek_admission``, ``obtainable_blocks``, the
+scheduler's plan and the simulator. Nothing here changes the pool, so a
+refusal leaves it exactly as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ._pool_base import PoolBase
+from .checks import check_count
+from .errors import KVBudgetExceededError, KVNoVictimError
+
+__all__ = ["PoolAdmissionMixin", "admission_reason"]
+
+
+def admission_reason(n_new: int, n_hit: int, obtainable: int, num_blocks: int) -> str | None:
+    """The block budget part of admission, one rule for the pool, the scheduler's plan
+    and the simulator: ``"too_large"`` when the request's blocks (``n_hit`` cached
+    plus ``n_new`` new) exceed the whole pool, ``"no_blocks"`` when more new blocks
+    are needed than ``obtainable`` (free plus evictable, less the evictable hits it
+    takes), else ``None``."""
+    if n_new + n_hit > num_blocks:
+        return "too_large"
+    if n_new > obtainable:
+        return "no_blocks"
+    return None
+
+
+class PoolAdmissionMixin(PoolBase):
+    """``obtainable_blocks`` / ``peek_admission`` and the check ``alloc_with_prefix`` runs."""
+
+    def _admit(self, n_new: int, hit: list[int], num_tokens: int) -> None:
+        """Raise unless ``n_new`` blocks can be had once the ``hit`` blocks are taken.
+
+        Hit blocks that are evictable now stop counting as obtainable once
+        taken; a policy that refuses some evictable blocks (TTL, leaf-only) is
+        asked how many victims it would give with the hits taken out. Nothing
+        is changed here, so a refusal leaves the pool exactly as it was.
+        """
+        reason, obtainable, got = self._admission(n_new, hit)
+        if reason in ("too_large", "no_blocks"):
+            raise KVBudgetExceededError(
+                f"request of {num_tokens} tokens needs {n_new} new blocks beyond its "
+                f"{len(hit)} cached ones; {obtainable} obtainable",
+                needed=n_new,
+                hit=len(hit),
+            )
+        if reason == "no_victims":
+            need = n_new - self._blocks.num_free
+            raise KVNoVictimError(
+                f"{self._blocks.policy.name}: request of {num_tokens} tokens needs {need} "
+                f"victims beyond {self._blocks.num_free} free blocks; the policy gives {got} "
+                "now (the rest are protected or not leaves)",
+                needed=need,
+                victims=got,
+            )
+
+    def _admission(self, n_new: int, hit: Sequence[int]) -> tuple[str | None, int, int]:
+        """The admission rule, written once (``alloc_with_prefix``, ``peek_admission``,
+        the simulator): ``(reason, obtainable, victims)``; ``reason`` is ``None`` when
+        ``n_new`` blocks beyond the cached run ``hit`` can be had now, else
+        ``"too_large"`` (more than the whole pool), ``"no_blocks"`` (more than free +
+        evictable blocks once the hits are taken) or ``"no_victims"`` (the policy
+        refuses some evictable blocks now). Changes nothing; the caller holds the lock."""
+        bp = self._blocks
+        n_ev_hit = bp.num_evictable_among(hit) if hit else 0
+        obtainable = bp.num_available - n_ev_hit
+        reason = admission_reason(n_new, len(hit), obtainable, self.num_blocks)
+        if reason is not None:
+            return reason, obtainable, 0
+        need = n_new - bp.num_free
+        if need > 0 and bp.policy_may_refuse:
+            ev_hit = bp.evictable_among(hit) if n_ev_hit else ()
+            got = bp.policy.num_victims(need, ev_hit)
+            if got < need:
+                return "no_victims", obtainable, got
+        return None, obtainable, 0
+
+    def obtainable_blocks(self, hit_block_ids: Sequence[int] = ()) -> int:
+        """Blocks an allocation could obtain now beyond ``hit_block_ids`` (a request's
+        cached leading run, from ``match_prefix``, which it would take): free plus
+        evictable blocks, less the evictable hits. Changes nothing.
+
+        Raises:
+            KVInvalidTypeError / KVInvalidInputError: bad block ids.
+        """
+        with self._lock:
+            hit = self._blocks.check_block_ids(hit_block_ids, "hit_block_ids")
+            return self._admission(0, hit)[1]
+
+    def peek_admission(self, num_new_blocks: int, hit_block_ids: Sequence[int] = ()) -> str | None:
+        """Why allocating ``num_new_blocks`` beyond the cached run ``hit_block_ids``
+        would fail now, or ``None`` when it would succeed (the rule ``alloc_with_prefix``
+        applies): ``"too_large"``, ``"no_blocks"`` or ``"no_victims"``. Changes nothing.
+
+        Raises:
+            KVInvalidTypeError / KVInvalidInputError: a bad count or bad block ids.
+        """
+        n_new = check_count(num_new_blocks, "num_new_blocks")
+        with self._lock:
+            hit = self._blocks.check_block_ids(hit_block_ids, "hit_block_ids")
+            return self._admission(n_new, hit)[0]
