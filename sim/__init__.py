@@ -17,8 +17,7 @@ Submodules are imported on first use (polars and friends stay unloaded until nee
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sagellm_kv_cache.lazy import lazy_exports
 
 _LAZY = {
     "SimResult": "result",
@@ -39,8 +38,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'sim' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{mod}", __name__), name)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -391,3 +391,25 @@ def test_new_policies_are_registered():
     assert type(make_policy("predictive")).__name__ == "PredictivePolicy"
     assert type(make_policy("workload-aware")).__name__ == "WorkloadAwarePolicy"
     assert type(make_policy(EvictionPolicyName.WORKLOAD_AWARE)).__name__ == "WorkloadAwarePolicy"
+
+
+def test_one_lazy_loader_serves_the_packages():
+    import importlib
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sagellm_kv_cache as s, sim\n"
+        "import sagellm_kv_cache.observability as o\n"
+        "assert 'torch' not in sys.modules and 'polars' not in sys.modules\n"
+        "for pkg in (s, o, sim):\n"
+        "    assert pkg.__getattr__.__module__ == 'sagellm_kv_cache.lazy'\n"
+        "assert 'KVPool' not in vars(s) and 'KVPool' in dir(s)\n"
+        "assert s.KVPool is vars(s)['KVPool']\n"  # cached after the first use
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    sk = importlib.import_module("sagellm_kv_cache")
+    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
+        sk.Nope  # noqa: B018
