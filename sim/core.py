@@ -250,6 +250,8 @@ class Engine:
         order = sorted(range(n), key=arrivals.__getitem__)  # stable: ties keep trace order
         events: list[tuple[float, int, int, int]] = []  # (time, kind, seq, request)
         waiting: list[deque[int]] = [deque() for _ in insts]
+        #: the block ids of requests between arrival and prefill end (read once)
+        hs_of: dict[int, list] = {}
         running = [0] * len(insts)
         seq = 0
 
@@ -260,7 +262,7 @@ class Engine:
                 i = wq[0]
                 full = full_l[i]
                 if full:
-                    hs = hashes_col[i][:full]
+                    hs = hs_of[i]
                     if starting is not None:
                         starting(i, k, hs)
                     if not inst.start(i, hs, full, running[k] > 0):
@@ -301,7 +303,7 @@ class Engine:
                 else:
                     full = full_l[i]
                     if full:
-                        inst.written(i, hashes_col[i][:full])
+                        inst.written(i, hs_of.pop(i))
                     prefill_end_s[i] = now
                     if hooked:
                         emit("on_prefill_end", i, now)
@@ -314,8 +316,9 @@ class Engine:
                 clock.now = now
                 full = lengths[i] // bs
                 full_l[i] = full
+                hs = hashes_col[i][:full] if full else []
                 if route is not None:
-                    k = route(i, hashes_col[i][:full])
+                    k = route(i, hs)
                     inst_of[i] = k
                 else:
                     k = 0
@@ -330,6 +333,8 @@ class Engine:
                         bar.update(1)
                 else:
                     waiting[k].append(i)
+                    if full:
+                        hs_of[i] = hs
             wq = waiting[k]
             if wq:
                 admit(k, inst, wq, now)

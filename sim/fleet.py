@@ -37,6 +37,7 @@ import numpy as np
 
 from sagellm_kv_cache.errors import KVConfigError
 from sagellm_kv_cache.placement import LoadAwareScheduler, LoadMetricsCollector
+from traces.columnar import hash_view
 
 from .core import Engine
 from .instances import PoolInstance, SimClock
@@ -165,7 +166,7 @@ class FleetEngine:
             caches.append(self.shared.cached)
         self._all_holds = [c.__contains__ for c in caches]
         self.engine = Engine(
-            table["block_hashes"].to_list(),
+            hash_view(table),  # int ids: a flat view, a request's list made when it is served
             lengths,
             table["output_length"].to_list(),
             table["arrival_s"].to_list(),
