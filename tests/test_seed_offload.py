@@ -64,7 +64,7 @@ def flip_last(data: bytes) -> bytes:
 def snapshot(m: KVOffloadManager) -> dict:
     m.device.check_invariants()
     s = m.device.get_stats()
-    ids = list(m._seed_state()["records"])
+    ids = m.registered_ids()
     return {
         "pool": {k: s[k] for k in ("free_blocks", "used_blocks", "cached_blocks", "num_handles")},
         "registered": m.registered_count(),

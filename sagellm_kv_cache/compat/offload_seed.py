@@ -21,10 +21,9 @@ The seed tracks whole handles across three tiers (accelerator -> CPU DRAM
   The old ``KVHandle`` object is freed by the offload and stays freed. If the
   device pool has no room, the error is raised and nothing changes.
 * The NVMe tier is a directory of one file per handle (``nvme_dir``, default
-  a temporary directory removed with the manager): a fixed header (magic,
-  version, dtype, shape, byte count, checksum), then the raw bytes. A file
-  that does not match is a typed error on restore, and the handle stays on
-  NVMe.
+  a temporary directory removed with the manager; format in
+  ``handle_files.py``). A file that does not match is a typed error on
+  restore, and the handle stays on NVMe.
 * A pinned handle (``pool.pin``: the engine is running it) is never
   offloaded, neither explicitly (``KVHandlePinnedError``) nor by
   ``maybe_offload*``.
@@ -52,109 +51,40 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import struct
 import tempfile
 import time
 import weakref
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import (
     KVBudgetExceededError,
-    KVChecksumMismatchError,
     KVHandleNotFoundError,
     KVHandlePinnedError,
     KVInvalidHandleError,
     KVInvalidInputError,
     KVInvalidTypeError,
-    KVStorageError,
 )
 from ..handle import KVHandle
+from .handle_files import read_handle_file, write_handle_file
+from .offload_records import (
+    CPU,
+    DEVICE,
+    NVME,
+    HandleRecord,
+    OffloadSpec,
+    SeedState,
+    check_cap,
+    check_id,
+    check_label,
+    check_ratio,
+)
+
+if TYPE_CHECKING:
+    from ..pool import KVPool
 
 __all__ = ["OffloadSeedMixin", "OffloadSpec"]
-
-_FILE_MAGIC = b"SKVH"
-_FILE_VERSION = 1
-_FILE_HEAD = struct.Struct("<4sHBBQQ")  # magic, version, dtype code, ndim, nbytes, checksum
-_DIM = struct.Struct("<Q")
-DEVICE, CPU, NVME = "device", "cpu", "nvme"
-
-
-@dataclass(frozen=True, slots=True)
-class OffloadSpec:
-    """One move of a handle (the seed's ``KVOffloadSpec``)."""
-
-    handle_id: str
-    src_device: str
-    dst_device: str
-    trigger: str
-    num_tokens: int
-    num_blocks: int
-    nbytes: int
-    request_id: str = ""
-    #: the live handle after a restore to the device (None otherwise)
-    handle: KVHandle | None = None
-
-
-@dataclass(slots=True)
-class _Record:
-    handle_id: str
-    handle: KVHandle | None
-    num_tokens: int
-    original_device: str
-    current_device: str
-    order: int
-    last_active: float
-    location: str = DEVICE
-    kv: Any = None  # host copy while on CPU
-    path: Path | None = None  # file while on NVMe
-    shape: tuple = ()
-    dtype: Any = None
-    nbytes: int = 0
-    offload_count: int = 0
-    restore_count: int = 0
-    attrs: dict = field(default_factory=dict)
-
-
-def _check_id(handle_id: Any) -> str:
-    if not isinstance(handle_id, str):
-        raise KVInvalidTypeError(f"handle_id must be a str, got {type(handle_id).__name__}")
-    return handle_id
-
-
-def _check_label(name: str, v: Any) -> str:
-    if not isinstance(v, str) or not v:
-        raise KVInvalidInputError(f"{name} must be a non-empty str, got {v!r}")
-    return v
-
-
-def _check_ratio(name: str, v: Any) -> float | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise KVInvalidTypeError(f"{name} must be a number in [0, 1], got {type(v).__name__}")
-    if not 0.0 <= v <= 1.0:
-        raise KVInvalidInputError(f"{name} must be in [0, 1], got {v}")
-    return float(v)
-
-
-def _check_cap(name: str, v: Any) -> int | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise KVInvalidInputError(f"{name} must be an int >= 0 or None, got {v!r}")
-    return v
-
-
-def _raw(kv) -> memoryview:
-    import torch
-
-    return memoryview(kv.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def _digest(buf) -> int:
-    return int.from_bytes(hashlib.blake2b(buf, digest_size=8).digest(), "little")
 
 
 class OffloadSeedMixin:
@@ -169,37 +99,37 @@ class OffloadSeedMixin:
     cpu_capacity_bytes: int | None = None
     seed_clock = staticmethod(time.monotonic)
 
+    if TYPE_CHECKING:  # provided by KVOffloadManager
+        device: KVPool
+        device_name: str
+        block_size: int
+
+        def free(self, handle: KVHandle) -> None: ...
+
     # -- state ---------------------------------------------------------------------
-    def _seed_state(self) -> dict[str, Any]:
+    def _seed_state(self) -> SeedState:
         st = self.__dict__.get("_seed_offload")
         if st is None:
-            st = self.__dict__["_seed_offload"] = {
-                "records": {},
-                "order": 0,
-                "dir": None,
-                "stats": dict.fromkeys(
-                    ("offloads", "restores", "nvme_offloads", "nvme_restores"), 0
-                ),
-            }
+            st = self.__dict__["_seed_offload"] = SeedState()
         return st
 
-    def _rec(self, handle_id: Any) -> _Record:
-        rec = self._seed_state()["records"].get(_check_id(handle_id))
+    def _rec(self, handle_id: Any) -> HandleRecord:
+        rec = self._seed_state().records.get(check_id(handle_id))
         if rec is None:
             raise KVHandleNotFoundError(f"handle {handle_id!r} is not registered")
         return rec
 
-    def _nvme_path(self, rec: _Record) -> Path:
+    def _nvme_path(self, rec: HandleRecord) -> Path:
         st = self._seed_state()
-        if st["dir"] is None:
+        if st.nvme_dir is None:
             if self.nvme_dir is not None:
-                st["dir"] = Path(self.nvme_dir)
-                st["dir"].mkdir(parents=True, exist_ok=True)
+                st.nvme_dir = Path(self.nvme_dir)
+                st.nvme_dir.mkdir(parents=True, exist_ok=True)
             else:
-                st["dir"] = Path(tempfile.mkdtemp(prefix="sagellm-kv-nvme-"))
-                weakref.finalize(self, shutil.rmtree, str(st["dir"]), True)
+                st.nvme_dir = Path(tempfile.mkdtemp(prefix="sagellm-kv-nvme-"))
+                weakref.finalize(self, shutil.rmtree, str(st.nvme_dir), True)
         name = hashlib.sha1(rec.handle_id.encode("utf-8")).hexdigest()
-        return st["dir"] / f"{name}.kvh"
+        return st.nvme_dir / f"{name}.kvh"
 
     # -- registry ------------------------------------------------------------------
     def register(self, handle: KVHandle, device: str | None = None) -> None:
@@ -208,10 +138,9 @@ class OffloadSeedMixin:
         ``KVInvalidInputError`` when it is registered already."""
         if not isinstance(handle, KVHandle):
             raise KVInvalidTypeError(f"expected a KVHandle, got {type(handle).__name__}")
-        dev = self.device_name if device is None else _check_label("device", device)
-        pool = self.device
+        dev = self.device_name if device is None else check_label("device", device)
         try:
-            live = pool.get_handle(handle.handle_id)
+            live = self.device.get_handle(handle.handle_id)
         except KVInvalidHandleError:
             live = None
         if live is not handle:
@@ -219,21 +148,25 @@ class OffloadSeedMixin:
                 f"handle {handle.handle_id} is not a live handle of this manager's device pool"
             )
         st = self._seed_state()
-        if handle.handle_id in st["records"]:
+        if handle.handle_id in st.records:
             raise KVInvalidInputError(f"handle {handle.handle_id} is already registered")
-        st["order"] += 1
-        st["records"][handle.handle_id] = _Record(
-            handle.handle_id, handle, handle.num_tokens, dev, dev, st["order"], self.seed_clock()
+        st.order += 1
+        st.records[handle.handle_id] = HandleRecord(
+            handle.handle_id, handle, handle.num_tokens, dev, dev, st.order, self.seed_clock()
         )
 
     def unregister(self, handle_id: str) -> None:
         """Stop tracking a handle. An offloaded one's host copy or file is dropped
         (its KV is gone); a device-resident one stays in the pool, the caller's."""
         rec = self._rec(handle_id)
-        del self._seed_state()["records"][rec.handle_id]
+        del self._seed_state().records[rec.handle_id]
         if rec.path is not None:
             rec.path.unlink(missing_ok=True)
         rec.kv = None
+
+    def registered_ids(self) -> list[str]:
+        """Ids of the registered handles, in registration order."""
+        return list(self._seed_state().records)
 
     def registered_handle(self, handle_id: str) -> KVHandle | None:
         """The live device handle now holding this id's KV (None while offloaded)."""
@@ -250,10 +183,10 @@ class OffloadSeedMixin:
         return self._rec(handle_id).location == NVME
 
     def offloaded_count(self) -> int:
-        return sum(r.location != DEVICE for r in self._seed_state()["records"].values())
+        return sum(r.location != DEVICE for r in self._seed_state().records.values())
 
     def registered_count(self) -> int:
-        return len(self._seed_state()["records"])
+        return len(self._seed_state().records)
 
     def touch(self, handle_id: str) -> None:
         """Mark the handle active now (``maybe_offload*`` pick the least recent first)."""
@@ -281,13 +214,15 @@ class OffloadSeedMixin:
 
     def get_offload_stats(self) -> dict[str, int]:
         """Counts of the handle-level moves (the seed's ``get_stats`` counters)."""
-        out = dict(self._seed_state()["stats"])
+        out = dict(self._seed_state().stats)
         out["registered"] = self.registered_count()
         out["offloaded"] = self.offloaded_count()
         return out
 
     # -- moves -----------------------------------------------------------------------
-    def _spec(self, rec, src, dst, trigger, request_id, handle=None) -> OffloadSpec:
+    def _spec(
+        self, rec: HandleRecord, src: str, dst: str, trigger: Any, request_id: str, handle=None
+    ) -> OffloadSpec:
         nb = -(-rec.num_tokens // self.block_size)
         return OffloadSpec(
             rec.handle_id,
@@ -301,6 +236,30 @@ class OffloadSeedMixin:
             handle,
         )
 
+    def _moved(
+        self,
+        rec: HandleRecord,
+        location: str,
+        dst: str,
+        counter: str,
+        trigger: Any,
+        request_id: str,
+        *,
+        kv: Any = None,
+        path: Path | None = None,
+        handle: KVHandle | None = None,
+    ) -> OffloadSpec:
+        """Record a completed move of ``rec`` to ``location`` (labelled ``dst``): where its
+        KV is now (``kv`` on CPU, ``path`` on NVMe, ``handle`` on the device), a file it
+        left is removed, the move is counted; the seed's spec of it."""
+        src = rec.current_device
+        if rec.path is not None and rec.path != path:
+            rec.path.unlink(missing_ok=True)
+        rec.location, rec.current_device = location, dst
+        rec.kv, rec.path, rec.handle = kv, path, handle
+        self._seed_state().stats[counter] += 1
+        return self._spec(rec, src, dst, trigger, request_id, handle)
+
     def offload(
         self,
         handle_id: str,
@@ -313,10 +272,10 @@ class OffloadSeedMixin:
         file when ``dst_device`` starts with ``"nvme"``) and free its blocks.
         An offloaded handle is left as it is (the spec names no move)."""
         rec = self._rec(handle_id)
-        dst = _check_label("dst_device", dst_device)
-        if rec.location != DEVICE:
-            return self._spec(rec, rec.current_device, rec.current_device, trigger, request_id)
+        dst = check_label("dst_device", dst_device)
         h = rec.handle
+        if rec.location != DEVICE or h is None:
+            return self._spec(rec, rec.current_device, rec.current_device, trigger, request_id)
         if h.pin_count:
             raise KVHandlePinnedError(f"handle {rec.handle_id} is pinned; it is not offloaded")
         cap = self.max_offloaded_handles
@@ -330,11 +289,7 @@ class OffloadSeedMixin:
         to_nvme = dst.startswith("nvme")
         path = self._write_file(rec, kv) if to_nvme and kv is not None else None
         self.free(h)  # nothing changed before this point; the copy is complete
-        src = rec.current_device
         rec.attrs = {"dtype": h.dtype, "layout": h.layout, "metadata": dict(h.metadata)}
-        rec.handle, rec.current_device = None, dst
-        rec.location = NVME if to_nvme else CPU
-        rec.kv, rec.path = (None, path) if to_nvme else (kv, None)
         if kv is not None:
             rec.shape, rec.dtype, rec.nbytes = (
                 tuple(kv.shape),
@@ -342,8 +297,9 @@ class OffloadSeedMixin:
                 kv.numel() * kv.element_size(),
             )
         rec.offload_count += 1
-        self._seed_state()["stats"]["nvme_offloads" if to_nvme else "offloads"] += 1
-        return self._spec(rec, src, dst, trigger, request_id)
+        if to_nvme:
+            return self._moved(rec, NVME, dst, "nvme_offloads", trigger, request_id, path=path)
+        return self._moved(rec, CPU, dst, "offloads", trigger, request_id, kv=kv)
 
     def restore(
         self,
@@ -357,7 +313,7 @@ class OffloadSeedMixin:
         KV bit-exact); ``dst_device`` is the label it gets (default: the one it
         was registered with). The spec's ``handle`` is the new live handle."""
         rec = self._rec(handle_id)
-        dst = rec.original_device if dst_device is None else _check_label("dst_device", dst_device)
+        dst = rec.original_device if dst_device is None else check_label("dst_device", dst_device)
         if rec.location == DEVICE:
             raise KVInvalidInputError(
                 f"handle {rec.handle_id} is not offloaded (current device: {rec.current_device})"
@@ -371,21 +327,15 @@ class OffloadSeedMixin:
             metadata=rec.attrs.get("metadata") or None,
         )
         try:
-            if kv is not None:
+            if kv is not None and pool.storage is not None:
                 pool.write_kv(new, kv.to(pool.storage.kv.device))
         except BaseException:
             pool.free(new)
             raise
-        src = rec.current_device
-        was_nvme = rec.location == NVME
-        if rec.path is not None:
-            rec.path.unlink(missing_ok=True)
-        rec.handle, rec.kv, rec.path = new, None, None
-        rec.location, rec.current_device = DEVICE, dst
+        counter = "nvme_restores" if rec.location == NVME else "restores"
         rec.restore_count += 1
         rec.last_active = self.seed_clock()
-        self._seed_state()["stats"]["nvme_restores" if was_nvme else "restores"] += 1
-        return self._spec(rec, src, dst, trigger, request_id, new)
+        return self._moved(rec, DEVICE, dst, counter, trigger, request_id, handle=new)
 
     def offload_to_nvme(
         self,
@@ -397,7 +347,7 @@ class OffloadSeedMixin:
     ) -> OffloadSpec:
         """Move a handle from host memory to the NVMe tier (it must be on CPU)."""
         rec = self._rec(handle_id)
-        dst = _check_label("dst_device", dst_device)
+        dst = check_label("dst_device", dst_device)
         if not dst.startswith("nvme"):
             raise KVInvalidInputError(f"dst_device for NVMe must start with 'nvme', got {dst!r}")
         if rec.location != CPU:
@@ -406,10 +356,7 @@ class OffloadSeedMixin:
                 f"(current device: {rec.current_device})"
             )
         path = self._write_file(rec, rec.kv) if rec.kv is not None else None
-        src = rec.current_device
-        rec.kv, rec.path, rec.location, rec.current_device = None, path, NVME, dst
-        self._seed_state()["stats"]["nvme_offloads"] += 1
-        return self._spec(rec, src, dst, trigger, request_id)
+        return self._moved(rec, NVME, dst, "nvme_offloads", trigger, request_id, path=path)
 
     def restore_from_nvme(
         self,
@@ -422,7 +369,7 @@ class OffloadSeedMixin:
         """NVMe -> host memory (``dst_device`` "cpu..."), or straight back into the
         device pool for any other label (as ``restore``)."""
         rec = self._rec(handle_id)
-        dst = _check_label("dst_device", dst_device)
+        dst = check_label("dst_device", dst_device)
         if rec.location != NVME:
             raise KVInvalidInputError(
                 f"handle {rec.handle_id} is not on NVMe (current device: {rec.current_device})"
@@ -430,64 +377,19 @@ class OffloadSeedMixin:
         if not dst.startswith("cpu"):
             return self.restore(handle_id, dst_device=dst, trigger=trigger, request_id=request_id)
         kv = self._read_file(rec) if rec.path is not None else None
-        src = rec.current_device
-        if rec.path is not None:
-            rec.path.unlink(missing_ok=True)
-        rec.kv, rec.path, rec.location, rec.current_device = kv, None, CPU, dst
-        self._seed_state()["stats"]["nvme_restores"] += 1
-        return self._spec(rec, src, dst, trigger, request_id)
+        return self._moved(rec, CPU, dst, "nvme_restores", trigger, request_id, kv=kv)
 
-    # -- NVMe files ----------------------------------------------------------------------
-    def _write_file(self, rec: _Record, kv) -> Path:
-        from ..transfer.wire import DTYPE_CODES
-
-        raw = _raw(kv)
-        name = str(kv.dtype).removeprefix("torch.")
-        head = _FILE_HEAD.pack(
-            _FILE_MAGIC, _FILE_VERSION, DTYPE_CODES.get(name, 0), kv.dim(), len(raw), _digest(raw)
-        )
+    # -- NVMe files (handle_files.py) ------------------------------------------------------
+    def _write_file(self, rec: HandleRecord, kv: Any) -> Path:
         path = self._nvme_path(rec)
-        tmp = path.with_suffix(".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(head + b"".join(_DIM.pack(d) for d in kv.shape))
-                f.write(raw)
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise KVStorageError(f"cannot write the NVMe copy of {rec.handle_id}: {exc}") from None
+        write_handle_file(path, kv, rec.handle_id)
         return path
 
-    def _read_file(self, rec: _Record):
+    def _read_file(self, rec: HandleRecord) -> Any:
         """The KV in ``rec.path``, after checking every header field and the checksum."""
-        import torch
-
         if rec.path is None:  # a metadata-only pool moved no bytes
             return None
-        try:
-            data = rec.path.read_bytes()
-        except OSError as exc:
-            raise KVStorageError(f"NVMe copy of {rec.handle_id} unreadable: {exc}") from None
-        where = f"NVMe copy of {rec.handle_id} ({rec.path})"
-        ndim = len(rec.shape)
-        off = _FILE_HEAD.size + ndim * _DIM.size
-        if len(data) < off:
-            raise KVStorageError(f"{where}: {len(data)} bytes, shorter than its header")
-        magic, version, _code, nd, nbytes, checksum = _FILE_HEAD.unpack_from(data)
-        dims = tuple(_DIM.unpack_from(data, _FILE_HEAD.size + i * 8)[0] for i in range(ndim))
-        if (magic, version, nd, dims, nbytes) != (
-            _FILE_MAGIC,
-            _FILE_VERSION,
-            ndim,
-            rec.shape,
-            rec.nbytes,
-        ) or len(data) != off + nbytes:
-            raise KVStorageError(f"{where}: header or length does not match the handle")
-        body = memoryview(data)[off:]
-        if _digest(body) != checksum:
-            raise KVChecksumMismatchError(f"{where}: checksum mismatch")
-        flat = torch.frombuffer(bytearray(body), dtype=torch.uint8)
-        return flat.view(rec.dtype).view(rec.shape)
+        return read_handle_file(rec.path, rec.shape, rec.dtype, rec.nbytes, rec.handle_id)
 
     # -- automatic triggers ----------------------------------------------------------------
     def _device_utilisation(self) -> float:
@@ -499,16 +401,39 @@ class OffloadSeedMixin:
         refs = self.device.block_pool.ref_counts
         return sum(1 for b in h.block_ids if refs[b] == 1)
 
-    def _lru(self, location: str, label: str | None) -> list[_Record]:
+    def _lru(self, location: str, label: str | None) -> list[HandleRecord]:
         recs = [
             r
-            for r in self._seed_state()["records"].values()
+            for r in self._seed_state().records.values()
             if r.location == location
             and (label is None or r.current_device == label)
             and not (r.handle is not None and r.handle.pin_count)
         ]
         recs.sort(key=lambda r: (r.last_active, r.order))
         return recs
+
+    def _move_lru(
+        self,
+        location: str,
+        label: str | None,
+        cap: int | None,
+        more: Callable[[HandleRecord], bool],
+        move: Callable[[HandleRecord], OffloadSpec],
+        *,
+        counts_offloads: bool = True,
+    ) -> list[OffloadSpec]:
+        """``move`` the unpinned handles at ``location`` (labelled ``label``), least
+        recently active first, while ``more(rec)``, at most ``cap`` of them (and, for
+        moves off the device, while ``max_offloaded_handles`` allows)."""
+        out: list[OffloadSpec] = []
+        for rec in self._lru(location, label):
+            if not more(rec) or (cap is not None and len(out) >= cap):
+                break
+            limit = self.max_offloaded_handles
+            if counts_offloads and limit is not None and self.offloaded_count() >= limit:
+                break
+            out.append(move(rec))
+        return out
 
     def maybe_offload(
         self,
@@ -520,25 +445,23 @@ class OffloadSeedMixin:
     ) -> list[OffloadSpec]:
         """Offload least recently active handles while device utilisation is
         above ``offload_threshold`` (see the module docstring)."""
-        util = _check_ratio("npu_kv_utilisation", npu_kv_utilisation)
-        cap = _check_cap("max_to_offload", max_to_offload)
-        _check_label("cpu_device", cpu_device)
-        measured = util is None
-        util = self._device_utilisation() if measured else util
-        out: list[OffloadSpec] = []
+        given = check_ratio("npu_kv_utilisation", npu_kv_utilisation)
+        cap = check_cap("max_to_offload", max_to_offload)
+        check_label("cpu_device", cpu_device)
+        util = self._device_utilisation() if given is None else given
         total = self.device.num_blocks
-        for rec in self._lru(DEVICE, npu_device):
-            if util <= self.offload_threshold or (cap is not None and len(out) >= cap):
-                break
-            limit = self.max_offloaded_handles
-            if limit is not None and self.offloaded_count() >= limit:
-                break
+
+        def move(rec: HandleRecord) -> OffloadSpec:
+            nonlocal util
+            assert rec.handle is not None
             freed = self._frees(rec.handle)
-            out.append(
-                self.offload(rec.handle_id, dst_device=cpu_device, trigger="memory_pressure")
-            )
-            util = self._device_utilisation() if measured else util - freed / total
-        return out
+            spec = self.offload(rec.handle_id, dst_device=cpu_device, trigger="memory_pressure")
+            util = self._device_utilisation() if given is None else util - freed / total
+            return spec
+
+        return self._move_lru(
+            DEVICE, npu_device, cap, lambda rec: util > self.offload_threshold, move
+        )
 
     def maybe_offload_idle(
         self,
@@ -550,23 +473,21 @@ class OffloadSeedMixin:
     ) -> list[OffloadSpec]:
         """Offload device handles idle for more than ``idle_s`` (default:
         ``idle_offload_secs``; nothing happens while both are None)."""
-        cap = _check_cap("max_to_offload", max_to_offload)
-        _check_label("cpu_device", cpu_device)
+        cap = check_cap("max_to_offload", max_to_offload)
+        check_label("cpu_device", cpu_device)
         idle = self.idle_offload_secs if idle_s is None else idle_s
         if idle is None:
             return []
         if isinstance(idle, bool) or not isinstance(idle, int | float) or idle < 0:
             raise KVInvalidInputError(f"idle_s must be a number >= 0, got {idle!r}")
         now = self.seed_clock()
-        out: list[OffloadSpec] = []
-        for rec in self._lru(DEVICE, npu_device):
-            if now - rec.last_active <= idle or (cap is not None and len(out) >= cap):
-                break
-            limit = self.max_offloaded_handles
-            if limit is not None and self.offloaded_count() >= limit:
-                break
-            out.append(self.offload(rec.handle_id, dst_device=cpu_device, trigger="idle_sequence"))
-        return out
+        return self._move_lru(
+            DEVICE,
+            npu_device,
+            cap,
+            lambda rec: now - rec.last_active > idle,
+            lambda rec: self.offload(rec.handle_id, dst_device=cpu_device, trigger="idle_sequence"),
+        )
 
     def maybe_cascade_to_nvme(
         self,
@@ -579,23 +500,31 @@ class OffloadSeedMixin:
         """Move least recently active host-resident handles to NVMe while host
         utilisation is above ``nvme_offload_threshold``. Without a utilisation,
         it is the host bytes held / ``cpu_capacity_bytes`` (0 when that is None)."""
-        util = _check_ratio("cpu_kv_utilisation", cpu_kv_utilisation)
-        cap = _check_cap("max_to_cascade", max_to_cascade)
-        if not _check_label("nvme_device", nvme_device).startswith("nvme"):
+        given = check_ratio("cpu_kv_utilisation", cpu_kv_utilisation)
+        cap = check_cap("max_to_cascade", max_to_cascade)
+        if not check_label("nvme_device", nvme_device).startswith("nvme"):
             raise KVInvalidInputError(f"nvme_device must start with 'nvme', got {nvme_device!r}")
         capacity = self.cpu_capacity_bytes
-        if util is None:
-            held = sum(
-                r.nbytes for r in self._seed_state()["records"].values() if r.location == CPU
-            )
+        if given is None:
+            held = sum(r.nbytes for r in self._seed_state().records.values() if r.location == CPU)
             util = held / capacity if capacity else 0.0
-        out: list[OffloadSpec] = []
-        for rec in self._lru(CPU, cpu_device):
-            if util <= self.nvme_offload_threshold or (cap is not None and len(out) >= cap):
-                break
-            out.append(
-                self.offload_to_nvme(rec.handle_id, dst_device=nvme_device, trigger="nvme_pressure")
+        else:
+            util = given
+
+        def move(rec: HandleRecord) -> OffloadSpec:
+            nonlocal util
+            spec = self.offload_to_nvme(
+                rec.handle_id, dst_device=nvme_device, trigger="nvme_pressure"
             )
             if capacity:
                 util -= rec.nbytes / capacity
-        return out
+            return spec
+
+        return self._move_lru(
+            CPU,
+            cpu_device,
+            cap,
+            lambda rec: util > self.nvme_offload_threshold,
+            move,
+            counts_offloads=False,
+        )
