@@ -58,7 +58,7 @@ import heapq
 import numpy as np
 
 from sagellm_kv_cache.errors import KVInvalidInputError
-from traces.columnar import FlatHashes
+from traces.columnar import hash_view
 
 from .result import SimResult
 
@@ -104,12 +104,12 @@ def replay_opt(
         raise KVInvalidInputError(
             f"capacity_blocks must be an integer >= 1 or None, got {capacity_blocks!r}"
         )
-    hashes_col = FlatHashes.of(table)  # flat ids; a request's list made when it is read
+    hashes_col = hash_view(table)  # flat int ids: a request's list made when it is read
     lengths = table["input_length"].to_list()
     n = len(lengths)
     block_size = int(table["block_size"][0]) if n and "block_size" in cols else 512
     if capacity_blocks is None:
-        capacity_blocks = max(1, len(np.unique(hashes_col.values)))
+        capacity_blocks = max(1, table["block_hashes"].explode().drop_nulls().n_unique())
     cap = int(capacity_blocks)
 
     # dense ids and the requests that fit the pool

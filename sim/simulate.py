@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError
-from traces.columnar import FlatHashes
+from traces.columnar import hash_view
 
 from .config import LinearCostModel
 from .core import Engine
@@ -189,11 +189,8 @@ def simulate(
     cost_m = _cost(cost)
     sequential = mode == "sequential"
     # flat values + offsets; each request's ids become a list only when it is served
-    hashes_col = hashes
-    if hashes is None:  # ids other than ints (str, bytes) stay per-request lists
-        col = table["block_hashes"]
-        flat = getattr(col.dtype, "inner", None) is not None and col.dtype.inner.is_integer()
-        hashes_col = FlatHashes.of(table) if flat else col.to_list()
+    # ids other than ints (str, bytes) stay per-request lists (traces.columnar.hash_view)
+    hashes_col = hash_view(table) if hashes is None else hashes
     lengths = table["input_length"].to_list()
     outputs = table["output_length"].to_list()
     arrivals = table["arrival_s"].to_list()

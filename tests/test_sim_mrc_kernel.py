@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pytest
 
 from sim.mrc import lru_mrc
@@ -51,3 +52,11 @@ def test_curve_is_the_same_with_either_kernel():
     a, b = lru_mrc(t, kernel="python"), lru_mrc(t, kernel="numba")
     assert np.array_equal(a.stack_depths, b.stack_depths)
     assert a.hit_ratios([10, 100, None]).equals(b.hit_ratios([10, 100, None]))
+
+
+def test_str_ids_give_the_curve_of_their_int_codes():
+    t = generate_trace(200, seed=9, block_size=16)
+    as_str = t.with_columns(t["block_hashes"].cast(pl.List(pl.Utf8)))
+    a, b = lru_mrc(t), lru_mrc(as_str)
+    assert np.array_equal(a.stack_depths, b.stack_depths)
+    assert a.hit_ratios([20, None]).equals(b.hit_ratios([20, None]))

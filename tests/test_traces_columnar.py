@@ -80,3 +80,15 @@ def test_msgspec_rejects_go_to_the_field_parser_error(tmp_path, line):
     with pytest.raises(KVTraceFormatError) as info:
         list(mooncake.iter_mooncake_records(p, block_size=16))
     assert info.value.code == "KV_TRACE_FORMAT" and "t.jsonl:1: field " in str(info.value)
+
+
+def test_str_ids_get_equal_codes_and_keep_their_lists():
+    from traces.columnar import hash_view
+
+    s = pl.Series("block_hashes", [["a", "b"], ["a", "c"], []], dtype=pl.List(pl.Utf8))
+    values, offsets = hash_arrays(s)
+    assert offsets.tolist() == [0, 2, 4, 4]
+    assert values[0] == values[2] and len(set(values.tolist())) == 3
+    assert hash_view(pl.DataFrame({"block_hashes": s})) == [["a", "b"], ["a", "c"], []]
+    view = hash_view(pl.DataFrame({"block_hashes": [[5, 6]]}))
+    assert isinstance(view, FlatHashes) and view[0] == [5, 6]

@@ -33,6 +33,8 @@ __all__ = [
     "StreamedHashes",
     "flat_from_lists",
     "hash_arrays",
+    "hash_view",
+    "is_int_list",
     "list_series",
 ]
 
@@ -46,7 +48,9 @@ def hash_arrays(column: Any) -> tuple[np.ndarray, np.ndarray]:
     """``(values, offsets)`` of a ``List(Int64)`` column (a polars Series or a table).
 
     ``values`` is int64, every id in trace order; ``offsets`` int64 of length
-    ``n + 1``. A single-chunk column gives its values buffer without a copy.
+    ``n + 1``. A single-chunk column gives its values buffer without a copy;
+    ids that are not integers (str, bytes) come as dense int64 codes (equal ids,
+    equal codes), which is all a stack-distance pass or a sampler needs.
     """
     s = column["block_hashes"] if hasattr(column, "columns") else column
     n = len(s)
@@ -54,10 +58,26 @@ def hash_arrays(column: Any) -> tuple[np.ndarray, np.ndarray]:
     if not n:
         return np.zeros(0, dtype=np.int64), offsets
     np.cumsum(s.list.len().to_numpy(), out=offsets[1:])
-    values = s.explode(empty_as_null=False).to_numpy()
+    flat = s.explode(empty_as_null=False)
+    if not is_int_list(s):  # str or bytes ids: equal ids get equal int64 codes
+        return flat.rank("dense").to_numpy().astype(np.int64), offsets
+    values = flat.to_numpy()
     if values.dtype != np.int64:
         values = values.astype(np.int64)
     return values, offsets
+
+
+def is_int_list(column: Any) -> bool:
+    """Whether a ``List`` column holds integer ids (the canonical ``List(Int64)``)."""
+    inner = getattr(column.dtype, "inner", None)
+    return inner is not None and inner.is_integer()
+
+
+def hash_view(table: Any) -> Any:
+    """Request ``i``'s ids at ``[i]``: a :class:`FlatHashes` over an integer column, the
+    per-request lists of any other (str or bytes ids keep their values)."""
+    col = table["block_hashes"]
+    return FlatHashes.of(col) if is_int_list(col) else col.to_list()
 
 
 def list_series(values: np.ndarray, offsets: np.ndarray, name: str = "block_hashes") -> Any:
