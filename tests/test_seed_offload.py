@@ -5,6 +5,8 @@ device pool (8 blocks of 4 tokens, TINY shape) -> host copy -> NVMe file, and ba
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import TINY
@@ -113,7 +115,7 @@ def test_nvme_cascade_and_restores(mgr):
     mgr.register(h)
     mgr.offload(hid)
     spec = mgr.offload_to_nvme(hid)
-    path = mgr._rec(hid).path
+    path = Path(mgr.get_handle_info(hid)["path"])
     assert spec.src_device == "cpu" and spec.dst_device == "nvme" and path.exists()
     assert mgr.is_on_nvme(hid) and mgr.current_device(hid) == "nvme"
     assert path.stat().st_size == 24 + 5 * 8 + kv.numel() * 2  # header, dims, raw bytes
@@ -144,7 +146,7 @@ def test_a_damaged_nvme_file_is_typed_and_changes_nothing(mgr, damage, error, co
     hid = h.handle_id
     mgr.register(h)
     mgr.offload(hid, dst_device="nvme")
-    path = mgr._rec(hid).path
+    path = Path(mgr.get_handle_info(hid)["path"])
     damage(path)
     before = snapshot(mgr)
     for call in (lambda: mgr.restore(hid), lambda: mgr.restore_from_nvme(hid)):
@@ -293,7 +295,7 @@ def test_offload_keeps_blocks_another_live_handle_shares(mgr):
     mgr.device.write_kv(b, kv_for(4, seed=41), start_token=8)
     full_b = mgr.device.read_kv(b)
     mgr.register(b)
-    assert mgr._frees(b) == 1  # only its own last block
+    assert mgr.blocks_freed_by_offload(b) == 1  # only its own last block
     mgr.offload(b.handle_id)
     assert torch.equal(mgr.device.read_kv(a), kv)  # a's KV untouched and still held
     assert mgr.device.get_stats()["used_blocks"] == 2
@@ -304,7 +306,7 @@ def test_unregister_drops_an_offloaded_copy(mgr):
     h, _ = filled(mgr, 4, seed=50)
     mgr.register(h)
     mgr.offload(h.handle_id, dst_device="nvme")
-    path = mgr._rec(h.handle_id).path
+    path = Path(mgr.get_handle_info(h.handle_id)["path"])
     mgr.unregister(h.handle_id)
     assert not path.exists() and mgr.registered_count() == 0
     with pytest.raises(KVHandleNotFoundError):

@@ -396,7 +396,7 @@ class OffloadSeedMixin:
         s = self.device.get_stats()
         return s["used_blocks"] / s["total_blocks"]
 
-    def _frees(self, h: KVHandle) -> int:
+    def blocks_freed_by_offload(self, h: KVHandle) -> int:
         """Device blocks an offload of ``h`` would free (those no one else holds)."""
         refs = self.device.block_pool.ref_counts
         return sum(1 for b in h.block_ids if refs[b] == 1)
@@ -454,7 +454,7 @@ class OffloadSeedMixin:
         def move(rec: HandleRecord) -> OffloadSpec:
             nonlocal util
             assert rec.handle is not None
-            freed = self._frees(rec.handle)
+            freed = self.blocks_freed_by_offload(rec.handle)
             spec = self.offload(rec.handle_id, dst_device=cpu_device, trigger="memory_pressure")
             util = self._device_utilisation() if given is None else util - freed / total
             return spec
