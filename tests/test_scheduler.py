@@ -394,3 +394,25 @@ def test_numpy_integers_are_accepted_as_counts():
 def test_scheduler_limits_are_checked(kwargs):
     with pytest.raises(KVConfigError):
         make_bridge(**kwargs)
+
+
+@pytest.mark.parametrize("policy", ["lru", "fifo", "lfu"])
+def test_a_plan_peeks_only_the_victims_its_requests_need(monkeypatch, policy):
+    """1,000 evictable device blocks; a plan of two missing requests of 3 blocks asks the
+    policy for a handful of victims, never the evictable set (its cost is flat in it)."""
+    bridge = make_bridge(device_blocks=1000, eviction_policy=policy)
+    for i in range(250):
+        run_and_free(bridge, make_request(f"fill{i}", i, 4))
+    asked: list[int] = []
+    policy_type = type(bridge.pool.policy)
+    peek = policy_type.peek_victims
+
+    def spy(self, k):
+        asked.append(k)
+        return peek(self, k)
+
+    monkeypatch.setattr(policy_type, "peek_victims", spy)
+    plan = bridge.plan([make_request("a", 900, 3), make_request("b", 901, 3)])
+    assert plan.admitted_ids == ["a", "b"]
+    assert [r.blocks_to_evict for r in plan.requests] == [3, 3]
+    assert asked and max(asked) <= 12, asked

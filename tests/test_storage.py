@@ -132,3 +132,49 @@ def test_cuda_request_without_cuda_is_a_config_error():
         pytest.skip("CUDA present")
     with pytest.raises(E.KVConfigError):
         make_pool(model_shape=TINY, device="cuda:0")
+
+
+# -- block copies between storages (offload onboarding) ------------------------------------------
+def _filled_storage(num_blocks: int, seed: int, layout: str = "NHD") -> KVStorage:
+    st = KVStorage(num_blocks, 4, TINY, "cpu", layout)
+    g = torch.Generator().manual_seed(seed)
+    st.kv.copy_(torch.randn(st.kv.shape, generator=g).to(st.kv.dtype))
+    return st
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_copy_blocks_from_moves_runs_and_single_blocks_bit_exact(layout):
+    src, dst = _filled_storage(8, 1, layout), _filled_storage(8, 2, layout)
+    before = dst.kv.clone()
+    src_ids, dst_ids = [2, 3, 4, 7, 0], [5, 6, 7, 0, 3]  # a run of three, then two singles
+    dst.copy_blocks_from(src, src_ids, dst_ids)
+    assert torch.equal(dst.read_blocks(dst_ids), src.read_blocks(src_ids))
+    untouched = [1, 2, 4]
+    assert torch.equal(dst.read_blocks(untouched), before[:, :, untouched])
+
+
+def test_copy_blocks_from_checks_everything_before_copying():
+    src, dst = _filled_storage(4, 1), _filled_storage(4, 2)
+    before = dst.kv.clone()
+    with pytest.raises(E.KVInvalidInputError):
+        dst.copy_blocks_from(src, [0, 1], [0])
+    with pytest.raises(E.KVInvalidInputError):
+        dst.copy_blocks_from(src, [0, 9], [0, 1])  # a source id out of range
+    other = KVStorage(4, 8, TINY)  # another block size: another block shape
+    with pytest.raises(E.KVInvalidInputError):
+        dst.copy_blocks_from(other, [0], [0])
+    assert torch.equal(dst.kv, before)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_block_buffers_are_the_block_in_read_blocks_order(layout):
+    st = _filled_storage(5, 3, layout)
+    bufs = st.block_buffers(3)
+    assert all(b.flags.writeable and b.flags.c_contiguous for b in bufs)
+    flat = b"".join(bytes(b) for b in bufs)
+    assert flat == bytes(st.read_blocks([3]).contiguous().view(torch.uint8).numpy().tobytes())
+    for b in bufs:
+        b[:] = 0  # writing through the buffers writes the block, nothing else
+    assert not st.read_blocks([3]).any() and st.read_blocks([2, 4]).any()
+    with pytest.raises(E.KVInvalidInputError):
+        st.block_buffers(5)
