@@ -195,33 +195,33 @@ class KVHandle:
         """No reference and no pin: ``EvictionManager`` may select it."""
         return self.ref_count <= 0 and self.pin_count <= 0
 
+    def _step(self, field: str, delta: int, what: str) -> int:
+        """Add ``delta`` to a standalone handle's ``ref_count`` or ``pin_count``; the new count."""
+        self._check_standalone(what)
+        n = getattr(self, field) + delta
+        if n < 0:
+            raise KVRefCountUnderflowError(
+                f"handle {self.handle_id}: "
+                + ("ref count is already 0" if field == "ref_count" else "is not pinned")
+            )
+        setattr(self, field, n)
+        return n
+
     def incr_ref(self) -> int:
         """One more reference; returns the new count."""
-        self._check_standalone("references")
-        self.ref_count += 1
-        return self.ref_count
+        return self._step("ref_count", 1, "references")
 
     def decr_ref(self) -> int:
         """One reference less; returns the new count (KVRefCountUnderflowError at 0)."""
-        self._check_standalone("references")
-        if self.ref_count <= 0:
-            raise KVRefCountUnderflowError(f"handle {self.handle_id}: ref count is already 0")
-        self.ref_count -= 1
-        return self.ref_count
+        return self._step("ref_count", -1, "references")
 
     def pin(self) -> int:
         """One more pin (a pinned handle is never an eviction victim); returns the count."""
-        self._check_standalone("pins")
-        self.pin_count += 1
-        return self.pin_count
+        return self._step("pin_count", 1, "pins")
 
     def unpin(self) -> int:
         """One pin less; returns the count (KVRefCountUnderflowError when not pinned)."""
-        self._check_standalone("pins")
-        if self.pin_count <= 0:
-            raise KVRefCountUnderflowError(f"handle {self.handle_id} is not pinned")
-        self.pin_count -= 1
-        return self.pin_count
+        return self._step("pin_count", -1, "pins")
 
     @property
     def node_rank(self) -> int | None:
@@ -245,10 +245,6 @@ class KVHandle:
     @property
     def num_blocks(self) -> int:
         return len(self.block_ids)
-
-    @property
-    def is_pinned(self) -> bool:
-        return self.pin_count > 0
 
     @property
     def is_freed(self) -> bool:

@@ -9,13 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sagellm_kv_cache
-from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError, KVNoVictimError
-from sagellm_kv_cache.eviction.manager import (
+from sagellm_kv_cache.compat.eviction_manager import (
     EvictionManager,
     EvictionStrategy,
     FIFOEviction,
     LRUEviction,
 )
+from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError, KVNoVictimError
 from sagellm_kv_cache.eviction.registry import EvictionPolicyName
 from sagellm_kv_cache.handle import KVHandle
 

@@ -120,7 +120,7 @@ def test_handle_methods_table():
     with pytest.raises(E.KVRefCountUnderflowError) as ei:
         h.decr_ref()
     assert ei.value.code == "KV_REFCOUNT_UNDERFLOW" and h.ref_count == 0
-    assert h.pin() == 1 and h.is_pinned and not h.is_evictable()
+    assert h.pin() == 1 and h.pin_count == 1 and not h.is_evictable()
     assert h.unpin() == 0
     with pytest.raises(E.KVRefCountUnderflowError):
         h.unpin()

@@ -13,16 +13,27 @@ seed's explicit registry; the block-level, hash-chain prefix cache of
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import KVInvalidHandleError, KVInvalidTypeError
 from ..handle import KVHandle
 from .prefix_index import PrefixIndex, _tokens
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ..pool import KVPool
+
 __all__ = ["CacheManagerSeedMixin"]
 
 
 class CacheManagerSeedMixin:
+    """The seed's prefix registry and request-less ``alloc`` on ``KVCacheManager``."""
+
+    if TYPE_CHECKING:  # pragma: no cover
+
+        @property
+        def pool(self) -> KVPool:  # the manager's device pool (``KVCacheManager.pool``)
+            ...
+
     def _prefix_state(self) -> dict[str, Any]:
         st = self.__dict__.get("_seed_prefix")
         if st is None:

@@ -67,9 +67,10 @@ class PrefixIndex(Generic[T]):
     def _find(self, toks: tuple[int, ...]) -> _Node | None:
         node = self._root
         for t in toks:
-            node = node.children.get(t)
-            if node is None:
+            nxt = node.children.get(t)
+            if nxt is None:
                 return None
+            node = nxt
         return node
 
     def get(self, prefix_tokens: Sequence[int]) -> T | None:
@@ -77,11 +78,13 @@ class PrefixIndex(Generic[T]):
         return None if node is None or node.value is _MISSING else node.value
 
     def longest_prefix_match(self, tokens: Sequence[int]) -> tuple[T | None, int]:
-        node, best, best_len = self._root, None, 0
+        node = self._root
+        best, best_len = None, 0
         for i, t in enumerate(_tokens(tokens, "tokens")):
-            node = node.children.get(t)
-            if node is None:
+            nxt = node.children.get(t)
+            if nxt is None:
                 break
+            node = nxt
             if node.value is not _MISSING:
                 best, best_len = node.value, i + 1
         return best, best_len

@@ -1,5 +1,6 @@
 """Eviction policies behind one mechanism (see ``base.py`` for the interface)."""
 
+from ..lazy import lazy_exports
 from .arc import ARCPolicy
 from .base import EvictionPolicy
 from .fifo import FIFOPolicy
@@ -7,7 +8,6 @@ from .keyed import KeyedPolicy
 from .leaf import LeafOnly
 from .lfu import LFUPolicy
 from .lru import LRUPolicy
-from .manager import EvictionManager, EvictionStrategy, FIFOEviction, LRUEviction
 from .mru import MRUPolicy
 from .predictive import PredictivePolicy
 from .priority import PriorityPolicy
@@ -16,6 +16,10 @@ from .s3fifo import S3FIFOPolicy
 from .slru import SLRUPolicy
 from .ttl import TTLPolicy
 from .workload_aware import WorkloadAwarePolicy
+
+# the seed's handle-level EvictionManager is the seed's face (compat/), imported on first use
+_SEED = ("EvictionManager", "EvictionStrategy", "FIFOEviction", "LRUEviction")
+__getattr__, __dir__ = lazy_exports(__name__, dict.fromkeys(_SEED, ".compat.eviction_manager"))
 
 __all__ = [
     "POLICIES",

@@ -1,5 +1,10 @@
 """``EvictionManager`` (seed API): choose which freed handles to drop for a token budget.
 
+The seed's face, not the core (nothing inside the package uses it): the core
+evicts blocks through ``eviction/`` policies. ``sagellm_kv_cache.EvictionManager``
+and ``sagellm_kv_cache.eviction.EvictionManager`` (the seed's import paths)
+resolve here.
+
 The block pool evicts single blocks through a policy (``EvictionPolicy``).
 ``EvictionManager`` is the handle-level view the seed package offers: given
 ``KVHandle`` objects, it picks the ones whose cached blocks should go to
@@ -36,8 +41,8 @@ from collections.abc import Callable, Iterable, Sequence
 from numbers import Integral
 
 from ..errors import KVAllPinnedError, KVConfigError, KVInvalidInputError, KVNoVictimError
+from ..eviction.priority import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 from ..handle import KVHandle
-from .priority import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 
 __all__ = ["EvictionManager", "EvictionStrategy", "FIFOEviction", "LRUEviction"]
 
@@ -53,7 +58,7 @@ class EvictionStrategy(ABC):
 
     def get_policy_name(self):
         """Seed API: the strategy's ``EvictionPolicyName`` (its ``name`` when not a member)."""
-        from .registry import EvictionPolicyName
+        from ..eviction.registry import EvictionPolicyName
 
         try:
             return EvictionPolicyName(self.name)
@@ -118,7 +123,7 @@ def _make_strategy(policy: object) -> EvictionStrategy:
 
 def _is_count(x: object) -> bool:
     """An int >= 0 (numpy ints too; bools are not counts)."""
-    return isinstance(x, Integral) and not isinstance(x, bool) and x >= 0
+    return isinstance(x, Integral) and not isinstance(x, bool) and int(x) >= 0
 
 
 class EvictionManager:
