@@ -144,7 +144,7 @@ class ReferenceIterationEngine:
         self.num_steps = 0
         self.num_preemptions = 0
         self.busy_s = 0.0
-        self.timeline = {
+        self.timeline: dict[str, array] = {
             "time_s": array("d"),
             "waiting": array("q"),
             "running": array("q"),

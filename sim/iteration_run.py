@@ -161,7 +161,7 @@ def simulate_iteration(
         clock="simulated",
         config=resolved,
         timeline=eng.timeline,
-        peaks=tuple(eng.peaks),
+        peaks=(eng.peaks[0], eng.peaks[1], eng.peaks[2]),
         more={
             "max_num_seqs": seqs,
             "max_num_batched_tokens": mbt,
@@ -231,8 +231,12 @@ def run_instance(
 
     clock = SimClock()
     pool = metadata_pool(blocks, block_size, policy, clock)
+    hashes, lengths, outputs, arrivals = cols
     eng = (ReferenceIterationEngine if reference else IterationEngine)(
-        *cols,
+        hashes,
+        lengths,
+        outputs,
+        arrivals,
         pool.block_pool,
         clock,
         cost,

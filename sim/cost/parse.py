@@ -59,6 +59,7 @@ def parse_cost_model(spec: Any) -> StepCostModel:
         except (TypeError, ValueError) as err:
             raise KVConfigError(f"bad linear cost model {rest!r}: {err}") from None
     if kind == "roofline":
+        from .gpus import gpu_spec
         from .models import model_spec
         from .roofline import RooflineCost
 
@@ -74,5 +75,5 @@ def parse_cost_model(spec: Any) -> StepCostModel:
                 extra["tp"] = int(kw["tp"])
         except ValueError as err:
             raise KVConfigError(f"bad roofline number: {err}") from None
-        return RooflineCost(model_spec(kw["model"], kw.get("dtype")), kw["gpu"], **extra)
+        return RooflineCost(model_spec(kw["model"], kw.get("dtype")), gpu_spec(kw["gpu"]), **extra)
     raise KVConfigError(f"unknown cost model kind {kind!r}; use linear:, roofline: or table:")

@@ -46,6 +46,12 @@ class RooflineCost(StepCostModel):
     step_overhead_s: float = 0.0005
     tp: int = 1
     name: str = field(default="roofline", init=False)
+    # constants of the per-step formula, set in __post_init__
+    _peak: float = field(default=0.0, init=False, repr=False, compare=False)
+    _bw: float = field(default=0.0, init=False, repr=False, compare=False)
+    _act: float = field(default=0.0, init=False, repr=False, compare=False)
+    _attn_flops: float = field(default=0.0, init=False, repr=False, compare=False)
+    _kv_bytes: float = field(default=0.0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", model_spec(self.model))
