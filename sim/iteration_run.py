@@ -28,7 +28,9 @@ __all__ = [
     "DEFAULTS",
     "add_serving_metrics",
     "check_settings",
+    "instance_blocks",
     "parse_slo",
+    "resolve_shape",
     "run_instance",
     "simulate_iteration",
 ]
@@ -96,8 +98,6 @@ def simulate_iteration(
     Raises:
         KVConfigError: bad settings. KVInvalidInputError: the table lacks a column.
     """
-    from .simulate import resolve_blocks
-
     seqs, mbt, slos, cost_m, bs = check_settings(
         table, max_num_seqs, max_num_batched_tokens, chunked_prefill, slo, cost, block_size
     )
@@ -105,14 +105,7 @@ def simulate_iteration(
     outputs = table["output_length"].to_list()
     arrivals = table["arrival_s"].to_list()
     hashes_col = table["block_hashes"].to_list()
-    shape = model_shape
-    if isinstance(shape, str):
-        from sagellm_kv_cache.model_shapes import resolve_model_shape
-
-        shape = resolve_model_shape(shape)
-    blocks, cap_info = resolve_blocks(capacity, table, bs, shape)
-    if blocks is None:
-        blocks = max(1, sum(-(-(x + max(1, o)) // bs) for x, o in zip(lengths, outputs)))
+    blocks, cap_info = instance_blocks(capacity, table, bs, resolve_shape(model_shape))
     eng = run_instance(
         (hashes_col, lengths, outputs, arrivals),
         blocks,
@@ -208,6 +201,29 @@ def check_settings(
     if block_size is not None and n and block_size != bs:
         raise KVConfigError(f"block_size {block_size} differs from the table's {bs}")
     return seqs, mbt, slos, cost_m, bs
+
+
+def resolve_shape(model_shape: Any) -> Any:
+    """A model shape given as text (preset, ``L,H,D,dtype``, config path) resolved."""
+    if isinstance(model_shape, str):
+        from sagellm_kv_cache.model_shapes import resolve_model_shape
+
+        return resolve_model_shape(model_shape)
+    return model_shape
+
+
+def instance_blocks(capacity: Any, table: Any, block_size: int, shape: Any) -> tuple[int, Any]:
+    """(blocks, capacity record) of one instance's pool: ``capacity`` as ``simulate``
+    reads it; None: every request's prompt and output blocks at once."""
+    from .simulate import resolve_blocks
+
+    blocks, info = resolve_blocks(capacity, table, block_size, shape)
+    if blocks is None:
+        lengths = table["input_length"].to_list()
+        outputs = table["output_length"].to_list()
+        bs = block_size
+        blocks = max(1, sum(-(-(x + max(1, o)) // bs) for x, o in zip(lengths, outputs)))
+    return blocks, info
 
 
 def run_instance(

@@ -41,7 +41,13 @@ import numpy as np
 
 from sagellm_kv_cache.errors import KVConfigError
 
-from ..iteration_run import add_serving_metrics, check_settings, run_instance
+from ..iteration_run import (
+    add_serving_metrics,
+    check_settings,
+    instance_blocks,
+    resolve_shape,
+    run_instance,
+)
 from ..result import SimResult, build_result
 from .link import parse_link
 
@@ -66,11 +72,7 @@ def parse_pd(spec: Any) -> tuple[int, int]:
 
 
 def _kv_bytes_per_token(model_shape: Any, cost: Any, link: Any) -> tuple[int, Any]:
-    shape = model_shape
-    if isinstance(shape, str):
-        from sagellm_kv_cache.model_shapes import resolve_model_shape
-
-        shape = resolve_model_shape(shape)
+    shape = resolve_shape(model_shape)
     if shape is not None:
         return int(shape.bytes_per_token), shape
     spec = getattr(cost, "model", None)
@@ -82,15 +84,6 @@ def _kv_bytes_per_token(model_shape: Any, cost: Any, link: Any) -> tuple[int, An
         "prefill/decode disaggregation needs the KV bytes per token: give a model shape "
         "(e.g. llama-3-8b) or a roofline cost model"
     )
-
-
-def _blocks(capacity: Any, table: Any, bs: int, shape: Any, lengths, outputs) -> tuple:
-    from ..simulate import resolve_blocks
-
-    blocks, info = resolve_blocks(capacity, table, bs, shape)
-    if blocks is None:
-        blocks = max(1, sum(-(-(x + max(1, o)) // bs) for x, o in zip(lengths, outputs)))
-    return blocks, info
 
 
 def _round_robin(keys: list, rows: list, k: int) -> list[list[int]]:
@@ -132,9 +125,9 @@ def simulate_pd(
     outputs = [max(1, int(o)) for o in table["output_length"].to_list()]
     arrivals = table["arrival_s"].to_list()
     hashes = table["block_hashes"].to_list()
-    p_blocks, p_info = _blocks(capacity, table, bs, shape, lengths, outputs)
+    p_blocks, p_info = instance_blocks(capacity, table, bs, shape)
     d_cap = capacity if decode_capacity is None else decode_capacity
-    d_blocks, d_info = _blocks(d_cap, table, bs, shape, lengths, outputs)
+    d_blocks, d_info = instance_blocks(d_cap, table, bs, shape)
     kw = dict(mbt=mbt, seqs=seqs, chunked=chunked_prefill)
     nan = math.nan
     c = SimpleNamespace(
