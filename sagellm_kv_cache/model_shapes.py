@@ -279,16 +279,23 @@ def _load_config(path: str) -> tuple[dict, str]:
     return data, str(p)
 
 
-def _int(cfg: dict, where: str, *keys: str, default: Any = KeyError) -> int | None:
+def _opt_int(cfg: dict, where: str, *keys: str) -> int | None:
+    """The first of ``keys`` present in ``cfg`` (a positive int), or ``None``."""
     for k in keys:
         v = cfg.get(k)
         if v is not None:
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise KVConfigError(f"{where}: {k} must be a positive integer, got {v!r}")
             return v
-    if default is KeyError:
+    return None
+
+
+def _int(cfg: dict, where: str, *keys: str) -> int:
+    """The first of ``keys`` present in ``cfg`` (a positive int); ``KVConfigError`` if none."""
+    v = _opt_int(cfg, where, *keys)
+    if v is None:
         raise KVConfigError(f"{where}: missing {' or '.join(keys)}")
-    return default
+    return v
 
 
 def _layer_types(cfg: dict, where: str, num_layers: int) -> list[str]:
@@ -361,7 +368,7 @@ def model_shape_from_hf_config(
         raise KVConfigError(f"{where}: no layer keeps per-token KV")
     sliding = types.count("sliding_attention")
     window = cfg.get("sliding_window") if sliding else None
-    common = {
+    common: dict[str, Any] = {
         "name": name,
         "source": where,
         "sliding_window": window,
@@ -378,10 +385,10 @@ def model_shape_from_hf_config(
             kv_lora_rank=rank, qk_rope_head_dim=rope, **common,
         )  # fmt: skip
     heads = _int(cfg, where, "num_attention_heads", "n_head")
-    kv = _int(cfg, where, "num_key_value_heads", "num_kv_heads", default=None)
+    kv = _opt_int(cfg, where, "num_key_value_heads", "num_kv_heads")
     if kv is None:
         kv = 1 if cfg.get("multi_query") else heads
-    head_dim = _int(cfg, where, "head_dim", default=None)
+    head_dim = _opt_int(cfg, where, "head_dim")
     if head_dim is None:
         hidden = _int(cfg, where, "hidden_size", "n_embd")
         if hidden % heads:
@@ -434,6 +441,9 @@ def estimate_pool_bytes(
             raise KVConfigError("max_bytes needs a model_shape to convert bytes into blocks")
         return 0
     per_block = shape.bytes_per_block(block_size)
-    if num_blocks is None:
-        num_blocks = (max_tokens // block_size) if max_tokens else max_bytes // per_block
+    if max_tokens is not None:
+        num_blocks = max_tokens // block_size
+    elif max_bytes is not None:
+        num_blocks = max_bytes // per_block
+    assert num_blocks is not None  # exactly one size was given
     return num_blocks * per_block
