@@ -15,16 +15,19 @@ finishes and reads the typed verdict from the ack. Transport failures
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..errors import KVCacheError
+from ..errors import KVCacheError, KVTransferTimeoutError
 from .backends.base import TransferBackend
 from .guard import TailGuard
 from .plan import bytes_of
 from .protocol import check_time, tag
-from .wire import Checksum, TransferHeader
+from .wire import Checksum, TransferHeader, digest
 
 __all__ = ["land", "move_direct"]
 
@@ -79,9 +82,8 @@ def move_direct(
             try:
                 if guard is not None:
                     guard.check(token, f"message {first + i}")
-                if check:
-                    cs.update(bytes_of(view))
-                    backend.progress()  # the messages behind keep moving meanwhile
+                if hasher is not None:
+                    hasher.put(view)
             except Exception as exc:
                 sink.append(exc)
 
@@ -93,26 +95,80 @@ def move_direct(
             tokens = [guard.arm(v) if guard is not None else None for v in group]
             groups.append((first, backend.fetch_many(peer, tags, group), group, tokens))
 
-    pending: list[Any] = []
-    first = 0
-    for m, view in enumerate(views):
-        if send and check:
-            if source_digest is not None:
-                cs.add(source_digest(m, view))
-            else:
-                # hash first: the message is then hot in cache when the transport reads it
-                cs.update(bytes_of(view))
-                backend.progress()
-        pending.append(view)
-        if len(pending) == batch:
+    # the receiver hashes on a thread of its own (xxhash releases the GIL), so a
+    # transport that moves data only inside this thread's calls (NIXL's READ
+    # over shared memory) keeps moving while the landed messages are hashed
+    hasher = _Hasher(header.checksum_algo) if check and not send else None
+    try:
+        pending: list[Any] = []
+        first = 0
+        for m, view in enumerate(views):
+            if send and check:
+                if source_digest is not None:
+                    cs.add(source_digest(m, view))
+                else:
+                    # hash first: the message is then hot in cache when the transport reads it
+                    cs.update(bytes_of(view))
+                    backend.progress()
+            pending.append(view)
+            if len(pending) == batch:
+                while len(groups) * batch >= window:
+                    finish_one()
+                post(first, pending)
+                first, pending = m + 1, []
+        if pending:
             while len(groups) * batch >= window:
                 finish_one()
             post(first, pending)
-            first, pending = m + 1, []
-    if pending:
-        while len(groups) * batch >= window:
+        while groups:
             finish_one()
-        post(first, pending)
-    while groups:
-        finish_one()
+    except BaseException:
+        if hasher is not None:
+            hasher.stop()
+        raise
+    if hasher is not None:
+        for d in hasher.finish(deadline, sink):
+            cs.add(d)
     return cs.value()
+
+
+class _Hasher:
+    """Digests of the messages handed to ``put``, in order, on one worker thread."""
+
+    def __init__(self, algo: str) -> None:
+        self.algo = algo
+        self.digests: list[int] = []
+        self.error: BaseException | None = None
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="kvx-hash", daemon=True)
+        self._thread.start()
+
+    def put(self, view: Any) -> None:
+        self._queue.put(view)
+
+    def _run(self) -> None:
+        while True:
+            view = self._queue.get()
+            if view is None:
+                return
+            try:
+                self.digests.append(digest(self.algo, bytes_of(view)))
+            except BaseException as exc:  # reported by finish()
+                self.error = exc
+
+    def stop(self) -> None:
+        """Let the worker end after what it holds (the transfer failed)."""
+        self._queue.put(None)
+
+    def finish(self, deadline: float, errors: list[Exception]) -> list[int]:
+        """The digests, once every message put was hashed (a hashing failure
+        goes to ``errors``, like the receiver's other per-message failures)."""
+        self._queue.put(None)
+        self._thread.join(max(deadline - time.monotonic(), 0.001))
+        if self._thread.is_alive():
+            raise KVTransferTimeoutError("hashing the received messages: timed out")
+        if isinstance(self.error, Exception):
+            errors.append(self.error)
+        elif self.error is not None:
+            raise self.error
+        return self.digests
