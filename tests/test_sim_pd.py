@@ -6,7 +6,9 @@ import json
 import math
 
 import pytest
-from test_sim_iteration import table, unit
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_sim_iteration import small_traces, table, unit
 
 from sagellm_kv_cache.errors import KVConfigError
 from sim.cost import LinearStepCost
@@ -184,3 +186,26 @@ def test_cli_replay_pd(tmp_path):
     assert bad.exit_code == 2 and "--pd" in bad.output
     bad = CliRunner().invoke(cli, [*args[:6], "--link", "carrier-pigeon"])
     assert bad.exit_code == 2 and "--link" in bad.output
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    t=small_traces(),
+    cap=st.integers(8, 40),
+    mbt=st.integers(1, 24),
+    seqs=st.integers(1, 6),
+    counts=st.sampled_from([(1, 1), (1, 2), (2, 1)]),
+)
+def test_pd_lazy_instances_equal_the_plain_loop(t, cap, mbt, seqs, counts):
+    kw = dict(
+        capacity=cap,
+        cost=LinearStepCost(step_overhead_s=0.1, prefill_s_per_token=0.01, decode_step_s=0.03),
+        link=LINK,
+        model_shape=SHAPE,
+        max_num_batched_tokens=mbt,
+        max_num_seqs=seqs,
+    )
+    a = simulate_pd(t, counts, **kw)
+    b = simulate_pd(t, counts, reference=True, **kw)
+    assert a.records.equals(b.records)
+    assert a.stats["instances"] == b.stats["instances"]

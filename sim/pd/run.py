@@ -108,8 +108,10 @@ def simulate_pd(
     model_shape: Any = None,
     block_size: int | None = None,
     config: dict | None = None,
+    reference: bool = False,
 ) -> SimResult:
     """Replay a trace table on ``pd`` = (prefill, decode) instances (module doc).
+    ``reference=True`` runs every instance as the plain per-step loop (for checks).
 
     Raises:
         KVConfigError: bad settings. KVInvalidInputError: the table lacks a column.
@@ -128,7 +130,7 @@ def simulate_pd(
     p_blocks, p_info = instance_blocks(capacity, table, bs, shape)
     d_cap = capacity if decode_capacity is None else decode_capacity
     d_blocks, d_info = instance_blocks(d_cap, table, bs, shape)
-    kw = dict(mbt=mbt, seqs=seqs, chunked=chunked_prefill)
+    kw = dict(mbt=mbt, seqs=seqs, chunked=chunked_prefill, reference=reference)
     nan = math.nan
     c = SimpleNamespace(
         outputs=outputs,
