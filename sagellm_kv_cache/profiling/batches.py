@@ -65,13 +65,15 @@ class BatchQueue:
 
     def clear(self) -> None:
         with self.lock:
-            self.ids, self.batches, self.hashes = [], [], []
+            self.ids, self.hashes = [], []
+            self.batches.clear()  # in place: the owner holds this list to test for a queue
 
     def take(self) -> tuple[Any, list[tuple[int, int, float, Any, Any, Any]], list[Any]]:
         """Everything queued (ids, batches, hashes), leaving the queue empty."""
         with self.lock:
-            taken = self.ids, self.batches, self.hashes
-            self.ids, self.batches, self.hashes = [], [], []
+            taken = self.ids, self.batches.copy(), self.hashes
+            self.ids, self.hashes = [], []
+            self.batches.clear()  # in place: the owner holds this list to test for a queue
         return taken
 
 

@@ -162,6 +162,10 @@ class AccessStatsCollector:
         self._blocks = Interner(self._lock)
         self._requests = Interner(self._lock)
         self._tiers = Interner(self._lock)
+        # record_access's lookups, bound once (the dicts are only ever cleared in place)
+        self._block_code = self._blocks.codes_map.get
+        self._request_code = self._requests.codes_map.get
+        self._tier_code = self._tiers.codes_map.get
         # the interned keys (code -> id), cleared in place by reset()
         self._block_keys = self._blocks.keys
         self._request_keys = self._requests.keys
@@ -169,10 +173,12 @@ class AccessStatsCollector:
         self._store = RecordStore(ROW_DTYPE, self._lock, spill, limit or 0)
         # the open packed rows and the eviction columns (containers cleared in place)
         self._rows = self._store.rows
+        self._append_row = self._rows.extend
         self._ev_block, self._ev_ts = self._store.ev_block, self._store.ev_ts
         self._ev_reason, self._ev_hash = self._store.ev_reason, self._store.ev_hash
         # record_prompt / record_evictions calls not yet made into records
         self._pending = BatchQueue(self._lock)
+        self._queued = self._pending.batches  # truthy while calls are queued
         self._spill_at = ((limit or 0) + 1) * ROW_DTYPE.itemsize
 
     # ------------------------------------------------------------------ recording
@@ -212,7 +218,7 @@ class AccessStatsCollector:
             tier: where the block lives ("gpu", "cpu", ...).
             size_bytes: the block's size.
         """
-        if self._pending:  # rows keep call order
+        if self._queued:  # rows keep call order
             self._flush()
         if timestamp is None:
             timestamp = self._clock() - self._origin
@@ -220,9 +226,9 @@ class AccessStatsCollector:
         size = -1 if size_bytes is None else size_bytes
         try:
             # fast path: every id seen before; nothing changes until the row packs
-            code = self._blocks.codes_map.get(block_id)
-            req = -1 if request_id is None else self._requests.codes_map.get(request_id)
-            tier_code = -1 if tier is None else self._tiers.codes_map.get(tier)
+            code = self._block_code(block_id)
+            req = -1 if request_id is None else self._request_code(request_id)
+            tier_code = -1 if tier is None else self._tier_code(tier)
             if code is None or req is None or tier_code is None:
                 # a new id: check every field (a trial pack) before interning anything
                 _ROW.pack(0, timestamp, 0, pos, size, 0, 1 if is_hit else 0)
@@ -237,9 +243,8 @@ class AccessStatsCollector:
             row = _ROW.pack(code, timestamp, req, pos, size, tier_code, 1 if is_hit else 0)
         except (TypeError, struct.error) as exc:
             raise _bad_record(exc) from None
-        rows = self._rows
-        rows += row
-        if self._bounded and len(rows) >= self._spill_at:
+        self._append_row(row)
+        if self._bounded and len(self._rows) >= self._spill_at:
             self._store.maybe_spill()
 
     def record_many(
@@ -269,7 +274,7 @@ class AccessStatsCollector:
         n = len(block_ids)
         if n == 0:
             return
-        if self._pending:
+        if self._queued:
             self._flush()
         rows = columns.build_rows(
             ROW_DTYPE,
@@ -374,7 +379,7 @@ class AccessStatsCollector:
         block_hash: bytes | int | None = None,
     ) -> None:
         """Record that ``block_id`` was evicted (for ``reason``: "capacity", "explicit", ...)."""
-        if self._pending:
+        if self._queued:
             self._flush()
         check_id(block_id, "block_id")
         if timestamp is None:
@@ -389,14 +394,14 @@ class AccessStatsCollector:
 
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
-        if self._pending:
+        if self._queued:
             self._flush()
         return self._store.num_rows
 
     @property
     def num_evictions(self) -> int:
         """Number of recorded evictions."""
-        if self._pending:
+        if self._queued:
             self._flush()
         return self._store.num_evictions
 
@@ -421,7 +426,7 @@ class AccessStatsCollector:
             ``evict_block``, ``evict_ts`` (arrays), ``evict_reason``,
             ``evict_hash`` (lists). Spilled records come first.
         """
-        if self._pending:
+        if self._queued:
             self._flush()
         with self._lock:
             keys = (list(self._block_keys), list(self._request_keys), list(self._tier_keys))
@@ -439,7 +444,7 @@ class AccessStatsCollector:
     @property
     def block_id_type(self) -> str:
         """``"int"``, ``"str"``, ``"bytes"`` or ``"mixed"``: the kind of the block ids seen."""
-        if self._pending:
+        if self._queued:
             self._flush()
         with self._lock:
             keys = list(self._block_keys)
