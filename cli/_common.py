@@ -311,14 +311,16 @@ def _read_at(read_trace: Any, trace: Any, fmt: str, block_size: int | None, skip
 
 def out_option(default: str | None = None, help: str = "Output directory.") -> Any:
     """``--out DIR`` into ``out_dir`` (a folder path; required when no default)."""
+    # click 8.3 treats an explicit default=None as a value, which would satisfy
+    # required=True: pass a default only when there is one
+    extra: dict[str, Any] = {"default": default, "show_default": True} if default else {}
     return click.option(
         "--out",
         "out_dir",
-        default=default,
         required=default is None,
-        show_default=default is not None,
         type=click.Path(file_okay=False, path_type=Path),
         help=help,
+        **extra,
     )
 
 
