@@ -115,7 +115,7 @@ class IterationEngine(ReferenceIterationEngine):
             if self._is_lazy(i, k0):
                 self._wake(i)
         seq, L, gen, computed = self.seq, self.lengths, self.gen, self.computed
-        act = sorted(self.active, key=seq.__getitem__)
+        act = sorted(self.active, key=seq.__getitem__) if len(self.active) > 1 else [*self.active]
         last = 0  # seq of the last lazy request in running order
         if self.nlazy:
             tail = self.lazy_tail

@@ -229,6 +229,8 @@ class ReferenceIterationEngine:
     def _admit(self, running: list, waiting: deque, budget: int, now: float, push) -> bool:
         """Rule 3: admit waiting requests (``push((i, new, context))`` each); returns
         whether admission stopped at a request that did not fit (head-of-line)."""
+        if not waiting:
+            return False
         bp, bs, held, L, gen = self.bp, self.bs, self.held, self.lengths, self.gen
         while waiting and budget > 0 and len(running) < self.max_seqs:
             i = waiting[0]
