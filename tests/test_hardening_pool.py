@@ -27,7 +27,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -36,6 +35,7 @@ from sagellm_kv_cache.block_pool import BlockPool
 from sagellm_kv_cache.eviction.registry import POLICIES
 from sagellm_kv_cache.pool import KVPool
 from sagellm_kv_cache.prefix_cache import PrefixCache
+from tests._machines import run_policy_machine
 
 BS = 4
 
@@ -795,22 +795,14 @@ class PoolMachine(RuleBasedStateMachine):
             assert torch.equal(pool.read_kv(h), kv)
 
 
-def machine_for(policy: str) -> type:
-    return type(f"Machine_{policy.replace(':', '_')}", (PoolMachine,), {"policy": policy})
-
-
 @pytest.mark.parametrize("policy", ALL_POLICIES)
 def test_pool_machine(policy):
-    from hypothesis.stateful import run_state_machine_as_test
-
-    run_state_machine_as_test(
-        machine_for(policy),
-        settings=settings(
-            # hypothesis ends some runs early: 20% more runs reach STEPS steps in all
-            max_examples=max(1, STEPS * 6 // (5 * STEPS_PER_EXAMPLE)),
-            stateful_step_count=STEPS_PER_EXAMPLE,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-        ),
+    run_policy_machine(
+        PoolMachine,
+        policy,
+        prefix="Machine",
+        steps=STEPS,
+        steps_per_example=STEPS_PER_EXAMPLE,
+        slack=(6, 5),  # hypothesis ends some runs early: 20% more runs reach STEPS steps
     )
     print(f"{policy}: {STEP_COUNTS.get(policy, 0)} steps checked")

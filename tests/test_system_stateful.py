@@ -37,7 +37,6 @@ import tempfile
 import pytest
 import torch
 from conftest import TINY
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -45,7 +44,6 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 from test_hardening_pool import ALL_POLICIES, Clock, assert_same, kv_for, snapshot
 
@@ -53,6 +51,7 @@ from sagellm_kv_cache import errors as E
 from sagellm_kv_cache.offload import KVOffloadManager, TierConfig
 from sagellm_kv_cache.offload.faults import FaultyDiskIO
 from sagellm_kv_cache.pool import KVPool
+from tests._machines import run_policy_machine
 from tests._offload_faults import FAULTS, check_tiers_and_files, inject_fault
 
 BS = 4
@@ -300,21 +299,15 @@ class SystemMachine(RuleBasedStateMachine):
                 assert torch.equal(self.pool.read_kv(h, full * BS, 0), want)
 
 
-def machine_for(policy: str) -> type:
-    return type(f"System_{policy.replace(':', '_')}", (SystemMachine,), {"policy": policy})
-
-
 @pytest.mark.parametrize("policy", ALL_POLICIES)
 def test_system_machine(policy):
-    run_state_machine_as_test(
-        machine_for(policy),
-        settings=settings(
-            # hypothesis ends some runs early: 25% more runs reach STEPS steps in all
-            max_examples=max(1, STEPS * 5 // (4 * STEPS_PER_EXAMPLE)),
-            stateful_step_count=STEPS_PER_EXAMPLE,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-        ),
+    run_policy_machine(
+        SystemMachine,
+        policy,
+        prefix="System",
+        steps=STEPS,
+        steps_per_example=STEPS_PER_EXAMPLE,
+        slack=(5, 4),  # hypothesis ends some runs early: 25% more runs reach STEPS steps
     )
     print(f"system {policy}: {STEP_COUNTS.get(policy, 0)} steps checked, hits {HITS[policy]}")
 
