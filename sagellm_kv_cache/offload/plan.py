@@ -115,6 +115,9 @@ class CopyPlan:
                 step.run(self)
             except Exception as exc:  # its blocks count as failed downstream
                 self.errors.append(exc)
+        # the staged buffers die here, in the worker, before the future resolves: freeing
+        # them later (with the GIL) would stall whoever takes the manager's lock next
+        self.steps = []
         if self.onboarding is not None:
             self.onboarding.finish(self.errors)
 

@@ -412,8 +412,10 @@ class LowerTier:
             new_hashes = [block_hashes[i] for i in new_idx]
             self._stamp(new_hashes)
             if source is not None and self.has_data:
-                part = Buf(f"{source.label}@{self.name}")
-                plan.append(Select(source, new_idx, part))
+                part = source
+                if len(new_idx) != len(block_hashes):  # a subset: select it (a copy)
+                    part = Buf(f"{source.label}@{self.name}")
+                    plan.append(Select(source, new_idx, part))
                 plan.append(self.write_step(slots, new_hashes, part))
             else:
                 self.write_step(slots, new_hashes, Buf())  # counts the traffic only
