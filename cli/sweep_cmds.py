@@ -267,7 +267,7 @@ def sweep_cmd(
     """
     import polars as pl
 
-    from sim.sweep import opt_available, sweep
+    from sim.sweep import sweep
     from traces import DEFAULT_TRACE
 
     grid = fleet_grid(_grid(mode, max_num_seqs, cost_models), fleet_instances, fleet_routers)
@@ -332,7 +332,7 @@ def sweep_cmd(
         "workers": workers,
         "ray_address": ray_address,
         "bounds": bounds,
-        "opt_bound": bool(bounds and opt_available()),
+        "opt_bound": bool(bounds),
         "skip_bad": skip_bad,
         "mode": mode,
         "grid": {k: [str(v) for v in vs] for k, vs in (grid or {}).items()},
@@ -358,8 +358,6 @@ def sweep_cmd(
     specs = parse_capacities(capacities)
     labels = {b: str(sp) for sp, b in zip(specs, res["requested"][0]) if b is not None}
     click.echo(format_pivot(df, labels if uniform else None))
-    if bounds and not opt_available():
-        click.echo("note: OPT bound skipped (sim.opt is not available in this install)")
     click.echo(f"wrote {out_dir}/sweep.parquet, sweep.csv, sweep.png, config.json")
 
 

@@ -42,7 +42,7 @@ TRACE = None""",
 from sim.analysis.plots import plot_sweep
 from sagellm_kv_cache.eviction.registry import list_policies
 from sim.replay import replay_sequential
-from sim.sweep import opt_available, sweep
+from sim.sweep import sweep
 from traces import DEFAULT_TRACE, read_trace
 
 %matplotlib inline"""
@@ -130,7 +130,7 @@ finishes first, and they equal what the serial executor or a direct
     new_code_cell(
         """capacities = [1_000, 3_000, 10_000, 30_000]
 policies = [p for p in ("lru", "arc") if p in list_policies()]
-print("policies:", policies, "| OPT bound available:", opt_available())
+print("policies:", policies)
 results = sweep(
     [("mooncake", trace)], capacities, policies, executor="process", workers=2, progress=False
 )

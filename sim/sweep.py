@@ -78,7 +78,6 @@ __all__ = [
     "SWEEP_COLUMNS",
     "SweepJob",
     "SweepJobError",
-    "opt_available",
     "sweep",
 ]
 
@@ -137,15 +136,6 @@ class SweepJob:
         more = "".join(f", {k}={v}" for k, v in self.settings)
         mode = f", {self.mode}" if self.kind == "policy" and self.mode != "sequential" else ""
         return f"trace {self.trace!r}, {what[self.kind]}, capacity {cap}{mode}{more}"
-
-
-def opt_available() -> bool:
-    """Always True: ``sim.opt`` ships with ``sim``, and an import failure there raises
-    (it is a bug, never a reason to drop the OPT rows). Kept for the callers that
-    still ask; new code imports ``sim.opt.replay_opt``."""
-    from sim.opt import replay_opt  # noqa: F401  (raises when sim.opt is broken)
-
-    return True
 
 
 # ---------------------------------------------------------------- one job

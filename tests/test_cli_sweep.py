@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from cli.main import cli
 from cli.sweep_cmds import parse_capacities, plot_sweep
 from sim.replay import replay_sequential
-from sim.sweep import opt_available
 from traces import DEFAULT_TRACE, read_trace
 
 
@@ -69,7 +68,7 @@ def test_sweep_writes_files_and_figure(tiny, tmp_path):
         replay_sequential(table, c).hit_blocks for c in (30, 100, 1000)
     ]
     bounds = set(df.filter(pl.col("kind") == "bound")["policy"])
-    assert bounds == ({"infinite", "opt"} if opt_available() else {"infinite"})
+    assert bounds == {"infinite", "opt"}
     csv = pl.read_csv(out / "sweep.csv")
     assert csv.height == df.height and csv["hit_blocks"].to_list() == df["hit_blocks"].to_list()
     config = json.loads((out / "config.json").read_text())
