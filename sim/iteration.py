@@ -18,8 +18,9 @@ up; their ITL max is the range max of the step gaps they sampled at).
 A step stays on this path when the lazy decodes all get their token: the token demand
 of every running request up to the last lazy one (in running order, which is
 admission order) fits the budget. Otherwise every lazy request is materialized and
-the reference ``_schedule`` runs the step (rare: it needs a prompt still being chunked
-ahead of a decode in the running list). Step times, token counts and block operations
+the reference ``_schedule`` runs the step (a safety net: under vLLM's rules a prompt still
+being chunked took the rest of a budget, so it is the last running request and no decode
+stands behind it). Step times, token counts and block operations
 are the reference's, in the same order, so the results are identical (the query-key
 pair sums are whole numbers, exact in any order).
 """
