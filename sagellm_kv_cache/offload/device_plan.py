@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING
 
+from ..hooks import PoolHook
 from .chain import Admission, spill, write_through
 from .jobs import Onboarding
 from .plan import CopyIn, CopyPlan, ReadBlocks, Select, WriteIn
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from ..handle import KVHandle
     from ..pool import KVPool
 
-__all__ = ["DevicePlanner"]
+__all__ = ["DeviceEvents", "DevicePlanner"]
 
 
 class DevicePlanner:
@@ -218,3 +219,31 @@ class DevicePlanner:
                         tier.remove(present, plan)
             elif not self.admission.admit_after_hits:
                 self.write_down(pairs, plan)
+
+
+class DeviceEvents(PoolHook):
+    """The device pool's hook: records evictions (write-back) and new cached blocks
+    (write-through) for the planner.
+
+    A manager call drains the records into its plan (``DevicePlanner.drain``); an event
+    from outside any call (``in_call()`` false) is planned and run at once (``flush()``),
+    before the evicted block can be reused.
+    """
+
+    def __init__(
+        self, planner: DevicePlanner, in_call: Callable[[], bool], flush: Callable[[], None]
+    ) -> None:
+        self.planner = planner
+        self.in_call = in_call
+        self.flush = flush
+
+    def on_evict(self, block_id, block_hash, reason, timestamp) -> None:
+        self.planner.victims.append((block_id, block_hash))
+        if not self.in_call():
+            self.flush()
+
+    def on_block_cached(self, block_id, block_hash, parent_hash, timestamp) -> None:
+        if self.planner.wants_cached(block_hash):
+            self.planner.newly_cached.append((block_id, block_hash))
+            if not self.in_call():
+                self.flush()

@@ -45,12 +45,11 @@ from ..compat.offload_seed import OffloadSeedMixin
 from ..errors import KVConfigError, KVInvalidInputError, KVInvalidTypeError
 from ..handle import HandleState, KVHandle
 from ..hashing import check_block_hashes
-from ..hooks import PoolHook
 from ..pool import KVPool, check_num_tokens
 from ..storage import ModelShape
 from .build import make_tier, pool_and_tiers
 from .chain import Admission
-from .device_plan import DevicePlanner
+from .device_plan import DeviceEvents, DevicePlanner
 from .jobs import CopyQueue
 from .plan import CopyPlan
 from .report import check_chain, read_cached_block, stats_report
@@ -66,29 +65,6 @@ __all__ = [
 ]
 
 WRITE_POLICIES = ("write_back", "write_through")
-
-
-class _DeviceHook(PoolHook):
-    """Records device evictions (write-back) and new cached blocks (write-through).
-
-    A manager call drains the records into its plan (``DevicePlanner.drain``); an event
-    from outside any call is spilled at once, before the block can be reused.
-    """
-
-    def __init__(self, manager: KVOffloadManager, planner: DevicePlanner) -> None:
-        self.manager = manager
-        self.planner = planner
-
-    def on_evict(self, block_id, block_hash, reason, timestamp) -> None:
-        self.planner.victims.append((block_id, block_hash))
-        if not self.manager.in_call():  # eviction from outside the manager: spill now
-            self.manager.flush()
-
-    def on_block_cached(self, block_id, block_hash, parent_hash, timestamp) -> None:
-        if self.planner.wants_cached(block_hash):
-            self.planner.newly_cached.append((block_id, block_hash))
-            if not self.manager.in_call():
-                self.manager.flush()
 
 
 class KVOffloadManager(OffloadSeedMixin):
@@ -171,7 +147,7 @@ class KVOffloadManager(OffloadSeedMixin):
             write_through=self._write_through,
         )
         self._queue = CopyQueue(async_copies)
-        self._hook = _DeviceHook(self, self._planner)
+        self._hook = DeviceEvents(self._planner, self.in_call, self.flush)
         device_pool.add_hook(self._hook)
         self._reset_counters()
         self._closed = False
