@@ -313,27 +313,45 @@ class KVPool(PoolCacheMixin, PoolAdmissionMixin, PoolKVMixin, PoolInfoMixin):
                     needed=n,
                     total=self.num_blocks,
                 )
-            block_ids = self._blocks.allocate(n)
-            handle = KVHandle(
-                handle_id=self._next_handle_id(),
-                num_tokens=num_tokens,
-                block_ids=block_ids,
-                block_size=self.block_size,
-                dtype=dt,
-                layout=lay,
-                device=dev,
-                tier=self.tier,
-                metadata=dict(metadata) if metadata else {},
-                pool_id=self.pool_id,
+            handle = self._new_handle(
+                num_tokens, self._blocks.allocate(n), metadata, dt, lay, dev, [], 0
             )
-            self._handles[handle.handle_id] = handle
-            self._num_allocs += 1
             if self._blocks.hooks:
                 now = self.clock()
                 for hook in self._blocks.hooks:
                     hook.on_alloc(handle, now)
             self._after()
             return handle
+
+    def _new_handle(
+        self,
+        num_tokens: int,
+        block_ids: list[int],
+        metadata: Any,
+        dtype: str,
+        layout: str,
+        device: str,
+        block_hashes: list,
+        num_cached_tokens: int,
+    ) -> KVHandle:
+        """A live handle over ``block_ids`` (allocated), registered and counted."""
+        handle = KVHandle(
+            handle_id=self._next_handle_id(),
+            num_tokens=num_tokens,
+            block_ids=block_ids,
+            block_size=self.block_size,
+            dtype=dtype,
+            layout=layout,
+            device=device,
+            tier=self.tier,
+            block_hashes=block_hashes,
+            num_cached_tokens=num_cached_tokens,
+            metadata=dict(metadata) if metadata else {},
+            pool_id=self.pool_id,
+        )
+        self._handles[handle.handle_id] = handle
+        self._num_allocs += 1
+        return handle
 
     def alloc_with_prefix(
         self,
@@ -378,24 +396,12 @@ class KVPool(PoolCacheMixin, PoolAdmissionMixin, PoolKVMixin, PoolInfoMixin):
             if hit:
                 bp.touch(hit)
             block_ids = hit + bp.allocate(n_new)
-            handle = KVHandle(
-                handle_id=self._next_handle_id(),
-                num_tokens=num_tokens,
-                block_ids=block_ids,
-                block_size=bs,
-                dtype=self.dtype,
-                layout=self.layout,
-                device=self.device,
-                tier=self.tier,
-                block_hashes=hashes,
-                num_cached_tokens=len(hit) * bs,
-                metadata=dict(metadata) if metadata else {},
-                pool_id=self.pool_id,
-            )
+            handle = self._new_handle(
+                num_tokens, block_ids, metadata, self.dtype, self.layout, self.device,
+                hashes, len(hit) * bs,
+            )  # fmt: skip
             if request_id is not None:
                 handle.metadata["request_id"] = request_id
-            self._handles[handle.handle_id] = handle
-            self._num_allocs += 1
             self._prefix_requests += 1
             self._prefix_query_tokens += num_tokens
             self._prefix_query_blocks += len(hashes)
