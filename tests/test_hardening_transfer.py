@@ -601,7 +601,7 @@ def test_nixl_abandoned_transfer_deregisters_its_memory():
 
 
 def test_nixl_timed_out_read_keeps_its_memory_until_nixl_is_done_with_it():
-    from sagellm_kv_cache.transfer.backends.nixl import desc_message
+    from sagellm_kv_cache.transfer.backends.nixl_desc import desc_message
 
     _, (b0, _) = nixl_pair()
     out = torch.zeros(256, dtype=torch.uint8)
@@ -732,7 +732,7 @@ def test_gloo_receiver_enforces_its_policy_and_reports_failures_typed():
 
 
 def test_nixl_group_of_messages_is_one_notification_and_one_read():
-    from sagellm_kv_cache.transfer.backends.nixl import desc_message
+    from sagellm_kv_cache.transfer.backends.nixl_desc import desc_message
 
     _, (b0, b1) = nixl_pair()
     sent, reads = [], []

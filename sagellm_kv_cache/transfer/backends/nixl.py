@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -57,6 +56,16 @@ from typing import TYPE_CHECKING, Any
 from ...errors import KVCacheError, KVConfigError, KVTransferFailedError, KVTransferTimeoutError
 from ..protocol import store_wait
 from .base import TransferBackend, default_store
+from .nixl_desc import (
+    DESC,
+    DONE,
+    ENTRY,
+    KIND_DESC,
+    KIND_DONE,
+    MAX_BATCH,
+    check_group,
+    desc_message,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -64,14 +73,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["NixlBackend", "nixl_unavailable_reason"]
 
 _KEY_ROOT = "skvx-nixl"
-# kind u8 | first tag u32 | count u32 | id u64 | md_len u32, then count entries
-_DESC = struct.Struct("<BIIQI")
-# addr u64 | nbytes u64 | dev_id u32 | mem u8 (0 DRAM, 1 VRAM)
-_ENTRY = struct.Struct("<QQIB")
-#: most messages in one descriptor notification (and one READ)
-MAX_BATCH = 64
-_KIND_DESC, _KIND_DONE = ord("D"), ord("C")
-_DONE = struct.Struct("<BQ")  # kind u8 | id u64
 _MEM_TYPES = ("DRAM", "VRAM")
 
 
@@ -97,27 +98,6 @@ def nixl_unavailable_reason() -> str | None:
     except Exception as exc:
         return f"creating a NIXL agent with UCX failed: {type(exc).__name__}: {exc}"
     return None
-
-
-def _check_group(tags: Sequence[int], tensors: Sequence[Any]) -> None:
-    n = len(tags)
-    if (
-        n == 0
-        or n != len(tensors)
-        or n > MAX_BATCH
-        or list(tags) != list(range(tags[0], tags[0] + n))
-    ):
-        raise KVTransferFailedError(
-            f"a NIXL group is 1..{MAX_BATCH} messages with consecutive tags, got {list(tags)[:4]}..."
-        )
-    if len({t.is_cuda for t in tensors}) != 1:
-        raise KVTransferFailedError("a NIXL group mixes host and device memory")
-
-
-def desc_message(tag: int, xid: int, entries: list[tuple[int, int, int, int]], md: bytes) -> bytes:
-    """The descriptor notification of a group of messages (see the module docstring)."""
-    body = b"".join(_ENTRY.pack(*e) for e in entries)
-    return _DESC.pack(_KIND_DESC, tag, len(entries), xid, len(md)) + body + md
 
 
 @contextlib.contextmanager
@@ -414,13 +394,13 @@ class NixlBackend(TransferBackend):
     def _on_notif_locked(self, name: str, msg: bytes) -> None:
         if not msg:
             return
-        if msg[0] == _KIND_DONE and len(msg) == _DONE.size:
-            self._completed.add(_DONE.unpack(msg)[1])
+        if msg[0] == KIND_DONE and len(msg) == DONE.size:
+            self._completed.add(DONE.unpack(msg)[1])
             return
-        if msg[0] != _KIND_DESC or len(msg) < _DESC.size:
+        if msg[0] != KIND_DESC or len(msg) < DESC.size:
             return  # not ours: ignore
-        _, tag, count, xid, md_len = _DESC.unpack_from(msg)
-        end = _DESC.size + count * _ENTRY.size
+        _, tag, count, xid, md_len = DESC.unpack_from(msg)
+        end = DESC.size + count * ENTRY.size
         if count == 0 or count > MAX_BATCH or len(msg) != end + md_len:
             return  # malformed: the fetch times out, typed
         if md_len:  # the sender registered new memory: refresh what we know of it
@@ -428,7 +408,7 @@ class NixlBackend(TransferBackend):
         peer = self._name_to_rank.get(name)
         if peer is None:
             return  # a sender we never connected to cannot be addressed
-        entries = [_ENTRY.unpack_from(msg, _DESC.size + i * _ENTRY.size) for i in range(count)]
+        entries = [ENTRY.unpack_from(msg, DESC.size + i * ENTRY.size) for i in range(count)]
         self._descs[(peer, tag)] = (entries, xid)
 
     def _try_post_locked(self, fw: _FetchWork) -> None:
@@ -452,7 +432,7 @@ class NixlBackend(TransferBackend):
             [(addr, nbytes, dev) for addr, nbytes, dev, _ in entries], _MEM_TYPES[entries[0][3]]
         )
         handle = self._agent.initialize_xfer(
-            "READ", fw.local, remote, self._peer_names[fw.peer], _DONE.pack(_KIND_DONE, xid)
+            "READ", fw.local, remote, self._peer_names[fw.peer], DONE.pack(KIND_DONE, xid)
         )
         state = self._agent.transfer(handle)
         fw.handle = handle
@@ -545,7 +525,7 @@ class NixlBackend(TransferBackend):
         """Publish the group's descriptors in one notification; the peer reads them
         with one READ (tags must count up by one from ``tags[0]``)."""
         self.check_peer(peer)
-        _check_group(tags, tensors)
+        check_group(tags, tensors)
         with self._lock, _typed(f"exposing message {tags[0]:#x} to rank {peer}", peer):
             name = self._connect_locked(peer)
             entries = []
@@ -565,7 +545,7 @@ class NixlBackend(TransferBackend):
     def fetch_many(self, peer: int, tags: Sequence[int], outs: Sequence[Any]) -> _FetchWork:
         """Post one READ for the group as soon as its descriptors are here."""
         self.check_peer(peer)
-        _check_group(tags, outs)
+        check_group(tags, outs)
         with self._lock, _typed(f"fetching message {tags[0]:#x} from rank {peer}", peer):
             self._connect_locked(peer)
             local = []
