@@ -5,7 +5,10 @@
     engine / scheduler / simulator
           |  alloc, alloc_with_prefix, cache_blocks, free, pin, write_kv, read_kv
           v
-    KVPool  (lock, handles, validation, stats, hooks)      <- this module
+    KVPool  (lock, handles, validation, stats, hooks)      <- this module, with its parts:
+          |   _pool_admission (may n blocks be had), _pool_cache (hashes, cache_blocks,
+          |   match_prefix, invalidate), _pool_kv (write_kv, read_kv), _pool_info (stats,
+          |   retention), _pool_base (the state they share, the handle check)
           |
           +-- BlockPool  (ref counts, free queue, hash map)  block_pool.py
           |       +-- EvictionPolicy (victim order)           eviction/
