@@ -114,7 +114,7 @@ class PoolInstance(Instance):
         hit = bp.match_prefix(hashes)
         need = full - len(hit)
         if need > len(bp.free_queue):  # the common case skips the query
-            reason = self.pool._admission(need, hit)[0]
+            reason = self.pool.peek_admission(need, hit)
             if reason is not None:
                 if reason == "no_victims" and not anything_running:
                     raise KVNoVictimError(  # nothing will ever be released: waiting is no use

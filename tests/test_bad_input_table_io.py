@@ -279,7 +279,7 @@ def make_transfer(tmp_path) -> types.SimpleNamespace:
 XFER = EntryPoint(
     "KVTransferEngine",
     make_transfer,
-    lambda c: (c.eng.get_metrics(), sorted(c.eng._records), snap_pool(c.src), snap_pool(c.dst)),
+    lambda c: (c.eng.get_metrics(), c.eng.transfer_ids(), snap_pool(c.src), snap_pool(c.dst)),
     lambda c: (c.src.check_invariants(), c.dst.check_invariants()),
     lambda c: c.eng.close(),
 )

@@ -26,6 +26,7 @@ from sagellm_kv_cache.pooling import (
     RemoteKVAccessor,
 )
 from sagellm_kv_cache.storage import ModelShape
+from sagellm_kv_cache.testing.faults import inject_faults
 from sagellm_kv_cache.transfer import KVTransferEngine
 
 pytestmark = pytest.mark.timeout(60)
@@ -210,7 +211,7 @@ def test_failed_transfer_raises_typed_and_leaves_b_unchanged():
         if stage == "local_chunk" and index == 0:
             chunk.view(-1)[0] ^= 1
 
-    eng._fault_hook = corrupt
+    inject_faults(eng, corrupt)
     before = snapshot(mgr)
     with pytest.raises(KVChecksumMismatchError) as ei:
         mgr.alloc_with_prefix(prompt(1), node_rank=1)
@@ -415,7 +416,7 @@ def test_pipeline_bounds_in_flight_and_times_out_typed():
     fill(a, prompt(2, 8), seed=2, free=False)
     h1, h2 = a.handles
     gate = threading.Event()
-    eng._fault_hook = lambda stage, **_: gate.wait(10)
+    inject_faults(eng, lambda stage, **_: gate.wait(10))
     pipe = KVTransferPipeline(eng, max_inflight=1, timeout_s=30)
     pipe.submit(h1, 0, 1)
     with pytest.raises(KVTransferTimeoutError) as ei:

@@ -1,13 +1,12 @@
 """The global pool across two processes on 127.0.0.1 (gloo): a prefix cached on
 node A (rank 0) is hit by a request on node B (rank 1) through a real transfer.
 
-Ranks are started with ``transfer.launcher.launch``, which ends every process
+Ranks are started with ``sagellm_kv_cache.testing.launcher.launch``, which ends every process
 it started; every wait below has a timeout.
 """
 
 from __future__ import annotations
 
-import hashlib
 from datetime import timedelta
 
 import pytest
@@ -18,28 +17,12 @@ from sagellm_kv_cache.observability.event_json import events_from_jsonl, events_
 from sagellm_kv_cache.observability.events import KVEventStream
 from sagellm_kv_cache.pool import KVPool
 from sagellm_kv_cache.pooling import GlobalKVPoolManager, NodeContribution, RemoteKVAccessor
-from sagellm_kv_cache.storage import ModelShape
+from sagellm_kv_cache.testing.faults import inject_faults
 from sagellm_kv_cache.testing.launcher import launch
 from sagellm_kv_cache.transfer import KVTransferEngine
+from tests._transfer_harness import BS, SHAPE, accounting, digest, prompt
 
 pytestmark = pytest.mark.timeout(120)
-
-SHAPE = ModelShape(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16")
-BS = 4
-
-
-def prompt(i: int, n: int = 26) -> list[int]:
-    return [i * 1000 + t for t in range(n)]
-
-
-def digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def acct(pool: KVPool) -> dict:
-    pool.check_invariants()
-    s = pool.get_stats()
-    return {k: s[k] for k in ("free_blocks", "used_blocks", "cached_blocks", "num_handles")}
 
 
 def rank_global_pool(ctx):
@@ -60,22 +43,22 @@ def rank_global_pool(ctx):
         ctx.store.set("a_events", events_to_jsonl(stream.events_since(0)).encode())
         pool.invalidate(pool.compute_block_hashes(prompt(2)))  # B's entry for 2 goes stale
         acc = RemoteKVAccessor(eng, pool, timeout_s=15)
-        before = acct(pool)
+        before = accounting(pool)
         served = acc.serve(num_requests=2, idle_timeout_s=30)  # the hit and the stale one
 
         def corrupt(stage, chunk=None, index=None, **_):  # flip a bit after hashing
             if stage == "chunk_sent" and index == 1:
                 chunk[3] ^= 0x10
 
-        eng._fault_hook = corrupt
+        inject_faults(eng, corrupt)
         served += acc.serve(num_requests=1, idle_timeout_s=30)
         ctx.store.wait(["b_done"], timedelta(seconds=60))
-        return {"digests": digests, "served": served, "before": before, "after": acct(pool)}
+        return {"digests": digests, "served": served, "before": before, "after": accounting(pool)}
     # node B: a global pool whose node 0 lives in the other process
     mgr = GlobalKVPoolManager(
         [NodeContribution(0), NodeContribution(1, pool)], engine=eng, timeout_s=15
     )
-    out = {"start": acct(pool)}
+    out = {"start": accounting(pool)}
     hashes = {i: pool.compute_block_hashes(prompt(i)) for i in (1, 2, 3)}
     ctx.store.wait(["a_events"], timedelta(seconds=60))  # A's KV events, as JSON lines
     last = mgr.directory.apply_events(
@@ -87,23 +70,23 @@ def rank_global_pool(ctx):
     out["hit"] = (hit, h.metadata["remote_hit_tokens"])
     out["kv"] = digest(pool.read_kv(h, num_tokens=hit))
     mgr.free(h)
-    out["after_hit"] = acct(pool)
+    out["after_hit"] = accounting(pool)
     res = mgr.accessor.fetch(hashes[2], 1)  # A never had it: a miss, not an error
     out["stale"] = (res.hit, res.num_blocks, mgr.locate(hashes[2]))
-    out["after_stale"] = acct(pool)
+    out["after_stale"] = accounting(pool)
     try:
         mgr.accessor.fetch(hashes[3], 1)
         out["fail"] = None
     except KVChecksumMismatchError as exc:
         out["fail"] = exc.code
-    out["after_fail"] = acct(pool)
+    out["after_fail"] = accounting(pool)
     out["visible_3"] = pool.match_prefix(prompt(3))[1]
     try:  # A no longer serves: the wait ends at the timeout, typed
         mgr.accessor.fetch(hashes[3], 1, timeout_s=1.0)
         out["timeout"] = None
     except KVTransferTimeoutError as exc:
         out["timeout"] = exc.code
-    out["after_timeout"] = acct(pool)
+    out["after_timeout"] = accounting(pool)
     out["stats"] = mgr.accessor.get_stats()
     ctx.store.set("b_done", b"1")
     return out

@@ -360,7 +360,7 @@ class GlobalKVPoolManager:
         whose leaf ``dst`` lacks, the least recently cached leaf first."""
         pool = pools[src]
         dst_pool = pools[dst]
-        with pool._lock:
+        with pool.lock:
             bp = pool.block_pool
             hashes, parents, refs = bp.block_hashes, bp.parent_ids, bp.ref_counts
             cached = list(bp.cached.values())  # insertion order: oldest first
