@@ -24,7 +24,7 @@ a failed block is reported to the plan (``failed``) and a step whose input
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -370,9 +370,3 @@ class WriteIn:
             [self.dst_ids[i] for i in good], as_tensor(data, block_dims, dst.storage_dtype)
         )
         self.onboarding.verified.update(self.positions[i] for i in good)
-
-
-def tier_ids(tier: LowerTier, block_hashes: Sequence[Hashable]) -> list[int]:
-    """Slots of resident blocks of ``tier``."""
-    cached = tier.pool.cached
-    return [cached[h] for h in block_hashes]
