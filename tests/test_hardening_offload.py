@@ -105,6 +105,18 @@ def hit_kv_is_what_was_written(m: KVOffloadManager, i: int) -> None:
     m.free(alloc.handle)
 
 
+def request_0_on_disk(tmp_path) -> tuple[KVOffloadManager, list, FaultyDiskIO]:
+    """Requests 0..2 run on a 4-block device over a disk tier: request 0's two blocks
+    are on disk only. Returns the manager, request 0's hashes and the disk tier's
+    ``FaultyDiskIO`` (healthy until told otherwise)."""
+    m = make_manager(tmp_path, gpu=4, disk=8)
+    for i in range(3):
+        run_request(m, i)
+    io = FaultyDiskIO()
+    disk_of(m).io = io
+    return m, m.device.compute_block_hashes(prompt(0)), io
+
+
 # -- defect 1: a failed onboarding is never hit ---------------------------------------------------
 
 
@@ -149,14 +161,8 @@ def test_a_failed_onboarding_is_never_hit_and_every_request_recomputes(tmp_path,
 
 
 def test_an_onboarding_in_flight_is_a_miss_until_its_bytes_arrived(tmp_path):
-    m = make_manager(tmp_path, gpu=4, disk=8)
-    for i in range(3):
-        run_request(m, i)
-    h0 = m.device.compute_block_hashes(prompt(0))
-    store = disk_of(m)
-    io = FaultyDiskIO()
+    m, h0, io = request_0_on_disk(tmp_path)
     io.read_gate = threading.Event()
-    store.io = io
     a = m.allocate(prompt(0))
     assert a.lookup.tiers == ["disk", "disk"]
     # in flight: in no tier's index, not matched by the device pool
@@ -270,10 +276,7 @@ def test_a_full_disk_leaves_no_file_and_a_typed_error(tmp_path, err):
 
 
 def test_a_deleted_block_file_is_a_miss_and_the_request_recomputes(tmp_path):
-    m = make_manager(tmp_path, gpu=4, disk=8)
-    for i in range(3):
-        run_request(m, i)
-    h0 = m.device.compute_block_hashes(prompt(0))
+    m, h0, _ = request_0_on_disk(tmp_path)
     assert delete_block_file(disk_of(m), h0[1])
     a = m.allocate(prompt(0))
     assert a.lookup.tiers == ["disk", "disk"]
@@ -324,12 +327,7 @@ def test_a_full_disk_means_not_stored_never_an_unrelated_failure(tmp_path, err):
 
 
 def test_a_failed_read_leaves_no_orphan_file(tmp_path):
-    m = make_manager(tmp_path, gpu=4, disk=8)
-    for i in range(3):
-        run_request(m, i)
-    h0 = m.device.compute_block_hashes(prompt(0))
-    io = FaultyDiskIO()
-    disk_of(m).io = io
+    m, h0, io = request_0_on_disk(tmp_path)
     io.fail_reads(errno.EIO, count=1)
     a = m.allocate(prompt(0))
     ra = a.wait(10)
