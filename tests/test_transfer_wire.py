@@ -9,6 +9,7 @@ import pytest
 from sagellm_kv_cache.errors import KVTransferFailedError
 from sagellm_kv_cache.transfer.wire import (
     HEADER_STRUCT,
+    VERSION,
     Checksum,
     Segment,
     TransferHeader,
@@ -71,7 +72,7 @@ def _patch(raw: bytes, index: int, value) -> bytes:
 # index into HEADER_STRUCT's fields, bad value, field named in the error
 BAD_FIELDS = [
     (0, b"XXXX", "magic"),
-    (1, 2, "version"),
+    (1, 1, "version"),
     (6, 0, "num_segments"),
     (7, 5, "segment totals"),  # num_blocks disagrees with the segments
     (8, 99, "segment totals"),
@@ -158,4 +159,4 @@ def test_message_checksum_folds_per_message_digests_and_sees_one_bit(algo):
 def test_header_is_not_pickle():
     raw = encode_header(make_header())
     assert raw[:4] == b"SKVX"
-    assert struct.unpack_from("<H", raw, 4)[0] == 1
+    assert struct.unpack_from("<H", raw, 4)[0] == VERSION == 2

@@ -390,26 +390,3 @@ class KVTransferEngine(TransferSeedMixin):
             f"checksum={self.checksum_algo}, compression={self.compression}, "
             f"timeout_s={self.timeout_s})"
         )
-
-    # -- transitional: private names other modules still read (to be removed) ---
-    @property
-    def _pools(self) -> dict[int, KVPool]:
-        """Deprecated: use ``registered_pool(rank)``."""
-        return dict(self._ctx.pools)
-
-    @property
-    def _records(self) -> list[int]:
-        """Deprecated: use ``transfer_ids()``."""
-        return self.book.ids()
-
-    @property
-    def _fault_hook(self) -> Any:
-        """Deprecated test instrumentation: setting it wraps the backend with
-        ``sagellm_kv_cache.testing.faults.inject_faults`` (use that directly)."""
-        return getattr(self.backend, "hook", None)
-
-    @_fault_hook.setter
-    def _fault_hook(self, hook: Any) -> None:
-        from ..testing.faults import inject_faults
-
-        inject_faults(self, hook)

@@ -73,7 +73,9 @@ __all__ = [
 
 MAGIC = b"SKVX"
 TRAILER_MAGIC = b"SKVT"
-VERSION = 1
+# 2: the checksum is the digest of the per-message digests in order (a sender may reuse
+# the digests kept for cached blocks); a version-1 peer is refused by its header
+VERSION = 2
 
 HEADER_STRUCT = struct.Struct("<4sHHQIIIIQIBBBBIIIQIIBBI")
 SEGMENT_STRUCT = struct.Struct("<QII")
