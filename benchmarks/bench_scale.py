@@ -10,8 +10,13 @@ RSS (``resource.getrusage``) is reported:
 * ``curve``: the exact one-pass curve (``sim.mrc.lru_mrc``) of the table read
   whole (the read timed apart);
 * ``sampled``: the ``--rate`` sampled curve (``sim.sampling``, ``--samples``
-  independent samples keyed by ``--key``) and its mean absolute error of
-  token hit ratio against the exact curve at ``--points`` capacities.
+  independent samples) for each scheme of ``--key`` (``all``: ``stack``,
+  ``root``, ``session``), its mean absolute error of token hit ratio against
+  the exact curve at ``--points`` capacities, its mean reported spread and
+  its speed-up over exact (a table row per scheme);
+* ``--bundled``: the same comparison, in-process, on every bundled trace
+  with at least ``--bundled-min`` full blocks, at ``--bundled-rate``
+  (they are small, so a higher rate).
 
 ``--dict-check`` adds the issue's sequential-LRU comparison on the 13.3M-block
 trace (``generate_trace(200_000, seed=1, block_size=16, multi_turn_prob=0.5)``,
@@ -243,7 +248,10 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=20, help="capacities compared")
     ap.add_argument("--rate", type=float, default=0.01)
     ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--key", default="session", choices=["root", "session"])
+    ap.add_argument("--key", default="all", choices=["all", "stack", "root", "session"])
+    ap.add_argument("--bundled", action="store_true", help="also the bundled traces")
+    ap.add_argument("--bundled-rate", type=float, default=0.1)
+    ap.add_argument("--bundled-min", type=int, default=2000, help="full blocks, at least")
     ap.add_argument("--dir", default=None, help="where the Parquet file goes (default: tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the Parquet file")
     ap.add_argument("--skip-replay", action="store_true")
@@ -264,19 +272,28 @@ def main() -> None:
         result["replay"] = rep
     cur = run_child("curve", str(path), str(args.points))
     rows.append({"step": "exact curve", **_row(cur)})
-    smp = run_child(
-        "sampled", str(path), json.dumps(cur["caps"]), str(args.rate), str(args.samples), args.key
-    )
-    rows.append({"step": f"{args.rate:.0%} sampled curve x{args.samples}", **_row(smp)})
-    err = np.abs(np.asarray(smp["token"]) - np.asarray(cur["token"]))
-    result |= {"curve": cur, "sampled": smp, "mae": float(err.mean()), "max_err": float(err.max())}
-    result["sampled_speedup"] = cur["s"] / smp["s"]
+    keys = ["stack", "root", "session"] if args.key == "all" else [args.key]
+    result |= {"curve": cur, "sampled": {}}
+    lines = []
+    for key in keys:
+        smp = run_child(
+            "sampled", str(path), json.dumps(cur["caps"]), str(args.rate), str(args.samples), key
+        )
+        err = np.abs(np.asarray(smp["token"]) - np.asarray(cur["token"]))
+        smp |= {
+            "mae": float(err.mean()),
+            "max_err": float(err.max()),
+            "speedup": cur["s"] / smp["s"],
+        }
+        result["sampled"][key] = smp
+        rows.append({"step": f"{args.rate:.0%} sampled curve, {key} x{args.samples}", **_row(smp)})
+        lines.append(
+            f"sampled ({key}, {args.samples} samples) token_hit_ratio MAE {err.mean():.4f} "
+            f"(max {err.max():.4f}), mean spread {np.mean(smp['spread']):.4f}, "
+            f"{smp['speedup']:.1f}x faster than exact"
+        )
     print_table(rows, f"{gen['blocks']:,} blocks, {gen['requests']:,} requests, {path}")
-    print(
-        f"sampled ({args.key}, {args.samples} samples) token_hit_ratio MAE {err.mean():.4f} "
-        f"(max {err.max():.4f}), mean spread {np.mean(smp['spread']):.4f}, "
-        f"{result['sampled_speedup']:.1f}x faster than exact"
-    )
+    print("\n".join(lines))
     if args.dict_check:
         d = run_child(
             "dict", str(args.dict_capacity), str(args.dict_requests), str(int(args.profile))
@@ -290,9 +307,50 @@ def main() -> None:
         )
         if d.get("profile"):
             print(d["profile"])
+    if args.bundled:
+        result["bundled"] = bundled(args.bundled_rate, args.samples, args.points, args.bundled_min)
     write_json("bench_scale", result)
     if not args.keep and args.dir is None:
         path.unlink()
+
+
+def bundled(rate: float, samples: int, points: int, min_blocks: int) -> list[dict]:
+    """Exact against the ``stack`` sampled curve on each bundled trace (in-process)."""
+    from sim.mrc import lru_mrc
+    from sim.sampling import SampleSpec, sampled_curve
+    from traces import read_trace
+
+    rows = []
+    for path in sorted((Path(__file__).parent.parent / "traces" / "data").iterdir()):
+        try:
+            table = read_trace(path)
+        except Exception:  # README, licences: not traces
+            continue
+        t0 = time.perf_counter()
+        m = lru_mrc(table)
+        exact_s = time.perf_counter() - t0
+        if m.full_blocks < min_blocks or m.distinct_blocks < 2:
+            continue
+        caps = _caps(m, points)
+        exact = np.asarray(m.hit_ratios(caps)["token_hit_ratio"].to_list())
+        t0 = time.perf_counter()
+        df = sampled_curve(table, caps, SampleSpec(rate=rate, key="stack", samples=samples))
+        smp_s = time.perf_counter() - t0
+        err = np.abs(df["token_hit_ratio"].to_numpy() - exact)
+        rows.append(
+            {
+                "trace": path.name,
+                "blocks": m.full_blocks,
+                "rate": rate,
+                "mae": float(err.mean()),
+                "max_err": float(err.max()),
+                "spread": float(df["token_hit_ratio_spread"].mean()),
+                "exact_s": exact_s,
+                "sampled_s": smp_s,
+            }
+        )
+    print_table(rows, f"bundled traces: stack sampling at {rate:.0%} x{samples} vs exact")
+    return rows
 
 
 def _row(r: dict) -> dict:

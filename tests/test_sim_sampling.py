@@ -105,3 +105,52 @@ def test_bad_text_and_capacity_and_missing_sessions(synthetic):
         sampled_curve(synthetic, [0])
     with pytest.raises(KVConfigError):
         sample_table(traces.read_trace(), SampleSpec(key="session"), 0)
+
+
+# -- key "stack": stratified block sampling with weighted stack depths -------------------------
+_RATIOS = ["token_hit_ratio", "block_hit_ratio", "request_hit_ratio"]
+
+
+def test_stack_at_rate_one_is_the_exact_curve_at_every_capacity(synthetic):
+    m = lru_mrc(synthetic)
+    caps = [5, 50, m.max_request_blocks - 1, m.max_request_blocks, 3000, 10**7]
+    exact = m.hit_ratios(caps)
+    s = sampled_curve(synthetic, caps, SampleSpec(rate=1.0, key="stack", samples=2))
+    for r in _RATIOS:
+        assert s[r].to_list() == exact[r].to_list()
+        assert s[f"{r}_spread"].to_list() == [0.0] * len(caps)
+    assert s["capacity_blocks"].to_list() == caps
+
+
+def test_stack_estimate_lies_within_its_reported_spread(synthetic):
+    m = lru_mrc(synthetic)
+    caps = [m.max_request_blocks, 2000, 8000, 30000]
+    exact = m.hit_ratios(caps)["token_hit_ratio"].to_numpy()
+    s = sampled_curve(synthetic, caps, SampleSpec(rate=0.2, key="stack", samples=6, seed=3))
+    est, spread = s["token_hit_ratio"].to_numpy(), s["token_hit_ratio_spread"].to_numpy()
+    assert (spread > 0).all()
+    # within two spreads (the spread is one sample's standard deviation)
+    assert (np.abs(est - exact) <= 2 * spread).all()
+    assert np.abs(est - exact).mean() < 0.01
+
+
+def test_stack_default_key_and_text():
+    assert SampleSpec.parse("1%:stack:4") == SampleSpec(rate=0.01, key="stack", samples=4)
+    assert SampleSpec.parse("1%").key is None  # curves: stack; replays: root
+
+
+def test_stack_is_for_curves_only(synthetic):
+    spec = SampleSpec(rate=0.5, key="stack")
+    with pytest.raises(KVConfigError):
+        sample_table(synthetic, spec, 0)
+    with pytest.raises(KVConfigError):
+        sampled_replay(synthetic, 400, "lru", spec)
+
+
+def test_stack_python_kernel_equals_numba(synthetic, monkeypatch):
+    pytest.importorskip("numba")
+    small = synthetic.head(200)
+    spec = SampleSpec(rate=0.3, key="stack", samples=2, seed=5)
+    compiled = sampled_curve(small, [30, 300, 3000], spec)
+    monkeypatch.setenv("SAGELLM_KV_NO_NUMBA", "1")
+    assert sampled_curve(small, [30, 300, 3000], spec).equals(compiled)
