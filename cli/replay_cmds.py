@@ -231,6 +231,16 @@ def _cost_defaults() -> str:
     "instance; misses on an instance are fetched from it over an RDMA-class link "
     "(25 GB/s, 20 us) instead of recomputed. Needs --model-shape.",
 )
+@click.option(
+    "--sample",
+    "sample_spec",
+    default=None,
+    metavar="SPEC",
+    help="Also estimate the sequential-LRU hit ratios at --capacity and the --curve "
+    "capacities from samples of the trace (sim.sampling): a rate or size=N, then optionally "
+    "the key (stack, root, session) and the number of samples, e.g. 1% or 1%:stack:4. Each "
+    "ratio is printed with its +- spread (standard deviation over the samples).",
+)
 @skip_bad_option()
 @out_option(_default("out_dir"))
 @progress_option()
@@ -258,6 +268,7 @@ def replay(
     slo,
     pd,
     link,
+    sample_spec,
     skip_bad,
     out_dir,
     progress,
@@ -306,6 +317,7 @@ def replay(
     from traces import DEFAULT_TRACE
 
     trace = trace or DEFAULT_TRACE
+    spec = _sample_spec(sample_spec)
     if not Path(trace).exists():
         raise click.FileError(str(trace), hint="trace file not found")
     check_out_dir(out_dir)
@@ -420,6 +432,38 @@ def replay(
     elif mode == "concurrent":
         figures["queue_ttft.png"] = lambda p: plot_queue(result, p)
     finish_run(result, out_dir, trace, fmt, stats, figures, as_json)
+    if spec is not None:
+        _print_sampled(table, [cap_blocks, *curve_blocks], spec, as_json)
+
+
+def _sample_spec(text):
+    """``--sample``'s text as a ``SampleSpec`` (None when not given)."""
+    if text is None:
+        return None
+    from sim.sampling import SampleSpec
+
+    try:
+        return SampleSpec.parse(text)
+    except KVCacheError as err:
+        raise click.BadParameter(err.message, param_hint="--sample") from None
+
+
+def _print_sampled(table, caps: list, spec, as_json: bool) -> None:
+    """The sampled sequential-LRU ratios, each with its spread (stderr under --json)."""
+    from sim.sampling import sampled_curve
+
+    try:
+        df = sampled_curve(table, sorted(set(caps)), spec)
+    except KVCacheError as err:
+        raise click.ClickException(err.message) from None
+    rate, n = float(df["rate"][0]), int(df["samples"][0])
+    click.echo(f"sampled sequential LRU ({rate:.2%}, {n} samples; mean +- spread):", err=as_json)
+    for row in df.iter_rows(named=True):
+        ratios = "  ".join(
+            f"{r.split('_')[0]} {row[r]:.4f} +- {row[r + '_spread']:.4f}"
+            for r in ("token_hit_ratio", "block_hit_ratio", "request_hit_ratio")
+        )
+        click.echo(f"  {row['capacity_blocks']:>10} blocks: {ratios}", err=as_json)
 
 
 COMMANDS = [replay]
