@@ -111,7 +111,7 @@ def snap_offload(m: Any) -> dict:
         "stats": m.get_stats(),
         "device": snap_pool(m.device),
         "tiers": tiers,
-        "hits": dict(m._hits),
+        "hits": m.hit_counts(),
     }
 
 

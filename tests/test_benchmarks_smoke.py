@@ -28,6 +28,7 @@ SMOKE_RUNS: dict[str, tuple[list[str], str]] = {
     "bench_iteration.py": (["--capacity", "500", "--repeat", "1"], "iteration.json"),
     "bench_mrc.py": (["--capacity", "500", "--points", "4", "--repeat", "1"], "mrc.json"),
     "bench_offload.py": (["--blocks", "2", "--repeat", "1"], "offload.json"),
+    "bench_plan.py": (["--small", "100", "--large", "1000", "--repeat", "1", "--policies", "lru"], "plan.json"),
     "bench_pool.py": (["--requests", "20", "--blocks", "2048"], "pool.json"),
     "bench_prefix_cache.py": (["--requests", "20"], "prefix_cache.json"),
     "bench_profiling.py": (["--calls", "2000"], "profiling.json"),
