@@ -130,8 +130,8 @@ def test_corrupted_transfer_is_all_or_nothing(pair):
     h, _ = fill(src_pool, tokens, seed=2)
     before = accounting(dst_pool)
     with (
-        KVTransferEngine(b0, timeout_s=60, max_retries=0, chunk_bytes=512) as e0,
-        KVTransferEngine(b1, timeout_s=60, chunk_bytes=512) as e1,
+        KVTransferEngine(b0, timeout_s=10, max_retries=0, chunk_bytes=512) as e0,
+        KVTransferEngine(b1, timeout_s=10, chunk_bytes=512) as e1,
     ):
         e0.register_pool(src_pool)
 
