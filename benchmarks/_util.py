@@ -12,11 +12,16 @@ script works, never how fast.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +31,61 @@ RESULTS = Path(
 )
 #: A smoke run: one repetition of everything (sizes come from the command line).
 SMOKE = os.environ.get("SAGELLM_BENCH_SMOKE") == "1"
+
+
+def parse_args(doc: str | None, argv: list[str] | None = None, **options) -> argparse.Namespace:
+    """The command line of a benchmark script whose ``--help`` is its docstring ``doc``.
+
+    Each keyword names an option (``plan_only`` -> ``--plan-only``) by its default:
+    an int or a str takes a value of that type, ``False`` is a flag, None a string
+    that defaults to None. A ``(default, help)`` pair adds the help text::
+
+        args = parse_args(__doc__, capacity=10_000, repeat=3, policies=("", "a subset"))
+    """
+    ap = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for name, spec in options.items():
+        default, text = spec if isinstance(spec, tuple) else (spec, None)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            ap.add_argument(flag, action="store_true", help=text)
+        elif default is None:
+            ap.add_argument(flag, default=None, help=text)
+        else:
+            ap.add_argument(flag, type=type(default), default=default, help=text)
+    return ap.parse_args(argv)
+
+
+def run_worker(script: str, src: str | Path, args: list[str], timeout: float = 3600) -> dict:
+    """Run ``python script *args`` in a fresh interpreter that imports the library,
+    ``sim`` and ``traces`` from the checkout ``src``; the JSON on its last output line."""
+    path = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, script, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": path},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker in {src} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@contextlib.contextmanager
+def worktree(rev: str) -> Iterator[Path]:
+    """A detached ``git worktree`` of this repository at ``rev`` in a temporary folder
+    (removed again on exit): the "before" tree of a before/after measurement."""
+    tmp = Path(tempfile.mkdtemp(prefix="sagellm-base-")) / "tree"
+    git = ["git", "-C", str(ROOT), "worktree"]
+    subprocess.run([*git, "add", "--detach", "--quiet", str(tmp), rev], check=True)
+    try:
+        yield tmp
+    finally:
+        subprocess.run([*git, "remove", "--force", str(tmp)], check=False)
+        with contextlib.suppress(OSError):
+            tmp.parent.rmdir()
 
 
 def best_of(fn, repeat: int = 3) -> float:

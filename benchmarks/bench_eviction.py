@@ -37,12 +37,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 
-from _util import ROOT, SMOKE, print_table, write_json
+from _util import ROOT, SMOKE, parse_args, print_table, run_worker, write_json
 
 _COUNTED = (
     "add",
@@ -166,12 +163,8 @@ def worker(names: list[str], capacity: int, counted: bool) -> dict:
 def run_round(src: str, names: list[str], capacity: int, counted: bool) -> dict:
     """``worker`` in a fresh interpreter importing the library (and ``sim``, ``traces``) from
     the checkout ``src``."""
-    cmd = [sys.executable, __file__, "--worker", "--capacity", str(capacity)]
-    cmd += ["--policies", ",".join(names)] + (["--counted"] if counted else [])
-    path = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path}
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=3600, env=env)
-    return json.loads(proc.stdout.splitlines()[-1])
+    args = ["--worker", "--capacity", str(capacity), "--policies", ",".join(names)]
+    return run_worker(__file__, src, args + (["--counted"] if counted else []))
 
 
 def _best(rounds: list[dict], name: str, key: str) -> float:
@@ -179,16 +172,15 @@ def _best(rounds: list[dict], name: str, key: str) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    args = parse_args(
+        __doc__,
+        capacity=10_000,
+        repeat=5,
+        policies=("", "comma-separated subset (default: all)"),
+        baseline=("", "a checkout to measure against (subprocess)"),
+        worker=(False, argparse.SUPPRESS),
+        counted=(False, argparse.SUPPRESS),
     )
-    ap.add_argument("--capacity", type=int, default=10_000)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--policies", default="", help="comma-separated subset (default: all)")
-    ap.add_argument("--baseline", default="", help="a checkout to measure against (subprocess)")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--counted", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
     if args.worker:
         names = args.policies.split(",")
         print(json.dumps(worker(names, args.capacity, args.counted)))

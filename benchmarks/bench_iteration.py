@@ -12,10 +12,9 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from _util import SMOKE, print_table, write_json
+from _util import SMOKE, parse_args, print_table, write_json
 
 ROOFLINE = "roofline:gpu=h100,model=llama-3-8b"
 
@@ -25,11 +24,7 @@ def main() -> None:
     from sim.simulate import simulate
     from traces import DEFAULT_TRACE, read_trace
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--capacity", default="3000")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--requests", type=int, default=0, help="first N requests (0: all)")
-    a = ap.parse_args()
+    a = parse_args(__doc__, capacity="3000", repeat=3, requests=(0, "first N requests (0: all)"))
     t = read_trace(DEFAULT_TRACE)
     if a.requests:
         t = t.head(a.requests)

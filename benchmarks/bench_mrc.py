@@ -12,10 +12,8 @@ three of its capacities. ``replay_opt`` is timed at ``--capacity``.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
-from _util import best_of, print_table, write_json
+from _util import best_of, parse_args, print_table, write_json
 
 
 def main() -> None:
@@ -24,13 +22,7 @@ def main() -> None:
     from sim.replay import replay_sequential
     from traces import read_trace
 
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--capacity", type=int, default=10_000)
-    ap.add_argument("--points", type=int, default=100)
-    ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args()
+    args = parse_args(__doc__, capacity=10_000, points=100, repeat=3)
 
     table = read_trace()
     m = lru_mrc(table)

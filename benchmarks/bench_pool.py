@@ -18,11 +18,10 @@
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 
-from _util import print_table, write_json
+from _util import parse_args, print_table, write_json
 
 VLLM_TOKENS_PER_S = 6.7e6
 SGLANG_TOKENS_PER_S = 5.9e6
@@ -100,13 +99,9 @@ def plan_rows() -> tuple[list[dict], float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    args = parse_args(
+        __doc__, requests=2000, blocks=200_000, plan_only=(False, "only the scheduler plan rows")
     )
-    ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--blocks", type=int, default=200_000)
-    ap.add_argument("--plan-only", action="store_true", help="only the scheduler plan rows")
-    args = ap.parse_args()
     prows, pratio = plan_rows()
     if args.plan_only:
         print_table(prows, "scheduler plan cost vs evictable blocks (median of 300)")

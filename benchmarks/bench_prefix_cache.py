@@ -20,7 +20,6 @@ Start: that is where the seed package's per-request cost grows with the cache.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
@@ -29,7 +28,7 @@ import sys
 import time
 from array import array
 
-from _util import ROOT, print_table, write_json
+from _util import ROOT, parse_args, print_table, write_json
 
 PREFIX_TOKENS, SUFFIX_TOKENS, BLOCK = 1024, 512, 16
 
@@ -186,20 +185,12 @@ def _flat_probe(size: int, probe: int, frozen: bool) -> tuple[int, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    args = parse_args(
+        __doc__,
+        fetch_seed_package=(None, "download and unpack it into DIR first"),
+        requests=600,
+        seed_package=(None, "dir with isagellm-kv-cache 0.5.4.15 unpacked"),
     )
-    ap.add_argument(
-        "--fetch-seed-package",
-        default=None,
-        metavar="DIR",
-        help="download and unpack it into DIR first",
-    )
-    ap.add_argument("--requests", type=int, default=600)
-    ap.add_argument(
-        "--seed-package", default=None, help="dir with isagellm-kv-cache 0.5.4.15 unpacked"
-    )
-    args = ap.parse_args()
     if args.fetch_seed_package:
         args.seed_package = fetch_seed_package(args.fetch_seed_package)
     reqs = make_requests(args.requests)

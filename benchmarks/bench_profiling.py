@@ -16,19 +16,16 @@ Goal: >= 1M ``record_access`` calls/s. Never pass/fail; writes
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
-from _util import best_of, print_table, write_json
+from _util import best_of, parse_args, print_table, write_json
 
 from sagellm_kv_cache.profiling import AccessStatsCollector
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=1_000_000, help="record_access calls per run")
-    args = parser.parse_args()
+    args = parse_args(__doc__, calls=(1_000_000, "record_access calls per run"))
     n = args.calls
     str_ids = [f"block_{i:04d}" for i in range(4096)] * (n // 4096 + 1)
     str_ids = str_ids[:n]

@@ -11,11 +11,14 @@ and concurrent (``sim.engine.replay_concurrent``: event loop on a simulated
 clock, default cost model, no sequence limit) in requests per second of wall
 time, with the concurrent run's simulated makespan and queueing.
 
-The third compares the event engine (``sim.core``: sequential and concurrent
-modes) with a frozen copy of the loops it replaced (``_baseline_replay.py``),
-best of interleaved runs; the goal is engine / baseline <= 1.15 in each mode.
+With ``--baseline-rev REV`` a third table compares this tree with the tree at
+``REV`` (a ``git worktree`` of it, removed afterwards): each round replays the
+read table once per mode (sequential, concurrent) in a fresh subprocess per
+tree, trees interleaved, CPU time of the process; results are checked equal
+request for request. ``c637cb7~1`` is the tree before the event engine
+(``sim/core.py``), whose goal was engine / baseline <= 1.15 in each mode.
 
-    python benchmarks/bench_replay.py [--capacity 10000] [--repeat 3]
+    python benchmarks/bench_replay.py [--capacity 10000] [--repeat 3] [--baseline-rev REV]
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import json
 import time
 from collections import OrderedDict
 
-from _util import print_table, write_json
+from _util import ROOT, parse_args, print_table, run_worker, worktree, write_json
 
 
 def bare_loop(path, cap: int) -> tuple[float, int]:
@@ -64,12 +67,16 @@ def ours(path, cap: int) -> tuple[float, int]:
 def main() -> None:
     from traces import DEFAULT_TRACE
 
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    args = parse_args(
+        __doc__,
+        capacity=10_000,
+        repeat=3,
+        baseline_rev=(None, "a git revision to measure against (see above)"),
+        worker=(False, argparse.SUPPRESS),
     )
-    ap.add_argument("--capacity", type=int, default=10_000)
-    ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(replay_once(args.capacity)))
+        return
     rows, res = [], {}
     for name, fn in (("bare OrderedDict loop", bare_loop), ("sagellm-kv-cache replay", ours)):
         best = float("inf")
@@ -95,69 +102,77 @@ def main() -> None:
         f"sequential LRU replay, Mooncake synthetic trace, {args.capacity:,} blocks (JSON parsing included)",
     )
     print(f"\nours / bare speed: {speed:.2f} (goal >= 0.5)")
-    modes = by_mode(args.capacity, args.repeat)
-    engine = engine_vs_baseline(args.capacity, max(args.repeat, 5))
-    write_json(
-        "replay",
-        {
-            "capacity_blocks": args.capacity,
-            "results": res,
-            "ours_over_bare_speed": speed,
-            "modes": modes,
-            "engine_vs_baseline": engine,
-        },
-    )
+    payload = {
+        "capacity_blocks": args.capacity,
+        "results": res,
+        "ours_over_bare_speed": speed,
+        "modes": by_mode(args.capacity, args.repeat),
+    }
+    if args.baseline_rev:
+        payload["baseline_rev"] = args.baseline_rev
+        payload["engine_vs_baseline"] = against_rev(args.baseline_rev, args.capacity, args.repeat)
+    write_json("replay", payload)
 
 
-def engine_vs_baseline(capacity: int, repeat: int) -> dict:
-    """The event engine (sim.core) in each mode against the loops it replaced
-    (``_baseline_replay.py``, a frozen copy), same table, same run, interleaved.
-
-    Goal: each ratio (engine seconds / baseline seconds) <= 1.15. Results are
-    checked equal request for request before timing.
-    """
+def replay_once(capacity: int) -> dict:
+    """The worker of :func:`against_rev`: each mode once on the bundled trace, in CPU
+    seconds of this process, with what the replays returned per request."""
     import numpy as np
-    from _baseline_replay import old_replay_concurrent, old_replay_sequential
 
+    import sagellm_kv_cache
     from sim.engine import replay_concurrent
     from sim.replay import replay_sequential
     from traces import DEFAULT_TRACE, read_trace
 
     table = read_trace(DEFAULT_TRACE)
-    pairs = {
-        "sequential": (
-            lambda: old_replay_sequential(table, capacity),
-            lambda: replay_sequential(table, capacity),
-        ),
-        "concurrent": (
-            lambda: old_replay_concurrent(table, capacity=capacity, progress=False),
-            lambda: replay_concurrent(table, capacity),
-        ),
+    out: dict = {"library": sagellm_kv_cache.__file__, "seconds": {}, "records": {}}
+    runs = {
+        "sequential": lambda: replay_sequential(table, capacity),
+        "concurrent": lambda: replay_concurrent(table, capacity=capacity, progress=False),
     }
-    old_s, new_s = pairs["sequential"][0](), pairs["sequential"][1]()
-    assert np.array_equal(old_s["records"]["hit_blocks"], new_s.records["hit_blocks"].to_numpy())
-    old_c, new_c = pairs["concurrent"][0](), pairs["concurrent"][1]()
-    assert old_c.records["hit_blocks"].equals(new_c.records["hit_blocks"])
-    assert old_c.records["ttft_s"].equals(new_c.records["ttft_s"])
+    for mode, fn in runs.items():
+        t0 = time.process_time()
+        r = fn()
+        out["seconds"][mode] = time.process_time() - t0
+        rec = r["records"] if isinstance(r, dict) else r.records
+        cols = ("hit_blocks", "ttft_s") if mode == "concurrent" else ("hit_blocks",)
+        out["records"][mode] = {c: np.asarray(rec[c]).tolist() for c in cols}
+    return out
+
+
+def against_rev(rev: str, capacity: int, repeat: int) -> dict:
+    """This tree ("engine") against the tree at ``rev`` ("baseline"), each round one
+    fresh subprocess per tree, trees interleaved so load from other processes hits
+    both alike; best CPU time per mode. Raises if the replays differ."""
+    argv = ["--worker", "--capacity", str(capacity)]
+    best: dict = {}
+    with worktree(rev) as base:
+        for i in range(max(repeat, 1)):
+            for side, src in (("baseline", base), ("engine", ROOT)):
+                got = run_worker(__file__, src, argv)
+                if not got["library"].startswith(str(src)):
+                    raise RuntimeError(f"{side} imported {got['library']}, not {src}")
+                if i == 0:
+                    best.setdefault("records", []).append(got["records"])
+                for mode, sec in got["seconds"].items():
+                    key = (mode, side)
+                    best[key] = min(best.get(key, float("inf")), sec)
+    old, new = best.pop("records")
+    for mode in old:
+        for col in old[mode]:
+            if old[mode][col] != new[mode][col]:
+                raise RuntimeError(f"{mode} replay: {col} differs between {rev} and this tree")
     rows, out = [], {}
-    for mode, (old, new) in pairs.items():
-        best = {"baseline": float("inf"), "engine": float("inf")}
-        for _ in range(repeat):  # interleaved, so drift hits both alike
-            for name, fn in (("baseline", old), ("engine", new)):
-                t0 = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - t0)
-        ratio = best["engine"] / best["baseline"]
-        out[mode] = {**{f"{k}_s": v for k, v in best.items()}, "ratio": ratio}
+    for mode in old:
+        b, e = best[(mode, "baseline")], best[(mode, "engine")]
+        out[mode] = {"baseline_s": b, "engine_s": e, "ratio": e / b}
         rows.append(
-            {
-                "mode": mode,
-                "baseline_s": best["baseline"],
-                "engine_s": best["engine"],
-                "engine/baseline": round(ratio, 3),
-            }
+            {"mode": mode, "baseline_s": b, "engine_s": e, "engine/baseline": round(e / b, 3)}
         )
-    print_table(rows, f"event engine vs the loops it replaced, {capacity:,} blocks (goal <= 1.15)")
+    print_table(
+        rows,
+        f"this tree vs {rev}, {capacity:,} blocks, best of {max(repeat, 1)} (CPU s, interleaved)",
+    )
     return out
 
 

@@ -19,13 +19,12 @@ to show how the fixed start-up cost amortises.
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 from pathlib import Path
 
-from _util import print_table, write_json
+from _util import parse_args, print_table, write_json
 
 
 def _tiled_trace(k: int) -> Path:
@@ -50,14 +49,7 @@ def main() -> None:
     from sim.sweep import sweep
     from traces import DEFAULT_TRACE
 
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--jobs", type=int, default=8)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--tile", type=int, default=1)
-    args = ap.parse_args()
+    args = parse_args(__doc__, jobs=8, workers=2, repeat=3, tile=1)
     trace = DEFAULT_TRACE if args.tile == 1 else _tiled_trace(args.tile)
     caps = sorted({int(c + 0.5) for c in np.geomspace(1000, 30000, args.jobs)})
     kw = {"bounds": False, "progress": False}
