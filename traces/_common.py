@@ -331,6 +331,107 @@ def jsonl_items(path: Path) -> Iterator[tuple[int, str | LineError]]:
             yield lineno, raw
 
 
+def file_stem(path: Path) -> str:
+    """The prefix of the ids made up for a file's lines: its name up to the first dot
+    for a ``.gz``, else its stem."""
+    return path.name.split(".")[0] if path.suffix == ".gz" else path.stem
+
+
+def jsonl_reader(default_block_size: int):
+    """Decorator: a JSONL format's line-parser factory becomes its public reader.
+
+    The decorated ``make_parse(path, block_size, max_tokens, **options)`` returns the
+    format's ``parse(line, raw) -> TraceRecord``; it becomes, under its own name and
+    docstring, ``reader(path, *, block_size=default_block_size, skip_bad=False,
+    stats=None, max_request_tokens=None, **options)``, which does what every JSONL
+    reader does: check ``block_size`` and the per-request maximum, build the parser
+    (which checks the format's own options, a tokenizer or a hash function), then
+    parse each non-blank line through :func:`guarded`. Like any generator, the
+    reader checks nothing before it is first iterated.
+    """
+
+    def wrap(
+        make_parse: Callable[..., Callable[[int, Any], TraceRecord]],
+    ) -> Callable[..., Iterator[TraceRecord]]:
+        def read(
+            path: str | Path,
+            *,
+            block_size: int = default_block_size,
+            skip_bad: bool = False,
+            stats: dict | None = None,
+            max_request_tokens: int | None = None,
+            **options: Any,
+        ) -> Iterator[TraceRecord]:
+            path = Path(path)
+            block_size = check_block_size(block_size)
+            max_tokens = resolve_max_request_tokens(max_request_tokens)
+            parse = make_parse(path, block_size, max_tokens, **options)
+            yield from guarded(jsonl_items(path), parse, skip_bad, init_stats(stats))
+
+        for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+            setattr(read, attr, getattr(make_parse, attr))
+        return read
+
+    return wrap
+
+
+class RequestLine:
+    """What every request-log reader shares: ids (unique, as text) and arrival times.
+
+    ``take(rec, line, id_fields, ts_fields)`` validates a record's id and time
+    without changing anything; ``commit`` records them once the whole line is good
+    (so a skipped line leaves the reader as if never seen). A line without an id
+    gets ``"<file stem>-<line>"``; arrival times count from the first timestamp,
+    and a line without one keeps the previous line's.
+    """
+
+    __slots__ = ("arrival", "last_ts", "path", "seen", "stem", "t0")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.stem = file_stem(path)
+        self.seen: set[str] = set()
+        self.last_ts: float | None = None
+        self.t0: float | None = None
+        self.arrival = 0.0
+
+    def bad_id(self, rid: Any) -> str:
+        return f"expected a string or integer id, got {type(rid).__name__}"
+
+    def repeated(self, rid: str) -> str:
+        return f"{rid!r} already appeared earlier"
+
+    def take(
+        self, rec: dict, line: int, id_fields: tuple[str, ...], ts_fields: tuple[str, ...]
+    ) -> tuple[str, float | None]:
+        rid: Any = f"{self.stem}-{line}"
+        for name in id_fields:
+            if name in rec:
+                rid = rec[name]
+                if isinstance(rid, bool) or not isinstance(rid, str | int) or rid == "":
+                    raise bad(self.path, line, name, self.bad_id(rid))
+                break
+        rid = str(rid)
+        if rid in self.seen:
+            raise bad(self.path, line, id_fields[0], self.repeated(rid))
+        ts = None
+        for name in ts_fields:
+            if name in rec:
+                ts = number_field(rec, name, self.path, line)
+                check_sorted(self.path, line, name, ts, self.last_ts)
+                break
+        return rid, ts
+
+    def commit(self, rid: str, ts: float | None) -> float:
+        self.seen.add(rid)
+        if ts is not None:
+            self.last_ts = ts
+            if self.t0 is None:
+                self.t0 = ts
+            self.arrival = float(ts - self.t0)
+        return self.arrival
+
+
 def parse_json_object(path: Path, lineno: int, raw: str | LineError) -> dict:
     """One JSONL record; every way a line can fail is a ``KVTraceFormatError``."""
     import json

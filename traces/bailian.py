@@ -24,24 +24,19 @@ tens of millions of requests still streams in bounded-per-row memory).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 from ._common import (
     INT64_MAX,
     TraceRecord,
     bad,
-    check_block_size,
     check_sorted,
-    guarded,
     hash_list_field,
-    init_stats,
     int_field,
-    jsonl_items,
+    jsonl_reader,
     length_field,
     number_field,
     parse_json_object,
-    resolve_max_request_tokens,
 )
 from .fastjson import BailianLine, decode_line, ids_ok, timestamp_ok
 
@@ -59,23 +54,12 @@ def _id_field(rec: dict, name: str, path: Path, line: int) -> int | str:
     return v
 
 
-def iter_bailian_records(
-    path: str | Path,
-    *,
-    block_size: int = BAILIAN_BLOCK_SIZE,
-    skip_bad: bool = False,
-    stats: dict | None = None,
-    max_request_tokens: int | None = None,
-) -> Iterator[TraceRecord]:
+@jsonl_reader(BAILIAN_BLOCK_SIZE)
+def iter_bailian_records(path: Path, block_size: int, max_tokens: int):
     """Stream canonical :class:`TraceRecord` s (with ``session_id`` and ``turn``).
 
-    ``max_request_tokens``: longest ``input_length``/``output_length`` accepted
-    (default ``traces._common.MAX_REQUEST_TOKENS`` or ``$SAGELLM_KV_MAX_REQUEST_TOKENS``).
+    Called as :func:`traces.mooncake.iter_mooncake_records` is, with ``block_size=16``.
     """
-    path = Path(path)
-    block_size = check_block_size(block_size)
-    max_tokens = resolve_max_request_tokens(max_request_tokens)
-    stats = init_stats(stats)
     root_of: dict[str, str] = {}  # chat id (as text) -> its session's root chat id
     state: dict = {"last_ts": None, "t0": None}
 
@@ -128,4 +112,4 @@ def iter_bailian_records(
         ids = hash_list_field(rec, "hash_ids", path, lineno, n_in, block_size)
         return accept(chat, parent, ts, n_in, n_out, turn, ids)
 
-    yield from guarded(jsonl_items(path), parse, skip_bad, stats)
+    return parse

@@ -38,25 +38,15 @@ format is read-only: text cannot be recovered from block ids.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sagellm_kv_cache.errors import KVConfigError, KVTraceFormatError
-from sagellm_kv_cache.hashing import get_hash_fn
 
-from ._common import (
-    TraceRecord,
-    bad,
-    check_block_size,
-    guarded,
-    init_stats,
-    jsonl_items,
-    parse_json_object,
-    resolve_max_request_tokens,
-)
-from .engine_logs import RequestLine, _first_length, _sub
-from .tokens import TOKENS_BLOCK_SIZE, hash_tokens, token_list_field
+from ._common import RequestLine, TraceRecord, bad, jsonl_reader, parse_json_object
+from .engine_logs import _first_length, _sub
+from .tokens import TOKENS_BLOCK_SIZE, token_hasher, token_list_field
 
 __all__ = ["BYTES_TOKENIZER", "iter_chat_records", "render_bytes", "resolve_tokenizer"]
 
@@ -136,28 +126,20 @@ def _messages(rec: dict, path: Path, line: int) -> list[dict]:
     return out
 
 
+@jsonl_reader(TOKENS_BLOCK_SIZE)
 def iter_chat_records(
-    path: str | Path,
-    *,
-    block_size: int = TOKENS_BLOCK_SIZE,
-    skip_bad: bool = False,
-    stats: dict | None = None,
-    tokenizer: Any = None,
-    hash_fn: str = "sha256",
-    extra_keys: Any = None,
-    max_request_tokens: int | None = None,
-) -> Iterator[TraceRecord]:
+    path: Path, block_size: int, max_tokens: int, *, tokenizer: Any = None, **hashing
+):
     """Stream canonical :class:`TraceRecord` s of an OpenAI-style chat JSONL.
+
+    ``iter_chat_records(path, *, block_size=16, skip_bad=False, stats=None,
+    tokenizer=None, hash_fn="sha256", extra_keys=None, max_request_tokens=None)``.
 
     Raises:
         KVConfigError: no usable ``tokenizer`` (checked before the file is read).
     """
-    path = Path(path)
-    block_size = check_block_size(block_size)
-    max_tokens = resolve_max_request_tokens(max_request_tokens)
     encode = resolve_tokenizer(tokenizer)
-    fn = get_hash_fn(hash_fn)
-    stats = init_stats(stats)
+    hashed = token_hasher(block_size, **hashing)
     state = RequestLine(path)
 
     def parse(lineno: int, raw: str) -> TraceRecord:
@@ -189,8 +171,8 @@ def iter_chat_records(
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
         tokens = token_list_field({"messages": ids}, "messages", path, lineno, max_tokens)
-        blocks = hash_tokens(tokens, block_size, hash_fn=fn, extra_keys=extra_keys)
+        blocks = hashed(tokens)
         t = state.commit(rid, ts)
         return TraceRecord(rid, t, len(tokens), n_out, blocks, block_size)
 
-    yield from guarded(jsonl_items(path), parse, skip_bad, stats)
+    return parse

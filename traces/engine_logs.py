@@ -79,24 +79,23 @@ from pathlib import Path
 from typing import Any
 
 from sagellm_kv_cache.errors import KVTraceFormatError
-from sagellm_kv_cache.hashing import get_hash_fn
 
 from ._common import (
     INT64_MAX,
+    RequestLine,
     TraceRecord,
     bad,
     check_block_size,
-    check_sorted,
     guarded,
     init_stats,
     int_field,
     jsonl_items,
+    jsonl_reader,
     length_field,
-    number_field,
     parse_json_object,
     resolve_max_request_tokens,
 )
-from .tokens import TOKENS_BLOCK_SIZE, hash_tokens, token_list_field
+from .tokens import TOKENS_BLOCK_SIZE, token_hasher, token_list_field
 
 __all__ = [
     "LMCACHE_CHUNK_SIZE",
@@ -109,56 +108,6 @@ __all__ = [
 #: LMCache's default ``chunk_size`` (tokens per chunk).
 LMCACHE_CHUNK_SIZE = 256
 _U64 = 1 << 64
-
-
-class RequestLine:
-    """What every request-log reader shares: ids (unique, as text) and arrival times.
-
-    ``take(rec, line, id_fields, ts_fields)`` validates a record's id and time
-    without changing anything; ``commit`` records them once the whole line is good
-    (so a skipped line leaves the reader as if never seen).
-    """
-
-    __slots__ = ("arrival", "last_ts", "path", "seen", "stem", "t0")
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.stem = path.name.split(".")[0] if path.suffix == ".gz" else path.stem
-        self.seen: set[str] = set()
-        self.last_ts: float | None = None
-        self.t0: float | None = None
-        self.arrival = 0.0
-
-    def take(
-        self, rec: dict, line: int, id_fields: tuple[str, ...], ts_fields: tuple[str, ...]
-    ) -> tuple[str, float | None]:
-        rid: Any = f"{self.stem}-{line}"
-        for name in id_fields:
-            if name in rec:
-                rid = rec[name]
-                if isinstance(rid, bool) or not isinstance(rid, str | int) or rid == "":
-                    what = f"expected a string or integer id, got {type(rid).__name__}"
-                    raise bad(self.path, line, name, what)
-                break
-        rid = str(rid)
-        if rid in self.seen:
-            raise bad(self.path, line, id_fields[0], f"{rid!r} already appeared earlier")
-        ts = None
-        for name in ts_fields:
-            if name in rec:
-                ts = number_field(rec, name, self.path, line)
-                check_sorted(self.path, line, name, ts, self.last_ts)
-                break
-        return rid, ts
-
-    def commit(self, rid: str, ts: float | None) -> float:
-        self.seen.add(rid)
-        if ts is not None:
-            self.last_ts = ts
-            if self.t0 is None:
-                self.t0 = ts
-            self.arrival = float(ts - self.t0)
-        return self.arrival
 
 
 def _sub(rec: dict, name: str, path: Path, line: int) -> dict:
@@ -187,27 +136,14 @@ def _first_length(
     return 0
 
 
-def _token_reader(path, block_size, skip_bad, stats, hash_fn, extra_keys, max_request_tokens):
-    path = Path(path)
-    block_size = check_block_size(block_size)
-    max_tokens = resolve_max_request_tokens(max_request_tokens)
-    return path, block_size, max_tokens, get_hash_fn(hash_fn), init_stats(stats)
+@jsonl_reader(TOKENS_BLOCK_SIZE)
+def iter_vllm_records(path: Path, block_size: int, max_tokens: int, **hashing: Any):
+    """Stream canonical :class:`TraceRecord` s of a vLLM token JSONL (module docstring).
 
-
-def iter_vllm_records(
-    path: str | Path,
-    *,
-    block_size: int = TOKENS_BLOCK_SIZE,
-    skip_bad: bool = False,
-    stats: dict | None = None,
-    hash_fn: str = "sha256",
-    extra_keys: Any = None,
-    max_request_tokens: int | None = None,
-) -> Iterator[TraceRecord]:
-    """Stream canonical :class:`TraceRecord` s of a vLLM token JSONL (module docstring)."""
-    path, block_size, max_tokens, fn, stats = _token_reader(
-        path, block_size, skip_bad, stats, hash_fn, extra_keys, max_request_tokens
-    )
+    ``iter_vllm_records(path, *, block_size=16, skip_bad=False, stats=None,
+    hash_fn="sha256", extra_keys=None, max_request_tokens=None)``
+    """
+    hashed = token_hasher(block_size, **hashing)
     state = RequestLine(path)
 
     def parse(lineno: int, raw: str) -> TraceRecord:
@@ -226,27 +162,20 @@ def iter_vllm_records(
             lineno,
             max_tokens,
         )
-        ids = hash_tokens(tokens, block_size, hash_fn=fn, extra_keys=extra_keys)
+        ids = hashed(tokens)
         t = state.commit(rid, ts)
         return TraceRecord(rid, t, len(tokens), n_out, ids, block_size)
 
-    yield from guarded(jsonl_items(path), parse, skip_bad, stats)
+    return parse
 
 
-def iter_sglang_records(
-    path: str | Path,
-    *,
-    block_size: int = TOKENS_BLOCK_SIZE,
-    skip_bad: bool = False,
-    stats: dict | None = None,
-    hash_fn: str = "sha256",
-    extra_keys: Any = None,
-    max_request_tokens: int | None = None,
-) -> Iterator[TraceRecord]:
-    """Stream canonical :class:`TraceRecord` s of an SGLang request dump (module docstring)."""
-    path, block_size, max_tokens, fn, stats = _token_reader(
-        path, block_size, skip_bad, stats, hash_fn, extra_keys, max_request_tokens
-    )
+@jsonl_reader(TOKENS_BLOCK_SIZE)
+def iter_sglang_records(path: Path, block_size: int, max_tokens: int, **hashing: Any):
+    """Stream canonical :class:`TraceRecord` s of an SGLang request dump (module docstring).
+
+    Called as :func:`iter_vllm_records` is.
+    """
+    hashed = token_hasher(block_size, **hashing)
     state = RequestLine(path)
 
     def parse(lineno: int, raw: str) -> TraceRecord:
@@ -276,11 +205,11 @@ def iter_sglang_records(
             lineno,
             max_tokens,
         )
-        ids = hash_tokens(tokens, block_size, hash_fn=fn, extra_keys=extra_keys)
+        ids = hashed(tokens)
         t = state.commit(rid, ts)
         return TraceRecord(rid, t, len(tokens), n_out, ids, block_size)
 
-    yield from guarded(jsonl_items(path), parse, skip_bad, stats)
+    return parse
 
 
 def _chunk_hash(h: Any, path: Path, line: int) -> int:

@@ -16,17 +16,14 @@ from pathlib import Path
 from ._common import (
     CANONICAL_COLUMNS,
     TraceRecord,
-    check_block_size,
     check_sorted,
-    guarded,
+    file_stem,
     hash_list_field,
-    init_stats,
-    jsonl_items,
+    jsonl_reader,
     length_field,
     number_field,
     parse_json_object,
     records_to_frame,
-    resolve_max_request_tokens,
 )
 from .fastjson import MooncakeLine, decode_line, ids_ok, timestamp_ok
 
@@ -68,24 +65,16 @@ def bundled_path(name: str = "mooncake") -> Path:
 DEFAULT_TRACE = bundled_path("mooncake")
 
 
-def iter_mooncake_records(
-    path: str | Path,
-    *,
-    block_size: int = MOONCAKE_BLOCK_SIZE,
-    skip_bad: bool = False,
-    stats: dict | None = None,
-    max_request_tokens: int | None = None,
-) -> Iterator[TraceRecord]:
+@jsonl_reader(MOONCAKE_BLOCK_SIZE)
+def iter_mooncake_records(path: Path, block_size: int, max_tokens: int):
     """Stream canonical :class:`TraceRecord` s (six fields, no session) line by line.
 
-    ``max_request_tokens``: longest ``input_length``/``output_length`` accepted
-    (default ``traces._common.MAX_REQUEST_TOKENS`` or ``$SAGELLM_KV_MAX_REQUEST_TOKENS``).
+    ``iter_mooncake_records(path, *, block_size=512, skip_bad=False, stats=None,
+    max_request_tokens=None)``; ``max_request_tokens``: longest
+    ``input_length``/``output_length`` accepted (default
+    ``traces._common.MAX_REQUEST_TOKENS`` or ``$SAGELLM_KV_MAX_REQUEST_TOKENS``).
     """
-    path = Path(path)
-    block_size = check_block_size(block_size)
-    max_tokens = resolve_max_request_tokens(max_request_tokens)
-    stats = init_stats(stats)
-    stem = path.name.split(".")[0] if path.suffix == ".gz" else path.stem
+    stem = file_stem(path)
     state = {"last_ts": None}
 
     def parse(lineno: int, raw: str) -> TraceRecord:
@@ -114,7 +103,7 @@ def iter_mooncake_records(
         state["last_ts"] = ts
         return TraceRecord(f"{stem}-{lineno}", ts / 1000.0, n_in, n_out, ids, block_size)
 
-    yield from guarded(jsonl_items(path), parse, skip_bad, stats)
+    return parse
 
 
 def iter_mooncake(

@@ -25,7 +25,7 @@ id with probability about 2**-64 per pair.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +34,13 @@ from sagellm_kv_cache.hashing import compute_block_hash, compute_block_hashes, g
 from ._common import (
     INT64_MAX,
     INT64_MIN,
+    RequestLine,
     TraceRecord,
     bad,
-    check_block_size,
     check_length,
-    check_sorted,
-    guarded,
-    init_stats,
-    jsonl_items,
+    jsonl_reader,
     length_field,
-    number_field,
     parse_json_object,
-    resolve_max_request_tokens,
 )
 
 __all__ = [
@@ -103,55 +98,50 @@ def token_list_field(
     return tokens
 
 
-def iter_tokens_records(
-    path: str | Path,
-    *,
-    block_size: int = TOKENS_BLOCK_SIZE,
-    skip_bad: bool = False,
-    stats: dict | None = None,
-    hash_fn: str = "sha256",
-    extra_keys: Any = None,
-    max_request_tokens: int | None = None,
-) -> Iterator[TraceRecord]:
+def token_hasher(
+    block_size: int, hash_fn: str = "sha256", extra_keys: Any = None
+) -> Callable[[list[int]], list[int]]:
+    """``tokens -> block ids`` (:func:`hash_tokens`) for a token-level reader; checks
+    ``hash_fn`` (``KVConfigError`` for an unknown one) before any line is read."""
+    fn = get_hash_fn(hash_fn)
+    return lambda tokens: hash_tokens(tokens, block_size, hash_fn=fn, extra_keys=extra_keys)
+
+
+class _TokensLine(RequestLine):
+    """This format's id errors (worded as they always were here)."""
+
+    __slots__ = ()
+
+    def bad_id(self, rid: Any) -> str:
+        return f"expected a string or integer, got {rid!r}"
+
+    def repeated(self, rid: str) -> str:
+        return f"{rid!r} already appeared earlier in the file"
+
+
+@jsonl_reader(TOKENS_BLOCK_SIZE)
+def iter_tokens_records(path: Path, block_size: int, max_tokens: int, **hashing: Any):
     """Stream canonical :class:`TraceRecord` s (six fields) of a token-level JSONL file.
 
+    ``iter_tokens_records(path, *, block_size=16, skip_bad=False, stats=None,
+    hash_fn="sha256", extra_keys=None, max_request_tokens=None)``;
     ``max_request_tokens``: most prompt tokens (and ``output_length``) accepted
     (default ``traces._common.MAX_REQUEST_TOKENS`` or ``$SAGELLM_KV_MAX_REQUEST_TOKENS``).
     """
-    path = Path(path)
-    block_size = check_block_size(block_size)
-    max_tokens = resolve_max_request_tokens(max_request_tokens)
-    seen: set[str] = set()
-    fn = get_hash_fn(hash_fn)
-    stats = init_stats(stats)
-    stem = path.name.split(".")[0] if path.suffix == ".gz" else path.stem
-    state: dict = {"last_ts": None, "t0": None, "arrival": 0.0}
+    hashed = token_hasher(block_size, **hashing)
+    state = _TokensLine(path)
 
     def parse(lineno: int, raw: str) -> TraceRecord:
         rec = parse_json_object(path, lineno, raw)
-        rid = rec.get("request_id", f"{stem}-{lineno}")
-        if isinstance(rid, bool) or not isinstance(rid, str | int) or rid == "":
-            raise bad(path, lineno, "request_id", f"expected a string or integer, got {rid!r}")
-        rid = str(rid)
-        if rid in seen:
-            raise bad(path, lineno, "request_id", f"{rid!r} already appeared earlier in the file")
-        ts = None
-        if "timestamp" in rec:
-            ts = number_field(rec, "timestamp", path, lineno)
-            check_sorted(path, lineno, "timestamp", ts, state["last_ts"])
+        rid, ts = state.take(rec, lineno, ("request_id",), ("timestamp",))
         tokens = token_list_field(rec, "tokens", path, lineno, max_tokens)
         n_out = (
             length_field(rec, "output_length", path, lineno, 0, max_tokens)
             if "output_length" in rec
             else 0
         )
-        ids = hash_tokens(tokens, block_size, hash_fn=fn, extra_keys=extra_keys)
-        if ts is not None:
-            state["last_ts"] = ts
-            if state["t0"] is None:
-                state["t0"] = ts
-            state["arrival"] = float(ts - state["t0"])
-        seen.add(rid)
-        return TraceRecord(rid, state["arrival"], len(tokens), n_out, ids, block_size)
+        ids = hashed(tokens)
+        t = state.commit(rid, ts)
+        return TraceRecord(rid, t, len(tokens), n_out, ids, block_size)
 
-    yield from guarded(jsonl_items(path), parse, skip_bad, stats)
+    return parse
