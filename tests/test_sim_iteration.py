@@ -12,6 +12,7 @@ from sim.cost import LinearStepCost
 from sim.iteration_run import parse_slo, simulate_iteration
 from sim.replay import replay_sequential
 from traces import DEFAULT_TRACE, read_trace
+from traces._common import BASE_COLUMNS
 
 
 def table(rows, bs=4):
@@ -28,14 +29,7 @@ def table(rows, bs=4):
         recs.append((str(k), float(arrival), inp, out, hs, bs))
     return pl.DataFrame(
         recs,
-        schema=[
-            "request_id",
-            "arrival_s",
-            "input_length",
-            "output_length",
-            "block_hashes",
-            "block_size",
-        ],
+        schema=list(BASE_COLUMNS),
         orient="row",
     )
 

@@ -74,16 +74,8 @@ def canon(ids_lists):
 
 # -- canonical columns ------------------------------------------------------------------------
 def test_canonical_columns_order():
-    assert CANONICAL_COLUMNS == (
-        "request_id",
-        "arrival_s",
-        "input_length",
-        "output_length",
-        "block_hashes",
-        "block_size",
-        "session_id",
-        "turn",
-    )
+    names = "request_id arrival_s input_length output_length block_hashes block_size"
+    assert (*names.split(), "session_id", "turn") == CANONICAL_COLUMNS
 
 
 # -- each format on a hand-made file ----------------------------------------------------------

@@ -22,6 +22,7 @@ from sagellm_kv_cache.observability.vllm_wire import (
 )
 from sagellm_kv_cache.observability.vllm_zmq import VLLMEventPublisher
 from sim.replay import replay_sequential
+from traces._common import BASE_COLUMNS
 from traces.kv_events import recording_to_trace
 
 
@@ -64,14 +65,7 @@ def record(tmp_path, batches=BATCHES, endpoint="tcp://127.0.0.1:1", rank=0):
 
 def test_recording_converts_to_a_trace_that_replays_exactly(tmp_path):
     table = recording_to_trace(record(tmp_path / "rec"))
-    assert table.columns == [
-        "request_id",
-        "arrival_s",
-        "input_length",
-        "output_length",
-        "block_hashes",
-        "block_size",
-    ]
+    assert table.columns == list(BASE_COLUMNS)
     assert table["block_hashes"].to_list() == [[1, 2, 3], [1, 2, 4], [1, 2, 3, 5, 6], [7]]
     assert table["input_length"].to_list() == [12, 12, 20, 4]
     assert table["arrival_s"].to_list() == [0.0, 1.0, 2.0, 4.0]

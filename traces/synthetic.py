@@ -290,7 +290,25 @@ def generate_records(
     output_tokens_mean: float = 128.0,
     **model_kwargs,
 ):
-    """Stream the :class:`TraceRecord` s of :func:`generate_trace` (same arguments)."""
+    """Stream the :class:`TraceRecord` s of a seeded synthetic trace.
+
+    Arrivals are Poisson at ``rate`` requests/s starting at 0 (or the given
+    recorded ``arrivals``, seconds, sorted; ``num_requests`` defaults to their
+    count, else 1000). Each request adds ``1 + floor(Exp(own_tokens_mean))``
+    own tokens to its prefix and generates ``1 + floor(Exp(output_tokens_mean))``
+    tokens; the prefix (system prompt, document, or the session's context) comes
+    from a :class:`PrefixModel` built with ``block_size``, ``seed`` and
+    ``model_kwargs`` (``num_system_prompts``, ``system_prompt_tokens``,
+    ``system_prompt_zipf``, ``system_prompt_prob``, ``num_documents``,
+    ``document_tokens``, ``document_zipf``, ``document_prob``,
+    ``multi_turn_prob``, ``max_open_sessions``, ``max_context_tokens``,
+    ``min_think_s``). The same
+    arguments give the same table in every process.
+
+    :func:`generate_trace` gives the table; write it with
+    ``traces.write_trace(table, path, format=...)``; the ``tokens``
+    format gives token-level JSONL with the same sharing structure.
+    """
     if arrivals is not None:
         arrivals = [float(a) for a in arrivals]
         if any(a < 0 for a in arrivals) or any(b < a for a, b in pairwise(arrivals)):
@@ -322,48 +340,10 @@ def generate_records(
         yield TraceRecord(f"syn-{i}", t, n_in, n_out, ids, model.block_size, sid, turn)
 
 
-def generate_trace(
-    num_requests: int | None = None,
-    *,
-    seed: int = 0,
-    rate: float = 1.0,
-    arrivals: Sequence[float] | None = None,
-    block_size: int = 16,
-    own_tokens_mean: float = 256.0,
-    output_tokens_mean: float = 128.0,
-    **model_kwargs,
-):
-    """A seeded synthetic trace as a canonical table (with ``session_id`` and ``turn``).
-
-    Arrivals are Poisson at ``rate`` requests/s starting at 0 (or the given
-    recorded ``arrivals``, seconds, sorted; ``num_requests`` defaults to their
-    count, else 1000). Each request adds ``1 + floor(Exp(own_tokens_mean))``
-    own tokens to its prefix and generates ``1 + floor(Exp(output_tokens_mean))``
-    tokens; the prefix (system prompt, document, or the session's context) comes
-    from a :class:`PrefixModel` built with ``block_size``, ``seed`` and
-    ``model_kwargs`` (``num_system_prompts``, ``system_prompt_tokens``,
-    ``system_prompt_zipf``, ``system_prompt_prob``, ``num_documents``,
-    ``document_tokens``, ``document_zipf``, ``document_prob``,
-    ``multi_turn_prob``, ``max_open_sessions``, ``max_context_tokens``,
-    ``min_think_s``). The same
-    arguments give the same table in every process.
-
-    Write it with ``traces.write_trace(table, path, format=...)``; the ``tokens``
-    format gives token-level JSONL with the same sharing structure.
-    """
-    return records_to_frame(
-        generate_records(
-            num_requests,
-            seed=seed,
-            rate=rate,
-            arrivals=arrivals,
-            block_size=block_size,
-            own_tokens_mean=own_tokens_mean,
-            output_tokens_mean=output_tokens_mean,
-            **model_kwargs,
-        ),
-        with_sessions=True,
-    )
+def generate_trace(num_requests: int | None = None, **options):
+    """:func:`generate_records` (same arguments) as a canonical table, with
+    ``session_id`` and ``turn``."""
+    return records_to_frame(generate_records(num_requests, **options), with_sessions=True)
 
 
 def ids_to_tokens(

@@ -69,34 +69,24 @@ def _bailian(i, row, ctx, options) -> dict:
     }
 
 
-def _tokens_rec(i, row, ctx, options) -> dict:
-    rid, t, n_in, n_out, ids, bs = row[:6]
-    return {
-        "request_id": rid,
-        "timestamp": t,
-        "tokens": _tokens(ids, n_in, bs, options),
-        "output_length": n_out,
-    }
+def _token_writer(id_key: str, time_key: str, tokens_key: str, output_key: str):
+    """A token-level format's writer, by its field names (``output_key`` may be a
+    dotted path into a nested object: ``"sampling_params.max_new_tokens"``)."""
+    *outer, inner = output_key.split(".")
 
+    def write(i, row, ctx, options) -> dict:
+        rid, t, n_in, n_out, ids, bs = row[:6]
+        out: Any = {inner: n_out}
+        for key in reversed(outer):
+            out = {key: out}
+        return {
+            id_key: rid,
+            time_key: t,
+            tokens_key: _tokens(ids, n_in, bs, options),
+            **out,
+        }
 
-def _vllm(i, row, ctx, options) -> dict:
-    rid, t, n_in, n_out, ids, bs = row[:6]
-    return {
-        "request_id": rid,
-        "arrival_time": t,
-        "prompt_token_ids": _tokens(ids, n_in, bs, options),
-        "output_tokens": n_out,
-    }
-
-
-def _sglang(i, row, ctx, options) -> dict:
-    rid, t, n_in, n_out, ids, bs = row[:6]
-    return {
-        "rid": rid,
-        "timestamp": t,
-        "input_ids": _tokens(ids, n_in, bs, options),
-        "sampling_params": {"max_new_tokens": n_out},
-    }
+    return write
 
 
 def _lmcache(i, row, ctx, options) -> dict:
@@ -114,9 +104,9 @@ def _lmcache(i, row, ctx, options) -> dict:
 JSONL_WRITERS = {
     "mooncake": _mooncake,
     "bailian": _bailian,
-    "tokens": _tokens_rec,
-    "vllm": _vllm,
-    "sglang": _sglang,
+    "tokens": _token_writer("request_id", "timestamp", "tokens", "output_length"),
+    "vllm": _token_writer("request_id", "arrival_time", "prompt_token_ids", "output_tokens"),
+    "sglang": _token_writer("rid", "timestamp", "input_ids", "sampling_params.max_new_tokens"),
     "lmcache": _lmcache,
 }
 #: Writer options each format accepts.
