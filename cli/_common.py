@@ -309,6 +309,30 @@ def _read_at(read_trace: Any, trace: Any, fmt: str, block_size: int | None, skip
 # the option means for it.
 
 
+def int_option(
+    *decls: str, help: str, default: int | None = None, min: int | None = 1, max: int | None = None
+) -> Any:
+    """An integer option in ``[min, max]``; ``--help`` shows its default when it has one."""
+    return click.option(
+        *decls,
+        type=click.IntRange(min, max),
+        default=default,
+        show_default=default is not None,
+        help=help,
+    )
+
+
+def choice_option(*decls: str, choices: Any, help: str, default: str | None = None) -> Any:
+    """One of ``choices``; ``--help`` shows the default when there is one."""
+    return click.option(
+        *decls,
+        type=click.Choice(choices),
+        default=default,
+        show_default=default is not None,
+        help=help,
+    )
+
+
 def out_option(default: str | None = None, help: str = "Output directory.") -> Any:
     """``--out DIR`` into ``out_dir`` (a folder path; required when no default)."""
     # click 8.3 treats an explicit default=None as a value, which would satisfy
@@ -361,17 +385,9 @@ def model_shape_option(help: str) -> Any:
 
 def mode_option(default: str, help: str) -> Any:
     """``--mode sequential|concurrent``."""
-    return click.option(
-        "--mode",
-        type=click.Choice(["sequential", "concurrent"]),
-        default=default,
-        show_default=True,
-        help=help,
-    )
+    return choice_option("--mode", choices=["sequential", "concurrent"], default=default, help=help)
 
 
 def dpi_option(default: int, help: str) -> Any:
     """``--dpi N`` (N >= 30)."""
-    return click.option(
-        "--dpi", type=click.IntRange(min=30), default=default, show_default=True, help=help
-    )
+    return int_option("--dpi", min=30, default=default, help=help)

@@ -12,7 +12,13 @@ import click
 from traces.io import FORMATS as _FORMATS  # light: readers load polars only when reading
 from traces.io import WRITE_FORMATS
 
-from ._common import block_size_option, check_out_dir, skip_bad_option
+from ._common import (
+    block_size_option,
+    check_out_dir,
+    choice_option,
+    int_option,
+    skip_bad_option,
+)
 
 #: ``--from`` choices: "auto" and every format the readers know; ``--to``: the writers'.
 READ_FORMATS = ("auto", *_FORMATS)
@@ -41,19 +47,17 @@ def _fail(err, in_path: Path) -> click.ClickException:
 @click.command("convert")
 @click.argument("in_path", metavar="IN", type=click.Path(path_type=Path))
 @click.argument("out_path", metavar="OUT", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
+@choice_option(
     "--to",
     "to_fmt",
-    type=click.Choice(WRITE_FORMATS),
-    default=None,
+    choices=WRITE_FORMATS,
     help="Output format (default: parquet for a .parquet OUT; required otherwise).",
 )
-@click.option(
+@choice_option(
     "--from",
     "from_fmt",
-    type=click.Choice(READ_FORMATS),
+    choices=READ_FORMATS,
     default="auto",
-    show_default=True,
     help="Input format; auto: detected from the extension and first record.",
 )
 @block_size_option("Tokens per block when reading (default: the input format's).")
@@ -64,7 +68,7 @@ def _fail(err, in_path: Path) -> click.ClickException:
     "(the documented byte-level fallback).",
 )
 @click.option("--endpoint", default=None, help="kv-events input: the engine to take.")
-@click.option("--rank", type=click.IntRange(min=0), default=None, help="kv-events: its DP rank.")
+@int_option("--rank", min=0, help="kv-events: its DP rank.")
 @click.option(
     "--medium", default="GPU", show_default=True, help="kv-events: events of this medium."
 )

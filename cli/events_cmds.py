@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from ._common import out_option
+from ._common import int_option, out_option
 
 
 def status_line(sub: Any, capacity_blocks: int | None = None) -> str:
@@ -48,19 +48,16 @@ def status_line(sub: Any, capacity_blocks: int | None = None) -> str:
     default=None,
     help="Stop after this many seconds (default: until Ctrl-C).",
 )
-@click.option(
-    "--max-batches", type=click.IntRange(min=1), default=None, help="Stop after this many batches."
-)
-@click.option(
+@int_option("--max-batches", help="Stop after this many batches.")
+@int_option(
     "--start-seq",
-    type=click.IntRange(min=0),
-    default=None,
+    min=0,
     help="Recover everything from this sequence number on (through the replay socket).",
 )
-@click.option(
+@int_option(
     "--metrics-port",
-    type=click.IntRange(0, 65535),
-    default=None,
+    min=0,
+    max=65535,
     help="Serve Prometheus metrics on this port (0: any free port).",
 )
 @click.option(
@@ -69,19 +66,8 @@ def status_line(sub: Any, capacity_blocks: int | None = None) -> str:
     show_default=True,
     help="Interface for the metrics endpoint (loopback unless you name another).",
 )
-@click.option(
-    "--capacity-blocks",
-    type=click.IntRange(min=1),
-    default=None,
-    help="The engine's GPU blocks, to show occupancy as a ratio.",
-)
-@click.option(
-    "--flush-rows",
-    type=click.IntRange(min=1),
-    default=4096,
-    show_default=True,
-    help="Batches buffered before a Parquet part is written.",
-)
+@int_option("--capacity-blocks", help="The engine's GPU blocks, to show occupancy as a ratio.")
+@int_option("--flush-rows", default=4096, help="Batches buffered before a Parquet part is written.")
 @click.option("--quiet", is_flag=True, help="No live line.")
 def listen(
     endpoint: str,

@@ -14,7 +14,7 @@ import click
 from sim.analysis.figures import FIGURES
 from sim.analysis.text import format_run_summary, format_summary
 
-from ._common import block_size_option, dpi_option
+from ._common import block_size_option, choice_option, dpi_option, int_option
 
 #: Folder that ``visualize --type all`` writes into when ``--output`` is not given.
 DEFAULT_FIGURE_DIR = "kv_stats_figures"
@@ -59,12 +59,11 @@ def _load_run(path: Path, fmt: str, block_size: int | None) -> Any:
     help="Image file for one --type (default <type>.png, e.g. heatmap.png); "
     f"a folder for --type all (default ./{DEFAULT_FIGURE_DIR}/). The suffix picks the format (png, svg, pdf).",
 )
-@click.option(
+@choice_option(
     "--type",
     "plot_type",
-    type=click.Choice(_TYPES),
+    choices=_TYPES,
     default="heatmap",
-    show_default=True,
     help="Which figure. Block accesses: heatmap (blocks x time), position_heatmap, timeline "
     "(hits/misses per window), reuse (reuse-distance histogram), reuse_cdf, reuse_time_cdf, "
     "hot (top blocks), position (hit ratio by prompt position). Requests: hit_ratio_time, "
@@ -159,14 +158,7 @@ def visualize(
 
 
 @click.command()
-@click.option(
-    "--num-accesses",
-    "-n",
-    type=click.IntRange(min=1),
-    default=1000,
-    show_default=True,
-    help="Accesses to record.",
-)
+@int_option("--num-accesses", "-n", default=1000, help="Accesses to record.")
 @click.option(
     "--output",
     "-o",
@@ -178,19 +170,9 @@ def visualize(
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same accesses)."
 )
-@click.option(
-    "--block-size",
-    type=click.IntRange(min=1),
-    default=16,
-    show_default=True,
-    help="Tokens per KV block.",
-)
-@click.option(
-    "--max-cached-blocks",
-    type=click.IntRange(min=1),
-    default=512,
-    show_default=True,
-    help="Prefix-cache capacity in blocks (LRU beyond it).",
+@int_option("--block-size", default=16, help="Tokens per KV block.")
+@int_option(
+    "--max-cached-blocks", default=512, help="Prefix-cache capacity in blocks (LRU beyond it)."
 )
 @click.option(
     "--summary/--no-summary", default=True, show_default=True, help="Print hit rate and totals."

@@ -17,10 +17,12 @@ from ._common import (
     CapacityListType,
     block_size_option,
     check_out_dir,
+    choice_option,
     clamp_capacity,
     distinct_blocks_of,
     format_option,
     inf_blocks,
+    int_option,
     json_option,
     mode_option,
     model_shape_option,
@@ -151,10 +153,8 @@ def _cost_defaults() -> str:
     f"NAME=VALUE pairs, e.g. {_COST_EXAMPLE}; unnamed terms keep their defaults "
     f"({_cost_defaults()}).",
 )
-@click.option(
+@int_option(
     "--max-num-seqs",
-    type=click.IntRange(min=1),
-    default=None,
     help=field_help("max_num_seqs").replace("concurrent mode: most", "Concurrent mode: most") + ".",
 )
 @click.option(
@@ -173,16 +173,16 @@ def _cost_defaults() -> str:
     help="Tiered replay instead: a capacity per tier in the --capacity units, e.g. "
     "gpu=10%,cpu=40GiB,disk=100000 (gpu first, then any of cpu, host, disk, nvme, ssd).",
 )
-@click.option(
+@choice_option(
     "--engine",
-    type=click.Choice(["request", "iteration"]),
+    choices=["request", "iteration"],
     default="request",
-    show_default=True,
     help="iteration: vLLM-v1-like steps (token budget, chunked prefill, preemption); "
     "--cost-model may then be roofline:gpu=h100,model=llama-2-7b or table:FILE.json.",
 )
-@click.option("--max-num-batched-tokens", type=click.IntRange(min=1), default=None,
-              help="--engine iteration: token budget per step (default 8192).")  # fmt: skip
+@int_option(
+    "--max-num-batched-tokens", help="--engine iteration: token budget per step (default 8192)."
+)
 @click.option("--chunked-prefill/--no-chunked-prefill", default=True, show_default=True,
               help="--engine iteration: split prompts across steps.")  # fmt: skip
 @click.option(
@@ -204,10 +204,9 @@ def _cost_defaults() -> str:
     help="With --pd: nvlink, ib-ndr, tcp-100g, none, bw=25GB/s,lat=10us, or "
     "bench:FILE.json (bench_transfer.py's measured GB/s). KV bytes from --model-shape.",
 )
-@click.option(
+@int_option(
     "--instances",
-    type=click.IntRange(1, 4096),
-    default=None,
+    max=4096,
     help="Serving instances, each with its own cache of --capacity, behind --router "
     "(default round-robin); records gain an instance column, the summary per-instance "
     "metrics, load imbalance and the all-caches / best-instance bounds.",
