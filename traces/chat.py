@@ -46,7 +46,7 @@ from sagellm_kv_cache.errors import KVConfigError, KVTraceFormatError
 
 from ._common import RequestLine, TraceRecord, bad, jsonl_reader, parse_json_object
 from .engine_logs import _first_length, _sub
-from .tokens import TOKENS_BLOCK_SIZE, token_hasher, token_list_field
+from .tokens import TOKENS_BLOCK_SIZE, token_hasher, token_list_field, token_record
 
 __all__ = ["BYTES_TOKENIZER", "iter_chat_records", "render_bytes", "resolve_tokenizer"]
 
@@ -126,6 +126,14 @@ def _messages(rec: dict, path: Path, line: int) -> list[dict]:
     return out
 
 
+#: Where the output length may stand, first found wins (``traces.engine_logs._first_length``).
+_OUTPUT = (
+    ("usage.", "completion_tokens", False),
+    ("", "max_completion_tokens", False),
+    ("", "max_tokens", False),
+)
+
+
 @jsonl_reader(TOKENS_BLOCK_SIZE)
 def iter_chat_records(
     path: Path, block_size: int, max_tokens: int, *, tokenizer: Any = None, **hashing
@@ -148,16 +156,7 @@ def iter_chat_records(
         rid, ts = state.take(rec, lineno, ("request_id", "custom_id", "id"), ("timestamp",))
         msgs = _messages(body, path, lineno)
         usage = _sub(rec, "usage", path, lineno)
-        n_out = _first_length(
-            [
-                (usage, "completion_tokens", "usage.completion_tokens", False),
-                (body, "max_completion_tokens", "max_completion_tokens", False),
-                (body, "max_tokens", "max_tokens", False),
-            ],
-            path,
-            lineno,
-            max_tokens,
-        )
+        n_out = _first_length(path, lineno, max_tokens, {"": body, "usage.": usage}, _OUTPUT)
         try:
             ids = encode(msgs)
         except KVTraceFormatError:
@@ -171,8 +170,6 @@ def iter_chat_records(
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
         tokens = token_list_field({"messages": ids}, "messages", path, lineno, max_tokens)
-        blocks = hashed(tokens)
-        t = state.commit(rid, ts)
-        return TraceRecord(rid, t, len(tokens), n_out, blocks, block_size)
+        return token_record(state, rid, ts, tokens, n_out, hashed, block_size)
 
     return parse

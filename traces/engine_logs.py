@@ -95,7 +95,7 @@ from ._common import (
     parse_json_object,
     resolve_max_request_tokens,
 )
-from .tokens import TOKENS_BLOCK_SIZE, token_hasher, token_list_field
+from .tokens import TOKENS_BLOCK_SIZE, token_hasher, token_list_field, token_record
 
 __all__ = [
     "LMCACHE_CHUNK_SIZE",
@@ -120,10 +120,17 @@ def _sub(rec: dict, name: str, path: Path, line: int) -> dict:
 
 
 def _first_length(
-    sources: list[tuple[dict, str, str, bool]], path: Path, line: int, max_tokens: int
+    path: Path,
+    line: int,
+    max_tokens: int,
+    objects: dict[str, dict],
+    sources: tuple[tuple[str, str, bool], ...],
 ) -> int:
-    """The first present of ``(record, key, field name for errors, is_a_list)``."""
-    for rec, key, field, is_list in sources:
+    """The output length at the first present of ``sources``, each ``(prefix, key,
+    is_a_list)``: ``objects[prefix][key]``, named ``prefix + key`` in errors (a list
+    counts its items); 0 when none is present."""
+    for prefix, key, is_list in sources:
+        rec, field = objects[prefix], prefix + key
         if key not in rec or rec[key] is None:
             continue
         if is_list:
@@ -134,6 +141,20 @@ def _first_length(
         except KVTraceFormatError as err:  # name the nested field in full
             raise bad(path, line, field, err.message.split(": ", 2)[-1]) from None
     return 0
+
+
+#: Where each format's output length may stand, first found wins (see :func:`_first_length`).
+_VLLM_OUTPUT = (
+    ("", "output_token_ids", True),
+    ("", "output_tokens", False),
+    ("", "max_tokens", False),
+    ("sampling_params.", "max_tokens", False),
+)
+_SGLANG_OUTPUT = (
+    ("meta_info.", "completion_tokens", False),
+    ("", "output_ids", True),
+    ("sampling_params.", "max_new_tokens", False),
+)
 
 
 @jsonl_reader(TOKENS_BLOCK_SIZE)
@@ -152,19 +173,9 @@ def iter_vllm_records(path: Path, block_size: int, max_tokens: int, **hashing: A
         tokens = token_list_field(rec, "prompt_token_ids", path, lineno, max_tokens)
         params = _sub(rec, "sampling_params", path, lineno)
         n_out = _first_length(
-            [
-                (rec, "output_token_ids", "output_token_ids", True),
-                (rec, "output_tokens", "output_tokens", False),
-                (rec, "max_tokens", "max_tokens", False),
-                (params, "max_tokens", "sampling_params.max_tokens", False),
-            ],
-            path,
-            lineno,
-            max_tokens,
+            path, lineno, max_tokens, {"": rec, "sampling_params.": params}, _VLLM_OUTPUT
         )
-        ids = hashed(tokens)
-        t = state.commit(rid, ts)
-        return TraceRecord(rid, t, len(tokens), n_out, ids, block_size)
+        return token_record(state, rid, ts, tokens, n_out, hashed, block_size)
 
     return parse
 
@@ -195,19 +206,9 @@ def iter_sglang_records(path: Path, block_size: int, max_tokens: int, **hashing:
                     "meta_info.prompt_tokens",
                     f"{n} differs from the {len(tokens)} input_ids",
                 )
-        n_out = _first_length(
-            [
-                (meta, "completion_tokens", "meta_info.completion_tokens", False),
-                (rec, "output_ids", "output_ids", True),
-                (params, "max_new_tokens", "sampling_params.max_new_tokens", False),
-            ],
-            path,
-            lineno,
-            max_tokens,
-        )
-        ids = hashed(tokens)
-        t = state.commit(rid, ts)
-        return TraceRecord(rid, t, len(tokens), n_out, ids, block_size)
+        objects = {"": rec, "meta_info.": meta, "sampling_params.": params}
+        n_out = _first_length(path, lineno, max_tokens, objects, _SGLANG_OUTPUT)
+        return token_record(state, rid, ts, tokens, n_out, hashed, block_size)
 
     return parse
 

@@ -107,6 +107,21 @@ def token_hasher(
     return lambda tokens: hash_tokens(tokens, block_size, hash_fn=fn, extra_keys=extra_keys)
 
 
+def token_record(
+    state: RequestLine,
+    rid: str,
+    ts: float | None,
+    tokens: list[int],
+    n_out: int,
+    hashed: Callable[[list[int]], list[int]],
+    block_size: int,
+) -> TraceRecord:
+    """The record of a token-level line whose fields all passed: hashes the prompt,
+    then commits the line's id and time to ``state``."""
+    ids = hashed(tokens)
+    return TraceRecord(rid, state.commit(rid, ts), len(tokens), n_out, ids, block_size)
+
+
 class _TokensLine(RequestLine):
     """This format's id errors (worded as they always were here)."""
 
@@ -140,8 +155,6 @@ def iter_tokens_records(path: Path, block_size: int, max_tokens: int, **hashing:
             if "output_length" in rec
             else 0
         )
-        ids = hashed(tokens)
-        t = state.commit(rid, ts)
-        return TraceRecord(rid, t, len(tokens), n_out, ids, block_size)
+        return token_record(state, rid, ts, tokens, n_out, hashed, block_size)
 
     return parse
