@@ -10,6 +10,11 @@ the batched methods gets per-block calls).
 
 Timestamps are the pool's clock (``time.monotonic`` unless a simulator
 injected its own).
+
+The parameter types are written once, here: the library's hooks
+(``MetricsHook``, ``KVEventStream``, ``AccessStatsHook``) override these
+methods with the same parameter names, unannotated (pyright infers their
+types from this class; mypy checks each override's arity against it).
 """
 
 from __future__ import annotations

@@ -25,17 +25,14 @@ import json
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from itertools import chain
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from ..errors import KVEventGapError, KVInvalidInputError, KVInvalidTypeError
 from ..hooks import PoolHook
 from .event_json import event_to_dict
 from .event_types import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..handle import KVHandle
 
 __all__ = ["KVEventGapError", "KVEventStream"]
 
@@ -163,46 +160,32 @@ class KVEventStream(PoolHook):
         self._hashes.append(hashes)
         self._ids.append(ids)
 
-    def on_block_cached(
-        self, block_id: int, block_hash: Hashable, parent_hash: Hashable | None, timestamp: float
-    ) -> None:
+    def on_block_cached(self, block_id, block_hash, parent_hash, timestamp) -> None:
         self._add(_STORED, parent_hash, (block_hash,), (block_id,), timestamp)
 
-    def on_evict(self, block_id: int, block_hash: Hashable, reason: str, timestamp: float) -> None:
+    def on_evict(self, block_id, block_hash, reason, timestamp) -> None:
         self._add(_REMOVED, reason, (block_hash,), (block_id,), timestamp)
 
-    def on_blocks_cached(
-        self,
-        block_ids: Sequence[int],
-        block_hashes: Sequence[Hashable],
-        parent_hash: Hashable | None,
-        timestamp: float,
-    ) -> None:
+    def on_blocks_cached(self, block_ids, block_hashes, parent_hash, timestamp) -> None:
         # copies: the caller may reuse its lists before the batch is published
         if block_ids:
             self._add(_STORED, parent_hash, tuple(block_hashes), tuple(block_ids), timestamp)
 
-    def on_evict_many(
-        self,
-        block_ids: Sequence[int],
-        block_hashes: Sequence[Hashable],
-        reason: str,
-        timestamp: float,
-    ) -> None:
+    def on_evict_many(self, block_ids, block_hashes, reason, timestamp) -> None:
         if block_ids:
             self._add(_REMOVED, reason, tuple(block_hashes), tuple(block_ids), timestamp)
 
-    def on_cleared(self, timestamp: float) -> None:
+    def on_cleared(self, timestamp) -> None:
         self._flush_locked()
         self._publish_locked(AllBlocksCleared(self._last_seq + 1, float(timestamp)))
 
     # any other pool event ends a batch, so consumers see it one request later at most
     # (a lookup is always followed by its allocation: on_alloc ends the batch then)
-    def on_alloc(self, handle: KVHandle, timestamp: float) -> None:
+    def on_alloc(self, handle, timestamp) -> None:
         if self._kind:
             self._flush_locked()
 
-    def on_free(self, handle: KVHandle, timestamp: float) -> None:
+    def on_free(self, handle, timestamp) -> None:
         if self._kind:
             self._flush_locked()
 

@@ -10,17 +10,14 @@ counted at scrape time (``snapshot``), under the pool's lock.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable
 from itertools import repeat
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..hooks import PoolHook
 from .histogram import SecondsHistogram
 from .metrics import MetricsCollector
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..handle import KVHandle
 
 __all__ = ["EVICTION_REASONS", "MetricsHook", "instrument"]
 
@@ -142,14 +139,7 @@ class MetricsHook(PoolHook):
         for values in (self._cached_at, self._last_access, self._last_release):
             values.extend(repeat(_UNKNOWN, n - len(values)))
 
-    def on_lookup(
-        self,
-        request_id: str | None,
-        block_ids: Sequence[int],
-        num_hit_blocks: int,
-        num_blocks: int,
-        timestamp: float,
-    ) -> None:
+    def on_lookup(self, request_id, block_ids, num_hit_blocks, num_blocks, timestamp) -> None:
         # token counts come with the handle in the on_alloc call that follows
         self._lookup_pending = True
         if num_hit_blocks:
@@ -162,7 +152,7 @@ class MetricsHook(PoolHook):
             for b in hits:
                 last[b] = timestamp
 
-    def on_alloc(self, handle: KVHandle, timestamp: float) -> None:
+    def on_alloc(self, handle, timestamp) -> None:
         self._allocs += 1
         if self._lookup_pending:
             self._lookup_pending = False
@@ -177,7 +167,7 @@ class MetricsHook(PoolHook):
             if len(self._reuse) > _FOLD_AT:
                 self._reuse.fold()
 
-    def on_free(self, handle: KVHandle, timestamp: float) -> None:
+    def on_free(self, handle, timestamp) -> None:
         self._frees += 1
         ids = handle.block_ids
         if self._growable and ids:
@@ -189,9 +179,7 @@ class MetricsHook(PoolHook):
             self._lifetime.fold()
             self._idle.fold()
 
-    def on_block_cached(
-        self, block_id: int, block_hash: Hashable, parent_hash: Hashable | None, timestamp: float
-    ) -> None:
+    def on_block_cached(self, block_id, block_hash, parent_hash, timestamp) -> None:
         self._blocks_cached += 1
         if self._growable and block_id >= len(self._cached_at):
             self._grow(block_id)
@@ -199,7 +187,7 @@ class MetricsHook(PoolHook):
         self._cached_at[block_id] = timestamp
         self._last_access[block_id] = timestamp
 
-    def on_evict(self, block_id: int, block_hash: Hashable, reason: str, timestamp: float) -> None:
+    def on_evict(self, block_id, block_hash, reason, timestamp) -> None:
         try:
             self._evictions[reason] += 1
         except KeyError:
@@ -213,13 +201,7 @@ class MetricsHook(PoolHook):
         if released >= self._last_access[block_id] and not (self._refs and self._refs[block_id]):
             self._idle_values.append(timestamp - released)
 
-    def on_blocks_cached(
-        self,
-        block_ids: Sequence[int],
-        block_hashes: Sequence[Hashable],
-        parent_hash: Hashable | None,
-        timestamp: float,
-    ) -> None:
+    def on_blocks_cached(self, block_ids, block_hashes, parent_hash, timestamp) -> None:
         self._blocks_cached += len(block_ids)
         if self._growable:
             self._grow(max(block_ids))
@@ -229,13 +211,7 @@ class MetricsHook(PoolHook):
             cached_at[b] = timestamp
             last[b] = timestamp
 
-    def on_evict_many(
-        self,
-        block_ids: Sequence[int],
-        block_hashes: Sequence[Hashable],
-        reason: str,
-        timestamp: float,
-    ) -> None:
+    def on_evict_many(self, block_ids, block_hashes, reason, timestamp) -> None:
         n = len(block_ids)
         try:
             self._evictions[reason] += n
@@ -257,7 +233,7 @@ class MetricsHook(PoolHook):
             released = [_UNKNOWN if refs[b] else r for b, r in zip(block_ids, released)]
         self._idle.add_batch(timestamp, released, get(self._last_access))
 
-    def on_cleared(self, timestamp: float) -> None:
+    def on_cleared(self, timestamp) -> None:
         # every hash is gone; counters and histograms keep their history
         for values in (self._cached_at, self._last_access, self._last_release):
             values[:] = repeat(_UNKNOWN, len(values))

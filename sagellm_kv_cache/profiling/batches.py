@@ -4,12 +4,17 @@ eviction batches, turned into records in one vectorised step.
 A pool hook reports one request's blocks per lookup and one batch per
 eviction. Recording them one access at a time would cost a Python call per
 block; instead a call appends its ids to one flat list (a C-level copy) and
-one small tuple describing the batch::
+six fields describing the batch to another::
 
     ids      [7, 3, 12, 40, 41 | 9, 8 | ...]        every queued id, call order
-    batches  (5, 3, t0, "r1", "gpu", 64)            n, hits (-1: evictions), time,
-             (2, -1, t1, "capacity", None, None)    request or reason, tier, size
+    meta     [5, 3, t0, "r1", "gpu", 64,            per batch: n, hits (-1: evictions),
+              2, -1, t1, "capacity", None, None]    time, request or reason, tier, size
     hashes   [h9, h8, ...]                          evicted blocks' hashes, in order
+
+Flat lists and no object kept per call: a stored tuple per batch is a
+container the garbage collector tracks, and thousands of them queued made
+the collector's generational passes run (and walk the caller's heap) where a
+pool without the hook runs none.
 
 :func:`build` interns every queued id at once (the first-seen order is the
 call order, as one-by-one recording would give), keeps the prompts as one
@@ -20,6 +25,7 @@ when read) and the evictions as columns made with list and array extensions.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain, compress, repeat
 from typing import Any
@@ -33,21 +39,27 @@ __all__ = ["BatchQueue", "PromptSegment", "Records", "build"]
 _HASH_TYPES = frozenset((bytes, int, type(None)))
 #: Queued batches that make :meth:`BatchQueue.push` ask for a flush.
 FLUSH_AT = 4096
+#: Fields per batch in :attr:`BatchQueue.meta`.
+META = 6
+_FLUSH_META = FLUSH_AT * META
+
+#: What :meth:`BatchQueue.take` returns: ids, meta (``META`` fields a batch), hashes.
+Taken = tuple[list[Any], list[Any], list[Any]]
 
 
 class BatchQueue:
     """Queued prompt and eviction batches (see the module doc); thread-safe under ``lock``."""
 
-    __slots__ = ("batches", "hashes", "ids", "lock")
+    __slots__ = ("hashes", "ids", "lock", "meta")
 
     def __init__(self, lock: threading.Lock) -> None:
         self.lock = lock
         self.ids: list[Any] = []
-        self.batches: list[tuple[int, int, float, Any, Any, Any]] = []
+        self.meta: list[Any] = []
         self.hashes: list[Any] = []
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.meta) // META
 
     def push(
         self, ids: Any, hits: int, timestamp: float, a: Any, b: Any, c: Any, hashes: Any = None
@@ -60,20 +72,21 @@ class BatchQueue:
             self.ids.extend(ids)
             if hits < 0:
                 self.hashes.extend(repeat(None, len(ids)) if hashes is None else hashes)
-            self.batches.append((len(ids), hits, timestamp, a, b, c))
-            return len(self.batches) >= FLUSH_AT
+            meta = self.meta
+            meta.extend((len(ids), hits, timestamp, a, b, c))  # the tuple dies here
+            return len(meta) >= _FLUSH_META
 
     def clear(self) -> None:
         with self.lock:
             self.ids, self.hashes = [], []
-            self.batches.clear()  # in place: the owner holds this list to test for a queue
+            self.meta.clear()  # in place: the owner holds this list to test for a queue
 
-    def take(self) -> tuple[Any, list[tuple[int, int, float, Any, Any, Any]], list[Any]]:
-        """Everything queued (ids, batches, hashes), leaving the queue empty."""
+    def take(self) -> Taken:
+        """Everything queued (ids, meta, hashes), leaving the queue empty."""
         with self.lock:
-            taken = self.ids, self.batches.copy(), self.hashes
+            taken = self.ids, self.meta.copy(), self.hashes
             self.ids, self.hashes = [], []
-            self.batches.clear()  # in place: the owner holds this list to test for a queue
+            self.meta.clear()  # in place: the owner holds this list to test for a queue
         return taken
 
 
@@ -132,19 +145,14 @@ def _per_batch(arr: np.ndarray, lens: np.ndarray) -> Any:
     return np.repeat(arr, lens)
 
 
-def build(
-    taken: tuple[Any, list[tuple[int, int, float, Any, Any, Any]], list[Any]],
-    blocks: Interner,
-    requests: Interner,
-    tiers: Interner,
-) -> Records:
+def build(taken: Taken, blocks: Interner, requests: Interner, tiers: Interner) -> Records:
     """Intern the queued ids and build the records."""
-    ids, batches, hashes = taken
+    ids, meta, hashes = taken
     out = Records()
-    if not batches:
+    if not meta:
         return out
     codes = blocks.codes(ids)
-    lens_t, hits_t, ts_t, a_t, b_t, c_t = zip(*batches)
+    lens_t, hits_t, ts_t, a_t, b_t, c_t = (meta[i::META] for i in range(META))
     lens = np.array(lens_t, dtype=np.int64)
     hits = np.array(hits_t, dtype=np.int64)
     ts = np.array(ts_t, dtype=np.float64)
@@ -184,9 +192,9 @@ def _segment(
     lens: np.ndarray,
     hits: np.ndarray,
     ts: np.ndarray,
-    requests: tuple[Any, ...],
-    tiers: tuple[Any, ...],
-    sizes: tuple[Any, ...],
+    requests: Sequence[Any],
+    tiers: Sequence[Any],
+    sizes: Sequence[Any],
     request_codes: Interner,
     tier_codes: Interner,
 ) -> PromptSegment:

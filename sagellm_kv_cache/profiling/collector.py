@@ -178,7 +178,7 @@ class AccessStatsCollector:
         self._ev_reason, self._ev_hash = self._store.ev_reason, self._store.ev_hash
         # record_prompt / record_evictions calls not yet made into records
         self._pending = BatchQueue(self._lock)
-        self._queued = self._pending.batches  # truthy while calls are queued
+        self._queued = self._pending.meta  # truthy while calls are queued
         self._spill_at = ((limit or 0) + 1) * ROW_DTYPE.itemsize
 
     # ------------------------------------------------------------------ recording
@@ -324,10 +324,8 @@ class AccessStatsCollector:
             )
         if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float, np.number)):
             raise KVInvalidTypeError(f"timestamp must be a number, got {type(timestamp).__name__}")
-        if len(block_ids) and self._pending.push(
-            block_ids, int(num_hit_blocks), timestamp, request_id, tier, size_bytes
-        ):
-            self._flush()
+        if len(block_ids):
+            self._queue(block_ids, int(num_hit_blocks), timestamp, request_id, tier, size_bytes)
 
     def record_evictions(
         self,
@@ -351,9 +349,24 @@ class AccessStatsCollector:
             )
         if timestamp is None:
             timestamp = self._clock() - self._origin
-        # hits -1 marks an eviction batch; its reason goes where a prompt's request goes
+        self._queue(block_ids, -1, float(timestamp), str(reason), None, None, block_hashes)
+
+    def _queue(
+        self,
+        block_ids: Sequence[BlockId],
+        hits: int,
+        timestamp: float,
+        request_or_reason: Any,
+        tier: str | None,
+        size_bytes: int | None,
+        block_hashes: Sequence[Any] | None = None,
+    ) -> None:
+        """Queue one batch whose fields are already checked: a prompt (``hits`` >= 0) or
+        an eviction batch (``hits`` -1, its reason where a prompt has its request id).
+        :class:`AccessStatsHook` calls this directly: the pool's values are valid by
+        construction, and the public methods' checks would cost more than the queueing."""
         if self._pending.push(
-            block_ids, -1, float(timestamp), str(reason), None, None, block_hashes
+            block_ids, hits, timestamp, request_or_reason, tier, size_bytes, block_hashes
         ):
             self._flush()
 

@@ -10,9 +10,7 @@ a request with ``num_blocks`` prompt blocks becomes ``num_blocks`` accesses::
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from typing import Any
-
+from ..errors import KVInvalidInputError
 from ..hooks import PoolHook
 from .collector import AccessStatsCollector
 
@@ -59,42 +57,35 @@ class AccessStatsHook(PoolHook):
         self.tier = tier
         self.block_size_bytes = block_size_bytes
 
-    def on_lookup(
-        self,
-        request_id: str | None,
-        block_ids: Sequence[int],
-        num_hit_blocks: int,
-        num_blocks: int,
-        timestamp: float,
-    ) -> None:
+    def on_lookup(self, request_id, block_ids, num_hit_blocks, num_blocks, timestamp) -> None:
         """Record ``block_ids[:num_hit_blocks]`` as hits and the rest as misses, positions 0.."""
-        n = min(len(block_ids), num_blocks) if num_blocks else len(block_ids)
-        if n == 0:
-            return
-        self.collector.record_prompt(
-            block_ids[:n] if n < len(block_ids) else block_ids,
-            num_hit_blocks,
-            timestamp=float(timestamp),
-            request_id=request_id,
-            tier=self.tier,
-            size_bytes=self.block_size_bytes,
-        )
+        n = len(block_ids)
+        if num_blocks and num_blocks < n:
+            n = num_blocks
+            block_ids = block_ids[:n]
+        if not 0 <= num_hit_blocks <= n:
+            raise KVInvalidInputError(f"num_hit_blocks must be in [0, {n}], got {num_hit_blocks}")
+        if n:  # straight to the queue: the pool's ids, counts and times are valid
+            self.collector._queue(
+                block_ids,
+                num_hit_blocks,
+                float(timestamp),
+                request_id,
+                self.tier,
+                self.block_size_bytes,
+            )
 
-    def on_evict_many(
-        self,
-        block_ids: Sequence[int],
-        block_hashes: Sequence[Hashable],
-        reason: str,
-        timestamp: float,
-    ) -> None:
-        """Record the eviction of ``block_ids`` (one collector call per batch)."""
-        # hashes that are not bytes / int are stored as None by the collector
-        hashes: Any = block_hashes
-        self.collector.record_evictions(
-            block_ids, reason, timestamp=float(timestamp), block_hashes=hashes
-        )
+    def on_evict_many(self, block_ids, block_hashes, reason, timestamp) -> None:
+        """Record the eviction of ``block_ids`` (one queued batch; hashes that are not
+        bytes / int are stored as None)."""
+        if len(block_hashes) != len(block_ids):
+            raise KVInvalidInputError(
+                f"block_hashes has {len(block_hashes)} entries for {len(block_ids)} block ids"
+            )
+        if block_ids:
+            self.collector._queue(block_ids, -1, float(timestamp), reason, None, None, block_hashes)
 
-    def on_evict(self, block_id: int, block_hash: Hashable, reason: str, timestamp: float) -> None:
+    def on_evict(self, block_id, block_hash, reason, timestamp) -> None:
         """Record the eviction of ``block_id``."""
         h = block_hash if isinstance(block_hash, (bytes, int)) else None
         self.collector.record_eviction(block_id, reason, timestamp=float(timestamp), block_hash=h)

@@ -133,15 +133,20 @@ class Interner:
                 self._table = table = grown
             out = table[arr]
             unknown = out < 0
-            if unknown.any():
-                new = arr[unknown]
+            num_new = int(np.count_nonzero(unknown))
+            if num_new:
+                # a first batch is all new: no masked copy in or out
+                new = arr if num_new == len(arr) else arr[unknown]
                 # distinct new ids in order of first appearance (no sort of every id)
-                first = np.full(int(new.max()) + 1, len(new), dtype=np.int64)
-                np.minimum.at(first, new, np.arange(len(new), dtype=np.int64))
-                distinct = np.flatnonzero(first < len(new))
+                first = np.full(int(new.max()) + 1, num_new, dtype=np.int64)
+                np.minimum.at(first, new, np.arange(num_new, dtype=np.int64))
+                distinct = np.flatnonzero(first < num_new)
                 values = distinct[np.argsort(first[distinct], kind="stable")].tolist()
                 table[values] = self._add_many_locked(values)
-                out[unknown] = table[new]
+                if num_new == len(arr):
+                    out = table[arr]
+                else:
+                    out[unknown] = table[new]
         return out
 
     def column(self, values: Any, n: int) -> np.ndarray:
