@@ -160,6 +160,8 @@ _READERS = {
 }
 #: Formats read as a whole table (validated per batch; ``skip_bad`` does not apply).
 _TABLE_FORMATS = ("parquet", "kv-events")
+#: Rows per batch :func:`read_trace` reads (then concatenates).
+_READ_BATCH = 1 << 20
 _WITH_SESSIONS = {"mooncake": False, "bailian": True, "azure": True, "burstgpt": True}
 
 
@@ -426,16 +428,7 @@ def iter_trace_batches(
             return
 
 
-def read_trace(
-    path: str | Path = DEFAULT_TRACE,
-    format: str = "auto",
-    *,
-    block_size: int | None = None,
-    skip_bad: bool = False,
-    stats: dict | None = None,
-    max_request_tokens: int | None = None,
-    **options,
-):
+def read_trace(path: str | Path = DEFAULT_TRACE, format: str = "auto", **kwargs):
     """Read a whole trace into the canonical table (see :data:`traces.CANONICAL_COLUMNS`).
 
     Same arguments as :func:`iter_trace`. Mooncake and token-level tables have the
@@ -444,21 +437,10 @@ def read_trace(
     """
     import polars as pl
 
-    path, fmt, block_size = _resolve(path, format, block_size, options)
-    if fmt in _TABLE_FORMATS:
-        batches = _table_batches(
-            path, fmt, 1 << 20, init_stats(stats), block_size, max_request_tokens, options
-        )
-        return pl.concat(list(batches))
-    recs = _READERS[fmt](
-        path,
-        block_size=block_size,
-        skip_bad=skip_bad,
-        stats=stats,
-        max_request_tokens=max_request_tokens,
-        **options,
-    )
-    return records_to_frame(recs, _WITH_SESSIONS.get(fmt, False))
+    if "batch_size" in kwargs:
+        raise KVConfigError("read_trace takes no batch_size: see iter_trace_batches")
+    batches = list(iter_trace_batches(path, format, batch_size=_READ_BATCH, **kwargs))
+    return batches[0] if len(batches) == 1 else pl.concat(batches)
 
 
 # -- writers ----------------------------------------------------------------------------------
