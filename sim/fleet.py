@@ -150,11 +150,13 @@ class FleetEngine:
         self._match_all = _match_all([inst.bp for inst in self.insts])
         self.collector.attach_match_many(self.devices, self._match_all)
         self.metrics = [self.collector.get_metrics(k) for k in self.devices]
-        place = getattr(self.scheduler, "place", None)
-        if place is None:  # a router with select_device only
-            select = self.scheduler.select_device
+        # place(need, hashes, session) -> instance, over all the instances
+        if hasattr(self.scheduler, "placer"):  # the library's: bound to the devices once
+            place = self.scheduler.placer(self.devices)
+        else:  # a router with select_device only
+            select, devices = self.scheduler.select_device, self.devices
 
-            def place(devices: list, need: int, hs: list, sess: Any) -> Any:
+            def place(need: int, hs: list, sess: Any) -> Any:
                 return select(devices, need, None, block_hashes=hs, session_id=sess)
 
         self._place = place
@@ -189,17 +191,17 @@ class FleetEngine:
         return self._route(i, hs)
 
     def _make_route(self) -> Any:
-        place, devices, lengths, sessions = self._place, self.devices, self.lengths, self.sessions
+        place, lengths, sessions = self._place, self.lengths, self.sessions
         if not self.bounds:
             if sessions is None:
-                return lambda i, hs: place(devices, lengths[i], hs, None)
-            return lambda i, hs: place(devices, lengths[i], hs, sessions[i])
+                return lambda i, hs: place(lengths[i], hs, None)
+            return lambda i, hs: place(lengths[i], hs, sessions[i])
         sched, match_all, routed, best = self.scheduler, self._match_all, self.routed, self.best
         # a prefix-aware library scheduler peeked every instance already (last_matches)
         peeked = isinstance(sched, LoadAwareScheduler) and sched.needs_prefix
 
         def route(i: int, hs: list) -> int:
-            k = place(devices, lengths[i], hs, None if sessions is None else sessions[i])
+            k = place(lengths[i], hs, None if sessions is None else sessions[i])
             if hs:
                 matches = sched.last_matches if peeked else match_all(hs)
                 routed[i] = matches[k]

@@ -179,6 +179,9 @@ class LoadMetricsCollector:
         self._last_of: tuple[list[Hashable], list[DeviceLoadMetrics]] | None = None
         #: devices answered together by one ``match_many`` (``attach_match_many``)
         self._group: tuple[list[Hashable], Callable[[Sequence[Hashable]], list[int]]] | None = None
+        #: bumped whenever a device, pool or peek is (re)registered, detached or reset: what
+        #: a caller looked up once (``metrics_of``, ``matcher_of``) is current while it holds
+        self.version = 0
 
     # -- devices ---------------------------------------------------------------
     def register_device(
@@ -189,7 +192,7 @@ class LoadMetricsCollector:
         self._metrics[device] = DeviceLoadMetrics.create(
             device, kv_tokens_capacity, memory_capacity_mb
         )
-        self._last_of = None
+        self._changed()
 
     def attach_pool(
         self,
@@ -215,9 +218,9 @@ class LoadMetricsCollector:
         stats = pool.get_stats()
         if device not in self._metrics:
             self._metrics[device] = DeviceLoadMetrics.create(device)
-            self._last_of = None
         self._pools[device] = pool
         self._matchers[device] = matcher
+        self._changed()
         self._apply(self._metrics[device], stats)
 
     def attach_match_many(
@@ -239,16 +242,17 @@ class LoadMetricsCollector:
         if not callable(match_many):
             raise KVInvalidTypeError("match_many must be callable")
         self._group = (devices, match_many)
+        self._changed()
 
     def unregister_device(self, device: Hashable) -> None:
         """Stop tracking ``device`` (its pool too)."""
         self._require(device)
         del self._metrics[device]
-        self._last_of = None
         self._pools.pop(device, None)
         self._matchers.pop(device, None)
         if self._group is not None and device in self._group[0]:
             self._group = None
+        self._changed()
 
     def list_devices(self) -> list[Hashable]:
         """Registered devices, in registration order."""
@@ -316,11 +320,22 @@ class LoadMetricsCollector:
     ) -> list[int]:
         """``prefix_blocks`` of each of ``devices`` (one call when they are the
         ``attach_match_many`` group)."""
+        return self.matcher_of(devices)(block_hashes)
+
+    def matcher_of(self, devices: Sequence[Hashable]) -> Callable[[Sequence[Hashable]], list[int]]:
+        """``hashes -> prefix_blocks_many(devices, hashes)``, looked up once: the
+        ``attach_match_many`` peek when ``devices`` are its group, else one peek per
+        device (0 for a device without a pool). Current until ``version`` changes."""
         group = self._group
         if group is not None and group[0] == devices:
-            return group[1](block_hashes)
+            return group[1]
         fns = self._matchers
-        return [fns[d](block_hashes) if d in fns else 0 for d in devices]
+        peeks = [fns.get(d) for d in devices]
+
+        def match_each(block_hashes: Sequence[Hashable]) -> list[int]:
+            return [0 if fn is None else fn(block_hashes) for fn in peeks]
+
+        return match_each
 
     def reset(self) -> None:
         """Forget every device and pool."""
@@ -328,9 +343,13 @@ class LoadMetricsCollector:
         self._pools.clear()
         self._matchers.clear()
         self._group = None
-        self._last_of = None
+        self._changed()
 
     # -- helpers ---------------------------------------------------------------
+    def _changed(self) -> None:
+        self._last_of = None
+        self.version += 1
+
     @staticmethod
     def _apply(m: DeviceLoadMetrics, stats: dict[str, Any]) -> None:
         bs = int(stats.get("block_size", 1)) or 1

@@ -40,10 +40,12 @@ choice is deterministic for a given seed.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
+import itertools
 import math
 import random
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -273,6 +275,61 @@ class LoadAwareScheduler:
         pd[device] = pd.get(device, 0) + 1
         return device
 
+    def placer(self, candidate_devices: Sequence[Hashable]) -> Callable[..., Hashable]:
+        """``place`` bound to one list of devices, for a caller that places every
+        request on the same devices (a simulator's router).
+
+        Returns ``fn(kv_tokens_required, block_hashes, session_id=None,
+        request_id=None) -> device``: the same choices and the same state changes
+        (counters, generator, ``last_matches``) as ``place(candidate_devices, ...)``.
+        A prefix-aware strategy looks up the devices' metrics and their peek once
+        (``LoadMetricsCollector.metrics_of`` / ``matcher_of``) instead of per request;
+        once the collector changes (its ``version``: a device registered, a pool
+        attached) every call goes through ``place``.
+
+        Raises:
+            KVInvalidInputError: no devices, or one not registered (metric strategies).
+        """
+        devices = list(candidate_devices)  # the caller's list may change; this one will not
+        if not devices:
+            raise KVInvalidInputError("placer needs at least one candidate device")
+        pick = {
+            S.LONGEST_PREFIX: self._pick_longest,
+            S.KV_COST: self._pick_kv_cost,
+            S.CACHE_AWARE: self._pick_cache_aware,
+        }.get(self._effective)
+        if pick is None or (self.auto_refresh and self.needs_kv):
+            return functools.partial(self.place, devices)
+        collector = self.collector
+        version = collector.version
+        ms = collector.metrics_of(devices)  # checks they are registered
+        match = collector.matcher_of(devices)
+        counts = self._placement_decisions
+        place = self.place
+        n = len(devices)
+
+        def place_on_devices(
+            need: int,
+            hashes: Sequence[Hashable] | None,
+            session_id: Hashable | None = None,
+            request_id: str | None = None,
+        ) -> Hashable:
+            if collector.version != version:  # looked up before a change: the general path
+                return place(devices, need, hashes, session_id, request_id)
+            if hashes:
+                matches = match(hashes)
+                num_blocks = len(hashes)
+            else:
+                matches = [0] * n
+                num_blocks = 0
+            self.last_matches = matches
+            device = pick(devices, ms, matches, num_blocks)
+            self._placement_count += 1
+            counts[device] = counts.get(device, 0) + 1
+            return device
+
+        return place_on_devices
+
     def select_device_for_request(
         self, request: Any, candidate_devices: Sequence[Hashable] | None = None
     ) -> Hashable:
@@ -346,6 +403,9 @@ class LoadAwareScheduler:
         if ties == 1:  # the common case: one best, no tie to break
             return candidates[j]
         get = self._placement_decisions.get
+        if ties == len(keys):  # all tied (idle devices): fewest placements, then first
+            counts = list(map(get, candidates, itertools.repeat(0, ties)))
+            return candidates[counts.index(min(counts))]
         best_j, best_n = j, get(candidates[j], 0)
         for _ in range(ties - 1):  # the other tied ones, in order: strictly fewer wins
             j = keys.index(low, j + 1)
@@ -386,11 +446,28 @@ class LoadAwareScheduler:
 
     def _longest_prefix(self, candidates, ms, need, hashes, session_id, request_id) -> Hashable:
         matches = self._matches(candidates, hashes)
-        return self._argmin([(-k, m.total_requests()) for k, m in zip(matches, ms)], candidates)
+        return self._pick_longest(candidates, ms, matches, len(hashes) if hashes else 0)
 
     def _kv_cost(self, candidates, ms, need, hashes, session_id, request_id) -> Hashable:
         matches = self._matches(candidates, hashes)
-        num_blocks = len(hashes) if hashes else 0
+        return self._pick_kv_cost(candidates, ms, matches, len(hashes) if hashes else 0)
+
+    def _cache_aware(self, candidates, ms, need, hashes, session_id, request_id) -> Hashable:
+        matches = self._matches(candidates, hashes)
+        return self._pick_cache_aware(candidates, ms, matches, len(hashes) if hashes else 0)
+
+    # the prefix-aware choices from the candidates' matches (``place`` and ``placer``)
+    def _pick_longest(self, candidates, ms, matches: list[int], num_blocks: int) -> Hashable:
+        best = max(matches)
+        ties = matches.count(best)
+        if ties == 1:  # one longest: the (-match, requests) minimum
+            return candidates[matches.index(best)]
+        if ties == len(matches):  # all match alike: the fewest requests decide
+            return self._argmin([m.active_requests + m.queue_length for m in ms], candidates)
+        keys = [(-k, m.active_requests + m.queue_length) for k, m in zip(matches, ms)]
+        return self._argmin(keys, candidates)
+
+    def _pick_kv_cost(self, candidates, ms, matches: list[int], num_blocks: int) -> Hashable:
         w = self.overlap_score_weight
         costs = [
             w * (num_blocks - k) + m.kv_tokens_used // m.block_size for k, m in zip(matches, ms)
@@ -402,15 +479,15 @@ class LoadAwareScheduler:
         weights = [math.exp(-(c - lo) / span / self.temperature) for c in costs]
         return candidates[self._rng.choices(range(len(candidates)), weights=weights)[0]]
 
-    def _cache_aware(self, candidates, ms, need, hashes, session_id, request_id) -> Hashable:
-        matches = self._matches(candidates, hashes)
-        num_blocks = len(hashes) if hashes else 0
+    def _pick_cache_aware(self, candidates, ms, matches: list[int], num_blocks: int) -> Hashable:
         loads = [m.active_requests + m.queue_length for m in ms]
         hi, lo = max(loads), min(loads)
         if hi - lo > self.balance_abs_threshold and hi > self.balance_rel_threshold * lo:
             return self._argmin(loads, candidates)
         best = max(matches)
         if num_blocks and best / num_blocks > self.cache_threshold:
+            if matches.count(best) == 1:  # one longest: the (-match, load) minimum
+                return candidates[matches.index(best)]
             return self._argmin([(-k, load) for k, load in zip(matches, loads)], candidates)
         return self._argmin([m.kv_tokens_used for m in ms], candidates)
 
