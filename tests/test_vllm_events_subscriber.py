@@ -15,6 +15,10 @@ from collections import deque
 import msgspec
 import pytest
 import zmq
+from _vllm_schema import VAllBlocksCleared as AllBlocksCleared
+from _vllm_schema import VBlockRemoved as BlockRemoved
+from _vllm_schema import VBlockStored as BlockStored
+from _vllm_schema import VKVEventBatch as KVEventBatch
 
 from sagellm_kv_cache.block_pool import BlockPool
 from sagellm_kv_cache.errors import KVConfigError, KVEventGapError
@@ -30,35 +34,7 @@ TIMEOUT_S = 10.0
 ENDPOINT_ANY = "tcp://127.0.0.1:*"
 
 
-# -- vLLM's schema, written here (array_like, tagged), and a vLLM-like publisher --
-class VEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
-    pass
-
-
-class BlockStored(VEvent):
-    block_hashes: list[int]
-    parent_block_hash: int | None
-    token_ids: list[int]
-    block_size: int
-    lora_id: int | None
-    medium: str | None
-
-
-class BlockRemoved(VEvent):
-    block_hashes: list[int]
-    medium: str | None
-
-
-class AllBlocksCleared(VEvent):
-    pass
-
-
-class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    ts: float
-    events: list[BlockStored | BlockRemoved | AllBlocksCleared]
-    data_parallel_rank: int | None = None
-
-
+# -- a vLLM-like publisher (vLLM's schema: _vllm_schema) --
 class FakeVLLMPublisher:
     """PUB + ROUTER replay as vLLM's ZmqEventPublisher does (thread serves replay)."""
 

@@ -1,7 +1,7 @@
 """vLLM's KV-event wire format: our encoder against a decoder written from vLLM's schema.
 
-The structs below are written here, independently of ``vllm_wire``, from the
-schema of ``vllm/distributed/kv_events.py`` (vLLM <= 0.23: every struct
+The structs (``_vllm_schema``) are written independently of ``vllm_wire``, from
+the schema of ``vllm/distributed/kv_events.py`` (vLLM <= 0.23: every struct
 ``array_like=True``; events ``tag=True``). Our publisher's frames must decode
 with them field for field.
 """
@@ -14,6 +14,7 @@ import sys
 import msgspec
 import pytest
 import zmq
+from _vllm_schema import V_DECODER, VAllBlocksCleared
 from conftest import make_pool
 
 from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError
@@ -22,38 +23,6 @@ from sagellm_kv_cache.observability import vllm_wire as w
 from sagellm_kv_cache.observability.vllm_zmq import VLLMEventPublisher
 
 TIMEOUT_MS = 5000
-
-
-# -- an independent decoder, from vLLM's documented schema ---------------------
-class VEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
-    pass
-
-
-class VBlockStored(VEvent, tag="BlockStored"):
-    block_hashes: list[int | bytes]
-    parent_block_hash: int | bytes | None
-    token_ids: list[int]
-    block_size: int
-    lora_id: int | None
-    medium: str | None
-
-
-class VBlockRemoved(VEvent, tag="BlockRemoved"):
-    block_hashes: list[int | bytes]
-    medium: str | None
-
-
-class VAllBlocksCleared(VEvent, tag="AllBlocksCleared"):
-    pass
-
-
-class VKVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    ts: float
-    events: list[VBlockStored | VBlockRemoved | VAllBlocksCleared]
-    data_parallel_rank: int | None = None
-
-
-V_DECODER = msgspec.msgpack.Decoder(VKVEventBatch)
 
 
 def sample_events():

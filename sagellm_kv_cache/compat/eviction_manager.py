@@ -66,10 +66,7 @@ class EvictionStrategy(ABC):
             return self.name
 
     def select_victim(
-        self,
-        candidates: Sequence[KVHandle],
-        num_tokens_needed: int,
-        max_victims: int | None = None,
+        self, candidates: Sequence[KVHandle], num_tokens_needed: int, max_victims: int | None = None
     ) -> list[KVHandle]:
         """Seed API: ``EvictionManager(policy=self).select_victims`` without TTL or
         priorities: evictable candidates (no reference, no pin) in this strategy's

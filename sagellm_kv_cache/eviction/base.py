@@ -26,17 +26,29 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Hashable, Iterable
+from typing import Protocol
 
 from ..errors import KVNoVictimError
 
 __all__ = ["EvictionPolicy"]
 
 
+class _Members(Protocol):
+    """What ``len`` and ``in`` need (a dict, a set, a ``LazyHeap``)."""
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, item: object, /) -> bool: ...
+
+
 class EvictionPolicy:
     """Base class of block eviction policies.
 
-    Subclasses implement ``add``, ``remove``, ``pop_victim``, ``__len__`` and
-    ``__contains__`` and may override the other hooks (no-ops here).
+    Subclasses implement ``add``, ``remove`` and ``pop_victim``, and either set
+    ``_evictable`` (the one container of their evictable block ids, kept for
+    the policy's life: ``len`` and ``in`` answer from it) or implement
+    ``__len__`` and ``__contains__``; they may override the other hooks
+    (no-ops here).
 
     Attributes:
         name: registry name (``"lru"``...).
@@ -139,11 +151,14 @@ class EvictionPolicy:
             n -= sum(1 for b in exclude if b in self)
         return limit if n >= limit else max(n, 0)
 
+    #: the evictable block ids, for a policy that keeps them in one container
+    _evictable: _Members
+
     def __len__(self) -> int:
-        raise NotImplementedError
+        return len(self._evictable)
 
     def __contains__(self, block_id: object) -> bool:
-        raise NotImplementedError
+        return block_id in self._evictable
 
     # -- lifecycle hooks (optional) ------------------------------------------
     def on_cached(self, block_id: int, block_hash: Hashable, parent_block_id: int) -> None:

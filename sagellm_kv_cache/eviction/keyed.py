@@ -77,6 +77,7 @@ class KeyedPolicy(EvictionPolicy):
         self._lane_last = math.inf if self._lane_desc else -math.inf
         self._timers = LazyHeap()  # evictable blocks with a timer: (due time, release number)
         self._rel: dict[int, int] = {}  # evictable block -> release number
+        self._evictable = self._rel  # len / in (cleared in place, never rebound)
         self._next = 0  # last release number given
         self._plain_file = type(self)._file is KeyedPolicy._file
 
@@ -277,12 +278,6 @@ class KeyedPolicy(EvictionPolicy):
                 yield k0, x, b
             else:
                 dormant.append(b)
-
-    def __len__(self) -> int:
-        return len(self._rel)
-
-    def __contains__(self, block_id: object) -> bool:
-        return block_id in self._rel
 
     def reset(self) -> None:
         self._heap.clear()

@@ -55,6 +55,7 @@ class PredictivePolicy(EvictionPolicy):
         super().__init__(clock)
         self.predictor = predictor or HistoricalPredictor(alpha=alpha, default_lifetime=0.0)
         self._heap = LazyHeap()
+        self._evictable = self._heap  # len / in
         self._session: dict[int, Hashable] = {}  # cached block -> session key
         self._last: dict[int, int] = {}  # cached block -> tick of its last access
         self._tick = 0
@@ -105,12 +106,6 @@ class PredictivePolicy(EvictionPolicy):
 
     def peek_victims(self, n: int) -> list[int]:
         return self._heap.peek(n)
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def __contains__(self, block_id: object) -> bool:
-        return block_id in self._heap
 
     def reset(self) -> None:
         self._heap.clear()

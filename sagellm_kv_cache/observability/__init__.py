@@ -30,34 +30,22 @@ from __future__ import annotations
 
 from ..lazy import lazy_exports
 
-_LAZY: dict[str, str] = {
-    "MetricsCollector": "metrics",
-    "MetricsHook": "metrics_hook",
-    "instrument": "metrics_hook",
-    "DEFAULT_SECONDS_BUCKETS": "metrics",
-    "start_metrics_server": "server",
-    "MetricsServer": "server",
-    "KVEventStream": "events",
-    "KVEvent": "event_types",
-    "BlockStored": "event_types",
-    "BlockRemoved": "event_types",
-    "AllBlocksCleared": "event_types",
-    "KVEventGapError": "events",
-    "CacheIndex": "event_index",
-    "replay": "event_index",
-    "event_to_dict": "event_json",
-    "event_from_dict": "event_json",
-    "events_to_jsonl": "event_json",
-    "events_from_jsonl": "event_json",
+#: submodule -> the public names it defines
+_BY_MODULE: dict[str, tuple[str, ...]] = {
+    "metrics": ("MetricsCollector", "DEFAULT_SECONDS_BUCKETS"),
+    "metrics_hook": ("MetricsHook", "instrument"),
+    "server": ("start_metrics_server", "MetricsServer"),
+    "events": ("KVEventStream", "KVEventGapError"),
+    "event_types": ("KVEvent", "BlockStored", "BlockRemoved", "AllBlocksCleared"),
+    "event_index": ("CacheIndex", "replay"),
+    "event_json": ("event_to_dict", "event_from_dict", "events_to_jsonl", "events_from_jsonl"),
     # vLLM's wire format over ZMQ (the [events] extra: pyzmq, msgspec)
-    "VLLMEventPublisher": "vllm_zmq",
-    "VLLMEventSubscriber": "vllm_subscriber",
-    "ShadowCache": "shadow",
-    "EventRecorder": "shadow",
-    "read_recording": "shadow",
-    "iter_recording": "shadow",
-    "SubscriberCollector": "listen_metrics",
+    "vllm_zmq": ("VLLMEventPublisher",),
+    "vllm_subscriber": ("VLLMEventSubscriber",),
+    "shadow": ("ShadowCache", "EventRecorder", "read_recording", "iter_recording"),
+    "listen_metrics": ("SubscriberCollector",),
 }
+_LAZY = {name: sub for sub, names in _BY_MODULE.items() for name in names}
 
 __all__ = sorted(_LAZY)
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from .._closing import Closing
 from ..errors import KVConfigError
 
 __all__ = ["MetricsServer", "start_metrics_server"]
 
 
-class MetricsServer:
+class MetricsServer(Closing):
     """A running metrics endpoint; ``shutdown()`` stops it (also a context manager).
 
     Attributes:
@@ -36,11 +37,7 @@ class MetricsServer:
         self.server.server_close()
         self.thread.join(timeout_s)
 
-    def __enter__(self) -> MetricsServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
+    close = shutdown  # what ``with`` calls on the way out
 
     def __repr__(self) -> str:
         return f"MetricsServer({self.url})"

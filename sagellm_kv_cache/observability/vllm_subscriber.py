@@ -33,6 +33,7 @@ from typing import Any
 
 import zmq
 
+from .._closing import Closing
 from ..errors import KVConfigError, KVEventGapError, KVInvalidInputError
 from .shadow import EventRecorder, ShadowCache
 from .vllm_wire import KVEventBatch, decode_batch, pack_seq, unpack_seq
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 _MAX_KEPT_GAPS = 100
 
 
-class VLLMEventSubscriber:
+class VLLMEventSubscriber(Closing):
     """Subscribe to one vLLM KV-event publisher; keep its shadow cache; record.
 
     Args:
@@ -393,12 +394,6 @@ class VLLMEventSubscriber:
             self._dealer = None
         if self.recorder is not None:
             self.recorder.close()
-
-    def __enter__(self) -> VLLMEventSubscriber:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"VLLMEventSubscriber({self.endpoint}, last_seq={self.last_seq})"

@@ -109,32 +109,16 @@ class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
     data_parallel_rank: int | None = None
 
 
-# map-encoded events (vLLM PR #42892): same fields, a map tagged under "type"
-class _MapEvent(msgspec.Struct, omit_defaults=True, gc=False, tag=True):
+# map-encoded events (vLLM PR #42892): the same fields (inherited), a map tagged under "type"
+class _MapBlockStored(BlockStored, array_like=False, tag="BlockStored"):
     pass
 
 
-class _MapBlockStored(_MapEvent, tag="BlockStored"):
-    block_hashes: list[ExternalBlockHash]
-    parent_block_hash: ExternalBlockHash | None
-    token_ids: list[int]
-    block_size: int
-    lora_id: int | None
-    medium: str | None
-    lora_name: str | None
-    extra_keys: list[tuple[Any, ...] | None] | None = None
-    group_idx: int | None = None
-    kv_cache_spec_kind: str | None = None
-    kv_cache_spec_sliding_window: int | None = None
+class _MapBlockRemoved(BlockRemoved, array_like=False, tag="BlockRemoved"):
+    pass
 
 
-class _MapBlockRemoved(_MapEvent, tag="BlockRemoved"):
-    block_hashes: list[ExternalBlockHash]
-    medium: str | None
-    group_idx: int | None = None
-
-
-class _MapAllBlocksCleared(_MapEvent, tag="AllBlocksCleared"):
+class _MapAllBlocksCleared(AllBlocksCleared, array_like=False, tag="AllBlocksCleared"):
     pass
 
 

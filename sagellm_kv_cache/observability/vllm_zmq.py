@@ -26,6 +26,7 @@ from typing import Any
 
 import zmq
 
+from .._closing import Closing
 from ..errors import KVConfigError, KVInvalidInputError
 from .vllm_wire import END_SEQ, encode_batch, pack_seq, unpack_seq
 
@@ -42,7 +43,7 @@ def check_endpoint(endpoint: Any, what: str) -> str:
     return endpoint
 
 
-class VLLMEventPublisher:
+class VLLMEventPublisher(Closing):
     """Publish KV event batches in vLLM's wire format, with a replay buffer.
 
     Args:
@@ -114,10 +115,7 @@ class VLLMEventPublisher:
 
     # -- publishing ----------------------------------------------------------
     def publish(
-        self,
-        events: Iterable[Any],
-        ts: float | None = None,
-        data_parallel_rank: int | None = None,
+        self, events: Iterable[Any], ts: float | None = None, data_parallel_rank: int | None = None
     ) -> int:
         """Publish one batch of ``vllm_wire`` events; returns its sequence number."""
         rank = self.data_parallel_rank if data_parallel_rank is None else data_parallel_rank
@@ -208,12 +206,6 @@ class VLLMEventPublisher:
         if self._thread is not None:
             self._thread.join(timeout_s)
         self._close_sockets()
-
-    def __enter__(self) -> VLLMEventPublisher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"VLLMEventPublisher({self.endpoint}, replay={self.replay_endpoint}, last_seq={self.last_seq})"

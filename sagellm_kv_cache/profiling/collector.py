@@ -44,22 +44,13 @@ import numpy as np
 from ..errors import KVCacheError, KVInvalidInputError, KVInvalidTypeError
 from . import columns, export, records
 from .batches import BatchQueue, build
-from .export import FORMAT_NAME, FORMAT_VERSION
 from .interning import Interner, check_id, kind_of
 from .records import AccessEvent, BlockId, EvictionEvent
 from .spill import SpillStore
 from .store import RecordStore
-from .summary import position_bucket_edges, summarize
+from .summary import summarize
 
-__all__ = [
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
-    "TIME_WINDOWS",
-    "AccessEvent",
-    "AccessStatsCollector",
-    "EvictionEvent",
-    "position_bucket_edges",
-]
+__all__ = ["TIME_WINDOWS", "AccessStatsCollector"]
 
 #: Window sizes of the per-window statistics: name -> seconds.
 TIME_WINDOWS: dict[str, float] = {"1s": 1.0, "10s": 10.0, "60s": 60.0}
