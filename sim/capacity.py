@@ -112,17 +112,14 @@ class CapacitySpec:
         return _BYTE_NAME[self.scale]
 
     def __str__(self) -> str:
-        """Text :func:`parse_capacity` reads back to an equal spec."""
-        if self.unit == "inf":
-            return "inf"
-        n = _num(self.amount / self.scale)
-        if self.unit == "share":
-            return f"{n}%"
-        if self.unit == "bytes":  # "5B" would read as blocks
-            return f"{n}{_BYTE_NAME[self.scale]}" if self.scale > 1 else f"bytes:{n}"
-        suffix = _COUNT_NAME[self.scale]
-        return f"{n}{suffix}t" if self.unit == "tokens" else f"{n}{suffix}"
-
+        """Text :func:`parse_capacity` reads back to an equal spec: the :meth:`label`
+        without its spaces and its ``blocks`` (``"40GiB"``, ``"5.12Mt"``, ``"10%"``,
+        ``"2000"``), but ``"5t"`` and ``"bytes:5"`` (``"5B"`` would read as blocks)
+        for plain tokens and bytes."""
+        if self.scale == 1 and self.unit in ("tokens", "bytes"):
+            n = _num(self.amount)
+            return f"{n}t" if self.unit == "tokens" else f"bytes:{n}"
+        return self.label().removesuffix(" blocks").replace(" ", "")
 
 def _num(x: float) -> str:
     if float(x).is_integer():

@@ -63,6 +63,12 @@ def new_axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
     return fig, ax
 
 
+def draw_capacity(ax: Any, capacity_blocks: int | None) -> None:
+    """A dashed line at the cache's capacity (nothing when it has none)."""
+    if capacity_blocks is not None:
+        ax.axhline(capacity_blocks, color="grey", ls="--", lw=1, label="capacity")
+
+
 def draw_no_data(ax: Any, title: str) -> None:
     ax.set_title(title)
     ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, fontsize=14)
@@ -279,8 +285,7 @@ def plot_queue_ttft(
         alpha=0.6,
         label="blocks in use",
     )
-    if capacity_blocks is not None:
-        ax3.axhline(capacity_blocks, color="grey", ls="--", lw=1, label="capacity")
+    draw_capacity(ax3, capacity_blocks)
     ax3.set_ylabel("blocks in use")
     ax3.set_ylim(bottom=0)
     h1, l1 = ax2.get_legend_handles_labels()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .plots import draw_no_data, new_axes
+from .plots import draw_capacity, draw_no_data, new_axes
 
 __all__ = [
     "plot_cache_footprint",
@@ -19,15 +19,29 @@ __all__ = [
 ]
 
 
+def records_axes(
+    records: Any, ax: Any, figsize: tuple[float, float], title: str, *, columns: tuple = ()
+) -> tuple[Any, Any, Any]:
+    """``(fig, ax, df)`` for a plot of per-request records (:func:`access.as_frame`);
+    ``df`` is None, and "no data" drawn under ``title``, when there are no records
+    or they lack one of ``columns``."""
+    from . import access
+
+    fig, ax = new_axes(ax, figsize)
+    df = access.as_frame(records)
+    if df.height == 0 or any(c not in df.columns for c in columns):
+        draw_no_data(ax, title)
+        return fig, ax, None
+    return fig, ax, df
+
+
 def plot_hit_ratio_over_time(records: Any, ax: Any = None, *, window_s: float | None = None) -> Any:
     """Token and request hit ratios per arrival window (lines), requests per window (bars)."""
     from . import access
 
-    fig, ax = new_axes(ax, (10, 5))
     title = "Hit ratio over time"
-    df = access.as_frame(records)
-    if df.height == 0:
-        draw_no_data(ax, title)
+    fig, ax, df = records_axes(records, ax, (10, 5), title)
+    if df is None:
         return fig
     tl = access.hit_ratio_over_time(df, window_s=window_s)
     x = tl["window_start_s"].to_numpy()
@@ -52,11 +66,9 @@ def plot_hit_vs_prompt_length(records: Any, ax: Any = None) -> Any:
     """Token hit ratio per prompt-length bucket, with the request count of each."""
     from . import access
 
-    fig, ax = new_axes(ax, (10, 5))
     title = "Token hit ratio by prompt length"
-    df = access.as_frame(records)
-    if df.height == 0:
-        draw_no_data(ax, title)
+    fig, ax, df = records_axes(records, ax, (10, 5), title)
+    if df is None:
         return fig
     b = access.hit_ratio_by_prompt_length(df)
     x = list(range(b.height))
@@ -84,11 +96,9 @@ def plot_session_reuse(records: Any, ax: Any = None, *, inferred: bool = False) 
     """Token hit ratio by turn within a session (``session_id``, ``turn`` columns)."""
     from . import access
 
-    fig, ax = new_axes(ax, (10, 5))
     title = "Reuse by session turn" + (" (sessions inferred from first block)" if inferred else "")
-    df = access.as_frame(records)
-    if df.height == 0 or "session_id" not in df.columns:
-        draw_no_data(ax, title)
+    fig, ax, df = records_axes(records, ax, (10, 5), title, columns=("session_id",))
+    if df is None:
         return fig
     s = access.session_reuse(df)
     x = list(range(s.height))
@@ -112,11 +122,9 @@ def plot_cache_footprint(
     """Blocks held by the cache after each request (inserted minus evicted), capacity dashed."""
     from . import access
 
-    fig, ax = new_axes(ax, (10, 5))
     title = "Cache footprint over time"
-    df = access.as_frame(records)
-    if df.height == 0:
-        draw_no_data(ax, title)
+    fig, ax, df = records_axes(records, ax, (10, 5), title)
+    if df is None:
         return fig
     fp = access.cache_footprint(df)
     ax.step(fp["arrival_s"], fp["cached_blocks"], where="post", label="blocks cached")
@@ -127,8 +135,7 @@ def plot_cache_footprint(
         alpha=0.6,
         label="blocks evicted (cumulative)",
     )
-    if capacity_blocks is not None:
-        ax.axhline(capacity_blocks, color="grey", ls="--", lw=1, label="capacity")
+    draw_capacity(ax, capacity_blocks)
     ax.set_xlabel("arrival time (s)")
     ax.set_ylabel("blocks")
     ax.set_ylim(bottom=0)
