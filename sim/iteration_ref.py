@@ -8,7 +8,8 @@ the step's end. Requests therefore contend for the GPU: a prefill that shares a
 step with decodes slows them down, and a queue lengthens TTFT.
 
 The scheduling rules follow ``vllm/v1/core/sched/scheduler.py`` (``Scheduler.schedule``
-and ``update_from_output``; read at commit 00024d3 of vllm-project/vllm):
+and ``update_from_output``; read at commit 00024d3 of vllm-project/vllm and checked
+against the ``vllm==0.11.0`` wheel by ``benchmarks/compare_vllm_scheduler.py``):
 
 1. Running requests first, in the running list's order. Each asks for
    ``num_tokens - num_computed_tokens`` new tokens (one for a decode, the rest of
@@ -26,8 +27,11 @@ and ``update_from_output``; read at commit 00024d3 of vllm-project/vllm):
    is always computed, so a fully cached prompt still has one token of work; the
    cap works in whole blocks, so a block-aligned fully cached prompt recomputes its
    last block). Without chunked prefill, a request whose new tokens exceed the
-   remaining budget stops admission (``break``); with it, its first chunk takes
-   what is left. When its blocks do not fit, admission stops (head-of-line).
+   remaining budget is skipped and later ones are tried (vLLM 0.11's
+   ``skipped_waiting_requests``; the skipped go back to the head of the queue, the
+   last skipped first, as its ``prepend_requests`` leaves them); with it, its first
+   chunk takes what is left. When its blocks do not fit, admission stops
+   (head-of-line).
 4. Blocks become hittable *when scheduled*: at schedule time the request's full
    blocks up to ``num_computed_tokens + num_new_tokens`` are cached under their
    hashes (vLLM's ``allocate_slots`` calls ``cache_blocks`` before the step runs,
@@ -39,6 +43,17 @@ and ``update_from_output``; read at commit 00024d3 of vllm-project/vllm):
    ends mid-prompt samples nothing). A request finishes when it has
    ``output_length`` tokens (an output length of 0 is run as 1: the prefill samples
    one) and frees its blocks tail-first.
+
+6. Freed blocks join *one* queue in the order they are freed, cached or not, and
+   new blocks come from its front (vLLM's ``FreeKVCacheBlockQueue``: ``free`` appends
+   a request's blocks tail-first, ``get_new_blocks`` pops the front and evicts the
+   block's hash if it has one). The library's ``BlockPool`` keeps uncached free
+   blocks apart and hands them out before evicting anything, so the engine gives a
+   block that is freed without a hash (a partial last block, a duplicate) a
+   placeholder hash of its own (``("loose", k)``, never looked up) just before
+   releasing it: it then waits in the policy's order with the cached ones, as in
+   vLLM. Placeholder evictions are not counted as evictions (``evictions``,
+   ``evicted``). With the ``lru`` policy this is vLLM's queue exactly.
 
 Blocks: a request holds ``ceil(tokens_with_kv / block_size)`` blocks from the
 library's ``BlockPool`` (``match_prefix``, ``touch``, ``allocate``, ``cache_blocks``,
@@ -151,6 +166,9 @@ class ReferenceIterationEngine:
             "blocks_in_use": array("q"),
         }
         self.peaks = [0, 0, 0]
+        self.loose: set[int] = set()  # blocks waiting under a placeholder hash (rule 6)
+        self.num_loose = 0
+        self.loose_evictions = 0
 
     # -- blocks ---------------------------------------------------------------
     def _hashes(self, i: int, upto: int) -> list:
@@ -172,11 +190,38 @@ class ReferenceIterationEngine:
         if protect:
             bp.touch(protect)
         try:
-            return bp.allocate(need)
+            got = bp.allocate(need)
         except KVNoVictimError:  # a policy that refuses victims: as good as full
             if protect:
                 bp.release(protect)
             return None
+        loose = self.loose
+        if loose and not loose.isdisjoint(got):
+            k = len(loose)
+            loose.difference_update(got)
+            self.loose_evictions += k - len(loose)
+        return got
+
+    @property
+    def evictions(self) -> int:
+        """Blocks evicted from the prefix cache (placeholder hashes not counted)."""
+        return self.bp.num_evictions - self.loose_evictions
+
+    def _release(self, i: int) -> None:
+        """Free request ``i``'s blocks into the one queue (module doc, rule 6)."""
+        held = self.held[i]
+        if not held:
+            return
+        bp = self.bp
+        hashes = bp.block_hashes
+        loose = [b for b in held if hashes[b] is None]
+        if loose:
+            k = self.num_loose
+            self.num_loose = k + len(loose)
+            if bp.cache_blocks(loose, [("loose", k + j) for j in range(len(loose))]):
+                self.loose.update(loose)
+        bp.release(held)
+        self.held[i] = []
 
     def _cache(self, i: int, upto_tokens: int) -> None:
         full = upto_tokens // self.bs
@@ -189,9 +234,7 @@ class ReferenceIterationEngine:
             self.next_full[i] = (full + 1) * self.bs
 
     def _preempt(self, i: int, waiting: deque) -> None:
-        if self.held[i]:
-            self.bp.release(self.held[i])
-        self.held[i] = []
+        self._release(i)
         self.ncached[i] = 0
         self.room[i] = 0
         self.next_full[i] = self.bs
@@ -226,11 +269,11 @@ class ReferenceIterationEngine:
             self._cache(i, tot)
         return new, c
 
-    def _admit(self, running: list, waiting: deque, budget: int, now: float, push) -> bool:
-        """Rule 3: admit waiting requests (``push((i, new, context))`` each); returns
-        whether admission stopped at a request that did not fit (head-of-line)."""
+    def _admit(self, running: list, waiting: deque, budget: int, now: float, push) -> None:
+        """Rule 3: admit waiting requests (``push((i, new, context))`` each)."""
         if not waiting:
-            return False
+            return
+        skipped: list[int] = []
         bp, bs, held, L, gen = self.bp, self.bs, self.held, self.lengths, self.gen
         while waiting and budget > 0 and len(running) < self.max_seqs:
             i = waiting[0]
@@ -242,14 +285,15 @@ class ReferenceIterationEngine:
                 c = self.ready[i]
             new = ntok - c
             if not self.chunked and new > budget:
-                return True
+                skipped.append(waiting.popleft())
+                continue
             if new > budget:
                 new = budget
             need = -(-(c + new) // bs) - len(hit)
-            before = bp.num_evictions
+            before = self.evictions
             got = self._take(need, hit)
             if got is None:
-                return True
+                break
             waiting.popleft()
             held[i] = hit + got
             self.room[i] = len(held[i]) * bs
@@ -260,7 +304,7 @@ class ReferenceIterationEngine:
                 self.admitted[i] = True
                 self.hit[i] = len(hit)
                 self.alloc[i] = need
-                self.evicted[i] = bp.num_evictions - before
+                self.evicted[i] = self.evictions - before
                 self.start_s[i] = now
             else:
                 self.recomputed[i] += max(0, self.lost[i] - hit_tok)
@@ -270,7 +314,9 @@ class ReferenceIterationEngine:
             budget -= new
             if c + new >= self.next_full[i]:  # hittable from now on (module doc, 4)
                 self._cache(i, c + new)
-        return False
+        # vLLM puts skipped requests back at the head one by one (``prepend_requests``
+        # of a queue built with ``prepend_request``): the last skipped ends up first
+        waiting.extendleft(skipped)
 
     def _on_admit(self, i: int) -> None:
         """Hook: ``i`` was appended to the running list."""
@@ -333,9 +379,7 @@ class ReferenceIterationEngine:
                 last_tok[i] = end
                 if g >= out[i]:
                     self.finish_s[i] = end
-                    if self.held[i]:
-                        self.bp.release(self.held[i])
-                    self.held[i] = []
+                    self._release(i)
                     self.room[i] = 0
                     done.append(i)
         return done

@@ -149,7 +149,7 @@ def simulate_iteration(
         allocated=eng.alloc,
         evicted=eng.evicted,
         rejected=eng.rejected,
-        evictions=bp.num_evictions,
+        evictions=eng.evictions,
         times=times,
         clock="simulated",
         config=resolved,

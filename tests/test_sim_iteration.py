@@ -120,6 +120,46 @@ def test_without_chunked_prefill_a_prompt_waits_for_the_whole_budget():
     assert col(r, "start_s")[1] == 3.0
 
 
+def test_freed_blocks_wait_in_one_queue_cached_or_not_as_in_vllm():
+    # capacity 4, 1 s a step. A (prompt [h0, h1]) frees blocks 1 then 0; C (prompt [h5] +
+    # 1 token) takes the never-used 2, 3 and frees 3 (no hash) then 2: vLLM's one free
+    # queue is [1(h1), 0(h0), 3, 2(h5)], so D's one block evicts h1 (a pool that hands out
+    # unhashed blocks first would take 3). E ([h0, h1, h2]) then hits h0 only: 8 tokens
+    # to compute, and its two blocks are 3 (a placeholder, not an eviction) and 2 (h5).
+    # vLLM 0.11.0's scheduler gives the same step tokens [8, 5, 3, 8] (compare script).
+    cost = unit(step_overhead_s=1.0)
+    t = table([(0, 8, 1, [0, 1]), (1, 5, 1, [5]), (2, 3, 1, []), (3, 12, 1, [0, 1, 2])])
+    r = simulate_iteration(t, capacity=4, cost=cost, max_num_batched_tokens=64)
+    assert cost.log == [8, 5, 3, 8]
+    assert col(r, "hit_blocks") == [0, 0, 0, 1]
+    assert col(r, "evicted_blocks") == [0, 0, 1, 1]
+    assert r.evictions == 2
+    assert col(r, "finish_s") == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_without_chunked_prefill_a_prompt_over_the_budget_left_is_skipped():
+    # budget 8; A decodes (1 token), so B (8) does not fit the 7 left and is skipped; C (7)
+    # behind it is admitted in the same step (vLLM 0.11's skipped_waiting_requests), then D
+    # and E next step; B runs once A has finished (vLLM gives the same steps)
+    cost = unit(step_overhead_s=1.0)
+    t = table([(0, 4, 3), (1, 8, 1), (1, 7, 1), (1, 2, 1), (1, 1, 1)])
+    r = simulate_iteration(t, cost=cost, max_num_batched_tokens=8, chunked_prefill=False)
+    assert cost.log == [4, 8, 4, 8]
+    assert col(r, "first_token_s") == [1.0, 4.0, 2.0, 3.0, 3.0]
+    assert col(r, "finish_s") == [3.0, 4.0, 2.0, 3.0, 3.0]
+
+
+def test_without_chunked_prefill_skipped_requests_go_back_last_skipped_first():
+    # B and C (8 tokens each) are skipped while A decodes at steps 1, 2 and 3; each time
+    # vLLM puts them back at the head with the last skipped first, so the order flips
+    # three times and C runs before B (vLLM 0.11.0: C finishes at 5, B at 6)
+    cost = unit(step_overhead_s=1.0)
+    t = table([(0, 4, 4), (1, 8, 1), (1, 8, 1)])
+    r = simulate_iteration(t, cost=cost, max_num_batched_tokens=8, chunked_prefill=False)
+    assert cost.log == [4, 1, 1, 1, 8, 8]
+    assert col(r, "finish_s") == [4.0, 6.0, 5.0]
+
+
 def test_zero_cost_one_at_a_time_equals_sequential_replay_request_for_request():
     t = read_trace(DEFAULT_TRACE).head(400)
     bs = int(t["block_size"][0])

@@ -159,7 +159,7 @@ def simulate_pd(
         nonlocal evictions
         c.num_steps += eng.num_steps
         c.num_preemptions += eng.num_preemptions
-        evictions += eng.bp.num_evictions
+        evictions += eng.evictions
         insts.append(
             {
                 "role": role,
