@@ -44,16 +44,10 @@ class KVCacheManager(CacheManagerSeedMixin):
 
     def __init__(self, offload: KVOffloadManager) -> None:
         self.offload = offload
+        #: the device pool (``write_kv`` / ``read_kv`` on a request's handle)
+        self.pool: KVPool = offload.device
+        self.block_size: int = offload.block_size
         self._requests: dict[str, OffloadAllocation] = {}
-
-    @property
-    def pool(self) -> KVPool:
-        """The device pool (``write_kv`` / ``read_kv`` on a request's handle)."""
-        return self.offload.device
-
-    @property
-    def block_size(self) -> int:
-        return self.offload.block_size
 
     def block_hashes_of(self, tokens: Any = None, block_hashes: Any = None) -> list | None:
         if tokens is not None:

@@ -138,12 +138,11 @@ class SchedulerBridge:
             device_tier_name="gpu" if pool.device.startswith("cuda") else "device",
         )
         self.manager = KVCacheManager(offload)
+        self.offload = offload
+        self.pool = pool
         self.max_tokens = pool.max_tokens
         self.block_size = block_size
-        self.enable_prefix_cache = enable_prefix_cache
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.fcfs = fcfs
+        # the per-plan limits live in the planner (``self.planner.max_num_seqs``...)
         self.planner = BatchPlanner(
             offload,
             self.manager.block_hashes_of,
@@ -152,14 +151,6 @@ class SchedulerBridge:
             max_num_batched_tokens=max_num_batched_tokens,
             fcfs=fcfs,
         )
-
-    @property
-    def offload(self) -> KVOffloadManager:
-        return self.manager.offload
-
-    @property
-    def pool(self) -> KVPool:
-        return self.manager.pool
 
     # -- planning ------------------------------------------------------------
     def _as_request(self, r: Any) -> SchedRequest:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Hashable
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 from .offload import KVOffloadManager
@@ -29,6 +30,7 @@ from .scheduler_plan import RequestPlan, SchedRequest, SchedulerPlan
 __all__ = ["BatchPlanner"]
 
 
+@dataclass(slots=True)
 class BatchPlanner:
     """Plans batches over a ``KVOffloadManager``'s device pool and tiers.
 
@@ -40,22 +42,13 @@ class BatchPlanner:
         fcfs: stop admitting at the first request that must wait.
     """
 
-    def __init__(
-        self,
-        offload: KVOffloadManager,
-        hashes_of: Callable[[Any, Any], list | None],
-        *,
-        enable_prefix_cache: bool,
-        max_num_seqs: int | None,
-        max_num_batched_tokens: int | None,
-        fcfs: bool,
-    ) -> None:
-        self.offload = offload
-        self.hashes_of = hashes_of
-        self.enable_prefix_cache = enable_prefix_cache
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.fcfs = fcfs
+    offload: KVOffloadManager
+    hashes_of: Callable[[Any, Any], list | None]
+    _: KW_ONLY
+    enable_prefix_cache: bool
+    max_num_seqs: int | None
+    max_num_batched_tokens: int | None
+    fcfs: bool
 
     def plan(self, requests: list[SchedRequest]) -> SchedulerPlan:
         """What allocating the (checked) ``requests`` in order would do now; changes

@@ -28,11 +28,7 @@ __all__ = ["CacheManagerSeedMixin"]
 class CacheManagerSeedMixin:
     """The seed's prefix registry and request-less ``alloc`` on ``KVCacheManager``."""
 
-    if TYPE_CHECKING:  # pragma: no cover
-
-        @property
-        def pool(self) -> KVPool:  # the manager's device pool (``KVCacheManager.pool``)
-            ...
+    pool: KVPool  # the manager's device pool (``KVCacheManager.pool``)
 
     def _prefix_state(self) -> dict[str, Any]:
         st = self.__dict__.get("_seed_prefix")
