@@ -48,7 +48,12 @@ PAPER_NODE_TOKENS = 3_000_000  # part 2: the paper's cache per node""",
         """import matplotlib.pyplot as plt
 import polars as pl
 
-from sim.analysis.fleet_plots import plot_instances, plot_routers
+from sim.analysis.fleet_plots import (
+    COMPARED_ROUTERS,
+    plot_instances,
+    plot_routers,
+    router_summary,
+)
 from sim.routers import ROUTERS
 from sim.simulate import simulate
 from sim.sweep import sweep
@@ -91,28 +96,12 @@ trace.select(
 )"""
     ),
     new_code_cell(
-        """routers = [
-    "round-robin",
-    "random:seed=0",
-    "least-load",
-    "shortest-queue",
-    "longest-prefix",
-    "kv-aware:weight=1,temperature=0",
-    "cache-aware",
-    "consistent-hash:key=prefix",
-]
+        """print(COMPARED_ROUTERS)
 runs = {
     r: simulate(trace, CAPACITY_BLOCKS, "lru", mode="concurrent", instances=INSTANCES, router=r)
-    for r in routers
+    for r in COMPARED_ROUTERS
 }
-columns = [
-    "token_hit_ratio", "ttft_p50_s", "ttft_p99_s", "load_imbalance",
-    "best_instance_hit_ratio", "all_caches_hit_ratio", "regret_hit_ratio",
-]
-router_table = pl.DataFrame(
-    [{"router": r, **{c: res.summary()[c] for c in columns}} for r, res in runs.items()]
-)
-router_table.with_columns(pl.col(pl.Float64).round(3))"""
+router_summary(runs).with_columns(pl.col(pl.Float64).round(3))"""
     ),
     new_markdown_cell(
         """How to read the columns:

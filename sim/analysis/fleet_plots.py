@@ -1,4 +1,5 @@
-"""Figures of fleet replays: per-instance load and hits, routers against instance counts."""
+"""Fleet replays: the routers compared and their table; per-instance load and hits,
+routers against instance counts."""
 
 from __future__ import annotations
 
@@ -6,7 +7,49 @@ from typing import Any
 
 from .plots import as_polars_frame, new_axes
 
-__all__ = ["plot_instances", "plot_routers", "router_columns"]
+__all__ = [
+    "COMPARED_ROUTERS",
+    "ROUTER_SUMMARY_COLUMNS",
+    "plot_instances",
+    "plot_routers",
+    "router_columns",
+    "router_summary",
+]
+
+#: The routers a fleet comparison runs (notebook 03, ``bench_fleet.py``): every
+#: built-in family once, each with arguments that make it deterministic.
+COMPARED_ROUTERS = (
+    "round-robin",
+    "random:seed=0",
+    "least-load",
+    "shortest-queue",
+    "longest-prefix",
+    "kv-aware:weight=1,temperature=0",
+    "cache-aware",
+    "consistent-hash:key=prefix",
+)
+#: The fleet figures of a run's summary that :func:`router_summary` tables.
+ROUTER_SUMMARY_COLUMNS = (
+    "token_hit_ratio",
+    "ttft_p50_s",
+    "ttft_p99_s",
+    "load_imbalance",
+    "best_instance_hit_ratio",
+    "all_caches_hit_ratio",
+    "regret_hit_ratio",
+)
+
+
+def router_summary(runs: dict[str, Any]) -> Any:
+    """One row per fleet run of ``{router: SimResult}``: ``router`` and
+    :data:`ROUTER_SUMMARY_COLUMNS` from its summary, in the dict's order."""
+    import polars as pl
+
+    rows = []
+    for router, res in runs.items():
+        summary = res.summary()
+        rows.append({"router": router, **{c: summary[c] for c in ROUTER_SUMMARY_COLUMNS}})
+    return pl.DataFrame(rows)
 
 
 def plot_instances(per_instance: list[dict], ax: Any = None, *, title: str | None = None) -> Any:
