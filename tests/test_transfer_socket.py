@@ -150,6 +150,38 @@ def test_corrupted_transfer_is_all_or_nothing(pair):
     assert dst_pool.match_prefix(tokens)[1] == 0
 
 
+@pytest.mark.parametrize("room", [16, 8])
+def test_a_fetch_posted_while_its_message_is_read_gets_it(pair, monkeypatch, room):
+    """The race behind a lost message: the fetch is posted after the server
+    found no slot for the message but before the bytes were put in the inbox.
+    The fetch still gets them (or the typed size error), and nothing stays
+    reserved in the inbox."""
+    from sagellm_kv_cache.transfer.backends import socket_server
+
+    b0, b1 = pair
+    out = torch.zeros(room, dtype=torch.uint8)
+    works: list = []
+    real = socket_server.recv_into
+
+    def read_then_post(sock, view, what):
+        real(sock, view, what)
+        if not works:  # the first DATA frame went to the inbox path: post now
+            works.append(b1.fetch(0, 7, out))
+
+    monkeypatch.setattr(socket_server, "recv_into", read_then_post)
+    data = torch.arange(16, dtype=torch.uint8)
+    if room == 16:
+        b0.expose(1, 7, data).wait(5.0)
+        works[0].wait(5.0)
+        assert torch.equal(out, data)
+    else:
+        with pytest.raises(KVTransferFailedError, match="has 16 bytes, the buffer 8"):
+            b0.expose(1, 7, data).wait(5.0)
+        with pytest.raises(KVTransferFailedError, match="has 16 bytes, the buffer 8"):
+            works[0].wait(5.0)
+    assert b1.inbox_bytes == 0 and b1._inbox == {} and b1._posted == {}
+
+
 def test_seed_send_recv_in_order_with_tensor_and_bytearray(pair):
     b0, b1 = pair
     assert (b0.get_rank(), b0.get_world_size(), b1.get_rank()) == (0, 2, 1)

@@ -68,6 +68,7 @@ from .socket_frames import (
     decode_error,
     protocol_error,
     recv_exact,
+    size_error,
 )
 from .socket_server import RemoteStore, SocketServerMixin
 
@@ -431,12 +432,7 @@ class SocketTransferBackend(SocketServerMixin, TransferBackend):
                 self._posted[key] = slot
                 return _FetchWork(self, key, slot, out, bounce)
         if len(buf) != len(view):
-            return _Done(
-                KVTransferFailedError(
-                    f"message {tag} from rank {peer} has {len(buf)} bytes, the buffer {len(view)}",
-                    peer=peer,
-                )
-            )
+            return _Done(size_error(tag, peer, len(buf), len(view)))
         view[:] = buf
         _copy_back(out, bounce)
         return _Done()

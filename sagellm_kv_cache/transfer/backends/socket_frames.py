@@ -73,6 +73,13 @@ def protocol_error(msg: str, **details: Any) -> KVTransferFailedError:
     return KVTransferFailedError(f"bad socket frame: {msg}", **details)
 
 
+def size_error(tag: int, peer: int, got: int, room: int) -> KVTransferFailedError:
+    """A message whose size differs from the buffer posted for it."""
+    return KVTransferFailedError(
+        f"message {tag} from rank {peer} has {got} bytes, the buffer {room}", peer=peer
+    )
+
+
 def recv_into(sock: socket.socket, view: memoryview, what: str) -> None:
     """Fill ``view`` from ``sock``; a short read or a stall is a typed error."""
     got, n = 0, len(view)

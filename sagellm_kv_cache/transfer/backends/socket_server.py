@@ -43,6 +43,7 @@ from .socket_frames import (
     protocol_error,
     recv_exact,
     recv_into,
+    size_error,
 )
 
 __all__ = ["RemoteStore", "SocketServerMixin"]
@@ -225,11 +226,7 @@ class SocketServerMixin:
                     del self._posted[key]
                     if len(slot.view) != n:
                         slot.state = 3
-                        slot.error = KVTransferFailedError(
-                            f"message {tag} from rank {src} has {n} bytes, "
-                            f"the buffer {len(slot.view)}",
-                            peer=src,
-                        )
+                        slot.error = size_error(tag, src, n, len(slot.view))
                         self._cond.notify_all()
                         raise slot.error
                     slot.state = 1
@@ -267,5 +264,21 @@ class SocketServerMixin:
         with self._cond:
             if self._closed:
                 return
-            self._inbox[key] = buf
+            # a fetch posted while the bytes were read (it found neither a slot
+            # nor an inbox entry) gets them now: left in the inbox, nobody
+            # would look for them again and the receiver would wait it out
+            slot = self._posted.pop(key, None)
+            if slot is None:
+                self._inbox[key] = buf
+                self._cond.notify_all()
+                return
+            self._inbox_bytes -= n
+            if len(slot.view) == n:
+                slot.view[:] = buf
+                slot.state = 2
+            else:
+                slot.state = 3
+                slot.error = size_error(tag, src, n, len(slot.view))
             self._cond.notify_all()
+        if slot.error is not None:
+            raise slot.error
