@@ -17,6 +17,16 @@ non-negative least-squares fits::
 (``holdout``, drawn with ``seed``) is kept out of the fit; the error reported is
 the mean absolute percentage error (MAPE) of TTFT and of each request's mean ITL
 on those held-out requests.
+
+``model="roofline:gpu=...,model=..."`` fits the roofline model's factors instead
+(``eff_gemm``, ``eff_attn``, ``eff_mem``, ``step_overhead_s``; ``sim.cost.roofline``)
+on the same steps: each step's time is ``step_overhead_s + max(g / eff_gemm,
+m / eff_mem) + max(a / eff_attn, k / eff_mem)`` with ``(g, m, a, k)`` the step's
+seconds at efficiency 1 (``RooflineCost.unit_parts``), a piecewise-linear function
+of the inverse efficiencies, fitted by bounded least squares on relative errors
+(efficiencies in (0, 1], the overhead >= 0; TTFTs weighted to count as much as all
+the ITL gaps together; started from the given factors and from two other guesses,
+the best kept).
 """
 
 from __future__ import annotations
@@ -30,24 +40,30 @@ import numpy as np
 
 from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError
 
+from .cost.base import StepCostModel, batch_stats
 from .cost.linear import LinearStepCost
+from .cost.roofline import RooflineCost
 
 __all__ = ["Calibration", "calibrate", "load_timings"]
 
 
 @dataclass
 class Calibration:
-    model: LinearStepCost
+    model: StepCostModel
     ttft_mape: float
     itl_mape: float
     num_fit: int
     num_holdout: int
+    spec: str | None = None  # what --cost-model takes (None: a model given as an object)
 
     def to_dict(self) -> dict:
+        spec = self.spec
+        if spec is None and isinstance(self.model, LinearStepCost):
+            d = self.model.describe()
+            spec = "linear:" + ",".join(f"{k}={v!r}" for k, v in d.items() if k != "kind")
         return {
             "model": self.model.describe(),
-            "spec": "linear:"
-            + ",".join(f"{k}={v!r}" for k, v in self.model.describe().items() if k != "kind"),
+            "spec": spec,
             "ttft_mape": self.ttft_mape,
             "itl_mape": self.itl_mape,
             "num_fit": self.num_fit,
@@ -97,15 +113,52 @@ def _nnls(A: np.ndarray, y: np.ndarray) -> np.ndarray:
     return x / scale
 
 
-def calibrate(timings: Any, holdout: float = 0.2, seed: int = 0) -> Calibration:
-    """Fit ``LinearStepCost`` to ``timings`` (see the module doc); MAPE on held-out requests."""
+def calibrate(timings: Any, holdout: float = 0.2, seed: int = 0, model: Any = None) -> Calibration:
+    """Fit ``LinearStepCost`` (``model`` None or ``"linear"``) or a roofline model's
+    factors (``model`` a ``roofline:`` text or a ``RooflineCost``) to ``timings`` (see
+    the module doc); MAPE on held-out requests.
+
+    Raises:
+        KVConfigError: a bad ``holdout`` or ``model``. KVInvalidInputError: bad timings.
+    """
     if isinstance(holdout, bool) or not isinstance(holdout, int | float) or not 0 < holdout < 1:
         raise KVConfigError(f"holdout must be a share in (0, 1), got {holdout!r}")
+    base = _base_model(model)
     t = load_timings(timings)
     n = len(t["ttft"])
     order = np.random.default_rng(seed).permutation(n)
     k = max(1, round(n * holdout))
     test, fit = order[:k], order[k:]
+    if not sum(len(t["itls"][i]) for i in fit):
+        raise KVInvalidInputError("no inter-token latencies to fit (every output was 1 token)")
+    spec = None
+    if base is None:
+        fitted: StepCostModel = _fit_linear(t, fit)
+    else:
+        fitted = _fit_roofline(base, t, fit)
+        if isinstance(model, str):
+            spec = _roofline_spec(model, fitted)
+    ttft_mape, itl_mape = _holdout_errors(fitted, t, test)
+    return Calibration(fitted, ttft_mape, itl_mape, len(fit), len(test), spec)
+
+
+def _base_model(model: Any) -> RooflineCost | None:
+    """None for the linear fit, else the roofline model whose factors are fitted."""
+    if model is None or (isinstance(model, str) and model.strip().lower() in ("linear", "")):
+        return None
+    if isinstance(model, str):
+        from .cost.parse import parse_cost_model
+
+        model = parse_cost_model(model)
+    if not isinstance(model, RooflineCost):
+        raise KVConfigError(
+            f"calibrate fits the linear model or a roofline: model, got {type(model).__name__}"
+        )
+    return model
+
+
+def _fit_linear(t: dict, fit: np.ndarray) -> LinearStepCost:
+    n = len(t["ttft"])
     x = t["input"].astype(np.float64)
     A = np.stack([np.ones(n), x, x * (x + 1) / 2], axis=1)
     po, ppt_kv, aspp = _nnls(A[fit], t["ttft"][fit])
@@ -114,13 +167,11 @@ def calibrate(timings: Any, holdout: float = 0.2, seed: int = 0) -> Calibration:
         g = t["itls"][i]
         ctx.append(x[i] + np.arange(1, len(g) + 1))  # the j-th gap decodes at context x + j
         gaps.append(g)
-    if not sum(len(g) for g in gaps):
-        raise KVInvalidInputError("no inter-token latencies to fit (every output was 1 token)")
     c = np.concatenate(ctx)
     B = np.stack([np.ones(len(c)), c + 1], axis=1)
     ds, slope = _nnls(B, np.concatenate(gaps))
     kv = max(0.0, slope - aspp)
-    model = LinearStepCost(
+    return LinearStepCost(
         step_overhead_s=0.0,
         prefill_overhead_s=float(po),
         prefill_s_per_token=float(max(0.0, ppt_kv - kv)),
@@ -129,6 +180,83 @@ def calibrate(timings: Any, holdout: float = 0.2, seed: int = 0) -> Calibration:
         attn_s_per_pair=float(aspp),
         kv_s_per_token=float(kv),
     )
+
+
+def _fit_roofline(base: RooflineCost, t: dict, fit: np.ndarray) -> RooflineCost:
+    """The roofline factors by bounded least squares on relative errors (module doc)."""
+    import dataclasses
+
+    from scipy.optimize import least_squares
+
+    rows, ys, ws = [], [], []
+    num_gaps = sum(len(t["itls"][i]) for i in fit)
+    w_ttft = np.sqrt(max(1.0, num_gaps / len(fit)))  # TTFTs count as much as all gaps
+    for i in fit:
+        x = int(t["input"][i])
+        rows.append(base.unit_parts(batch_stats([(x, 0)])))
+        ys.append(t["ttft"][i])
+        ws.append(w_ttft)
+        for j, g in enumerate(t["itls"][i], start=1):
+            if g > 0:
+                rows.append(base.unit_parts(batch_stats([(1, x + j)])))
+                ys.append(g)
+                ws.append(1.0)
+    P = np.asarray(rows)
+    w = np.asarray(ws) / np.asarray(ys)
+
+    def pred(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lin_c, lin_m = P[:, 0] * p[1], P[:, 1] * p[3]
+        att_c, att_m = P[:, 2] * p[2], P[:, 3] * p[3]
+        return (
+            p[0] + np.maximum(lin_c, lin_m) + np.maximum(att_c, att_m),
+            lin_c >= lin_m,
+            att_c >= att_m,
+        )
+
+    def resid(p: np.ndarray) -> np.ndarray:
+        return (pred(p)[0] - ys_a) * w
+
+    def jac(p: np.ndarray) -> np.ndarray:
+        _, lc, ac = pred(p)
+        J = np.empty((len(P), 4))
+        J[:, 0] = 1.0
+        J[:, 1] = np.where(lc, P[:, 0], 0.0)
+        J[:, 2] = np.where(ac, P[:, 2], 0.0)
+        J[:, 3] = np.where(lc, 0.0, P[:, 1]) + np.where(ac, 0.0, P[:, 3])
+        return J * w[:, None]
+
+    ys_a = np.asarray(ys)
+    lo, hi = [0.0, 1.0, 1.0, 1.0], [np.inf, 1e3, 1e3, 1e3]
+    starts = [
+        [base.step_overhead_s, 1 / base.eff_gemm, 1 / base.eff_attn, 1 / base.eff_mem],
+        [0.0, 1.0, 1.0, 1.0],
+        [1e-3, 4.0, 4.0, 2.0],
+    ]
+    best = None
+    for x0 in starts:
+        r = least_squares(resid, np.asarray(x0, dtype=np.float64), jac=jac, bounds=(lo, hi))
+        if best is None or r.cost < best.cost:
+            best = r
+    assert best is not None
+    o, ia, it, im = (float(v) for v in best.x)
+    return dataclasses.replace(
+        base, step_overhead_s=o, eff_gemm=1 / ia, eff_attn=1 / it, eff_mem=1 / im
+    )
+
+
+def _roofline_spec(text: str, m: RooflineCost) -> str:
+    """``text`` with the fitted factors in place of any it gave."""
+    from .cost.parse import _FLOATS, _items
+
+    kind, _, rest = text.partition(":")
+    items = {k: v for k, v in _items(rest).items() if k not in _FLOATS}
+    items.update({k: repr(float(getattr(m, k))) for k in _FLOATS})
+    return kind.strip().lower() + ":" + ",".join(f"{k}={v}" for k, v in items.items())
+
+
+def _holdout_errors(model: StepCostModel, t: dict, test: np.ndarray) -> tuple[float, float]:
+    """(TTFT MAPE, mean-ITL MAPE) of ``model`` on the held-out requests."""
+    x = t["input"]
     pred_ttft = np.array([model.step_time([(int(x[i]), 0)]) for i in test])
     ttft_mape = float(np.mean(np.abs(pred_ttft - t["ttft"][test]) / t["ttft"][test]))
     errs = []
@@ -138,4 +266,4 @@ def calibrate(timings: Any, holdout: float = 0.2, seed: int = 0) -> Calibration:
             p = np.mean([model.step_time([(1, int(x[i]) + j)]) for j in range(1, len(g) + 1)])
             errs.append(abs(p - g.mean()) / g.mean())
     itl_mape = float(np.mean(errs)) if errs else float("nan")
-    return Calibration(model, ttft_mape, itl_mape, len(fit), len(test))
+    return ttft_mape, itl_mape

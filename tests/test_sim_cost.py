@@ -146,6 +146,50 @@ def test_calibrate_recovers_known_factors_with_small_error(tmp_path):
     assert parse_cost_model(spec).decode_step_s == pytest.approx(0.006, rel=0.05)
 
 
+def _table_from(model, axis):
+    """A step-time table measured on ``model`` at ``axis`` x ``axis`` (one sequence per
+    point: T new tokens against max(kv, T) keys, as profile_step_times.py measures)."""
+    toks = [a for a in axis if a >= 1]
+    secs = [[model.step_time([(tk, max(kv - tk, 0))]) for kv in axis] for tk in toks]
+    return TableCost(toks, axis, secs, {"made_from": "roofline with known factors"})
+
+
+def test_calibrate_recovers_roofline_factors_from_a_known_table_with_noise(tmp_path):
+    known = "eff_gemm=0.55,eff_attn=0.35,eff_mem=0.65,step_overhead_s=0.002"
+    truth = parse_cost_model(f"roofline:gpu=h100,model=llama-3-8b,{known}")
+    # the fitter alone, on the roofline's own times: exact
+    exact = calibrate(_bench(truth, noise=0.0), model="roofline:gpu=h100,model=llama-3-8b")
+    assert exact.model.eff_gemm == pytest.approx(0.55, rel=1e-6)
+    assert exact.model.eff_attn == pytest.approx(0.35, rel=1e-6)
+    assert exact.model.eff_mem == pytest.approx(0.65, rel=1e-6)
+    assert exact.model.step_overhead_s == pytest.approx(0.002, rel=1e-6)
+    # timings from a table of that model (a 28 x 29 grid of powers of sqrt 2, bilinear
+    # between points) with 2% noise: the factors come back, the held-out error is small
+    axis = sorted({round(2 ** (k / 2)) for k in range(29)} | {0})
+    bench = _bench(_table_from(truth, axis), noise=0.02)
+    cal = calibrate(bench, model="roofline:gpu=h100,model=llama-3-8b")
+    m = cal.model
+    assert m.eff_gemm == pytest.approx(0.55, rel=0.05)
+    assert m.eff_mem == pytest.approx(0.65, rel=0.05)
+    assert m.step_overhead_s == pytest.approx(0.002, rel=0.15)
+    # attention is ~10% of a prefill and the table's interpolation bends its quadratic
+    assert m.eff_attn == pytest.approx(0.35, rel=0.15)
+    assert cal.ttft_mape <= 0.05 and cal.itl_mape <= 0.05
+    # the CLI prints the same fit as a spec --cost-model takes
+    p = tmp_path / "bench.json"
+    p.write_text(json.dumps(bench))
+    from cli.calibrate_cmds import calibrate as cmd
+
+    res = CliRunner().invoke(cmd, [str(p), "--model", "roofline:gpu=h100,model=llama-3-8b"])
+    assert res.exit_code == 0, res.output
+    assert "TTFT MAPE" in res.output
+    spec = res.output.strip().splitlines()[-1].split(" ", 1)[1]
+    again = parse_cost_model(spec)
+    assert isinstance(again, RooflineCost) and again.eff_gemm == pytest.approx(m.eff_gemm)
+    bad = CliRunner().invoke(cmd, [str(p), "--model", "table:nope"])
+    assert bad.exit_code == 1 and "Error: [KV_CONFIG" in bad.output
+
+
 def test_calibrate_bad_input_is_typed(tmp_path):
     with pytest.raises(KVInvalidInputError):
         calibrate({"ttfts": [1.0]})

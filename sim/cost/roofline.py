@@ -80,6 +80,11 @@ class RooflineCost(StepCostModel):
 
     # -- pieces (seconds) -------------------------------------------------------
     def linear_s(self, num_tokens: int, num_seqs: int) -> float:
+        flops, nbytes = self._linear_work(num_tokens, num_seqs)
+        return max(flops / (self._peak * self.eff_gemm), nbytes / self._bw)
+
+    def _linear_work(self, num_tokens: int, num_seqs: int) -> tuple[float, float]:
+        """(FLOPs, bytes) of the step's linear layers."""
         m = self.model
         L, b = m.num_layers, m.bytes_per_param
         if m.num_experts:
@@ -92,12 +97,26 @@ class RooflineCost(StepCostModel):
         head = m.hidden * m.vocab
         flops = 2.0 * num_tokens * per_tok * L + 2.0 * num_seqs * head
         nbytes = (weights + head) * b + num_tokens * self._act
-        return max(flops / (self._peak * self.eff_gemm), nbytes / self._bw)
+        return flops, nbytes
 
     def attention_s(self, attn_pairs: float, kv_tokens: int, num_tokens: int) -> float:
         flops = self._attn_flops * attn_pairs
         nbytes = (kv_tokens + num_tokens) * self._kv_bytes
         return max(flops / (self._peak * self.eff_attn), nbytes / self._bw)
+
+    def unit_parts(self, st: BatchStats) -> tuple[float, float, float, float]:
+        """Seconds at efficiency 1: (linear compute, linear memory, attention compute,
+        attention memory); ``time`` is ``step_overhead_s + max(p0 / eff_gemm, p1 / eff_mem)
+        + max(p2 / eff_attn, p3 / eff_mem)`` (what ``sim.calibrate`` fits)."""
+        flops, nbytes = self._linear_work(st.num_tokens, st.num_seqs)
+        bw = self._bw / self.eff_mem
+        a_bytes = (st.kv_tokens + st.num_tokens) * self._kv_bytes
+        return (
+            flops / self._peak,
+            nbytes / bw,
+            self._attn_flops * st.attn_pairs / self._peak,
+            a_bytes / bw,
+        )
 
     def time(self, st: BatchStats) -> float:
         return (
