@@ -46,8 +46,11 @@ class SecondsHistogram:
     ``values`` buffers single observations. A batch sharing one end time goes
     in through :meth:`add_batch`: when all its start times are equal (blocks
     cached, hit or released together, the common case) it is one
-    ``(end, start, count)`` in ``runs``; otherwise its start times go to
-    ``starts`` with one ``(end, count)`` in ``marks``. With guards (one per
+    ``end, start, count`` in ``runs``; otherwise its start times go to
+    ``starts`` with one ``end, count`` in ``marks``. ``runs`` and ``marks``
+    are flat lists (three and two entries a batch): a tuple kept per batch
+    would be a container the garbage collector tracks, and thousands of them
+    made its passes run on the pool's hot path. With guards (one per
     start) a start counts only if it is ``>=`` its guard. ``fold`` counts
     everything with one numpy pass and empties the buffers in place. NaN
     observations (unknown start) are dropped. Not thread-safe: the owner
@@ -62,12 +65,12 @@ class SecondsHistogram:
         self.sum = 0.0
         self.values: list[float] = []
         self.starts: list[float] = []
-        self.marks: list[tuple[float, int]] = []
+        self.marks: list[float] = []  # end, count per batch
         self.guards: list[float] = []
-        self.runs: list[tuple[float, float, int]] = []
+        self.runs: list[float] = []  # end, start, count per batch
 
     def __len__(self) -> int:
-        return len(self.values) + len(self.starts) + len(self.runs)
+        return len(self.values) + len(self.starts) + len(self.runs) // 3
 
     def add_batch(
         self, end: float, starts: Sequence[float], guards: Sequence[float] | None = None
@@ -80,16 +83,17 @@ class SecondsHistogram:
         s0 = starts[0]
         if starts.count(s0) == n and (guards is None or guards.count(guards[0]) == n):
             if guards is None or s0 >= guards[0]:
-                self.runs.append((end, s0, n))
+                self.runs.extend((end, s0, n))  # the tuple dies here
             return
         self.starts.extend(starts)
-        self.marks.append((end, n))
+        self.marks.extend((end, n))
         if guards is not None:
             self.guards.extend(guards)
 
     def fold(self) -> None:
         if self.runs:
-            r_end, r_start, r_count = (np.array(c, dtype=np.float64) for c in zip(*self.runs))
+            runs = np.array(self.runs, dtype=np.float64)
+            r_end, r_start, r_count = runs[0::3], runs[1::3], runs[2::3]
             self.runs.clear()
             r_values = r_end - r_start
             ok = ~np.isnan(r_values)
@@ -103,9 +107,10 @@ class SecondsHistogram:
             return
         values = np.array(self.values, dtype=np.float64)
         if self.starts:
-            ends, counts = zip(*self.marks)
+            marks = self.marks
             starts = np.array(self.starts, dtype=np.float64)
-            batch = np.repeat(np.array(ends, dtype=np.float64), counts) - starts
+            ends = np.array(marks[0::2], dtype=np.float64)
+            batch = np.repeat(ends, np.array(marks[1::2], dtype=np.int64)) - starts
             if self.guards:
                 batch = batch[starts >= np.array(self.guards, dtype=np.float64)]
             values = np.concatenate([values, batch])
