@@ -11,7 +11,19 @@ import errno
 
 from hypothesis import strategies as st
 
-from sagellm_kv_cache.offload.faults import corrupt_block_file, delete_block_file
+from sagellm_kv_cache.offload import DiskBlockStore
+from sagellm_kv_cache.offload.faults import FaultyDiskIO, corrupt_block_file, delete_block_file
+
+
+def store_with_two_blocks(tmp_path) -> tuple[DiskBlockStore, FaultyDiskIO]:
+    """A 4096-byte-block store behind a ``FaultyDiskIO`` holding blocks 1 and 2
+    (every byte ``0x01`` and ``0x02``)."""
+    io = FaultyDiskIO()
+    store = DiskBlockStore(tmp_path / "kv", "geom", 4096, io=io)
+    store.write(1, b"\x01" * 4096)
+    store.write(2, b"\x02" * 4096)
+    return store, io
+
 
 FAULTS = st.sampled_from(["corrupt", "delete", "disk_full", "disk_ok", "read_fails"])
 

@@ -34,7 +34,12 @@ from sagellm_kv_cache.errors import (
 from sagellm_kv_cache.offload import DiskBlockStore, KVOffloadManager
 from sagellm_kv_cache.offload.faults import FaultyDiskIO, corrupt_block_file, delete_block_file
 from sagellm_kv_cache.storage import ModelShape
-from tests._offload_faults import FAULTS, check_tiers_and_files, inject_fault
+from tests._offload_faults import (
+    FAULTS,
+    check_tiers_and_files,
+    inject_fault,
+    store_with_two_blocks,
+)
 
 SHAPE = ModelShape(2, 2, 8, "float16")
 BS = 4
@@ -229,16 +234,8 @@ def test_an_exclusive_chain_drops_a_lower_copy_the_device_computed_again(tmp_pat
 # -- defect 12: the disk tier ---------------------------------------------------------------------
 
 
-def _store_with_two_blocks(tmp_path) -> tuple[DiskBlockStore, FaultyDiskIO]:
-    io = FaultyDiskIO()
-    store = DiskBlockStore(tmp_path / "kv", "geom", 4096, io=io)
-    store.write(1, b"\x01" * 4096)
-    store.write(2, b"\x02" * 4096)
-    return store, io
-
-
 def test_a_deleted_block_file_is_a_typed_storage_error(tmp_path):
-    store, _ = _store_with_two_blocks(tmp_path)
+    store, _ = store_with_two_blocks(tmp_path)
     assert delete_block_file(store, 2)
     with pytest.raises(KVStorageError) as info:
         store.read(2)
@@ -249,7 +246,7 @@ def test_a_deleted_block_file_is_a_typed_storage_error(tmp_path):
 
 
 def test_a_failed_read_is_a_typed_storage_error(tmp_path):
-    store, io = _store_with_two_blocks(tmp_path)
+    store, io = store_with_two_blocks(tmp_path)
     io.fail_reads(errno.EIO, count=1)
     with pytest.raises(KVStorageError) as info:
         store.read(1)
@@ -261,7 +258,7 @@ def test_a_failed_read_is_a_typed_storage_error(tmp_path):
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EFBIG])
 def test_a_full_disk_leaves_no_file_and_a_typed_error(tmp_path, err):
-    store, io = _store_with_two_blocks(tmp_path)
+    store, io = store_with_two_blocks(tmp_path)
     io.fail_writes(err)
     with pytest.raises(KVStorageError) as info:
         store.write(3, b"\x03" * 4096)
@@ -559,75 +556,3 @@ TestOffloadFaultMachine.settings = settings(
     max_examples=int(os.environ.get("OFFLOAD_FAULT_EXAMPLES", "100")),
     stateful_step_count=int(os.environ.get("OFFLOAD_FAULT_STEPS", "60")),
 )
-
-
-# -- read_into: one preadv straight into the destination, checked -------------------------------
-def _pieces(n: int, size: int) -> list:
-    import numpy as np
-
-    return [np.zeros(size, dtype=np.uint8) for _ in range(n)]
-
-
-def test_read_into_fills_the_buffers_in_order_and_checks_the_bytes(tmp_path):
-    payload = bytes(range(256)) * 16
-    store = DiskBlockStore(tmp_path / "kv", "geom", 4096)
-    store.write(b"k1", payload)
-    bufs = _pieces(4, 1024)
-    store.read_into(b"k1", bufs)
-    assert b"".join(bytes(b) for b in bufs) == payload
-    corrupt_block_file(store, b"k1")
-    with pytest.raises(KVChecksumMismatchError) as info:
-        store.read_into(b"k1", _pieces(4, 1024))
-    assert info.value.code == "KV_CHECKSUM_MISMATCH"
-    with pytest.raises(KVStorageError) as missing:
-        store.read_into(b"k2", _pieces(4, 1024))
-    assert isinstance(missing.value.__cause__, FileNotFoundError)
-    store.close()
-
-
-def test_read_into_refuses_a_file_of_another_length_or_key(tmp_path):
-    store = DiskBlockStore(tmp_path / "kv", "geom", 4096)
-    store.write(7, b"\x07" * 4096)
-    path = store.path_of(7)
-    with open(path, "ab") as f:
-        f.write(b"\x00")  # one byte more than the header says
-    with pytest.raises(KVChecksumMismatchError):
-        store.read_into(7, _pieces(2, 2048))
-    path.rename(store.path_of(8))  # a file under another key's name
-    with pytest.raises(KVChecksumMismatchError):
-        store.read_into(8, _pieces(2, 2048))
-    store.close()
-
-
-def test_read_into_goes_through_the_fault_seam(tmp_path):
-    store, io = _store_with_two_blocks(tmp_path)
-    io.fail_reads(errno.EIO, count=1)
-    with pytest.raises(KVStorageError) as info:
-        store.read_into(1, _pieces(1, 4096))
-    assert info.value.errno == errno.EIO and io.num_failed_reads == 1
-    bufs = _pieces(1, 4096)
-    store.read_into(1, bufs)  # one fault only
-    assert bytes(bufs[0]) == b"\x01" * 4096
-    store.close()
-
-
-def test_crc32_block_files_stay_readable(tmp_path, monkeypatch):
-    """Files written without xxhash (checksum kind crc32) are read and checked by
-    every reader, on open and per block."""
-    from sagellm_kv_cache.offload import disk
-
-    monkeypatch.setattr(disk, "_XXH3", None)
-    store = DiskBlockStore(tmp_path / "kv", "geom", 4096)
-    store.write(1, b"\x01" * 4096)
-    store.close()
-    monkeypatch.undo()
-    store = DiskBlockStore(tmp_path / "kv", "geom", 4096)
-    assert list(store.scan()) == [1]  # verify_on_open checked the crc32
-    assert bytes(store.read(1)) == b"\x01" * 4096
-    bufs = _pieces(2, 2048)
-    store.read_into(1, bufs)
-    assert bytes(bufs[0]) + bytes(bufs[1]) == b"\x01" * 4096
-    corrupt_block_file(store, 1)
-    with pytest.raises(KVChecksumMismatchError):
-        store.read_into(1, _pieces(2, 2048))
-    store.close()

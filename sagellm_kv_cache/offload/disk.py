@@ -22,8 +22,9 @@ either no final file or a complete one; temporaries are deleted when the
 store is (re)opened. Reads check the payload's checksum (and on open the header, the size and,
 by default, the checksum), so a block whose bytes do not match what was
 written is never served. ``read_into`` reads a block straight into caller
-buffers (the destination KV block's chunks) with one ``preadv``: header, key
-and payload in one system call, no intermediate copy.
+buffers (the destination KV block's chunks), no intermediate copy: one ``preadv``
+per run of 256 KiB (the header and key with the first), each run hashed in place
+as soon as it lands, while it is still in the core's cache (``diskio.read_runs``).
 
 Failures are typed and leave no trace: every OS error becomes a
 ``KVStorageError`` (``__cause__`` the ``OSError``; a missing file, a full disk,
@@ -34,7 +35,7 @@ the store's life: no file inside it can be deleted to let a second store in
 (``KVStorageLockedError``).
 
 Fault injection: every byte the store moves goes through ``store.io`` (a
-``DiskIO``; pass ``io=`` or assign it). ``offload/faults.py`` has a
+``DiskIO``, ``diskio.py``; pass ``io=`` or assign it). ``offload/faults.py`` has a
 ``FaultyDiskIO`` (disk full, read errors) and helpers that corrupt or delete
 the file of a stored block (``path_of(key)`` names it).
 
@@ -44,14 +45,12 @@ raw tensor bytes.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import hashlib
 import os
 import struct
 import uuid
-import zlib
 from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 from typing import Any
@@ -60,9 +59,21 @@ from ..errors import (
     KVChecksumMismatchError,
     KVConfigError,
     KVInvalidInputError,
-    KVInvalidTypeError,
     KVStorageError,
     KVStorageLockedError,
+)
+from . import diskio
+from .diskio import (
+    CRC32,
+    XXH3_64,
+    DiskIO,
+    as_bytes_view,
+    checksum,
+    hasher,
+    read_runs,
+    storage_error,
+    unlink_quietly,
+    write_all,
 )
 
 __all__ = ["DiskBlockStore", "DiskIO", "block_file_name", "parse_block_file_name"]
@@ -75,51 +86,9 @@ _ALIGN = 64
 _SUFFIX = ".kvb"
 _TMP_PREFIX = ".tmp-"
 _CHUNK_BYTES = 8 << 20
-CRC32, XXH3_64 = 0, 1
-
-
-def _xxh3() -> Any:
-    try:
-        import xxhash
-    except ImportError:  # pragma: no cover - the [fast] extra is missing
-        return None
-    return xxhash.xxh3_64
-
-
-_XXH3 = _xxh3()
-
-
-class _Crc32:
-    """``zlib.crc32`` behind the streaming interface of ``xxhash.xxh3_64``."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0
-
-    def update(self, data: Any) -> None:
-        self.value = zlib.crc32(data, self.value)
-
-    def intdigest(self) -> int:
-        return self.value
-
-
-def _hasher(kind: int) -> Any:
-    """A fresh streaming hasher of checksum ``kind`` (None: unknown, or xxhash missing)."""
-    if kind == CRC32:
-        return _Crc32()
-    if kind == XXH3_64 and _XXH3 is not None:
-        return _XXH3()
-    return None
-
-
-def _checksum(kind: int, chunks: Any) -> int | None:
-    h = _hasher(kind)
-    if h is None:
-        return None
-    for c in chunks:
-        h.update(c)
-    return int(h.intdigest())
+# read_into reads and hashes runs of this many bytes: a run is hashed while it is still in
+# the core's cache (hashing a whole 2 MiB block after its read costs twice as much here)
+_RUN_BYTES = 256 << 10
 
 
 def block_file_name(key: Hashable) -> str:
@@ -154,42 +123,6 @@ def _key_bytes(key: Hashable) -> tuple[int, bytes]:
 
 def _payload_offset(key_len: int) -> int:
     return -(-(_HEADER.size + key_len) // _ALIGN) * _ALIGN
-
-
-class DiskIO:
-    """The byte-moving calls of a ``DiskBlockStore``: the seam for fault injection.
-
-    A subclass overrides any of them to fail (raise an ``OSError``) or stall;
-    the store turns what they raise into typed errors and cleans up.
-    """
-
-    def write(self, fd: int, data: memoryview) -> int:
-        """Write some of ``data`` to ``fd``; bytes written (``os.write``)."""
-        return os.write(fd, data)
-
-    def fsync(self, fd: int) -> None:
-        os.fsync(fd)
-
-    def replace(self, src: Path, dst: Path) -> None:
-        """Atomically rename a finished temporary over the block's file."""
-        os.replace(src, dst)
-
-    def read(self, path: Path, offset: int, nbytes: int):
-        """The payload bytes as a copy-on-write ``numpy.memmap`` of uint8."""
-        import numpy as np
-
-        return np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(nbytes,))
-
-    def preadv(self, fd: int, buffers: list, offset: int) -> int:
-        """Read into ``buffers`` in order from ``offset`` of ``fd``; bytes read (``os.preadv``)."""
-        return os.preadv(fd, buffers, offset)
-
-
-def _storage_error(what: str, exc: OSError, key: Hashable | None = None) -> KVStorageError:
-    err = KVStorageError(f"{what}: {exc.strerror or exc}", errno=exc.errno, key=str(key))
-    err.errno = exc.errno  # OSError's field: callers can test errno.ENOSPC directly
-    err.__cause__ = exc
-    return err
 
 
 class DiskBlockStore:
@@ -235,6 +168,7 @@ class DiskBlockStore:
         self.fsync = fsync
         self.verify_on_open = verify_on_open
         self.io = io if io is not None else DiskIO()
+        self._read_flags = os.O_RDONLY | getattr(os, "O_NOATIME", 0)
         self._lock_fd = -1
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -242,7 +176,7 @@ class DiskBlockStore:
             # unlinked or replaced to let a second store in
             self._lock_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
-            raise _storage_error(f"cannot open disk tier directory {self.directory}", exc) from exc
+            raise storage_error(f"cannot open disk tier directory {self.directory}", exc) from exc
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -252,7 +186,7 @@ class DiskBlockStore:
                 raise KVStorageLockedError(
                     f"disk tier directory {self.directory} is in use by another store"
                 ) from exc
-            raise _storage_error(f"cannot lock {self.directory}", exc) from exc
+            raise storage_error(f"cannot lock {self.directory}", exc) from exc
         self.num_dropped_on_open = 0
 
     # -- lifecycle -----------------------------------------------------------
@@ -282,11 +216,11 @@ class DiskBlockStore:
         try:
             entries = list(os.scandir(self.directory))
         except OSError as exc:
-            raise _storage_error(f"cannot list {self.directory}", exc) from exc
+            raise storage_error(f"cannot list {self.directory}", exc) from exc
         for entry in entries:
             name = entry.name
             if name.startswith(_TMP_PREFIX):
-                _unlink_quietly(entry.path)  # a write that never completed
+                unlink_quietly(entry.path)  # a write that never completed
                 continue
             key = parse_block_file_name(name)
             if key is None:
@@ -299,7 +233,7 @@ class DiskBlockStore:
             if ok:
                 found.append((mtime, name, key))
             else:
-                _unlink_quietly(entry.path)
+                unlink_quietly(entry.path)
                 self.num_dropped_on_open += 1
         found.sort(key=lambda t: (t[0], t[1]))
         return [k for _, _, k in found]
@@ -337,7 +271,7 @@ class DiskBlockStore:
             if os.fstat(fd).st_size != off + self.block_nbytes:
                 return False
             if check_payload:
-                h = _hasher(algo)
+                h = hasher(algo)
                 if h is None:
                     return False
                 pos = off
@@ -376,15 +310,15 @@ class DiskBlockStore:
                 EFBIG; I/O error); neither a temporary nor the block's file is
                 left behind (an older file of ``key`` is gone too).
         """
-        view = _as_bytes_view(payload)
+        view = as_bytes_view(payload)
         if view.nbytes != self.block_nbytes:
             raise KVInvalidInputError(
                 f"block payload has {view.nbytes} bytes, the store expects {self.block_nbytes}"
             )
         final = self.path_of(key)
         kind, kb = _key_bytes(key)
-        algo = XXH3_64 if _XXH3 is not None else CRC32
-        digest = _checksum(algo, (view,))
+        algo = XXH3_64 if diskio.XXH3 is not None else CRC32
+        digest = checksum(algo, (view,))
         assert digest is not None
         header = _HEADER.pack(
             _MAGIC,
@@ -405,14 +339,14 @@ class DiskBlockStore:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:
-            raise _storage_error(
+            raise storage_error(
                 f"cannot create a block file in {self.directory}", exc, key
             ) from exc
         try:
-            _write_all(io, fd, memoryview(prefix))
+            write_all(io, fd, memoryview(prefix))
             done = 0
             for pos in range(0, view.nbytes, _CHUNK_BYTES):
-                _write_all(io, fd, view[pos : pos + _CHUNK_BYTES])
+                write_all(io, fd, view[pos : pos + _CHUNK_BYTES])
                 done = min(view.nbytes, pos + _CHUNK_BYTES)
                 if _after_chunk is not None:
                     _after_chunk(done)
@@ -430,12 +364,12 @@ class DiskBlockStore:
         except BaseException as exc:
             if fd >= 0:
                 os.close(fd)
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             # a block whose write did not complete is not stored: not even an
             # older copy of it stays (the caller drops it from its index)
-            _unlink_quietly(final)
+            unlink_quietly(final)
             if isinstance(exc, OSError) and not isinstance(exc, KVStorageError):
-                raise _storage_error(f"cannot write block file {final.name}", exc, key) from exc
+                raise storage_error(f"cannot write block file {final.name}", exc, key) from exc
             raise
 
     # -- read ----------------------------------------------------------------
@@ -463,15 +397,17 @@ class DiskBlockStore:
         except KVChecksumMismatchError:
             raise
         except OSError as exc:
-            raise _storage_error(f"cannot read block file {path.name}", exc, key) from exc
+            raise storage_error(f"cannot read block file {path.name}", exc, key) from exc
         if verify:
             self._verify(path, key, algo, digest, (mm,))
         return mm
 
     def read_into(self, key: Hashable, buffers: list) -> None:
         """Read the payload of ``key`` into ``buffers`` (writable, ``block_nbytes`` in all,
-        filled in order) and check it: open, one ``preadv`` of header, key and payload
-        (plus one byte to catch a file longer than its header says), close.
+        filled in order) and check it in place: open, then ``preadv`` runs of at most
+        ``_RUN_BYTES`` (the first with the header and key, the last with one byte more to
+        catch a file longer than its header says), each hashed straight after it lands,
+        while it is still in the core's cache; close. No intermediate copy.
 
         On an error the buffers may hold part of the bytes: the caller must not
         use them (the onboarding leaves such a block unverified).
@@ -481,29 +417,62 @@ class DiskBlockStore:
                 add up to ``block_nbytes`` read as a malformed file).
         """
         path = os.path.join(self._dir, block_file_name(key))  # no pathlib on the hot path
+        name = os.path.basename(path)
         head_len = _payload_offset(len(_key_bytes(key)[1]))
         head = bytearray(head_len)
-        tail = bytearray(1)
+        tail = bytearray(1)  # a file longer than its header says fills it
+        runs, sizes = read_runs(buffers, _RUN_BYTES)
+        last = len(runs) - 1
+        preadv = self.io.preadv
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = self._open_read(path)
             try:
-                n = self.io.preadv(fd, [head, *buffers, tail], 0)
+                n = preadv(fd, [head, *runs[0], tail] if last == 0 else [head, *runs[0]], 0)
+                parsed = self._parse_header(bytes(head), key)
+                h = hasher(parsed[1]) if parsed is not None else None
+                pos = head_len + sizes[0]
+                if (
+                    parsed is None
+                    or parsed[0] != head_len
+                    or sum(sizes) != self.block_nbytes
+                    or n != pos
+                ):
+                    raise KVChecksumMismatchError(f"block file {name} is malformed", key=str(key))
+                digest = parsed[2]
+                for i, run in enumerate(runs):
+                    if i:
+                        n = preadv(fd, [*run, tail] if i == last else run, pos)
+                        if n != sizes[i]:
+                            raise KVChecksumMismatchError(
+                                f"block file {name} is malformed", key=str(key)
+                            )
+                        pos += n
+                    if h is not None:
+                        for b in run:
+                            h.update(b)
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise _storage_error(
-                f"cannot read block file {os.path.basename(path)}", exc, key
-            ) from exc
-        parsed = self._parse_header(bytes(head), key)
-        if parsed is None or parsed[0] != head_len or n != head_len + self.block_nbytes:
+            raise storage_error(f"cannot read block file {name}", exc, key) from exc
+        if h is None or h.intdigest() != digest:
             raise KVChecksumMismatchError(
-                f"block file {os.path.basename(path)} is malformed", key=str(key)
+                f"block file {name}: payload checksum does not match its header", key=str(key)
             )
-        self._verify(path, key, parsed[1], parsed[2], buffers)
+
+    def _open_read(self, path: str) -> int:
+        """``os.open`` for reading, without an access-time update where allowed: a block
+        file read right after it was written would otherwise dirty its inode (relatime)."""
+        try:
+            return os.open(path, self._read_flags)
+        except PermissionError:
+            if self._read_flags == os.O_RDONLY:
+                raise
+            self._read_flags = os.O_RDONLY  # O_NOATIME needs the file's owner: not us
+            return os.open(path, os.O_RDONLY)
 
     @staticmethod
     def _verify(path: str | Path, key: Hashable, algo: int, digest: int, chunks: Any) -> None:
-        if _checksum(algo, chunks) != digest:
+        if checksum(algo, chunks) != digest:
             raise KVChecksumMismatchError(
                 f"block file {os.path.basename(path)}: payload checksum does not match its header",
                 key=str(key),
@@ -521,14 +490,14 @@ class DiskBlockStore:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise _storage_error(f"cannot delete block file {path.name}", exc, key) from exc
+            raise storage_error(f"cannot delete block file {path.name}", exc, key) from exc
 
     def keys(self) -> Iterator[Hashable]:
         """Keys of the visible block files (no validation)."""
         try:
             names = [e.name for e in os.scandir(self.directory)]
         except OSError as exc:
-            raise _storage_error(f"cannot list {self.directory}", exc) from exc
+            raise storage_error(f"cannot list {self.directory}", exc) from exc
         for name in names:
             key = parse_block_file_name(name)
             if key is not None:
@@ -536,33 +505,3 @@ class DiskBlockStore:
 
     def __repr__(self) -> str:
         return f"DiskBlockStore({str(self.directory)!r}, block_nbytes={self.block_nbytes})"
-
-
-def _as_bytes_view(payload: Any) -> memoryview:
-    mod = type(payload).__module__
-    if mod.startswith("torch"):
-        t = payload.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        payload = t.contiguous().reshape(-1).view(__import__("torch").uint8).numpy()
-    try:
-        view = memoryview(payload)
-    except TypeError:
-        raise KVInvalidTypeError(
-            f"block payload must be bytes, an array or a tensor, got {type(payload).__name__}"
-        ) from None
-    if not view.contiguous:
-        raise KVInvalidInputError("block payload must be contiguous")
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
-
-
-def _write_all(io: DiskIO, fd: int, data: memoryview) -> None:
-    while data.nbytes:
-        n = io.write(fd, data)
-        data = data[n:]
-
-
-def _unlink_quietly(path: str | os.PathLike) -> None:
-    """Best-effort removal (cleanup after a failure must not mask that failure)."""
-    with contextlib.suppress(OSError):
-        os.unlink(path)

@@ -58,7 +58,10 @@ class FaultyDiskIO(DiskIO):
             self._write_errno, self._writes_left = err, count
 
     def fail_reads(self, err: int = errno_.EIO, count: int | None = None) -> None:
-        """Make the next ``count`` payload reads (all when ``None``) raise ``OSError(err)``."""
+        """Make the next ``count`` payload reads (all when ``None``) raise ``OSError(err)``.
+
+        A read is one ``read`` or ``preadv`` call: ``read_into`` reads a block larger
+        than a run in several, and the first that fails fails the whole block."""
         with self._lock:
             self._read_errno, self._reads_left = err, count
 
