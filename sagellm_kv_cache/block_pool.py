@@ -47,6 +47,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, cast
 
+from .block_pool_serve import serve as _serve
 from .checks import (
     BOOKKEEPING_BYTES_PER_BLOCK,
     MAX_NUM_BLOCKS,
@@ -60,7 +61,7 @@ from .errors import (
     KVPoolFullError,
     KVRefCountUnderflowError,
 )
-from .eviction import EvictionPolicy, make_policy
+from .eviction import EvictionPolicy, LRUPolicy, make_policy
 from .hashing import check_block_hashes
 
 __all__ = [
@@ -130,6 +131,12 @@ class BlockPool:
         #: asks it how many victims it can give before anything is changed
         self.policy_may_refuse = kind.num_victims is not EvictionPolicy.num_victims
         self.hooks: list = []
+        #: a plain LRU order ``serve`` may move directly (None: through the policy)
+        self._lru_order = (
+            self.policy.order
+            if type(self.policy) is LRUPolicy and enable_caching and not growable
+            else None
+        )
         self.ref_counts: list[int] = [0] * num_blocks
         self.pin_counts: list[int] = [0] * num_blocks
         self.block_hashes: list[Hashable | None] = [None] * num_blocks
@@ -236,6 +243,10 @@ class BlockPool:
             on_hit = self.policy.on_hit
             for b in block_ids:
                 on_hit(b)
+
+    #: one request's match, touch, allocate, cache and release in one pass
+    #: (``block_pool_serve.serve``: its docstring says what it returns and raises)
+    serve = _serve
 
     # -- allocation ----------------------------------------------------------
     def allocate(self, num_blocks: int) -> list[int]:
@@ -439,6 +450,10 @@ class BlockPool:
                     )
         if not self.enable_caching:
             return 0
+        return self._register(block_ids, block_hashes, start)
+
+    def _register(self, block_ids: list[int], block_hashes: list, start: int) -> int:
+        """``cache_blocks`` once its input is checked (``serve`` passes its own)."""
         cached = self.cached
         hashes = self.block_hashes
         parents = self.parent_ids

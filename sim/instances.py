@@ -87,6 +87,22 @@ class Instance:
     def close(self) -> dict:
         return {}
 
+    def start(self, i: int, hashes: list, full: int, anything_running: bool) -> bool:
+        raise NotImplementedError
+
+    def written(self, i: int, hashes: list) -> None:
+        raise NotImplementedError
+
+    def finish(self, i: int) -> None:
+        raise NotImplementedError
+
+    def serve(self, i: int, hashes: list, full: int) -> None:
+        """Request ``i`` start to finish at one instant with nothing running (the
+        sequential loop): ``start``, ``written`` and ``finish``."""
+        self.start(i, hashes, full, False)
+        self.written(i, hashes)
+        self.finish(i)
+
 
 class PoolInstance(Instance):
     """One serving instance whose cache is a metadata-only ``KVPool`` on the sim clock.
@@ -103,6 +119,15 @@ class PoolInstance(Instance):
         self.pool = metadata_pool(capacity_blocks, block_size, policy, clock)
         self.bp = self.pool.block_pool
         self.policy_name = self.bp.policy.name
+        #: ``serve`` runs the pool's one-pass ``BlockPool.serve``: the same moves as
+        #: ``start``/``written``/``finish`` when a subclass keeps them and the policy
+        #: never refuses a victim (admission of a request that fits the pool then holds)
+        kind = type(self)
+        self._one_pass = not self.bp.policy_may_refuse and (
+            kind.start,
+            kind.written,
+            kind.finish,
+        ) == (PoolInstance.start, PoolInstance.written, PoolInstance.finish)
 
     @property
     def hits_per_tier(self) -> dict[str, list]:
@@ -141,6 +166,17 @@ class PoolInstance(Instance):
         self.alloc[i] = need
         self.evicted[i] = bp.num_evictions - before
         return True
+
+    def serve(self, i: int, hashes: list, full: int) -> None:
+        if not self._one_pass or len(hashes) != full:
+            super().serve(i, hashes, full)
+            return
+        bp = self.bp
+        before = bp.num_evictions
+        k = bp.serve(hashes)[1]
+        self.hit[i] = k
+        self.alloc[i] = full - k
+        self.evicted[i] = bp.num_evictions - before
 
     def written(self, i: int, hashes: list) -> None:
         """Prefill ended: the KV is written, its full blocks become hittable."""

@@ -26,6 +26,12 @@ class LRUPolicy(EvictionPolicy):
         super().__init__(clock)
         self._order: OrderedDict[int, None] = OrderedDict()
 
+    @property
+    def order(self) -> OrderedDict[int, None]:
+        """The evictable blocks, least recent first (the pool's one-pass ``serve`` moves
+        them itself, exactly as ``remove`` / ``pop_victims`` / ``add`` would)."""
+        return self._order
+
     def add(self, block_id: int) -> None:
         self._order[block_id] = None
 
