@@ -52,14 +52,10 @@ class PoolBase:
     _prefix_hit_blocks: int
 
     def _reset_counters(self) -> None:
-        self._num_allocs = 0
-        self._num_frees = 0
-        self._prefix_requests = 0
-        self._prefix_hit_requests = 0
-        self._prefix_query_tokens = 0
-        self._prefix_hit_tokens = 0
-        self._prefix_query_blocks = 0
-        self._prefix_hit_blocks = 0
+        self._num_allocs = self._num_frees = 0
+        self._prefix_requests = self._prefix_hit_requests = 0
+        self._prefix_query_tokens = self._prefix_hit_tokens = 0
+        self._prefix_query_blocks = self._prefix_hit_blocks = 0
 
     def _num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -121,15 +121,10 @@ class PrefixCache:
         return self._blocks
 
     def _reset_stats(self) -> None:
-        self._lookups = 0
-        self._hit_lookups = 0
-        self._query_tokens = 0
-        self._hit_tokens = 0
-        self._query_blocks = 0
-        self._hit_blocks = 0
-        self._insertions = 0
-        self._evictions = 0
-        self._invalidations = 0
+        self._lookups = self._hit_lookups = 0
+        self._query_tokens = self._hit_tokens = 0
+        self._query_blocks = self._hit_blocks = 0
+        self._insertions = self._evictions = self._invalidations = 0
 
     # -- hashing -------------------------------------------------------------
     def compute_block_hashes(self, tokens: Any, extra_keys: Any = None) -> list[bytes]:
