@@ -57,15 +57,10 @@ class ShadowCache:
         self.lock = threading.Lock()
         #: endpoints that lost events (their shadow may differ from the engine)
         self.stale: set[str] = set()
-        self.stored_blocks = 0
-        self.restored_blocks = 0
-        self.removed_blocks = 0
-        self.removed_unknown = 0
-        self.clears = 0
-        self.implied_hit_blocks = 0
-        self.implied_query_blocks = 0
-        self.implied_hit_tokens = 0
-        self.implied_query_tokens = 0
+        self.stored_blocks = self.restored_blocks = 0
+        self.removed_blocks = self.removed_unknown = self.clears = 0
+        self.implied_hit_blocks = self.implied_query_blocks = 0
+        self.implied_hit_tokens = self.implied_query_tokens = 0
 
     def apply_batch(self, endpoint: str, batch: KVEventBatch) -> None:
         """Apply every event of ``batch`` published by ``endpoint``."""

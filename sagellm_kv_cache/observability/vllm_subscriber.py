@@ -103,15 +103,9 @@ class VLLMEventSubscriber(Closing):
         self._live_last = -1  # newest seen live (restart detection)
         self._error: KVEventGapError | None = None
         # counters
-        self.num_batches = 0
-        self.num_events = 0
-        self.num_garbage = 0
-        self.num_duplicates = 0
-        self.num_gaps = 0
-        self.num_gaps_repaired = 0
-        self.num_gaps_unrecovered = 0
-        self.num_replayed_batches = 0
-        self.num_restarts = 0
+        self.num_batches = self.num_events = self.num_garbage = self.num_duplicates = 0
+        self.num_gaps = self.num_gaps_repaired = self.num_gaps_unrecovered = 0
+        self.num_replayed_batches = self.num_restarts = 0
         self.gaps: list[tuple[int, int]] = []  # unrecovered ranges, first 100 kept
 
     # -- receiving -----------------------------------------------------------
