@@ -204,6 +204,15 @@ from sim.analysis.plots import plot_sweep  # noqa: E402  (moved)
     "sweep several.",
 )
 @click.option(
+    "--engine",
+    "engines",
+    default=None,
+    metavar="E[,E...]",
+    help="Concurrent mode: request (the event engine) or iteration (vLLM-v1-like steps: token "
+    "budget, chunked prefill, preemption; --cost-model may then be roofline:... or table:...); "
+    "several values are swept (e.g. request,iteration).",
+)
+@click.option(
     "--instances",
     "fleet_instances",
     default=None,
@@ -237,6 +246,7 @@ def sweep_cmd(
     mode,
     max_num_seqs,
     cost_models,
+    engines,
     fleet_instances,
     fleet_routers,
     as_json,
@@ -262,6 +272,7 @@ def sweep_cmd(
       sage-kv-stats sweep t.jsonl --executor ray --ray-address auto
       sage-kv-stats sweep t.jsonl --capacities 1%,5%,20% --policies lru,s3fifo --mode concurrent
       sage-kv-stats sweep --mode concurrent --max-num-seqs 8,32 --json
+      sage-kv-stats sweep --mode concurrent --engine request,iteration --capacities 2000
       sage-kv-stats sweep --mode concurrent --capacities 2000 --instances 1,4,8 \\
           --routers round-robin,kv-aware,cache-aware
     """
@@ -270,7 +281,9 @@ def sweep_cmd(
     from sim.sweep import sweep
     from traces import DEFAULT_TRACE
 
-    grid = fleet_grid(_grid(mode, max_num_seqs, cost_models), fleet_instances, fleet_routers)
+    grid = fleet_grid(
+        _grid(mode, max_num_seqs, cost_models, engines), fleet_instances, fleet_routers
+    )
     caps = parse_capacities(capacities)
     require_model_shape(caps, "--capacities", model_shape)
     pols = parse_policies(policies)
@@ -361,13 +374,24 @@ def sweep_cmd(
     click.echo(f"wrote {out_dir}/sweep.parquet, sweep.csv, sweep.png, config.json")
 
 
-def _grid(mode: str, max_num_seqs: str | None, cost_models: tuple) -> dict | None:
+def _grid(
+    mode: str, max_num_seqs: str | None, cost_models: tuple, engines: str | None = None
+) -> dict | None:
     """The configuration fields to sweep besides capacity and policy (``sim.sweep`` grid)."""
-    from sim.config import LinearCostModel
+    from sim.sweep_grid import ENGINES
 
     grid: dict = {}
+    if engines is not None:
+        names = [e.strip().lower() for e in engines.split(",") if e.strip()]
+        bad = [e for e in names if e not in ENGINES]
+        if bad or not names:
+            raise click.BadParameter(
+                f"expected {' or '.join(ENGINES)} (comma-separated), got {engines!r}",
+                param_hint="--engine",
+            )
+        grid["engine"] = list(dict.fromkeys(names))
     if max_num_seqs is not None:
-        values = []
+        values: list[int | None] = []
         for part in max_num_seqs.split(","):
             part = part.strip().lower()
             if part in ("none", "inf", ""):
@@ -380,15 +404,35 @@ def _grid(mode: str, max_num_seqs: str | None, cost_models: tuple) -> dict | Non
                 )
         grid["max_num_seqs"] = values
     if cost_models:
+        step_only = grid.get("engine") == ["iteration"]
         try:
-            grid["cost"] = [LinearCostModel.parse(c).to_text() for c in cost_models]
+            grid["cost"] = [_cost_text(c, step_only) for c in cost_models]
         except KVCacheError as err:
             raise click.BadParameter(err.message, param_hint="--cost-model") from None
     if grid and mode == "sequential":
         raise click.BadParameter(
-            "--max-num-seqs and --cost-model apply to --mode concurrent", param_hint="--mode"
+            "--max-num-seqs, --cost-model and --engine apply to --mode concurrent",
+            param_hint="--mode",
         )
     return grid or None
+
+
+def _cost_text(spec: str, step_only: bool) -> str:
+    """A --cost-model value checked: the request-level linear text, or (only when every
+    swept engine is iteration) a ``sim.cost`` spec such as ``roofline:gpu=h100,...``."""
+    from sim.config import LinearCostModel
+
+    if ":" in spec:
+        if not step_only:
+            raise click.BadParameter(
+                "roofline:/table:/linear: cost models need --engine iteration",
+                param_hint="--cost-model",
+            )
+        from sim.cost import parse_cost_model
+
+        parse_cost_model(spec)
+        return spec
+    return LinearCostModel.parse(spec).to_text()
 
 
 COMMANDS = [sweep_cmd]

@@ -466,7 +466,9 @@ def sweep(
         mode: ``"sequential"`` or ``"concurrent"`` (clocked: the rows get TTFT, TPOT,
             E2E and queueing p50/p90/p99 and throughput; NaN where there is no clock).
         grid: more configuration fields to vary, each a list of values
-            (:data:`GRID_FIELDS`: ``max_num_seqs``, ``cost``, ``tiers``, ``model_shape``);
+            (:data:`GRID_FIELDS`: ``max_num_seqs``, ``cost``, ``tiers``, ``model_shape``,
+            ``instances``, ``router``, ``engine``: ``"request"`` or ``"iteration"``, the
+            latter with ``cost`` any ``sim.cost`` spec);
             every combination runs for every policy and capacity, in the order given,
             and is named in the ``setting`` column (``"max_num_seqs=8"``). Bounds
             are sequential hit-ratio bounds and run once per capacity.

@@ -7,10 +7,14 @@ from typing import Any
 
 from sagellm_kv_cache.errors import KVConfigError
 
-__all__ = ["GRID_FIELDS", "grid_settings"]
+__all__ = ["ENGINES", "GRID_FIELDS", "grid_settings"]
 
-#: fields ``grid=`` may vary (each is a keyword of ``sim.simulate.simulate``)
-GRID_FIELDS = ("max_num_seqs", "cost", "tiers", "model_shape", "instances", "router")
+#: fields ``grid=`` may vary (each is a keyword of ``sim.simulate.simulate``); ``engine``
+#: is ``"request"`` (the event engine) or ``"iteration"`` (vLLM-v1-like steps, one instance)
+GRID_FIELDS = ("max_num_seqs", "cost", "tiers", "model_shape", "instances", "router", "engine")
+ENGINES = ("request", "iteration")
+#: fields the iteration engine has no use for (it runs one instance, one tier)
+_NOT_ITERATION = ("tiers", "instances", "router")
 
 
 def grid_settings(grid: dict[str, Sequence[Any]] | None) -> list[tuple]:
@@ -32,4 +36,14 @@ def grid_settings(grid: dict[str, Sequence[Any]] | None) -> list[tuple]:
         if not v:
             raise KVConfigError(f"grid field {name!r} has no values")
         values.append(v)
+    if "engine" in grid:
+        engines = values[names.index("engine")]
+        bad = [e for e in engines if e not in ENGINES]
+        if bad:
+            raise KVConfigError(f"engine must be one of {list(ENGINES)}, got {bad[0]!r}")
+        clash = [n for n in _NOT_ITERATION if n in grid]
+        if "iteration" in engines and clash:
+            raise KVConfigError(
+                f"engine 'iteration' runs one instance with one tier: cannot sweep it with {clash}"
+            )
     return [tuple(zip(names, combo, strict=True)) for combo in itertools.product(*values)]

@@ -107,6 +107,26 @@ def test_two_traces_process_executor_no_bounds(tiny, tmp_path):
     assert df["hit_blocks"][0] == df["hit_blocks"][1]
 
 
+def test_engine_is_swept_with_a_step_cost_model(tiny, tmp_path):
+    out = tmp_path / "out"
+    args = ["sweep", str(tiny), "--capacities", "50", "--mode", "concurrent", "--no-bounds"]
+    args += ["--engine", "iteration", "--cost-model", "roofline:gpu=h100,model=llama-2-7b"]
+    result = _run([*args, "--cost-model", "linear:step_overhead_s=1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    df = pl.read_parquet(out / "sweep.parquet")
+    assert df["setting"].to_list() == [
+        "engine=iteration,cost=roofline:gpu=h100,model=llama-2-7b",
+        "engine=iteration,cost=linear:step_overhead_s=1",
+    ]
+    assert df["ttft_p50_s"][0] > 0 and df["ttft_p50_s"][1] > 0
+    assert df["ttft_p50_s"][0] != df["ttft_p50_s"][1]  # each row ran its own cost model
+    both = _run(["sweep", str(tiny), "--capacities", "50", "--mode", "concurrent", "--no-bounds",
+                 "--engine", "request,iteration", "--out", str(tmp_path / "b")])  # fmt: skip
+    assert both.exit_code == 0, both.output
+    df = pl.read_parquet(tmp_path / "b" / "sweep.parquet")
+    assert df["setting"].to_list() == ["engine=request", "engine=iteration"]
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [
@@ -118,6 +138,12 @@ def test_two_traces_process_executor_no_bounds(tiny, tmp_path):
         (["--executor", "threads"], "--executor"),
         (["--workers", "0"], "--workers"),
         (["--format", "csvx"], "--format"),
+        (["--engine", "steps", "--mode", "concurrent"], "--engine"),
+        (["--engine", "iteration"], "--mode"),  # a grid field needs a clock
+        (
+            ["--cost-model", "roofline:gpu=h100,model=llama-2-7b", "--mode", "concurrent"],
+            "--cost-model",
+        ),
     ],
 )
 def test_bad_options_name_the_option(tiny, tmp_path, args, needle):

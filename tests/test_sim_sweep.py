@@ -428,37 +428,53 @@ def test_lru_rows_equal_the_one_pass_lru_curve(small):
 
 
 # -- issue 12: any configuration field, timing metrics where the mode has a clock ---------------
-def test_sweep_grid_over_mode_and_max_num_seqs_has_timing_columns():
+def _concurrent_sweep(table, grid):
+    """One policy (lru) at one capacity (500), concurrent, no bounds, over ``grid``."""
     from sim.sweep import sweep
 
-    table = read_trace(DEFAULT_TRACE).head(300)
-    df = sweep(
+    return sweep(
         [("m", table)],
         [500],
         ["lru"],
         executor="serial",
         progress=False,
         mode="concurrent",
-        grid={"max_num_seqs": [1, None]},
+        grid=grid,
         bounds=False,
     )
+
+
+def test_sweep_grid_over_mode_and_max_num_seqs_has_timing_columns():
+    from sim.sweep import sweep
+
+    table = read_trace(DEFAULT_TRACE).head(300)
+    df = _concurrent_sweep(table, {"max_num_seqs": [1, None]})
     assert df["setting"].to_list() == ["max_num_seqs=1", "max_num_seqs=None"]
     one, free = df.rows(named=True)
     assert one["ttft_p99_s"] >= free["ttft_p99_s"] and one["throughput_rps"] > 0
     seq = sweep([("m", table)], [500], ["lru"], executor="serial", progress=False, bounds=False)
     assert np.isnan(seq["ttft_p50_s"][0]) and seq["mode"][0] == "sequential"
     # zero cost: concurrent equals sequential
-    zero = sweep(
-        [("m", table)],
-        [500],
-        ["lru"],
-        executor="serial",
-        progress=False,
-        mode="concurrent",
-        grid={"cost": ["prefill_s_per_token=0,prefill_overhead_s=0,decode_s_per_token=0"]},
-        bounds=False,
+    zero = _concurrent_sweep(
+        table, {"cost": ["prefill_s_per_token=0,prefill_overhead_s=0,decode_s_per_token=0"]}
     )
     assert zero["hit_blocks"][0] == seq["hit_blocks"][0]
+
+
+def test_sweep_grid_over_engine_rows_equal_direct_runs():
+    from sim.simulate import simulate
+
+    table = read_trace(DEFAULT_TRACE).head(200)
+    df = _concurrent_sweep(table, {"engine": ["request", "iteration"]})
+    assert df["setting"].to_list() == ["engine=request", "engine=iteration"]
+    for row, engine in zip(df.rows(named=True), ("request", "iteration"), strict=True):
+        r = simulate(table, 500, "lru", mode="concurrent", engine=engine)
+        s = r.summary()
+        assert row["hit_blocks"] == r.hit_blocks and row["evictions"] == r.evictions
+        assert row["ttft_p99_s"] == pytest.approx(s["ttft_p99_s"])
+        assert row["throughput_rps"] == pytest.approx(s["throughput_rps"])
+    # the engines differ: the iteration engine's requests contend for the GPU
+    assert df["ttft_p99_s"][0] != df["ttft_p99_s"][1]
 
 
 @pytest.mark.parametrize(
@@ -467,6 +483,8 @@ def test_sweep_grid_over_mode_and_max_num_seqs_has_timing_columns():
         ({"mode": "fleet"}, "mode must be one of"),
         ({"grid": {"frobnicate": [1]}}, "cannot sweep 'frobnicate'"),
         ({"grid": {"max_num_seqs": []}}, "has no values"),
+        ({"grid": {"engine": ["steps"]}}, "engine must be one of"),
+        ({"grid": {"engine": ["iteration"], "instances": [2]}}, "one instance"),
     ],
 )
 def test_sweep_bad_mode_or_grid_is_a_config_error(kw, match):
