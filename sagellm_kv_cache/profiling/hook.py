@@ -82,8 +82,9 @@ class AccessStatsHook(PoolHook):
             raise KVInvalidInputError(
                 f"block_hashes has {len(block_hashes)} entries for {len(block_ids)} block ids"
             )
-        if block_ids:
-            self.collector._queue(block_ids, -1, float(timestamp), reason, None, None, block_hashes)
+        if len(block_ids):
+            ts = float(timestamp)
+            self.collector._queue(block_ids, -1, ts, str(reason), None, None, block_hashes)
 
     def on_evict(self, block_id, block_hash, reason, timestamp) -> None:
         """Record the eviction of ``block_id``."""
