@@ -154,14 +154,9 @@ def write_through(
     continue down as write-back (``spill`` over the tiers below it, admission drops
     counted on ``stats``); the last tier drops its victims."""
     for i, tier in enumerate(tiers):
-        has_below = i + 1 < len(tiers)
+        below = tiers[i + 1 :]
         victims, vsrc = tier.insert(
-            block_hashes, src, plan, keep_victim_bytes=has_below and src is not None
+            block_hashes, src, plan, keep_victim_bytes=bool(below) and src is not None
         )
-        if not victims:
-            continue
-        if has_below:
-            spill(tiers[i + 1 :], victims, vsrc, plan, admission, stats)
-        else:
-            tier.stats.dropped_blocks += len(victims)
-            admission.forget(victims)
+        if victims:  # no tier below: spill drops them, counted on the last tier
+            spill(below, victims, vsrc, plan, admission, stats if below else tier.stats)

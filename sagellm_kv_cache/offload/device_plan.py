@@ -18,6 +18,7 @@ Nothing here holds the manager's lock: the manager calls it under the lock.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING
 
 from ..hooks import PoolHook
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["DeviceEvents", "DevicePlanner"]
 
 
+@dataclass(eq=False, slots=True)
 class DevicePlanner:
     """Plans the copies between the device pool and the lower tiers.
 
@@ -49,33 +51,26 @@ class DevicePlanner:
         write_through: new cached blocks go down at once.
     """
 
-    def __init__(
-        self,
-        device: KVPool,
-        device_name: str,
-        tiers: list[LowerTier],
-        tier: Callable[[str], LowerTier],
-        admission: Admission,
-        block_nbytes: int,
-        *,
-        promote_on_hit: bool,
-        write_through: bool,
-    ) -> None:
-        self.device = device
-        self.device_name = device_name
-        self.tiers = tiers
-        self.tier = tier
-        self.admission = admission
-        self.block_nbytes = block_nbytes
-        self.promote_on_hit = promote_on_hit
-        self.write_through = write_through
-        # exclusive chain: a block computed on the device while a lower tier
-        # holds it (two requests computed it; one copy went down) drops the lower copy
-        self.exclusive = promote_on_hit and bool(tiers)
-        self.stats = TierStats(device_name, device.num_blocks)
-        #: (block id, hash) the device pool evicted / newly cached since the last drain
-        self.victims: list[tuple[int, Hashable]] = []
-        self.newly_cached: list[tuple[int, Hashable]] = []
+    device: KVPool
+    device_name: str
+    tiers: list[LowerTier]
+    tier: Callable[[str], LowerTier]
+    admission: Admission
+    block_nbytes: int
+    _: KW_ONLY
+    promote_on_hit: bool
+    write_through: bool
+    #: exclusive chain: a block computed on the device while a lower tier holds it
+    #: (two requests computed it; one copy went down) drops the lower copy
+    exclusive: bool = field(init=False)
+    stats: TierStats = field(init=False)
+    #: (block id, hash) the device pool evicted / newly cached since the last drain
+    victims: list[tuple[int, Hashable]] = field(init=False, default_factory=list)
+    newly_cached: list[tuple[int, Hashable]] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.exclusive = self.promote_on_hit and bool(self.tiers)
+        self.stats = TierStats(self.device_name, self.device.num_blocks)
 
     def wants_cached(self, block_hash: Hashable) -> bool:
         """Whether a block the device just cached has something to move below."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..block_pool import BlockPool
@@ -123,19 +123,7 @@ class TierStats:
     write_errors: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "capacity_blocks": self.capacity_blocks,
-            "hit_blocks": self.hit_blocks,
-            "blocks_in": self.blocks_in,
-            "blocks_out": self.blocks_out,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "evicted_blocks": self.evicted_blocks,
-            "dropped_blocks": self.dropped_blocks,
-            "read_errors": self.read_errors,
-            "write_errors": self.write_errors,
-        }
+        return asdict(self)
 
 
 class _VictimRecorder(PoolHook):
