@@ -39,10 +39,19 @@ __all__ = [
     "LinearCostModel",
     "ReplayConfig",
     "capacity_axis",
+    "check_fields_nonnegative",
     "field_help",
     "parse_capacity",
     "resolve_capacity",
 ]
+
+
+def check_fields_nonnegative(obj: Any) -> None:
+    """Every dataclass field of ``obj`` a number >= 0 (not a bool), else ``KVConfigError``."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0:
+            raise KVConfigError(f"{type(obj).__name__}.{f.name} must be a number >= 0, got {v!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +76,7 @@ class LinearCostModel:
     decode_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0:
-                raise KVConfigError(f"LinearCostModel.{f.name} must be a number >= 0, got {v!r}")
+        check_fields_nonnegative(self)
 
     def prefill_s(self, uncached_tokens: int) -> float:
         return self.prefill_overhead_s + self.prefill_s_per_token * uncached_tokens

@@ -93,7 +93,7 @@ class ReferenceIterationEngine:
     """Steps one instance over a trace's columns; ``run()`` fills per-request columns.
 
     Args:
-        hashes_col, lengths, outputs, arrivals: the trace's columns (lists).
+        cols: the trace's columns ``(hashes, lengths, outputs, arrivals)`` (lists).
         block_pool: a metadata-only ``BlockPool`` (``KVPool(...).block_pool``) on ``clock``.
         clock: the ``SimClock`` the pool's policy reads.
         cost: a ``StepCostModel``.
@@ -106,10 +106,7 @@ class ReferenceIterationEngine:
 
     def __init__(
         self,
-        hashes_col: list,
-        lengths: list,
-        outputs: list,
-        arrivals: list,
+        cols: tuple[list, list, list, list],
         block_pool: Any,
         clock: Any,
         cost: Any,
@@ -120,16 +117,12 @@ class ReferenceIterationEngine:
         progress: bool = False,
         kv_ready: list | None = None,
     ) -> None:
-        self.hashes_col, self.lengths, self.arrivals = hashes_col, lengths, arrivals
+        self.hashes_col, lengths, outputs, self.arrivals = cols
+        self.lengths = lengths
         self.outputs = [max(1, int(o)) for o in outputs]
-        self.bp = block_pool
-        self.bs = block_pool.block_size
-        self.clock = clock
-        self.cost = cost
-        self.mbt = max_num_batched_tokens
-        self.max_seqs = max_num_seqs
-        self.chunked = chunked_prefill
-        self.progress = progress
+        self.bp, self.bs, self.clock, self.cost = block_pool, block_pool.block_size, clock, cost
+        self.mbt, self.max_seqs = max_num_batched_tokens, max_num_seqs
+        self.chunked, self.progress = chunked_prefill, progress
         n = len(lengths)
         self.n = n
         nan = math.nan
@@ -150,7 +143,7 @@ class ReferenceIterationEngine:
         self.evicted = [0] * n
         self.rejected = [False] * n
         self.start_s = [nan] * n
-        self.first_token_s = [float(a) if r else nan for a, r in zip(arrivals, self.ready)]
+        self.first_token_s = [float(a) if r else nan for a, r in zip(self.arrivals, self.ready)]
         self.finish_s = [nan] * n
         self.last_tok = list(self.first_token_s)
         self.itl_max = [nan] * n

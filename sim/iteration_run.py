@@ -247,12 +247,8 @@ def run_instance(
 
     clock = SimClock()
     pool = metadata_pool(blocks, block_size, policy, clock)
-    hashes, lengths, outputs, arrivals = cols
     eng = (ReferenceIterationEngine if reference else IterationEngine)(
-        hashes,
-        lengths,
-        outputs,
-        arrivals,
+        cols,
         pool.block_pool,
         clock,
         cost,

@@ -379,43 +379,49 @@ def _trace_items(traces) -> list[tuple[str, Path | None, Any]]:
     return items
 
 
+def _unique(values, scalar: type, check, what: str) -> list:
+    """``values`` (or one ``scalar``) each passed through ``check``, duplicates dropped."""
+    if isinstance(values, scalar):
+        values = [values]
+    out: list = []
+    for v in values:
+        v = check(v)
+        if v not in out:
+            out.append(v)
+    if not out:
+        raise KVConfigError(f"sweep needs at least one {what}")
+    return out
+
+
+def _capacity(c) -> int:
+    try:
+        if isinstance(c, bool):
+            raise TypeError
+        c = operator.index(c)  # ints and numpy integers, not floats or strings
+    except TypeError:
+        raise KVConfigError(f"capacities must be positive block counts, got {c!r}") from None
+    if c < 1:
+        raise KVConfigError(f"capacities must be positive block counts, got {c!r}")
+    return c
+
+
+def _policy(p) -> str:
+    from sagellm_kv_cache.eviction.registry import make_policy
+
+    if not isinstance(p, str):
+        raise KVConfigError(f"policies are names, got {p!r}")
+    make_policy(p)  # KVConfigError naming the choices when unknown
+    if p in BOUNDS:
+        raise KVConfigError(f"{p!r} is a bound, not a policy; bounds are added with bounds=")
+    return p
+
+
 def _normalise_capacities(capacities) -> list[int]:
-    if isinstance(capacities, int):
-        capacities = [capacities]
-    caps: list[int] = []
-    for c in capacities:
-        try:
-            if isinstance(c, bool):
-                raise TypeError
-            c = operator.index(c)  # ints and numpy integers, not floats or strings
-        except TypeError:
-            raise KVConfigError(f"capacities must be positive block counts, got {c!r}") from None
-        if c < 1:
-            raise KVConfigError(f"capacities must be positive block counts, got {c!r}")
-        if c not in caps:
-            caps.append(c)
-    if not caps:
-        raise KVConfigError("sweep needs at least one capacity")
-    return caps
+    return _unique(capacities, int, _capacity, "capacity")
 
 
 def _normalise_policies(policies) -> list[str]:
-    from sagellm_kv_cache.eviction.registry import make_policy
-
-    if isinstance(policies, str):
-        policies = [policies]
-    out: list[str] = []
-    for p in policies:
-        if not isinstance(p, str):
-            raise KVConfigError(f"policies are names, got {p!r}")
-        make_policy(p)  # KVConfigError naming the choices when unknown
-        if p in BOUNDS:
-            raise KVConfigError(f"{p!r} is a bound, not a policy; bounds are added with bounds=")
-        if p not in out:
-            out.append(p)
-    if not out:
-        raise KVConfigError("sweep needs at least one policy")
-    return out
+    return _unique(policies, str, _policy, "policy")
 
 
 def _normalise_bounds(bounds) -> list[str]:

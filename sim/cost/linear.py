@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from sagellm_kv_cache.errors import KVConfigError
-
+from ..config import check_fields_nonnegative
 from .base import BatchStats, StepCostModel
 
 __all__ = ["LinearStepCost"]
@@ -42,10 +41,7 @@ class LinearStepCost(StepCostModel):
     kv_s_per_token: float = 0.0
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0:
-                raise KVConfigError(f"LinearStepCost.{f.name} must be a number >= 0, got {v!r}")
+        check_fields_nonnegative(self)
 
     @classmethod
     def from_linear(cls, m) -> LinearStepCost:

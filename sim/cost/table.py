@@ -29,6 +29,7 @@ from .base import BatchStats, StepCostModel
 __all__ = ["TableCost"]
 
 _BUNDLED = Path(__file__).with_name("data")
+_GRID = ("tokens", "kv_tokens", "seconds")  # a table file's keys besides its provenance
 
 
 def _axis(name: str, xs) -> list[float]:
@@ -89,20 +90,15 @@ class TableCost(StepCostModel):
             d = json.loads(Path(path).read_text())
         except (OSError, ValueError) as err:
             raise KVConfigError(f"cannot read step-time table {path}: {err}") from None
-        if not isinstance(d, dict) or not {"tokens", "kv_tokens", "seconds"} <= set(d):
+        if not isinstance(d, dict) or not set(_GRID) <= set(d):
             raise KVConfigError(f"{path}: a table has tokens, kv_tokens and seconds")
-        return cls(d["tokens"], d["kv_tokens"], d["seconds"], dict(d.get("provenance") or {}))
+        return cls(*(d[k] for k in _GRID), dict(d.get("provenance") or {}))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
     def to_dict(self) -> dict:
-        return {
-            "provenance": self.provenance,
-            "tokens": self.tokens,
-            "kv_tokens": self.kv_tokens,
-            "seconds": self.seconds,
-        }
+        return {k: getattr(self, k) for k in ("provenance", *_GRID)}
 
     def lookup(self, num_tokens: float, kv_tokens: float) -> float:
         i, u = _bracket(self.tokens, num_tokens)
