@@ -92,7 +92,7 @@ class TableCost(StepCostModel):
             raise KVConfigError(f"cannot read step-time table {path}: {err}") from None
         if not isinstance(d, dict) or not set(_GRID) <= set(d):
             raise KVConfigError(f"{path}: a table has tokens, kv_tokens and seconds")
-        return cls(*(d[k] for k in _GRID), dict(d.get("provenance") or {}))
+        return cls(**{k: d[k] for k in _GRID}, provenance=dict(d.get("provenance") or {}))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
