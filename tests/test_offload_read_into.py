@@ -201,3 +201,33 @@ def test_a_read_fault_in_a_later_run_is_a_typed_error_and_the_next_read_succeeds
     assert b"".join(bytes(b) for b in bufs) == b"\x01" * 4096
     assert FailSecondCall.calls == 2 + 5  # runs of 1000, 1000, 1000, 1000 and 96 bytes
     store.close()
+
+
+# -- the destination pieces: memoryviews of the storage, in block_buffers' order ---------------
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_block_views_are_the_block_buffers_pieces(layout, dtype):
+    import torch
+
+    from sagellm_kv_cache.errors import KVCacheError
+    from sagellm_kv_cache.offload.staging import block_views
+    from sagellm_kv_cache.storage import KVStorage, ModelShape
+
+    s = KVStorage(5, 4, ModelShape(3, 2, 8, dtype), layout=layout)
+    s.kv.copy_(torch.arange(s.kv.numel()).reshape(s.kv.shape).to(s.kv.dtype))
+    views = block_views(s)
+    before = s.kv.clone()
+    for b in range(5):
+        got = views(b)
+        want = s.block_buffers(b)
+        assert [bytes(v) for v in got] == [p.tobytes() for p in want]
+        for v in got:
+            v[:] = b"\xab" * v.nbytes  # writes land in block b only
+        assert all(p.tobytes() == b"\xab" * p.nbytes for p in s.block_buffers(b))
+        assert torch.equal(s.kv[:, :, b + 1 :], before[:, :, b + 1 :])
+    for bad in (5, -1, True):
+        with pytest.raises(KVCacheError) as views_err:
+            views(bad)
+        with pytest.raises(KVCacheError) as buffers_err:
+            s.block_buffers(bad)
+        assert type(views_err.value) is type(buffers_err.value)

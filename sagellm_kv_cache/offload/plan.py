@@ -33,6 +33,7 @@ from .staging import (
     Buf,
     as_block_payloads,
     as_tensor,
+    block_views,
     delete_quietly,
     not_staged,
     present_blocks,
@@ -330,11 +331,14 @@ class FilesIn:
         assert disk is not None
         dst = self.dst
         bounce = dst.bounce_block() if dst.device != "cpu" else None
-        bounce_bufs = dst.chunks_of(bounce) if bounce is not None else None
+        if bounce is not None:  # read into one pinned CPU block, then copy it up
+            bounce_bufs = [memoryview(c) for c in dst.chunks_of(bounce)]
+        else:
+            views = block_views(dst)
         verified = self.onboarding.verified
         for k, gen, b, pos in zip(self.keys, self.gens, self.dst_ids, self.positions):
             try:
-                disk.read_into(k, bounce_bufs if bounce_bufs is not None else dst.block_buffers(b))
+                disk.read_into(k, bounce_bufs if bounce is not None else views(b))
                 if bounce is not None:
                     dst.kv[:, :, b : b + 1].copy_(bounce)
             except Exception as exc:

@@ -10,12 +10,12 @@ was staged (metadata-only, or the read that fills it failed).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from ..errors import KVCacheError, KVStorageError
 
-__all__ = ["Buf", "as_block_payloads", "as_tensor", "present_blocks"]
+__all__ = ["Buf", "as_block_payloads", "as_tensor", "block_views", "present_blocks"]
 
 
 class Buf:
@@ -52,6 +52,34 @@ def as_block_payloads(staged: Any) -> list:
     if isinstance(staged, list):
         return staged
     return [staged[:, :, i].contiguous() for i in range(staged.shape[2])]
+
+
+def block_views(storage: Any) -> Callable[[int], list[memoryview]]:
+    """``b -> `` the writable memory of CPU block ``b`` of ``storage`` as memoryviews: the
+    pieces of ``storage.block_buffers(b)``, in its order (layer, then K/V).
+
+    For reads into many blocks (``FilesIn``): each block's pieces are sliced out of one
+    memoryview of the whole ``[L, 2, num_blocks, ...]`` tensor, a slice per piece
+    instead of a numpy view and then a buffer export per piece.
+    """
+    kv = storage.kv
+    if not kv.is_contiguous():  # pragma: no cover - KVStorage allocates contiguous tensors
+        return lambda b: [memoryview(p) for p in storage.block_buffers(b)]
+    import torch
+
+    from ..block_pool import check_block_ids
+
+    planes, num_blocks = kv.shape[0] * kv.shape[1], kv.shape[2]
+    flat = memoryview(kv.view(torch.uint8).reshape(-1).numpy())
+    piece = flat.nbytes // (planes * num_blocks)
+    starts = [p * num_blocks * piece for p in range(planes)]
+
+    def views(b: int) -> list[memoryview]:
+        (b,) = check_block_ids([b], num_blocks)
+        o = b * piece
+        return [flat[s + o : s + o + piece] for s in starts]
+
+    return views
 
 
 def present_blocks(data: Any, n: int) -> list[int]:
