@@ -231,3 +231,33 @@ def test_block_views_are_the_block_buffers_pieces(layout, dtype):
         with pytest.raises(KVCacheError) as buffers_err:
             s.block_buffers(bad)
         assert type(views_err.value) is type(buffers_err.value)
+
+
+def test_files_in_through_the_bounce_block_lands_each_block_in_its_own_slot(tmp_path):
+    """A device storage that is not CPU memory is filled through one pinned CPU block
+    (``bounce_block``): each file's bytes end in its own destination block. Run here
+    with a CPU tensor under a non-CPU device name, so the path runs without a GPU."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sagellm_kv_cache.offload.plan import FilesIn
+    from sagellm_kv_cache.storage import KVStorage, ModelShape
+
+    dst = KVStorage(4, 4, ModelShape(2, 2, 8, "float16"))
+    src = KVStorage(2, 4, ModelShape(2, 2, 8, "float16"))
+    src.kv.copy_(torch.randn(src.kv.shape).to(src.kv.dtype))
+    nbytes = sum(p.nbytes for p in src.block_buffers(0))
+    store = DiskBlockStore(tmp_path / "kv", "geom", nbytes)
+    for b in (0, 1):
+        store.write(b, b"".join(p.tobytes() for p in src.block_buffers(b)))
+    dst.device = "cuda:0"  # the bounce path; the tensor stays on the CPU
+    onboarding = SimpleNamespace(verified=set())
+    FilesIn(SimpleNamespace(disk=store), [0, 1], [None, None], dst, [3, 1], [0, 1], onboarding).run(
+        None
+    )
+    assert onboarding.verified == {0, 1}
+    assert torch.equal(dst.kv[:, :, 3], src.kv[:, :, 0])
+    assert torch.equal(dst.kv[:, :, 1], src.kv[:, :, 1])
+    assert not dst.kv[:, :, [0, 2]].any()
+    store.close()
