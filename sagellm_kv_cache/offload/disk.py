@@ -115,6 +115,16 @@ def parse_block_file_name(name: str) -> Hashable | None:
     return None
 
 
+def _malformed(name: str, key: Hashable) -> KVChecksumMismatchError:
+    return KVChecksumMismatchError(f"block file {name} is malformed", key=str(key))
+
+
+def _mismatch(name: str, key: Hashable) -> KVChecksumMismatchError:
+    return KVChecksumMismatchError(
+        f"block file {name}: payload checksum does not match its header", key=str(key)
+    )
+
+
 def _key_bytes(key: Hashable) -> tuple[int, bytes]:
     if isinstance(key, bytes):
         return 0, key
@@ -238,7 +248,7 @@ class DiskBlockStore:
         found.sort(key=lambda t: (t[0], t[1]))
         return [k for _, _, k in found]
 
-    def _parse_header(self, raw: bytes, key: Hashable) -> tuple[int, int, int] | None:
+    def _parse_header(self, raw: bytes | bytearray, key: Hashable) -> tuple[int, int, int] | None:
         """(payload offset, checksum kind, checksum) when ``raw`` (header and key bytes)
         matches ``key`` and this geometry."""
         if len(raw) < _HEADER.size:
@@ -391,7 +401,7 @@ class DiskBlockStore:
             finally:
                 os.close(fd)
             if head is None or size != head[0] + self.block_nbytes:
-                raise KVChecksumMismatchError(f"block file {path.name} is malformed", key=str(key))
+                raise _malformed(path.name, key)
             off, algo, digest = head
             mm = self.io.read(path, off, self.block_nbytes)
         except KVChecksumMismatchError:
@@ -416,8 +426,8 @@ class DiskBlockStore:
             KVStorageError / KVChecksumMismatchError: as ``read`` (buffers that do not
                 add up to ``block_nbytes`` read as a malformed file).
         """
-        path = os.path.join(self._dir, block_file_name(key))  # no pathlib on the hot path
-        name = os.path.basename(path)
+        name = block_file_name(key)
+        path = os.path.join(self._dir, name)  # no pathlib on the hot path
         head_len = _payload_offset(len(_key_bytes(key)[1]))
         head = bytearray(head_len)
         tail = bytearray(1)  # a file longer than its header says fills it
@@ -428,8 +438,7 @@ class DiskBlockStore:
             fd = self._open_read(path)
             try:
                 n = preadv(fd, [head, *runs[0], tail] if last == 0 else [head, *runs[0]], 0)
-                parsed = self._parse_header(bytes(head), key)
-                h = hasher(parsed[1]) if parsed is not None else None
+                parsed = self._parse_header(head, key)
                 pos = head_len + sizes[0]
                 if (
                     parsed is None
@@ -437,27 +446,25 @@ class DiskBlockStore:
                     or sum(sizes) != self.block_nbytes
                     or n != pos
                 ):
-                    raise KVChecksumMismatchError(f"block file {name} is malformed", key=str(key))
-                digest = parsed[2]
+                    raise _malformed(name, key)
+                h = hasher(parsed[1])
+                if h is None:  # a checksum kind this reader cannot compute
+                    raise _mismatch(name, key)
+                update = h.update
                 for i, run in enumerate(runs):
                     if i:
                         n = preadv(fd, [*run, tail] if i == last else run, pos)
                         if n != sizes[i]:
-                            raise KVChecksumMismatchError(
-                                f"block file {name} is malformed", key=str(key)
-                            )
+                            raise _malformed(name, key)
                         pos += n
-                    if h is not None:
-                        for b in run:
-                            h.update(b)
+                    for b in run:
+                        update(b)
             finally:
                 os.close(fd)
         except OSError as exc:
             raise storage_error(f"cannot read block file {name}", exc, key) from exc
-        if h is None or h.intdigest() != digest:
-            raise KVChecksumMismatchError(
-                f"block file {name}: payload checksum does not match its header", key=str(key)
-            )
+        if h.intdigest() != parsed[2]:
+            raise _mismatch(name, key)
 
     def _open_read(self, path: str) -> int:
         """``os.open`` for reading, without an access-time update where allowed: a block
@@ -473,10 +480,7 @@ class DiskBlockStore:
     @staticmethod
     def _verify(path: str | Path, key: Hashable, algo: int, digest: int, chunks: Any) -> None:
         if checksum(algo, chunks) != digest:
-            raise KVChecksumMismatchError(
-                f"block file {os.path.basename(path)}: payload checksum does not match its header",
-                key=str(key),
-            )
+            raise _mismatch(os.path.basename(path), key)
 
     def delete(self, key: Hashable) -> None:
         """Remove block ``key``'s file (a missing file is fine).
