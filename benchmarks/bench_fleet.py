@@ -1,11 +1,14 @@
 """Fleet replay speed and the router table on the bundled Mooncake trace.
 
 Table 1 (speed): 8 instances replaying the whole trace (each instance its own
-pool of ``--capacity`` blocks) against 1 instance replaying it, best of
-interleaved runs, per router, with and without the per-request bounds
-(best instance, all caches). Goal: 8 instances <= 1.3x one instance.
-"always-0" sends everything to instance 0 (the same cache work as one
-instance: the fleet's own overhead).
+pool of ``--capacity`` blocks) against 1 instance replaying it, per router,
+with and without the per-request bounds (best instance, all caches). Goal:
+8 instances <= 1.3x one instance. "always-0" sends everything to instance 0
+(the same cache work as one instance: the fleet's own overhead). Each round
+runs every case right after a run of the one instance (interleaved, paired):
+``cpu x one`` is the median over rounds of the case's process CPU time over
+its paired one-instance run's (load on a shared machine hits both alike);
+``ms`` and ``x one`` are the best wall times.
 
 Table 2 (routers): ``--instances`` instances, concurrent mode, default cost
 model: token hit ratio, TTFT p50/p99, load imbalance (max/mean prompt tokens)
@@ -17,20 +20,19 @@ and the bounds per router.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 from _util import print_table, write_json
 
-ROUTERS = (
-    "round-robin",
-    "random:seed=0",
-    "least-load",
-    "shortest-queue",
-    "longest-prefix",
-    "kv-aware:weight=1,temperature=0",
-    "cache-aware",
-    "consistent-hash:key=prefix",
-)
+from sim.analysis.fleet_plots import COMPARED_ROUTERS as ROUTERS  # notebook 03's routers
+
+
+def _timed(fn) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one call."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 class AlwaysZero:
@@ -59,7 +61,11 @@ def main() -> None:
     cap = args.capacity
     speed = []
     for mode in ("sequential", "concurrent"):
-        cases = {"1 instance": lambda m=mode: simulate(table, cap, mode=m)}
+
+        def one(m: str = mode) -> None:
+            simulate(table, cap, mode=m)
+
+        cases = {}
         for r in ("always-0", "round-robin", "longest-prefix", "kv-aware", "cache-aware"):
             for bounds in (True, False):
                 router = AlwaysZero() if r == "always-0" else r
@@ -68,23 +74,24 @@ def main() -> None:
                         table, cap, mode=m, instances=8, router=rt, fleet_options={"bounds": b}
                     )
                 )
-        best = dict.fromkeys(cases, float("inf"))
-        cpu = dict.fromkeys(cases, float("inf"))
-        for _ in range(args.repeat):  # interleaved: the machine's load hits all cases alike
+        best = dict.fromkeys(["1 instance", *cases], float("inf"))
+        cpu_ratios: dict[str, list[float]] = {name: [] for name in best}
+        for _ in range(args.repeat):  # interleaved and paired: case after a one-instance run
             for name, fn in cases.items():
-                t0, c0 = time.perf_counter(), time.process_time()
-                fn()
-                cpu[name] = min(cpu[name], time.process_time() - c0)
-                best[name] = min(best[name], time.perf_counter() - t0)
-        one, one_cpu = best["1 instance"], cpu["1 instance"]
+                one_wall, one_cpu = _timed(one)
+                wall, cpu = _timed(fn)
+                best["1 instance"] = min(best["1 instance"], one_wall)
+                best[name] = min(best[name], wall)
+                cpu_ratios[name].append(cpu / one_cpu)
+        cpu_ratios["1 instance"] = [1.0]
         for name, s in best.items():
             speed.append(
                 {
                     "mode": mode,
                     "case": name,
                     "ms": s * 1e3,
-                    "x one": s / one,
-                    "cpu x one": cpu[name] / one_cpu,  # CPU time: steadier on a shared machine
+                    "x one": s / best["1 instance"],
+                    "cpu x one": statistics.median(cpu_ratios[name]),
                 }
             )
     print_table(speed, f"fleet replay speed, {len(table)} requests, {cap:,} blocks per instance")

@@ -180,8 +180,11 @@ class FleetEngine:
             desc=f"fleet replay x {num_instances}",
             router=self,
         )
+        self._starting = self._make_starting()
         if not bounds:
             self.starting = None  # type: ignore[assignment]  # the engine skips it
+        else:  # the closure itself: no method call in between
+            self.starting = self._starting  # type: ignore[method-assign]
         if sequential or not getattr(self.scheduler, "needs_metrics", True):
             self.update = None  # type: ignore[assignment]  # metrics stay as registered
 
@@ -214,19 +217,34 @@ class FleetEngine:
         """The leading run held by any cache now (``held_blocks``): from a run known held
         (sequential: the best instance's at routing, nothing changed since; else instance
         k's own), extended by whichever cache holds the next block, as far as it goes."""
-        j = self.best[i] if self._sequential else len(list(takewhile(self._holds[k], hs)))
-        full = len(hs)
-        holds = self._all_holds
-        while j < full:
-            j0 = j
-            for hold in holds:
-                if hold(hs[j]):
-                    j += len(list(takewhile(hold, islice(hs, j, None))))
-                    if j == full:
-                        break
-            if j == j0:
-                break
-        self.held[i] = j
+        self._starting(i, k, hs)
+
+    def _make_starting(self) -> Any:
+        held, best, own, holds = self.held, self.best, self._holds, self._all_holds
+        sequential = self._sequential
+        # sequential, no shared tier: a best run of 0 means no cache holds the first block
+        none_held = sequential and self.shared is None
+
+        def starting(i: int, k: int, hs: list) -> None:
+            if sequential:
+                j = best[i]
+                if not j and none_held:
+                    return  # held[i] stays 0
+            else:
+                j = len(list(takewhile(own[k], hs)))
+            full = len(hs)
+            while j < full:
+                j0 = j
+                for hold in holds:
+                    if hold(hs[j]):
+                        j += len(list(takewhile(hold, islice(hs, j, None))))
+                        if j == full:
+                            break
+                if j == j0:
+                    break
+            held[i] = j
+
+        return starting
 
     def update(self, k: int, running: int, waiting: int, used: int) -> None:
         m = self.metrics[k]

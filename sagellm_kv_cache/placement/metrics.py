@@ -84,24 +84,27 @@ class DeviceLoadMetrics:
 
     def update_kv_usage(self, kv_tokens_used: int) -> None:
         """Set the KV tokens in use."""
-        self.kv_tokens_used = _count(kv_tokens_used, "kv_tokens_used")
-        self.updated_at = time.time()
+        self._set(kv_tokens_used=_count(kv_tokens_used, "kv_tokens_used"))
 
     def update_request_count(self, active: int, queued: int) -> None:
         """Set the running (``active``) and waiting (``queued``) request counts."""
-        a, q = _count(active, "active"), _count(queued, "queued")
-        self.active_requests, self.queue_length = a, q
-        self.updated_at = time.time()
+        self._set(active_requests=_count(active, "active"), queue_length=_count(queued, "queued"))
 
     def update_memory_usage(self, memory_used_mb: float) -> None:
         """Set the memory in use (MB)."""
-        self.memory_used_mb = _amount(memory_used_mb, "memory_used_mb")
-        self.updated_at = time.time()
+        self._set(memory_used_mb=_amount(memory_used_mb, "memory_used_mb"))
 
     def update_wait_time(self, avg_ms: float, max_ms: float) -> None:
         """Set the average and longest queue wait (ms)."""
-        a, m = _amount(avg_ms, "avg_ms"), _amount(max_ms, "max_ms")
-        self.avg_wait_time_ms, self.max_wait_time_ms = a, m
+        self._set(
+            avg_wait_time_ms=_amount(avg_ms, "avg_ms"), max_wait_time_ms=_amount(max_ms, "max_ms")
+        )
+
+    def _set(self, **fields: Any) -> None:
+        """Set checked ``fields`` (the callers check every value first: nothing changes
+        on bad input) and stamp ``updated_at``."""
+        for name, value in fields.items():
+            setattr(self, name, value)
         self.updated_at = time.time()
 
     def kv_utilization(self) -> float:

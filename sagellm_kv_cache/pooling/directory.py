@@ -16,7 +16,7 @@ Lock order: a pool's lock, then the directory's; the directory never calls a poo
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import KVEventGapError, KVInvalidTypeError
@@ -43,10 +43,16 @@ class BlockDirectory:
 
     def add(self, rank: int, block_hashes: Iterable[Hashable]) -> None:
         """Record that node ``rank`` holds ``block_hashes`` cached."""
+        self._checked(self._add, rank, block_hashes)
+
+    def _checked(
+        self, apply: Callable[[int, Sequence[Hashable]], None], rank: int, block_hashes: Any
+    ) -> None:
+        """``apply(rank, hashes)`` under the lock once both are checked (a bad one: nothing)."""
         check_rank("rank", rank)
         hashes = check_block_hashes(block_hashes)
         with self._lock:
-            self._add(rank, hashes)
+            apply(rank, hashes)
 
     def _add(self, rank: int, hashes: Sequence[Hashable]) -> None:
         holders = self._holders
@@ -63,10 +69,7 @@ class BlockDirectory:
 
     def discard(self, rank: int, block_hashes: Iterable[Hashable]) -> None:
         """Record that node ``rank`` no longer holds ``block_hashes`` (unknown ones are ignored)."""
-        check_rank("rank", rank)
-        hashes = check_block_hashes(block_hashes)
-        with self._lock:
-            self._discard(rank, hashes)
+        self._checked(self._discard, rank, block_hashes)
 
     def _discard(self, rank: int, hashes: Sequence[Hashable]) -> None:
         holders = self._holders
