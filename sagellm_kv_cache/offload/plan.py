@@ -15,8 +15,9 @@ fills). The copy worker runs the steps in order, without the lock::
       WriteSlots(cpu, [s7], [v1], Buf admitted)               (the spill)
 
 Onboarded blocks are copied straight into their device blocks (``CopyIn``:
-contiguous runs of blocks in one ``copy_`` each; ``FilesIn``: one ``preadv``
-per file into the block's own memory), then marked verified for the
+contiguous runs of blocks in one ``copy_`` each; ``FilesIn``: each file read by
+``preadv`` straight into the block's own memory, in runs hashed as they land), then
+marked verified for the
 ``Onboarding`` (``jobs.py``). Steps fail per block and never abort the plan:
 a failed block is reported to the plan (``failed``) and a step whose input
 ``Buf`` is empty treats its blocks as failed.
