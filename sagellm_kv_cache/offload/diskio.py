@@ -131,7 +131,7 @@ def read_runs(buffers: list, run_bytes: int) -> tuple[list[list[memoryview]], li
     Buffers no longer than a run are grouped whole; the grouping depends only on their
     sizes, so it is computed once per list of sizes (every block of a storage has the
     same pieces) and then only sliced out. Longer buffers are cut at run boundaries."""
-    mvs: list[memoryview] = [memoryview(b) for b in buffers]
+    mvs: list[memoryview] = [b if type(b) is memoryview else memoryview(b) for b in buffers]
     sizes = tuple([m.nbytes for m in mvs])
     if sizes and max(sizes) > run_bytes:
         return _cut_runs(mvs, run_bytes)
