@@ -9,11 +9,15 @@ RSS (``resource.getrusage``) is reported:
   (``sim.stream.replay_stream``) at ``--capacity`` blocks;
 * ``curve``: the exact one-pass curve (``sim.mrc.lru_mrc``) of the table read
   whole (the read timed apart);
-* ``sampled``: the ``--rate`` sampled curve (``sim.sampling``, ``--samples``
-  independent samples) for each scheme of ``--key`` (``all``: ``stack``,
-  ``root``, ``session``), its mean absolute error of token hit ratio against
-  the exact curve at ``--points`` capacities, its mean reported spread and
-  its speed-up over exact (a table row per scheme);
+* ``compare``: in one process, the exact curve and the ``--rate`` sampled
+  curve (``sim.sampling``) for each scheme of ``--key`` (``all``: ``stack``,
+  ``root``, ``session``) in ``--rounds`` alternating rounds (process CPU
+  time, median): the sampled curve's mean absolute error of token hit ratio
+  against exact at ``--points`` capacities, its error estimate (one sample's
+  spread / sqrt(samples)) and its speed ratio to exact. ``--rate`` is the share
+  of the trace looked at in all: for ``stack`` ``--samples`` disjoint hash
+  bands of ``rate / samples`` each, from one scan; the request keys replay
+  ``--samples`` samples of ``rate`` each (one round: slow, and far off);
 * ``--bundled``: the same comparison, in-process, on every bundled trace
   with at least ``--bundled-min`` full blocks, at ``--bundled-rate``
   (they are small, so a higher rate).
@@ -23,8 +27,9 @@ trace (``generate_trace(200_000, seed=1, block_size=16, multi_turn_prob=0.5)``,
 ``--dict-capacity`` blocks): the replay through the library pool, a bare
 ``OrderedDict`` loop of the same semantics (leading run of hits in use,
 evict least recent, release tail-first; its hit count must equal the
-replay's) and the curve, in one process; ``--profile`` prints the replay's
-top functions by own time.
+replay's) and the curve, in one process, in CPU seconds (replay and dict loop
+alternating, ``DICT_ROUNDS`` rounds, medians and each round's ratio);
+``--profile`` prints the replay's top functions by own time.
 
     python benchmarks/bench_scale.py [--blocks 20e6] [--dict-check] [--profile]
     python benchmarks/bench_scale.py --blocks 1e9 --dir /big/disk
@@ -117,21 +122,66 @@ def child_curve(path: str, points: int) -> dict:
     return {"s": time.perf_counter() - t0, "read_s": read_s, "caps": caps, "token": tok}
 
 
-def child_sampled(path: str, caps: list[int], rate: float, samples: int, key: str) -> dict:
-    from sim.sampling import SampleSpec, sampled_curve
+def _spec(key: str, rate: float, samples: int):
+    """``rate`` is the share of the trace looked at in all: ``samples`` disjoint bands of
+    ``rate / samples`` each for ``stack`` (one scan), ``samples`` samples of ``rate`` for the
+    request keys (each replays its own sample)."""
+    from sim.sampling import SampleSpec
+
+    per = rate / samples if key == "stack" else rate
+    return SampleSpec(rate=per, key=key, samples=samples)
+
+
+def child_compare(path: str, points: int, rate: float, samples: int, keys: list, rounds: int):
+    """Exact and sampled curves of one table in one process, in alternating rounds (process
+    CPU time, median): each key's mean absolute error and its speed ratio to exact."""
+    from sim.mrc import lru_mrc
+    from sim.sampling import sampled_curve
     from traces import read_trace
 
-    t0 = time.perf_counter()
     table = read_trace(path)
-    read_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    df = sampled_curve(table, caps, SampleSpec(rate=rate, key=key, samples=samples))
-    return {
-        "s": time.perf_counter() - t0,
-        "read_s": read_s,
-        "token": df["token_hit_ratio"].to_list(),
-        "spread": df["token_hit_ratio_spread"].to_list(),
-    }
+    small = table.head(200)  # compile (or load) both kernels before timing
+    lru_mrc(small)
+    for key in keys:
+        sampled_curve(small, [10, 100], _spec(key, rate, samples))
+    times: dict = {"exact": []} | {k: [] for k in keys}
+    m = lru_mrc(table)
+    caps = _caps(m, points)
+    exact = np.asarray(m.hit_ratios(caps)["token_hit_ratio"].to_list())
+    del m
+    figures: dict = {}
+    for r in range(rounds):
+        t0 = time.process_time()
+        lru_mrc(table).hit_ratios(caps)
+        times["exact"].append(time.process_time() - t0)
+        for key in keys:
+            if key != "stack" and r:  # the request keys are slow and far off: one round
+                continue
+            t0 = time.process_time()
+            df = sampled_curve(table, caps, _spec(key, rate, samples))
+            times[key].append(time.process_time() - t0)
+            figures[key] = df
+    exact_s = float(np.median(times["exact"]))
+    out: dict = {"caps": caps, "exact_token": exact.tolist(), "exact_s": exact_s, "keys": {}}
+    for key in keys:
+        df = figures[key]
+        err = np.abs(df["token_hit_ratio"].to_numpy() - exact)
+        spread = df["token_hit_ratio_spread"].to_numpy()
+        out["keys"][key] = {
+            "rate_per_sample": float(df["rate"][0]),
+            "samples": samples,
+            "s": float(np.median(times[key])),
+            "rounds_s": times[key],
+            "mae": float(err.mean()),
+            "max_err": float(err.max()),
+            "mean_spread": float(spread.mean()),
+            # the error of the mean over the samples: one sample's spread / sqrt(samples)
+            "mean_stderr": float(spread.mean() / np.sqrt(samples)),
+            "speedup": exact_s / float(np.median(times[key])),
+            "token": df["token_hit_ratio"].to_list(),
+        }
+    out["exact_rounds_s"] = times["exact"]
+    return out
 
 
 def dict_loop(values: np.ndarray, offsets: np.ndarray, fulls: np.ndarray, cap: int) -> int:
@@ -163,6 +213,10 @@ def dict_loop(values: np.ndarray, offsets: np.ndarray, fulls: np.ndarray, cap: i
     return hits
 
 
+#: interleaved rounds of the dict check (replay, dict loop, replay, ...)
+DICT_ROUNDS = 3
+
+
 def child_dict_check(capacity: int, requests: int, profile: bool) -> dict:
     from sim.mrc import lru_mrc
     from sim.replay import replay_sequential
@@ -173,21 +227,28 @@ def child_dict_check(capacity: int, requests: int, profile: bool) -> dict:
     values, offsets = hash_arrays(table)
     fulls = table["input_length"].to_numpy() // 16
     blocks = int(fulls.sum())
-    t0 = time.perf_counter()
-    r = replay_sequential(table, capacity)
-    replay_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    hits = dict_loop(values, offsets, fulls, capacity)
-    dict_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    # process CPU time (single-threaded work; other processes on the machine do not
+    # count), replay and dict loop alternating for DICT_ROUNDS rounds, medians
+    replay_r, dict_r = [], []
+    same = True
+    for _ in range(DICT_ROUNDS):
+        t0 = time.process_time()
+        r = replay_sequential(table, capacity)
+        replay_r.append(time.process_time() - t0)
+        t0 = time.process_time()
+        hits = dict_loop(values, offsets, fulls, capacity)
+        dict_r.append(time.process_time() - t0)
+        same &= hits == int(r.records["hit_blocks"].sum())
+    t0 = time.process_time()
     lru_mrc(table).hit_ratios([capacity])
-    curve_s = time.perf_counter() - t0
+    curve_s = time.process_time() - t0
     out = {
         "blocks": blocks,
-        "replay_s": replay_s,
-        "dict_s": dict_s,
+        "replay_s": float(np.median(replay_r)),
+        "dict_s": float(np.median(dict_r)),
+        "ratio_rounds": [d / x for d, x in zip(dict_r, replay_r)],
         "curve_s": curve_s,
-        "same_hits": hits == int(r.records["hit_blocks"].sum()),
+        "same_hits": same,
     }
     if profile:
         import cProfile
@@ -227,8 +288,11 @@ def child_main(argv: list[str]) -> None:
         out = child_replay(rest[0], int(rest[1]))
     elif kind == "curve":
         out = child_curve(rest[0], int(rest[1]))
-    elif kind == "sampled":
-        out = child_sampled(rest[0], json.loads(rest[1]), float(rest[2]), int(rest[3]), rest[4])
+    elif kind == "compare":
+        path, points, rate, samples, keys, rounds = rest
+        out = child_compare(
+            path, int(points), float(rate), int(samples), keys.split(","), int(rounds)
+        )
     else:
         out = child_dict_check(int(rest[0]), int(rest[1]), rest[2] == "1")
     out["peak_rss_mb"] = peak_rss_mb()
@@ -246,8 +310,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--capacity", type=int, default=100_000, help="replay capacity, blocks")
     ap.add_argument("--points", type=int, default=20, help="capacities compared")
-    ap.add_argument("--rate", type=float, default=0.01)
+    ap.add_argument("--rate", type=float, default=0.01, help="share looked at, all samples")
     ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
     ap.add_argument("--key", default="all", choices=["all", "stack", "root", "session"])
     ap.add_argument("--bundled", action="store_true", help="also the bundled traces")
     ap.add_argument("--bundled-rate", type=float, default=0.1)
@@ -273,27 +338,39 @@ def main() -> None:
     cur = run_child("curve", str(path), str(args.points))
     rows.append({"step": "exact curve", **_row(cur)})
     keys = ["stack", "root", "session"] if args.key == "all" else [args.key]
-    result |= {"curve": cur, "sampled": {}}
-    lines = []
-    for key in keys:
-        smp = run_child(
-            "sampled", str(path), json.dumps(cur["caps"]), str(args.rate), str(args.samples), key
-        )
-        err = np.abs(np.asarray(smp["token"]) - np.asarray(cur["token"]))
-        smp |= {
-            "mae": float(err.mean()),
-            "max_err": float(err.max()),
-            "speedup": cur["s"] / smp["s"],
-        }
-        result["sampled"][key] = smp
-        rows.append({"step": f"{args.rate:.0%} sampled curve, {key} x{args.samples}", **_row(smp)})
-        lines.append(
-            f"sampled ({key}, {args.samples} samples) token_hit_ratio MAE {err.mean():.4f} "
-            f"(max {err.max():.4f}), mean spread {np.mean(smp['spread']):.4f}, "
-            f"{smp['speedup']:.1f}x faster than exact"
-        )
+    result["curve"] = cur
+    cmp = run_child(
+        "compare",
+        str(path),
+        str(args.points),
+        str(args.rate),
+        str(args.samples),
+        ",".join(keys),
+        str(1 if SMOKE else args.rounds),
+    )
+    result["sampled"] = cmp
     print_table(rows, f"{gen['blocks']:,} blocks, {gen['requests']:,} requests, {path}")
-    print("\n".join(lines))
+    table_rows = [
+        {"curve": "exact", "cpu_s": cmp["exact_s"], "speedup": 1.0}
+        | {"mae": 0.0, "max_err": 0.0, "stderr": 0.0}
+    ]
+    for key, k in cmp["keys"].items():
+        table_rows.append(
+            {
+                "curve": f"{key}: {args.samples} x {k['rate_per_sample']:.4%}",
+                "cpu_s": k["s"],
+                "speedup": k["speedup"],
+                "mae": k["mae"],
+                "max_err": k["max_err"],
+                "stderr": k["mean_stderr"],
+            }
+        )
+    print_table(
+        table_rows,
+        f"{args.rate:.0%} sampled curves vs exact, one process, median of "
+        f"{len(cmp['exact_rounds_s'])} alternating rounds (process CPU s); token hit ratio at "
+        f"{len(cmp['caps'])} capacities; peak {cmp['peak_rss_mb']:.0f} MB",
+    )
     if args.dict_check:
         d = run_child(
             "dict", str(args.dict_capacity), str(args.dict_requests), str(int(args.profile))
@@ -301,9 +378,11 @@ def main() -> None:
         result["dict_check"] = d
         print(
             f"\n{d['blocks']:,} blocks @{args.dict_capacity}: replay {d['replay_s']:.2f}s, "
-            f"OrderedDict {d['dict_s']:.2f}s -> replay at {d['dict_s'] / d['replay_s']:.2f}x the "
-            f"dict's speed; curve {d['curve_s']:.2f}s = {d['curve_s'] / d['replay_s']:.2f}x a "
-            f"replay; same hits: {d['same_hits']}; peak {d['peak_rss_mb']:.0f} MB"
+            f"OrderedDict {d['dict_s']:.2f}s (CPU s, medians of {DICT_ROUNDS} interleaved "
+            f"rounds) -> replay at {d['dict_s'] / d['replay_s']:.2f}x the dict's speed (rounds: "
+            f"{', '.join(f'{x:.2f}' for x in d['ratio_rounds'])}); curve {d['curve_s']:.2f}s = "
+            f"{d['curve_s'] / d['replay_s']:.2f}x a replay; same hits: {d['same_hits']}; "
+            f"peak {d['peak_rss_mb']:.0f} MB"
         )
         if d.get("profile"):
             print(d["profile"])

@@ -88,6 +88,9 @@ def test_spec_text(text, expected):
         {"rate": 0},
         {"rate": 1.5},
         {"rate": True},
+        {"rate": -0.01},
+        {"rate": float("nan")},
+        {"rate": "1%"},
         {"rate": None, "size": 0},
         {"key": "block"},
         {"samples": 0},
@@ -154,3 +157,84 @@ def test_stack_python_kernel_equals_numba(synthetic, monkeypatch):
     compiled = sampled_curve(small, [30, 300, 3000], spec)
     monkeypatch.setenv("SAGELLM_KV_NO_NUMBA", "1")
     assert sampled_curve(small, [30, 300, 3000], spec).equals(compiled)
+
+
+# -- the one-scan kernel: disjoint bands, hot ids on a move-to-front list ----------------------
+def _columns(table):
+    from traces.columnar import hash_arrays
+
+    values, offsets = hash_arrays(table)
+    fulls = table["input_length"].to_numpy() // 16
+    return values, np.ascontiguousarray(offsets[:-1]), fulls
+
+
+@pytest.mark.parametrize("hot_pick", ["counted", "every_7th_id", "none"])
+def test_kernel_at_rate_one_with_hot_ids_is_exact(synthetic, hot_pick):
+    from sim.sampling_kernel import hot_ids, sample_pass
+
+    table = synthetic.head(600)
+    values, starts, fulls = _columns(table)
+    hot = {
+        "counted": hot_ids(values),  # ancestors of a hot id are hot: every hot run leads
+        "every_7th_id": np.unique(values)[::7],  # hot ids after cold ones: the deferred path
+        "none": np.zeros(0, dtype=np.int64),
+    }[hot_pick]
+    assert hot_pick == "none" or len(hot) > 0
+    m = lru_mrc(table)
+    caps = np.asarray([5, 50, m.max_request_blocks, 3000, 10**7])
+    hit, first, _ = sample_pass(values, starts, fulls, hot, 1.0, 3, caps, hot_rate=1.0)
+    assert hit[0].tolist() == m.hit_blocks(caps.tolist()).tolist()
+    assert first[0].tolist() == m.hit_ratios(caps.tolist())["hit_requests"].to_list()
+
+
+def test_kernel_python_equals_numba_with_bands_and_hot_ids(synthetic, monkeypatch):
+    pytest.importorskip("numba")
+    from sim.sampling_kernel import hot_ids, sample_pass
+
+    values, starts, fulls = _columns(synthetic.head(400))
+    hot = hot_ids(values, accesses=8)
+    caps = np.asarray([20, 200, 2000])
+    args = (values, starts, fulls, hot, 0.2, 5, caps)
+    compiled = sample_pass(*args, samples=4, hot_rate=0.3)
+    monkeypatch.setenv("SAGELLM_KV_NO_NUMBA", "1")
+    python = sample_pass(*args, samples=4, hot_rate=0.3)
+    assert compiled[2] == python[2] > 0
+    assert np.array_equal(compiled[0], python[0]) and np.array_equal(compiled[1], python[1])
+
+
+def test_hot_ids_are_the_ids_with_that_many_accesses():
+    from sim.sampling_kernel import hot_ids
+
+    values = np.asarray([5] * 70 + [9] * 63 + [-2] * 64 + list(range(100, 200)), dtype=np.int64)
+    assert hot_ids(values).tolist() == [-2, 5]
+
+
+def test_one_scan_samples_are_disjoint_bands_seeded(synthetic):
+    spec = SampleSpec(rate=0.05, key="stack", samples=4, seed=11)
+    caps = [200, 2000, 8000]
+    a = sampled_curve(synthetic, caps, spec)
+    assert a.equals(sampled_curve(synthetic, caps, spec))  # the same seed: the same figures
+    b = sampled_curve(synthetic, caps, SampleSpec(rate=0.05, key="stack", samples=4, seed=12))
+    assert not a.equals(b)
+    assert (a["token_hit_ratio_spread"] > 0).all() and a["samples"].to_list() == [4, 4, 4]
+    exact = lru_mrc(synthetic).hit_ratios(caps)["token_hit_ratio"].to_numpy()
+    assert np.abs(a["token_hit_ratio"].to_numpy() - exact).mean() < 0.05
+
+
+def test_kernel_bands_must_fit():
+    from sim.sampling_kernel import sample_pass
+
+    z = np.zeros(1, dtype=np.int64)
+    with pytest.raises(KVConfigError):
+        sample_pass(z, z, z, z[:0], 0.4, 0, np.asarray([1]), samples=3)
+
+
+def test_a_chunked_table_gives_the_figures_of_its_one_chunk_copy(synthetic):
+    whole = synthetic.head(600)
+    chunked = pl.concat([whole.head(250), whole.slice(250, 100), whole.slice(350)], rechunk=False)
+    assert chunked["block_hashes"].n_chunks() == 3
+    caps = [50, 400, 3000]
+    for spec in (SampleSpec(rate=0.1, samples=4, seed=2), SampleSpec(rate=1.0, samples=2)):
+        assert sampled_curve(chunked, caps, spec).equals(sampled_curve(whole, caps, spec))
+    exact = lru_mrc(whole).hit_ratios(caps)["token_hit_ratio"].to_list()
+    assert sampled_curve(chunked, caps, SampleSpec(rate=1.0))["token_hit_ratio"].to_list() == exact
