@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sagellm_kv_cache.errors import KVChecksumMismatchError, KVStorageError
-from sagellm_kv_cache.offload import DiskBlockStore, disk, diskio
+from sagellm_kv_cache.offload import DiskBlockStore, disk
 from sagellm_kv_cache.offload.faults import FaultyDiskIO, corrupt_block_file
 from tests._offload_faults import store_with_two_blocks
 
@@ -73,7 +73,7 @@ def test_read_into_goes_through_the_fault_seam(tmp_path):
 def test_crc32_block_files_stay_readable(tmp_path, monkeypatch):
     """Files written without xxhash (checksum kind crc32) are read and checked by
     every reader, on open and per block."""
-    monkeypatch.setattr(diskio, "XXH3", None)
+    monkeypatch.setattr(disk, "_XXH3", None)
     store = DiskBlockStore(tmp_path / "kv", "geom", 4096)
     store.write(1, b"\x01" * 4096)
     store.close()

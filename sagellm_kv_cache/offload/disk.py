@@ -89,6 +89,7 @@ _CHUNK_BYTES = 8 << 20
 # read_into reads and hashes runs of this many bytes: a run is hashed while it is still in
 # the core's cache (hashing a whole 2 MiB block after its read costs twice as much here)
 _RUN_BYTES = 256 << 10
+_XXH3 = diskio.XXH3  # None: blocks are written with crc32 (tests switch it off here)
 
 
 def block_file_name(key: Hashable) -> str:
@@ -327,7 +328,7 @@ class DiskBlockStore:
             )
         final = self.path_of(key)
         kind, kb = _key_bytes(key)
-        algo = XXH3_64 if diskio.XXH3 is not None else CRC32
+        algo = XXH3_64 if _XXH3 is not None else CRC32
         digest = checksum(algo, (view,))
         assert digest is not None
         header = _HEADER.pack(
