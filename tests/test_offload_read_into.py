@@ -261,3 +261,36 @@ def test_files_in_through_the_bounce_block_lands_each_block_in_its_own_slot(tmp_
     assert torch.equal(dst.kv[:, :, 1], src.kv[:, :, 1])
     assert not dst.kv[:, :, [0, 2]].any()
     store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "O_NOATIME"), reason="no O_NOATIME on this platform")
+def test_read_into_falls_back_to_plain_reads_where_o_noatime_is_refused(tmp_path, monkeypatch):
+    """O_NOATIME needs the file's owner: refused (EPERM), the store reads without it from then
+    on; a plain open that is refused as well is a typed storage error."""
+    store = DiskBlockStore(tmp_path / "kv", "geom", 4096)
+    store.write(1, b"\x01" * 4096)
+    real_open = os.open
+    opened: list[int] = []
+
+    def open_without_noatime(path, flags, *args, **kwargs):
+        opened.append(flags)
+        if flags & os.O_NOATIME:
+            raise PermissionError(errno.EPERM, "not the owner")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(disk.os, "open", open_without_noatime)
+    for _ in range(2):
+        bufs = _pieces(4, 1024)
+        store.read_into(1, bufs)
+        assert b"".join(bytes(b) for b in bufs) == b"\x01" * 4096
+    assert [bool(f & os.O_NOATIME) for f in opened] == [True, False, False]
+
+    def refuse_all(path, flags, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "denied")
+
+    monkeypatch.setattr(disk.os, "open", refuse_all)
+    with pytest.raises(KVStorageError) as info:
+        store.read_into(1, _pieces(4, 1024))
+    assert info.value.errno == errno.EACCES
+    monkeypatch.undo()
+    store.close()
