@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 __all__ = ["serve"]
 
+_NONE: frozenset[int] = frozenset()
+
 
 def serve(pool: BlockPool, block_hashes: Sequence[Hashable]) -> tuple[list[int], int]:
     """Serve one request whose full blocks have ``block_hashes``, start to finish.
@@ -77,43 +79,32 @@ def serve(pool: BlockPool, block_hashes: Sequence[Hashable]) -> tuple[list[int],
     if (
         order is not None
         and not pool.hooks
-        and not pool._num_pinned
-        and n - k - len(pool.free_queue) <= len(order) - k  # enough victims, whatever the hits
+        and n <= pool.num_blocks == len(pool.free_queue) + len(order)  # no block in use
     ):
         return _serve_lru(pool, block_hashes, ids, k, order), k
     return _serve_any(pool, block_hashes, ids, k), k
 
 
 def _serve_lru(pool: BlockPool, hs: list, ids: list, k: int, order: OrderedDict) -> list[int]:
-    """The plain-LRU path: no hooks, no pins, caching on, a fixed pool, victims enough.
+    """The plain-LRU path: no hooks, caching on, a fixed pool with no block in use
+    (every cached block is evictable, so every hit is in the order) and the request
+    no larger than the pool (its victims exist).
 
     Reference counts go up and back down within the call, so they are left alone.
-    The five calls take the evictable hits out of the order, evict from its
-    least recent end, then put the registered new blocks and the hits back at
-    its most recent end, tail-first. Here the hits move to the most recent end
-    instead (``move_to_end``: no unlinking), out of the victims' reach (the caller
-    checked that the victims fit in front of them), and move there again once
-    the new blocks are in: the same order, at two moves per hit. A hit that is
-    not in the order (held by another request) sends the request to ``_serve_any``,
-    where the moves made so far do not count (it takes the hits out and puts them
-    back at the end itself).
+    The five calls take the hits out of the order, evict from its least recent
+    end, then put the registered new blocks and the hits back at its most recent
+    end, tail-first. Here the hits stay where they are, a victim that is a hit
+    is passed over (and put back), and the hits move to the most recent end
+    (``move_to_end``: no unlinking) once the new blocks are in: the same order.
     """
     n = len(ids)
     need = n - k
-    free_q = pool.free_queue
-    n_free = len(free_q)
     move = order.move_to_end
     if not need:  # all hits: touch + release is moving them to the end, tail-first
-        try:
-            deque(map(move, reversed(ids)), 0)
-        except KeyError:
-            return _serve_any(pool, hs, ids, k)
+        deque(map(move, reversed(ids)), 0)
         return ids
-    if k:  # the hits go to the end first, out of the victims' reach (and a held one is found
-        try:  # before anything changes)
-            deque(map(move, reversed(ids[:k])), 0)
-        except KeyError:
-            return _serve_any(pool, hs, ids, k)
+    free_q = pool.free_queue
+    n_free = len(free_q)
     cached = pool.cached
     hashes = pool.block_hashes
     parents = pool.parent_ids
@@ -125,10 +116,16 @@ def _serve_lru(pool: BlockPool, hs: list, ids: list, k: int, order: OrderedDict)
     misses = islice(hs, k, None)
     n_ev = need - n_free
     popitem = order.popitem
+    # hits met among the victims: passed over, put back before the hits move
+    hits = set(ids[:k]) if k and n_ev > 0 else _NONE
+    passed: list[int] = []
     if n_ev > 0 and ids.count(None) != need:
         # a miss's hash is cached (past the first miss): a victim may hold it, so every
         # victim goes first, as in allocate, then the blocks are registered
-        victims = [popitem(False)[0] for _ in range(n_ev)]
+        victims: list[int] = []
+        while len(victims) < n_ev:
+            b = popitem(False)[0]
+            (passed if b in hits else victims).append(b)
         for b in victims:
             del cached[hashes[b]]
             hashes[b] = None
@@ -164,6 +161,9 @@ def _serve_lru(pool: BlockPool, hs: list, ids: list, k: int, order: OrderedDict)
                     dup += 1
         for h in misses if n_ev > 0 else ():
             b = popitem(False)[0]
+            while b in hits:
+                passed.append(b)
+                b = popitem(False)[0]
             append(b)
             del cached[hashes[b]]
             c = setdefault(h, b)
@@ -193,10 +193,9 @@ def _serve_lru(pool: BlockPool, hs: list, ids: list, k: int, order: OrderedDict)
             order[b] = None
     ids[k:] = new
     if k:
-        try:
-            deque(map(move, reversed(ids[:k])), 0)
-        except KeyError:  # pragma: no cover - a held hit went to _serve_any above
-            raise AssertionError("serve: a hit left the LRU order") from None
+        for b in passed:
+            order[b] = None
+        deque(map(move, reversed(ids[:k])), 0)
     return ids
 
 
