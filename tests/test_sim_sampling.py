@@ -238,3 +238,23 @@ def test_a_chunked_table_gives_the_figures_of_its_one_chunk_copy(synthetic):
         assert sampled_curve(chunked, caps, spec).equals(sampled_curve(whole, caps, spec))
     exact = lru_mrc(whole).hit_ratios(caps)["token_hit_ratio"].to_list()
     assert sampled_curve(chunked, caps, SampleSpec(rate=1.0))["token_hit_ratio"].to_list() == exact
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_band_is_an_estimate_of_its_own(synthetic, seed):
+    # which hot blocks a request looks up must not depend on the band it falls in: each
+    # band estimates the whole trace (hits and first-block hits) by itself
+    from sim.sampling_kernel import hot_ids, sample_pass
+
+    values, starts, fulls = _columns(synthetic)
+    hot = hot_ids(values)
+    m = lru_mrc(synthetic)
+    caps = [m.max_request_blocks, 10**7]
+    hits, first, _ = sample_pass(
+        values, starts, fulls, hot, 0.05, seed, np.asarray(caps), samples=4
+    )
+    assert len(hot) > 0 and hits.shape == (4, 2)
+    exact_hits = m.hit_blocks(caps)[-1]
+    exact_first = m.hit_ratios(caps)["hit_requests"][-1]
+    assert np.all(np.abs(hits[:, -1] / exact_hits - 1) < 0.15)
+    assert np.all((first[:, -1] > exact_first / 2) & (first[:, -1] < exact_first * 2))
