@@ -7,7 +7,8 @@ it needs, so eviction hooks run too. Variants: no hook, ``MetricsHook``,
 ``KVEventStream`` (subscriber-free ring buffer), both, and
 ``AccessStatsHook``. Work a hook defers is timed too: the collector turning
 its queue into records and one ``MetricsHook.snapshot()`` (a scrape, which
-folds the buffered observations). Each variant runs ``--repeat`` times
+folds the buffered observations), and so are the garbage collections a
+hook's allocations make due (each run starts after a full collection). Each variant runs ``--repeat`` times
 interleaved with the others (one round runs every variant once, in order); a
 variant's slowdown is the median over the rounds of its
 process CPU time over that round's bare pool, so drift between rounds on a
@@ -19,6 +20,7 @@ shared machine cancels. The best run of each is printed too.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import random
 import statistics
@@ -73,6 +75,9 @@ def run_once(reqs, num_blocks: int, make_hooks) -> tuple[float, dict]:
     for h in hooks:
         pool.add_hook(h)
     alloc, cache, free = pool.alloc_with_prefix, pool.cache_blocks, pool.free
+    # start every variant from an empty young generation: a collection the previous
+    # variant's garbage made due would otherwise land in this one's time
+    gc.collect()
     t0 = time.process_time()  # CPU time: steadier than wall time on a shared machine
     for tokens in reqs:
         handle, _ = alloc(tokens)

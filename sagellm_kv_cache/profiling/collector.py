@@ -354,8 +354,8 @@ class AccessStatsCollector:
     ) -> None:
         """Queue one batch whose fields are already checked: a prompt (``hits`` >= 0) or
         an eviction batch (``hits`` -1, its reason where a prompt has its request id).
-        :class:`AccessStatsHook` calls this directly: the pool's values are valid by
-        construction, and the public methods' checks would cost more than the queueing."""
+        :class:`AccessStatsHook` pushes onto ``_pending`` itself, the same way: the
+        pool's values are valid by construction."""
         if self._pending.push(
             block_ids, hits, timestamp, request_or_reason, tier, size_bytes, block_hashes
         ):

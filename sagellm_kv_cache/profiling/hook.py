@@ -38,7 +38,7 @@ class AccessStatsHook(PoolHook):
         spill_dir: where the created collector spills; default the system temp folder.
     """
 
-    __slots__ = ("block_size_bytes", "collector", "tier")
+    __slots__ = ("_collector", "_push", "block_size_bytes", "tier")
 
     def __init__(
         self,
@@ -53,9 +53,18 @@ class AccessStatsHook(PoolHook):
             collector = AccessStatsCollector(
                 max_records_in_memory=max_records_in_memory, spill_dir=spill_dir
             )
-        self.collector = collector
+        self._collector = collector
+        # the hot path pushes onto the collector's queue itself: one Python frame
+        # less per pool event, which costs more than its size on the pool's hot path
+        # (the hook's code and objects are out of cache between two pool events)
+        self._push = collector._pending.push
         self.tier = tier
         self.block_size_bytes = block_size_bytes
+
+    @property
+    def collector(self) -> AccessStatsCollector:
+        """Where this hook records (fixed at construction)."""
+        return self._collector
 
     def on_lookup(self, request_id, block_ids, num_hit_blocks, num_blocks, timestamp) -> None:
         """Record ``block_ids[:num_hit_blocks]`` as hits and the rest as misses, positions 0.."""
@@ -65,15 +74,16 @@ class AccessStatsHook(PoolHook):
             block_ids = block_ids[:n]
         if not 0 <= num_hit_blocks <= n:
             raise KVInvalidInputError(f"num_hit_blocks must be in [0, {n}], got {num_hit_blocks}")
-        if n:  # straight to the queue: the pool's ids, counts and times are valid
-            self.collector._queue(
-                block_ids,
-                num_hit_blocks,
-                float(timestamp),
-                request_id,
-                self.tier,
-                self.block_size_bytes,
-            )
+        # straight to the queue: the pool's ids and times need none of record_prompt's checks
+        if n and self._push(
+            block_ids,
+            num_hit_blocks,
+            float(timestamp),
+            request_id,
+            self.tier,
+            self.block_size_bytes,
+        ):
+            self._collector._flush()  # the queue asks for a flush when it is full
 
     def on_evict_many(self, block_ids, block_hashes, reason, timestamp) -> None:
         """Record the eviction of ``block_ids`` (one queued batch; hashes that are not
@@ -82,9 +92,11 @@ class AccessStatsHook(PoolHook):
             raise KVInvalidInputError(
                 f"block_hashes has {len(block_hashes)} entries for {len(block_ids)} block ids"
             )
-        if len(block_ids):
-            ts = float(timestamp)
-            self.collector._queue(block_ids, -1, ts, str(reason), None, None, block_hashes)
+        # hits -1 marks an eviction batch; its reason goes where a prompt's request id goes
+        if len(block_ids) and self._push(
+            block_ids, -1, float(timestamp), str(reason), None, None, block_hashes
+        ):
+            self._collector._flush()
 
     def on_evict(self, block_id, block_hash, reason, timestamp) -> None:
         """Record the eviction of ``block_id``."""
