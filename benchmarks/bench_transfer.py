@@ -17,6 +17,8 @@ them alike, and the ratios are medians over rounds:
 * ``<backend> engine``: ``transfer_kv_handle`` of the blocks (header, pipelined
   messages, checksum, receiver alloc + prefix-cache registration, ack), with
   and without the checksum; ``vs_raw``: raw time / engine time (receiver's clock);
+  ``cpu_s``: CPU seconds of both ranks' processes (all threads) per transfer,
+  median over rounds (less sensitive than wall time to load from others);
 * ``zstd``/``zlib``: the gloo engine with compression (its wire ratio), and a
   table of both codecs' speed and ratio on bf16 KV.
 
@@ -165,7 +167,7 @@ def _raw_gloo_once(ctx, buf, ack) -> None:
         dist.isend(ack, 0, tag=2).wait(timeout=w)
 
 
-def rank_bench(ctx, nbytes: int, repeat: int, variants: list[str], backend: str):
+def rank_bench(ctx, nbytes: int, repeat: int, variants: list[str], backend: str, engine_opts: dict):
     """Runs in two spawned ranks: rank 0 sends, rank 1 receives. Each round times
     the raw transport and every engine variant once (round-robin); returns the
     times per variant and rank 0's wire/payload ratios."""
@@ -191,13 +193,16 @@ def rank_bench(ctx, nbytes: int, repeat: int, variants: list[str], backend: str)
     tags = itertools.count()
     engines = {}
     for v in variants:
-        opts = {"group": f"engine-{v}"} if backend == "nixl" else {}
+        opts: dict = {"group": f"engine-{v}"} if backend == "nixl" else {}
+        if v.startswith("check@"):  # NIXL: another number of messages per READ
+            opts["batch_messages"] = int(v[len("check@") :])
         eng = KVTransferEngine(
             "torch" if backend == "gloo" else backend,
             timeout_s=120,
             enable_checksum=v != "nocheck",
             compression=v if v in ("zlib", "zstd") else None,
             **opts,
+            **engine_opts,
         )
         eng.register_pool(pool)
         engines[v] = eng
@@ -223,17 +228,19 @@ def rank_bench(ctx, nbytes: int, repeat: int, variants: list[str], backend: str)
 
     fns = {"raw": raw, **{v: engine(v) for v in variants}}
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(repeat + 1):  # round 0 warms up (connections, registrations, buffers)
         for k, fn in fns.items():
             if k in ("zlib", "zstd") and r > 1:
                 continue  # slow: one timed run is enough
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             if r:
                 times[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
     dist.barrier()  # every READ is done before memory is deregistered
-    out = {"times": times}
+    out = {"times": times, "cpu": cpu}
     if ctx.rank == 0:
         for v in variants:
             meta = engines[v].get_transfer_metadata(engines[v].transfer_ids()[-1])
@@ -248,14 +255,23 @@ def rank_bench(ctx, nbytes: int, repeat: int, variants: list[str], backend: str)
 RAW_NAMES = {"gloo": "raw isend/irecv + ack", "nixl": "raw READ + notif"}
 
 
-def bench_dist(backend: str, nbytes: int, repeat: int, codec: str | None) -> list[dict]:
+def bench_dist(
+    backend: str,
+    nbytes: int,
+    repeat: int,
+    codec: str | None,
+    engine_opts: dict,
+    nixl_batch: list[int] | None = None,
+) -> list[dict]:
     from sagellm_kv_cache.testing.launcher import launch
 
     variants = ["check", "nocheck"] + ([codec] if codec else [])
+    if backend == "nixl":
+        variants += [f"check@{n}" for n in nixl_batch or []]
     res = launch(
         rank_bench,
         2,
-        args=(nbytes, repeat, variants, backend),
+        args=(nbytes, repeat, variants, backend, engine_opts),
         timeout_s=900,
         pg_timeout_s=300,
         env={"UCX_NET_DEVICES": "lo"},
@@ -267,14 +283,21 @@ def bench_dist(backend: str, nbytes: int, repeat: int, codec: str | None) -> lis
     # the receiver's clock: a transfer is done when its data is in place
     times = res[1].value["times"]
     raw_t = times["raw"]
+    cpu = {k: _median(res[0].value["cpu"][k]) + _median(v) for k, v in res[1].value["cpu"].items()}
     rows = [{"backend": backend, "variant": RAW_NAMES[backend], "seconds": min(raw_t)}]
     rows[0]["vs_raw"] = 1.0
+    rows[0]["cpu_s"] = cpu["raw"]
     names = {"check": "engine, checksum on", "nocheck": "engine, checksum off"}
     for v in variants:
         name = names.get(v) or f"engine, {v}-1 (wire {s[v + '_ratio']:.3f}x)"
+        if v.startswith("check@"):
+            name = f"engine, checksum on, {v[6:]} msgs/READ"
         ts = times[v]
         ratio = _median([r / t for r, t in zip(raw_t, ts)])
-        rows.append({"backend": backend, "variant": name, "seconds": min(ts), "vs_raw": ratio})
+        rows.append(
+            {"backend": backend, "variant": name, "seconds": min(ts), "vs_raw": ratio}
+            | {"cpu_s": cpu[v]}
+        )
     return rows
 
 
@@ -318,6 +341,19 @@ def main() -> None:
     ap.add_argument("--codec", choices=["zstd", "zlib", "none"], default="zstd")
     ap.add_argument("--backends", nargs="+", default=["gloo", "nixl"], choices=["gloo", "nixl"])
     ap.add_argument("--no-local", action="store_true", help="skip the in-process rows")
+    ap.add_argument(
+        "--nixl-batch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="also time the NIXL engine with these many messages per READ (checksum on)",
+    )
+    ap.add_argument(
+        "--message-mib",
+        type=float,
+        default=None,
+        help="the engines' direct_max_message_bytes (MiB; default: the engine's)",
+    )
     a = ap.parse_args()
     backends = list(a.backends)
     if "nixl" in backends and (reason := _nixl_reason()) is not None:
@@ -330,6 +366,9 @@ def main() -> None:
         except ImportError:
             print("skipping zstd: pip install 'sagellm-kv-cache[zstd]'")
             codec = None
+    engine_opts = {}
+    if a.message_mib is not None:
+        engine_opts["direct_max_message_bytes"] = int(a.message_mib * (1 << 20))
     rows = []
     for mib in a.sizes_mib:
         nbytes = mib << 20
@@ -337,7 +376,9 @@ def main() -> None:
         size_rows = [] if a.no_local else bench_local(nbytes, a.repeat)
         for backend in backends:
             with_codec = codec if mib <= 256 and backend == "gloo" else None
-            size_rows += bench_dist(backend, nbytes, a.repeat, with_codec)
+            size_rows += bench_dist(
+                backend, nbytes, a.repeat, with_codec, engine_opts, a.nixl_batch
+            )
         for r in size_rows:
             nb = r.get("nbytes", nbytes)
             rows.append(
@@ -350,6 +391,7 @@ def main() -> None:
                     "vs_copy": r.get("vs_copy", float("nan")),
                     "vs_raw": r.get("vs_raw", float("nan")),
                     "vs_turn": r.get("vs_turn", float("nan")),
+                    "cpu_s": r.get("cpu_s", float("nan")),
                 }
             )
         print(f"{mib} MiB done in {time.perf_counter() - t0:.1f} s", flush=True)

@@ -13,6 +13,7 @@ timeout: a timeout would surface as a different error type.
 from __future__ import annotations
 
 import threading
+import time
 import zlib
 from datetime import timedelta
 
@@ -799,3 +800,50 @@ def test_sender_reuses_kept_digests_and_a_stale_one_costs_one_retry(monkeypatch)
     assert [rec.error_code for rec in records] == [KVChecksumMismatchError.code, None]
     h2, hit = rp.alloc_with_prefix(tokens)
     assert hit == 32 and torch.equal(rp.read_kv(h2), sp.read_kv(h))
+
+
+@pytest.mark.parametrize(("batch", "reads"), [(None, 1), (16, 4), (64, 1)])
+def test_nixl_direct_messages_go_in_groups_of_batch_messages(batch, reads):
+    """64 direct-mode messages: one descriptor notification and one READ by
+    default (``batch_messages=MAX_BATCH``), four of each with 16 per group."""
+    from types import SimpleNamespace
+
+    from sagellm_kv_cache.transfer.backends.nixl import NixlBackend
+    from sagellm_kv_cache.transfer.backends.nixl_desc import DESC, MAX_BATCH
+    from sagellm_kv_cache.transfer.pipeline import move_direct
+
+    store = dist.HashStore()
+    kw = {} if batch is None else {"batch_messages": batch}
+    b0, b1 = (
+        NixlBackend(store=store, rank=r, world_size=2, agent=FakeAgent(f"default-{r}"), **kw)
+        for r in (0, 1)
+    )
+    assert MAX_BATCH == 64 and b0.batch_messages == (batch or MAX_BATCH)
+    sent: list[bytes] = []
+    b0._agent.send_notif = lambda name, msg: sent.append(bytes(msg))
+    b0._completed.update(range(1, reads + 1))  # the reader's completions, already here
+    header = SimpleNamespace(checksum_algo="none")
+    src = torch.arange(64 * 64, dtype=torch.int32).view(torch.uint8).view(64, -1)
+    move_direct(b0, header, list(src), 1, 5, time.monotonic() + 5, 64, send=True)
+    assert [DESC.unpack_from(m)[2] for m in sent] == [64 // reads] * reads
+
+    posted: list = []
+    real_init = b1._agent.initialize_xfer
+    b1._agent.initialize_xfer = lambda *a: posted.append(a) or real_init(*a)
+    b1._agent.notifs = {b"default-0": sent}
+    b1._agent.state = "DONE"
+    out = torch.zeros_like(src)
+    move_direct(b1, header, list(out), 0, 5, time.monotonic() + 5, 64, send=False)
+    assert len(posted) == reads and b1._pending == {}
+    b0.close()
+    b1.close()
+
+
+@pytest.mark.parametrize("bad", [0, 65, True, 2.0])
+def test_nixl_batch_messages_out_of_range_is_a_config_error(bad):
+    from sagellm_kv_cache.transfer.backends.nixl import NixlBackend
+
+    with pytest.raises(KVConfigError, match="batch_messages"):
+        NixlBackend(
+            store=dist.HashStore(), rank=0, world_size=2, agent=FakeAgent("x-0"), batch_messages=bad
+        )

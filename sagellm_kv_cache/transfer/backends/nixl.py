@@ -11,8 +11,9 @@ The engine's ``expose``/``fetch`` pair maps onto NIXL like this::
       wait: notif "C" id arrives  <-----------------   wait: READ state DONE
 
 ``expose`` / ``fetch`` are the one-message case. The engine hands a window
-of direct-mode messages over as one group (``batch_messages``), so a
-transfer costs a few READs and notifications, not one per message.
+of direct-mode messages over as one group (``batch_messages``, up to
+``MAX_BATCH``), so a transfer of up to that many messages costs one READ,
+one descriptor notification and one completion.
 
 * Memory is registered once per tensor storage (a pool's whole KV tensor, a
   reused staging buffer) and stays registered while transfers use it; a
@@ -236,6 +237,10 @@ class NixlBackend(TransferBackend):
         agent_name: NIXL agent name (default: unique per rank and process).
         connect_timeout_s: bound on waiting for a peer's first metadata.
         num_threads: UCX worker threads (0: NIXL's default).
+        batch_messages: most direct-mode messages per READ (1..``MAX_BATCH``).
+            The default, ``MAX_BATCH``, moves a transfer of up to that many
+            messages (1 GiB of KV in 16 MiB slabs) with one READ and one
+            completion notification.
         group: name shared by the backends (one per rank) that talk to each
             other; give each live backend of a process its own.
         agent: a ready ``nixl_agent``-like object instead of a new UCX agent
@@ -249,7 +254,7 @@ class NixlBackend(TransferBackend):
 
     name = "nixl"
     direct_cuda = False
-    batch_messages = 16
+    batch_messages = MAX_BATCH
 
     def __init__(
         self,
@@ -262,6 +267,7 @@ class NixlBackend(TransferBackend):
         num_threads: int = 0,
         group: str = "default",
         agent: Any = None,
+        batch_messages: int = MAX_BATCH,
     ) -> None:
         if agent is None:
             try:
@@ -273,6 +279,12 @@ class NixlBackend(TransferBackend):
                 ) from None
         if not isinstance(group, str) or not group or "/" in group:
             raise KVConfigError(f"group must be a non-empty name without '/', got {group!r}")
+        if (
+            isinstance(batch_messages, bool)
+            or not isinstance(batch_messages, int)
+            or not 1 <= batch_messages <= MAX_BATCH
+        ):
+            raise KVConfigError(f"batch_messages must be an int in 1..{MAX_BATCH}")
         if rank is None or world_size is None or store is None:
             import torch.distributed as dist
 
@@ -292,6 +304,7 @@ class NixlBackend(TransferBackend):
         self.store = store
         self.connect_timeout_s = float(connect_timeout_s)
         self.group = group
+        self.batch_messages = batch_messages
         self.agent_name = agent_name or f"skvx-r{rank}-p{os.getpid()}-{id(self):x}"
         try:
             self._agent = agent or nixl_agent(
