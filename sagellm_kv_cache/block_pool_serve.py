@@ -15,14 +15,17 @@ moves::
 ``add_many``, hooks' ``on_evict_many`` then ``on_blocks_cached``), the same
 counters and the same final state, but in one function with its locals bound
 once and without re-checking the ids it produced itself. A plain ``LRUPolicy``
-pool with no hooks and no pins takes a shorter path on the policy's order
-(``LRUPolicy.order``): the reference counts of the request's blocks go up and
-back down within the call, so it leaves them alone. ``tests/test_block_pool_serve.py``
-proves both paths equal to the five calls on random request streams.
+pool with no hooks and no block in use (a sequential replay) takes a shorter
+path on the policy's order (``LRUPolicy.order``): the reference counts of the
+request's blocks go up and back down within the call, so it leaves them alone.
+``tests/test_block_pool_serve.py`` proves both paths equal to the five calls on
+random request streams.
 
-Unlike the five calls, ``serve`` checks that the new blocks can be had before
-it changes anything: a request that does not fit raises ``KVPoolFullError``
-(or ``KVNoVictimError`` when the policy refuses victims) with the pool unchanged.
+This module is part of ``BlockPool`` (kept apart for size), so it reads the
+pool's private fields. Unlike the five calls, ``serve`` checks that the new
+blocks can be had before it changes anything: a request that does not fit
+raises ``KVPoolFullError`` (or ``KVNoVictimError`` when the policy refuses
+victims) with the pool unchanged.
 """
 
 from __future__ import annotations
@@ -252,8 +255,7 @@ def _serve_any(pool: BlockPool, hs: list, ids: list, k: int) -> list[int]:
     else:
         victims = pool._evict_many(n_victims, "capacity")
         if grow:
-            pool._grow(grow)
-            ref = pool.ref_counts  # _grow made new lists
+            pool._grow(grow)  # extends the per-block lists in place
         new = list(free_q)
         free_q.clear()
         new += victims
