@@ -31,9 +31,11 @@ salted hash of its index), each hot block with probability ``hot_rate``
 (weight the inverse). The hot blocks above an access are counted on the list
 by walking it from both ends at once: ``min(above, below)`` steps.
 
-Cold kept blocks live in a Fenwick tree over release positions, one timeline
-and tree per sample; when a timeline fills it is compacted to the live positions
-(amortised O(1)), so it stays about twice the kept distinct blocks. Weights
+Cold kept blocks hold positions on a release timeline per sample; a Fenwick
+tree marks the superseded ones (as in ``sim.mrc_kernel``: a first release
+costs no tree operation, a re-release one); when a timeline fills it is
+compacted to the live positions (amortised O(1)), so it stays about twice the
+kept distinct blocks. Weights
 are integers in units of ``1 / UNIT`` block so the tree sums exactly; at rate 1
 (every block kept, weight 1) the depths are the exact ones of ``sim.mrc``.
 
@@ -79,13 +81,15 @@ def _counts_loop(values, offsets, fulls, shift, counts):
             counts[_mix(np.uint64(values[k]), salt) >> shift] += 1
 
 
-def _suffix(tree, lane, j, total):
-    """Kept ids in ``lane`` at positions ``>= j`` (Fenwick prefix below ``j``, from ``total``)."""
-    s = 0
-    while j:
-        s += tree[lane, j]
-        j &= j - 1
-    return total - s
+def _suffix(tree, lane, j, t, sup):
+    """Live positions ``>= j`` in ``lane``'s timeline of ``t`` positions, ``sup`` of them
+    superseded (marked in the tree, counted below ``j`` by a Fenwick prefix)."""
+    below = 0
+    i = j
+    while i:
+        below += tree[lane, i]
+        i &= i - 1
+    return (t - j) - (sup - below)
 
 
 def _count_above(nxt, prv, hkey, head, tail, seen, key):
@@ -136,7 +140,7 @@ def _move(nxt, prv, hkey, h, anchor, key):
     return new
 
 
-def _hot_depth(tree, w_cold, lane, totals, pkey, tl, hkey, h, nxt, prv, head, tail, seen):
+def _hot_depth(tree, w_cold, lane, sup, pkey, tl, hkey, h, nxt, prv, head, tail, seen):
     """Weighted depth of hot id ``h``: cold positions released after it (a binary
     search on the release keys, then the tree) and the hot ids above it."""
     if hkey[h] < 0:
@@ -149,7 +153,7 @@ def _hot_depth(tree, w_cold, lane, totals, pkey, tl, hkey, h, nxt, prv, head, ta
             lo = mid + 1
         else:
             hi = mid
-    cold = w_cold * _suffix(tree, lane, lo, totals[lane])
+    cold = w_cold * _suffix(tree, lane, lo, tl[lane], sup[lane])
     return cold + UNIT * _rank(nxt, prv, head, tail, seen, h)
 
 
@@ -212,7 +216,7 @@ def _pass(chunks, bounds, local, starts, fulls, hot_keys, hot_bits, salt, band, 
     owner = np.full((nb, cap_t), -1, dtype=np.int64)
     pkey = np.zeros((nb, cap_t), dtype=np.int64)
     tl = np.zeros(nb, dtype=np.int64)
-    totals = np.zeros(nb, dtype=np.int64)
+    sup = np.zeros(nb, dtype=np.int64)  # superseded positions per timeline
     looked = 0
     cur_ids = np.zeros(64, dtype=np.int64)
     cur_k = np.zeros(64, dtype=np.int64)
@@ -265,7 +269,7 @@ def _pass(chunks, bounds, local, starts, fulls, hot_keys, hot_bits, salt, band, 
                 if leading:
                     x = rx + np.uint64(k - a) * np.uint64(_GOLD)
                     if x < (p_first if k == a else p_hot):
-                        d = _hot_depth(tree, w_cold, qs, totals, pkey, tl, hkey, h, nxt, prv,
+                        d = _hot_depth(tree, w_cold, qs, sup, pkey, tl, hkey, h, nxt, prv,
                                        head, tail, seen)  # fmt: skip
                         if d > run[qs]:
                             run[qs] = d
@@ -332,15 +336,15 @@ def _pass(chunks, bounds, local, starts, fulls, hot_keys, hot_bits, salt, band, 
                 if run[lane] == _INF or p < 0:
                     d = _INF
                 else:
-                    d = w_cold * _suffix(tree, lane, p + 1, totals[lane]) + UNIT * _count_above(
-                        nxt, prv, hkey, head, tail, seen, pkey[lane, p]
-                    )
+                    d = w_cold * _suffix(
+                        tree, lane, p + 1, tl[lane], sup[lane]
+                    ) + UNIT * _count_above(nxt, prv, hkey, head, tail, seen, pkey[lane, p])
             else:  # a hot block after the leading run (ids not chained)
                 lane = qs
                 if rx + np.uint64(j) * np.uint64(_GOLD) >= (p_first if j == 0 else p_hot):
                     continue
                 w = w_first if j == 0 else w_hot
-                d = _hot_depth(tree, w_cold, lane, totals, pkey, tl, hkey, -1 - c, nxt, prv,
+                d = _hot_depth(tree, w_cold, lane, sup, pkey, tl, hkey, -1 - c, nxt, prv,
                                head, tail, seen)  # fmt: skip
             if d > run[lane]:
                 run[lane] = d
@@ -360,13 +364,9 @@ def _pass(chunks, bounds, local, starts, fulls, hot_keys, hot_bits, salt, band, 
                         nown[ln, nt] = c
                         npk[ln, nt] = pkey[ln, p]
                         posv[c] = nt
-                        ntree[ln, nt + 1] = 1
                         nt += 1
                 tl[ln] = nt
-                for j in range(1, newcap + 1):  # linear Fenwick build
-                    up = j + (j & -j)
-                    if up <= newcap:
-                        ntree[ln, up] += ntree[ln, j]
+                sup[ln] = 0
             tree = ntree
             owner = nown
             pkey = npk
@@ -379,22 +379,17 @@ def _pass(chunks, bounds, local, starts, fulls, hot_keys, hot_bits, salt, band, 
                 continue
             lane = lane_of[c]
             p = posv[c]
-            if p >= 0:
+            if p >= 0:  # its old position is superseded: marked (a new one costs nothing)
                 owner[lane, p] = -1
                 j = p + 1
                 while j <= cap_t:
-                    tree[lane, j] -= 1
+                    tree[lane, j] += 1
                     j += j & -j
-            else:
-                totals[lane] += 1
+                sup[lane] += 1
             t = tl[lane]
             posv[c] = t
             owner[lane, t] = c
             pkey[lane, t] = key
-            j = t + 1
-            while j <= cap_t:
-                tree[lane, j] += 1
-                j += j & -j
             tl[lane] = t + 1
     return looked
 
