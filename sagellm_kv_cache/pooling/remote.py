@@ -202,18 +202,7 @@ class RemoteKVAccessor:
             KVTransferFailedError: the transfer failed; ``current_rank``'s pool
                 is exactly as before.
         """
-        hashes, handle_rank = self._hashes_of(what)
-        dst = self._dst_pool(current_rank)
-        if src_rank is None:
-            src_rank = handle_rank
-        if src_rank is not None:
-            check_rank("src_rank", src_rank)
-            if src_rank == current_rank:
-                raise KVInvalidInputError(f"src_rank {src_rank} is the current rank")
-        wait_s = self.timeout_s
-        if timeout_s is not None:
-            check_number("timeout_s", timeout_s, strict=True)
-            wait_s = float(timeout_s)
+        hashes, dst, src_rank, wait_s = self._checked(what, current_rank, src_rank, timeout_s)
         if self.distributed:
             encode_request(hashes, 0)  # hashes that cannot travel: refused before anything
         k0 = len(dst.match_prefix(block_hashes=hashes)[0]) if hashes else 0
@@ -245,6 +234,25 @@ class RemoteKVAccessor:
                 self._stats["stale"] += 1
         return res
 
+    def _checked(
+        self, what: Any, current_rank: Any, src_rank: Any, timeout_s: Any
+    ) -> tuple[list[Hashable], KVPool, int | None, float]:
+        """``fetch``'s arguments, checked: (hashes, destination pool, source rank
+        or None for the directory's choice, seconds to wait)."""
+        hashes, handle_rank = self._hashes_of(what)
+        dst = self._dst_pool(current_rank)
+        if src_rank is None:
+            src_rank = handle_rank
+        if src_rank is not None:
+            check_rank("src_rank", src_rank)
+            if src_rank == current_rank:
+                raise KVInvalidInputError(f"src_rank {src_rank} is the current rank")
+        wait_s = self.timeout_s
+        if timeout_s is not None:
+            check_number("timeout_s", timeout_s, strict=True)
+            wait_s = float(timeout_s)
+        return hashes, dst, src_rank, wait_s
+
     def prefetch(
         self,
         what: Any,
@@ -255,12 +263,7 @@ class RemoteKVAccessor:
     ) -> Future:
         """``fetch`` on a worker thread; the future's result is the ``FetchResult``
         (its exception the typed error). Arguments are checked here, at once."""
-        self._hashes_of(what)
-        self._dst_pool(current_rank)
-        if src_rank is not None:
-            check_rank("src_rank", src_rank)
-        if timeout_s is not None:
-            check_number("timeout_s", timeout_s, strict=True)
+        self._checked(what, current_rank, src_rank, timeout_s)
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self._max_prefetch, thread_name_prefix="kvp")
