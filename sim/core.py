@@ -170,10 +170,8 @@ class Engine:
         inst = insts[0]
         bs = inst.block_size
         cap = inst.capacity_blocks
-        start, written, finish = inst.start, inst.written, inst.finish
-        starts = [x.start for x in insts]
-        writes = [x.written for x in insts]
-        finishes = [x.finish for x in insts]
+        serve = inst.serve  # start, written and finish at once
+        serves = [x.serve for x in insts]
         hashes_col, lengths, full_l, rejected, inst_of = (
             self.hashes_col,
             self.lengths,
@@ -194,7 +192,7 @@ class Engine:
                 hs = hashes_col[i][:full]
                 k = route(i, hs)
                 inst_of[i] = k
-                start, written, finish = starts[k], writes[k], finishes[k]
+                serve = serves[k]
             if (-(-lengths[i] // bs) if tail else full) > cap:  # never fits: a miss
                 rejected[i] = True
             elif full:
@@ -202,9 +200,7 @@ class Engine:
                     hs = hashes_col[i][:full]
                 elif starting is not None:
                     starting(i, k, hs)
-                start(i, hs, full, False)
-                written(i, hs)
-                finish(i)
+                serve(i, hs, full)
             if hooked:
                 kinds = ("on_arrival", "on_reject") if rejected[i] else _HOOKS[:4]
                 for kind in kinds:

@@ -22,6 +22,7 @@ BENCHMARKS = ROOT / "benchmarks"
 
 #: script -> (tiny arguments, JSON file it writes; "{out}" is the temporary folder)
 SMOKE_RUNS: dict[str, tuple[list[str], str]] = {
+    "compare_vllm_scheduler.py": (["--requests", "5"], "compare_vllm_scheduler.json"),
     "bench_eviction.py": (["--capacity", "500", "--repeat", "1", "--policies", "lru,fifo"], "eviction.json"),
     "bench_fleet.py": (["--capacity", "500", "--instances", "2", "--repeat", "1"], "fleet.json"),
     "bench_hooks.py": (["--requests", "20", "--blocks", "512", "--repeat", "1"], "hooks.json"),
