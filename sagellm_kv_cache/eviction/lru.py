@@ -25,6 +25,7 @@ class LRUPolicy(EvictionPolicy):
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         super().__init__(clock)
         self._order: OrderedDict[int, None] = OrderedDict()
+        self._evictable = self._order  # len / in from the base
 
     @property
     def order(self) -> OrderedDict[int, None]:
@@ -90,12 +91,6 @@ class LRUPolicy(EvictionPolicy):
             if a >= 0:
                 added.append(a)
         return out
-
-    def __len__(self) -> int:
-        return len(self._order)
-
-    def __contains__(self, block_id: object) -> bool:
-        return block_id in self._order
 
     def reset(self) -> None:
         self._order.clear()
