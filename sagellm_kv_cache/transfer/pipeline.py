@@ -95,7 +95,7 @@ def move_direct(
             tokens = [guard.arm(v) if guard is not None else None for v in group]
             groups.append((first, backend.fetch_many(peer, tags, group), group, tokens))
 
-    # the receiver hashes on a thread of its own (xxhash releases the GIL), so a
+    # the receiver hashes on threads of its own (xxhash releases the GIL), so a
     # transport that moves data only inside this thread's calls (NIXL's READ
     # over shared memory) keeps moving while the landed messages are hashed
     hasher = _Hasher(header.checksum_algo) if check and not send else None
@@ -133,42 +133,54 @@ def move_direct(
 
 
 class _Hasher:
-    """Digests of the messages handed to ``put``, in order, on one worker thread."""
+    """Digests of the messages handed to ``put``, in order, on ``workers``
+    threads. A one-sided transport hands over a whole group at once when its
+    READ is done and is idle while it is hashed, so two threads halve that tail."""
 
-    def __init__(self, algo: str) -> None:
+    def __init__(self, algo: str, workers: int = 2) -> None:
         self.algo = algo
-        self.digests: list[int] = []
         self.error: BaseException | None = None
+        self._digests: dict[int, int] = {}
+        self._count = 0
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="kvx-hash", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name="kvx-hash", daemon=True) for _ in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
 
     def put(self, view: Any) -> None:
-        self._queue.put(view)
+        self._queue.put((self._count, view))
+        self._count += 1
 
     def _run(self) -> None:
         while True:
-            view = self._queue.get()
-            if view is None:
+            item = self._queue.get()
+            if item is None:
                 return
             try:
-                self.digests.append(digest(self.algo, bytes_of(view)))
+                # dict stores of distinct keys are atomic under the GIL
+                self._digests[item[0]] = digest(self.algo, bytes_of(item[1]))
             except BaseException as exc:  # reported by finish()
                 self.error = exc
 
     def stop(self) -> None:
-        """Let the worker end after what it holds (the transfer failed)."""
-        self._queue.put(None)
+        """Let the workers end after what they hold (the transfer failed)."""
+        for _ in self._threads:
+            self._queue.put(None)
 
     def finish(self, deadline: float, errors: list[Exception]) -> list[int]:
-        """The digests, once every message put was hashed (a hashing failure
-        goes to ``errors``, like the receiver's other per-message failures)."""
-        self._queue.put(None)
-        self._thread.join(max(deadline - time.monotonic(), 0.001))
-        if self._thread.is_alive():
-            raise KVTransferTimeoutError("hashing the received messages: timed out")
+        """The digests in message order, once every message put was hashed (a
+        hashing failure goes to ``errors``, like the receiver's other
+        per-message failures)."""
+        self.stop()
+        for t in self._threads:
+            t.join(max(deadline - time.monotonic(), 0.001))
+            if t.is_alive():
+                raise KVTransferTimeoutError("hashing the received messages: timed out")
         if isinstance(self.error, Exception):
             errors.append(self.error)
-        elif self.error is not None:
+            return []
+        if self.error is not None:
             raise self.error
-        return self.digests
+        return [self._digests[i] for i in range(self._count)]
