@@ -121,6 +121,7 @@ class CapacitySpec:
             return f"{n}t" if self.unit == "tokens" else f"bytes:{n}"
         return self.label().removesuffix(" blocks").replace(" ", "")
 
+
 def _num(x: float) -> str:
     if float(x).is_integer():
         return str(int(x))

@@ -357,7 +357,7 @@ def simulate_fleet(
     """``simulate(..., instances=N, router=SPEC)``: see the module docstring."""
     import dataclasses
 
-    from .result import build_result
+    from .result import BlockCounts, build_result
     from .routers import parse_router
     from .simulate import _cost, _distinct_blocks, resolve_blocks, simulate
 
@@ -432,11 +432,7 @@ def simulate_fleet(
         policy=policy_name,
         capacity_blocks=blocks,
         block_size=bs,
-        full=eng.full,
-        hit=hit,
-        allocated=alloc,
-        evicted=evicted,
-        rejected=rej,
+        blocks=BlockCounts(eng.full, hit, alloc, evicted, rej),
         evictions=sum(x.num_evictions for x in eng.insts),
         hits_per_tier=None
         if eng.shared is None

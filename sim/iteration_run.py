@@ -22,7 +22,7 @@ from sagellm_kv_cache.errors import KVConfigError, KVInvalidInputError
 from .cost import parse_cost_model
 from .iteration import IterationEngine
 from .iteration_ref import ReferenceIterationEngine
-from .result import SimResult, build_result, timing_stats
+from .result import BlockCounts, SimResult, build_result, timing_stats
 
 __all__ = [
     "DEFAULTS",
@@ -144,11 +144,7 @@ def simulate_iteration(
         policy=bp.policy.name,
         capacity_blocks=blocks,
         block_size=bs,
-        full=eng.full,
-        hit=eng.hit,
-        allocated=eng.alloc,
-        evicted=eng.evicted,
-        rejected=eng.rejected,
+        blocks=BlockCounts(eng.full, eng.hit, eng.alloc, eng.evicted, eng.rejected),
         evictions=eng.evictions,
         times=times,
         clock="simulated",

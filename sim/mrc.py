@@ -256,7 +256,7 @@ class MRCResult:
         return [self._sim_result(c, info) for c, info in zip(caps, infos)]
 
     def _sim_result(self, cap: int, info: dict):
-        from .result import build_result
+        from .result import BlockCounts, build_result
 
         req = self._request_blocks
         n = len(req)
@@ -279,11 +279,7 @@ class MRCResult:
             policy="lru",
             capacity_blocks=cap,
             block_size=self.block_size,
-            full=req,
-            hit=hit,
-            allocated=allocated,
-            evicted=evicted,
-            rejected=rejected,
+            blocks=BlockCounts(req, hit, allocated, evicted, rejected),
             evictions=int(evicted.sum()),
             hits_per_tier={"gpu": hit},
             config={

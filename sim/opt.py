@@ -202,7 +202,7 @@ def replay_opt(
                 push(heap, -((use * depth_span + j) * id_span + u))
         hit_arr[i] = k
 
-    from .result import build_result
+    from .result import BlockCounts, build_result
 
     rejected = np.asarray([bool(fulls[i]) and reqs[i] is None for i in range(n)], dtype=bool)
     return build_result(
@@ -211,11 +211,9 @@ def replay_opt(
         policy="opt",
         capacity_blocks=cap,
         block_size=block_size,
-        full=full_arr,
-        hit=hit_arr,
-        allocated=np.where(rejected, 0, full_arr - hit_arr),
-        evicted=evict_arr,
-        rejected=rejected,
+        blocks=BlockCounts(
+            full_arr, hit_arr, np.where(rejected, 0, full_arr - hit_arr), evict_arr, rejected
+        ),
         evictions=total_evictions,
         config={"mode": "opt", "policy": "opt", "capacity_blocks": cap, "block_size": block_size},
     )

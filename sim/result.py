@@ -37,7 +37,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -162,6 +162,16 @@ def isolated_times(table: Any, inst: Any, hit: np.ndarray, cost: Any, ran: np.nd
     }
 
 
+class BlockCounts(NamedTuple):
+    """An engine's per-request block counts (lists or arrays, one entry a request)."""
+
+    full: Any  #: the prompt's full blocks
+    hit: Any  #: its leading run of cached blocks
+    allocated: Any  #: blocks newly allocated on the device
+    evicted: Any  #: blocks its allocation evicted
+    rejected: Any  #: more full blocks than the device holds (bool)
+
+
 def build_result(
     table: Any,
     *,
@@ -169,11 +179,7 @@ def build_result(
     policy: str,
     capacity_blocks: int,
     block_size: int,
-    full: Any,
-    hit: Any,
-    allocated: Any,
-    evicted: Any,
-    rejected: Any,
+    blocks: BlockCounts,
     evictions: int,
     hits_per_tier: dict[str, Any] | None = None,
     times: dict[str, Any] | None = None,
@@ -183,13 +189,15 @@ def build_result(
     peaks: tuple[int, int, int] | None = None,
     more: dict | None = None,
 ) -> SimResult:
-    """Assemble records and summary from an engine's columns (lists or arrays).
+    """Assemble records and summary from an engine's columns (lists or arrays):
+    ``blocks`` its per-request block counts.
 
     ``times`` (when the mode has a clock): ``start_s, prefill_s, decode_s`` arrays
     (NaN where a request did not run); the rest is derived here.
     """
     import polars as pl
 
+    full, hit, allocated, evicted, rejected = blocks
     cols = table.columns
     n = len(table)
     hit_a = np.asarray(hit, dtype=np.int64)

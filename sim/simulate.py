@@ -17,7 +17,7 @@ from traces.columnar import hash_view
 from .config import LinearCostModel
 from .core import Engine
 from .instances import PoolInstance, SimClock, TieredInstance
-from .result import SimResult, build_result, clocked_times, isolated_times
+from .result import BlockCounts, SimResult, build_result, clocked_times, isolated_times
 
 __all__ = ["MODES", "resolve_blocks", "simulate"]
 
@@ -288,11 +288,7 @@ def simulate(
         policy=inst.policy_name,
         capacity_blocks=capacity_blocks,
         block_size=bs,
-        full=eng.full,
-        hit=hit,
-        allocated=inst.alloc,
-        evicted=inst.evicted,
-        rejected=rej,
+        blocks=BlockCounts(eng.full, hit, inst.alloc, inst.evicted, rej),
         evictions=evictions,
         hits_per_tier=inst.hits_per_tier,
         times=times,

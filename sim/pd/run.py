@@ -48,7 +48,7 @@ from ..iteration_run import (
     resolve_shape,
     run_instance,
 )
-from ..result import SimResult, build_result
+from ..result import BlockCounts, SimResult, build_result
 from .link import parse_link
 
 __all__ = ["parse_pd", "simulate_pd"]
@@ -249,11 +249,7 @@ def simulate_pd(
         policy=policy,
         capacity_blocks=p_blocks,
         block_size=bs,
-        full=[x // bs for x in lengths],
-        hit=c.hit,
-        allocated=c.alloc,
-        evicted=c.evicted,
-        rejected=c.rejected,
+        blocks=BlockCounts([x // bs for x in lengths], c.hit, c.alloc, c.evicted, c.rejected),
         evictions=evictions,
         times=times,
         clock="simulated",
