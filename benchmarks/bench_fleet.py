@@ -19,11 +19,10 @@ and the bounds per router.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
-from _util import print_table, write_json
+from _util import parse_args, print_table, write_json
 
 from sim.analysis.fleet_plots import COMPARED_ROUTERS as ROUTERS  # notebook 03's routers
 
@@ -43,16 +42,13 @@ class AlwaysZero:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    args = parse_args(
+        __doc__,
+        capacity=2000,
+        instances=4,
+        repeat=5,
+        global_pool=(8000, "blocks of the shared pool rows (0: none)"),
     )
-    ap.add_argument("--capacity", type=int, default=2000)
-    ap.add_argument("--instances", type=int, default=4)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument(
-        "--global-pool", type=int, default=8000, help="blocks of the shared pool rows (0: none)"
-    )
-    args = ap.parse_args()
 
     from sim.simulate import simulate
     from traces import DEFAULT_TRACE, read_trace

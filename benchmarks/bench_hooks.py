@@ -19,14 +19,13 @@ shared machine cancels. The best run of each is printed too.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import importlib.util
 import random
 import statistics
 import time
 
-from _util import print_table, write_json
+from _util import parse_args, print_table, write_json
 
 
 def make_requests(n: int, seed: int = 0) -> list[list[int]]:
@@ -99,13 +98,7 @@ def run_once(reqs, num_blocks: int, make_hooks) -> tuple[float, dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--blocks", type=int, default=8192)
-    ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args()
+    args = parse_args(__doc__, requests=2000, blocks=8192, repeat=3)
     reqs = make_requests(args.requests)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     stats: dict = {}
