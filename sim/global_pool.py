@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .instances import PoolInstance, metadata_pool
-from .tiered import Link, ttft_model
+from .instances import LayerwiseLoad, PoolInstance, metadata_pool
+from .tiered import Link
 
 __all__ = ["GLOBAL_LINK", "GlobalPool", "GlobalPoolInstance"]
 
@@ -68,7 +68,7 @@ class GlobalPool:
         bp.release(ids)
 
 
-class GlobalPoolInstance(PoolInstance):
+class GlobalPoolInstance(LayerwiseLoad, PoolInstance):
     """A ``PoolInstance`` whose misses look in the shared ``GlobalPool`` before recomputing."""
 
     tier_names = ("gpu", "global")
@@ -91,12 +91,9 @@ class GlobalPoolInstance(PoolInstance):
         super().__init__(capacity_blocks, block_size, policy, clock, cost, n)
         self.shared = shared
         self.link = link
-        self.bytes_per_block = bytes_per_block
-        self.num_layers = num_layers
-        self.overlap = overlap
+        self.set_loading(bytes_per_block, num_layers, overlap, n)
         self.local = [0] * n
         self.remote = [0] * n
-        self.load = [0.0] * n
 
     COLUMNS = PoolInstance.COLUMNS + ("local", "remote", "load")
 
@@ -118,18 +115,6 @@ class GlobalPoolInstance(PoolInstance):
         self.hit[i] = local + extra
         self.load[i] = self.link.load_s(extra * self.bytes_per_block) if extra else 0.0
         return True
-
-    def prefill_s(self, i: int, uncached_tokens: int) -> float:
-        compute = self.cost.prefill_s(uncached_tokens)
-        load = self.load[i]
-        return ttft_model(load, compute, self.num_layers, self.overlap) if load else compute
-
-    def prefill_times(self, compute_s: Any) -> Any:
-        import numpy as np
-
-        load = np.asarray(self.load, dtype=np.float64)
-        loaded = ttft_model(load, compute_s, self.num_layers, self.overlap)
-        return np.where(load != 0, loaded, compute_s)
 
     def written(self, i: int, hashes: list) -> None:
         ids = self.held[i]

@@ -191,7 +191,38 @@ class PoolInstance(Instance):
         self.held[i] = None
 
 
-class TieredInstance(Instance):
+class LayerwiseLoad:
+    """Prefill time of a request whose cached blocks load from below the device (lower
+    tiers, a shared pool) while it computes, overlapped layer by layer
+    (``sim.tiered.ttft_model``); a request with nothing to load takes its compute time."""
+
+    cost: Any
+    load: list[float]  #: per request, seconds to load its hits from below the device
+
+    def set_loading(self, bytes_per_block: int, num_layers: int, overlap: bool, n: int) -> None:
+        self.bytes_per_block = bytes_per_block
+        self.num_layers = num_layers
+        self.overlap = overlap
+        self.load = [0.0] * n
+
+    def prefill_s(self, i: int, uncached_tokens: int) -> float:
+        from .tiered import ttft_model
+
+        compute = self.cost.prefill_s(uncached_tokens)
+        load = self.load[i]
+        return ttft_model(load, compute, self.num_layers, self.overlap) if load else compute
+
+    def prefill_times(self, compute_s: Any) -> Any:
+        import numpy as np
+
+        from .tiered import ttft_model
+
+        load = np.asarray(self.load, dtype=np.float64)
+        loaded = ttft_model(load, compute_s, self.num_layers, self.overlap)
+        return np.where(load != 0, loaded, compute_s)
+
+
+class TieredInstance(LayerwiseLoad, Instance):
     """One instance whose cache is a ``KVOffloadManager`` (device tier first, metadata-only).
 
     Prefill time is the tiered TTFT model: loading the lower tiers' hits over
@@ -222,10 +253,7 @@ class TieredInstance(Instance):
         self.tier_names = tuple(self.mgr.tier_names)
         self.policy_name = str(policy)
         self.links = links
-        self.bytes_per_block = bytes_per_block
-        self.num_layers = num_layers
-        self.overlap = overlap
-        self.load = [0.0] * n
+        self.set_loading(bytes_per_block, num_layers, overlap, n)
         self.hits_per_tier = {t: [0] * n for t in self.tier_names}
         self.bp = self.mgr.device.block_pool
         #: the offload manager allocates the partial tail block too: it takes capacity
@@ -252,20 +280,6 @@ class TieredInstance(Instance):
         self.load[i] = sum(links[t].load_s(per[t] * bpb) for t in self.tier_names[1:] if t in links)
         self.held[i] = alloc.handle
         return True
-
-    def prefill_s(self, i: int, uncached_tokens: int) -> float:
-        from .tiered import ttft_model
-
-        return ttft_model(
-            self.load[i], self.cost.prefill_s(uncached_tokens), self.num_layers, self.overlap
-        )
-
-    def prefill_times(self, compute_s: Any) -> Any:
-        import numpy as np
-
-        from .tiered import ttft_model
-
-        return ttft_model(np.asarray(self.load), compute_s, self.num_layers, self.overlap)
 
     def written(self, i: int, hashes: list) -> None:
         h = self.held[i]
