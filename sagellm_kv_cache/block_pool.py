@@ -63,6 +63,7 @@ from .errors import (
 )
 from .eviction import EvictionPolicy, LRUPolicy, make_policy
 from .hashing import check_block_hashes
+from .hooks import ignores_cached
 
 __all__ = [
     "BOOKKEEPING_BYTES_PER_BLOCK",
@@ -327,7 +328,11 @@ class BlockPool:
                     hook.on_evict(b, h, reason, now)
 
     def _emit_cached(self, block_ids: Sequence[int], block_hashes: Sequence, runs: list) -> None:
-        """``on_blocks_cached`` once per run ``[a, z)`` of consecutive newly cached positions."""
+        """``on_blocks_cached`` once per run ``[a, z)`` of consecutive newly cached positions,
+        to the hooks that take a cached-block event (``hooks.ignores_cached``)."""
+        hooks = [h for h in self.hooks if not ignores_cached(type(h))]
+        if not hooks:
+            return
         now = self.clock()
         for a, z in runs:
             ids = block_ids[a:z]  # a list's slice is a new list: no second copy
@@ -337,7 +342,7 @@ class BlockPool:
             if type(hs) is not list:
                 hs = list(hs)
             parent = block_hashes[a - 1] if a > 0 else None
-            for hook in self.hooks:
+            for hook in hooks:
                 many = getattr(hook, "on_blocks_cached", None)
                 if many is not None:
                     many(ids, hs, parent, now)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     from .handle import KVHandle
 
-__all__ = ["PoolHook"]
+__all__ = ["PoolHook", "ignores_cached"]
 
 
 class PoolHook:
@@ -92,3 +92,12 @@ class PoolHook:
 
     def on_cleared(self, timestamp: float) -> None:
         """The whole cache was cleared (reset)."""
+
+
+def ignores_cached(cls: type) -> bool:
+    """A hook class that keeps ``PoolHook``'s no-op cached-block events (the pool
+    skips it when it announces newly cached blocks: ``AccessStatsHook``)."""
+    return (
+        getattr(cls, "on_blocks_cached", None) is PoolHook.on_blocks_cached
+        and getattr(cls, "on_block_cached", None) is PoolHook.on_block_cached
+    )

@@ -372,3 +372,34 @@ def test_hook_fast_path_records_what_one_by_one_recording_records(seed, tier, si
     assert a.evictions_to_polars().equals(b.evictions_to_polars())
     assert list(a.iter_evictions()) == list(b.iter_evictions())
     assert a.snapshot()["block_keys"] == b.snapshot()["block_keys"]
+
+
+class LookupOnly(PoolHook):
+    """Overrides no cached-block event: the pool skips it when blocks are cached."""
+
+    def __init__(self) -> None:
+        self.lookups = 0
+
+    def on_lookup(self, request_id, block_ids, num_hit_blocks, num_blocks, timestamp):
+        self.lookups += 1
+
+
+def test_hooks_without_cached_events_are_skipped_and_the_others_still_get_every_block():
+    from sagellm_kv_cache.hooks import ignores_cached
+    from sagellm_kv_cache.observability import KVEventStream
+
+    assert ignores_cached(LookupOnly) and ignores_cached(AccessStatsHook)
+    assert not ignores_cached(Batched) and not ignores_cached(PerBlock)
+    assert not ignores_cached(DuckTyped) and not ignores_cached(KVEventStream)
+    clock_calls = []
+    bp = BlockPool(4, block_size=2, clock=lambda: clock_calls.append(1) or 1.0)
+    bp.hooks.append(LookupOnly())
+    a = bp.allocate(2)
+    bp.cache_blocks(a, ["h0", "h1"])
+    assert clock_calls == []  # nothing to tell: no timestamp taken, no run sliced
+    per = PerBlock()
+    bp.hooks.append(per)
+    b = bp.allocate(1)
+    bp.cache_blocks(a + b, ["h0", "h1", "h2"], 2)
+    assert per.calls == [("cached", b[0], "h2", "h1")]
+    assert len(clock_calls) == 1
