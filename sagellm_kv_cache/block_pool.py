@@ -47,6 +47,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, cast
 
+from .block_pool_check import check_invariants as _check_invariants
 from .block_pool_serve import serve as _serve
 from .checks import (
     BOOKKEEPING_BYTES_PER_BLOCK,
@@ -230,6 +231,10 @@ class BlockPool:
         block_ids = self.check_block_ids(block_ids)
         if None in map(self.block_hashes.__getitem__, block_ids):
             raise KVInvalidInputError("touch: only cached blocks can be hit (one has no hash)")
+        self._take(block_ids)
+
+    def _take(self, block_ids: list[int]) -> None:
+        """``touch`` once its input is checked (``serve`` passes its own hits)."""
         ref = self.ref_counts
         pins = self.pin_counts if self._num_pinned else None
         evictable: list[int] = []
@@ -245,9 +250,7 @@ class BlockPool:
             for b in block_ids:
                 on_hit(b)
 
-    #: one request's match, touch, allocate, cache and release in one pass
-    #: (``block_pool_serve.serve``: its docstring says what it returns and raises)
-    serve = _serve
+    serve = _serve  # match, touch, allocate, cache and release in one pass
 
     # -- allocation ----------------------------------------------------------
     def allocate(self, num_blocks: int) -> list[int]:
@@ -398,6 +401,11 @@ class BlockPool:
                     raise KVRefCountUnderflowError(
                         f"block {b} released {k}x in one call but held {ref[b]}x"
                     )
+        self._drop(block_ids)
+
+    def _drop(self, block_ids: list[int]) -> None:
+        """``release`` once its input is checked (``serve`` passes the blocks it holds)."""
+        ref = self.ref_counts
         hashes = self.block_hashes
         free_append = self.free_queue.append
         evictable: list[int] = []
@@ -570,27 +578,7 @@ class BlockPool:
             for hook in self.hooks:
                 hook.on_cleared(now)
 
-    def check_invariants(self) -> None:
-        """Assert the structural invariants (O(num_blocks); for tests and debug mode)."""
-        free = set(self.free_queue)
-        assert len(free) == len(self.free_queue), "a block is twice in the free queue"
-        evictable = {b for b in range(self.num_blocks) if b in self.policy}
-        assert len(evictable) == len(self.policy), "policy holds unknown block ids"
-        assert not free & evictable, f"blocks both free and evictable: {free & evictable}"
-        for b in range(self.num_blocks):
-            r, p, h = self.ref_counts[b], self.pin_counts[b], self.block_hashes[b]
-            assert r >= 0 and p >= 0, f"block {b}: negative count ref={r} pin={p}"
-            if b in free:
-                assert r == 0 and p == 0 and h is None, (
-                    f"free block {b} has ref={r} pin={p} hash={h!r}"
-                )
-            elif b in evictable:
-                assert r == 0 and p == 0 and h is not None, f"evictable block {b}: ref={r} pin={p}"
-            else:
-                assert r > 0 or p > 0, f"block {b} is in no state (ref 0, not free, not evictable)"
-            if h is not None:
-                assert self.cached.get(h) == b, f"block {b} hash not mapped back to it"
-        assert len(self.cached) == sum(h is not None for h in self.block_hashes)
+    check_invariants = _check_invariants  # the structural invariants, O(num_blocks)
 
     def __repr__(self) -> str:
         return (

@@ -203,82 +203,40 @@ def _serve_lru(pool: BlockPool, hs: list, ids: list, k: int, order: OrderedDict)
 
 
 def _serve_any(pool: BlockPool, hs: list, ids: list, k: int) -> list[int]:
-    """Any policy, hooks, pins, growth: the five calls' steps through the policy interface."""
-    n = len(ids)
-    ref = pool.ref_counts
-    pins = pool.pin_counts if pool._num_pinned else None
-    policy = pool.policy
-    # touch: a reference on each hit; those evictable now (first occurrence) leave the policy
-    ev: list[int] = []
-    for i in range(k):
-        b = ids[i]
-        r = ref[b]
-        if not r and (pins is None or not pins[b]):
-            ev.append(b)
-        ref[b] = r + 1
-    # allocate's check, before anything else changes
-    need = n - k
-    free_q = pool.free_queue
-    n_free = len(free_q)
-    grow = min(need - n_free, pool.growth_room) if pool.growable and need > n_free else 0
-    n_victims = need - n_free - grow
-    if n_victims > 0:
-        evictable = len(policy) - len(ev)
-        err: Exception | None = None
-        if n_victims > evictable:
-            err = KVPoolFullError(
-                f"need {need} blocks, only {n_free} free + {evictable} evictable "
-                f"of {pool.num_blocks}",
-                needed=need,
-                free=n_free,
-                evictable=evictable,
-            )
-        elif pool.policy_may_refuse and policy.num_victims(n_victims, ev) < n_victims:
-            err = KVNoVictimError(
-                f"{policy.name}: need {n_victims} victims beyond {n_free} free blocks; "
-                "the policy gives fewer now",
-                needed=n_victims,
-            )
-        if err is not None:
-            for i in range(k):
-                ref[ids[i]] -= 1
-            raise err
-    if ev:
-        policy.remove_many(ev)
-    if pool._policy_tracks_hits:
-        on_hit = policy.on_hit
-        for i in range(k):
-            on_hit(ids[i])
-    if need <= n_free:
-        popleft = free_q.popleft
-        new = [popleft() for _ in range(need)]
-    else:
-        victims = pool._evict_many(n_victims, "capacity")
-        if grow:
-            pool._grow(grow)  # extends the per-block lists in place
-        new = list(free_q)
-        free_q.clear()
-        new += victims
-    for b in new:
-        ref[b] = 1
-    ids[k:] = new
+    """Any policy, hooks, pins, growth: the pool's own steps (``touch``, ``allocate``,
+    registration, ``release`` without re-checking the ids), once the room is known."""
+    hits = ids[:k]
+    need = len(ids) - k
+    if need > len(pool.free_queue):
+        _check_room(pool, hits, need)
+    pool._take(hits)
+    ids[k:] = pool.allocate(need)
     if pool.enable_caching:
         pool._register(ids, hs, k)
-    # release, tail-first
-    hashes = pool.block_hashes
-    pins = pool.pin_counts if pool._num_pinned else None
-    free_append = free_q.append
-    back: list[int] = []
-    for i in range(n - 1, -1, -1):
-        b = ids[i]
-        r = ref[b] - 1
-        ref[b] = r
-        if r or (pins is not None and pins[b]):
-            continue
-        if hashes[b] is None:
-            free_append(b)
-        else:
-            back.append(b)
-    if back:
-        policy.add_many(back)
+    pool._drop(ids)
     return ids
+
+
+def _check_room(pool: BlockPool, hits: list[int], need: int) -> None:
+    """Raise what ``allocate(need)`` would once ``hits`` are taken, with nothing changed."""
+    n_free = len(pool.free_queue)
+    grow = min(need - n_free, pool.growth_room) if pool.growable else 0
+    n_victims = need - n_free - grow
+    policy = pool.policy
+    if n_victims <= 0 or (n_victims <= len(policy) - len(hits) and not pool.policy_may_refuse):
+        return  # enough victims even if every hit were evictable now
+    ev = pool.evictable_among(list(dict.fromkeys(hits)))  # they leave the policy when taken
+    evictable = len(policy) - len(ev)
+    if n_victims > evictable:
+        raise KVPoolFullError(
+            f"need {need} blocks, only {n_free} free + {evictable} evictable of {pool.num_blocks}",
+            needed=need,
+            free=n_free,
+            evictable=evictable,
+        )
+    if pool.policy_may_refuse and policy.num_victims(n_victims, ev) < n_victims:
+        raise KVNoVictimError(
+            f"{policy.name}: need {n_victims} victims beyond {n_free} free blocks; "
+            "the policy gives fewer now",
+            needed=n_victims,
+        )
