@@ -76,7 +76,7 @@ def serve(pool: BlockPool, block_hashes: Sequence[Hashable]) -> tuple[list[int],
     except ValueError:
         k = n
     else:  # None is never a key, so a None hash is a miss: at or after k
-        if None in islice(block_hashes, k, None):
+        if None in block_hashes[k:]:
             raise KVInvalidInputError("serve: a block hash is None (None means 'no hash')")
     order = pool._lru_order
     if (
@@ -122,7 +122,7 @@ def _serve_lru(pool: BlockPool, hs: list, ids: list, k: int, order: OrderedDict)
     # hits met among the victims: passed over, put back before the hits move
     hits = set(ids[:k]) if k and n_ev > 0 else _NONE
     passed: list[int] = []
-    if n_ev > 0 and ids.count(None) != need:
+    if n_ev > 0 and ids[k:].count(None) != need:
         # a miss's hash is cached (past the first miss): a victim may hold it, so every
         # victim goes first, as in allocate, then the blocks are registered
         victims: list[int] = []

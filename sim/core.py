@@ -184,12 +184,13 @@ class Engine:
         starting = getattr(router, "starting", None)
         hooked = any(self.hooks.values())
         tail = self.tail
+        head = getattr(hashes_col, "head", None) or (lambda i, n: hashes_col[i][:n])
         hs: list = []
         for i in range(self.n):
             full = lengths[i] // bs
             full_l[i] = full
             if route is not None:
-                hs = hashes_col[i][:full]
+                hs = head(i, full)
                 k = route(i, hs)
                 inst_of[i] = k
                 serve = serves[k]
@@ -197,7 +198,7 @@ class Engine:
                 rejected[i] = True
             elif full:
                 if route is None:
-                    hs = hashes_col[i][:full]
+                    hs = head(i, full)
                 elif starting is not None:
                     starting(i, k, hs)
                 serve(i, hs, full)

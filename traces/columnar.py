@@ -107,13 +107,25 @@ def flat_from_lists(lists: Iterable[list[int]]) -> tuple[np.ndarray, np.ndarray]
 
 
 class FlatHashes:
-    """Request ``i``'s ids as a list, from flat ``values`` and ``offsets`` (made on demand)."""
+    """Request ``i``'s ids as a list, from flat ``values`` and ``offsets`` (made on demand).
 
-    __slots__ = ("offsets", "values")
+    Reads convert a window of ``values`` (at least ``WINDOW`` ids, from the request
+    asked for on) to Python ints at once and slice requests out of it: a replay
+    reads requests in order, so each id is converted once, at a fraction of a
+    per-request ``tolist`` call, with one window held.
+    """
+
+    __slots__ = ("_hi", "_lo", "_offs", "_win", "offsets", "values")
+
+    #: ids converted per window (about 40 MB of Python ints)
+    WINDOW = 1 << 20
 
     def __init__(self, values: np.ndarray, offsets: np.ndarray) -> None:
         self.values = values
         self.offsets = offsets
+        self._offs: list[int] | None = None
+        self._win: list[int] = []
+        self._lo = self._hi = 0
 
     @classmethod
     def of(cls, column: Any) -> FlatHashes:
@@ -123,8 +135,24 @@ class FlatHashes:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> list[int]:
-        o = self.offsets
-        return self.values[o[i] : o[i + 1]].tolist()
+        return self.head(i, None)
+
+    def head(self, i: int, n: int | None) -> list[int]:
+        """Request ``i``'s first ``n >= 0`` ids (all of them for None): ``self[i][:n]``
+        without the second list."""
+        offs = self._offs
+        if offs is None:
+            offs = self._offs = self.offsets.tolist()
+        a = offs[i]
+        b = offs[i + 1]
+        if n is not None and a + n < b:
+            b = a + n
+        lo = self._lo
+        if a < lo or b > self._hi:
+            lo = self._lo = a
+            self._hi = max(b, a + self.WINDOW)
+            self._win = self.values[lo : self._hi].tolist()
+        return self._win[a - lo : b - lo]
 
 
 class StreamedHashes:
@@ -146,11 +174,21 @@ class StreamedHashes:
     def __len__(self) -> int:
         return self._n
 
-    def __getitem__(self, i: int) -> list[int]:
+    def _batch(self, i: int) -> tuple[FlatHashes, int]:
+        """The batch holding request ``i`` (read on from the stream) and ``i`` in it."""
         cur = self._cur
         while i >= self._base + len(cur):
             self._base += len(cur)
             cur = self._cur = FlatHashes.of(next(self._batches))
         if i < self._base:
             raise IndexError(f"request {i} is before the batch held (from {self._base})")
-        return cur[i - self._base]
+        return cur, i - self._base
+
+    def __getitem__(self, i: int) -> list[int]:
+        cur, j = self._batch(i)
+        return cur.head(j, None)
+
+    def head(self, i: int, n: int | None) -> list[int]:
+        """Request ``i``'s first ``n >= 0`` ids: ``self[i][:n]`` without the second list."""
+        cur, j = self._batch(i)
+        return cur.head(j, n)
