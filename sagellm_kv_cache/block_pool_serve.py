@@ -17,7 +17,9 @@ counters and the same final state, but in one function with its locals bound
 once and without re-checking the ids it produced itself. A plain ``LRUPolicy``
 pool with no hooks and no block in use (a sequential replay) takes a shorter
 path on the policy's order (``LRUPolicy.order``): the reference counts of the
-request's blocks go up and back down within the call, so it leaves them alone.
+request's blocks go up and back down within the call, so it leaves them alone,
+and a victim reused as a new block stays in the order and is moved to its most
+recent end with the rest of the request (no unlinking and relinking).
 ``tests/test_block_pool_serve.py`` proves both paths equal to the five calls on
 random request streams.
 
@@ -30,9 +32,11 @@ victims) with the pool unchanged.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from itertools import islice
+from functools import partial
+from itertools import islice, takewhile
+from operator import is_not
 from typing import TYPE_CHECKING
 
 from .errors import KVInvalidInputError, KVNoVictimError, KVPoolFullError
@@ -43,7 +47,10 @@ if TYPE_CHECKING:
 
 __all__ = ["serve"]
 
-_NONE: frozenset[int] = frozenset()
+#: ``None`` is no hash: a set to test the misses against (hashing each checks it too)
+_NONE = frozenset([None])
+#: ``x is not None``, in C: the cached run ends at the first ``cached.get`` miss
+_IS_ID = partial(is_not, None)
 
 
 def serve(pool: BlockPool, block_hashes: Sequence[Hashable]) -> tuple[list[int], int]:
@@ -66,147 +73,137 @@ def serve(pool: BlockPool, block_hashes: Sequence[Hashable]) -> tuple[list[int],
         block_hashes = check_block_hashes(block_hashes)
     cached = pool.cached
     try:
-        ids: list = list(map(cached.get, block_hashes))  # one C pass: the cached run
+        # the cached run in one C pass that stops at the first miss
+        ids: list = list(takewhile(_IS_ID, map(cached.get, block_hashes)))
+        k = len(ids)
+        misses = block_hashes[k:]
+        # hashing each miss checks that it is hashable, and None is no hash
+        if not _NONE.isdisjoint(misses):
+            raise KVInvalidInputError("serve: a block hash is None (None means 'no hash')")
     except TypeError:  # an unhashable hash: the full check says which
         check_block_hashes(block_hashes)
         raise  # pragma: no cover - check_block_hashes raises first
-    n = len(ids)
-    try:
-        k = ids.index(None)
-    except ValueError:
-        k = n
-    else:  # None is never a key, so a None hash is a miss: at or after k
-        if None in block_hashes[k:]:
-            raise KVInvalidInputError("serve: a block hash is None (None means 'no hash')")
+    n = len(block_hashes)
     order = pool._lru_order
     if (
         order is not None
         and not pool.hooks
         and n <= pool.num_blocks == len(pool.free_queue) + len(order)  # no block in use
     ):
-        return _serve_lru(pool, block_hashes, ids, k, order), k
+        return _serve_lru(pool, misses, ids, k, order), k
     return _serve_any(pool, block_hashes, ids, k), k
 
 
-def _serve_lru(pool: BlockPool, hs: list, ids: list, k: int, order: OrderedDict) -> list[int]:
+def _serve_lru(pool: BlockPool, misses: list, ids: list, k: int, order: OrderedDict) -> list[int]:
     """The plain-LRU path: no hooks, caching on, a fixed pool with no block in use
     (every cached block is evictable, so every hit is in the order) and the request
-    no larger than the pool (its victims exist).
+    no larger than the pool (its victims exist). ``ids`` holds the hits, ``misses``
+    the other hashes.
 
     Reference counts go up and back down within the call, so they are left alone.
     The five calls take the hits out of the order, evict from its least recent
-    end, then put the registered new blocks and the hits back at its most recent
-    end, tail-first. Here the hits stay where they are, a victim that is a hit
-    is passed over (and put back), and the hits move to the most recent end
-    (``move_to_end``: no unlinking) once the new blocks are in: the same order.
+    end (hash dropped, block unlinked), then register the new blocks and put them
+    and the hits back at its most recent end, tail-first. Here the victims are
+    the least recent blocks that are not hits, their hashes go, the new blocks
+    are registered (``setdefault`` in one C pass, after every victim's hash went,
+    as in ``allocate`` then ``cache_blocks``), and release moves the request's
+    blocks to the most recent end, tail-first (``move_to_end``): a victim reused
+    as a new block never leaves the order, which ends the same.
     """
-    n = len(ids)
-    need = n - k
+    need = len(misses)
     move = order.move_to_end
     if not need:  # all hits: touch + release is moving them to the end, tail-first
-        deque(map(move, reversed(ids)), 0)
+        any(map(move, reversed(ids)))
         return ids
     free_q = pool.free_queue
     n_free = len(free_q)
     cached = pool.cached
     hashes = pool.block_hashes
-    parents = pool.parent_ids
-    # allocate (free blocks first, then victims from the least recent end) and
-    # cache_blocks (each new block under its hash unless the hash is held)
-    setdefault = cached.setdefault
-    prev = ids[k - 1] if k else -1
-    dup = 0
-    misses = islice(hs, k, None)
+    # allocate: free blocks first, then victims from the least recent end
     n_ev = need - n_free
-    popitem = order.popitem
-    # hits met among the victims: passed over, put back before the hits move
-    hits = set(ids[:k]) if k and n_ev > 0 else _NONE
-    passed: list[int] = []
-    if n_ev > 0 and ids[k:].count(None) != need:
-        # a miss's hash is cached (past the first miss): a victim may hold it, so every
-        # victim goes first, as in allocate, then the blocks are registered
-        victims: list[int] = []
-        while len(victims) < n_ev:
-            b = popitem(False)[0]
-            (passed if b in hits else victims).append(b)
+    if n_ev > 0:
+        victims = list(islice(order, n_ev))
+        if k and not set(victims).isdisjoint(ids):  # a hit is passed over
+            victims = _victims(order, n_ev, set(ids))
         for b in victims:
             del cached[hashes[b]]
-            hashes[b] = None
-            parents[b] = -1
-        new = list(free_q)
-        free_q.clear()
-        new += victims
-        for b, h in zip(new, misses):
-            c = setdefault(h, b)
-            if c is b:
-                hashes[b] = h
-                parents[b] = prev
-                prev = b
-            else:  # the hash is cached on another block: this one returns to FREE
-                prev = c
-                dup += 1
-    else:
-        # no victim holds a miss's hash: each block is registered as soon as it is taken
-        new = []
-        append = new.append
-        if n_free:
-            popleft = free_q.popleft
-            for h in islice(misses, need if n_ev <= 0 else n_free):
-                b = popleft()
-                append(b)
-                c = setdefault(h, b)
-                if c is b:
-                    hashes[b] = h
-                    parents[b] = prev
-                    prev = b
-                else:  # a hash repeated in the request: this block returns to FREE
-                    prev = c
-                    dup += 1
-        for h in misses if n_ev > 0 else ():
-            b = popitem(False)[0]
-            while b in hits:
-                passed.append(b)
-                b = popitem(False)[0]
-            append(b)
-            del cached[hashes[b]]
-            c = setdefault(h, b)
-            if c is b:
-                hashes[b] = h
-                parents[b] = prev
-                prev = b
-            else:
-                hashes[b] = None
-                parents[b] = -1
-                prev = c
-                dup += 1
-    if n_ev > 0:
         pool.num_evictions += n_ev
         by = pool.evictions_by_reason
         by["capacity"] = by.get("capacity", 0) + n_ev
-    pool.num_cached_total += need - dup
-    # release, tail-first: the registered new blocks, then the hits
-    if dup:
-        for b in reversed(new):
-            if hashes[b] is None:
-                free_q.append(b)
-            else:
-                order[b] = None
+        new = victims
     else:
-        for b in reversed(new):
-            order[b] = None
-    ids[k:] = new
-    if k:
-        for b in passed:
-            order[b] = None
-        deque(map(move, reversed(ids[:k])), 0)
+        victims = []
+        new = []
+    if n_free:  # free blocks join the order (at its end: release moves them again)
+        take = list(free_q) if n_ev >= 0 else [free_q.popleft() for _ in range(need)]
+        if n_ev >= 0:
+            free_q.clear()
+        order.update(dict.fromkeys(take))
+        new = take + victims
+    # cache_blocks: each new block under its hash, unless the hash is held by then
+    held = list(map(cached.setdefault, misses, new))
+    if held == new:
+        parents = pool.parent_ids
+        prev = ids[-1] if k else -1
+        for b, h in zip(new, misses):
+            hashes[b] = h
+            parents[b] = prev
+            prev = b
+        pool.num_cached_total += need
+        ids += new
+        kept = ids
+    else:  # some hashes were held: those blocks went back to FREE
+        kept = ids + _drop_held(pool, order, misses, ids, new, held)
+        ids += new
+    # release, tail-first: the registered new blocks, then the hits, to the most
+    # recent end
+    any(map(move, reversed(kept)))
     return ids
+
+
+def _victims(order: OrderedDict, n: int, hits: set[int]) -> list[int]:
+    """The ``n`` least recent blocks of the order that are not hits."""
+    out = []
+    for b in order:
+        if b not in hits:
+            out.append(b)
+            if len(out) == n:
+                break
+    return out
+
+
+def _drop_held(
+    pool: BlockPool, order: OrderedDict, misses: list, ids: list, new: list[int], held: list[int]
+) -> list[int]:
+    """Registration when some new blocks' hashes were held (``held[j]``: the block the
+    hash is on): those blocks return to FREE (tail-first, as release puts them) and
+    the chain goes on through the holder. Returns the registered new blocks."""
+    hashes = pool.block_hashes
+    parents = pool.parent_ids
+    prev = ids[-1] if ids else -1
+    dup = []
+    for b, h, c in zip(new, misses, held):
+        if c is b:
+            hashes[b] = h
+            parents[b] = prev
+            prev = b
+        else:
+            hashes[b] = None
+            parents[b] = -1
+            prev = c
+            dup.append(b)
+    pool.num_cached_total += len(new) - len(dup)
+    for b in reversed(dup):
+        del order[b]
+    pool.free_queue.extend(reversed(dup))
+    return [b for b in new if hashes[b] is not None]
 
 
 def _serve_any(pool: BlockPool, hs: list, ids: list, k: int) -> list[int]:
     """Any policy, hooks, pins, growth: the pool's own steps (``touch``, ``allocate``,
     registration, ``release`` without re-checking the ids), once the room is known."""
     hits = ids[:k]
-    need = len(ids) - k
+    need = len(hs) - k
     if need > len(pool.free_queue):
         _check_room(pool, hits, need)
     pool._take(hits)
