@@ -92,15 +92,27 @@ class KVBlock:
 
 @dataclass(slots=True)
 class KVTransferMetadata:
+    """The seed's description of one KV transfer (a record; nothing here moves bytes)."""
+
+    #: unique id of the transfer (a random UUID by default)
     transfer_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    #: id of the ``KVHandle`` whose KV is moved
     handle_id: str = ""
+    #: rank of the sending process
     src_rank: int = 0
+    #: rank of the receiving process
     dst_rank: int = 0
+    #: tokens of KV moved
     num_tokens: int = 0
+    #: blocks moved
     num_blocks: int = 0
+    #: payload size in bytes
     size_bytes: int = 0
+    #: ``"pending"``, ``"running"``, ``"completed"`` or ``"failed"`` (``TransferStatus`` values)
     status: str = "pending"
+    #: when the record was made, seconds since the epoch (``time.time()``)
     created_at: float = field(default_factory=time.time)
+    #: when the transfer ended, seconds since the epoch; ``None`` until then
     completed_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ contiguous runs of blocks in one ``copy_`` each; ``FilesIn``: each file read by
 ``preadv`` straight into the block's own memory, in runs hashed as they land), then
 marked verified for the
 ``Onboarding`` (``jobs.py``). Steps fail per block and never abort the plan:
-a failed block is reported to the plan (``failed``) and a step whose input
+a failed block is reported to the plan (``_report``) and a step whose input
 ``Buf`` is empty treats its blocks as failed.
 """
 
@@ -73,7 +73,8 @@ class CopyPlan:
     Attributes:
         steps: what the worker runs, in order.
         drops: ``(tier, hash, generation, kind, error)`` of lower-tier copies
-            that failed to read (``kind="read"``) or write (``"write"``).
+            that failed to read (``kind="read"``), write (``"write"``) or be
+            deleted (``"delete"``).
         errors: typed errors of the blocks the request itself asked for.
         onboarding: the allocation's onboarded blocks, if any.
     """
@@ -95,20 +96,6 @@ class CopyPlan:
 
     def __len__(self) -> int:
         return len(self.steps)
-
-    def failed(
-        self,
-        tier: LowerTier,
-        key: Hashable,
-        gen: int | None,
-        kind: str,
-        exc: BaseException,
-        *,
-        requested: bool = False,
-    ) -> None:
-        self.drops.append((tier, key, gen, kind, exc))
-        if requested:
-            self.errors.append(exc)
 
     def run(self) -> None:
         """Run every step (a failing step fails its own blocks, never the rest)."""
@@ -133,10 +120,14 @@ def _report(
     exc: BaseException,
     requested: bool = False,
 ) -> None:
-    """A per-block failure goes to the plan; without one (a debugging read) it propagates."""
+    """A per-block failure goes to the plan (its ``drops``, and its ``errors`` when the
+    request itself asked for the block); without a plan (a debugging read) it propagates."""
     if plan is None:
         raise exc
-    plan.failed(tier, key, gen, kind, typed_error(exc, key), requested=requested)
+    exc = typed_error(exc, key)
+    plan.drops.append((tier, key, gen, kind, exc))
+    if requested:
+        plan.errors.append(exc)
 
 
 # -- staging: bytes into buffers ---------------------------------------------------------

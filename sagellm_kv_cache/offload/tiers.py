@@ -99,27 +99,34 @@ class TierConfig:
 
 @dataclass(slots=True)
 class TierStats:
-    """Counters of one tier (monotonic until ``reset``).
+    """Counters of one tier, the device included (monotonic until ``reset``).
 
-    ``hit_blocks``: blocks a lookup found in this tier (first tier holding them);
-    ``bytes_in`` / ``blocks_in``: written into this tier (spill, write-through,
-    onboarding into the device); ``bytes_out`` / ``blocks_out``: read out of it
-    (onboarding to the device, spill further down); ``read_errors``: blocks
-    whose bytes could not be read (missing file, bad checksum, I/O error:
-    dropped, a miss from then on); ``write_errors``: blocks not stored because
-    their write failed (disk full...). Traffic counts what was planned.
+    Traffic (``*_in``, ``*_out``) counts what was planned, when the call decided
+    the move; a copy that later fails shows in ``read_errors`` / ``write_errors``.
     """
 
+    #: the tier's name (``TierConfig.name``; the device's ``device_name``)
     name: str
+    #: blocks the tier holds when full
     capacity_blocks: int
+    #: blocks a lookup found in this tier (the first tier holding them)
     hit_blocks: int = 0
+    #: blocks written into this tier (spill, write-through, onboarding into the device)
     blocks_in: int = 0
+    #: blocks read out of it (onboarding to the device, spill further down)
     blocks_out: int = 0
+    #: bytes of ``blocks_in`` (``blocks_in`` times the block size in bytes)
     bytes_in: int = 0
+    #: bytes of ``blocks_out``
     bytes_out: int = 0
+    #: blocks this tier evicted to make room
     evicted_blocks: int = 0
-    dropped_blocks: int = 0  # evicted and not admitted below (or no tier below)
+    #: evicted blocks not admitted below (or with no tier below): gone from every tier
+    dropped_blocks: int = 0
+    #: blocks whose bytes could not be read (missing file, bad checksum, I/O error):
+    #: dropped, a miss from then on
     read_errors: int = 0
+    #: blocks not stored because their write failed (disk full...)
     write_errors: int = 0
 
     def to_dict(self) -> dict[str, Any]:

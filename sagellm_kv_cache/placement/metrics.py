@@ -49,9 +49,6 @@ def _amount(value: Any, name: str) -> float:
 class DeviceLoadMetrics:
     """The load of one device: requests, KV occupancy, memory, waits.
 
-    ``kv_tokens_*`` count tokens of KV blocks; ``block_size`` (1 unless a pool
-    is attached) converts them to blocks.
-
     Example:
         >>> m = DeviceLoadMetrics.create("cuda:0", kv_tokens_capacity=4096)
         >>> m.update_kv_usage(1024)
@@ -59,16 +56,27 @@ class DeviceLoadMetrics:
         0.25
     """
 
+    #: the device's id (a str or int, hashable)
     device: Hashable
+    #: requests running on the device
     active_requests: int = 0
+    #: requests waiting for it
     queue_length: int = 0
+    #: tokens of the KV blocks in use (a whole block counts ``block_size`` tokens)
     kv_tokens_used: int = 0
+    #: tokens of KV the device holds when full (0: unknown)
     kv_tokens_capacity: int = 0
+    #: device memory in use, in megabytes (as the caller reports it)
     memory_used_mb: float = 0.0
+    #: device memory, in megabytes (0: unknown)
     memory_capacity_mb: float = 0.0
+    #: mean queue wait of its requests, in milliseconds
     avg_wait_time_ms: float = 0.0
+    #: longest queue wait, in milliseconds
     max_wait_time_ms: float = 0.0
+    #: tokens per KV block, converts ``kv_tokens_*`` to blocks (1 unless a pool is attached)
     block_size: int = 1
+    #: when a figure last changed, seconds since the epoch (``time.time()``)
     updated_at: float = field(default_factory=time.time)
 
     @classmethod

@@ -32,7 +32,6 @@ import time
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from ..errors import (
@@ -46,7 +45,8 @@ from ..errors import (
 )
 from ..handle import KVHandle
 from ..hashing import check_block_hashes
-from ..transfer._args import check_number, check_pool, check_rank
+from ..transfer._args import check_count, check_number, check_pool, check_rank
+from ..transfer.protocol import PeerSequences, settle
 from ._wire import CANCELLED, decode_answer, decode_request, encode_request
 from .directory import BlockDirectory
 
@@ -127,8 +127,7 @@ class RemoteKVAccessor:
             raise KVInvalidTypeError("directory must be a BlockDirectory")
         if timeout_s is not None:
             check_number("timeout_s", timeout_s, strict=True)
-        if isinstance(max_prefetch, bool) or not isinstance(max_prefetch, int) or max_prefetch < 1:
-            raise KVConfigError(f"max_prefetch must be a positive int, got {max_prefetch!r}")
+        check_count("max_prefetch", max_prefetch)
         if not engine.backend.local and set(pools) != {engine.backend.rank}:
             raise KVConfigError(
                 f"a distributed accessor holds this rank's pool only ({engine.backend.rank})"
@@ -143,8 +142,8 @@ class RemoteKVAccessor:
         self._max_prefetch = max_prefetch
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        self._req_seq: dict[int, int] = {}
-        self._serve_seq: dict[int, int] = {}
+        self._req_seqs = PeerSequences()  # fetches this rank asked of each source
+        self._serve_seqs = PeerSequences()  # requests this rank answered, per peer
         self._stats = {"fetches": 0, "hits": 0, "misses": 0, "stale": 0, "failed": 0, "blocks": 0}
 
     @property
@@ -317,19 +316,15 @@ class RemoteKVAccessor:
     ) -> FetchResult:
         self.engine.backend.check_peer(src)
         store = self.engine.backend.store
-        with self._lock:
-            seq = self._req_seq.get(src, 0)
-            self._req_seq[src] = seq + 1
-        req, ans = _keys(src, rank, seq)
+        req, ans = _keys(src, rank, self._req_seqs.take(src))
         deadline = time.monotonic() + wait_s
         store.set(req, encode_request(hashes, k0 + 1))
-        raw = _store_wait(store, ans, deadline)
-        if raw is None:  # claim the answer slot: the source then sends nothing
-            raw = bytes(store.compare_set(ans, b"", CANCELLED))
-            if raw == CANCELLED:
-                raise KVTransferTimeoutError(
-                    f"rank {src} did not answer the fetch within {wait_s} s", peer=src
-                )
+        # at the deadline the answer slot is claimed: the source then sends nothing
+        raw = settle(store, ans, deadline, f"fetch from rank {src}")
+        if raw == CANCELLED:
+            raise KVTransferTimeoutError(
+                f"rank {src} did not answer the fetch within {wait_s} s", peer=src
+            )
         store.delete_key(ans)
         code, k, msg = decode_answer(raw)
         if code != "OK":
@@ -378,18 +373,9 @@ class RemoteKVAccessor:
         while num_requests is None or len(out) < num_requests:
             if stop_event is not None and stop_event.is_set():
                 break
-            found = False
-            for p in peers:
-                seq = self._serve_seq.get(p, 0)
-                req, ans = _keys(me, p, seq)
-                if store.check([req]):
-                    raw = store.get(req)
-                    store.delete_key(req)
-                    self._serve_seq[p] = seq + 1
-                    out.append(self._answer(pool, me, p, seq, raw, ans))
-                    found = True
-                    break
-            if found:
+            taken = self._serve_seqs.take_posted(store, peers, lambda p, seq: _keys(me, p, seq)[0])
+            if taken is not None:
+                out.append(self._answer(pool, me, *taken))
                 idle_deadline = time.monotonic() + idle
                 pause = 0.0002
                 continue
@@ -399,8 +385,9 @@ class RemoteKVAccessor:
             pause = min(pause * 2, 0.005)
         return out
 
-    def _answer(self, pool: KVPool, me: int, peer: int, seq: int, raw: bytes, ans: str) -> dict:
+    def _answer(self, pool: KVPool, me: int, peer: int, seq: int, raw: bytes) -> dict:
         store = self.engine.backend.store
+        ans = _keys(me, peer, seq)[1]
         rec: dict[str, Any] = {"peer": peer, "seq": seq, "num_blocks": 0, "transfer_id": None,
                                "error_code": None}  # fmt: skip
         try:
@@ -438,17 +425,3 @@ def _take_cached_run(pool: KVPool, hashes: list, min_blocks: int) -> tuple[KVHan
             return None, k
         handle, _ = pool.alloc_with_prefix(block_hashes=hashes[:k], num_tokens=k * pool.block_size)
         return handle, k
-
-
-def _store_wait(store: Any, key: str, deadline: float) -> bytes | None:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        return bytes(store.get(key)) if store.check([key]) else None
-    try:
-        store.wait([key], timedelta(seconds=left))
-    except Exception as exc:  # DistStoreError on timeout; anything else: store gone
-        text = str(exc).lower()
-        if "timeout" not in text and "timed out" not in text:
-            raise KVTransferFailedError(f"control store failed: {exc}") from None
-        return None
-    return bytes(store.get(key))

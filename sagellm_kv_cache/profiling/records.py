@@ -28,12 +28,19 @@ BlockId = str | int | bytes
 class AccessEvent:
     """One recorded access (built on demand by :meth:`AccessStatsCollector.iter_events`)."""
 
+    #: the block, as the caller named it (``str``, ``int`` pool block id or ``bytes``)
     block_id: BlockId
+    #: seconds since the collector started (or was reset), or on the caller's clock
     timestamp: float
+    #: whether the block was found cached
     is_hit: bool
+    #: the request that touched it (``None``: not recorded)
     request_id: str | int | None = None
+    #: the block's index in the request's prompt, in blocks (0 = first block)
     position: int | None = None
+    #: the tier of the access (``"gpu"``, ``"cpu"``...)
     tier: str | None = None
+    #: the block's size in bytes
     size_bytes: int | None = None
 
 
@@ -41,9 +48,13 @@ class AccessEvent:
 class EvictionEvent:
     """One recorded eviction."""
 
+    #: the evicted block, as the caller named it
     block_id: BlockId
+    #: seconds since the collector started (or was reset), or on the caller's clock
     timestamp: float
+    #: why it left (``"capacity"``, ``"explicit"``...)
     reason: str
+    #: its block hash, when the caller gave one
     block_hash: bytes | int | None = None
 
 

@@ -13,6 +13,7 @@ scatters it on the receiver (``gather`` / ``scatter``).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -389,3 +390,14 @@ class Staging:
     def give(self, device: str, buf: torch.Tensor) -> None:
         with self._lock:
             self._free.setdefault((device, buf.numel()), []).append(buf)
+
+    @contextlib.contextmanager
+    def lease(self, device: str, nbytes: int, count: int) -> Iterator[list[torch.Tensor]]:
+        """``count`` buffers of ``nbytes`` for a pipeline of messages in flight,
+        given back when the block completes. When it raises they are dropped
+        instead: the transport may still read or write the buffer of a message
+        that failed or timed out."""
+        bufs = [self.take(device, nbytes) for _ in range(count)]
+        yield bufs
+        for buf in bufs:
+            self.give(device, buf)

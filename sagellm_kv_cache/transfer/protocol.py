@@ -1,6 +1,7 @@
-"""The control plane of a distributed transfer: keys in the backend's store,
-status values, the bounded waits on them, and the rules every path shares
-(one retry loop, one checksum comparison).
+"""The control plane of a distributed transfer: keys in the backend's store
+and the per-peer sequence numbers in them, status values, the bounded waits
+on them, and the rules every path shares (one retry loop, one checksum
+comparison).
 
 Keys of transfer ``seq`` from ``src`` to ``dst`` (``Keys``)::
 
@@ -17,8 +18,9 @@ empty value: whichever side writes first wins, so a side that gave up
 from __future__ import annotations
 
 import struct
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -37,6 +39,7 @@ __all__ = [
     "MODE_STAGED",
     "OK",
     "Keys",
+    "PeerSequences",
     "check_time",
     "encode_ready",
     "encode_status",
@@ -70,6 +73,46 @@ class Keys:
         self.ready = f"{base}/ready"
         self.trl = f"{base}/trl"
         self.ack = f"{base}/ack"
+
+
+class PeerSequences:
+    """Sequence numbers of one side's exchanges with each peer, thread-safe.
+
+    Both ends of a pair count their exchanges from 0, so the n-th one has
+    the same store keys on either side (``Keys(src, dst, n)``): the posting
+    side ``take``s the next number, the other side takes the posted value
+    with ``take_posted`` and only then moves to the next number.
+    """
+
+    __slots__ = ("_lock", "_next")
+
+    def __init__(self) -> None:
+        self._next: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, peer: int) -> int:
+        """The next number of ``peer`` (it is used from now on)."""
+        with self._lock:
+            seq = self._next.get(peer, 0)
+            self._next[peer] = seq + 1
+            return seq
+
+    def take_posted(
+        self, store: Any, peers: Iterable[int], key_of: Callable[[int, int], str]
+    ) -> tuple[int, int, bytes] | None:
+        """``(peer, seq, value)`` of the first of ``peers`` whose next value is
+        in ``store`` under ``key_of(peer, seq)``; the key is deleted and that
+        peer's number advanced. None when none of them has posted yet."""
+        with self._lock:
+            for peer in peers:
+                seq = self._next.get(peer, 0)
+                key = key_of(peer, seq)
+                if store.check([key]):
+                    value = store.get(key)
+                    store.delete_key(key)
+                    self._next[peer] = seq + 1
+                    return peer, seq, bytes(value)
+        return None
 
 
 def tag(seq: int, chunk: int) -> int:

@@ -13,7 +13,6 @@ freed: all or nothing.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -40,6 +39,7 @@ from .plan import (
 from .protocol import (
     OK,
     Keys,
+    PeerSequences,
     encode_ready,
     encode_status,
     mismatch,
@@ -61,8 +61,7 @@ class Receiver:
 
     def __init__(self, ctx: TransferContext) -> None:
         self.ctx = ctx
-        self._seq: dict[int, int] = {}
-        self._lock = threading.Lock()
+        self._seqs = PeerSequences()
 
     def receive(
         self, pool: KVPool, src_rank: int | None, wait_s: float, keep_handles: bool
@@ -79,7 +78,7 @@ class Receiver:
         store = backend.store
         pause = 0.0002
         while True:
-            taken = self._take_header(store, peers, me)
+            taken = self._seqs.take_posted(store, peers, lambda p, seq: Keys(p, me, seq).hdr)
             if taken is not None:
                 got = self._receive_one(pool, *taken, keep_handles)
                 if got is not None:
@@ -91,18 +90,6 @@ class Receiver:
                 )
             time.sleep(pause)
             pause = min(pause * 2, 0.005)
-
-    def _take_header(self, store: Any, peers: list[int], me: int) -> tuple[int, int, bytes] | None:
-        with self._lock:
-            for p in peers:
-                seq = self._seq.get(p, 0)
-                keys = Keys(p, me, seq)
-                if store.check([keys.hdr]):
-                    raw = store.get(keys.hdr)
-                    store.delete_key(keys.hdr)
-                    self._seq[p] = seq + 1
-                    return p, seq, bytes(raw)
-        return None
 
     def _receive_one(
         self, pool: KVPool, src: int, seq: int, raw: bytes, keep_handles: bool
@@ -242,18 +229,16 @@ class Receiver:
         dev = str(kv.device)
         cap = max(h.chunk_nbytes)
         nbuf = min(ctx.settings.max_inflight, h.num_chunks)
-        bufs = [ctx.staging.take(dev, cap) for _ in range(nbuf)]
-        guards = {id(b): TailGuard(b) for b in bufs}
         posted: deque[tuple[int, Any, Any, Any, Any]] = deque()
         nxt = 0
-        ok = False
+        with ctx.staging.lease(dev, cap, nbuf) as bufs:
+            guards = {id(b): TailGuard(b) for b in bufs}
 
-        def post(c: int, buf: Any) -> None:
-            wire = buf[: h.chunk_nbytes[c]]
-            token = guards[id(buf)].arm(wire)
-            posted.append((c, ctx.backend.fetch(src, tag(seq, c), wire), buf, wire, token))
+            def post(c: int, buf: Any) -> None:
+                wire = buf[: h.chunk_nbytes[c]]
+                token = guards[id(buf)].arm(wire)
+                posted.append((c, ctx.backend.fetch(src, tag(seq, c), wire), buf, wire, token))
 
-        try:
             while nxt < nbuf:
                 post(nxt, bufs[nxt])
                 nxt += 1
@@ -271,9 +256,4 @@ class Receiver:
                 if nxt < h.num_chunks:
                     post(nxt, buf)
                     nxt += 1
-            ok = True
-        finally:
-            if ok:  # a failed recv may still be written by the transport later
-                for buf in bufs:
-                    ctx.staging.give(dev, buf)
         return cs.value()

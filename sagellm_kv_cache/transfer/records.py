@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from ..errors import KVInvalidInputError
@@ -69,27 +69,16 @@ class TransferRecord:
         self.compression = h.compression
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "transfer_id": self.transfer_id,
-            "src_rank": self.src_rank,
-            "dst_rank": self.dst_rank,
-            "role": self.role,
-            "status": self.status.value,
-            "num_segments": self.num_segments,
-            "num_blocks": self.num_blocks,
-            "num_tokens": self.num_tokens,
-            "payload_nbytes": self.payload_nbytes,
-            "wire_nbytes": self.wire_nbytes,
-            "duration_s": self.duration_s,
-            "gbps": self.gbps,
-            "retries": self.retries,
-            "checksum_algo": self.checksum_algo,
-            "compression": self.compression,
-            "error_code": self.error_code,
-            "error": self.error,
-            "dst_handle_ids": list(self.dst_handle_ids),
-            "started_at": self.started_at,
-        }
+        """Every field as a plain value (``status`` by its value, a copy of
+        ``dst_handle_ids``), with ``gbps`` after ``duration_s``."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            out[f.name] = getattr(self, f.name)
+            if f.name == "duration_s":
+                out["gbps"] = self.gbps
+        out["status"] = self.status.value
+        out["dst_handle_ids"] = list(self.dst_handle_ids)
+        return out
 
 
 @dataclass(slots=True)

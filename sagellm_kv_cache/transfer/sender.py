@@ -25,6 +25,7 @@ from .protocol import (
     MODE_DIRECT,
     OK,
     Keys,
+    PeerSequences,
     check_time,
     parse_ready,
     remote_error,
@@ -43,9 +44,9 @@ class Sender:
 
     def __init__(self, ctx: TransferContext) -> None:
         self.ctx = ctx
-        self._seq: dict[int, int] = {}
-        self._seq_lock = threading.Lock()
+        self._seqs = PeerSequences()
         self._pair_locks: dict[int, threading.Lock] = {}
+        self._pair_locks_lock = threading.Lock()
 
     def transfer(self, plan: Plan, src: int, dst: int) -> int:
         """Send ``plan`` to ``dst``, retrying as the settings allow; returns the id."""
@@ -68,7 +69,7 @@ class Sender:
         return with_retries(s.max_retries, s.retry_backoff_ms, attempt)
 
     def _pair_lock(self, dst: int) -> threading.Lock:
-        with self._seq_lock:
+        with self._pair_locks_lock:
             return self._pair_locks.setdefault(dst, threading.Lock())
 
     def _send_once(
@@ -78,9 +79,7 @@ class Sender:
         store = ctx.backend.store
         header = plan.header
         with self._pair_lock(dst):
-            with self._seq_lock:
-                seq = self._seq.get(dst, 0)
-                self._seq[dst] = seq + 1
+            seq = self._seqs.take(dst)
             tid = (src << 40) | (seq & ((1 << 40) - 1))
             header.transfer_id = tid
             rec = ctx.book.open(src, dst, "sender", tid)
@@ -141,22 +140,17 @@ class Sender:
         dev = str(plan.source.device)
         cap = h.blocks_per_chunk * h.bytes_per_block
         inflight_max = ctx.settings.max_inflight
-        nbuf = min(inflight_max, h.num_chunks)
-        free: list[Any] = (
-            []
-            if plan.wire_chunks is not None
-            else [ctx.staging.take(dev, cap) for _ in range(nbuf)]
-        )
+        nbuf = 0 if plan.wire_chunks is not None else min(inflight_max, h.num_chunks)
         inflight: deque[tuple[Any, Any]] = deque()
-        ok = False
+        with ctx.staging.lease(dev, cap, nbuf) as bufs:
+            free = list(bufs)
 
-        def finish_one(what: str) -> None:
-            work, buf = inflight.popleft()
-            work.wait(check_time(deadline, what))
-            if buf is not None:
-                free.append(buf)
+            def finish_one(what: str) -> None:
+                work, buf = inflight.popleft()
+                work.wait(check_time(deadline, what))
+                if buf is not None:
+                    free.append(buf)
 
-        try:
             for c in range(h.num_chunks):
                 if len(inflight) >= inflight_max:
                     finish_one(f"sending chunk {c}")
@@ -170,9 +164,4 @@ class Sender:
                 inflight.append((ctx.backend.expose(dst, tag(seq, c), wire), buf))
             while inflight:
                 finish_one("sending the last chunks")
-            ok = True
-        finally:
-            if ok:  # buffers of failed sends may still be read by the transport
-                for buf in free:
-                    ctx.staging.give(dev, buf)
         return cs.value()

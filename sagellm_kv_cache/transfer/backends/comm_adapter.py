@@ -30,11 +30,11 @@ from typing import Any
 from ...errors import (
     KVCacheError,
     KVConfigError,
-    KVInvalidInputError,
     KVInvalidTypeError,
     KVTransferFailedError,
     KVTransferTimeoutError,
 )
+from .._args import check_rank
 from .base import TransferBackend
 
 
@@ -42,10 +42,7 @@ def _check_peer_args(buffer: Any, rank: Any, name: str) -> None:
     """A caller's rank and buffer, checked before the comm object sees them."""
     import torch
 
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise KVInvalidTypeError(f"{name} must be an int, got {type(rank).__name__}")
-    if rank < 0:
-        raise KVInvalidInputError(f"{name} must be >= 0, got {rank}")
+    check_rank(name, rank)
     if not isinstance(buffer, torch.Tensor | bytearray | memoryview):
         raise KVInvalidTypeError(
             f"buffer must be a torch.Tensor, bytearray or memoryview, got {type(buffer).__name__}"

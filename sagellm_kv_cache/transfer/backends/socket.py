@@ -53,19 +53,15 @@ from ...errors import (
 )
 from .base import TransferBackend
 from .socket_frames import (
-    FRAME_VERSION,
     MAX_ERROR_BYTES,
     OP_DATA,
     OP_NAMES,
-    REQUEST_MAGIC,
-    REQUEST_STRUCT,
-    RESPONSE_MAGIC,
     RESPONSE_STRUCT,
     ST_ERROR,
-    ST_MISSING,
-    ST_OK,
     LocalStore,
     decode_error,
+    decode_response,
+    encode_request,
     protocol_error,
     recv_exact,
     size_error,
@@ -484,16 +480,13 @@ class SocketTransferBackend(SocketServerMixin, TransferBackend):
         max_response: int = MAX_ERROR_BYTES,
     ) -> tuple[int, bytes]:
         self._require_started()
-        kb = key.encode("ascii")
-        head = REQUEST_STRUCT.pack(
-            REQUEST_MAGIC, FRAME_VERSION, op, len(kb), self.rank, arg, len(value)
-        )
+        head = encode_request(op, key.encode("ascii"), self.rank, arg, len(value))
         s = self._checkout(peer)
         keep = False
         try:
             s.settimeout(self.recv_timeout_s + wait_s)
             try:
-                s.sendall(head + kb)
+                s.sendall(head)
                 if len(value):
                     s.sendall(value)
             except TimeoutError:
@@ -505,13 +498,7 @@ class SocketTransferBackend(SocketServerMixin, TransferBackend):
                     f"sending to rank {peer} failed: {exc}", peer=peer
                 ) from None
             what = f"response of rank {peer} to {OP_NAMES[op]}"
-            magic, version, status, _pad, n = RESPONSE_STRUCT.unpack(
-                recv_exact(s, RESPONSE_STRUCT.size, what)
-            )
-            if magic != RESPONSE_MAGIC or version != FRAME_VERSION:
-                raise protocol_error(f"{what}: magic/version {magic!r}/{version}", peer=peer)
-            if status not in (ST_OK, ST_MISSING, ST_ERROR):
-                raise protocol_error(f"{what}: unknown status {status}", peer=peer)
+            status, n = decode_response(recv_exact(s, RESPONSE_STRUCT.size, what), what, peer)
             limit = MAX_ERROR_BYTES if status == ST_ERROR else max_response
             if n > limit:
                 raise protocol_error(f"{what}: {n} bytes, at most {limit}", peer=peer)

@@ -17,7 +17,9 @@ of the engine's protocol (``engine.py``): SET, GET (``arg`` = wait in ms),
 CHECK, CAS (``arg`` = length of the expected value, value = expected +
 desired), DELETE, WAIT (``arg`` = wait in ms). The KV payload's checksum is
 the engine's (``wire.py`` trailer), checked by the receiver before anything
-becomes visible.
+becomes visible. The fixed parts are built and checked here only
+(``encode_request``/``decode_request``, ``encode_response``/``decode_response``),
+for the client (``socket.py``) and the server (``socket_server.py``) alike.
 
 ``LocalStore`` is the store itself: a thread-safe dict with the subset of
 the c10d ``Store`` interface the engine uses, bounded in total bytes. It is
@@ -40,6 +42,10 @@ __all__ = [
     "REQUEST_STRUCT",
     "RESPONSE_STRUCT",
     "LocalStore",
+    "decode_request",
+    "decode_response",
+    "encode_request",
+    "encode_response",
     "recv_exact",
     "recv_into",
 ]
@@ -78,6 +84,42 @@ def size_error(tag: int, peer: int, got: int, room: int) -> KVTransferFailedErro
     return KVTransferFailedError(
         f"message {tag} from rank {peer} has {got} bytes, the buffer {room}", peer=peer
     )
+
+
+def encode_request(op: int, key: bytes, src_rank: int, arg: int, value_len: int) -> bytes:
+    """A request's fixed part and its key (the ``value_len`` bytes of value follow)."""
+    head = REQUEST_STRUCT.pack(REQUEST_MAGIC, FRAME_VERSION, op, len(key), src_rank, arg, value_len)
+    return head + key
+
+
+def decode_request(raw: bytes) -> tuple[int, int, int, int, int]:
+    """``(op, key_len, src_rank, arg, value_len)`` of a request's fixed part;
+    a foreign magic or version, or an unknown op, is a ``protocol_error``."""
+    magic, version, op, key_len, src_rank, arg, value_len = REQUEST_STRUCT.unpack(raw)
+    if magic != REQUEST_MAGIC:
+        raise protocol_error(f"magic {magic!r}, expected {REQUEST_MAGIC!r}", field="magic")
+    if version != FRAME_VERSION:
+        raise protocol_error(
+            f"version {version}, this build speaks {FRAME_VERSION}", field="version"
+        )
+    if op not in OP_NAMES:
+        raise protocol_error(f"unknown op {op}", field="op")
+    return op, key_len, src_rank, arg, value_len
+
+
+def encode_response(status: int, value: bytes) -> bytes:
+    return RESPONSE_STRUCT.pack(RESPONSE_MAGIC, FRAME_VERSION, status, 0, len(value)) + value
+
+
+def decode_response(raw: bytes, what: str, peer: int) -> tuple[int, int]:
+    """``(status, value_len)`` of a response's fixed part (``what`` and ``peer``
+    name it in a ``protocol_error``: foreign magic or version, unknown status)."""
+    magic, version, status, _pad, value_len = RESPONSE_STRUCT.unpack(raw)
+    if magic != RESPONSE_MAGIC or version != FRAME_VERSION:
+        raise protocol_error(f"{what}: magic/version {magic!r}/{version}", peer=peer)
+    if status not in (ST_OK, ST_MISSING, ST_ERROR):
+        raise protocol_error(f"{what}: unknown status {status}", peer=peer)
+    return status, value_len
 
 
 def recv_into(sock: socket.socket, view: memoryview, what: str) -> None:

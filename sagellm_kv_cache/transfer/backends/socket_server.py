@@ -20,7 +20,6 @@ from typing import Any
 
 from ...errors import KVCacheError, KVTransferFailedError, KVTransferTimeoutError
 from .socket_frames import (
-    FRAME_VERSION,
     MAX_KEY_BYTES,
     MAX_WAIT_MS,
     OP_CAS,
@@ -31,15 +30,14 @@ from .socket_frames import (
     OP_NAMES,
     OP_SET,
     OP_WAIT,
-    REQUEST_MAGIC,
     REQUEST_STRUCT,
-    RESPONSE_MAGIC,
-    RESPONSE_STRUCT,
     ST_ERROR,
     ST_MISSING,
     ST_OK,
     LocalStore,
+    decode_request,
     encode_error,
+    encode_response,
     protocol_error,
     recv_exact,
     recv_into,
@@ -163,23 +161,13 @@ class SocketServerMixin:
 
     def _respond(self, conn: socket.socket, status: int, body: bytes) -> bool:
         try:
-            conn.sendall(
-                RESPONSE_STRUCT.pack(RESPONSE_MAGIC, FRAME_VERSION, status, 0, len(body)) + body
-            )
+            conn.sendall(encode_response(status, body))
             return True
         except OSError:
             return False
 
     def _handle(self, conn: socket.socket, raw: bytes) -> tuple[int, bytes]:
-        magic, version, op, key_len, src, arg, n = REQUEST_STRUCT.unpack(raw)
-        if magic != REQUEST_MAGIC:
-            raise protocol_error(f"magic {magic!r}, expected {REQUEST_MAGIC!r}", field="magic")
-        if version != FRAME_VERSION:
-            raise protocol_error(
-                f"version {version}, this build speaks {FRAME_VERSION}", field="version"
-            )
-        if op not in OP_NAMES:
-            raise protocol_error(f"unknown op {op}", field="op")
+        op, key_len, src, arg, n = decode_request(raw)
         if not 0 <= src < self.world_size or src == self.rank:
             raise protocol_error(f"src_rank {src} is not a peer", field="src_rank")
         if key_len > MAX_KEY_BYTES or (op == OP_DATA) != (key_len == 0):
