@@ -30,7 +30,8 @@ Bounds recorded per request (blocks; ``summary()`` gives them as token ratios):
 
 from __future__ import annotations
 
-from itertools import islice, takewhile
+from itertools import islice, repeat, takewhile
+from operator import contains
 from typing import Any
 
 import numpy as np
@@ -152,7 +153,8 @@ class FleetEngine:
         self.metrics = [self.collector.get_metrics(k) for k in self.devices]
         # place(need, hashes, session) -> instance, over all the instances
         if hasattr(self.scheduler, "placer"):  # the library's: bound to the devices once
-            place = self.scheduler.placer(self.devices)
+            # sequential: the metrics stay as registered (no ``update``), read once
+            place = self.scheduler.placer(self.devices, fixed_metrics=sequential)
         else:  # a router with select_device only
             select, devices = self.scheduler.select_device, self.devices
 
@@ -160,12 +162,12 @@ class FleetEngine:
                 return select(devices, need, None, block_hashes=hs, session_id=sess)
 
         self._place = place
-        self._route = self._make_route()
         self._sequential = sequential
         caches = [inst.bp.cached for inst in self.insts]  # hash -> block, per instance
         self._holds = [c.__contains__ for c in caches]
         if self.shared is not None:  # what the shared tier holds is usable by every request
             caches.append(self.shared.cached)
+        self._all_caches = caches
         self._all_holds = [c.__contains__ for c in caches]
         self.engine = Engine(
             hash_view(table),  # int ids: a flat view, a request's list made when it is served
@@ -180,10 +182,18 @@ class FleetEngine:
             desc=f"fleet replay x {num_instances}",
             router=self,
         )
+        #: sequential: nothing happens between a request's routing and its start, so
+        #: ``route`` records ``held_blocks`` itself for a request that will start
+        #: (one that fits the device: the engine's rejection rule without a tail block)
+        self._held_at_route = bounds and sequential and not self.engine.tail
+        self._cap = capacity_blocks
         self._starting = self._make_starting()
-        if not bounds:
+        self._route = self._make_route()
+        # the closures themselves: no method call in between
+        self.route = self._route  # type: ignore[method-assign]
+        if not bounds or self._held_at_route:
             self.starting = None  # type: ignore[assignment]  # the engine skips it
-        else:  # the closure itself: no method call in between
+        else:
             self.starting = self._starting  # type: ignore[method-assign]
         if sequential or not getattr(self.scheduler, "needs_metrics", True):
             self.update = None  # type: ignore[assignment]  # metrics stay as registered
@@ -199,19 +209,57 @@ class FleetEngine:
             if sessions is None:
                 return lambda i, hs: place(lengths[i], hs, None)
             return lambda i, hs: place(lengths[i], hs, sessions[i])
-        sched, match_all, routed, best = self.scheduler, self._match_all, self.routed, self.best
+        sched, routed, best = self.scheduler, self.routed, self.best
         # a prefix-aware library scheduler peeked every instance already (last_matches)
         peeked = isinstance(sched, LoadAwareScheduler) and sched.needs_prefix
+        holds = self._holds
 
-        def route(i: int, hs: list) -> int:
+        def runs(k: int, hs: list) -> tuple[int, int]:
+            """(the run instance k holds, the longest any instance holds) of ``hs``."""
+            if peeked:
+                matches = sched.last_matches
+                return matches[k], max(matches)
+            # the routed run, then only a cache holding the block after the longest
+            # run so far can hold a longer one
+            has = holds[k]
+            r = b = len(list(takewhile(has, hs))) if has(hs[0]) else 0
+            full = len(hs)
+            for has in holds:
+                if b == full:
+                    break
+                if has(hs[b]):
+                    run = len(list(takewhile(has, hs)))
+                    if run > b:
+                        b = run
+            return r, b
+
+        if not self._held_at_route:
+
+            def route(i: int, hs: list) -> int:
+                k = place(lengths[i], hs, None if sessions is None else sessions[i])
+                if hs:
+                    routed[i], best[i] = runs(k, hs)
+                return k
+
+            return route
+        held, cap = self.held, self._cap
+        caches, extend = self._all_caches, self._starting
+        shared = self.shared is not None
+
+        def route_held(i: int, hs: list) -> int:
             k = place(lengths[i], hs, None if sessions is None else sessions[i])
             if hs:
-                matches = sched.last_matches if peeked else match_all(hs)
-                routed[i] = matches[k]
-                best[i] = max(matches)
+                routed[i], best[i] = runs(k, hs)
+                b = best[i]
+                full = len(hs)
+                if full <= cap and (b or shared):  # it starts: the run any cache holds
+                    if b < full and True in map(contains, caches, repeat(hs[b])):
+                        extend(i, k, hs)
+                    else:
+                        held[i] = b
             return k
 
-        return route
+        return route_held
 
     def starting(self, i: int, k: int, hs: list) -> None:
         """The leading run held by any cache now (``held_blocks``): from a run known held
@@ -262,19 +310,49 @@ class FleetEngine:
         return self
 
 
-def _per_instance(records: Any, num_instances: int, eng: FleetEngine, bs: int) -> list[dict]:
-    """One dict per instance: load (requests, prompt tokens), hits, blocks in use, queueing, TTFT."""
-    from .result import timing_stats
+def _group_quantiles(group: np.ndarray, values: np.ndarray, num_groups: int, qs: tuple) -> Any:
+    """``np.percentile(values[group == g & ~isnan], qs)`` for every group ``g`` at once
+    (``qs`` in percent; 0.0 for a group with no values): numpy's linear method, the
+    same float operations element for element (``_quantile``: index ``(n - 1) x q``,
+    neighbours, then its ``_lerp``), on one sort instead of a call per group."""
+    keep = ~np.isnan(values)
+    group, values = group[keep], values[keep]
+    order = np.lexsort((values, group))  # by group, ascending values within each
+    vals = values[order]
+    counts = np.bincount(group, minlength=num_groups)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    out = np.zeros((len(qs), num_groups))
+    has = counts > 0
+    n, first = counts[has], starts[has]
+    for row, q in zip(out, np.true_divide(qs, 100)):
+        virtual = (n - 1) * q
+        prev = np.floor(virtual)
+        above = virtual >= n - 1  # at or past the last value: the last value (index -1)
+        prev = np.where(above, -1, prev).astype(np.intp)
+        last = first + n - 1
+        a = vals[np.where(above, last, first + prev)]
+        b = vals[np.where(above, last, first + prev + 1)]
+        gamma = virtual - prev
+        diff = b - a
+        lerp = a + diff * gamma
+        np.subtract(b, diff * (1 - gamma), out=lerp, where=gamma >= 0.5)
+        row[has] = lerp
+    return out
 
-    inst = records["instance"].to_numpy()
+
+def _per_instance(
+    inst: np.ndarray, records: Any, num_instances: int, eng: FleetEngine, bs: int
+) -> list[dict]:
+    """One dict per instance: load (requests, prompt tokens), hits, blocks in use, queueing, TTFT."""
     requests = np.bincount(inst, minlength=num_instances)
     prompt = np.bincount(inst, records["input_length"].to_numpy(), num_instances)
     hit = np.bincount(inst, records["hit_blocks"].to_numpy(), num_instances)
-    timed = (
-        {name: records[name].cast(float).to_numpy() for name in ("queue_s", "ttft_s")}
-        if "ttft_s" in records.columns
-        else {}
-    )
+    timed = {}
+    if "ttft_s" in records.columns:
+        for name in ("queue_s", "ttft_s"):
+            col = records[name].cast(float).to_numpy()
+            p50, p99 = _group_quantiles(inst, col, num_instances, (50, 99))
+            timed[name[:-2]] = (p50, p99)
     out = []
     for k in range(num_instances):
         p = int(prompt[k])
@@ -289,11 +367,9 @@ def _per_instance(records: Any, num_instances: int, eng: FleetEngine, bs: int) -
         if timed:
             row["peak_blocks_in_use"] = int(eng.peak_used[k])
             row["peak_waiting"] = int(eng.peak_waiting[k])
-            mine = inst == k
-            for name, col in timed.items():
-                st = timing_stats(name, col[mine])
-                base = name[:-2]
-                row.update({key: st[key] for key in (f"{base}_p50_s", f"{base}_p99_s")})
+            for base, (p50, p99) in timed.items():
+                row[f"{base}_p50_s"] = float(p50[k])
+                row[f"{base}_p99_s"] = float(p99[k])
         out.append(row)
     return out
 
@@ -444,16 +520,19 @@ def simulate_fleet(
     )
     import polars as pl
 
+    routed_a, best_a, held_a = (
+        np.asarray(col, dtype=np.int64) for col in (eng.routed, eng.best, eng.held)
+    )
     res.records = res.records.with_columns(
         pl.Series("instance", inst_of, dtype=pl.Int64),
-        pl.Series("routed_blocks", np.asarray(eng.routed, dtype=np.int64)),
-        pl.Series("best_blocks", np.asarray(eng.best, dtype=np.int64)),
-        pl.Series("held_blocks", np.asarray(eng.held, dtype=np.int64)),
+        pl.Series("routed_blocks", routed_a),
+        pl.Series("best_blocks", best_a),
+        pl.Series("held_blocks", held_a),
     )
-    per = _per_instance(res.records, nk, eng, bs)
+    per = _per_instance(inst_of, res.records, nk, eng, bs)
     prompt = int(res.stats["prompt_tokens"]) or 0
 
-    def ratio(col: list) -> float:
+    def ratio(col: Any) -> float:
         return float(np.asarray(col, dtype=np.int64)[ran].sum() * bs / prompt) if prompt else 0.0
 
     extra: dict[str, Any] = {
@@ -463,16 +542,16 @@ def simulate_fleet(
         "request_imbalance": _imbalance([float(r["requests"]) for r in per]),
     }
     if bounds:
-        routed, best = ratio(eng.routed), ratio(eng.best)
+        routed, best = ratio(routed_a), ratio(best_a)
         extra.update(
-            all_caches_hit_ratio=ratio(eng.held),
+            all_caches_hit_ratio=ratio(held_a),
             best_instance_hit_ratio=best,
             routed_hit_ratio=routed,
             regret_hit_ratio=best - routed,
         )
     if eng.shared is not None:
         extra["global_pool_blocks"] = eng.shared.capacity_blocks
-        extra["global_hit_ratio"] = ratio(gather("remote").tolist())
+        extra["global_hit_ratio"] = ratio(gather("remote"))
     if pooled:
         big = simulate(
             table, blocks * nk, policy, mode=mode, cost=cost_m, max_num_seqs=max_num_seqs

@@ -174,3 +174,70 @@ def test_placer_of_a_load_strategy_is_place():
     s = LoadAwareScheduler(c, "shortest_queue")
     assert s.placer(["a", "b"])(0, None) == "b"
     assert s.get_placement_stats() == {"total_placements": 1, "per_device": {"b": 1}}
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    which=st.integers(0, len(STRATEGIES)),  # the last: round_robin
+    requests=st.lists(chains, min_size=0, max_size=20),
+    steps=st.lists(
+        st.tuples(chains, st.sampled_from(["place", "place", "place", "put", "reset", "aside"])),
+        min_size=1,
+        max_size=30,
+    ),
+    num_pools=st.integers(1, 5),
+    figures=st.one_of(
+        loads.map(lambda f: [f] * 5),  # every device alike (a replay's): the overlap path
+        st.lists(loads, min_size=5, max_size=5),
+    ),
+)
+def test_fixed_metrics_placer_equals_place(which, requests, steps, num_pools, figures):
+    """``placer(..., fixed_metrics=True)`` while the caches change under it (puts), the
+    stats are reset and placements go through ``place`` beside it ("aside")."""
+    strategy, kw = STRATEGIES[which] if which < len(STRATEGIES) else ("round_robin", {})
+    gps = [GlobalPool(8, 4, "lru", SimClock()) for _ in range(num_pools)]
+    for r, hs in enumerate(requests):
+        gps[r % num_pools].put(hs)
+    pools = [gp.bp for gp in gps]
+    devices = [f"d{k}" for k in range(num_pools)]
+    scheds = []
+    for fast_peeks in (False, True):
+        c = LoadMetricsCollector()
+        for d, bp, (active, queued, blocks) in zip(devices, pools, figures):
+            c.register_device(d)
+            c.attach_pool(d, _Stats(bp), match_fn=_matcher(bp))
+            m = c.get_metrics(d)
+            m.active_requests, m.queue_length, m.kv_tokens_used = active, queued, blocks * 4
+        if fast_peeks:
+            c.attach_match_many(devices, _match_all(pools))
+        scheds.append(LoadAwareScheduler(c, strategy, auto_refresh=False, **kw))
+    slow, fast = scheds
+    fast_place = fast.placer(devices, fixed_metrics=True)
+    for r, (hs, action) in enumerate(steps):
+        if action == "put" and hs:
+            gps[r % num_pools].put(hs)
+        elif action == "reset":
+            slow.reset_stats()
+            fast.reset_stats()
+        elif action == "aside":  # placed on a sub-list through place: counts change
+            assert slow.place(devices[:1], 0, hs) == fast.place(devices[:1], 0, hs)
+        else:
+            assert slow.place(devices, 0, hs) == fast_place(0, hs)
+            assert slow.last_matches == fast.last_matches
+        assert slow.get_placement_stats() == fast.get_placement_stats()
+
+
+def test_fixed_metrics_placer_rereads_the_counts_after_a_reset():
+    """The overlap path keeps a copy of the placement counts; a reset followed by as
+    many placements elsewhere as it had seen must not leave that copy in use."""
+    c = LoadMetricsCollector()
+    for d in ("a", "b"):
+        c.register_device(d)
+    s = LoadAwareScheduler(c, "longest_prefix", auto_refresh=False)
+    fast = s.placer(["a", "b"], fixed_metrics=True)
+    assert [fast(0, None) for _ in range(3)] == ["a", "b", "a"]  # fewest placements, then first
+    s.reset_stats()
+    assert [s.place(["b"], 0, None) for _ in range(3)] == ["b", "b", "b"]
+    assert s.get_placement_stats() == {"total_placements": 3, "per_device": {"b": 3}}
+    assert fast(0, None) == "a"  # a: 0 placements since the reset, b: 3
+    assert s.get_placement_stats() == {"total_placements": 4, "per_device": {"a": 1, "b": 3}}

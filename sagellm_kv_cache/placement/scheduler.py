@@ -51,6 +51,7 @@ from typing import Any
 
 from ..errors import KVConfigError, KVInvalidInputError, KVInvalidTypeError
 from .metrics import DeviceLoadMetrics, LoadMetricsCollector
+from .placer import Figures, by_overlap, in_turn
 
 __all__ = ["PREFIX_STRATEGIES", "LoadAwareScheduler", "PlacementStrategy"]
 
@@ -172,6 +173,8 @@ class LoadAwareScheduler:
         self._round_robin_index = 0
         self._placement_count = 0
         self._placement_decisions: dict[Hashable, int] = {}
+        #: bumped by ``reset_stats`` (a placer's copy of the counts is stale then)
+        self._resets = 0
         self._rings: dict[tuple, tuple[list[int], list[Hashable]]] = {}
         #: per candidate, the leading cached blocks found by the last prefix-aware choice
         self.last_matches: list[int] | None = None
@@ -275,7 +278,9 @@ class LoadAwareScheduler:
         pd[device] = pd.get(device, 0) + 1
         return device
 
-    def placer(self, candidate_devices: Sequence[Hashable]) -> Callable[..., Hashable]:
+    def placer(
+        self, candidate_devices: Sequence[Hashable], *, fixed_metrics: bool = False
+    ) -> Callable[..., Hashable]:
         """``place`` bound to one list of devices, for a caller that places every
         request on the same devices (a simulator's router).
 
@@ -285,7 +290,9 @@ class LoadAwareScheduler:
         A prefix-aware strategy looks up the devices' metrics and their peek once
         (``LoadMetricsCollector.metrics_of`` / ``matcher_of``) instead of per request;
         once the collector changes (its ``version``: a device registered, a pool
-        attached) every call goes through ``place``.
+        attached) every call goes through ``place``. ``fixed_metrics``: the caller
+        changes none of the devices' metrics while it uses the placer (a replay that
+        keeps them as registered), so a prefix-aware strategy reads them once.
 
         Raises:
             KVInvalidInputError: no devices, or one not registered (metric strategies).
@@ -293,6 +300,10 @@ class LoadAwareScheduler:
         devices = list(candidate_devices)  # the caller's list may change; this one will not
         if not devices:
             raise KVInvalidInputError("placer needs at least one candidate device")
+        counts = self._placement_decisions
+        n = len(devices)
+        if self._effective is S.ROUND_ROBIN:  # reads no metric: its turn, counted as ``place``
+            return in_turn(self, devices)
         pick = {
             S.LONGEST_PREFIX: self._pick_longest,
             S.KV_COST: self._pick_kv_cost,
@@ -304,9 +315,25 @@ class LoadAwareScheduler:
         version = collector.version
         ms = collector.metrics_of(devices)  # checks they are registered
         match = collector.matcher_of(devices)
-        counts = self._placement_decisions
         place = self.place
-        n = len(devices)
+        zeros = [0] * n
+
+        def peek(hashes: Sequence[Hashable] | None) -> tuple[list[int], int]:
+            """Each device's overlap with ``hashes`` (kept as ``last_matches``), and
+            the number of hashes."""
+            matches = match(hashes) if hashes else zeros[:]
+            self.last_matches = matches
+            return matches, len(hashes) if hashes else 0
+
+        fixed = Figures.of(ms) if fixed_metrics else None
+        if fixed is not None:
+            eff = self._effective
+            if eff is S.KV_COST:
+                alike = fixed.decode_alike
+            else:
+                alike = fixed.loads_alike and (eff is S.LONGEST_PREFIX or fixed.used_alike)
+            if alike:  # the metrics tell no device apart: the overlap decides alone
+                return by_overlap(self, eff.value, pick, devices, ms, peek, version, fixed)
 
         def place_on_devices(
             need: int,
@@ -316,14 +343,8 @@ class LoadAwareScheduler:
         ) -> Hashable:
             if collector.version != version:  # looked up before a change: the general path
                 return place(devices, need, hashes, session_id, request_id)
-            if hashes:
-                matches = match(hashes)
-                num_blocks = len(hashes)
-            else:
-                matches = [0] * n
-                num_blocks = 0
-            self.last_matches = matches
-            device = pick(devices, ms, matches, num_blocks)
+            matches, num_blocks = peek(hashes)
+            device = pick(devices, ms, matches, num_blocks, fixed)
             self._placement_count += 1
             counts[device] = counts.get(device, 0) + 1
             return device
@@ -385,6 +406,7 @@ class LoadAwareScheduler:
         """Zero the placement counters, the round-robin position and the generator."""
         self._placement_count = 0
         self._placement_decisions.clear()
+        self._resets += 1
         self._round_robin_index = 0
         self._rng = random.Random(self.seed)
 
@@ -402,10 +424,9 @@ class LoadAwareScheduler:
         j = keys.index(low)
         if ties == 1:  # the common case: one best, no tie to break
             return candidates[j]
-        get = self._placement_decisions.get
         if ties == len(keys):  # all tied (idle devices): fewest placements, then first
-            counts = list(map(get, candidates, itertools.repeat(0, ties)))
-            return candidates[counts.index(min(counts))]
+            return self._fewest(candidates)
+        get = self._placement_decisions.get
         best_j, best_n = j, get(candidates[j], 0)
         for _ in range(ties - 1):  # the other tied ones, in order: strictly fewer wins
             j = keys.index(low, j + 1)
@@ -413,6 +434,11 @@ class LoadAwareScheduler:
             if n < best_n:
                 best_j, best_n = j, n
         return candidates[best_j]
+
+    def _fewest(self, candidates: Sequence[Hashable]) -> Hashable:
+        """The candidate placed on least so far, the first of those (``_argmin``, all tied)."""
+        counts = list(map(self._placement_decisions.get, candidates, itertools.repeat(0)))
+        return candidates[counts.index(min(counts))]
 
     def _round_robin(self, candidates, ms, need, hashes, session_id, request_id) -> Hashable:
         device = candidates[self._round_robin_index % len(candidates)]
@@ -456,40 +482,77 @@ class LoadAwareScheduler:
         matches = self._matches(candidates, hashes)
         return self._pick_cache_aware(candidates, ms, matches, len(hashes) if hashes else 0)
 
-    # the prefix-aware choices from the candidates' matches (``place`` and ``placer``)
-    def _pick_longest(self, candidates, ms, matches: list[int], num_blocks: int) -> Hashable:
+    # the prefix-aware choices from the candidates' matches (``place`` and ``placer``);
+    # ``fixed``: the metrics' figures read once (``placer(..., fixed_metrics=True)``)
+    def _pick_longest(
+        self, candidates, ms, matches: list[int], num_blocks: int, fixed: Figures | None = None
+    ) -> Hashable:
         best = max(matches)
         ties = matches.count(best)
         if ties == 1:  # one longest: the (-match, requests) minimum
             return candidates[matches.index(best)]
+        if fixed is None:
+            loads = [m.active_requests + m.queue_length for m in ms]
+            alike = loads.count(loads[0]) == len(loads)
+        else:
+            loads, alike = fixed.loads, fixed.loads_alike
         if ties == len(matches):  # all match alike: the fewest requests decide
-            return self._argmin([m.active_requests + m.queue_length for m in ms], candidates)
-        keys = [(-k, m.active_requests + m.queue_length) for k, m in zip(matches, ms)]
-        return self._argmin(keys, candidates)
+            return self._fewest(candidates) if alike else self._argmin(loads, candidates)
+        return self._argmin([(-k, q) for k, q in zip(matches, loads)], candidates)
 
-    def _pick_kv_cost(self, candidates, ms, matches: list[int], num_blocks: int) -> Hashable:
+    def _pick_kv_cost(
+        self, candidates, ms, matches: list[int], num_blocks: int, fixed: Figures | None = None
+    ) -> Hashable:
         w = self.overlap_score_weight
-        costs = [
-            w * (num_blocks - k) + m.kv_tokens_used // m.block_size for k, m in zip(matches, ms)
-        ]
-        if self.temperature == 0.0 or len(candidates) == 1:
+        n = len(matches)
+        k0 = matches[0]
+        greedy = self.temperature == 0.0 or n == 1
+        if matches.count(k0) == n:  # the same overlap everywhere: the same prefill term
+            if fixed is None:
+                decode = [m.kv_tokens_used // m.block_size for m in ms]
+                alike = decode.count(decode[0]) == n
+            else:
+                decode, alike = fixed.decode, fixed.decode_alike
+            if greedy and alike:  # every cost the same
+                return self._fewest(candidates)
+            prefill = w * (num_blocks - k0)
+            costs = [prefill + d for d in decode]
+        elif fixed is None:
+            costs = [
+                w * (num_blocks - k) + m.kv_tokens_used // m.block_size for k, m in zip(matches, ms)
+            ]
+        else:
+            costs = [w * (num_blocks - k) + d for k, d in zip(matches, fixed.decode)]
+        if greedy:
             return self._argmin(costs, candidates)
         lo, hi = min(costs), max(costs)
         span = (hi - lo) or 1.0
         weights = [math.exp(-(c - lo) / span / self.temperature) for c in costs]
         return candidates[self._rng.choices(range(len(candidates)), weights=weights)[0]]
 
-    def _pick_cache_aware(self, candidates, ms, matches: list[int], num_blocks: int) -> Hashable:
-        loads = [m.active_requests + m.queue_length for m in ms]
+    def _pick_cache_aware(
+        self, candidates, ms, matches: list[int], num_blocks: int, fixed: Figures | None = None
+    ) -> Hashable:
+        loads = [m.active_requests + m.queue_length for m in ms] if fixed is None else fixed.loads
         hi, lo = max(loads), min(loads)
         if hi - lo > self.balance_abs_threshold and hi > self.balance_rel_threshold * lo:
             return self._argmin(loads, candidates)
         best = max(matches)
         if num_blocks and best / num_blocks > self.cache_threshold:
-            if matches.count(best) == 1:  # one longest: the (-match, load) minimum
+            ties = matches.count(best)
+            if ties == 1:  # one longest: the (-match, load) minimum
                 return candidates[matches.index(best)]
+            if ties == len(matches) and hi == lo:  # all alike: fewest placements
+                return self._fewest(candidates)
             return self._argmin([(-k, load) for k, load in zip(matches, loads)], candidates)
-        return self._argmin([m.kv_tokens_used for m in ms], candidates)
+        if fixed is None:
+            used = [m.kv_tokens_used for m in ms]
+            alike = used.count(used[0]) == len(used)
+        else:
+            used, alike = fixed.used, fixed.used_alike
+        if alike:  # every device as full: fewest placements
+            return self._fewest(candidates)
+        return self._argmin(used, candidates)
 
     def _consistent(self, candidates, ms, need, hashes, session_id, request_id) -> Hashable:
         key: Any = None
