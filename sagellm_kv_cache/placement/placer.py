@@ -62,12 +62,7 @@ def in_turn(sched: LoadAwareScheduler, devices: list[Hashable]) -> Callable[...,
     counts = self._placement_decisions
     n = len(devices)
 
-    def place_in_turn(
-        need: int,
-        hashes: Sequence[Hashable] | None,
-        session_id: Hashable | None = None,
-        request_id: str | None = None,
-    ) -> Hashable:
+    def place_in_turn(*ignored: object) -> Hashable:  # reads neither request nor device
         j = self._round_robin_index
         self._round_robin_index = j + 1
         device = devices[j % n]
@@ -85,19 +80,17 @@ def by_overlap(
     pick: Callable[..., Hashable],
     devices: list[Hashable],
     ms: list[DeviceLoadMetrics],
-    peek: Callable[[Sequence[Hashable] | None], tuple[list[int], int]],
-    version: int,
     fixed: Figures,
-) -> Callable[..., Hashable]:
+) -> Callable[[list[int], int], Hashable]:
     """``placer`` of a prefix-aware strategy whose fixed metrics are alike on every
     device (a replay's, as registered): each rule then comes down to the longest
     overlap, ties (and no overlap) to the fewest placements. The two common cases,
     one longest overlap or all overlaps alike, are decided here by the rule's own
     test; any other goes to the rule, ``pick`` (``LoadAwareScheduler._pick_*``).
-    ``kind``: the strategy's value; ``peek``: the overlaps of a request's hashes
-    (recorded as ``last_matches``) and their number."""
+    ``kind``: the strategy's value. Returns the choice from a request's overlaps
+    (one per device) and its number of blocks, counted as ``place`` counts it."""
     self = sched
-    collector, counts, place = self.collector, self._placement_decisions, self.place
+    counts = self._placement_decisions
     n = len(devices)
     longest, kv = kind == "longest_prefix", kind == "kv_cost"
     d0 = fixed.decode[0]
@@ -108,15 +101,7 @@ def by_overlap(
     seen_count, seen_resets = -1, -1  # placements and resets when tally was current
     distinct = len(set(devices)) == n
 
-    def place_by_overlap(
-        need: int,
-        hashes: Sequence[Hashable] | None,
-        session_id: Hashable | None = None,
-        request_id: str | None = None,
-    ) -> Hashable:
-        if collector.version != version:  # looked up before a change: the general path
-            return place(devices, need, hashes, session_id, request_id)
-        matches, num_blocks = peek(hashes)
+    def choose_by_overlap(matches: list[int], num_blocks: int) -> Hashable:
         best = max(matches)
         ties = matches.count(best)
         j = -1
@@ -162,4 +147,4 @@ def by_overlap(
             seen_count = -1
         return device
 
-    return place_by_overlap
+    return choose_by_overlap

@@ -317,15 +317,8 @@ class LoadAwareScheduler:
         match = collector.matcher_of(devices)
         place = self.place
         zeros = [0] * n
-
-        def peek(hashes: Sequence[Hashable] | None) -> tuple[list[int], int]:
-            """Each device's overlap with ``hashes`` (kept as ``last_matches``), and
-            the number of hashes."""
-            matches = match(hashes) if hashes else zeros[:]
-            self.last_matches = matches
-            return matches, len(hashes) if hashes else 0
-
         fixed = Figures.of(ms) if fixed_metrics else None
+        choose: Callable[[list[int], int], Hashable] | None = None
         if fixed is not None:
             eff = self._effective
             if eff is S.KV_COST:
@@ -333,7 +326,14 @@ class LoadAwareScheduler:
             else:
                 alike = fixed.loads_alike and (eff is S.LONGEST_PREFIX or fixed.used_alike)
             if alike:  # the metrics tell no device apart: the overlap decides alone
-                return by_overlap(self, eff.value, pick, devices, ms, peek, version, fixed)
+                choose = by_overlap(self, eff.value, pick, devices, ms, fixed)
+        if choose is None:
+
+            def choose(matches: list[int], num_blocks: int) -> Hashable:
+                device = pick(devices, ms, matches, num_blocks, fixed)
+                self._placement_count += 1
+                counts[device] = counts.get(device, 0) + 1
+                return device
 
         def place_on_devices(
             need: int,
@@ -343,11 +343,12 @@ class LoadAwareScheduler:
         ) -> Hashable:
             if collector.version != version:  # looked up before a change: the general path
                 return place(devices, need, hashes, session_id, request_id)
-            matches, num_blocks = peek(hashes)
-            device = pick(devices, ms, matches, num_blocks, fixed)
-            self._placement_count += 1
-            counts[device] = counts.get(device, 0) + 1
-            return device
+            if hashes:
+                matches = match(hashes)
+                self.last_matches = matches
+                return choose(matches, len(hashes))
+            self.last_matches = matches = zeros[:]
+            return choose(matches, 0)
 
         return place_on_devices
 
