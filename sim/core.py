@@ -190,7 +190,7 @@ class Engine:
             full = lengths[i] // bs
             full_l[i] = full
             if route is not None:
-                hs = head(i, full)
+                hs = head(i, full) if full else []
                 k = route(i, hs)
                 inst_of[i] = k
                 serve = serves[k]
