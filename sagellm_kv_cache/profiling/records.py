@@ -25,13 +25,19 @@ BlockId = str | int | bytes
 
 
 @dataclass(frozen=True, slots=True)
-class AccessEvent:
-    """One recorded access (built on demand by :meth:`AccessStatsCollector.iter_events`)."""
+class _BlockEvent:
+    """What every recorded event names: a block, and when."""
 
     #: the block, as the caller named it (``str``, ``int`` pool block id or ``bytes``)
     block_id: BlockId
     #: seconds since the collector started (or was reset), or on the caller's clock
     timestamp: float
+
+
+@dataclass(frozen=True, slots=True)
+class AccessEvent(_BlockEvent):
+    """One recorded access (built on demand by :meth:`AccessStatsCollector.iter_events`)."""
+
     #: whether the block was found cached
     is_hit: bool
     #: the request that touched it (``None``: not recorded)
@@ -45,13 +51,9 @@ class AccessEvent:
 
 
 @dataclass(frozen=True, slots=True)
-class EvictionEvent:
-    """One recorded eviction."""
+class EvictionEvent(_BlockEvent):
+    """One recorded eviction (``block_id``: the evicted block)."""
 
-    #: the evicted block, as the caller named it
-    block_id: BlockId
-    #: seconds since the collector started (or was reset), or on the caller's clock
-    timestamp: float
     #: why it left (``"capacity"``, ``"explicit"``...)
     reason: str
     #: its block hash, when the caller gave one
