@@ -368,21 +368,17 @@ class RemoteKVAccessor:
         store = self.engine.backend.store
         peers = [r for r in range(self.engine.backend.world_size) if r != me]
         out: list[dict[str, Any]] = []
-        idle_deadline = time.monotonic() + idle
-        pause = 0.0002
+
+        def request_key(peer: int, seq: int) -> str:
+            return _keys(me, peer, seq)[0]
+
         while num_requests is None or len(out) < num_requests:
-            if stop_event is not None and stop_event.is_set():
+            taken = self._serve_seqs.wait_posted(
+                store, peers, request_key, time.monotonic() + idle, stop_event
+            )
+            if taken is None:  # idle for ``idle`` seconds, or stopped
                 break
-            taken = self._serve_seqs.take_posted(store, peers, lambda p, seq: _keys(me, p, seq)[0])
-            if taken is not None:
-                out.append(self._answer(pool, me, *taken))
-                idle_deadline = time.monotonic() + idle
-                pause = 0.0002
-                continue
-            if time.monotonic() >= idle_deadline:
-                break
-            time.sleep(pause)
-            pause = min(pause * 2, 0.005)
+            out.append(self._answer(pool, me, *taken))
         return out
 
     def _answer(self, pool: KVPool, me: int, peer: int, seq: int, raw: bytes) -> dict:

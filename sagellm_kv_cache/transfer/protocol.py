@@ -114,6 +114,29 @@ class PeerSequences:
                     return peer, seq, bytes(value)
         return None
 
+    def wait_posted(
+        self,
+        store: Any,
+        peers: Iterable[int],
+        key_of: Callable[[int, int], str],
+        deadline: float,
+        stop: threading.Event | None = None,
+    ) -> tuple[int, int, bytes] | None:
+        """``take_posted``, polled (pauses from 0.2 ms doubling to 5 ms) until a
+        value is taken; None once ``deadline`` (``time.monotonic``) has passed or
+        ``stop`` is set."""
+        peers = list(peers)
+        pause = 0.0002
+        while stop is None or not stop.is_set():
+            taken = self.take_posted(store, peers, key_of)
+            if taken is not None:
+                return taken
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
+        return None
+
 
 def tag(seq: int, chunk: int) -> int:
     """Message tag: unique per (pair, transfer, message) while fewer than 32768

@@ -76,20 +76,20 @@ class Receiver:
         )
         idle_deadline = time.monotonic() + wait_s
         store = backend.store
-        pause = 0.0002
+
+        def header_key(peer: int, seq: int) -> str:
+            return Keys(peer, me, seq).hdr
+
         while True:
-            taken = self._seqs.take_posted(store, peers, lambda p, seq: Keys(p, me, seq).hdr)
-            if taken is not None:
-                got = self._receive_one(pool, *taken, keep_handles)
-                if got is not None:
-                    return got
-                continue  # the sender had already given up on that one
-            if time.monotonic() >= idle_deadline:
+            taken = self._seqs.wait_posted(store, peers, header_key, idle_deadline)
+            if taken is None:
                 raise KVTransferTimeoutError(
                     f"no transfer arrived at rank {me} within {wait_s} s", peers=peers
                 )
-            time.sleep(pause)
-            pause = min(pause * 2, 0.005)
+            got = self._receive_one(pool, *taken, keep_handles)
+            if got is not None:
+                return got
+            # None: the sender had already given up on that one; wait for the next
 
     def _receive_one(
         self, pool: KVPool, src: int, seq: int, raw: bytes, keep_handles: bool
