@@ -59,6 +59,7 @@ def rank_roundtrip(ctx, num_handles: int, batched: bool, chunk_bytes: int, direc
         "records": [r.to_dict() for r in records],
         "acct": acct,
         "view": receiver_view(pool, prompts),
+        "host_message_bytes": eng.backend.host_message_bytes,
     }
 
 
@@ -199,6 +200,7 @@ def test_kv_arrives_bit_exact_and_hits_the_receivers_prefix_cache(
     # every prompt's 6 full blocks hit on the receiver, with the sender's bytes
     assert [v["hit"] for v in receiver["view"]] == [24] * num_handles
     assert [v["kv"] for v in receiver["view"]] == sender["digests"]
+    assert receiver["host_message_bytes"] == 2 << 20  # gloo's direct-mode message size
     # receiver: blocks cached and evictable, nothing held; exact counts
     assert receiver["acct"] == {
         "free_blocks": 320 - 6 * num_handles,

@@ -33,7 +33,7 @@ class Settings:
     max_inflight: int
     max_workers: int
     direct_min_message_bytes: int
-    direct_max_message_bytes: int
+    direct_max_message_bytes: int | None  #: None: the backend's ``host_message_bytes``
 
 
 @dataclass(slots=True)

@@ -56,7 +56,7 @@ from .backends import TransferBackend, make_backend
 from .codec import require_codec
 from .context import Settings, TransferContext
 from .local import LocalMover
-from .plan import DIRECT_MAX_MESSAGE_BYTES, DIRECT_MIN_MESSAGE_BYTES, make_plan
+from .plan import DIRECT_MIN_MESSAGE_BYTES, make_plan
 from .receiver import Receiver
 from .records import ReceivedTransfer, TransferBook, TransferRecord, TransferStatus
 from .seed_api import TransferSeedMixin
@@ -112,7 +112,9 @@ class KVTransferEngine(TransferSeedMixin):
             is at least this big; otherwise "staged" mode (gather into chunks,
             scatter on arrival).
         direct_max_message_bytes: the receiver cuts direct-mode slabs into
-            messages of at most this size (see ``plan.DIRECT_MAX_MESSAGE_BYTES``).
+            messages of at most this size; None: the backend's preference for
+            host memory (``host_message_bytes``: 2 MiB for gloo), else
+            ``plan.DIRECT_MAX_MESSAGE_BYTES`` (16 MiB, and always for CUDA KV).
         **backend_options: passed to the backend (``store=``, ``enable_nccl=``...).
     """
 
@@ -129,7 +131,7 @@ class KVTransferEngine(TransferSeedMixin):
         max_inflight: int = 4,
         max_workers: int = 4,
         direct_min_message_bytes: int = DIRECT_MIN_MESSAGE_BYTES,
-        direct_max_message_bytes: int = DIRECT_MAX_MESSAGE_BYTES,
+        direct_max_message_bytes: int | None = None,
         **backend_options: Any,
     ) -> None:
         check_number("timeout_s", timeout_s, strict=True)
@@ -138,8 +140,10 @@ class KVTransferEngine(TransferSeedMixin):
         check_number("retry_backoff_ms", retry_backoff_ms)
         codec = "none" if compression is None else compression
         require_codec(codec)
-        for name in ("chunk_bytes", "max_inflight", "max_workers", "direct_max_message_bytes"):
+        for name in ("chunk_bytes", "max_inflight", "max_workers"):
             check_count(name, locals()[name])
+        if direct_max_message_bytes is not None:
+            check_count("direct_max_message_bytes", direct_max_message_bytes)
         check_number("direct_min_message_bytes", direct_min_message_bytes)
         backend = make_backend(comm_backend, **backend_options)
         settings = Settings(
@@ -153,7 +157,9 @@ class KVTransferEngine(TransferSeedMixin):
             max_inflight=int(max_inflight),
             max_workers=int(max_workers),
             direct_min_message_bytes=int(direct_min_message_bytes),
-            direct_max_message_bytes=int(direct_max_message_bytes),
+            direct_max_message_bytes=None
+            if direct_max_message_bytes is None
+            else int(direct_max_message_bytes),
         )
         self._ctx = TransferContext(settings, backend, TransferBook(settings.checksum_algo, codec))
         self.book = self._ctx.book

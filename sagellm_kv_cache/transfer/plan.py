@@ -101,6 +101,15 @@ def direct_views(kv: Any, runs: list[Run], side: int, per_message: int) -> Itera
         yield kv[layer, k, a:b].view(-1)
 
 
+def message_cap(setting: int | None, host_message_bytes: int | None, cuda: bool) -> int:
+    """Most bytes per direct-mode message: the engine's ``direct_max_message_bytes``
+    when set, else the backend's ``host_message_bytes`` for host KV, else
+    ``DIRECT_MAX_MESSAGE_BYTES``."""
+    if setting is not None:
+        return setting
+    return (None if cuda else host_message_bytes) or DIRECT_MAX_MESSAGE_BYTES
+
+
 def num_direct_messages(runs: list[Run], num_layers: int, per_message: int) -> int:
     return sum(-(-n // per_message) for _, _, n in runs) * 2 * num_layers
 

@@ -31,6 +31,7 @@ from .plan import (
     bytes_of,
     check_compatible,
     direct_views,
+    message_cap,
     num_direct_messages,
     pool_kv,
     runs_of,
@@ -198,11 +199,14 @@ class Receiver:
         s = self.ctx.settings
         if header.compression != "none" or not header.src_block_ids:
             return None
-        if pool_kv(pool).is_cuda and not self.ctx.backend.direct_cuda:
+        backend = self.ctx.backend
+        cuda = pool_kv(pool).is_cuda
+        if cuda and not backend.direct_cuda:
             return None
+        cap = message_cap(s.direct_max_message_bytes, backend.host_message_bytes, cuda)
         runs = runs_of(header.src_block_ids, receipt.block_ids)
         slab_bytes = header.bytes_per_block // (2 * header.num_layers)  # one block, layer, K/V
-        per_message = max(1, s.direct_max_message_bytes // max(slab_bytes, 1))
+        per_message = max(1, cap // max(slab_bytes, 1))
         num_messages = num_direct_messages(runs, header.num_layers, per_message)
         if num_messages > 0xFFFF:
             return None

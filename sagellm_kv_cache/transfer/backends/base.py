@@ -62,6 +62,10 @@ class TransferBackend:
     direct_cuda = False
     #: direct-mode messages per ``expose_many`` / ``fetch_many`` call
     batch_messages = 1
+    #: the direct-mode message size (bytes) this transport moves host memory
+    #: best at; None: the engine's ``plan.DIRECT_MAX_MESSAGE_BYTES``. Used unless
+    #: the engine's ``direct_max_message_bytes`` is set.
+    host_message_bytes: int | None = None
     rank: int = 0
     world_size: int = 1
     store: Any = None
