@@ -354,6 +354,12 @@ def main() -> None:
         default=None,
         help="the engines' direct_max_message_bytes (MiB; default: the engine's)",
     )
+    ap.add_argument(
+        "--max-inflight",
+        type=int,
+        default=None,
+        help="the engines' max_inflight (direct mode: 16 x this many messages in flight)",
+    )
     a = ap.parse_args()
     backends = list(a.backends)
     if "nixl" in backends and (reason := _nixl_reason()) is not None:
@@ -369,6 +375,8 @@ def main() -> None:
     engine_opts = {}
     if a.message_mib is not None:
         engine_opts["direct_max_message_bytes"] = int(a.message_mib * (1 << 20))
+    if a.max_inflight is not None:
+        engine_opts["max_inflight"] = a.max_inflight
     rows = []
     for mib in a.sizes_mib:
         nbytes = mib << 20
