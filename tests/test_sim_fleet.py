@@ -391,3 +391,20 @@ def test_cli_replay_global_pool(tmp_path):
     assert "global pool          600 blocks" in res.output
     bad = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "b")])
     assert bad.exit_code == 2 and "--global-pool" in bad.output
+
+
+def test_per_instance_timings_are_each_instances_own(trace):
+    """Per-instance queue and TTFT percentiles equal ``timing_stats`` over the
+    records routed to that instance (an instance with none: zeros)."""
+    from sim.result import timing_stats
+
+    res = simulate(trace, 300, mode="concurrent", instances=5, router="longest-prefix")
+    rec = res.records
+    for k, row in enumerate(res.summary()["per_instance"]):
+        mine = rec.filter(pl.col("instance") == k)
+        assert row["requests"] == mine.height
+        for name in ("queue_s", "ttft_s"):
+            st = timing_stats(name, mine[name].cast(float).to_numpy())
+            base = name[:-2]
+            assert row[f"{base}_p50_s"] == st[f"{base}_p50_s"]
+            assert row[f"{base}_p99_s"] == st[f"{base}_p99_s"]
