@@ -17,6 +17,7 @@ from collections.abc import Hashable, Sequence
 from typing import cast
 
 from ..errors import KVInvalidInputError, KVTransferFailedError
+from ..transfer.protocol import CANCELLED  # the mark ``settle`` claims a verdict with
 
 __all__ = ["CANCELLED", "MAX_HASHES", "decode_answer", "decode_request", "encode_request"]
 
@@ -26,7 +27,6 @@ _HEAD = struct.Struct("<4sBBHII")
 #: at most this many hashes per request (a 2**20-block prefix is far beyond any pool)
 MAX_HASHES = 1 << 20
 _MAX_HASH_LEN = 64
-CANCELLED = b"CANCELLED"
 
 
 def encode_request(hashes: Sequence[Hashable], min_blocks: int) -> bytes:
