@@ -31,7 +31,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .cache_manager import KVCacheManager
-from .errors import KVConfigError, KVInvalidTypeError
+from .errors import KVBudgetExceededError, KVConfigError, KVInvalidTypeError
 from .offload import KVOffloadManager, OffloadAllocation, TierConfig
 from .pool import KVPool, check_num_tokens
 from .scheduler_checks import (
@@ -198,29 +198,57 @@ class SchedulerBridge:
         """``plan`` then allocate the admitted requests; returns both.
 
         Every request is checked before anything is allocated (a bad one raises
-        with nothing changed); should an allocation still fail, the requests
-        this call allocated are freed again before the error propagates.
+        with nothing changed). The plan is exact when the device policy has a
+        stable victim order (``EvictionPolicy.stable_victim_order``); under
+        one without (ARC), an admitted request that no longer fits waits
+        (``"no_blocks"``, and the rest ``"blocked"`` under ``fcfs``), and the
+        returned plan says so. Should an allocation fail otherwise, the
+        requests this call allocated are freed again before the error
+        propagates.
         """
         reqs = self._as_requests(requests)
-        with self.offload.lock:
-            plan = self.planner.plan(reqs)
+        off = self.offload
+        with off.lock:
+            plan, wanted = self.planner.plan_batch(reqs)
             by_id = {r.request_id: r for r in reqs}
             allocs: list[OffloadAllocation] = []
+            stop = False
+            exact = off.device.block_pool.policy.stable_victim_order
+            # the batch's blocks in lower tiers stay there until their request onboards
+            # them (see scheduler_planner): what makes the plan exact
+            off.hold(wanted)
+            done: list[str] = []
             try:
                 for rp in plan.admitted:
                     req = by_id[rp.request_id]
-                    allocs.append(
-                        self.manager.allocate(
+                    if stop:
+                        rp.admitted, rp.reason = False, "blocked"
+                        continue
+                    try:
+                        a = self.manager.allocate(
                             rp.request_id,
                             rp.num_tokens,
                             tokens=req.tokens,
                             block_hashes=req.block_hashes,
                         )
-                    )
+                    except KVBudgetExceededError:
+                        if exact:
+                            raise
+                        # only where the plan is an estimate (a policy without a stable victim
+                        # order): the request waits, as a planned one would; nothing changed
+                        rp.admitted, rp.reason = False, "no_blocks"
+                        stop = self.planner.fcfs
+                        continue
+                    allocs.append(a)
+                    done.append(rp.request_id)
+                    if wanted and a.evicted_hashes:
+                        off.hold([h for h in a.evicted_hashes if h in wanted])
             except BaseException:
-                for rp in plan.admitted[: len(allocs)]:
-                    self.manager.free(rp.request_id, cache=False)
+                for rid in done:
+                    self.manager.free(rid, cache=False)
                 raise
+            finally:
+                off.release_holds()
         if wait:  # every admitted request stays allocated if a copy fails
             for a in allocs:
                 a.wait()

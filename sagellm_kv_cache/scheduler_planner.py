@@ -2,18 +2,34 @@
 
 ``BatchPlanner.plan`` changes nothing. It walks the requests in order over a
 shadow of the device pool (free blocks, the policy's victim order, blocks the
-earlier requests of the plan take or evict) and answers, per request: hit
-blocks per tier, new device blocks to allocate, blocks to onboard from lower
-tiers, device blocks its allocation would evict, and, for a request that must
-wait, why (``scheduler_plan.WAIT_REASONS``). Executing the plan in order does
-exactly that on the device: the admitted set and the device block counts are
-exact. Admission is the pool's own rule (``KVPool.peek_admission`` /
+earlier requests of the plan take or evict) and of the lower tiers, and
+answers, per request: hit blocks per tier, new device blocks to allocate,
+blocks to onboard from lower tiers, device blocks its allocation would evict,
+and, for a request that must wait, why (``scheduler_plan.WAIT_REASONS``).
+Admission is the pool's own rule (``KVPool.peek_admission`` /
 ``obtainable_blocks`` / ``pool.admission_reason``), and the victim order is
 peeked only as far as the admitted requests need: a plan costs O(its
 requests' blocks) plus what the policy's ``peek_victims(k)`` costs for that
-``k``, never a walk of the evictable set here. The split of lower-tier hits is
-exact too unless a lower tier itself overflows during the plan (a spill
-pushing a block the plan counts as a hit further down).
+``k``, never a walk of the evictable set here.
+
+Executing the plan (``SchedulerBridge.schedule``) does exactly what it says
+because the batch *holds* (``KVOffloadManager.hold``) every block of its
+requests that a lower tier has, and every such block an earlier request of
+the batch spills: a spill into a full tier evicts other blocks, never one a
+later request of the batch counts as a hit. What the plan still needs to
+know of a lower tier is then only its room for a spill (capacity minus held
+blocks), which ``_LowerShadow`` tracks. A device hit that follows a
+lower-tier hit is copied into the request's own block, which the device
+cache does not take: the hash stays with its old, evictable block, and the
+plan sees it evicted (and spilled) if a later victim is that block.
+
+Where it is an estimate: under a device policy without a stable victim
+order (``EvictionPolicy.stable_victim_order``: ARC) the batch's own hits and
+inserts reorder the victims; on inclusive chains the room counts a device
+victim whose copy the first lower tier already holds from before the plan,
+which an overflowing spill earlier in the same plan may have evicted; a
+spill overflowing the first lower tier is assumed to fit the second. The
+tests check exactness on the chains and policies where it is promised.
 """
 
 from __future__ import annotations
@@ -28,6 +44,71 @@ from .pool import admission_reason
 from .scheduler_plan import RequestPlan, SchedRequest, SchedulerPlan
 
 __all__ = ["BatchPlanner"]
+
+
+class _LowerShadow:
+    """The lower tiers as a plan sees them: where each block of the batch (``wanted``)
+    is now, and how many of them the first lower tier holds (room for spills)."""
+
+    __slots__ = ("exclusive", "first", "held0", "moved", "off", "second", "wanted")
+
+    def __init__(self, off: KVOffloadManager, wanted: set[Hashable]) -> None:
+        self.off = off
+        self.wanted = wanted
+        self.first = off.tiers[0]
+        self.second = off.tiers[1].name if len(off.tiers) > 1 else None
+        self.exclusive = off.promote_on_hit
+        first = self.first
+        self.held0 = sum(1 for h in wanted if h in first)  # the batch holds these
+        self.moved: dict[Hashable, str | None] = {}  # block -> its first lower tier now
+
+    def where(self, h: Hashable) -> str | None:
+        moved = self.moved
+        return moved[h] if h in moved else self.off.lower_tier_of(h)
+
+    def admit(
+        self,
+        lower_hits: list[tuple[Hashable, str]],
+        dev_later: list[Hashable],
+        evict_hashes: list[Hashable],
+        hits: Callable[[Hashable], int],
+    ) -> None:
+        """An admitted request: its lower-tier hits are promoted (exclusive chain), then
+        its device victims spill into the first lower tier (``chain.spill``)."""
+        moved = self.moved
+        first = self.first.name
+        spilled = evict_hashes
+        if self.exclusive:
+            for h, t in lower_hits:
+                moved[h] = None
+                if t == first:
+                    self.held0 -= 1
+            if dev_later:  # its own victims it onboards right back are not spilled
+                back = set(dev_later).intersection(evict_hashes)
+                spilled = [h for h in evict_hashes if h not in back]
+        n = self.off.admit_after_hits
+        if n:
+            spilled = [h for h in spilled if hits(h) >= n]
+        if not spilled:
+            return
+        wanted = self.wanted
+        tier0 = self.first
+        present_free = 0
+        new: list[Hashable] = []
+        for h in spilled:
+            if (moved[h] == first) if h in moved else (h in tier0):
+                present_free += h not in wanted
+            else:
+                new.append(h)
+        # the oldest new blocks beyond the room not held fall through (tiers.insert)
+        over = len(new) - (tier0.num_blocks - self.held0 - present_free)
+        for i, h in enumerate(new):
+            if h in wanted:
+                if i < over:
+                    moved[h] = self.second
+                else:
+                    moved[h] = first
+                    self.held0 += 1
 
 
 @dataclass(slots=True)
@@ -53,6 +134,11 @@ class BatchPlanner:
     def plan(self, requests: list[SchedRequest]) -> SchedulerPlan:
         """What allocating the (checked) ``requests`` in order would do now; changes
         nothing. The caller holds the offload manager's lock."""
+        return self.plan_batch(requests)[0]
+
+    def plan_batch(self, requests: list[SchedRequest]) -> tuple[SchedulerPlan, set[Hashable]]:
+        """``plan``, and the blocks of the batch the execution must hold in the lower
+        tiers (``KVOffloadManager.hold``) for the plan to be exact."""
         off = self.offload
         pool = off.device
         bp = pool.block_pool
@@ -70,20 +156,29 @@ class BatchPlanner:
         evicted: dict[Hashable, None] = {}  # hashes the plan evicts from the device
         onboarded: set[Hashable] = set()  # hashes the plan brings onto the device
         plan_hits: Counter = Counter()
-        spill_tier = off.tier_names[1] if len(off.tier_names) > 1 else None
-        lower_tier_of = off.lower_tier_of
         out: list[RequestPlan] = []
         n_admitted = 0
         token_budget = self.max_num_batched_tokens
         blocked = False
+        all_hashes = []
         for req in requests:
             hashes = self.hashes_of(req.tokens, req.block_hashes) or []
-            hashes = hashes[: req.num_tokens // bs] if self.enable_prefix_cache else []
+            all_hashes.append(hashes[: req.num_tokens // bs] if self.enable_prefix_cache else [])
+        wanted: set[Hashable] = set()
+        shadow = None
+        if off.tiers and self.enable_prefix_cache:
+            for hashes in all_hashes:
+                wanted.update(hashes)
+            shadow = _LowerShadow(off, wanted)
+        for req, hashes in zip(requests, all_hashes):
             n_total = -(-req.num_tokens // bs)
             per = dict.fromkeys(off.tier_names, 0)
             dev_run = True
             d = 0
             run_ids: list[int] = []
+            lower_hits: list[tuple[Hashable, str]] = []
+            dev_later: list[Hashable] = []  # device hits after a lower-tier one
+            stay: list[Hashable] = []  # those of them the request copies, not takes
             for h in hashes:
                 b = dev_cached.get(h)
                 if h in onboarded or (b is not None and h not in evicted):
@@ -91,16 +186,17 @@ class BatchPlanner:
                         d += 1
                         if b is not None and h not in onboarded:
                             run_ids.append(b)
+                    else:
+                        dev_later.append(h)
+                        if h not in onboarded:  # stays in its old block, evictable
+                            stay.append(h)
                     per[dev_name] += 1
                     continue
                 dev_run = False
-                where = lower_tier_of(h)
-                if where is None and h in evicted and spill_tier is not None:
-                    hits = off.hit_count(h) + plan_hits[h]
-                    if hits >= off.admit_after_hits:
-                        where = spill_tier
+                where = shadow.where(h) if shadow is not None else None
                 if where is None:
                     break
+                lower_hits.append((h, where))
                 per[where] += 1
             rp = RequestPlan(req.request_id, req.num_tokens, n_total, per, bs)
             out.append(rp)
@@ -157,5 +253,16 @@ class BatchPlanner:
             rp.blocks_to_evict = len(rp.evict_hashes)
             for h in hashes[:n_hit]:
                 plan_hits[h] += 1
-            onboarded.update(hashes[d:n_hit])
-        return SchedulerPlan(out, free, supply - touched_ev - used - free)
+            # a device hit after a lower-tier one is copied into the request's own block,
+            # which the cache does not take (the hash stays with the old, evictable block)
+            # unless the request evicted the old block itself
+            keep = set(stay).difference(rp.evict_hashes) if stay else ()
+            onboarded.update(h for h in hashes[d:n_hit] if h not in keep)
+            if shadow is not None:
+                shadow.admit(
+                    lower_hits,
+                    dev_later,
+                    rp.evict_hashes,
+                    lambda h: off.hit_count(h) + plan_hits[h],
+                )
+        return SchedulerPlan(out, free, supply - touched_ev - used - free), wanted

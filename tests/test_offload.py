@@ -319,3 +319,29 @@ def test_budgets_hold_in_every_tier_under_random_traffic(tmp_path, write_policy)
     assert tiers["cpu"]["hit_blocks"] > 0 and tiers["disk"]["hit_blocks"] > 0  # paths exercised
     m.check_invariants()
     m.close()
+
+
+def test_a_held_block_stays_in_its_tier_while_spills_evict_others():
+    m = KVOffloadManager.from_capacities({"gpu": 2, "cpu": 3}, block_size=BS)
+    cpu = m.tier("cpu")
+
+    def run(*hashes):
+        a = m.allocate(block_hashes=list(hashes), num_tokens=len(hashes) * BS)
+        a.wait(10)
+        m.cache_blocks(a.handle)
+        m.free(a.handle)
+
+    # the device evicts a request's blocks tail first: b, a, then d, c spill in that order
+    run("a", "b")
+    run("c", "d")
+    run("e", "f")  # cpu (3 blocks) full with a, d, c; b, the oldest, dropped
+    assert [h for h in "abcd" if h in cpu] == ["a", "c", "d"]
+    m.hold(["a", "zz"])  # zz: in no tier, ignored
+    assert cpu.num_held == 1
+    run("g", "h")  # f, e spill: the two oldest not held (d, c) make room, a stays
+    assert [h for h in "acdef" if h in cpu] == ["a", "e", "f"]
+    m.release_holds()
+    assert cpu.num_held == 0
+    m.check_invariants()
+    run("j", "k")  # h, g spill; a (released as just used) outlives f and e
+    assert [h for h in "aefgh" if h in cpu] == ["a", "g", "h"]

@@ -53,6 +53,7 @@ class ARCPolicy(TwoListPolicy):
     name = "arc"
     description = "ARC (FAST'03): recency list T1 + frequency list T2, adaptive target p, ghosts"
     tracks_hits = True
+    stable_victim_order = False  # T1 or T2 is decided per eviction, by p and the hits
     _unlisted_second = True
     p: float  # adaptive target size of T1
 

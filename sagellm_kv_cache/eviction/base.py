@@ -55,11 +55,18 @@ class EvictionPolicy:
         tracks_hits: when False the pool skips ``on_hit`` calls entirely (a
             policy that only orders by release time needs no hit events).
         clock: seconds, monotonic; the pool passes its own (simulated) clock.
+        stable_victim_order: True when ``peek_victims(k)`` taken before a batch
+            is the order the batch's evictions then follow, less the blocks
+            it references, whatever else it hits or inserts. The scheduler's
+            plan is exact only then; ARC, whose choice between its lists
+            moves with every hit and ghost hit, is the one policy here
+            without it.
     """
 
     name: str = "base"
     description: str = ""
     tracks_hits: bool = False
+    stable_victim_order: bool = True
 
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         self.clock = clock or time.monotonic

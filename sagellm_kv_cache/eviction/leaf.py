@@ -77,6 +77,7 @@ class LeafOnly(EvictionPolicy):
         self.inner = inner
         self.name = f"leaf:{inner.name}"
         self.tracks_hits = inner.tracks_hits
+        self.stable_victim_order = inner.stable_victim_order
         kind = type(inner)
         self._inner_on_cached = (
             inner.on_cached if kind.on_cached is not EvictionPolicy.on_cached else None

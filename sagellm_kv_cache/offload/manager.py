@@ -36,7 +36,7 @@ synchronously, from inside the hook.
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
@@ -407,6 +407,20 @@ class KVOffloadManager(OffloadSeedMixin):
             if block_hash in t:
                 return t.name
         return None
+
+    def hold(self, block_hashes: Collection[Hashable]) -> None:
+        """Keep ``block_hashes`` wherever a lower tier holds them until ``release_holds``:
+        spills evict other blocks meanwhile. A scheduled batch holds the blocks its
+        requests will onboard (as vLLM's offloading ``prepare_load`` does), so an earlier
+        request's spill cannot push out what a later one was planned to hit. Call it
+        under ``lock`` and release in the same critical section."""
+        for t in self.tiers:
+            t.hold(block_hashes)
+
+    def release_holds(self) -> None:
+        """End every ``hold`` (the blocks become evictable again, as just used)."""
+        for t in self.tiers:
+            t.release_holds()
 
     def tier_stats(self, name: str) -> TierStats:
         """The counters of tier ``name`` (the device's included)."""

@@ -28,7 +28,7 @@ tier stamped on that admission, and the manager drops them at settle
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -190,6 +190,8 @@ class LowerTier:
         self.disk = None
         #: hash -> stamp of its current admission (see ``drop_if_current``)
         self._gen: dict[Hashable, int] = {}
+        #: hash -> slot of blocks held for a scheduled batch (``hold``)
+        self._held: dict[Hashable, int] = {}
         self._next_gen = 0
         if config.kind == TierKind.HOST.value and storage_factory is not None:
             self.storage = storage_factory(config.num_blocks)
@@ -243,6 +245,7 @@ class LowerTier:
         if gen is None or self._gen.get(block_hash) != gen:
             return False
         del self._gen[block_hash]
+        self._unhold([block_hash])
         self.pool.uncache(self.pool.cached[block_hash], reason="failed")
         return True
 
@@ -263,6 +266,39 @@ class LowerTier:
         if slots:
             self.pool.touch(slots)
             self.pool.release(slots[::-1])
+
+    # -- holds (a scheduled batch keeps the blocks it will onboard) ----------------------
+    def hold(self, block_hashes: Collection[Hashable]) -> None:
+        """Keep the resident ones of ``block_hashes`` from being evicted until
+        ``release_holds`` (or until promoted out): a spill into a full tier then
+        evicts other blocks. Held blocks take no part in the eviction order."""
+        cached = self.pool.cached
+        held = self._held
+        slots = []
+        for h in block_hashes:
+            b = cached.get(h)
+            if b is not None and h not in held:
+                held[h] = b
+                slots.append(b)
+        if slots:
+            self.pool.pin(slots)
+
+    @property
+    def num_held(self) -> int:
+        return len(self._held)
+
+    def release_holds(self) -> None:
+        """End every hold: the blocks are evictable again (as just used)."""
+        if self._held:
+            slots = list(self._held.values())
+            self._held.clear()
+            self.pool.unpin(slots)
+
+    def _unhold(self, block_hashes: Sequence[Hashable]) -> None:
+        held = self._held
+        slots = [held.pop(h) for h in block_hashes if h in held]
+        if slots:
+            self.pool.unpin(slots)
 
     # -- bytes (steps of a copy plan, see ``plan.py``) ---------------------------------
     def count_out(self, n: int) -> None:
@@ -377,9 +413,12 @@ class LowerTier:
         if present:
             bp.touch(present)
         overflow: list[int] = []
-        # the refreshed blocks are held until the end: the new ones get the other slots;
-        # more new blocks than that and the oldest fall through (they are the victims)
-        room = self.num_blocks - len(present)
+        # the refreshed blocks are held until the end: the new ones get the other slots
+        # (free or evictable: not those held for a batch); more new blocks than that and
+        # the oldest fall through (they are the victims)
+        room = bp.num_free + bp.num_evictable
+        if bp.policy_may_refuse and len(new_idx) > bp.num_free:  # leaf-only: held children
+            room = bp.num_free + bp.policy.num_victims(len(new_idx) - bp.num_free)
         if len(new_idx) > room:
             overflow = new_idx[: len(new_idx) - room]
             new_idx = new_idx[len(new_idx) - room :]
@@ -434,6 +473,8 @@ class LowerTier:
 
     def remove(self, block_hashes: Sequence[Hashable], plan: Any) -> None:
         """Drop resident blocks (promotion out of an exclusive tier). Read them first."""
+        if self._held:
+            self._unhold(block_hashes)
         for h in block_hashes:
             self.pool.uncache(self.pool.cached[h], reason="promote")
         if self._gen:
@@ -447,6 +488,7 @@ class LowerTier:
                 self.disk.delete(k)
         self.pool.reset()
         self._gen.clear()
+        self._held.clear()
         self.stats = TierStats(self.name, self.num_blocks)
 
     def close(self) -> None:
@@ -456,6 +498,7 @@ class LowerTier:
     def check_invariants(self) -> None:
         bp = self.pool
         bp.check_invariants()
+        assert not self._held, f"tier {self.name}: {len(self._held)} holds left"
         assert bp.num_used == 0, f"tier {self.name}: {bp.num_used} slots left in use"
         assert bp.num_cached <= self.num_blocks
         if self.has_data:
