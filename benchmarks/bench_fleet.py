@@ -4,7 +4,9 @@ Table 1 (speed): 8 instances replaying the whole trace (each instance its own
 pool of ``--capacity`` blocks) against 1 instance replaying it, per router,
 with and without the per-request bounds (best instance, all caches). Goal:
 8 instances <= 1.3x one instance. "always-0" sends everything to instance 0
-(the same cache work as one instance: the fleet's own overhead). Each round
+(the same cache work as one instance: the fleet's own overhead); "8 partitions
+alone" replays round-robin's eight subsequences one after another, each as a
+one-instance replay (the same cache work as "8 x round-robin", no fleet). Each round
 runs every case right after a run of the one instance (interleaved, paired):
 ``cpu x one`` is the median over rounds of the case's process CPU time over
 its paired one-instance run's (load on a shared machine hits both alike);
@@ -61,7 +63,12 @@ def main() -> None:
         def one(m: str = mode) -> None:
             simulate(table, cap, mode=m)
 
-        cases = {}
+        # the cache work of round-robin without a fleet: each instance's subsequence
+        # replayed alone, one after another (the floor under "8 x round-robin")
+        parts = [table[i::8] for i in range(8)]
+        cases = {
+            "8 partitions alone": lambda m=mode, ps=parts: [simulate(p, cap, mode=m) for p in ps]
+        }
         for r in ("always-0", "round-robin", "longest-prefix", "kv-aware", "cache-aware"):
             for bounds in (True, False):
                 router = AlwaysZero() if r == "always-0" else r
