@@ -198,9 +198,9 @@ class SchedulerBridge:
         """``plan`` then allocate the admitted requests; returns both.
 
         Every request is checked before anything is allocated (a bad one raises
-        with nothing changed). The plan is exact when the device policy has a
-        stable victim order (``EvictionPolicy.stable_victim_order``); under
-        one without (ARC), an admitted request that no longer fits waits
+        with nothing changed). The plan is exact when ``planner.exact`` (see
+        ``scheduler_planner``); where it is an estimate (ARC on the device,
+        leaf-only or two lower tiers), an admitted request that no longer fits waits
         (``"no_blocks"``, and the rest ``"blocked"`` under ``fcfs``), and the
         returned plan says so. Should an allocation fail otherwise, the
         requests this call allocated are freed again before the error
@@ -213,7 +213,7 @@ class SchedulerBridge:
             by_id = {r.request_id: r for r in reqs}
             allocs: list[OffloadAllocation] = []
             stop = False
-            exact = off.device.block_pool.policy.stable_victim_order
+            exact = self.planner.exact
             # the batch's blocks in lower tiers stay there until their request onboards
             # them (see scheduler_planner): what makes the plan exact
             off.hold(wanted)
@@ -234,8 +234,8 @@ class SchedulerBridge:
                     except KVBudgetExceededError:
                         if exact:
                             raise
-                        # only where the plan is an estimate (a policy without a stable victim
-                        # order): the request waits, as a planned one would; nothing changed
+                        # only where the plan is an estimate (BatchPlanner.exact): the request
+                        # waits, as a planned one would; nothing changed
                         rp.admitted, rp.reason = False, "no_blocks"
                         stop = self.planner.fcfs
                         continue

@@ -23,13 +23,19 @@ lower-tier hit is copied into the request's own block, which the device
 cache does not take: the hash stays with its old, evictable block, and the
 plan sees it evicted (and spilled) if a later victim is that block.
 
-Where it is an estimate: under a device policy without a stable victim
-order (``EvictionPolicy.stable_victim_order``: ARC) the batch's own hits and
-inserts reorder the victims; on inclusive chains the room counts a device
-victim whose copy the first lower tier already holds from before the plan,
-which an overflowing spill earlier in the same plan may have evicted; a
-spill overflowing the first lower tier is assumed to fit the second. The
-tests check exactness on the chains and policies where it is promised.
+Where it is an estimate (``BatchPlanner.exact`` False): under a device
+policy without a stable victim order (``EvictionPolicy.stable_victim_order``:
+ARC) the batch's own hits and inserts reorder the victims; in a lower tier
+that evicts only leaves (``leaf:*``) a held block keeps its ancestors too, so
+a spill finds less room than the plan counts; with two or more lower tiers
+the shadow assumes a spill overflowing the first fits the second, which a
+second tier full of held blocks, or of the first tier's other victims, does
+not give. On inclusive chains the shadow also assumes that a device victim
+whose copy the first lower tier held before the plan still has it; the
+randomized test over exclusive, inclusive, write-through and
+admission-filtered one-tier chains has found no case where that differs.
+Executing an estimate never fails for it: a request that no longer fits
+waits (``SchedulerBridge.schedule``).
 """
 
 from __future__ import annotations
@@ -130,6 +136,14 @@ class BatchPlanner:
     max_num_seqs: int | None
     max_num_batched_tokens: int | None
     fcfs: bool
+
+    @property
+    def exact(self) -> bool:
+        """Whether executing a plan does exactly what it says (module docstring)."""
+        off = self.offload
+        if not off.device.block_pool.policy.stable_victim_order or len(off.tiers) > 1:
+            return False
+        return not any(t.pool.policy_may_refuse for t in off.tiers)
 
     def plan(self, requests: list[SchedRequest]) -> SchedulerPlan:
         """What allocating the (checked) ``requests`` in order would do now; changes

@@ -210,7 +210,7 @@ def test_executing_any_plan_does_exactly_what_it_says(rounds, fcfs, policy, chai
     bridge = make_bridge(
         device_blocks=8, fcfs=fcfs, async_copies=False, eviction_policy=policy, **CHAINS[chain]
     )
-    exact = bridge.pool.block_pool.policy.stable_victim_order
+    exact = bridge.planner.exact  # ARC, leaf-only or two lower tiers: an estimate
     n = 0
     for batch in rounds:
         reqs = []
@@ -232,7 +232,7 @@ def test_executing_any_plan_does_exactly_what_it_says(rounds, fcfs, policy, chai
                 # the batch holds its lower-tier blocks: no spill of an earlier request in
                 # it pushes out what a later one was planned to hit
                 assert rp.hit_blocks_per_tier == a.lookup.hits_per_tier
-        else:  # ARC: an estimate; what it admitted and did not run waits, typed
+        else:  # what it admitted and did not run waits, typed
             assert set(got) <= set(plan.admitted_ids)
             for rp in executed.requests:
                 if not rp.admitted and rp.request_id in plan.admitted_ids:
@@ -248,6 +248,16 @@ def test_executing_any_plan_does_exactly_what_it_says(rounds, fcfs, policy, chai
         for a in allocs:
             bridge.free_request(a.handle.metadata["request_id"])
     bridge.close()
+
+
+def test_plan_says_where_it_is_only_an_estimate():
+    assert make_bridge(eviction_policy="lru", cpu_blocks=4).planner.exact
+    assert make_bridge(eviction_policy="leaf:lru").planner.exact  # no lower tier
+    assert not make_bridge(eviction_policy="arc").planner.exact  # victims move with hits
+    # a leaf-only lower tier keeps a held block's ancestors: less room than counted
+    assert not make_bridge(eviction_policy="leaf:lru", cpu_blocks=4).planner.exact
+    # a spill overflowing the host tier is assumed to fit the disk tier
+    assert not make_bridge(cpu_blocks=4, disk_max_tokens=4 * BS).planner.exact
 
 
 # -- the plan asks the pool, and peeks only the victims it needs ----------------------------------
