@@ -393,6 +393,33 @@ def test_schedule_frees_what_it_allocated_when_a_later_allocation_fails(monkeypa
     assert device["cached_blocks"] == before[1]["cached_blocks"] == 0
 
 
+def test_a_failed_schedule_leaves_no_hold_in_the_lower_tier(monkeypatch):
+    bridge = make_bridge(device_blocks=4, cpu_blocks=4)
+    run_and_free(bridge, make_request("w1", 1, 2))
+    run_and_free(bridge, make_request("w2", 2, 2))
+    run_and_free(bridge, make_request("w3", 3, 2))  # w1's blocks spill into the cpu tier
+    cpu = bridge.offload.tier("cpu")
+    assert cpu.pool.num_cached == 2
+    real = bridge.manager.allocate
+    calls = []
+
+    def flaky(request_id, *args, **kwargs):
+        calls.append(request_id)
+        assert cpu.num_held == 2  # the batch holds w1's blocks while it runs
+        if len(calls) == 2:
+            raise KVBudgetExceededError("injected")
+        return real(request_id, *args, **kwargs)
+
+    monkeypatch.setattr(bridge.manager, "allocate", flaky)
+    with pytest.raises(KVBudgetExceededError):
+        bridge.schedule([make_request("a", 4, 1), make_request("b", 1, 2)])
+    assert calls == ["a", "b"] and cpu.num_held == 0
+    running, device, *_ = _state(bridge)  # check_invariants: no hold left anywhere
+    assert running == [] and device["used_blocks"] == 0
+    # w1's blocks are still in the cpu tier, now evictable like any other
+    assert bridge.manager.lookup(tokens=make_request("b", 1, 2).tokens).hits_per_tier["cpu"] == 2
+
+
 def test_manager_rejects_bad_arguments_with_nothing_allocated():
     bridge = make_bridge(device_blocks=8)
     m = bridge.manager
