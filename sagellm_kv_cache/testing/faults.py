@@ -100,6 +100,7 @@ class FaultyBackend(TransferBackend):
         self.local = inner.local
         self.direct_cuda = getattr(inner, "direct_cuda", False)
         self.batch_messages = getattr(inner, "batch_messages", 1)
+        self.groups_in_flight = getattr(inner, "groups_in_flight", None)
         self.rank = getattr(inner, "rank", 0)
         self.world_size = getattr(inner, "world_size", 1)
         store = getattr(inner, "store", None)

@@ -4,7 +4,15 @@ bounded window in flight, and hash them in message order.
 Messages go to the backend in groups of ``backend.batch_messages``
 (``expose_many`` / ``fetch_many``): one call and one completion per group,
 which a one-sided transport such as NIXL turns into one READ with many
-descriptors. Both sides cut the same views into the same groups.
+descriptors. Both sides cut the same views into the same groups
+(``group_sizes``): the last full group is cut in halves, so the receiver's
+hashing of what landed runs beside the next READ, and what is left to hash
+once the last one lands is one message, not a whole group. A receiver whose
+backend moves data inside the caller's own calls (NIXL over shared memory:
+the READ runs inside ``fetch_many``) posts at most ``groups_in_flight`` groups
+at once, so it hands each landed group to the hashers before the call that
+moves the next; the sender exposes its whole window ahead, so the next
+group's descriptors are there when the receiver asks.
 
 The receiver checks each message's length (``TailGuard``) and hashes it
 once its group has landed; a failure there (a short message, a fault on
@@ -29,7 +37,10 @@ from .plan import bytes_of
 from .protocol import check_time, tag
 from .wire import Checksum, TransferHeader, digest
 
-__all__ = ["land", "move_direct"]
+__all__ = ["TAPER_MIN_BYTES", "group_sizes", "land", "move_direct"]
+
+#: a group of more bytes than this at the end of a transfer is cut in halves
+TAPER_MIN_BYTES = 4 << 20
 
 
 def land(work: Any, deadline: float, what: str, errors: list[Exception]) -> bool:
@@ -66,12 +77,17 @@ def move_direct(
     of cached source pieces, ``digests.SourcePieces``)."""
     cs = Checksum(header.checksum_algo)
     check = header.checksum_algo != "none"
-    batch = max(1, int(getattr(backend, "batch_messages", 1)))
+    views = list(views)
+    sizes = group_sizes([bytes_of(v).nbytes for v in views], getattr(backend, "batch_messages", 1))
+    cap = (None if send else getattr(backend, "groups_in_flight", None)) or len(sizes) or 1
     groups: deque[tuple[int, Any, list[Any], list[Any]]] = deque()
+    in_flight = 0  # messages
     sink: list[Exception] = errors if errors is not None else []
 
     def finish_one() -> None:
+        nonlocal in_flight
         first, work, group, tokens = groups.popleft()
+        in_flight -= len(group)
         what = f"messages {first}..{first + len(group) - 1}"
         if send:
             work.wait(check_time(deadline, what))
@@ -88,6 +104,10 @@ def move_direct(
                 sink.append(exc)
 
     def post(first: int, group: list[Any]) -> None:
+        nonlocal in_flight
+        while groups and (in_flight + len(group) > window or len(groups) >= cap):
+            finish_one()
+        in_flight += len(group)
         tags = [tag(seq, first + i) for i in range(len(group))]
         if send:
             groups.append((first, backend.expose_many(peer, tags, group), group, []))
@@ -100,26 +120,19 @@ def move_direct(
     # over shared memory) keeps moving while the landed messages are hashed
     hasher = _Hasher(header.checksum_algo) if check and not send else None
     try:
-        pending: list[Any] = []
         first = 0
-        for m, view in enumerate(views):
+        for size in sizes:
+            group = views[first : first + size]
             if send and check:
-                if source_digest is not None:
-                    cs.add(source_digest(m, view))
-                else:
-                    # hash first: the message is then hot in cache when the transport reads it
-                    cs.update(bytes_of(view))
-                    backend.progress()
-            pending.append(view)
-            if len(pending) == batch:
-                while len(groups) * batch >= window:
-                    finish_one()
-                post(first, pending)
-                first, pending = m + 1, []
-        if pending:
-            while len(groups) * batch >= window:
-                finish_one()
-            post(first, pending)
+                for m, view in enumerate(group, first):
+                    if source_digest is not None:
+                        cs.add(source_digest(m, view))
+                    else:
+                        # hash first: the message is then hot in cache when the transport reads it
+                        cs.update(bytes_of(view))
+                        backend.progress()
+            post(first, group)
+            first += size
         while groups:
             finish_one()
     except BaseException:
@@ -130,6 +143,26 @@ def move_direct(
         for d in hasher.finish(deadline, sink):
             cs.add(d)
     return cs.value()
+
+
+def group_sizes(nbytes: list[int], batch: int, taper_bytes: int = TAPER_MIN_BYTES) -> list[int]:
+    """How many messages go in each group, given each message's bytes: groups
+    of ``batch``, the last (full or not) cut in halves while it holds more than
+    one message and ``taper_bytes``: 64 messages of 16 MiB in groups of 8 are
+    ``[8] * 7 + [4, 2, 1, 1]``."""
+    batch = max(1, int(batch))
+    n = len(nbytes)
+    if n == 0:
+        return []
+    sizes = [batch] * ((n - 1) // batch)
+    start = sum(sizes)
+    tail = n - start
+    while tail > 1 and sum(nbytes[start:]) > taper_bytes:
+        front = (tail + 1) // 2  # the earlier half, at least as big as the later
+        sizes.append(front)
+        start += front
+        tail -= front
+    return sizes + [tail]
 
 
 class _Hasher:

@@ -62,6 +62,9 @@ class TransferBackend:
     direct_cuda = False
     #: direct-mode messages per ``expose_many`` / ``fetch_many`` call
     batch_messages = 1
+    #: most groups of direct-mode messages a receiver posts at once (None: as
+    #: many as the engine's window holds); see ``pipeline.move_direct``
+    groups_in_flight: int | None = None
     #: the direct-mode message size (bytes) this transport moves host memory
     #: best at; None: the engine's ``plan.DIRECT_MAX_MESSAGE_BYTES``. Used unless
     #: the engine's ``direct_max_message_bytes`` is set.

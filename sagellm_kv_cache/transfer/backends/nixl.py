@@ -66,6 +66,7 @@ from .nixl_desc import (
     MAX_BATCH,
     check_group,
     desc_message,
+    nixl_unavailable_reason,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,25 +81,6 @@ _MEM_TYPES = ("DRAM", "VRAM")
 def _transfer_of(tag: int) -> int:
     """The transfer a message belongs to (``engine._tag``: seq in the upper 16 bits)."""
     return tag >> 16
-
-
-def nixl_unavailable_reason() -> str | None:
-    """Why the NIXL backend cannot run here (``None`` when it can): the import
-    error of ``nixl_cu12``, or the error creating an agent with the UCX plugin."""
-    try:
-        from nixl_cu12 import nixl_agent, nixl_agent_config
-    except Exception as exc:  # ImportError, or a missing shared library
-        return f"import nixl_cu12 failed: {type(exc).__name__}: {exc}"
-    try:
-        agent = nixl_agent(
-            f"skvx-probe-{os.getpid()}", nixl_agent_config(backends=["UCX"], num_threads=0)
-        )
-        if "UCX" not in agent.backends:
-            return "nixl_cu12 has no UCX plugin"
-        del agent
-    except Exception as exc:
-        return f"creating a NIXL agent with UCX failed: {type(exc).__name__}: {exc}"
-    return None
 
 
 @contextlib.contextmanager
@@ -238,9 +220,16 @@ class NixlBackend(TransferBackend):
         connect_timeout_s: bound on waiting for a peer's first metadata.
         num_threads: UCX worker threads (0: NIXL's default).
         batch_messages: most direct-mode messages per READ (1..``MAX_BATCH``).
-            The default, ``MAX_BATCH``, moves a transfer of up to that many
-            messages (1 GiB of KV in 16 MiB slabs) with one READ and one
-            completion notification.
+            With the default, ``MAX_BATCH``, a transfer of up to that many
+            small messages is one READ and one completion notification; a
+            large one has its groups cut in halves towards the end
+            (``pipeline.group_sizes``: 1 GiB in 16 MiB slabs is READs of 32,
+            16, 8, 4, 2, 1 and 1 messages), so the receiver hashes each group
+            while the next one moves.
+        progress_thread: run NIXL's own progress thread. Off by default: the
+            engine polls the agent itself, and over shared memory the thread
+            cost a 1 GiB READ 1.6x its time here (each idle agent's thread
+            slows the others' READs too).
         group: name shared by the backends (one per rank) that talk to each
             other; give each live backend of a process its own.
         agent: a ready ``nixl_agent``-like object instead of a new UCX agent
@@ -255,6 +244,7 @@ class NixlBackend(TransferBackend):
     name = "nixl"
     direct_cuda = False
     batch_messages = MAX_BATCH
+    groups_in_flight = 1
 
     def __init__(
         self,
@@ -268,6 +258,7 @@ class NixlBackend(TransferBackend):
         group: str = "default",
         agent: Any = None,
         batch_messages: int = MAX_BATCH,
+        progress_thread: bool = False,
     ) -> None:
         if agent is None:
             try:
@@ -308,7 +299,10 @@ class NixlBackend(TransferBackend):
         self.agent_name = agent_name or f"skvx-r{rank}-p{os.getpid()}-{id(self):x}"
         try:
             self._agent = agent or nixl_agent(
-                self.agent_name, nixl_agent_config(backends=["UCX"], num_threads=num_threads)
+                self.agent_name,
+                nixl_agent_config(
+                    backends=["UCX"], num_threads=num_threads, enable_prog_thread=progress_thread
+                ),
             )
         except Exception as exc:
             raise KVConfigError(f"creating the NIXL agent failed: {exc}") from None

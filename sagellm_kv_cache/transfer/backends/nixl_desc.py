@@ -1,4 +1,5 @@
-"""The notifications a ``NixlBackend`` sends its peer (fixed structs, checked on receipt).
+"""The notifications a ``NixlBackend`` sends its peer (fixed structs, checked on
+receipt), and whether NIXL can run here (``nixl_unavailable_reason``).
 
 A group of messages is exposed with one descriptor notification; the reader
 answers with one completion once its READ of the whole group is done::
@@ -11,6 +12,7 @@ answers with one completion once its READ of the whole group is done::
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +28,7 @@ __all__ = [
     "MAX_BATCH",
     "check_group",
     "desc_message",
+    "nixl_unavailable_reason",
 ]
 
 # kind u8 | first tag u32 | count u32 | id u64 | md_len u32, then count entries
@@ -58,3 +61,23 @@ def desc_message(tag: int, xid: int, entries: list[tuple[int, int, int, int]], m
     """The descriptor notification of a group of messages (see the module docstring)."""
     body = b"".join(ENTRY.pack(*e) for e in entries)
     return DESC.pack(KIND_DESC, tag, len(entries), xid, len(md)) + body + md
+
+
+def nixl_unavailable_reason() -> str | None:
+    """Why the NIXL backend cannot run here (``None`` when it can): the import
+    error of ``nixl_cu12``, or the error creating an agent with the UCX plugin."""
+    try:
+        from nixl_cu12 import nixl_agent, nixl_agent_config
+    except Exception as exc:  # ImportError, or a missing shared library
+        return f"import nixl_cu12 failed: {type(exc).__name__}: {exc}"
+    try:
+        agent = nixl_agent(
+            f"skvx-probe-{os.getpid()}",
+            nixl_agent_config(backends=["UCX"], num_threads=0, enable_prog_thread=False),
+        )
+        if "UCX" not in agent.backends:
+            return "nixl_cu12 has no UCX plugin"
+        del agent
+    except Exception as exc:
+        return f"creating a NIXL agent with UCX failed: {type(exc).__name__}: {exc}"
+    return None

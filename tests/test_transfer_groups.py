@@ -1,0 +1,163 @@
+"""How direct-mode messages are cut into groups (``pipeline.group_sizes``) and
+how many groups a receiver keeps posted (``groups_in_flight``): exact sizes,
+the call order a receiver makes, and the bytes and checksum that arrive."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sagellm_kv_cache.transfer.backends.base import TransferBackend
+from sagellm_kv_cache.transfer.pipeline import TAPER_MIN_BYTES, group_sizes, move_direct
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("nbytes", "batch", "sizes"),
+    [
+        ([16 * MIB] * 64, 64, [32, 16, 8, 4, 2, 1, 1]),
+        ([16 * MIB] * 64, 8, [8] * 7 + [4, 2, 1, 1]),
+        ([16 * MIB] * 9, 8, [8, 1]),
+        ([16 * MIB] * 3, 8, [2, 1]),
+        ([MIB] * 16, 8, [8, 4, 4]),  # 4 MiB left is not cut again
+        ([64] * 64, 64, [64]),  # small messages: one group, one READ
+        ([16 * MIB] * 5, 1, [1] * 5),
+        ([], 8, []),
+    ],
+)
+def test_group_sizes_exact(nbytes, batch, sizes):
+    assert group_sizes(nbytes, batch) == sizes
+
+
+@given(
+    st.lists(st.integers(1, 4 * TAPER_MIN_BYTES), max_size=200),
+    st.integers(1, 64),
+)
+def test_group_sizes_cover_every_message_once_and_shrink_only_at_the_end(nbytes, batch):
+    sizes = group_sizes(nbytes, batch)
+    assert sum(sizes) == len(nbytes) and all(1 <= s <= batch for s in sizes)
+    full = len(nbytes) and (len(nbytes) - 1) // batch
+    assert sizes[:full] == [batch] * full
+    tail = sizes[full:]
+    assert tail == sorted(tail, reverse=True)  # the cut halves only get smaller
+    if len(tail) > 1:  # each cut was of more than TAPER_MIN_BYTES, into halves
+        start = full * batch
+        for i, s in enumerate(tail[:-1]):
+            rest = sum(tail[i:])
+            assert s == (rest + 1) // 2
+            assert sum(nbytes[start:]) > TAPER_MIN_BYTES
+            start += s
+
+
+class _Work:
+    def __init__(self, on_wait=None) -> None:
+        self.on_wait = on_wait
+
+    def wait(self, timeout_s: float) -> None:
+        if self.on_wait is not None:
+            self.on_wait()
+
+
+class _Loopback(TransferBackend):
+    """Both sides in one process: ``expose_many`` keeps the tensors, a receiver's
+    ``fetch_many`` copies them in when called (as NIXL's READ over shared memory
+    runs inside the call) and records the calls in ``log``."""
+
+    name = "loopback"
+    batch_messages = 8
+
+    def __init__(self, shared: dict, log: list, groups_in_flight: int | None) -> None:
+        self.shared = shared
+        self.log = log
+        self.groups_in_flight = groups_in_flight
+
+    def expose_many(self, peer, tags, tensors):
+        for t, x in zip(tags, tensors):
+            self.shared[t] = x
+        self.log.append(("expose", tags[0] & 0xFFFF, len(tags)))
+        return _Work()
+
+    def fetch_many(self, peer, tags, outs):
+        first = tags[0] & 0xFFFF
+        for t, out in zip(tags, outs):
+            out.copy_(self.shared[t])
+        self.log.append(("fetch", first, len(tags)))
+        return _Work(lambda: self.log.append(("landed", first)))
+
+    def progress(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("algo", ["xxh3_64", "none"])
+def test_a_receiver_hands_each_group_over_before_the_call_that_moves_the_next(algo):
+    """16 messages of 4 MiB in groups of 8 (the last cut 4, 2, 1, 1). The sender
+    exposes its whole window ahead; the receiver, one group in flight, waits for
+    a group (handing it to its hashers) before it fetches the next. The bytes
+    and the checksum match the sender's."""
+    shared: dict = {}
+    log: list = []
+    header = SimpleNamespace(checksum_algo=algo)
+    g = torch.Generator().manual_seed(3)
+    src = torch.randint(0, 255, (16, 4 * MIB), dtype=torch.uint8, generator=g)
+    dst = torch.zeros_like(src)
+    sender = _Loopback(shared, log, groups_in_flight=1)
+    sent = move_direct(sender, header, list(src), 1, 7, time.monotonic() + 30, 64, send=True)
+    firsts, sizes = [0, 8, 12, 14, 15], [8, 4, 2, 1, 1]
+    assert log == [("expose", f, n) for f, n in zip(firsts, sizes)]
+    log.clear()
+    receiver = _Loopback(shared, log, groups_in_flight=1)
+    got = move_direct(receiver, header, list(dst), 0, 7, time.monotonic() + 30, 64, send=False)
+    order = [("fetch", 0, 8)]
+    for prev, f, n in zip(firsts, firsts[1:], sizes[1:]):
+        order += [("landed", prev), ("fetch", f, n)]
+    order.append(("landed", 15))
+    assert log == order
+    assert torch.equal(dst, src) and got == sent
+
+
+def test_without_a_cap_a_receiver_posts_its_whole_window():
+    shared: dict = {}
+    log: list = []
+    header = SimpleNamespace(checksum_algo="none")
+    src = torch.ones(16, 4 * MIB, dtype=torch.uint8)
+    move_direct(
+        _Loopback(shared, log, None), header, list(src), 1, 1, time.monotonic() + 30, 64, send=True
+    )
+    log.clear()
+    dst = torch.zeros_like(src)
+    move_direct(
+        _Loopback(shared, log, None), header, list(dst), 0, 1, time.monotonic() + 30, 64, send=False
+    )
+    assert [e[0] for e in log] == ["fetch"] * 5 + ["landed"] * 5
+    assert torch.equal(dst, src)
+
+
+@pytest.mark.parametrize(("kw", "want"), [({}, False), ({"progress_thread": True}, True)])
+def test_nixl_agent_runs_without_its_progress_thread_unless_asked(monkeypatch, kw, want):
+    """NIXL's progress thread slowed a 1 GiB READ over shared memory 1.6x here
+    (and each idle agent's thread slows the others); the engine polls itself."""
+    nixl_cu12 = pytest.importorskip("nixl_cu12")
+    import torch.distributed as dist
+
+    from sagellm_kv_cache.transfer.backends.nixl import NixlBackend
+
+    seen: list = []
+
+    class Agent:
+        def __init__(self, name, config):
+            self.backends = ["UCX"]
+            seen.append(config)
+
+        def get_agent_metadata(self):
+            return b"md"
+
+    monkeypatch.setattr(nixl_cu12, "nixl_agent", Agent)
+    b = NixlBackend(store=dist.HashStore(), rank=0, world_size=2, **kw)
+    assert [c.enable_pthread for c in seen] == [want]
+    assert b.groups_in_flight == 1
