@@ -5,8 +5,9 @@ Messages go to the backend in groups of ``backend.batch_messages``
 (``expose_many`` / ``fetch_many``): one call and one completion per group,
 which a one-sided transport such as NIXL turns into one READ with many
 descriptors. Both sides cut the same views into the same groups
-(``group_sizes``): the last full group is cut in halves, so the receiver's
-hashing of what landed runs beside the next READ, and what is left to hash
+(``group_sizes``: growing at the start, shrinking at the end), so the
+sender's hashing runs beside the READ of the group before and the
+receiver's beside the READ of the group after, and what is left to hash
 once the last one lands is one message, not a whole group. A receiver whose
 backend moves data inside the caller's own calls (NIXL over shared memory:
 the READ runs inside ``fetch_many``) posts at most ``groups_in_flight`` groups
@@ -126,11 +127,13 @@ def move_direct(
             if send and check:
                 for m, view in enumerate(group, first):
                     if source_digest is not None:
-                        cs.add(source_digest(m, view))
+                        cs.add(source_digest(m, view))  # kept, or hashed now
                     else:
                         # hash first: the message is then hot in cache when the transport reads it
                         cs.update(bytes_of(view))
-                        backend.progress()
+                    # a transport that moves only inside our calls (NIXL without its
+                    # progress thread) sends the groups exposed so far meanwhile
+                    backend.progress()
             post(first, group)
             first += size
         while groups:
@@ -146,23 +149,41 @@ def move_direct(
 
 
 def group_sizes(nbytes: list[int], batch: int, taper_bytes: int = TAPER_MIN_BYTES) -> list[int]:
-    """How many messages go in each group, given each message's bytes: groups
-    of ``batch``, the last (full or not) cut in halves while it holds more than
-    one message and ``taper_bytes``: 64 messages of 16 MiB in groups of 8 are
-    ``[8] * 7 + [4, 2, 1, 1]``."""
+    """How many messages go in each group, given each message's bytes.
+
+    The unit is as many leading messages as ``taper_bytes`` holds (at least one).
+    Groups grow from one unit by doubling at the start, so the sender that
+    hashes before it exposes has its first group out soon, and shrink by
+    halving to one unit at the end, so the receiver has little left to hash
+    once the last one lands; in between, groups of ``batch``. 64 messages of
+    16 MiB in groups of at most 64 are ``[1, 2, 4, 8, 17, 16, 8, 4, 2, 1, 1]``;
+    small messages (64 of 64 bytes) make one group.
+    """
     batch = max(1, int(batch))
     n = len(nbytes)
-    if n == 0:
-        return []
-    sizes = [batch] * ((n - 1) // batch)
-    start = sum(sizes)
-    tail = n - start
-    while tail > 1 and sum(nbytes[start:]) > taper_bytes:
-        front = (tail + 1) // 2  # the earlier half, at least as big as the later
-        sizes.append(front)
-        start += front
-        tail -= front
-    return sizes + [tail]
+    unit, held = 0, 0
+    while unit < n and (unit == 0 or held + nbytes[unit] <= taper_bytes):
+        held += nbytes[unit]
+        unit += 1
+    unit = min(unit, batch)
+    head: list[int] = []
+    tail: list[int] = []  # from the end: unit, unit, then each the sum of those after it
+    left = n
+    while left:
+        grow = min(2 * head[-1], batch) if head else unit
+        shrink = min(sum(tail), batch) if len(tail) > 1 else unit
+        side, want = (tail, shrink) if shrink <= grow else (head, grow)
+        take = min(want, left)
+        left -= take
+        if take < want:  # the short last piece, in the middle: joins a neighbour
+            if head and head[-1] + take <= batch:
+                head[-1] += take
+                continue
+            if tail and tail[-1] + take <= batch:
+                tail[-1] += take
+                continue
+        side.append(take)
+    return head + tail[::-1]
 
 
 class _Hasher:
