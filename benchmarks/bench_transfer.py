@@ -9,7 +9,10 @@ them alike, and the ratios are medians over rounds:
 * ``inprocess``: pool -> pool through the engine, checksum off and on
   (``vs_copy``: throughput against the tensor copy), and two transfers of
   half the blocks each, in turn and at once from two threads (``vs_turn``:
-  throughput at once / in turn);
+  throughput at once / in turn); ``cpu_s``: CPU seconds of the process (all
+  threads), median over rounds: where the plain copy's is twice its wall time,
+  torch's copy already runs on two cores, and two transfers at once have no
+  idle core to gain from;
 * ``gloo raw``: one ``isend``/``irecv`` of a contiguous tensor of the same
   bytes between two processes on 127.0.0.1, plus a 1-byte ack;
 * ``nixl raw``: one NIXL READ (UCX, ``UCX_NET_DEVICES=lo``) of a contiguous
@@ -133,11 +136,13 @@ def bench_local(nbytes: int, repeat: int) -> list[dict]:
     for fn in variants.values():
         fn()  # warm-up: page faults, staging buffers
     times: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(max(repeat, 1)):
         for name, fn in variants.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     moved = num_blocks * bpb
     copy_t = times["tensor copy"]
     rows = []
@@ -145,7 +150,9 @@ def bench_local(nbytes: int, repeat: int) -> list[dict]:
         nb = nbytes if name == "tensor copy" else moved
         ratio = _median([(c / nbytes) / (t / nb) for c, t in zip(copy_t, ts)])
         row = {"backend": "memcpy" if name == "tensor copy" else "inprocess", "variant": name}
-        rows.append({**row, "seconds": min(ts), "vs_copy": ratio, "nbytes": nb})
+        rows.append(
+            {**row, "seconds": min(ts), "vs_copy": ratio, "nbytes": nb, "cpu_s": _median(cpu[name])}
+        )
     turn = times["2 transfers in turn, checksum on"]
     once = times["2 transfers at once, checksum on"]
     rows[-1]["vs_turn"] = _median([a / b for a, b in zip(turn, once)])
