@@ -16,7 +16,9 @@ them alike, and the ratios are medians over rounds:
 * ``gloo raw``: one ``isend``/``irecv`` of a contiguous tensor of the same
   bytes between two processes on 127.0.0.1, plus a 1-byte ack;
 * ``nixl raw``: one NIXL READ (UCX, ``UCX_NET_DEVICES=lo``) of a contiguous
-  tensor through ``NixlBackend.expose``/``fetch``;
+  tensor through ``NixlBackend.expose``/``fetch``, and one READ of the same
+  bytes as 16 MiB descriptors (the engine's slab messages): what that layout
+  costs the transport itself;
 * ``<backend> engine``: ``transfer_kv_handle`` of the blocks (header, pipelined
   messages, checksum, receiver alloc + prefix-cache registration, ack), with
   and without the checksum; ``vs_raw``: raw time / engine time (receiver's clock);
@@ -233,7 +235,20 @@ def rank_bench(ctx, nbytes: int, repeat: int, variants: list[str], backend: str,
 
         return run
 
-    fns = {"raw": raw, **{v: engine(v) for v in variants}}
+    # the engine moves one message per slab (kv[layer, K/V, blocks]: 16 MiB at most,
+    # plan.DIRECT_MAX_MESSAGE_BYTES); a raw READ of the same bytes cut alike is
+    # the transport's own cost of that layout, apart from the engine's
+    pieces = list(buf.split(16 << 20))
+
+    def raw_pieces() -> None:
+        ts = [next(tags) for _ in pieces]
+        if ctx.rank == 0:
+            raw_nixl.expose_many(1, ts, pieces).wait(120)
+        else:
+            raw_nixl.fetch_many(0, ts, pieces).wait(120)
+
+    fns = {"raw": raw, **({"raw_pieces": raw_pieces} if raw_nixl is not None else {})}
+    fns.update({v: engine(v) for v in variants})
     times: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(repeat + 1):  # round 0 warms up (connections, registrations, buffers)
@@ -294,6 +309,17 @@ def bench_dist(
     rows = [{"backend": backend, "variant": RAW_NAMES[backend], "seconds": min(raw_t)}]
     rows[0]["vs_raw"] = 1.0
     rows[0]["cpu_s"] = cpu["raw"]
+    if "raw_pieces" in times:
+        ts = times["raw_pieces"]
+        rows.append(
+            {
+                "backend": backend,
+                "variant": f"raw READ, {-(-nbytes // (16 << 20))} x 16 MiB descs",
+                "seconds": min(ts),
+                "vs_raw": _median([r / t for r, t in zip(raw_t, ts)]),
+                "cpu_s": cpu["raw_pieces"],
+            }
+        )
     names = {"check": "engine, checksum on", "nocheck": "engine, checksum off"}
     for v in variants:
         name = names.get(v) or f"engine, {v}-1 (wire {s[v + '_ratio']:.3f}x)"
