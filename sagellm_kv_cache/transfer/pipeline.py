@@ -79,7 +79,8 @@ def move_direct(
     cs = Checksum(header.checksum_algo)
     check = header.checksum_algo != "none"
     views = list(views)
-    sizes = group_sizes([bytes_of(v).nbytes for v in views], getattr(backend, "batch_messages", 1))
+    nbytes = [v.numel() * v.element_size() for v in views]  # no host copy of a CUDA view
+    sizes = group_sizes(nbytes, getattr(backend, "batch_messages", 1))
     cap = (None if send else getattr(backend, "groups_in_flight", None)) or len(sizes) or 1
     groups: deque[tuple[int, Any, list[Any], list[Any]]] = deque()
     in_flight = 0  # messages
