@@ -143,6 +143,37 @@ def test_without_a_cap_a_receiver_posts_its_whole_window():
     assert torch.equal(dst, src)
 
 
+class _Polled(_Loopback):
+    def progress(self) -> None:
+        self.log.append(("progress",))
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_a_hashing_sender_polls_its_transport_after_every_message(kept):
+    """Without NIXL's progress thread a transport moves only inside our calls: the
+    sender polls after each message it hashes (or looks up), so the groups it
+    exposed before go out while it hashes the next."""
+    log: list = []
+    src = torch.ones(16, 4 * MIB, dtype=torch.uint8)
+    digest = (lambda m, view: m) if kept else None
+    header = SimpleNamespace(checksum_algo="xxh3_64")
+    move_direct(
+        _Polled({}, log, 1),
+        header,
+        list(src),
+        1,
+        1,
+        time.monotonic() + 30,
+        64,
+        send=True,
+        source_digest=digest,
+    )
+    want: list = []
+    for f, n in zip([0, 1, 3, 8, 12, 14, 15], [1, 2, 5, 4, 2, 1, 1]):
+        want += [("progress",)] * n + [("expose", f, n)]
+    assert log == want
+
+
 @pytest.mark.parametrize(("kw", "want"), [({}, False), ({"progress_thread": True}, True)])
 def test_nixl_agent_runs_without_its_progress_thread_unless_asked(monkeypatch, kw, want):
     """NIXL's progress thread slowed a 1 GiB READ over shared memory 1.6x here
