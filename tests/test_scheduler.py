@@ -372,19 +372,29 @@ def test_schedule_checks_every_request_before_allocating_any():
         assert _state(bridge) == before
 
 
-def test_schedule_frees_what_it_allocated_when_a_later_allocation_fails(monkeypatch):
-    bridge = make_bridge(device_blocks=8)
-    before = _state(bridge)
+def _fail_second_allocation(monkeypatch, bridge, during=None) -> list[str]:
+    """Make the bridge's second ``manager.allocate`` of a call raise
+    ``KVBudgetExceededError``; returns the request ids allocate was called with
+    (``during()`` runs on each call first, while the batch is under way)."""
     real = bridge.manager.allocate
-    calls = []
+    calls: list[str] = []
 
     def flaky(request_id, *args, **kwargs):
         calls.append(request_id)
+        if during is not None:
+            during()
         if len(calls) == 2:
             raise KVBudgetExceededError("injected")
         return real(request_id, *args, **kwargs)
 
     monkeypatch.setattr(bridge.manager, "allocate", flaky)
+    return calls
+
+
+def test_schedule_frees_what_it_allocated_when_a_later_allocation_fails(monkeypatch):
+    bridge = make_bridge(device_blocks=8)
+    before = _state(bridge)
+    calls = _fail_second_allocation(monkeypatch, bridge)
     with pytest.raises(KVBudgetExceededError):
         bridge.schedule([make_request("a", 1, 2), make_request("b", 2, 2)])
     assert calls == ["a", "b"]
@@ -400,20 +410,11 @@ def test_a_failed_schedule_leaves_no_hold_in_the_lower_tier(monkeypatch):
     run_and_free(bridge, make_request("w3", 3, 2))  # w1's blocks spill into the cpu tier
     cpu = bridge.offload.tier("cpu")
     assert cpu.pool.num_cached == 2
-    real = bridge.manager.allocate
-    calls = []
-
-    def flaky(request_id, *args, **kwargs):
-        calls.append(request_id)
-        assert cpu.num_held == 2  # the batch holds w1's blocks while it runs
-        if len(calls) == 2:
-            raise KVBudgetExceededError("injected")
-        return real(request_id, *args, **kwargs)
-
-    monkeypatch.setattr(bridge.manager, "allocate", flaky)
+    held: list[int] = []  # the batch holds w1's blocks while it runs
+    calls = _fail_second_allocation(monkeypatch, bridge, lambda: held.append(cpu.num_held))
     with pytest.raises(KVBudgetExceededError):
         bridge.schedule([make_request("a", 4, 1), make_request("b", 1, 2)])
-    assert calls == ["a", "b"] and cpu.num_held == 0
+    assert calls == ["a", "b"] and held == [2, 2] and cpu.num_held == 0
     running, device, *_ = _state(bridge)  # check_invariants: no hold left anywhere
     assert running == [] and device["used_blocks"] == 0
     # w1's blocks are still in the cpu tier, now evictable like any other
