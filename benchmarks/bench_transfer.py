@@ -189,6 +189,7 @@ def rank_bench(ctx, nbytes: int, repeat: int, variants: list[str], backend: str,
     from sagellm_kv_cache.pool import KVPool
     from sagellm_kv_cache.transfer import KVTransferEngine
     from sagellm_kv_cache.transfer.backends.nixl import NixlBackend
+    from sagellm_kv_cache.transfer.plan import DIRECT_MAX_MESSAGE_BYTES
 
     bpb = _shape().bytes_per_block(BLOCK_SIZE)
     num_blocks = nbytes // bpb
@@ -241,7 +242,7 @@ def rank_bench(ctx, nbytes: int, repeat: int, variants: list[str], backend: str,
     # the engine moves one message per slab (kv[layer, K/V, blocks]: 16 MiB at most,
     # plan.DIRECT_MAX_MESSAGE_BYTES); a raw READ of the same bytes cut alike is
     # the transport's own cost of that layout, apart from the engine's
-    pieces = list(buf.split(16 << 20))
+    pieces = list(buf.split(DIRECT_MAX_MESSAGE_BYTES))
 
     def raw_pieces() -> None:
         ts = [next(tags) for _ in pieces]
@@ -289,6 +290,7 @@ def bench_dist(
     nixl_batch: list[int] | None = None,
 ) -> list[dict]:
     from sagellm_kv_cache.testing.launcher import launch
+    from sagellm_kv_cache.transfer.plan import DIRECT_MAX_MESSAGE_BYTES
 
     variants = ["check", "nocheck"] + ([codec] if codec else [])
     if backend == "nixl":
@@ -309,6 +311,8 @@ def bench_dist(
     times = res[1].value["times"]
     raw_t = times["raw"]
     cpu = {k: _median(res[0].value["cpu"][k]) + _median(v) for k, v in res[1].value["cpu"].items()}
+    bpb = _shape().bytes_per_block(BLOCK_SIZE)
+    moved = nbytes // bpb * bpb  # the pools' KV: what every row moves, raw ones included
     rows = [{"backend": backend, "variant": RAW_NAMES[backend], "seconds": min(raw_t)}]
     rows[0]["vs_raw"] = 1.0
     rows[0]["cpu_s"] = cpu["raw"]
@@ -317,8 +321,8 @@ def bench_dist(
         rows.append(
             {
                 "backend": backend,
-                "variant": f"raw READ, {-(-nbytes // (16 << 20))} x "
-                f"{min(16 << 20, nbytes) >> 20} MiB descs",
+                "variant": f"raw READ, {-(-moved // DIRECT_MAX_MESSAGE_BYTES)} x "
+                f"{min(DIRECT_MAX_MESSAGE_BYTES, moved) >> 20} MiB descs",
                 "seconds": min(ts),
                 "vs_raw": _median([r / t for r, t in zip(raw_t, ts)]),
                 "cpu_s": cpu["raw_pieces"],
@@ -335,8 +339,7 @@ def bench_dist(
             {"backend": backend, "variant": name, "seconds": min(ts), "vs_raw": ratio}
             | {"cpu_s": cpu[v]}
         )
-    moved = nbytes // _shape().bytes_per_block(BLOCK_SIZE) * _shape().bytes_per_block(BLOCK_SIZE)
-    return [r | {"nbytes": moved} for r in rows]  # the pools' KV, raw rows included
+    return [r | {"nbytes": moved} for r in rows]
 
 
 def bench_codecs(nbytes: int) -> list[dict]:

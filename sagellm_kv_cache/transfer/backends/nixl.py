@@ -222,10 +222,10 @@ class NixlBackend(TransferBackend):
         batch_messages: most direct-mode messages per READ (1..``MAX_BATCH``).
             With the default, ``MAX_BATCH``, a transfer of up to that many
             small messages is one READ and one completion notification; a
-            large one has its groups cut in halves towards the end
-            (``pipeline.group_sizes``: 1 GiB in 16 MiB slabs is READs of 32,
-            16, 8, 4, 2, 1 and 1 messages), so the receiver hashes each group
-            while the next one moves.
+            large one has groups that double at the start and halve at the
+            end (``pipeline.group_sizes``: 1 GiB in 16 MiB slabs is READs of
+            1, 2, 4, 8, 17, 16, 8, 4, 2, 1 and 1 messages), so each side hashes
+            one group while the READ of another runs.
         progress_thread: run NIXL's own progress thread. Off by default: the
             engine polls the agent itself, and over shared memory the thread
             cost a 1 GiB READ 1.6x its time here (each idle agent's thread
