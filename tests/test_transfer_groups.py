@@ -197,3 +197,52 @@ def test_nixl_agent_runs_without_its_progress_thread_unless_asked(monkeypatch, k
     b = NixlBackend(store=dist.HashStore(), rank=0, world_size=2, **kw)
     assert [c.enable_pthread for c in seen] == [want]
     assert b.groups_in_flight == 1
+
+
+class _FailingGroup(_Loopback):
+    """A receiver whose group starting at ``bad`` lands and then fails its wait."""
+
+    bad = 3
+
+    def fetch_many(self, peer, tags, outs):
+        work = super().fetch_many(peer, tags, outs)
+        if tags[0] & 0xFFFF == self.bad:
+
+            def fail():
+                raise RuntimeError("injected after landing")
+
+            work.on_wait = fail
+        return work
+
+
+def test_a_group_that_fails_after_landing_is_reported_and_the_rest_still_arrive():
+    """Sender and receiver meet over the grouped pipeline: a fault on one group
+    (after its bytes landed) goes to ``errors`` and the stream goes on, every
+    other group lands and is hashed, so the sender finishes and the verdict is
+    typed; the failed group is never handed to the hashers."""
+    shared: dict = {}
+    header = SimpleNamespace(checksum_algo="xxh3_64")
+    g = torch.Generator().manual_seed(5)
+    src = torch.randint(0, 255, (16, 4 * MIB), dtype=torch.uint8, generator=g)
+    sent = move_direct(
+        _Loopback(shared, [], 1), header, list(src), 1, 2, time.monotonic() + 30, 64, send=True
+    )
+    log: list = []
+    errors: list = []
+    dst = torch.zeros_like(src)
+    got = move_direct(
+        _FailingGroup(shared, log, 1),
+        header,
+        list(dst),
+        0,
+        2,
+        time.monotonic() + 30,
+        64,
+        send=False,
+        errors=errors,
+    )
+    assert [type(e) for e in errors] == [RuntimeError]
+    assert [e[1] for e in log if e[0] == "fetch"] == [0, 1, 3, 8, 12, 14, 15]
+    assert [e[1] for e in log if e[0] == "landed"] == [0, 1, 8, 12, 14, 15]  # 3 failed
+    assert got != sent  # messages 3..7 were not hashed: the checksum cannot match
+    assert torch.equal(dst, src)  # the loopback copied them all
