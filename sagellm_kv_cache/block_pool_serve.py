@@ -108,7 +108,8 @@ def _serve_lru(pool: BlockPool, misses: list, ids: list, k: int, order: OrderedD
     are registered (``setdefault`` in one C pass, after every victim's hash went,
     as in ``allocate`` then ``cache_blocks``), and release moves the request's
     blocks to the most recent end, tail-first (``move_to_end``): a victim reused
-    as a new block never leaves the order, which ends the same.
+    as a new block never leaves the order, and a free block joins it at its final
+    place, so the order ends the same.
     """
     need = len(misses)
     move = order.move_to_end
@@ -134,30 +135,36 @@ def _serve_lru(pool: BlockPool, misses: list, ids: list, k: int, order: OrderedD
     else:
         victims = []
         new = []
-    if n_free:  # free blocks join the order (at its end: release moves them again)
+    take: list[int] = []
+    if n_free:  # free blocks: not in the order yet
         take = list(free_q) if n_ev >= 0 else [free_q.popleft() for _ in range(need)]
         if n_ev >= 0:
             free_q.clear()
-        order.update(dict.fromkeys(take))
         new = take + victims
     # cache_blocks: each new block under its hash, unless the hash is held by then
     held = list(map(cached.setdefault, misses, new))
-    if held == new:
-        parents = pool.parent_ids
-        prev = ids[-1] if k else -1
-        for b, h in zip(new, misses):
-            hashes[b] = h
-            parents[b] = prev
-            prev = b
-        pool.num_cached_total += need
-        ids += new
-        kept = ids
-    else:  # some hashes were held: those blocks went back to FREE
+    if held != new:  # some hashes were held: those blocks go back to FREE
+        order.update(dict.fromkeys(take))
         kept = ids + _drop_held(pool, order, misses, ids, new, held)
         ids += new
-    # release, tail-first: the registered new blocks, then the hits, to the most
-    # recent end
-    any(map(move, reversed(kept)))
+        any(map(move, reversed(kept)))  # release, tail-first
+        return ids
+    parents = pool.parent_ids
+    prev = ids[-1] if k else -1
+    for b, h in zip(new, misses):
+        hashes[b] = h
+        parents[b] = prev
+        prev = b
+    pool.num_cached_total += need
+    # release, tail-first, to the most recent end: the victims (in the order), the
+    # free blocks (which join it there, each once), then the hits
+    if victims:
+        any(map(move, reversed(victims)))
+    if take:
+        order.update(dict.fromkeys(reversed(take)))
+    if k:
+        any(map(move, reversed(ids)))
+    ids += new
     return ids
 
 
