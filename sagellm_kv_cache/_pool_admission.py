@@ -1,9 +1,12 @@
 """Admission of ``KVPool``: may ``n`` new blocks be had beyond a cached run, and why not.
 
-One rule (``admission_reason`` plus the policy's say on victims) for
-``alloc_with_prefix``, ``peek_admission``, ``obtainable_blocks``, the
-scheduler's plan and the simulator. Nothing here changes the pool, so a
-refusal leaves it exactly as it was.
+One rule for ``alloc_with_prefix``, ``peek_admission``, ``obtainable_blocks``,
+the scheduler's plan and the simulator: ``admission_reason`` (a request larger
+than the pool, or than its supply) over the block pool's room rule
+(``block_pool_room.room``: free blocks and the evictable ones other than the
+hits, and the policy's say on victims), which ``BlockPool.serve`` and the lower
+tiers ask too. Nothing here changes the pool, so a refusal leaves it exactly
+as it was.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ._pool_base import PoolBase
+from .block_pool_room import room
 from .checks import check_count
 from .errors import KVBudgetExceededError, KVNoVictimError
 
@@ -66,19 +70,13 @@ class PoolAdmissionMixin(PoolBase):
         ``"too_large"`` (more than the whole pool), ``"no_blocks"`` (more than free +
         evictable blocks once the hits are taken) or ``"no_victims"`` (the policy
         refuses some evictable blocks now). Changes nothing; the caller holds the lock."""
-        bp = self._blocks
-        n_ev_hit = bp.num_evictable_among(hit) if hit else 0
-        obtainable = bp.num_available - n_ev_hit
-        reason = admission_reason(n_new, len(hit), obtainable, self.num_blocks)
+        r = room(self._blocks, n_new, hit)
+        reason = admission_reason(n_new, len(hit), r.obtainable, self.num_blocks)
         if reason is not None:
-            return reason, obtainable, 0
-        need = n_new - bp.num_free
-        if need > 0 and bp.policy_may_refuse:
-            ev_hit = bp.evictable_among(hit) if n_ev_hit else ()
-            got = bp.policy.num_victims(need, ev_hit)
-            if got < need:
-                return "no_victims", obtainable, got
-        return None, obtainable, 0
+            return reason, r.obtainable, 0
+        if r.reason == "no_victims":
+            return r.reason, r.obtainable, r.victims
+        return None, r.obtainable, 0
 
     def obtainable_blocks(self, hit_block_ids: Sequence[int] = ()) -> int:
         """Blocks an allocation could obtain now beyond ``hit_block_ids`` (a request's

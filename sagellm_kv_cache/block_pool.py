@@ -48,6 +48,7 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any, cast
 
 from .block_pool_check import check_invariants as _check_invariants
+from .block_pool_room import pool_full_error
 from .block_pool_serve import serve as _serve
 from .checks import (
     BOOKKEEPING_BYTES_PER_BLOCK,
@@ -59,7 +60,6 @@ from .checks import (
 from .errors import (
     KVInvalidInputError,
     KVNoVictimError,
-    KVPoolFullError,
     KVRefCountUnderflowError,
 )
 from .eviction import EvictionPolicy, LRUPolicy, make_policy
@@ -278,13 +278,7 @@ class BlockPool:
         num_free = len(free_q)
         grow = min(num_blocks - num_free, self.growth_room) if self.growable else 0
         if num_blocks > num_free + grow + len(self.policy):
-            raise KVPoolFullError(
-                f"need {num_blocks} blocks, only {num_free} free + "
-                f"{len(self.policy)} evictable of {self.num_blocks}",
-                needed=num_blocks,
-                free=num_free,
-                evictable=len(self.policy),
-            )
+            raise pool_full_error(self, num_blocks, num_free + grow, len(self.policy))
         # evict first: a policy that cannot give enough victims (a leaf-only
         # constraint) raises KVNoVictimError with the free queue untouched
         victims = self._evict_many(num_blocks - num_free - grow, "capacity")

@@ -39,7 +39,8 @@ from itertools import islice, takewhile
 from operator import is_not
 from typing import TYPE_CHECKING
 
-from .errors import KVInvalidInputError, KVNoVictimError, KVPoolFullError
+from .block_pool_room import room, room_error
+from .errors import KVInvalidInputError
 from .hashing import check_block_hashes
 
 if TYPE_CHECKING:
@@ -212,35 +213,12 @@ def _serve_any(pool: BlockPool, hs: list, ids: list, k: int) -> list[int]:
     hits = ids[:k]
     need = len(hs) - k
     if need > len(pool.free_queue):
-        _check_room(pool, hits, need)
+        r = room(pool, need, hits)
+        if r.reason is not None:
+            raise room_error(pool, r, need)
     pool._take(hits)
     ids[k:] = pool.allocate(need)
     if pool.enable_caching:
         pool._register(ids, hs, k)
     pool._drop(ids)
     return ids
-
-
-def _check_room(pool: BlockPool, hits: list[int], need: int) -> None:
-    """Raise what ``allocate(need)`` would once ``hits`` are taken, with nothing changed."""
-    n_free = len(pool.free_queue)
-    grow = min(need - n_free, pool.growth_room) if pool.growable else 0
-    n_victims = need - n_free - grow
-    policy = pool.policy
-    if n_victims <= 0 or (n_victims <= len(policy) - len(hits) and not pool.policy_may_refuse):
-        return  # enough victims even if every hit were evictable now
-    ev = pool.evictable_among(list(dict.fromkeys(hits)))  # they leave the policy when taken
-    evictable = len(policy) - len(ev)
-    if n_victims > evictable:
-        raise KVPoolFullError(
-            f"need {need} blocks, only {n_free} free + {evictable} evictable of {pool.num_blocks}",
-            needed=need,
-            free=n_free,
-            evictable=evictable,
-        )
-    if pool.policy_may_refuse and policy.num_victims(n_victims, ev) < n_victims:
-        raise KVNoVictimError(
-            f"{policy.name}: need {n_victims} victims beyond {n_free} free blocks; "
-            "the policy gives fewer now",
-            needed=n_victims,
-        )

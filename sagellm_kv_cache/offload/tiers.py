@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..block_pool import BlockPool
+from ..block_pool_room import room as block_room
 from ..errors import KVConfigError
 from ..hooks import PoolHook
 from .plan import (
@@ -416,9 +417,7 @@ class LowerTier:
         # the refreshed blocks are held until the end: the new ones get the other slots
         # (free or evictable: not those held for a batch); more new blocks than that and
         # the oldest fall through (they are the victims)
-        room = bp.num_free + bp.num_evictable
-        if bp.policy_may_refuse and len(new_idx) > bp.num_free:  # leaf-only: held children
-            room = bp.num_free + bp.policy.num_victims(len(new_idx) - bp.num_free)
+        room = block_room(bp, len(new_idx)).supply  # leaf-only: fewer (held children)
         if len(new_idx) > room:
             overflow = new_idx[: len(new_idx) - room]
             new_idx = new_idx[len(new_idx) - room :]
