@@ -42,6 +42,7 @@ from traces.columnar import hash_view
 
 from .core import Engine
 from .instances import PoolInstance, SimClock
+from .ratios import token_hit_ratio
 from .result import clocked_times, isolated_times
 
 __all__ = ["FleetEngine", "check_instances"]
@@ -345,7 +346,7 @@ def _per_instance(
             "instance": k,
             "requests": int(requests[k]),
             "prompt_tokens": p,
-            "token_hit_ratio": int(hit[k]) * bs / p if p else 0.0,
+            "token_hit_ratio": token_hit_ratio(int(hit[k]), bs, p),
             "evictions": int(eng.insts[k].num_evictions),
             "blocks_in_use_end": int(eng.insts[k].num_used),
         }
@@ -518,7 +519,7 @@ def simulate_fleet(
     prompt = int(res.stats["prompt_tokens"]) or 0
 
     def ratio(col: Any) -> float:
-        return float(np.asarray(col, dtype=np.int64)[ran].sum() * bs / prompt) if prompt else 0.0
+        return float(token_hit_ratio(int(np.asarray(col, dtype=np.int64)[ran].sum()), bs, prompt))
 
     extra: dict[str, Any] = {
         "instances": nk,

@@ -68,6 +68,7 @@ import numpy as np
 from sagellm_kv_cache.errors import KVInvalidInputError
 
 from .mrc_kernel import INF
+from .ratios import hit_ratios
 
 __all__ = ["MRCResult", "lru_mrc"]
 
@@ -175,19 +176,11 @@ class MRCResult:
 
         caps = self._capacities(capacities)
         hit_blocks, hit_reqs = self._counts(caps)
-        tok = (
-            hit_blocks * self.block_size / self.prompt_tokens
-            if self.prompt_tokens
-            else np.zeros(len(caps))
-        )
-        blk = hit_blocks / self.full_blocks if self.full_blocks else np.zeros(len(caps))
-        req = hit_reqs / self.num_requests if self.num_requests else np.zeros(len(caps))
+        ratios = self._ratios(hit_blocks, hit_reqs)
         return pl.DataFrame(
             {
                 "capacity_blocks": pl.Series(caps, dtype=pl.Int64),
-                "token_hit_ratio": pl.Series(tok, dtype=pl.Float64),
-                "block_hit_ratio": pl.Series(blk, dtype=pl.Float64),
-                "request_hit_ratio": pl.Series(req, dtype=pl.Float64),
+                **{k: pl.Series(v, dtype=pl.Float64) for k, v in ratios.items()},
                 "hit_blocks": pl.Series(hit_blocks, dtype=pl.Int64),
                 "hit_requests": pl.Series(hit_reqs, dtype=pl.Int64),
                 "exact": pl.Series(
@@ -292,33 +285,42 @@ class MRCResult:
             },
         )
 
+    def _ratios(self, hit_blocks: Any, hit_requests: Any) -> dict[str, Any]:
+        return hit_ratios(
+            hit_blocks,
+            hit_requests,
+            block_size=self.block_size,
+            prompt_tokens=self.prompt_tokens,
+            full_blocks=self.full_blocks,
+            num_requests=self.num_requests,
+        )
+
     # -- infinite capacity ----------------------------------------------------
     @property
     def infinite_hit_blocks(self) -> int:
         return int(np.count_nonzero(self._depths < _INF))
 
+    def _infinite_ratios(self) -> dict[str, Any]:
+        hit_reqs = int(np.count_nonzero(self._first_depths < _INF))
+        return self._ratios(self.infinite_hit_blocks, hit_reqs)
+
     @property
     def infinite_token_hit_ratio(self) -> float:
-        h = self.infinite_hit_blocks
-        return h * self.block_size / self.prompt_tokens if self.prompt_tokens else 0.0
+        return self._infinite_ratios()["token_hit_ratio"]
 
     @property
     def infinite_block_hit_ratio(self) -> float:
-        return self.infinite_hit_blocks / self.full_blocks if self.full_blocks else 0.0
+        return self._infinite_ratios()["block_hit_ratio"]
 
     @property
     def infinite_request_hit_ratio(self) -> float:
-        if not self.num_requests:
-            return 0.0
-        return int(np.count_nonzero(self._first_depths < _INF)) / self.num_requests
+        return self._infinite_ratios()["request_hit_ratio"]
 
     def infinite(self) -> dict:
         """The infinite-capacity (every re-use hits) ratios and hit blocks."""
         return {
             "capacity_blocks": self.infinite_capacity_blocks,
-            "token_hit_ratio": self.infinite_token_hit_ratio,
-            "block_hit_ratio": self.infinite_block_hit_ratio,
-            "request_hit_ratio": self.infinite_request_hit_ratio,
+            **self._infinite_ratios(),
             "hit_blocks": self.infinite_hit_blocks,
         }
 

@@ -41,6 +41,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .ratios import hit_ratios
+
 __all__ = [
     "TIMING_METRICS",
     "SimResult",
@@ -260,9 +262,14 @@ def build_result(
     full_blocks = int(full_a.sum())
     prompt_tokens = int(lengths.sum()) if n else 0
     stats: dict[str, Any] = {
-        "token_hit_ratio": hit_blocks * block_size / prompt_tokens if prompt_tokens else 0.0,
-        "block_hit_ratio": hit_blocks / full_blocks if full_blocks else 0.0,
-        "request_hit_ratio": float((hit_a > 0).mean()) if n else 0.0,
+        **hit_ratios(
+            hit_blocks,
+            int(np.count_nonzero(hit_a)) if n else 0,
+            block_size=block_size,
+            prompt_tokens=prompt_tokens,
+            full_blocks=full_blocks,
+            num_requests=n,
+        ),
         "mode": mode,
         "policy": policy,
         "capacity_blocks": int(capacity_blocks),

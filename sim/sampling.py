@@ -45,6 +45,8 @@ import numpy as np
 
 from sagellm_kv_cache.errors import KVConfigError
 
+from .ratios import hit_ratios
+
 __all__ = ["KEYS", "SampleSpec", "sample_table", "sampled_curve", "sampled_replay"]
 
 KEYS = ("stack", "root", "session")
@@ -260,11 +262,14 @@ def _stack_curve(table: Any, caps: list[int], spec: SampleSpec) -> Any:
     back[:, order] = hit
     back_req[:, order] = req_hit
     prompt = int(lengths.sum())
-    per_sample = {
-        "token_hit_ratio": back * block_size / prompt if prompt else 0 * back,
-        "block_hit_ratio": back / total if total else 0 * back,
-        "request_hit_ratio": back_req / n if n else 0 * back,
-    }
+    per_sample = hit_ratios(
+        back,
+        back_req,
+        block_size=block_size,
+        prompt_tokens=prompt,
+        full_blocks=total,
+        num_requests=n,
+    )
     return _aggregate_arrays(caps, per_sample, rate, spec.samples)
 
 

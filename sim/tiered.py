@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from .ratios import block_hit_ratio, token_hit_ratio
+
 __all__ = ["LINKS", "Link", "replay_tiered", "ttft_model"]
 
 
@@ -186,8 +188,8 @@ def replay_tiered(
         hb = int(rec[f"hit_blocks_{t}"].sum())
         per_tier[t] = {
             "capacity_blocks": res.tiers[t],
-            "block_hit_ratio": hb / qb if qb else 0.0,
-            "token_hit_ratio": hb * bs / prompt if prompt else 0.0,
+            "block_hit_ratio": block_hit_ratio(hb, qb),
+            "token_hit_ratio": token_hit_ratio(hb, bs, prompt),
             "hit_blocks": hb,
             "bytes_onboarded": hb * bpb if i else 0,
             "evicted_blocks": res.tier_stats.get(t, {}).get("evicted_blocks", 0),
