@@ -408,3 +408,33 @@ def test_per_instance_timings_are_each_instances_own(trace):
             base = name[:-2]
             assert row[f"{base}_p50_s"] == st[f"{base}_p50_s"]
             assert row[f"{base}_p99_s"] == st[f"{base}_p99_s"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(table=small_trace(), n=st.integers(1, 5), cap=st.integers(1, 12))
+def test_round_robin_bounds_are_the_caches_at_routing_time(table, n, cap):
+    """Sequential round-robin: each request's routed, best-instance and all-caches runs
+    equal those read off N bare LRU pools that serve the same requests in turn (the
+    leading run its instance holds, the longest any one holds, and the leading run
+    of blocks each held by some pool), request for request."""
+    from sagellm_kv_cache.block_pool import BlockPool
+
+    table = table.with_columns((pl.col("block_hashes").list.len() * BS).alias("input_length"))
+    r = simulate(table, cap, mode="sequential", instances=n, router="round-robin")
+    pools = [BlockPool(cap, BS) for _ in range(n)]
+    routed, best, held = [], [], []
+    for i, hs in enumerate(table["block_hashes"].to_list()):
+        runs = [len(p.match_prefix(hs)) for p in pools]
+        j = 0
+        while j < len(hs) and any(hs[j] in p.cached for p in pools):
+            j += 1
+        routed.append(runs[i % n] if hs else 0)
+        best.append(max(runs) if hs else 0)
+        held.append(j if len(hs) <= cap else 0)
+        if hs and len(hs) <= cap:
+            pools[i % n].serve(hs)
+    recs = r.records
+    assert recs["instance"].to_list() == [i % n for i in range(len(routed))]
+    assert recs["routed_blocks"].to_list() == routed
+    assert recs["best_blocks"].to_list() == best
+    assert recs["held_blocks"].to_list() == held
