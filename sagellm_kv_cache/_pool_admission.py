@@ -71,7 +71,10 @@ class PoolAdmissionMixin(PoolBase):
         evictable blocks once the hits are taken) or ``"no_victims"`` (the policy
         refuses some evictable blocks now). Changes nothing; the caller holds the lock."""
         r = room(self._blocks, n_new, hit)
-        reason = admission_reason(n_new, len(hit), r.obtainable, self.num_blocks)
+        n_hit = len(hit)
+        if n_new + n_hit > self.num_blocks and len(set(hit)) < n_hit:
+            n_hit = len(set(hit))  # a block the request names twice is one block of the pool
+        reason = admission_reason(n_new, n_hit, r.obtainable, self.num_blocks)
         if reason is not None:
             return reason, r.obtainable, 0
         if r.reason == "no_victims":

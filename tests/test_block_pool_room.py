@@ -8,6 +8,8 @@ half-way. The property test drives random pools (held, pinned and repeated
 hits, leaf-only refusals, growable pools) and checks, on a copy, that
 ``allocate`` succeeds exactly when the rule says so, with the victims it
 counted, and raises the rule's own error otherwise with the pool unchanged.
+``KVPool``'s admission and ``BlockPool.serve`` take or refuse the same requests,
+repeated hits included (a block named twice is one block of the pool).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from hypothesis import strategies as st
 
 from sagellm_kv_cache.block_pool import BlockPool
 from sagellm_kv_cache.block_pool_room import Room, room, room_error
-from sagellm_kv_cache.errors import KVNoVictimError, KVPoolFullError
+from sagellm_kv_cache.errors import KVBudgetExceededError, KVNoVictimError, KVPoolFullError
+from sagellm_kv_cache.pool import KVPool
 from tests.test_block_pool_serve import state
 
 
@@ -173,3 +176,55 @@ def test_room_predicts_touch_then_allocate(policy, size, growable, ops, picks, e
         with pytest.raises(type(err)):
             trial.allocate(need)
         assert state(trial) == taken
+
+
+def _kv_pool(hashes: list) -> KVPool:
+    """A metadata-only KVPool of 6 blocks of 16 tokens with ``hashes`` cached and evictable."""
+    p = KVPool(max_tokens=6 * 16, block_size=16)
+    if hashes:
+        h, _ = p.alloc_with_prefix(block_hashes=hashes, num_tokens=16 * len(hashes))
+        p.cache_blocks(h)
+        p.free(h)
+    return p
+
+
+def test_kv_pool_admits_a_request_naming_a_block_four_times_as_serve_does() -> None:
+    p = _kv_pool(list("abcdef"))
+    hs = ["a"] * 4 + ["x", "y", "z"]  # one cached block, named four times, and 3 new
+    hit = p.block_pool.match_prefix(hs)
+    assert hit == [0, 0, 0, 0]
+    assert p.peek_admission(3, hit) is None  # 4 distinct blocks of 6, 5 obtainable
+    assert copy.deepcopy(p.block_pool).serve(hs) == ([0, 0, 0, 0, 5, 4, 3], 4)
+    h, hit_tokens = p.alloc_with_prefix(block_hashes=hs, num_tokens=16 * len(hs))
+    assert (h.block_ids, hit_tokens) == ([0, 0, 0, 0, 5, 4, 3], 64)  # victims: LRU order
+    p.free(h)
+    p.check_invariants()
+
+
+@settings(max_examples=200)
+@given(
+    cached=st.lists(st.sampled_from("abcdefgh"), max_size=6, unique=True),
+    hs=st.lists(st.sampled_from("abcdxyz"), min_size=1, max_size=9),
+)
+def test_kv_pool_admission_agrees_with_serve(cached, hs) -> None:
+    """A request's admission by ``KVPool`` (``peek_admission`` and ``alloc_with_prefix``)
+    and by ``BlockPool.serve`` on a copy of its block pool: both take it or neither."""
+    p = _kv_pool(cached)
+    hit = p.block_pool.match_prefix(hs)
+    admitted = p.peek_admission(len(hs) - len(hit), hit) is None
+    trial = copy.deepcopy(p.block_pool)
+    try:
+        trial.serve(hs)
+        served = True
+    except KVPoolFullError:
+        served = False
+    assert admitted == served
+    before = p.get_stats()
+    try:
+        h, _ = p.alloc_with_prefix(block_hashes=hs, num_tokens=16 * len(hs))
+    except KVBudgetExceededError:
+        assert not admitted and p.get_stats() == before
+    else:
+        assert admitted
+        p.free(h)
+    p.check_invariants()
