@@ -226,7 +226,9 @@ class BatchPlanner:
                 rp.reason = pool.peek_admission(n_new, run_ids)
             else:
                 obtainable = supply - n_ev - touched_ev - used
-                rp.reason = admission_reason(n_new, d, obtainable, bp.num_blocks)
+                size = d if n_new + d <= bp.num_blocks else len(set(hashes[:d]))  # a block
+                # the request names twice is one block of the pool (as its own rule counts)
+                rp.reason = admission_reason(n_new, size, obtainable, bp.num_blocks)
             if rp.reason is None:
                 if self.max_num_seqs is not None and n_admitted >= self.max_num_seqs:
                     rp.reason = "max_num_seqs"

@@ -493,3 +493,21 @@ def test_a_plan_peeks_only_the_victims_its_requests_need(monkeypatch, policy):
     assert plan.admitted_ids == ["a", "b"]
     assert [r.blocks_to_evict for r in plan.requests] == [3, 3]
     assert asked and max(asked) <= 12, asked
+
+
+def test_plan_counts_a_block_a_request_names_twice_once():
+    """Block hashes given by the caller (not chained) may repeat: the plan's admission of
+    a later request counts the one cached block it names four times once, as the
+    pool's own admission does, and the schedule then runs it."""
+    bridge = make_bridge(device_blocks=6)
+    hs = list("abcdef")
+    bridge.allocate_request("warm", 6 * BS, block_hashes=hs, wait=True)
+    bridge.free_request("warm")  # a..f cached and evictable, nothing free
+    first = SchedRequest("p", BS, block_hashes=["p"])
+    again = SchedRequest("r", 7 * BS, block_hashes=["a"] * 4 + ["x", "y", "z"])
+    plan = bridge.plan([first, again])
+    assert plan.admitted_ids == ["p", "r"]
+    assert [r.blocks_to_allocate for r in plan.requests] == [1, 3]
+    _, allocs = bridge.schedule([first, again])
+    assert [a.num_hit_tokens for a in allocs] == [0, 4 * BS]
+    assert allocs[1].handle.block_ids[:4] == [allocs[1].handle.block_ids[0]] * 4
