@@ -226,8 +226,8 @@ class BatchPlanner:
                 rp.reason = pool.peek_admission(n_new, run_ids)
             else:
                 obtainable = supply - n_ev - touched_ev - used
-                size = d if n_new + d <= bp.num_blocks else len(set(hashes[:d]))  # a block
-                # the request names twice is one block of the pool (as its own rule counts)
+                # a block the request names twice is one block of the pool (its rule too)
+                size = d if n_new + d <= bp.num_blocks else len(set(hashes[:d]))
                 rp.reason = admission_reason(n_new, size, obtainable, bp.num_blocks)
             if rp.reason is None:
                 if self.max_num_seqs is not None and n_admitted >= self.max_num_seqs:
