@@ -10,7 +10,8 @@ one-instance replay (the same cache work as "8 x round-robin", no fleet). Each r
 runs every case right after a run of the one instance (interleaved, paired):
 ``cpu x one`` is the median over rounds of the case's process CPU time over
 its paired one-instance run's (load on a shared machine hits both alike);
-``ms`` and ``x one`` are the best wall times.
+``ms`` and ``x one`` are the best wall times. Every timed call starts after
+``gc.collect()``, so none pays for the garbage of the call before it.
 
 Rows "pool only": the cache work alone, with no simulator around it: each
 request's ``BlockPool.serve`` on one pool of ``--capacity`` blocks, against the
@@ -27,6 +28,7 @@ and the bounds per router.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 
@@ -36,7 +38,11 @@ from sim.analysis.fleet_plots import COMPARED_ROUTERS as ROUTERS  # notebook 03'
 
 
 def _timed(fn) -> tuple[float, float]:
-    """(wall, process CPU) seconds of one call."""
+    """(wall, process CPU) seconds of one call, after a full collection: without it a
+    run collected the garbage of the case before it (the one-instance run paired with
+    "8 partitions alone", which follows the last fleet case, took up to 60 ms instead
+    of 32, and that row's ``cpu x one`` read 0.98 for a wall ratio of 1.39)."""
+    gc.collect()
     t0, c0 = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - t0, time.process_time() - c0
