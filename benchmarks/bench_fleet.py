@@ -7,15 +7,17 @@ with and without the per-request bounds (best instance, all caches). Goal:
 (the same cache work as one instance: the fleet's own overhead); "8 partitions
 alone" replays round-robin's eight subsequences one after another, each as a
 one-instance replay (the same cache work as "8 x round-robin", no fleet). Each round
-runs every case right after a run of the one instance (interleaved, paired):
-``cpu x one`` is the median over rounds of the case's process CPU time over
-its paired one-instance run's (load on a shared machine hits both alike);
-``ms`` and ``x one`` are the best wall times. Every timed call starts after
+runs every case right after a run of the one instance (interleaved, so load on
+a shared machine hits both alike): ``ms`` and ``x one`` are the best wall
+times, ``cpu x one`` the best process CPU time over the one instance's best.
+(A median of paired ratios misled: the one-instance run paired with "8
+partitions alone" followed the last fleet case and paid for collecting its
+garbage, so that row read 0.98 against a wall ratio of 1.39.) Every timed call starts after
 ``gc.collect()``, so none pays for the garbage of the call before it.
 
 Rows "pool only": the cache work alone, with no simulator around it: each
 request's ``BlockPool.serve`` on one pool of ``--capacity`` blocks, against the
-same requests dealt round-robin to 8 such pools (paired the same way). Eight
+same requests dealt round-robin to 8 such pools (interleaved the same way). Eight
 caches of C blocks miss more than one (each sees an eighth of the reuse), so
 this ratio is the floor under any 8-instance replay of the trace.
 
@@ -29,7 +31,6 @@ and the bounds per router.
 from __future__ import annotations
 
 import gc
-import statistics
 import time
 
 from _util import parse_args, print_table, write_json
@@ -70,12 +71,11 @@ def _pool_only(table, cap: int, repeat: int) -> list[dict]:
             serves[i % n](hs)
 
     best = {1: float("inf"), 8: float("inf")}
-    cpu: list[float] = []
+    cpu = dict(best)
     for _ in range(repeat):
-        one_wall, one_cpu = _timed(lambda: serve_all(1))
-        wall, c = _timed(lambda: serve_all(8))
-        best[1], best[8] = min(best[1], one_wall), min(best[8], wall)
-        cpu.append(c / one_cpu)
+        for n in (1, 8):
+            wall, c = _timed(lambda n=n: serve_all(n))
+            best[n], cpu[n] = min(best[n], wall), min(cpu[n], c)
     return [
         {
             "mode": "pool only",
@@ -89,7 +89,7 @@ def _pool_only(table, cap: int, repeat: int) -> list[dict]:
             "case": "8 pools in turn",
             "ms": best[8] * 1e3,
             "x one": best[8] / best[1],
-            "cpu x one": statistics.median(cpu),
+            "cpu x one": cpu[8] / cpu[1],
         },
     ]
 
@@ -129,15 +129,13 @@ def main() -> None:
                     )
                 )
         best = dict.fromkeys(["1 instance", *cases], float("inf"))
-        cpu_ratios: dict[str, list[float]] = {name: [] for name in best}
-        for _ in range(args.repeat):  # interleaved and paired: case after a one-instance run
+        best_cpu = dict(best)
+        for _ in range(args.repeat):  # interleaved: each case after a one-instance run
             for name, fn in cases.items():
-                one_wall, one_cpu = _timed(one)
-                wall, cpu = _timed(fn)
-                best["1 instance"] = min(best["1 instance"], one_wall)
-                best[name] = min(best[name], wall)
-                cpu_ratios[name].append(cpu / one_cpu)
-        cpu_ratios["1 instance"] = [1.0]
+                for key, f in (("1 instance", one), (name, fn)):
+                    wall, cpu = _timed(f)
+                    best[key] = min(best[key], wall)
+                    best_cpu[key] = min(best_cpu[key], cpu)
         for name, s in best.items():
             speed.append(
                 {
@@ -145,7 +143,7 @@ def main() -> None:
                     "case": name,
                     "ms": s * 1e3,
                     "x one": s / best["1 instance"],
-                    "cpu x one": statistics.median(cpu_ratios[name]),
+                    "cpu x one": best_cpu[name] / best_cpu["1 instance"],
                 }
             )
     speed += _pool_only(table, cap, args.repeat)
