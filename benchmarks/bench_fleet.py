@@ -12,8 +12,7 @@ a shared machine hits both alike): ``ms`` and ``x one`` are the best wall
 times, ``cpu x one`` the best process CPU time over the one instance's best.
 (A median of paired ratios misled: the one-instance run paired with "8
 partitions alone" followed the last fleet case and paid for collecting its
-garbage, so that row read 0.98 against a wall ratio of 1.39.) Every timed call starts after
-``gc.collect()``, so none pays for the garbage of the call before it.
+garbage, so that row read 0.98 against a wall ratio of 1.39.)
 
 Rows "pool only": the cache work alone, with no simulator around it: each
 request's ``BlockPool.serve`` on one pool of ``--capacity`` blocks, against the
@@ -30,7 +29,6 @@ and the bounds per router.
 
 from __future__ import annotations
 
-import gc
 import time
 
 from _util import parse_args, print_table, write_json
@@ -39,11 +37,7 @@ from sim.analysis.fleet_plots import COMPARED_ROUTERS as ROUTERS  # notebook 03'
 
 
 def _timed(fn) -> tuple[float, float]:
-    """(wall, process CPU) seconds of one call, after a full collection: without it a
-    run collected the garbage of the case before it (the one-instance run paired with
-    "8 partitions alone", which follows the last fleet case, took up to 60 ms instead
-    of 32, and that row's ``cpu x one`` read 0.98 for a wall ratio of 1.39)."""
-    gc.collect()
+    """(wall, process CPU) seconds of one call."""
     t0, c0 = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - t0, time.process_time() - c0
