@@ -519,7 +519,7 @@ def simulate_fleet(
     prompt = int(res.stats["prompt_tokens"]) or 0
 
     def ratio(col: Any) -> float:
-        return float(token_hit_ratio(int(np.asarray(col, dtype=np.int64)[ran].sum()), bs, prompt))
+        return token_hit_ratio(int(np.asarray(col, dtype=np.int64)[ran].sum()), bs, prompt)
 
     extra: dict[str, Any] = {
         "instances": nk,

@@ -68,7 +68,7 @@ import numpy as np
 from sagellm_kv_cache.errors import KVInvalidInputError
 
 from .mrc_kernel import INF
-from .ratios import hit_ratios
+from .ratios import block_hit_ratio, hit_ratios, request_hit_ratio, token_hit_ratio
 
 __all__ = ["MRCResult", "lru_mrc"]
 
@@ -300,27 +300,27 @@ class MRCResult:
     def infinite_hit_blocks(self) -> int:
         return int(np.count_nonzero(self._depths < _INF))
 
-    def _infinite_ratios(self) -> dict[str, Any]:
-        hit_reqs = int(np.count_nonzero(self._first_depths < _INF))
-        return self._ratios(self.infinite_hit_blocks, hit_reqs)
+    @property
+    def infinite_hit_requests(self) -> int:
+        return int(np.count_nonzero(self._first_depths < _INF))
 
     @property
     def infinite_token_hit_ratio(self) -> float:
-        return self._infinite_ratios()["token_hit_ratio"]
+        return token_hit_ratio(self.infinite_hit_blocks, self.block_size, self.prompt_tokens)
 
     @property
     def infinite_block_hit_ratio(self) -> float:
-        return self._infinite_ratios()["block_hit_ratio"]
+        return block_hit_ratio(self.infinite_hit_blocks, self.full_blocks)
 
     @property
     def infinite_request_hit_ratio(self) -> float:
-        return self._infinite_ratios()["request_hit_ratio"]
+        return request_hit_ratio(self.infinite_hit_requests, self.num_requests)
 
     def infinite(self) -> dict:
         """The infinite-capacity (every re-use hits) ratios and hit blocks."""
         return {
             "capacity_blocks": self.infinite_capacity_blocks,
-            **self._infinite_ratios(),
+            **self._ratios(self.infinite_hit_blocks, self.infinite_hit_requests),
             "hit_blocks": self.infinite_hit_blocks,
         }
 

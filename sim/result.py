@@ -264,7 +264,7 @@ def build_result(
     stats: dict[str, Any] = {
         **hit_ratios(
             hit_blocks,
-            int(np.count_nonzero(hit_a)) if n else 0,
+            int(np.count_nonzero(hit_a)),
             block_size=block_size,
             prompt_tokens=prompt_tokens,
             full_blocks=full_blocks,
