@@ -99,6 +99,16 @@ class _Loopback(TransferBackend):
         pass
 
 
+def _move(backend, algo: str, t: torch.Tensor, seq: int, *, send: bool, **kw):
+    """``move_direct`` of the rows of ``t`` (one message each) between ranks 0 (the
+    receiver) and 1, with 30 s and a window of 64 messages; the checksum it returns."""
+    header = SimpleNamespace(checksum_algo=algo)
+    peer = 1 if send else 0
+    return move_direct(
+        backend, header, list(t), peer, seq, time.monotonic() + 30, 64, send=send, **kw
+    )
+
+
 @pytest.mark.parametrize("algo", ["xxh3_64", "none"])
 def test_a_receiver_hands_each_group_over_before_the_call_that_moves_the_next(algo):
     """16 messages of 4 MiB in groups of at most 8: 1, 2, 5, 4, 2, 1, 1. The sender
@@ -107,17 +117,16 @@ def test_a_receiver_hands_each_group_over_before_the_call_that_moves_the_next(al
     and the checksum match the sender's."""
     shared: dict = {}
     log: list = []
-    header = SimpleNamespace(checksum_algo=algo)
     g = torch.Generator().manual_seed(3)
     src = torch.randint(0, 255, (16, 4 * MIB), dtype=torch.uint8, generator=g)
     dst = torch.zeros_like(src)
     sender = _Loopback(shared, log, groups_in_flight=1)
-    sent = move_direct(sender, header, list(src), 1, 7, time.monotonic() + 30, 64, send=True)
+    sent = _move(sender, algo, src, 7, send=True)
     firsts, sizes = [0, 1, 3, 8, 12, 14, 15], [1, 2, 5, 4, 2, 1, 1]
     assert log == [("expose", f, n) for f, n in zip(firsts, sizes)]
     log.clear()
     receiver = _Loopback(shared, log, groups_in_flight=1)
-    got = move_direct(receiver, header, list(dst), 0, 7, time.monotonic() + 30, 64, send=False)
+    got = _move(receiver, algo, dst, 7, send=False)
     order = [("fetch", 0, 1)]
     for prev, f, n in zip(firsts, firsts[1:], sizes[1:]):
         order += [("landed", prev), ("fetch", f, n)]
@@ -129,16 +138,11 @@ def test_a_receiver_hands_each_group_over_before_the_call_that_moves_the_next(al
 def test_without_a_cap_a_receiver_posts_its_whole_window():
     shared: dict = {}
     log: list = []
-    header = SimpleNamespace(checksum_algo="none")
     src = torch.ones(16, 4 * MIB, dtype=torch.uint8)
-    move_direct(
-        _Loopback(shared, log, None), header, list(src), 1, 1, time.monotonic() + 30, 64, send=True
-    )
+    _move(_Loopback(shared, log, None), "none", src, 1, send=True)
     log.clear()
     dst = torch.zeros_like(src)
-    move_direct(
-        _Loopback(shared, log, None), header, list(dst), 0, 1, time.monotonic() + 30, 64, send=False
-    )
+    _move(_Loopback(shared, log, None), "none", dst, 1, send=False)
     assert [e[0] for e in log] == ["fetch"] * 7 + ["landed"] * 7
     assert torch.equal(dst, src)
 
@@ -156,18 +160,7 @@ def test_a_hashing_sender_polls_its_transport_after_every_message(kept):
     log: list = []
     src = torch.ones(16, 4 * MIB, dtype=torch.uint8)
     digest = (lambda m, view: m) if kept else None
-    header = SimpleNamespace(checksum_algo="xxh3_64")
-    move_direct(
-        _Polled({}, log, 1),
-        header,
-        list(src),
-        1,
-        1,
-        time.monotonic() + 30,
-        64,
-        send=True,
-        source_digest=digest,
-    )
+    _move(_Polled({}, log, 1), "xxh3_64", src, 1, send=True, source_digest=digest)
     want: list = []
     for f, n in zip([0, 1, 3, 8, 12, 14, 15], [1, 2, 5, 4, 2, 1, 1]):
         want += [("progress",)] * n + [("expose", f, n)]
@@ -221,26 +214,13 @@ def test_a_group_that_fails_after_landing_is_reported_and_the_rest_still_arrive(
     other group lands and is hashed, so the sender finishes and the verdict is
     typed; the failed group is never handed to the hashers."""
     shared: dict = {}
-    header = SimpleNamespace(checksum_algo="xxh3_64")
     g = torch.Generator().manual_seed(5)
     src = torch.randint(0, 255, (16, 4 * MIB), dtype=torch.uint8, generator=g)
-    sent = move_direct(
-        _Loopback(shared, [], 1), header, list(src), 1, 2, time.monotonic() + 30, 64, send=True
-    )
+    sent = _move(_Loopback(shared, [], 1), "xxh3_64", src, 2, send=True)
     log: list = []
     errors: list = []
     dst = torch.zeros_like(src)
-    got = move_direct(
-        _FailingGroup(shared, log, 1),
-        header,
-        list(dst),
-        0,
-        2,
-        time.monotonic() + 30,
-        64,
-        send=False,
-        errors=errors,
-    )
+    got = _move(_FailingGroup(shared, log, 1), "xxh3_64", dst, 2, send=False, errors=errors)
     assert [type(e) for e in errors] == [RuntimeError]
     assert [e[1] for e in log if e[0] == "fetch"] == [0, 1, 3, 8, 12, 14, 15]
     assert [e[1] for e in log if e[0] == "landed"] == [0, 1, 8, 12, 14, 15]  # 3 failed
